@@ -1,0 +1,73 @@
+"""tightfit: fit a trained PyTorch network into a budget.
+
+The public surface is listed in ``__all__``; submodules load on first use, so ``import tightfit``
+is fast and changes no global state.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # running a search
+    "compress": "tightfit.compress",
+    "Result": "tightfit.records",
+    "TrialRecord": "tightfit.records",
+    "Measurement": "tightfit.records",
+    # operators and plans
+    "Compose": "tightfit.operators",
+    "Prune": "tightfit.operators",
+    "Quantize": "tightfit.operators",
+    "Operator": "tightfit.operators",
+    "Hyperparameter": "tightfit.operators",
+    "Plan": "tightfit.operators",
+    "apply": "tightfit.operators",
+    "register_operator": "tightfit.operators",
+    # evaluation
+    "Accuracy": "tightfit.evaluation",
+    "Constraint": "tightfit.evaluation",
+    "MaxDrop": "tightfit.evaluation",
+    "MaxSize": "tightfit.evaluation",
+    "MinMetric": "tightfit.evaluation",
+    # recovery
+    "FineTune": "tightfit.recovery",
+    # files
+    "save": "tightfit._files",
+    "load": "tightfit._files",
+    # analysis
+    "analyze": "tightfit.measure",
+    # errors
+    "TightfitError": "tightfit.errors",
+    "ConfigError": "tightfit.errors",
+    "ModelError": "tightfit.errors",
+    "EvaluationError": "tightfit.errors",
+    "ArtifactError": "tightfit.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tightfit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._files import load, save
+    from .compress import compress
+    from .errors import ArtifactError, ConfigError, EvaluationError, ModelError, TightfitError
+    from .evaluation import Accuracy, Constraint, MaxDrop, MaxSize, MinMetric
+    from .measure import analyze
+    from .operators import Compose, Hyperparameter, Operator, Plan, Prune, Quantize, apply, register_operator
+    from .records import Measurement, Result, TrialRecord
+    from .recovery import FineTune

@@ -1,0 +1,37 @@
+"""``tightfit.save`` and ``tightfit.load``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .errors import ConfigError
+from .export.artifact import load_model, save_model
+from .operators.plan import Plan
+from .records import Result
+
+
+def save(obj: Result | nn.Module, path: str | os.PathLike, *, plan: Plan | None = None) -> int:
+    """Write a compressed model file; returns its size in bytes.
+
+    ``obj`` is a :class:`Result` (its chosen model, byte for byte the file whose size it reports) or
+    a model compressed with :func:`tightfit.apply` (quantized weights are packed at their bit width;
+    a plain model is stored as float32, sparsely where it has zeros).
+    """
+    if isinstance(obj, Result):
+        if obj.artifact is None:
+            return save_model(obj.model, path, None)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(obj.artifact)
+        return len(obj.artifact)
+    if isinstance(obj, nn.Module):
+        return save_model(obj, path, plan)
+    raise ConfigError(f"tightfit.save takes a Result or an nn.Module, but got {type(obj).__name__}.")
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Read a ``.tfz`` file into a model in eval mode. See :func:`tightfit.export.load_model`."""
+    return load_model(path, model)

@@ -1,0 +1,275 @@
+"""The config file of `tightfit run` (TOML), validated before any work starts.
+
+Its keys are the keyword arguments of :func:`tightfit.compress`, one to one; values that are
+code (the model factory, data, metric, fine-tuning) are ``package.module:function`` import paths.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_import(path: str) -> Any:
+    """``package.module:attribute`` -> the object; ValueError with the reason otherwise."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{path!r} is not an import path of the form 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _callable_path(value: str) -> str:
+    obj = resolve_import(value)
+    if not callable(obj):
+        raise ValueError(f"{value!r} is not callable")
+    return value
+
+
+class ModelSection(_Strict):
+    factory: str = Field(description="import path of a function returning the nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    weights: str | None = Field(default=None, description="state_dict file, loaded with weights_only=True")
+
+    _check_factory = field_validator("factory")(_callable_path)
+
+
+class EvaluateSection(_Strict):
+    accuracy: str | None = Field(default=None, description="import path of a function returning the validation loader")
+    function: str | None = Field(default=None, description="import path of a metric: function(model) -> float")
+
+    @field_validator("accuracy", "function")
+    @classmethod
+    def _resolve(cls, value: str | None) -> str | None:
+        return None if value is None else _callable_path(value)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EvaluateSection:
+        if (self.accuracy is None) == (self.function is None):
+            raise ValueError("set exactly one of `accuracy` (a validation-loader function) or `function` (a metric)")
+        return self
+
+
+class FinetuneSection(_Strict):
+    data: str | None = Field(default=None, description="import path of a function returning the training loader")
+    function: str | None = Field(default=None, description="import path of a recovery: function(model) -> None")
+    epochs: int = Field(default=2, ge=0)
+    lr: float = Field(default=3e-4, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_steps: int | None = Field(default=None, ge=0)
+
+    @field_validator("data", "function")
+    @classmethod
+    def _resolve(cls, value: str | None) -> str | None:
+        return None if value is None else _callable_path(value)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FinetuneSection:
+        if (self.data is None) == (self.function is None):
+            raise ValueError("set exactly one of `data` (a training-loader function) or `function` (a recovery)")
+        return self
+
+
+class OperatorSection(BaseModel):
+    """One operator: ``operator`` names it; the other keys are its constructor arguments."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    operator: str
+
+    @field_validator("operator")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from ..operators import OPERATOR_REGISTRY
+
+        if value not in OPERATOR_REGISTRY:
+            raise ValueError(f"unknown operator {value!r}; known: {sorted(OPERATOR_REGISTRY)}")
+        return value
+
+    def arguments(self) -> dict[str, Any]:
+        args = dict(self.model_extra or {})
+        return {k: tuple(v) if isinstance(v, list) and k != "layers" else v for k, v in args.items()}
+
+
+class ConstraintSection(_Strict):
+    max_drop: float | None = Field(default=None, ge=0, description="MaxDrop: metric may fall at most this much")
+    min_metric: float | None = Field(default=None, description="MinMetric: metric must be at least this")
+    max_size_bytes: int | None = Field(default=None, gt=0, description="MaxSize: saved file at most this many bytes")
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> ConstraintSection:
+        if self.max_drop is None and self.min_metric is None and self.max_size_bytes is None:
+            raise ValueError("set at least one of `max_drop`, `min_metric`, `max_size_bytes`")
+        return self
+
+
+class RunConfig(_Strict):
+    model: ModelSection
+    evaluate: EvaluateSection
+    strategy: list[OperatorSection] = Field(min_length=1)
+    constraint: ConstraintSection
+    finetune: FinetuneSection | None = None
+    objective: Literal["size", "nonzeros", "flops"] = "size"
+    budget: int = Field(default=30, ge=1)
+    search: str = "auto"
+    example_input: str | None = Field(default=None, description="import path of a function returning an example input")
+    seed: int = 0
+    run_dir: str | None = None
+    storage: str | None = None
+    study_name: str = "tightfit"
+
+    @field_validator("example_input")
+    @classmethod
+    def _resolve(cls, value: str | None) -> str | None:
+        return None if value is None else _callable_path(value)
+
+    @field_validator("search")
+    @classmethod
+    def _known_search(cls, value: str) -> str:
+        from ..search.samplers import SAMPLERS
+
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown search {value!r}; known: {sorted(SAMPLERS)}")
+        return value
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid config ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling; see the README's config reference)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> tuple[RunConfig, Path]:
+    """Parse and validate a config file. Its folder joins ``sys.path`` so modules beside it import."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}).") from None
+    base = path.resolve().parent
+    if str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None
+    return config, base
+
+
+def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
+    """Everything :func:`tightfit.compress` needs, built from a validated config."""
+    import torch
+
+    from ..evaluation import Accuracy, MaxDrop, MaxSize, MinMetric
+    from ..operators import OPERATOR_REGISTRY, Compose
+    from ..recovery import FineTune
+
+    def call(field: str, import_path: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return resolve_import(import_path)(*args, **kwargs)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{field}: calling {import_path!r} failed ({type(exc).__name__}: {exc}).") from exc
+
+    model = call("model.factory", config.model.factory, **config.model.kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model.factory: {config.model.factory!r} returned a {type(model).__name__}, not an nn.Module.")
+    if config.model.weights is not None:
+        weights = Path(config.model.weights)
+        weights = weights if weights.is_absolute() else base / weights
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"model.weights: no such file {str(weights)!r}.") from None
+        except Exception as exc:
+            raise ConfigError(f"model.weights: {str(weights)!r} is not a loadable state_dict ({exc}).") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ConfigError(f"model.weights: does not fit the model from model.factory ({exc}).") from None
+
+    if config.evaluate.accuracy is not None:
+        evaluate = Accuracy(call("evaluate.accuracy", config.evaluate.accuracy))
+    else:
+        evaluate = resolve_import(config.evaluate.function)
+
+    operators = []
+    for index, section in enumerate(config.strategy):
+        try:
+            operators.append(OPERATOR_REGISTRY[section.operator](**section.arguments()))
+        except ConfigError as exc:
+            raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}.") from None
+
+    constraints = []
+    if config.constraint.max_drop is not None:
+        constraints.append(MaxDrop(config.constraint.max_drop))
+    if config.constraint.min_metric is not None:
+        constraints.append(MinMetric(config.constraint.min_metric))
+    if config.constraint.max_size_bytes is not None:
+        constraints.append(MaxSize(config.constraint.max_size_bytes))
+
+    finetune: Callable | None = None
+    if config.finetune is not None:
+        ft = config.finetune
+        if ft.function is not None:
+            finetune = resolve_import(ft.function)
+        else:
+            finetune = FineTune(
+                call("finetune.data", ft.data), epochs=ft.epochs, lr=ft.lr, optimizer=ft.optimizer,
+                weight_decay=ft.weight_decay, max_steps=ft.max_steps,
+            )
+
+    run_dir = config.run_dir or f"runs/{config_path.stem}"
+    run_dir_path = Path(run_dir)
+    if not run_dir_path.is_absolute():
+        run_dir_path = base / run_dir_path
+    return dict(
+        model=model,
+        evaluate=evaluate,
+        strategy=Compose(operators),
+        constraint=constraints,
+        objective=config.objective,
+        finetune=finetune,
+        budget=config.budget,
+        search=config.search,
+        example_input=call("example_input", config.example_input) if config.example_input else None,
+        seed=config.seed,
+        run_dir=str(run_dir_path),
+        storage=config.storage,
+        study_name=config.study_name,
+        artifact_extra={"factory": config.model.factory, "factory_kwargs": config.model.kwargs},
+    )

@@ -1,0 +1,337 @@
+"""``tightfit.compress``: search a compression plan for a trained model under a budget."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from . import report
+from .errors import ConfigError
+from .evaluation.constraints import Constraint, MaxDrop
+from .evaluation.metrics import evaluate_metric
+from .export.artifact import load_model, to_bytes
+from .measure.analysis import analyze, count_nonzeros, sparse_flops
+from .operators.base import Operator
+from .operators.compose import Compose, as_strategy
+from .operators.plan import Plan, apply_plan_inplace
+from .operators.prune import Prune
+from .operators.quantize import Quantize
+from .records import Measurement, Result, TrialRecord
+from .run_dir import RunDir
+from .search.loop import TrialOutcome, counted_trials, recover_interrupted, run_trials, trial_record
+from .search.samplers import check_search
+from .search.space import SearchSpace, build_space
+
+log = logging.getLogger("tightfit")
+
+OBJECTIVES = ("size", "nonzeros", "flops")
+BASELINE_ATTR = "tightfit.baseline"
+SETTINGS_ATTR = "tightfit.settings"
+
+
+def _validate(model, evaluate, objective, budget, example_input, finetune, seed) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
+    if not callable(evaluate):
+        raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"`objective` must be one of {OBJECTIVES}, but got {objective!r}.")
+    if objective == "flops" and example_input is None:
+        raise ConfigError('`objective="flops"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ConfigError(f"`budget` must be a whole number of evaluations >= 1, but got {budget!r}.")
+    if finetune is not None and not callable(finetune):
+        raise ConfigError("`finetune` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
+    if not isinstance(seed, int):
+        raise ConfigError(f"`seed` must be an int, but got {seed!r}.")
+
+
+def _constraints(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
+    items = [MaxDrop(0.01)] if constraint is None else [constraint] if isinstance(constraint, Constraint) else list(constraint)
+    for c in items:
+        if not isinstance(c, Constraint):
+            raise ConfigError(f"`constraint` must be a tightfit constraint such as MaxDrop(0.005), but got {c!r}.")
+    return items
+
+
+def float32_file_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: the file a user ships without tightfit."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def _measure_baseline(original, evaluate, layer_names, example_input) -> Measurement:
+    nonzeros, total = count_nonzeros(original, layer_names)
+    return Measurement(
+        metric=evaluate_metric(evaluate, copy.deepcopy(original)),
+        size_bytes=float32_file_bytes(original),
+        nonzeros=nonzeros,
+        weight_params=total,
+        flops=sparse_flops(original, example_input, layer_names) if example_input is not None else None,
+    )
+
+
+def _better(a: TrialRecord, b: TrialRecord | None) -> bool:
+    """Smaller objective wins; ties go to the higher metric, then the earlier trial."""
+    if b is None:
+        return True
+    if a.objective != b.objective:
+        return a.objective < b.objective
+    if a.measurement.metric != b.measurement.metric:
+        return a.measurement.metric > b.measurement.metric
+    return a.number < b.number
+
+
+def best_feasible(trials: Sequence[TrialRecord]) -> TrialRecord | None:
+    best = None
+    for t in trials:
+        if t.feasible and t.measurement is not None and _better(t, best):
+            best = t
+    return best
+
+
+def pareto_front(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Completed trials not dominated in (metric up, size down), sorted by size."""
+    done = [t for t in trials if t.state == "COMPLETE" and t.measurement is not None]
+    front = []
+    for t in done:
+        m = t.measurement
+        dominated = any(
+            o.measurement.metric >= m.metric
+            and o.measurement.size_bytes <= m.size_bytes
+            and (o.measurement.metric > m.metric or o.measurement.size_bytes < m.size_bytes)
+            for o in done
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.measurement.size_bytes, -t.measurement.metric))
+
+
+def compress(
+    model: nn.Module,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    strategy: Compose | Operator | None = None,
+    constraint: Constraint | Sequence[Constraint] | None = None,
+    objective: str = "size",
+    finetune: Callable[[nn.Module], None] | None = None,
+    budget: int = 30,
+    search: str = "auto",
+    example_input: Any = None,
+    seed: int = 0,
+    run_dir: str | os.PathLike | None = None,
+    storage: str | None = None,
+    study_name: str = "tightfit",
+    progress: bool = False,
+    artifact_extra: dict[str, Any] | None = None,
+) -> Result:
+    """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
+
+    ``model`` is never modified. Each of the ``budget`` evaluations applies a plan to a fresh copy,
+    runs ``finetune`` (masks and quantization held), measures ``evaluate`` and the saved file's
+    bytes. With ``run_dir``, the study (SQLite), every trial, the best model file, a summary and a
+    plot are written there, and calling again with the same arguments resumes the search.
+    See the README for the full walk-through.
+    """
+    _validate(model, evaluate, objective, budget, example_input, finetune, seed)
+    strategy = as_strategy(strategy if strategy is not None else Compose([Prune(), Quantize()]))
+    constraints = _constraints(constraint)
+    check_search(search)
+
+    original = copy.deepcopy(model).eval()
+    analysis = analyze(original)
+    space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
+    layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
+    settings = {
+        "space": space.keys,
+        "objective": objective,
+        "constraints": [c.describe() for c in constraints],
+        "search": search,
+        "seed": seed,
+    }
+
+    with ExitStack() as stack:
+        stack.enter_context(_optuna_quiet())
+        run = stack.enter_context(RunDir.open(run_dir)) if run_dir is not None else None
+        study = _open_study(run, storage, study_name, settings)
+        if run is not None and storage is None:
+            # We hold the run directory's lock, so RUNNING trials belong to a dead process.
+            recovered = recover_interrupted(study)
+            if recovered:
+                log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
+
+        baseline = _baseline(study, original, evaluate, layer_names, example_input)
+        best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
+
+        def evaluate_plan(plan: Plan, trial: optuna.Trial) -> TrialOutcome:
+            candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
+            steps = None
+            if finetune is not None:
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    finetune(candidate)
+                steps = getattr(finetune, "steps_taken", None)
+            metric = evaluate_metric(evaluate, candidate)
+            data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": trial.number})
+            nonzeros, _ = count_nonzeros(candidate, layer_names)
+            measured = Measurement(
+                metric=metric,
+                size_bytes=len(data),
+                nonzeros=nonzeros,
+                weight_params=baseline.weight_params,
+                flops=sparse_flops(candidate, example_input, layer_names) if example_input is not None else None,
+            )
+            values = [c.value(measured, baseline) for c in constraints]
+            goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
+            record = TrialRecord(trial.number, "COMPLETE", plan, measured, float(goal), tuple(values))
+            if record.feasible and _better(record, best_holder["record"]):
+                best_holder.update(record=record, bytes=data)
+                if run is not None:
+                    run.write_best(data)
+            return TrialOutcome(
+                objective=float(goal),
+                constraints=values,
+                attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps},
+            )
+
+        reporter = stack.enter_context(report.live_progress(budget, baseline, enabled=progress))
+        reporter.advance_to(len(counted_trials(study)))
+        run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=reporter.on_trial)
+
+        trials = [trial_record(t) for t in study.get_trials()]
+        result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
+        if run is not None:
+            report.write_run_files(result, run.path, settings)
+        return result
+
+
+@contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Optuna logs every trial at INFO; tightfit shows its own progress instead."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def _open_study(run: RunDir | None, storage: str | None, study_name: str, settings: dict[str, Any]) -> optuna.Study:
+    url = storage or (run.storage_url if run is not None else None)
+    study = optuna.create_study(storage=url, study_name=study_name, direction="minimize", load_if_exists=True)
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+    elif stored != settings:
+        diff = sorted(k for k in settings if stored.get(k) != settings[k])
+        raise ConfigError(
+            f"The study {study_name!r} at {url} was started with different settings ({', '.join(diff)} differ). "
+            "Resume with the same arguments, or use a new run_dir / study_name."
+        )
+    return study
+
+
+def _baseline(study, original, evaluate, layer_names, example_input) -> Measurement:
+    stored = study.user_attrs.get(BASELINE_ATTR)
+    if stored is not None:
+        return Measurement.from_dict(stored)
+    baseline = _measure_baseline(original, evaluate, layer_names, example_input)
+    study.set_user_attr(BASELINE_ATTR, baseline.to_dict())
+    return baseline
+
+
+def _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names) -> Result:
+    best = best_feasible(trials)
+    notes: list[str] = []
+    common = dict(
+        baseline_metric=baseline.metric,
+        baseline_size_bytes=baseline.size_bytes,
+        objective=objective,
+        trials=trials,
+        pareto=pareto_front(trials),
+        run_dir=str(run.path) if run is not None else None,
+        baseline=baseline,
+    )
+    if best is None:
+        n_ok = sum(t.state == "COMPLETE" for t in trials)
+        result = Result(
+            model=copy.deepcopy(original),
+            plan=None,
+            metric=baseline.metric,
+            size_bytes=baseline.size_bytes,
+            nonzero_ratio=baseline.weight_params / max(1, baseline.nonzeros),
+            feasible=False,
+            best_trial=None,
+            message=(
+                f"No feasible plan in {len(trials)} trials ({n_ok} completed): every compressed model broke the "
+                "constraint. The original model is returned unchanged. Loosen the constraint, raise the budget, "
+                "narrow the operators' ranges, or fine-tune longer."
+            ),
+            **common,
+        )
+        result.artifact = None
+        return result
+
+    data = _best_artifact(best, best_holder, run)
+    if data is None:
+        # The best trial's file is not at hand (e.g. it ran in another process): replay it.
+        candidate = apply_plan_inplace(best.plan, copy.deepcopy(original), strategy)
+        if finetune is not None:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                finetune(candidate)
+        data = to_bytes(candidate, best.plan, {"trial": best.number})
+        notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
+    loaded = _load_bytes(data)
+    metric = evaluate_metric(evaluate, loaded)
+    if metric != best.measurement.metric:
+        notes.append(
+            f"Re-evaluating the saved model gave {metric!r}, not the {best.measurement.metric!r} measured in trial "
+            f"{best.number}; the re-measured value is reported."
+        )
+    nonzeros, _ = count_nonzeros(loaded, layer_names)
+    result = Result(
+        model=loaded,
+        plan=best.plan,
+        metric=metric,
+        size_bytes=len(data),
+        nonzero_ratio=baseline.weight_params / max(1, nonzeros),
+        feasible=True,
+        best_trial=best,
+        message=(
+            f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
+            f"({len(data):,} of {baseline.size_bytes:,} bytes), {baseline.weight_params / max(1, nonzeros):.1f}x fewer "
+            f"nonzero weights, metric {metric:.4f} vs {baseline.metric:.4f} originally."
+        ),
+        notes=notes,
+        **common,
+    )
+    result.artifact = data
+    if run is not None:
+        run.write_model(data)
+    return result
+
+
+def _best_artifact(best: TrialRecord, holder: dict[str, Any], run: RunDir | None) -> bytes | None:
+    if holder["record"] is not None and holder["record"].number == best.number and holder["bytes"] is not None:
+        return holder["bytes"]
+    if run is not None:
+        return run.read_best(best.number)
+    return None
+
+
+def _load_bytes(data: bytes) -> nn.Module:
+    return load_model(io.BytesIO(data))
+
+
+__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES"]

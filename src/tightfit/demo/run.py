@@ -1,0 +1,63 @@
+"""`tightfit demo`: LeNet-300-100 on scikit-learn's digits, compressed under an accuracy budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..compress import compress
+from ..evaluation import Accuracy, MaxDrop
+from ..operators import Compose, Prune, Quantize
+from ..recovery import FineTune
+from .data import digits_split, train
+from .models import lenet_300_100
+
+#: The demo's recipe, in one place so the README, the tests and the benchmark agree.
+DEMO_MAX_DROP = 0.01
+DEMO_BITS = (2, 4, 8)
+DEMO_FINETUNE = {"epochs": 6, "lr": 1e-3}
+TRAIN_EPOCHS = 60
+
+
+def demo_model(split, seed: int, run_dir: Path | None) -> torch.nn.Module:
+    """The trained original; cached in the run directory so a resumed run compresses the same model."""
+    cached = run_dir / "original.pt" if run_dir is not None else None
+    model = lenet_300_100()
+    if cached is not None and cached.exists():
+        model.load_state_dict(torch.load(cached, weights_only=True))
+        return model.eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = train(lenet_300_100(), split, epochs=TRAIN_EPOCHS, seed=seed)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cached)
+    return model
+
+
+def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("runs/demo"), search: str = "auto", console=None):
+    """Returns the result and the test accuracy of (original, compressed) on the held-out split."""
+    split = digits_split(seed)
+    if console is not None:
+        console.print(
+            f"digits: {len(split.y_train)} train / {len(split.y_val)} validation / {len(split.y_test)} test samples; "
+            "training LeNet-300-100 (64-300-100-10)..."
+        )
+    model = demo_model(split, seed, Path(run_dir) if run_dir is not None else None)
+    result = compress(
+        model,
+        evaluate=Accuracy(split.loader("val", batch_size=512)),
+        strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
+        constraint=MaxDrop(DEMO_MAX_DROP),
+        objective="size",
+        finetune=FineTune(split.loader("train", shuffle=True), **DEMO_FINETUNE),
+        budget=budget,
+        search=search,
+        example_input=split.x_val[:1],
+        seed=seed,
+        run_dir=run_dir,
+        progress=console is not None,
+    )
+    test = Accuracy(split.loader("test", batch_size=512))
+    return result, (test(model), test(result.model))

@@ -1,0 +1,181 @@
+"""What a model holds: its compressible layers, what is left alone and why, counts and FLOPs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+#: Layer types whose ``weight`` the built-in operators know how to compress.
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A compressible layer, as plain data (the module itself is looked up by ``name``)."""
+
+    name: str
+    type: str
+    weight_shape: tuple[int, ...]
+    params: int  # weight + bias
+    weight_params: int
+
+
+@dataclass(frozen=True)
+class SkippedModule:
+    """A module that holds parameters tightfit leaves alone, and why."""
+
+    name: str
+    type: str
+    params: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelAnalysis:
+    layers: tuple[LayerInfo, ...]
+    skipped: tuple[SkippedModule, ...]
+    total_params: int
+    float32_bytes: int = field(default=0)  # parameters and buffers at 4 bytes each
+
+    def layer(self, name: str) -> LayerInfo:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def weight_params(self) -> int:
+        return sum(layer.weight_params for layer in self.layers)
+
+
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """Run ``model`` on an example input: a tensor, a tuple of positional args, or a dict of kwargs."""
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters reachable from more than one module (tied weights)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
+    return {pid for pid, count in owners.items() if count > 1}
+
+
+def analyze(model: nn.Module) -> ModelAnalysis:
+    """List the compressible layers of ``model`` and the parameter-holding modules left alone."""
+    shared = _shared_parameters(model)
+    layers: list[LayerInfo] = []
+    skipped: list[SkippedModule] = []
+    for name, module in model.named_modules():
+        own = {k: p for k, p in module._parameters.items() if p is not None}
+        if parametrize.is_parametrized(module):
+            skipped.append(SkippedModule(name, type(module).__name__, _count(module), "already parametrized"))
+            continue
+        if not own:
+            continue
+        n_params = sum(p.numel() for p in own.values())
+        if isinstance(module, COMPRESSIBLE_TYPES) and "weight" in own:
+            weight = own["weight"]
+            if id(weight) in shared:
+                skipped.append(SkippedModule(name, type(module).__name__, n_params, "weight is shared with another module"))
+                continue
+            if not weight.is_floating_point():
+                skipped.append(SkippedModule(name, type(module).__name__, n_params, f"weight dtype {weight.dtype}"))
+                continue
+            layers.append(
+                LayerInfo(
+                    name=name,
+                    type=type(module).__name__,
+                    weight_shape=tuple(weight.shape),
+                    params=n_params,
+                    weight_params=weight.numel(),
+                )
+            )
+        else:
+            skipped.append(SkippedModule(name, type(module).__name__, n_params, "no built-in operator for this type"))
+    total = sum(p.numel() for p in model.parameters())
+    f32 = 4 * (total + sum(b.numel() for b in model.buffers() if b.is_floating_point()))
+    return ModelAnalysis(tuple(layers), tuple(skipped), total, f32)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _compressible_under(model: nn.Module, layer_names: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """Compressible modules at or below the named layers (a structural operator may have replaced a
+    layer by several smaller ones)."""
+    found: dict[str, nn.Module] = {}
+    for name in layer_names:
+        root = model.get_submodule(name) if name else model
+        for sub_name, sub in root.named_modules(prefix=name):
+            if isinstance(sub, COMPRESSIBLE_TYPES):
+                found[sub_name] = sub
+    return list(found.items())
+
+
+def count_nonzeros(model: nn.Module, layer_names: Sequence[str]) -> tuple[int, int]:
+    """(nonzero, total) entries of the effective weights at or below the named layers.
+
+    Reads ``module.weight``, which for a parametrized layer is the compressed weight.
+    """
+    nonzero = total = 0
+    with torch.no_grad():
+        for _, module in _compressible_under(model, layer_names):
+            weight = module.weight
+            nonzero += int(torch.count_nonzero(weight))
+            total += weight.numel()
+    return nonzero, total
+
+
+def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """Dense FLOPs of one forward pass per module name, counted by ``torch.utils.flop_counter``.
+
+    The key ``""`` holds the whole model's count.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_input)
+    finally:
+        model.train(was_training)
+    flops: dict[str, int] = {}
+    for key, per_op in counter.get_flop_counts().items():
+        total = int(sum(per_op.values()))
+        if key == "Global":
+            flops[""] = total
+            continue
+        # Keys are "<RootClass>.<qualified.name>"; the root alone is the whole model again.
+        _, _, qualified = key.partition(".")
+        if qualified:
+            flops[qualified] = total
+    flops.setdefault("", 0)
+    return flops
+
+
+def sparse_flops(model: nn.Module, example_input: Any, layer_names: Sequence[str]) -> int:
+    """FLOPs counting only nonzero weights: each compressible layer's dense count times its weight
+    density. This is the figure the pruning literature quotes; it is not a speed.
+    """
+    per_module = layer_flops(model, example_input)
+    total = per_module[""]
+    with torch.no_grad():
+        for name, module in _compressible_under(model, layer_names):
+            weight = module.weight
+            density = float(torch.count_nonzero(weight)) / max(1, weight.numel())
+            total -= round(per_module.get(name, 0) * (1.0 - density))
+    return total

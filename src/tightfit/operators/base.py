@@ -1,0 +1,104 @@
+"""The operator contract: what an operator searches, and how it compresses one layer.
+
+An operator compresses a layer *reversibly*: it registers a parametrization on the layer's weight
+(``torch.nn.utils.parametrize``), so the original weight stays trainable underneath, fine-tuning
+keeps masks and quantization grids consistent, and baking happens only when the model is saved.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..measure.analysis import LayerInfo
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One searchable knob of one operator on one layer.
+
+    Exactly one of (``low``, ``high``) or ``choices`` is set. ``integer`` asks for whole numbers
+    in [low, high]; ``log`` searches on a log scale.
+    """
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    integer: bool = False
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choices is None:
+            if self.low is None or self.high is None:
+                raise ConfigError(f"Hyperparameter {self.name!r} needs `choices` or both `low` and `high`.")
+            if not self.low <= self.high:
+                raise ConfigError(
+                    f"Hyperparameter {self.name!r}: `low <= high` must hold, but got (low={self.low}, high={self.high})."
+                )
+        elif len(self.choices) == 0:
+            raise ConfigError(f"Hyperparameter {self.name!r}: `choices` must not be empty.")
+
+    @property
+    def fixed(self) -> bool:
+        """True when there is nothing to search (one choice, or low == high)."""
+        if self.choices is not None:
+            return len(self.choices) == 1
+        return self.low == self.high
+
+    @property
+    def fixed_value(self) -> Any:
+        return self.choices[0] if self.choices is not None else self.low
+
+
+class Operator(abc.ABC):
+    """A compression operator. Subclasses set ``name`` and implement the three methods below."""
+
+    name: ClassVar[str]
+
+    #: Whether the operator changes a layer's shape or type (structured pruning, low-rank). Such
+    #: operators run before the weight-level ones, and the artifact stores the changed architecture.
+    structural: ClassVar[bool] = False
+
+    def __init__(self, *, layers: list[str] | None = None) -> None:
+        #: fnmatch patterns of layer names this operator may touch; None means every layer it supports.
+        self.layers = list(layers) if layers is not None else None
+
+    @abc.abstractmethod
+    def supports(self, layer: LayerInfo) -> bool:
+        """Whether this operator can compress the layer at all."""
+
+    @abc.abstractmethod
+    def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
+        """The knobs searched for this layer (fixed ones included; the space skips them)."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """The setting that leaves the layer's output unchanged."""
+
+    @abc.abstractmethod
+    def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
+        """Compress ``module`` in place with ``settings`` (reversibly, by parametrization)."""
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-ready, so that a plan records how it was made."""
+        return {"layers": self.layers}
+
+    def validate_settings(self, layer_name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """Check settings from a plan against this operator; returns them completed with defaults."""
+        merged = {**self.identity(), **settings}
+        unknown = set(settings) - set(self.identity())
+        if unknown:
+            raise ConfigError(
+                f"Plan entry {layer_name!r} -> {self.name!r} has unknown setting(s) {sorted(unknown)}; "
+                f"{self.name!r} accepts {sorted(self.identity())}."
+            )
+        return merged
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if v is not None)
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,52 @@
+"""A strategy: operators applied together, each to the layers it supports."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+
+from ..errors import ConfigError
+from ..measure.analysis import LayerInfo
+from .base import Operator
+
+
+class Compose:
+    """Operators applied in order. Structural operators (which change a layer's shape or type)
+    always run before weight-level ones, whatever the order given."""
+
+    def __init__(self, operators: Iterable[Operator]) -> None:
+        ops = list(operators)
+        if not ops:
+            raise ConfigError("Compose: give at least one operator, e.g. Compose([Prune(), Quantize()]).")
+        for op in ops:
+            if not isinstance(op, Operator):
+                raise ConfigError(f"Compose: every item must be a tightfit operator, but got {op!r}.")
+        names = [op.name for op in ops]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"Compose: each operator may appear once, but {duplicates} appear more than once.")
+        self.operators = sorted(ops, key=lambda op: not op.structural)
+
+    def __iter__(self) -> Iterator[Operator]:
+        return iter(self.operators)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.operators!r})"
+
+    def operators_for(self, layer: LayerInfo) -> list[Operator]:
+        """The operators that will touch ``layer``: those that support it and whose patterns match."""
+        return [op for op in self.operators if op.supports(layer) and _matches(layer.name, op.layers)]
+
+
+def _matches(name: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def as_strategy(strategy: Compose | Operator) -> Compose:
+    if isinstance(strategy, Compose):
+        return strategy
+    if isinstance(strategy, Operator):
+        return Compose([strategy])
+    raise ConfigError(
+        f"`strategy` must be a tightfit operator or Compose([...]) of operators, but got {type(strategy).__name__}."
+    )

@@ -1,0 +1,99 @@
+"""A compression plan: layer name -> operator -> settings, as plain JSON, and how to apply it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .base import Operator
+from .compose import Compose
+
+PLAN_VERSION = 1
+
+#: Operator classes by name, so a plan can rebuild the operators it was made with.
+OPERATOR_REGISTRY: dict[str, type[Operator]] = {}
+
+
+def register_operator(cls: type[Operator]) -> type[Operator]:
+    """Make an operator class known to plans (built-ins register themselves; so can yours)."""
+    OPERATOR_REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do to which layer. ``operators`` records each operator's constructor arguments."""
+
+    layers: dict[str, dict[str, dict[str, Any]]]
+    operators: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "operators": self.operators, "layers": self.layers}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict) or "layers" not in data:
+            raise ConfigError("A plan must be a JSON object with a `layers` field.")
+        version = data.get("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise ConfigError(f"Plan version {version} is not supported (this tightfit reads version {PLAN_VERSION}).")
+        return cls(layers=data["layers"], operators=data.get("operators", {}))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_strategy(cls, strategy: Compose, layers: dict[str, dict[str, dict[str, Any]]]) -> Plan:
+        return cls(layers=layers, operators={op.name: op.config() for op in strategy})
+
+    def strategy(self) -> Compose:
+        """The operators this plan was made with, rebuilt from their recorded arguments."""
+        ops = []
+        for name, config in self.operators.items():
+            if name not in OPERATOR_REGISTRY:
+                raise ConfigError(f"Plan uses operator {name!r}, which is not registered; known: {sorted(OPERATOR_REGISTRY)}.")
+            ops.append(OPERATOR_REGISTRY[name](**config))
+        return Compose(ops)
+
+
+def apply_plan_inplace(plan: Plan, model: nn.Module, strategy: Compose | None = None) -> nn.Module:
+    """Apply ``plan`` to ``model`` itself. Structural operators first, then the others, each in
+    strategy order. A failure leaves the error to the caller; the model is then unusable, so callers
+    apply to a copy (see :func:`apply`)."""
+    strategy = strategy or plan.strategy()
+    modules = dict(model.named_modules())
+    unknown = sorted(set(plan.layers) - set(modules))
+    if unknown:
+        raise ConfigError(f"Plan names layer(s) {unknown} that the model does not have.")
+    for op in strategy:
+        for layer_name, per_op in plan.layers.items():
+            if op.name not in per_op:
+                continue
+            settings = op.validate_settings(layer_name, per_op[op.name])
+            # Structural operators may have replaced modules: look the layer up afresh.
+            module = model.get_submodule(layer_name) if layer_name else model
+            op.apply(module, settings)
+    return model
+
+
+def apply(plan: Plan | dict | str, model: nn.Module) -> nn.Module:
+    """Return a compressed copy of ``model`` made by ``plan`` (a Plan, its dict, or its JSON).
+
+    ``model`` itself is not changed. The copy keeps its compression as parametrizations, so it can
+    be fine-tuned with masks and quantization grids held; ``tightfit.save`` bakes it.
+    """
+    if isinstance(plan, str):
+        plan = Plan.from_json(plan)
+    elif isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    compressed = copy.deepcopy(model)
+    return apply_plan_inplace(plan, compressed)

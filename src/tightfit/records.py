@@ -1,0 +1,89 @@
+"""The data of a run, as plain typed records: measurements, trials, the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .operators.plan import Plan
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What was measured of one model. Units: ``size_bytes`` is bytes of the saved ``.tfz`` file;
+    ``nonzeros``/``weight_params`` count entries of the compressible layers' weights; ``flops``
+    is per forward pass of the example input, counting nonzero weights only (None without one)."""
+
+    metric: float
+    size_bytes: int
+    nonzeros: int
+    weight_params: int
+    flops: int | None = None
+
+    @property
+    def nonzero_ratio(self) -> float:
+        """Weights over nonzero weights: the compression figure the pruning literature quotes."""
+        return self.weight_params / max(1, self.nonzeros)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "size_bytes": self.size_bytes,
+            "nonzeros": self.nonzeros,
+            "weight_params": self.weight_params,
+            "flops": self.flops,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        return cls(**{k: data.get(k) for k in ("metric", "size_bytes", "nonzeros", "weight_params", "flops")})
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One evaluation of the search: a plan, what it measured, and whether it met the constraints."""
+
+    number: int
+    state: str  # "COMPLETE", "FAIL", "RUNNING", ...
+    plan: Plan | None
+    measurement: Measurement | None
+    objective: float | None
+    constraints: tuple[float, ...]
+    error: str | None = None
+    duration_s: float | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.state == "COMPLETE" and all(c <= 0 for c in self.constraints)
+
+
+@dataclass
+class Result:
+    """What ``tightfit.compress`` hands back. ``model`` is the best feasible compressed model, read
+    back from the saved file, or a copy of the original when nothing feasible was found."""
+
+    model: nn.Module
+    plan: Plan | None
+    metric: float
+    baseline_metric: float
+    size_bytes: int
+    baseline_size_bytes: int
+    nonzero_ratio: float
+    feasible: bool
+    objective: str
+    trials: list[TrialRecord]
+    pareto: list[TrialRecord]
+    best_trial: TrialRecord | None
+    run_dir: str | None
+    message: str
+    baseline: Measurement | None = None
+    notes: list[str] = field(default_factory=list)
+    #: the bytes of the saved file (what ``tightfit.save`` writes); None when nothing was feasible
+    artifact: bytes | None = field(default=None, repr=False)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bytes of the original float32 model file over bytes of the compressed one."""
+        return self.baseline_size_bytes / max(1, self.size_bytes)

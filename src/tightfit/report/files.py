@@ -1,0 +1,113 @@
+"""The run directory's human-readable files: summary.json, trials.csv and trials.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from ..records import Result, TrialRecord
+from ..run_dir import PLOT_FILE, SUMMARY_FILE, TRIALS_FILE
+
+TRIAL_COLUMNS = [
+    "number", "state", "feasible", "objective", "metric", "size_bytes", "nonzeros", "nonzero_ratio",
+    "flops", "constraints", "duration_s", "error", "plan",
+]
+
+
+def trial_row(t: TrialRecord) -> dict[str, Any]:
+    m = t.measurement
+    return {
+        "number": t.number,
+        "state": t.state,
+        "feasible": t.feasible,
+        "objective": t.objective,
+        "metric": m.metric if m else None,
+        "size_bytes": m.size_bytes if m else None,
+        "nonzeros": m.nonzeros if m else None,
+        "nonzero_ratio": round(m.nonzero_ratio, 4) if m else None,
+        "flops": m.flops if m else None,
+        "constraints": json.dumps(list(t.constraints)),
+        "duration_s": round(t.duration_s, 4) if t.duration_s is not None else None,
+        "error": t.error,
+        "plan": t.plan.to_json() if t.plan else None,
+    }
+
+
+def write_trials_csv(trials: list[TrialRecord], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TRIAL_COLUMNS)
+        writer.writeheader()
+        for t in trials:
+            writer.writerow(trial_row(t))
+
+
+def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
+    best = result.best_trial
+    return {
+        "feasible": result.feasible,
+        "message": result.message,
+        "objective": result.objective,
+        "settings": settings,
+        "metric": result.metric,
+        "baseline_metric": result.baseline_metric,
+        "size_bytes": result.size_bytes,
+        "baseline_size_bytes": result.baseline_size_bytes,
+        "compression_ratio": result.compression_ratio,
+        "nonzero_ratio": result.nonzero_ratio,
+        "baseline": result.baseline.to_dict() if result.baseline else None,
+        "best_trial": best.number if best else None,
+        "plan": result.plan.to_dict() if result.plan else None,
+        "trials": {
+            "total": len(result.trials),
+            "complete": sum(t.state == "COMPLETE" for t in result.trials),
+            "feasible": sum(t.feasible for t in result.trials),
+            "failed": sum(t.state == "FAIL" for t in result.trials),
+        },
+        "pareto": [t.number for t in result.pareto],
+        "notes": result.notes,
+        "units": {
+            "size_bytes": "bytes of model.tfz (compressed) / of torch.save(state_dict) (baseline)",
+            "nonzero_ratio": "compressible-layer weights / nonzero weights",
+            "flops": "per forward pass of example_input, nonzero weights only",
+        },
+    }
+
+
+def plot_trials(result: Result, path: Path) -> None:
+    """Metric vs file size of every completed trial; feasible vs not; the Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    done = [t for t in result.trials if t.measurement is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for feasible, color, label in ((True, "tab:green", "feasible"), (False, "tab:red", "infeasible")):
+        pts = [t for t in done if t.feasible == feasible]
+        if pts:
+            ax.scatter([t.measurement.size_bytes for t in pts], [t.measurement.metric for t in pts],
+                       c=color, s=22, alpha=0.75, label=label)
+    front = [t for t in result.pareto if t.measurement is not None]
+    if front:
+        ax.plot([t.measurement.size_bytes for t in front], [t.measurement.metric for t in front],
+                "k--", lw=1, label="Pareto front")
+    if result.best_trial is not None:
+        m = result.best_trial.measurement
+        ax.scatter([m.size_bytes], [m.metric], marker="*", s=220, c="gold", edgecolors="k", zorder=5, label="chosen")
+    ax.axhline(result.baseline_metric, color="gray", lw=0.8, label="original metric")
+    ax.set_xscale("log")
+    ax.set_xlabel("saved model size (bytes, log scale)")
+    ax.set_ylabel("metric")
+    ax.set_title(f"{len(done)} evaluated trials")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_run_files(result: Result, run_dir: Path, settings: dict[str, Any]) -> None:
+    write_trials_csv(result.trials, run_dir / TRIALS_FILE)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary_dict(result, settings), indent=2))
+    plot_trials(result, run_dir / PLOT_FILE)

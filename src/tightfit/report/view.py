@@ -1,0 +1,96 @@
+"""Reading a run back (finished or still running) and showing it as terminal tables."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..records import Measurement, TrialRecord
+from ..run_dir import STUDY_FILE, SUMMARY_FILE
+
+
+@dataclass
+class RunView:
+    trials: list[TrialRecord]
+    baseline: Measurement | None
+    settings: dict[str, Any]
+    summary: dict[str, Any] | None  # None while the run has not finished
+
+
+def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, study_name: str = "tightfit") -> RunView:
+    """Read a run from its directory (or any Optuna storage URL) without taking its lock."""
+    import optuna
+
+    from ..compress import BASELINE_ATTR, SETTINGS_ATTR
+    from ..search.loop import trial_record
+
+    summary = None
+    if storage is None:
+        if run_dir is None:
+            raise ConfigError("Give a run directory or a storage URL.")
+        root = Path(run_dir)
+        if not (root / STUDY_FILE).exists():
+            raise ConfigError(f"{str(root)!r} is not a tightfit run directory (no {STUDY_FILE}).")
+        storage = f"sqlite:///{(root / STUDY_FILE).resolve()}"
+        if (root / SUMMARY_FILE).exists():
+            summary = json.loads((root / SUMMARY_FILE).read_text())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"No study named {study_name!r} in {storage}.") from None
+    baseline = study.user_attrs.get(BASELINE_ATTR)
+    trials = [trial_record(t) for t in study.get_trials()]
+    if summary is not None and summary.get("trials", {}).get("total") != len(trials):
+        summary = None  # the summary is from an earlier stop; the study has moved on
+    return RunView(
+        trials=trials,
+        baseline=Measurement.from_dict(baseline) if baseline else None,
+        settings=study.user_attrs.get(SETTINGS_ATTR, {}),
+        summary=summary,
+    )
+
+
+def _fmt_metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def trials_table(trials: list[TrialRecord], baseline: Measurement | None, *, limit: int = 10, title: str = "best trials"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("trial", "feasible", "metric", "bytes", "size ratio", "nonzero ratio", "time s"):
+        table.add_column(column, justify="right")
+    done = [t for t in trials if t.measurement is not None]
+    done.sort(key=lambda t: (not t.feasible, t.objective if t.objective is not None else float("inf")))
+    for t in done[:limit]:
+        m = t.measurement
+        ratio = f"{baseline.size_bytes / m.size_bytes:.1f}x" if baseline else "-"
+        table.add_row(
+            str(t.number), "yes" if t.feasible else "no", _fmt_metric(m.metric), f"{m.size_bytes:,}", ratio,
+            f"{m.nonzero_ratio:.1f}x", f"{t.duration_s:.1f}" if t.duration_s is not None else "-",
+        )
+    return table
+
+
+def summary_table(rows: list[tuple[str, str, str]], title: str = "result"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("compressed", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def run_counts(trials: list[TrialRecord]) -> str:
+    complete = sum(t.state == "COMPLETE" for t in trials)
+    feasible = sum(t.feasible for t in trials)
+    failed = sum(t.state == "FAIL" for t in trials)
+    running = sum(t.state == "RUNNING" for t in trials)
+    return f"{len(trials)} trials: {complete} complete ({feasible} feasible), {failed} failed, {running} running"

@@ -1,0 +1,86 @@
+"""The search space: strategy x model, expanded per layer into named dimensions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from ..errors import ModelError
+from ..measure.analysis import ModelAnalysis
+from ..operators.base import Hyperparameter
+from ..operators.compose import Compose
+from ..operators.plan import Plan
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched hyperparameter of one operator on one layer; ``key`` is its Optuna name."""
+
+    layer: str
+    operator: str
+    hyperparameter: Hyperparameter
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}/{self.operator}/{self.hyperparameter.name}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    strategy: Compose
+    dimensions: tuple[Dimension, ...]
+    #: settings that are not searched: layer -> operator -> {name: value}
+    fixed: dict[str, dict[str, dict[str, Any]]]
+
+    @property
+    def keys(self) -> list[str]:
+        return [d.key for d in self.dimensions]
+
+    def suggest(self, trial: optuna.Trial) -> Plan:
+        """Ask the trial for a value of every dimension and build the plan."""
+        params: dict[str, Any] = {}
+        for dim in self.dimensions:
+            hp = dim.hyperparameter
+            if hp.choices is not None:
+                params[dim.key] = trial.suggest_categorical(dim.key, list(hp.choices))
+            elif hp.integer:
+                params[dim.key] = trial.suggest_int(dim.key, int(hp.low), int(hp.high), log=hp.log)
+            else:
+                params[dim.key] = trial.suggest_float(dim.key, hp.low, hp.high, log=hp.log)
+        return self.plan(params)
+
+    def plan(self, params: dict[str, Any]) -> Plan:
+        """The plan for a full assignment of the dimensions (as Optuna stores them)."""
+        layers: dict[str, dict[str, dict[str, Any]]] = {
+            layer: {op: dict(settings) for op, settings in per_op.items()} for layer, per_op in self.fixed.items()
+        }
+        for dim in self.dimensions:
+            layers.setdefault(dim.layer, {}).setdefault(dim.operator, {})[dim.hyperparameter.name] = params[dim.key]
+        return Plan.from_strategy(self.strategy, layers)
+
+    def params(self, plan: Plan) -> dict[str, Any]:
+        """Inverse of :meth:`plan`: the dimension values a plan sets (for enqueueing a known point)."""
+        return {d.key: plan.layers[d.layer][d.operator][d.hyperparameter.name] for d in self.dimensions}
+
+
+def build_space(strategy: Compose, analysis: ModelAnalysis) -> SearchSpace:
+    dimensions: list[Dimension] = []
+    fixed: dict[str, dict[str, dict[str, Any]]] = {}
+    for layer in analysis.layers:
+        for op in strategy.operators_for(layer):
+            fixed.setdefault(layer.name, {}).setdefault(op.name, {})
+            for hp in op.hyperparameters(layer):
+                if hp.fixed:
+                    fixed[layer.name][op.name][hp.name] = hp.fixed_value
+                else:
+                    dimensions.append(Dimension(layer.name, op.name, hp))
+    if not fixed:
+        ops = ", ".join(op.name for op in strategy)
+        raise ModelError(
+            f"No layer of the model can be compressed by {ops}: it has no "
+            "Linear/Conv layer the operators support (or their `layers` patterns match none). "
+            f"Left alone: {[s.name or '<root>' for s in analysis.skipped][:10]}."
+        )
+    return SearchSpace(strategy, tuple(dimensions), fixed)
