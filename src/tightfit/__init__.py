@@ -32,6 +32,11 @@ _EXPORTS = {
     "MaxDrop": "tightfit.evaluation",
     "MaxSize": "tightfit.evaluation",
     "MinMetric": "tightfit.evaluation",
+    "Agreement": "tightfit.evaluation",
+    "Fidelity": "tightfit.evaluation",
+    "PerSample": "tightfit.evaluation",
+    "Sequential": "tightfit.evaluation",
+    "Certificate": "tightfit.evaluation",
     # recovery
     "FineTune": "tightfit.recovery",
     # files
@@ -66,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._files import load, save
     from .compress import compress
     from .errors import ArtifactError, ConfigError, EvaluationError, ModelError, TightfitError
-    from .evaluation import Accuracy, Constraint, MaxDrop, MaxSize, MinMetric
+    from .evaluation import Accuracy, Agreement, Certificate, Constraint, Fidelity, MaxDrop, MaxSize, MinMetric, PerSample, Sequential
     from .measure import analyze
     from .operators import Compose, Hyperparameter, Operator, Plan, Prune, Quantize, apply, register_operator
     from .records import Measurement, Result, TrialRecord

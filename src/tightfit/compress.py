@@ -6,6 +6,7 @@ import copy
 import io
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -17,7 +18,8 @@ from torch import nn
 from . import report
 from .errors import ConfigError
 from .evaluation.constraints import Constraint, MaxDrop
-from .evaluation.metrics import evaluate_metric
+from .evaluation.metrics import bind_reference, evaluate_metric
+from .evaluation.sequential import Sequential, SequentialSession
 from .export.artifact import load_model, to_bytes
 from .measure.analysis import SkippedModule, analyze, count_nonzeros, sparse_flops
 from .operators.base import Operator
@@ -53,6 +55,14 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
         raise ConfigError("`finetune` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
     if not isinstance(seed, int):
         raise ConfigError(f"`seed` must be an int, but got {seed!r}.")
+
+
+def _check_evaluation(evaluation) -> None:
+    if evaluation is not None and not isinstance(evaluation, Sequential):
+        raise ConfigError(
+            f"`evaluation` must be None (every candidate on the full validation set) or tightfit.Sequential(...), "
+            f"but got {evaluation!r}."
+        )
 
 
 def _constraints(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
@@ -92,6 +102,8 @@ def _better(a: TrialRecord, b: TrialRecord | None) -> bool:
     """Smaller objective wins; ties go to the higher metric, then the earlier trial."""
     if b is None:
         return True
+    if a.objective is None or b.objective is None:
+        return b.objective is None
     if a.objective != b.objective:
         return a.objective < b.objective
     if a.measurement.metric != b.measurement.metric:
@@ -102,7 +114,8 @@ def _better(a: TrialRecord, b: TrialRecord | None) -> bool:
 def best_feasible(trials: Sequence[TrialRecord]) -> TrialRecord | None:
     best = None
     for t in trials:
-        if t.feasible and t.measurement is not None and _better(t, best):
+        # a candidate only screened by cheap evaluation (not fine-tuned) is never the answer
+        if t.feasible and t.measurement is not None and t.fidelity != "screen" and _better(t, best):
             best = t
     return best
 
@@ -141,6 +154,7 @@ def compress(
     study_name: str = "tightfit",
     progress: bool = False,
     artifact_extra: dict[str, Any] | None = None,
+    evaluation: Sequential | None = None,
 ) -> Result:
     """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
 
@@ -148,14 +162,20 @@ def compress(
     runs ``finetune`` (masks and quantization held), measures ``evaluate`` and the saved file's
     bytes. With ``run_dir``, the study (SQLite), every trial, the best model file, a summary and a
     plot are written there, and calling again with the same arguments resumes the search.
+    With ``evaluation=tightfit.Sequential(...)``, candidates are evaluated on a growing subsample of
+    the validation set until a confidence interval decides the constraints, candidates that cannot
+    improve the answer are only screened (no fine-tune), and the answer comes with a certificate
+    computed on held-out validation samples (``result.certificate``).
     See the README for the full walk-through.
     """
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
+    _check_evaluation(evaluation)
     strategy = as_strategy(strategy if strategy is not None else Compose([Prune(), Quantize()]))
     constraints = _constraints(constraint)
     check_search(search)
 
     original = copy.deepcopy(model).eval()
+    evaluate = bind_reference(evaluate, original)  # Agreement / Fidelity compare with the original
     analysis = analyze(original)
     space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
@@ -166,6 +186,11 @@ def compress(
         "search": search,
         "seed": seed,
     }
+    session = None
+    if evaluation is not None:
+        settings["evaluation"] = evaluation.describe()
+        session = SequentialSession(evaluation, evaluate, constraints, seed)
+    counter = _ForwardPasses(evaluate)
 
     with ExitStack() as stack:
         stack.enter_context(_optuna_quiet())
@@ -177,10 +202,16 @@ def compress(
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
 
-        baseline = _baseline(study, original, evaluate, layer_names, example_input)
+        if session is not None:
+            full_metric = session.baseline(original)  # per-sample values, computed once and kept
+            baseline = _baseline(study, original, lambda _model: full_metric, layer_names, example_input)
+        else:
+            baseline = _baseline(study, original, evaluate, layer_names, example_input)
+        baseline_passes = counter.take()
         best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
 
         def evaluate_plan(plan: Plan, trial: optuna.Trial) -> TrialOutcome:
+            counter.take()
             candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
             steps = None
             if finetune is not None:
@@ -188,7 +219,7 @@ def compress(
                     torch.manual_seed(seed)
                     finetune(candidate)
                 steps = getattr(finetune, "steps_taken", None)
-            metric = evaluate_metric(evaluate, candidate)
+            metric, metric_se = _full_metric(evaluate, candidate)
             data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": trial.number})
             nonzeros, _ = count_nonzeros(candidate, layer_names)
             measured = Measurement(
@@ -208,19 +239,129 @@ def compress(
             return TrialOutcome(
                 objective=float(goal),
                 constraints=values,
-                attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps},
+                attrs={
+                    "plan": plan.to_dict(),
+                    "measurement": measured.to_dict(),
+                    "finetune_steps": steps,
+                    "metric_se": metric_se,
+                    "val_samples": counter.take(),
+                    "fidelity": "full",
+                },
+            )
+
+        if session is not None:
+            from .evaluation.search_hook import sequential_plan_evaluator
+
+            evaluate_plan = sequential_plan_evaluator(  # noqa: F811 - cheap evaluation replaces the full one
+                session=session, original=original, strategy=strategy, finetune=finetune, seed=seed,
+                constraints=constraints, baseline=baseline, objective=objective, best_holder=best_holder, run=run,
+                counter=counter, better=_better,
+                static=lambda candidate, plan, number: _static_measure(
+                    candidate, plan, number, artifact_extra, layer_names, example_input, baseline
+                ),
             )
 
         reporter = stack.enter_context(report.live_progress(budget, baseline, enabled=progress))
         reporter.advance_to(len(counted_trials(study)))
+        reporter.add_cost(study.get_trials(deepcopy=False))
+        started = time.perf_counter()
         run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=reporter.on_trial)
 
         trials = [trial_record(t) for t in study.get_trials()]
-        result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
+        counter.take()
+        result = _finish(
+            original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names,
+            confirmed=session is not None,
+        )
+        final_passes = counter.take()
+        if session is not None and result.feasible:
+            result.certificate, cert_passes = session.certify(result.model)
+            final_passes += cert_passes
+            _note_certificate(result, constraints, baseline)
+        result.accounting = _accounting(trials, baseline_passes, final_passes, time.perf_counter() - started)
         result.left_alone = _left_alone(analysis, space)
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
+
+
+class _ForwardPasses:
+    """Counts validation forward passes through a metric's ``samples_evaluated`` (None if it has none)."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.last = self._now()
+
+    def _now(self) -> int | None:
+        value = getattr(self.metric, "samples_evaluated", None)
+        return int(value) if isinstance(value, int) else None
+
+    def take(self) -> int | None:
+        """Forward passes since the last call."""
+        now = self._now()
+        delta = None if now is None or self.last is None else now - self.last
+        self.last = now
+        return delta
+
+
+def _full_metric(evaluate, model: nn.Module) -> tuple[float, float | None]:
+    """The metric on the full validation set and, for a per-sample metric, its standard error."""
+    per_sample = getattr(evaluate, "per_sample", None)
+    if per_sample is None or not hasattr(evaluate, "num_samples"):
+        return evaluate_metric(evaluate, model), None
+    values = per_sample(model)
+    n = values.numel()
+    se = float(values.std(unbiased=True) / n**0.5) if n > 1 else None
+    return evaluate_metric(lambda _m: float(values.mean()), model), se
+
+
+def _static_measure(candidate, plan, number, artifact_extra, layer_names, example_input, baseline):
+    """What does not need the validation set: the saved file's bytes, nonzeros and FLOPs."""
+    data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": number})
+    nonzeros, _ = count_nonzeros(candidate, layer_names)
+    flops = sparse_flops(candidate, example_input, layer_names) if example_input is not None else None
+    return data, Measurement(
+        metric=float("nan"), size_bytes=len(data), nonzeros=nonzeros, weight_params=baseline.weight_params, flops=flops
+    )
+
+
+def _accounting(trials: Sequence[TrialRecord], baseline_passes, final_passes, wall_s: float) -> dict[str, Any]:
+    """The run's cost: validation forward passes (original, trials, final check), fine-tuning steps,
+    wall time. Trial figures are summed over every stored trial, so a resumed run counts all of them."""
+    trial_passes = [t.val_samples for t in trials if t.state in ("COMPLETE", "PRUNED")]
+    known = all(p is not None for p in trial_passes) and baseline_passes is not None and final_passes is not None
+    by_level: dict[str, int] = {}
+    for t in trials:
+        if t.fidelity is not None:
+            by_level[t.fidelity] = by_level.get(t.fidelity, 0) + 1
+    return {
+        "val_samples": (baseline_passes + sum(trial_passes) + final_passes) if known else None,
+        "val_samples_baseline": baseline_passes,
+        "val_samples_trials": sum(p or 0 for p in trial_passes),
+        "val_samples_final": final_passes,
+        "finetune_steps": sum(t.finetune_steps or 0 for t in trials),
+        "trial_wall_s": sum(t.duration_s or 0.0 for t in trials),
+        "search_wall_s": wall_s,
+        "trials_by_fidelity": by_level,
+    }
+
+
+def _note_certificate(result: Result, constraints, baseline: Measurement) -> None:
+    cert = result.certificate
+    full = Measurement(result.metric, result.size_bytes, 0, baseline.weight_params)
+    violated = [c.describe() for c in constraints if c.value(full, baseline) > 0]
+    if violated:
+        result.notes.append(
+            f"On the full validation set the answer breaks {', '.join(violated)} (metric {result.metric:.4f}); "
+            "the search decided on a subsample and the held-out part disagrees. Consider a larger confidence."
+        )
+    if cert is not None:
+        result.notes.append(
+            f"Certificate: P(constraints met on new data) = {cert.probability:.3f} from {cert.samples} held-out "
+            f"validation samples; {cert.confidence:.0%} upper bound(s) on the constraint value(s): "
+            + ", ".join(f"{b:+.4f}" for b in cert.bounds)
+            + (" (certified)." if cert.certified else " (not certified at this confidence).")
+        )
 
 
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
@@ -268,7 +409,7 @@ def _baseline(study, original, evaluate, layer_names, example_input) -> Measurem
     return baseline
 
 
-def _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names) -> Result:
+def _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names, confirmed=False) -> Result:
     best = best_feasible(trials)
     notes: list[str] = []
     common = dict(
@@ -312,7 +453,12 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
         notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
     loaded = _load_bytes(data)
     metric = evaluate_metric(evaluate, loaded)
-    if metric != best.measurement.metric:
+    if confirmed:
+        notes.append(
+            f"Trial {best.number} was chosen on a validation subsample (estimate {best.measurement.metric:.4f}); "
+            f"confirmed on the full validation set: {metric:.4f}."
+        )
+    elif metric != best.measurement.metric:
         notes.append(
             f"Re-evaluating the saved model gave {metric!r}, not the {best.measurement.metric!r} measured in trial "
             f"{best.number}; the re-measured value is reported."
@@ -352,4 +498,4 @@ def _load_bytes(data: bytes) -> nn.Module:
     return load_model(io.BytesIO(data))
 
 
-__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES"]
+__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES", "Sequential"]

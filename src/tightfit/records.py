@@ -54,6 +54,13 @@ class TrialRecord:
     constraints: tuple[float, ...]
     error: str | None = None
     duration_s: float | None = None
+    #: accounting: validation samples evaluated (forward passes), fine-tuning steps; None if unknown
+    val_samples: int | None = None
+    finetune_steps: int | None = None
+    #: standard error of ``measurement.metric`` (sampling noise of the validation estimate)
+    metric_se: float | None = None
+    #: "full", or "screen" for a candidate only screened by cheap evaluation (never the answer)
+    fidelity: str | None = None
 
     @property
     def feasible(self) -> bool:
@@ -83,6 +90,10 @@ class Result:
     notes: list[str] = field(default_factory=list)
     #: modules holding parameters that no operator touched, with the reason
     left_alone: list[SkippedModule] = field(default_factory=list)
+    #: with cheap evaluation: how sure we are that ``model`` meets the constraints on new data
+    certificate: Any = None
+    #: totals of the run: validation forward passes, fine-tuning steps, wall time (see ``accounting``)
+    accounting: dict[str, Any] = field(default_factory=dict)
     #: the bytes of the saved file (what ``tightfit.save`` writes); None when nothing was feasible
     artifact: bytes | None = field(default=None, repr=False)
 

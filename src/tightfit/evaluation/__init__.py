@@ -1,6 +1,26 @@
-"""How a compressed model is scored (metrics) and judged (constraints)."""
+"""How a compressed model is scored (metrics), judged (constraints), and cheaply evaluated
+(per-sample statistics, sequential tests, certificates)."""
 
 from .constraints import Constraint, MaxDrop, MaxSize, MinMetric
-from .metrics import Accuracy, evaluate_metric
+from .metrics import Accuracy, Agreement, Fidelity, PerSample, PerSampleMetric, SampleMetric, evaluate_metric
+from .sequential import Certificate, Sequential
+from .statistics import Estimate, mean_estimate, u_statistic2
 
-__all__ = ["Accuracy", "Constraint", "MaxDrop", "MaxSize", "MinMetric", "evaluate_metric"]
+__all__ = [
+    "Accuracy",
+    "Agreement",
+    "Certificate",
+    "Constraint",
+    "Estimate",
+    "Fidelity",
+    "MaxDrop",
+    "MaxSize",
+    "MinMetric",
+    "PerSample",
+    "PerSampleMetric",
+    "SampleMetric",
+    "Sequential",
+    "evaluate_metric",
+    "mean_estimate",
+    "u_statistic2",
+]

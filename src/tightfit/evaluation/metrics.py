@@ -1,21 +1,32 @@
-"""Built-in metrics: callables ``model -> float``, higher is better."""
+"""Built-in metrics: callables ``model -> float``, higher is better.
+
+Each is also a *per-sample statistic*: ``per_sample(model, indices=None)`` returns one value per
+validation sample (in the loader's order, or for the given sample ``indices``), and the metric is
+their mean. That is what lets tightfit evaluate a candidate on a subsample and know the standard
+error of the result (see ``tightfit.evaluation.sequential``). A user metric does the same by
+subclassing ``PerSampleMetric`` or wrapping a function with ``PerSample(fn, loader)``.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EvaluationError
 from ..measure.analysis import call_model
 
+LABEL_KEYS = ("labels", "label", "target", "targets", "y")
+
 
 def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, dict):
-        for key in ("labels", "label", "target", "targets", "y"):
+        for key in LABEL_KEYS:
             if key in batch:
                 inputs = {k: v for k, v in batch.items() if k != key}
                 return inputs, batch[key]
@@ -28,6 +39,15 @@ def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     )
 
 
+def _inputs_only(batch: Any) -> Any:
+    """The model inputs of a batch that may or may not carry labels (labels are not needed)."""
+    if isinstance(batch, dict):
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0]
+    return batch
+
+
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -38,41 +58,6 @@ def _logits(output: Any) -> torch.Tensor:
     raise EvaluationError(f"Cannot read class scores from a model output of type {type(output).__name__}.")
 
 
-class Accuracy:
-    """Top-1 accuracy over ``loader`` (any iterable of ``(inputs, labels)`` batches).
-
-    ``per_sample(model)`` gives the 0/1 correctness of each sample, the statistic the mean is made of.
-    """
-
-    def __init__(self, loader: Iterable, *, device: str | torch.device = "cpu") -> None:
-        if loader is None or not hasattr(loader, "__iter__"):
-            raise ConfigError(f"Accuracy: `loader` must be an iterable of (inputs, labels) batches, but got {loader!r}.")
-        self.loader = loader
-        self.device = torch.device(device)
-
-    def per_sample(self, model: nn.Module) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        correct: list[torch.Tensor] = []
-        try:
-            with torch.no_grad():
-                for batch in self.loader:
-                    inputs, labels = _split_batch(batch)
-                    logits = _logits(call_model(model, _to(inputs, self.device)))
-                    correct.append((logits.argmax(dim=-1).cpu() == labels.cpu()).to(torch.float64))
-        finally:
-            model.train(was_training)
-        if not correct:
-            raise EvaluationError("Accuracy: the evaluation loader yielded no batches.")
-        return torch.cat(correct)
-
-    def __call__(self, model: nn.Module) -> float:
-        return float(self.per_sample(model).mean())
-
-    def __repr__(self) -> str:
-        return f"Accuracy({type(self.loader).__name__})"
-
-
 def _to(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs.to(device)
@@ -81,6 +66,318 @@ def _to(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_to(v, device) for v in inputs)
     return inputs
+
+
+# --- index access to the samples of a loader -------------------------------------------------------
+
+
+def _take(batch: Any, index: torch.Tensor) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[index]
+    if isinstance(batch, dict):
+        return {k: _take(v, index) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_take(v, index) for v in batch)
+    raise EvaluationError(
+        f"Cannot select samples from a batch field of type {type(batch).__name__}; per-sample evaluation "
+        "needs batches of tensors (or a torch DataLoader over a map-style dataset)."
+    )
+
+
+def _cat(batches: list[Any]) -> Any:
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {k: _cat([b[k] for b in batches]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([b[i] for b in batches]) for i in range(len(first)))
+    return _take(first, torch.zeros(0, dtype=torch.long))  # raises the clear error
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    return _batch_len(batch[0])
+
+
+class SampleView:
+    """The samples of a loader by index, in the loader's order (the dataset's order for a
+    DataLoader, so a shuffling loader still gives fixed indices).
+
+    A ``DataLoader`` over a map-style dataset is indexed through the dataset (nothing is held in
+    memory); any other iterable of tensor batches is read once and kept.
+    """
+
+    def __init__(self, loader: Iterable, batch_size: int | None = None) -> None:
+        from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+        self.loader = loader
+        self._dataset = None
+        self._tensors: tuple[torch.Tensor, ...] | None = None
+        self._stacked: Any = None
+        self._n: int | None = None
+        self.batch_size = batch_size
+        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and hasattr(loader.dataset, "__len__"):
+            self._dataset = loader.dataset
+            self._n = len(loader.dataset)
+            self.batch_size = batch_size or loader.batch_size or 256
+            if isinstance(loader.dataset, TensorDataset):
+                self._tensors = loader.dataset.tensors
+
+    def _materialize(self) -> None:
+        if self._stacked is None:
+            batches = list(self.loader)
+            if not batches:
+                raise EvaluationError("the evaluation loader yielded no batches.")
+            self._stacked = _cat(batches)
+            self._n = _batch_len(self._stacked)
+            self.batch_size = self.batch_size or _batch_len(batches[0])
+
+    def __len__(self) -> int:
+        if self._n is None:
+            self._materialize()
+        return int(self._n)
+
+    def batches(self, indices: torch.Tensor | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+        """Yield ``(batch, sample_indices)`` covering ``indices`` (all samples when None), in order."""
+        n = len(self)
+        idx = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise EvaluationError(f"sample indices must lie in [0, {n}), but got {int(idx.min())}..{int(idx.max())}.")
+        size = self.batch_size or 256
+        for start in range(0, int(idx.numel()), size):
+            chunk = idx[start : start + size]
+            if self._tensors is not None:
+                yield list(t[chunk] for t in self._tensors), chunk
+            elif self._dataset is not None:
+                yield self.loader.collate_fn([self._dataset[int(i)] for i in chunk]), chunk
+            else:
+                yield _take(self._stacked, chunk), chunk
+
+
+# --- the per-sample metric protocol and base class ------------------------------------------------
+
+
+@runtime_checkable
+class SampleMetric(Protocol):
+    """What sequential evaluation needs of a metric: ``num_samples`` and ``per_sample(model,
+    indices)`` returning one value per requested sample (the metric is their mean, higher is
+    better). ``samples_evaluated`` counts the forward passes made so far, for accounting."""
+
+    num_samples: int
+    samples_evaluated: int
+
+    def per_sample(self, model: nn.Module, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class PerSampleMetric:
+    """Base of metrics that are the mean of a per-sample value. Subclasses implement
+    ``score(model, batch, indices) -> Tensor[batch]``; ``value_range`` bounds a single value when
+    known (it makes the standard error of a tiny subsample conservative)."""
+
+    value_range: tuple[float, float] | None = None
+
+    def __init__(self, loader: Iterable, *, batch_size: int | None = None, device: str | torch.device = "cpu") -> None:
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise ConfigError(f"{type(self).__name__}: `loader` must be an iterable of batches, but got {loader!r}.")
+        self.loader = loader
+        self.device = torch.device(device)
+        self.samples = SampleView(loader, batch_size)
+        self.samples_evaluated = 0
+
+    def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def per_sample(self, model: nn.Module, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        values: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for batch, idx in self.samples.batches(indices):
+                    v = torch.as_tensor(self.score(model, batch, idx)).detach().to(torch.float64).cpu().flatten()
+                    if v.numel() != idx.numel():
+                        raise EvaluationError(
+                            f"{type(self).__name__}: score returned {v.numel()} values for a batch of {idx.numel()} samples; "
+                            "it must return one value per sample."
+                        )
+                    values.append(v)
+                    self.samples_evaluated += int(idx.numel())
+        finally:
+            model.train(was_training)
+        if not values:
+            if indices is not None:
+                return torch.zeros(0, dtype=torch.float64)
+            raise EvaluationError(f"{type(self).__name__}: the evaluation loader yielded no batches.")
+        out = torch.cat(values)
+        if not torch.isfinite(out).all():
+            raise EvaluationError(f"{type(self).__name__}: some per-sample values are not finite.")
+        return out
+
+    def __call__(self, model: nn.Module) -> float:
+        return float(self.per_sample(model).mean())
+
+
+class PerSample(PerSampleMetric):
+    """A user metric from a function ``fn(model, batch) -> Tensor[batch]`` of per-sample values
+    (higher is better); the metric is their mean over ``loader``'s samples."""
+
+    def __init__(
+        self,
+        fn: Callable[[nn.Module, Any], torch.Tensor],
+        loader: Iterable,
+        *,
+        value_range: tuple[float, float] | None = None,
+        batch_size: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not callable(fn):
+            raise ConfigError(f"PerSample: `fn` must be a callable(model, batch) -> per-sample tensor, but got {fn!r}.")
+        super().__init__(loader, batch_size=batch_size, device=device)
+        self.fn = fn
+        self.value_range = value_range
+
+    def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        return self.fn(model, _to(batch, self.device))
+
+    def __repr__(self) -> str:
+        return f"PerSample({getattr(self.fn, '__name__', 'fn')})"
+
+
+class Accuracy(PerSampleMetric):
+    """Top-1 accuracy over ``loader`` (any iterable of ``(inputs, labels)`` batches).
+
+    ``per_sample(model)`` gives the 0/1 correctness of each sample, the statistic the mean is made of.
+    """
+
+    value_range = (0.0, 1.0)
+
+    def __init__(self, loader: Iterable, *, device: str | torch.device = "cpu") -> None:
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise ConfigError(f"Accuracy: `loader` must be an iterable of (inputs, labels) batches, but got {loader!r}.")
+        super().__init__(loader, device=device)
+
+    def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        inputs, labels = _split_batch(batch)
+        logits = _logits(call_model(model, _to(inputs, self.device)))
+        return logits.argmax(dim=-1).cpu() == labels.cpu()
+
+    def __repr__(self) -> str:
+        return f"Accuracy({type(self.loader).__name__})"
+
+
+class _ReferenceMetric(PerSampleMetric):
+    """A metric comparing a model's outputs with the original model's, sample by sample. The
+    original's outputs are computed once (on first use) and cached. ``tightfit.compress`` sets the
+    reference to the model being compressed when none was given."""
+
+    needs_reference = True
+
+    def __init__(self, loader: Iterable, reference: nn.Module | None = None, *, device: str | torch.device = "cpu") -> None:
+        super().__init__(loader, device=device)
+        if reference is not None and not isinstance(reference, nn.Module):
+            raise ConfigError(f"{type(self).__name__}: `reference` must be the original torch.nn.Module, but got {reference!r}.")
+        self.reference = reference
+        self._reference_outputs: torch.Tensor | None = None
+
+    def with_reference(self, reference: nn.Module) -> _ReferenceMetric:
+        bound = copy.copy(self)
+        bound.reference = reference
+        bound._reference_outputs = None
+        return bound
+
+    def reference_outputs(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            raise ConfigError(
+                f"{type(self).__name__} compares with the original model's outputs: pass reference=original_model "
+                "(tightfit.compress sets it for you)."
+            )
+        if self._reference_outputs is None:
+            was_training = self.reference.training
+            self.reference.eval()
+            outs = []
+            try:
+                with torch.no_grad():
+                    for batch, idx in self.samples.batches():
+                        outs.append(_logits(call_model(self.reference, _to(_inputs_only(batch), self.device))).detach().cpu())
+                        self.samples_evaluated += int(idx.numel())
+            finally:
+                self.reference.train(was_training)
+            self._reference_outputs = torch.cat(outs)
+        return self._reference_outputs[indices]
+
+    def _outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return _logits(call_model(model, _to(_inputs_only(batch), self.device))).cpu()
+
+
+class Agreement(_ReferenceMetric):
+    """Fraction of samples on which the model's top-1 prediction equals the original model's.
+    Needs no labels: batches may be inputs alone or ``(inputs, labels)``."""
+
+    value_range = (0.0, 1.0)
+
+    def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        return self._outputs(model, batch).argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)
+
+    def __repr__(self) -> str:
+        return "Agreement()"
+
+
+FIDELITY_KINDS = ("cosine", "kl")
+
+
+class Fidelity(_ReferenceMetric):
+    """How closely the model's outputs follow the original's, per sample, as in distillation.
+
+    ``kind="cosine"``: cosine similarity of the two output vectors (in [-1, 1], 1 = same direction).
+    ``kind="kl"``: minus the KL divergence ``KL(p_original || p_model)`` of the softmax outputs at
+    ``temperature`` (<= 0, 0 = identical), so higher is better either way. Needs no labels.
+    """
+
+    def __init__(
+        self,
+        loader: Iterable,
+        reference: nn.Module | None = None,
+        *,
+        kind: str = "cosine",
+        temperature: float = 1.0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if kind not in FIDELITY_KINDS:
+            raise ConfigError(f"Fidelity: `kind` must be one of {FIDELITY_KINDS}, but got {kind!r}.")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"Fidelity: `temperature` must be a number > 0, but got {temperature!r}.")
+        super().__init__(loader, reference, device=device)
+        self.kind = kind
+        self.temperature = float(temperature)
+        self.value_range = (-1.0, 1.0) if kind == "cosine" else None
+
+    def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        out = self._outputs(model, batch).to(torch.float64).flatten(1)
+        ref = self.reference_outputs(indices).to(torch.float64).flatten(1)
+        if self.kind == "cosine":
+            return F.cosine_similarity(out, ref, dim=1)
+        log_p = F.log_softmax(ref / self.temperature, dim=1)
+        log_q = F.log_softmax(out / self.temperature, dim=1)
+        return -(log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+    def __repr__(self) -> str:
+        return f"Fidelity(kind={self.kind!r})"
+
+
+def bind_reference(evaluate: Any, original: nn.Module) -> Any:
+    """Give a metric that compares with the original model (Agreement, Fidelity) the original,
+    unless the user already set one."""
+    if getattr(evaluate, "needs_reference", False) and getattr(evaluate, "reference", None) is None:
+        return evaluate.with_reference(original)
+    return evaluate
 
 
 def evaluate_metric(evaluate: Callable[[nn.Module], Any], model: nn.Module) -> float:

@@ -12,7 +12,7 @@ from ..run_dir import PLOT_FILE, SUMMARY_FILE, TRIALS_FILE
 
 TRIAL_COLUMNS = [
     "number", "state", "feasible", "objective", "metric", "size_bytes", "nonzeros", "nonzero_ratio",
-    "flops", "constraints", "duration_s", "error", "plan",
+    "flops", "constraints", "duration_s", "val_samples", "finetune_steps", "metric_se", "fidelity", "error", "plan",
 ]
 
 
@@ -30,6 +30,10 @@ def trial_row(t: TrialRecord) -> dict[str, Any]:
         "flops": m.flops if m else None,
         "constraints": json.dumps(list(t.constraints)),
         "duration_s": round(t.duration_s, 4) if t.duration_s is not None else None,
+        "val_samples": t.val_samples,
+        "finetune_steps": t.finetune_steps,
+        "metric_se": t.metric_se,
+        "fidelity": t.fidelity,
         "error": t.error,
         "plan": t.plan.to_json() if t.plan else None,
     }
@@ -68,6 +72,8 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
         "pareto": [t.number for t in result.pareto],
         "left_alone": [{"name": m.name, "type": m.type, "params": m.params, "reason": m.reason} for m in result.left_alone],
         "notes": result.notes,
+        "accounting": result.accounting,
+        "certificate": result.certificate.to_dict() if result.certificate is not None else None,
         "units": {
             "size_bytes": "bytes of model.tfz (compressed) / of torch.save(state_dict) (baseline)",
             "nonzero_ratio": "compressible-layer weights / nonzero weights",

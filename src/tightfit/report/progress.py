@@ -15,9 +15,31 @@ class _Progress:
         self.budget = budget
         self.baseline = baseline
         self.bar = bar
-        self.task = bar.add_task("search", total=budget, best="-") if bar is not None else None
+        self.task = bar.add_task("search", total=budget, best="-", cost="") if bar is not None else None
         self.best_size: int | None = None
         self.failed = 0
+        self.val_samples = 0
+        self.finetune_steps = 0
+        self.screened = 0
+
+    def add_cost(self, trials) -> None:
+        """Count the cost of trials stored before this process started (a resumed run)."""
+        for t in trials:
+            self._count(t)
+        self._refresh()
+
+    def _count(self, trial: optuna.trial.FrozenTrial) -> None:
+        self.val_samples += trial.user_attrs.get("val_samples") or 0
+        self.finetune_steps += trial.user_attrs.get("finetune_steps") or 0
+        self.screened += trial.user_attrs.get("fidelity") == "screen"
+
+    def _cost(self) -> str:
+        screened = f", {self.screened} screened" if self.screened else ""
+        return f"val fwd: {self.val_samples:,}  ft steps: {self.finetune_steps:,}{screened}"
+
+    def _refresh(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, cost=self._cost())
 
     def advance_to(self, done: int) -> None:
         if self.bar is not None:
@@ -26,9 +48,11 @@ class _Progress:
     def on_trial(self, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.FAIL:
             self.failed += 1
+        self._count(trial)
         measured = trial.user_attrs.get("measurement")
         feasible = all(c <= 0 for c in trial.constraints.values())
-        if measured and feasible and trial.state == optuna.trial.TrialState.COMPLETE:
+        screened = trial.user_attrs.get("fidelity") == "screen"  # never the answer
+        if measured and feasible and not screened and trial.state == optuna.trial.TrialState.COMPLETE:
             if self.best_size is None or measured["size_bytes"] < self.best_size:
                 self.best_size = measured["size_bytes"]
         if self.bar is None:
@@ -37,7 +61,9 @@ class _Progress:
         if self.best_size is not None:
             best = f"{self.baseline.size_bytes / self.best_size:.1f}x ({self.best_size:,} B)"
         failed = f"  failed: {self.failed}" if self.failed else ""
-        self.bar.update(self.task, advance=1 if trial.user_attrs.get("interrupted") is None else 0, best=best + failed)
+        self.bar.update(
+            self.task, advance=1 if trial.user_attrs.get("interrupted") is None else 0, best=best + failed, cost=self._cost()
+        )
 
 
 @contextmanager
@@ -53,6 +79,7 @@ def live_progress(budget: int, baseline: Measurement, *, enabled: bool) -> Itera
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("best feasible: {task.fields[best]}"),
+        TextColumn("{task.fields[cost]}"),
     )
     with Progress(*columns, transient=False) as bar:
         yield _Progress(budget, baseline, bar)

@@ -28,11 +28,14 @@ INTERRUPTED = "interrupted"
 @dataclass
 class TrialOutcome:
     """What evaluating one plan produced: the objective to minimize, the constraint values
-    (<= 0 feasible) and JSON-ready attributes to store on the trial."""
+    (<= 0 feasible) and JSON-ready attributes to store on the trial. ``pruned``: the plan was only
+    screened at a low fidelity (cheap evaluation); it is told to Optuna as PRUNED with the objective
+    as its intermediate value, so samplers treat it as "not worth a full evaluation"."""
 
     objective: float
     constraints: list[float]
     attrs: dict[str, Any] = field(default_factory=dict)
+    pruned: bool = False
 
 
 EvaluatePlan = Callable[[Plan, optuna.Trial], TrialOutcome]
@@ -49,12 +52,13 @@ def trial_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that use up budget: completed ones, and failures of the evaluation itself (not
-    interruptions, which are retried)."""
+    """Trials that use up budget: completed ones, screened (pruned) ones, and failures of the
+    evaluation itself (not interruptions, which are retried)."""
     return [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))
     ]
 
 
@@ -110,6 +114,13 @@ def run_trials(
         else:
             for key, value in outcome.attrs.items():
                 trial.set_user_attr(key, value)
+            if outcome.pruned:
+                trial.report(float(outcome.objective), step=0)
+                trial.set_user_attr("duration_s", time.perf_counter() - started)
+                frozen = study.tell(trial, state=TrialState.PRUNED)
+                if on_trial is not None:
+                    on_trial(frozen)
+                continue
             for index, value in enumerate(outcome.constraints):
                 trial.set_constraint(str(index), float(value))
             trial.set_user_attr("duration_s", time.perf_counter() - started)
@@ -126,8 +137,12 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         state=t.state.name,
         plan=Plan.from_dict(attrs["plan"]) if "plan" in attrs else None,
         measurement=Measurement.from_dict(attrs["measurement"]) if "measurement" in attrs else None,
-        objective=t.value if t.state == TrialState.COMPLETE else None,
+        objective=t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(0) if t.state == TrialState.PRUNED else None,
         constraints=tuple(trial_constraints(t)),
         error=attrs.get("error") or ("interrupted" if attrs.get(INTERRUPTED) else None),
         duration_s=attrs.get("duration_s"),
+        val_samples=attrs.get("val_samples"),
+        finetune_steps=attrs.get("finetune_steps"),
+        metric_se=attrs.get("metric_se"),
+        fidelity=attrs.get("fidelity"),
     )

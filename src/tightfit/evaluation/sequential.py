@@ -1,0 +1,394 @@
+"""Sequential evaluation: decide a candidate's constraint on a growing subsample, and certify the
+final answer on validation samples the search never saw.
+
+The validation samples are put in one seeded random order, the same for every candidate. A
+``certify_fraction`` of them (the tail of that order) is held out of the search; the rest, the
+*search set*, is read in looks of growing size (``first_look``, x``growth``, ..., all of it). The
+original model's per-sample values are computed once, so each look compares candidate and original
+on the same samples (paired differences, much less noisy than two separate means).
+
+At each interim look, every metric constraint gets a normal confidence interval for its value on
+the whole search set (finite-population corrected). The search stops as soon as an interval lies
+entirely on one side of zero: infeasible if any constraint is surely violated, feasible if all are
+surely met. The error budget ``1 - confidence`` is split evenly over the interim looks and
+constraints (Bonferroni), so the chance of *any* wrong early decision stays below it however many
+looks are taken. The last look uses the whole search set, where the value is exact and the decision
+is the one full evaluation would make on those samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .constraints import Constraint, MaxDrop, MaxSize, MinMetric
+from .metrics import SampleMetric
+from .statistics import Estimate, mean_estimate, normal_cdf, z_value
+
+#: pseudo-samples of maximal variance mixed into each variance estimate (see ``mean_estimate``)
+PRIOR_WEIGHT = 2.0
+
+FEASIBLE, INFEASIBLE, UNDECIDED = "feasible", "infeasible", "undecided"
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """Cheap, certified evaluation for ``tightfit.compress(..., evaluation=Sequential())``.
+
+    - ``confidence``: the probability that every early decision of the sequential test is right,
+      and the level of the final certificate's bound.
+    - ``first_look``: samples at the first look; each later look has ``growth`` times more, the last
+      one the whole search set.
+    - ``certify_fraction``: share of the validation samples held out of the search, used only to
+      certify the final answer (0 disables the certificate).
+    - ``screen``: multi-fidelity. A candidate that cannot improve the answer found so far (its
+      objective is no smaller than the best feasible one's, or a size constraint already fails) is
+      only screened: no fine-tuning, first look only. Others are promoted to the full fine-tune.
+    - ``seed``: the order of the samples; ``None`` uses the seed given to ``compress``.
+    """
+
+    confidence: float = 0.95
+    first_look: int = 32
+    growth: float = 2.0
+    certify_fraction: float = 0.25
+    screen: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1):
+            raise ConfigError(f"Sequential: `confidence` must be in [0.5, 1), but got {self.confidence!r}.")
+        if not (isinstance(self.first_look, int) and self.first_look >= 2):
+            raise ConfigError(f"Sequential: `first_look` must be a whole number of samples >= 2, but got {self.first_look!r}.")
+        if not (isinstance(self.growth, (int, float)) and self.growth > 1):
+            raise ConfigError(f"Sequential: `growth` must be a number > 1, but got {self.growth!r}.")
+        if not (isinstance(self.certify_fraction, (int, float)) and 0 <= self.certify_fraction < 0.9):
+            raise ConfigError(f"Sequential: `certify_fraction` must be in [0, 0.9), but got {self.certify_fraction!r}.")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ConfigError(f"Sequential: `seed` must be an int or None, but got {self.seed!r}.")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": "sequential",
+            "confidence": self.confidence,
+            "first_look": self.first_look,
+            "growth": self.growth,
+            "certify_fraction": self.certify_fraction,
+            "screen": self.screen,
+            "seed": self.seed,
+        }
+
+
+def look_schedule(population: int, first_look: int, growth: float) -> list[int]:
+    """Subsample sizes of the looks: ``first_look``, times ``growth``, ..., ending at ``population``."""
+    if population < 1:
+        raise ValueError("the search set is empty")
+    looks: list[int] = []
+    n = float(min(first_look, population))
+    while int(n) < population:
+        if not looks or int(n) > looks[-1]:
+            looks.append(int(n))
+        n *= growth
+    looks.append(population)
+    return looks
+
+
+# --- the statistic each constraint is a mean of ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """Constraint value as the mean of a per-sample statistic ``z_i`` (<= 0 on average = met)."""
+
+    constraint: Constraint
+
+    def values(self, candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+        c = self.constraint
+        if isinstance(c, MaxDrop):
+            return (baseline - candidate) - c.max_drop
+        if isinstance(c, MinMetric):
+            return c.threshold - candidate
+        raise TypeError(c)
+
+    def prior_variance(self, width: float) -> float:
+        # z ranges over at most 2*width for a paired difference, width for a single model's value
+        span = 2 * width if isinstance(self.constraint, MaxDrop) else width
+        return span * span / 4
+
+
+def per_sample_constraints(constraints: Sequence[Constraint]) -> tuple[list[int], list[int], list[int]]:
+    """Split constraint positions into (metric constraints that are means of a per-sample statistic,
+    constraints that do not depend on the metric, metric constraints of another form)."""
+    linear, fixed, other = [], [], []
+    for i, c in enumerate(constraints):
+        if isinstance(c, (MaxDrop, MinMetric)):
+            linear.append(i)
+        elif isinstance(c, MaxSize):
+            fixed.append(i)
+        else:
+            other.append(i)
+    return linear, fixed, other
+
+
+# --- the test itself: pure, on per-sample statistics --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Look:
+    samples: int
+    estimates: tuple[Estimate, ...]
+    verdict: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of the sequential test: the verdict, the estimates of each constraint's value at the
+    last look (finite-population corrected standard errors), and every look taken."""
+
+    verdict: str
+    estimates: tuple[Estimate, ...]
+    samples: int
+    looks: tuple[Look, ...]
+
+
+def sequential_test(
+    statistic: Callable[[int, int], torch.Tensor],
+    looks: Sequence[int],
+    *,
+    confidence: float,
+    prior_variances: Sequence[float],
+    stop_after: int | None = None,
+) -> Decision:
+    """Run the test on ``statistic(start, stop) -> Tensor[stop - start, k]``, the per-sample values
+    of ``k`` constraint statistics for samples ``start..stop`` of the fixed order (each constraint is
+    met when its statistic's mean over all ``looks[-1]`` samples is <= 0).
+
+    ``stop_after`` caps the number of looks (a screen takes one). Returns at the first look where
+    every interval is decided, or after the last look (exact: standard error zero).
+    """
+    population = looks[-1]
+    k = len(prior_variances)
+    interim = max(1, len(looks) - 1)
+    z = z_value((1 - confidence) / (interim * max(1, k)))
+    seen: list[torch.Tensor] = []
+    taken: list[Look] = []
+    start = 0
+    for number, n in enumerate(looks, 1):
+        chunk = statistic(start, n)
+        if chunk.dim() == 1:
+            chunk = chunk.unsqueeze(1)
+        seen.append(chunk.to(torch.float64))
+        start = n
+        values = torch.cat(seen)
+        estimates = tuple(
+            mean_estimate(values[:, j], population=population, prior_variance=prior_variances[j], prior_weight=PRIOR_WEIGHT)
+            for j in range(values.shape[1])
+        ) if k else ()
+        if any(e.mean - z * e.se > 0 for e in estimates):
+            verdict = INFEASIBLE
+        elif all(e.mean + z * e.se <= 0 for e in estimates):
+            verdict = FEASIBLE
+        else:
+            verdict = UNDECIDED
+        if n == population:  # exact: the point value decides
+            verdict = INFEASIBLE if any(e.mean > 0 for e in estimates) else FEASIBLE
+        taken.append(Look(n, estimates, verdict))
+        if verdict != UNDECIDED or (stop_after is not None and number >= stop_after):
+            return Decision(verdict, estimates, n, tuple(taken))
+    raise AssertionError("unreachable: the last look is exact")
+
+
+# --- the certificate ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """How sure we are that the chosen model meets the constraints on new data from the same source.
+
+    ``probability``: P(all metric constraints met), each from a normal approximation of its paired
+    per-sample statistic on ``samples`` held-out validation samples (a flat-prior posterior,
+    ``Phi(-mean / se)``), combined by the union bound. ``bounds``: one-sided upper confidence bounds
+    at ``confidence`` (Bonferroni over constraints) on each constraint's value; ``certified`` when
+    all are <= 0. ``method`` says this in words.
+    """
+
+    probability: float
+    confidence: float
+    certified: bool
+    bounds: tuple[float, ...]
+    estimates: tuple[float, ...]
+    standard_errors: tuple[float, ...]
+    constraints: tuple[str, ...]
+    samples: int
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "probability": self.probability,
+            "confidence": self.confidence,
+            "certified": self.certified,
+            "bounds": list(self.bounds),
+            "estimates": list(self.estimates),
+            "standard_errors": list(self.standard_errors),
+            "constraints": list(self.constraints),
+            "samples": self.samples,
+            "method": self.method,
+        }
+
+
+def certify(statistics: torch.Tensor, constraints: Sequence[Constraint], confidence: float, prior_variances: Sequence[float]) -> Certificate:
+    """The certificate from the per-sample statistics (``n x k``) of held-out samples."""
+    k = statistics.shape[1]
+    z = z_value(2 * (1 - confidence) / max(1, k))  # one-sided at (1 - confidence) / k
+    estimates = [mean_estimate(statistics[:, j], prior_variance=prior_variances[j], prior_weight=PRIOR_WEIGHT) for j in range(k)]
+    probs = [normal_cdf(-e.mean / e.se) if e.se > 0 else float(e.mean <= 0) for e in estimates]
+    bounds = [e.mean + z * e.se for e in estimates]
+    probability = max(0.0, 1.0 - sum(1 - p for p in probs))
+    n = int(statistics.shape[0])
+    return Certificate(
+        probability=probability,
+        confidence=confidence,
+        certified=all(b <= 0 for b in bounds),
+        bounds=tuple(bounds),
+        estimates=tuple(e.mean for e in estimates),
+        standard_errors=tuple(e.se for e in estimates),
+        constraints=tuple(c.describe() for c in constraints),
+        samples=n,
+        method=(
+            f"{n} validation samples held out of the search (never used to choose the model); for each constraint, "
+            "the mean and standard error of its per-sample paired statistic vs the original model (variance shrunk "
+            f"towards its maximum by {PRIOR_WEIGHT:g} pseudo-samples), normal approximation: P(met) = Phi(-mean/se), "
+            f"union bound over {k} constraint(s); bounds are one-sided {confidence:.0%} upper confidence bounds "
+            "(Bonferroni over constraints)."
+        ),
+    )
+
+
+# --- the session: state shared by every trial of one compress call -------------------------------
+
+
+@dataclass
+class Evaluation:
+    """One candidate's sequential evaluation, in the units of the metric."""
+
+    metric: float  # estimate of the candidate's metric on the validation set
+    metric_se: float  # its standard error as an estimate for new data (no finite-population correction)
+    constraint_values: dict[int, float]  # position in the constraint list -> estimated value
+    decision: Decision
+    samples: int  # forward passes of the candidate on validation samples
+    level: str  # "screen" or "full"
+    values: torch.Tensor = field(repr=False)  # the candidate's per-sample values at the seen samples
+
+
+class SequentialSession:
+    """Per-run state: the fixed sample order, the search/certification split and the original
+    model's per-sample values (computed once; every candidate is paired with them)."""
+
+    def __init__(self, config: Sequential, metric: SampleMetric, constraints: Sequence[Constraint], seed: int) -> None:
+        if not isinstance(metric, SampleMetric):
+            raise ConfigError(
+                "evaluation=Sequential(...) needs a metric with per-sample values: tightfit.Accuracy, Agreement, "
+                "Fidelity, PerSample(fn, loader), or any object with `num_samples`, `samples_evaluated` and "
+                "`per_sample(model, indices)`. Pass evaluation=None to evaluate a plain callable on the full set."
+            )
+        self.config = config
+        self.metric = metric
+        self.constraints = list(constraints)
+        self.linear, self.fixed, self.other = per_sample_constraints(self.constraints)
+        n = int(metric.num_samples)
+        n_cert = int(round(n * config.certify_fraction))
+        if n - n_cert < 2:
+            raise ConfigError(f"Sequential: the validation set has {n} samples; too few to hold out {n_cert} and search on the rest.")
+        generator = torch.Generator().manual_seed(config.seed if config.seed is not None else seed)
+        self.order = torch.randperm(n, generator=generator)
+        self.search_idx = self.order[: n - n_cert]
+        self.certify_idx = self.order[n - n_cert :]
+        self.looks = look_schedule(len(self.search_idx), config.first_look, config.growth)
+        self.baseline_values: torch.Tensor | None = None
+        self._forms = [_Linear(self.constraints[i]) for i in self.linear]
+        self._prior: list[float] = []
+        self._width = 1.0
+
+    def baseline(self, original: nn.Module) -> float:
+        """The original's metric on the full validation set; its per-sample values are kept."""
+        if self.baseline_values is None:
+            self.baseline_values = self.metric.per_sample(original).to(torch.float64)
+            lo_hi = getattr(self.metric, "value_range", None)
+            width = (lo_hi[1] - lo_hi[0]) if lo_hi else float(self.baseline_values.max() - self.baseline_values.min())
+            width = width if width > 0 else 1.0
+            self._width = width
+            self._prior = [form.prior_variance(width) for form in self._forms]
+        return float(self.baseline_values.mean())
+
+    def _statistic(self, candidate: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        base = self.baseline_values[index]
+        if not self._forms:
+            return torch.zeros(len(index), 0, dtype=torch.float64)
+        return torch.stack([form.values(candidate, base) for form in self._forms], dim=1)
+
+    def evaluate(self, model: nn.Module, *, level: str) -> Evaluation:
+        """Evaluate ``model`` on the search set: the full sequential test (``level="full"``), or the
+        first look only (``level="screen"``)."""
+        if self.baseline_values is None:
+            raise RuntimeError("SequentialSession.baseline(original) must run first")
+        collected: list[torch.Tensor] = []
+        # a metric constraint of unknown form cannot be decided early: read the whole search set
+        looks = self.looks if not self.other or level == "screen" else [len(self.search_idx)]
+
+        def statistic(start: int, stop: int) -> torch.Tensor:
+            index = self.search_idx[start:stop]
+            values = self.metric.per_sample(model, index).to(torch.float64)
+            collected.append(values)
+            return self._statistic(values, index)
+
+        decision = sequential_test(
+            statistic, looks, confidence=self.config.confidence, prior_variances=self._prior,
+            stop_after=1 if level == "screen" else None,
+        )
+        values = torch.cat(collected)
+        n = decision.samples
+        index = self.search_idx[:n]
+        diff = self.baseline_values[index] - values
+        # difference estimator: the original's full-set value minus the paired drop on the seen samples
+        baseline_full = float(self.baseline_values.mean())
+        # the paired difference spans at most twice the metric's range: prior variance (2w)^2 / 4
+        paired = mean_estimate(diff, prior_variance=self._width**2, prior_weight=PRIOR_WEIGHT)
+        metric = baseline_full - paired.mean
+        constraint_values = {pos: est.mean for pos, est in zip(self.linear, decision.estimates)}
+        return Evaluation(metric, paired.se, constraint_values, decision, n, level, values)
+
+    def certify(self, model: nn.Module) -> tuple[Certificate | None, int]:
+        """The certificate of ``model`` on the held-out samples, and the forward passes it took."""
+        if len(self.certify_idx) < 2 or not self._forms:
+            return None, 0
+        values = self.metric.per_sample(model, self.certify_idx).to(torch.float64)
+        stats = self._statistic(values, self.certify_idx)
+        linear = [self.constraints[i] for i in self.linear]
+        return certify(stats, linear, self.config.confidence, self._prior), len(self.certify_idx)
+
+
+def holds(certificate: Certificate, truths: Sequence[float]) -> bool:
+    """Whether the certificate's bounds held for the true constraint values (for coverage checks)."""
+    return all(t <= b for t, b in zip(truths, certificate.bounds))
+
+
+__all__ = [
+    "Certificate",
+    "Decision",
+    "Evaluation",
+    "FEASIBLE",
+    "INFEASIBLE",
+    "Look",
+    "Sequential",
+    "SequentialSession",
+    "UNDECIDED",
+    "certify",
+    "holds",
+    "look_schedule",
+    "per_sample_constraints",
+    "sequential_test",
+]
