@@ -269,15 +269,15 @@ def compress(
 
         trials = [trial_record(t) for t in study.get_trials()]
         counter.take()
+        final_metric = session.confirm if session is not None else evaluate
         result = _finish(
-            original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names,
+            original, final_metric, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names,
             confirmed=session is not None,
         )
-        final_passes = counter.take()
         if session is not None and result.feasible:
-            result.certificate, cert_passes = session.certify(result.model)
-            final_passes += cert_passes
+            result.certificate = session.certify(result.model)
             _note_certificate(result, constraints, baseline)
+        final_passes = counter.take()
         result.accounting = _accounting(trials, baseline_passes, final_passes, time.perf_counter() - started)
         result.left_alone = _left_alone(analysis, space)
         if run is not None:

@@ -123,12 +123,24 @@ class ConstraintSection(_Strict):
         return self
 
 
+class EvaluationSection(_Strict):
+    """``[evaluation]``: how candidates are evaluated (maps onto ``tightfit.Sequential``)."""
+
+    method: Literal["full", "sequential"] = Field(default="sequential", description="full: every candidate on the whole validation set")
+    confidence: float = Field(default=0.95, description="probability that all early decisions are right; certificate level")
+    first_look: int = Field(default=32, description="validation samples at the first look")
+    growth: float = Field(default=2.0, description="each look reads this many times more samples")
+    certify_fraction: float = Field(default=0.25, description="share of validation samples held out to certify the answer")
+    screen: bool = Field(default=True, description="only screen candidates that cannot improve the answer")
+
+
 class RunConfig(_Strict):
     model: ModelSection
     evaluate: EvaluateSection
     strategy: list[OperatorSection] = Field(min_length=1)
     constraint: ConstraintSection
     finetune: FinetuneSection | None = None
+    evaluation: EvaluationSection | None = None
     objective: Literal["size", "nonzeros", "flops"] = "size"
     budget: int = Field(default=30, ge=1)
     search: str = "auto"
@@ -272,4 +284,19 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         storage=config.storage,
         study_name=config.study_name,
         artifact_extra={"factory": config.model.factory, "factory_kwargs": config.model.kwargs},
+        evaluation=_evaluation(config.evaluation),
     )
+
+
+def _evaluation(section: EvaluationSection | None):
+    if section is None or section.method == "full":
+        return None
+    from ..evaluation.sequential import Sequential
+
+    try:
+        return Sequential(
+            confidence=section.confidence, first_look=section.first_look, growth=section.growth,
+            certify_fraction=section.certify_fraction, screen=section.screen,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"[evaluation]: {exc}") from None

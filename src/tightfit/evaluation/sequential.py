@@ -312,6 +312,7 @@ class SequentialSession:
         self._forms = [_Linear(self.constraints[i]) for i in self.linear]
         self._prior: list[float] = []
         self._width = 1.0
+        self._confirmed: tuple[nn.Module, torch.Tensor] | None = None
 
     def baseline(self, original: nn.Module) -> float:
         """The original's metric on the full validation set; its per-sample values are kept."""
@@ -361,14 +362,23 @@ class SequentialSession:
         constraint_values = {pos: est.mean for pos, est in zip(self.linear, decision.estimates)}
         return Evaluation(metric, paired.se, constraint_values, decision, n, level, values)
 
-    def certify(self, model: nn.Module) -> tuple[Certificate | None, int]:
-        """The certificate of ``model`` on the held-out samples, and the forward passes it took."""
+    def confirm(self, model: nn.Module) -> float:
+        """The answer's metric on the full validation set; its per-sample values are kept, so the
+        certificate needs no further forward pass."""
+        self._confirmed = (model, self.metric.per_sample(model).to(torch.float64))
+        return float(self._confirmed[1].mean())
+
+    def certify(self, model: nn.Module) -> Certificate | None:
+        """The certificate of ``model`` (after ``confirm(model)``) from the held-out samples."""
         if len(self.certify_idx) < 2 or not self._forms:
-            return None, 0
-        values = self.metric.per_sample(model, self.certify_idx).to(torch.float64)
+            return None
+        if self._confirmed is not None and self._confirmed[0] is model:
+            values = self._confirmed[1][self.certify_idx]
+        else:
+            values = self.metric.per_sample(model, self.certify_idx).to(torch.float64)
         stats = self._statistic(values, self.certify_idx)
         linear = [self.constraints[i] for i in self.linear]
-        return certify(stats, linear, self.config.confidence, self._prior), len(self.certify_idx)
+        return certify(stats, linear, self.config.confidence, self._prior)
 
 
 def holds(certificate: Certificate, truths: Sequence[float]) -> bool:

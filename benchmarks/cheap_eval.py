@@ -1,0 +1,240 @@
+"""Cheap, certified evaluation (issue 5): the default search with full vs sequential evaluation.
+
+    PYTHONPATH=src nice -n 10 python benchmarks/cheap_eval.py compare --task digits --seeds 0 1 2 3 4
+    PYTHONPATH=src nice -n 10 python benchmarks/cheap_eval.py compare --task mnist1d --seeds 0 1 2 3 4
+    PYTHONPATH=src nice -n 10 python benchmarks/cheap_eval.py coverage --runs 60
+
+``compare``: for each seed, one search with ``evaluation=None`` and one with
+``evaluation=tightfit.Sequential()``, same model, data, budget and seed. Each search runs while
+holding /tmp/tightfit-timing.lock (the machine's shared timing lock). Reports validation forward
+passes (every sample a model was evaluated on: original, trials, final check), wall time of the
+whole call, wall time up to the trial that became the answer, test accuracy and compression.
+
+``coverage``: repeated cheap searches on mnist1d, each with a fresh validation set drawn from a
+pool, checked against a large test set standing in for the data distribution (10,000 samples): how
+often the certificate's 95% upper bound on the constraint value holds, and how often the
+constraint is met compared with the probability the certificate stated.
+
+Results are appended as JSON lines to benchmarks/results/cheap_eval_*.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import tightfit
+from tightfit.demo import digits_split, lenet_300_100, train
+from tightfit.demo.data import Split
+from tightfit.demo.run import DEMO_BITS, DEMO_FINETUNE, DEMO_MAX_DROP
+from tightfit.operators import Compose, Prune, Quantize
+
+RESULTS = Path(__file__).parent / "results"
+LOCK = "/tmp/tightfit-timing.lock"
+
+
+@contextmanager
+def timing_lock():
+    with open(LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def mnist1d_split(n_train: int = 3000, n_val: int = 1000, n_test: int = 10000, seed: int = 0, val_seed: int | None = None) -> Split:
+    """MNIST-1D generated locally (mnist1d.data.make_dataset: procedural, no download)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    total = n_train + n_val + n_test
+    args.num_samples = int(total / 0.8) + 10  # make_dataset keeps 80% as "train"
+    args.seed = seed
+    state = np.random.get_state()  # make_dataset seeds numpy's global generator; restore it
+    data = make_dataset(args)
+    np.random.set_state(state)
+    x = torch.tensor(np.concatenate([data["x"], data["x_test"]]), dtype=torch.float32)
+    y = torch.tensor(np.concatenate([data["y"], data["y_test"]]), dtype=torch.int64)
+    x_train, y_train = x[:n_train], y[:n_train]
+    x_test, y_test = x[n_train : n_train + n_test], y[n_train : n_train + n_test]
+    pool_x, pool_y = x[n_train + n_test :], y[n_train + n_test :]
+    if val_seed is not None:  # a fresh validation set from the pool, for repeated runs
+        pick = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(val_seed))[:n_val]
+        pool_x, pool_y = pool_x[pick], pool_y[pick]
+    return Split(x_train, y_train, pool_x[:n_val], pool_y[:n_val], x_test, y_test)
+
+
+def mlp_1d() -> nn.Module:
+    return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def setup(task: str):
+    if task == "digits":
+        split = digits_split(0)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = train(lenet_300_100(), split, epochs=60, seed=0)
+        recipe = dict(
+            strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
+            constraint=tightfit.MaxDrop(DEMO_MAX_DROP),
+            finetune=tightfit.FineTune(split.loader("train", shuffle=True), **DEMO_FINETUNE),
+        )
+    elif task == "mnist1d":
+        split = mnist1d_split(n_test=2000)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = train(mlp_1d(), split, epochs=60, seed=0)
+        recipe = dict(
+            strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
+            constraint=tightfit.MaxDrop(0.02),
+            finetune=tightfit.FineTune(split.loader("train", shuffle=True), epochs=3, lr=1e-3),
+        )
+    else:
+        raise SystemExit(f"unknown task {task!r}")
+    return split, model, recipe
+
+
+def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, search: str = "auto") -> dict:
+    evaluation = tightfit.Sequential() if cheap else None
+    with timing_lock():
+        started = time.perf_counter()
+        result = tightfit.compress(
+            model,
+            evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+            budget=budget,
+            search=search,
+            seed=seed,
+            example_input=split.x_val[:1],
+            evaluation=evaluation,
+            **recipe,
+        )
+        wall = time.perf_counter() - started
+    test = tightfit.Accuracy(split.loader("test", batch_size=1024))
+    best = result.best_trial
+    # cost up to the answer: trials up to and including the chosen one (plus the baseline's passes)
+    upto = [t for t in result.trials if best is not None and t.number <= best.number]
+    acc = result.accounting
+    return {
+        "mode": "sequential" if cheap else "full",
+        "seed": seed,
+        "budget": budget,
+        "feasible": result.feasible,
+        "val_forward_passes": acc["val_samples"],
+        "val_passes_to_answer": (acc["val_samples_baseline"] + sum(t.val_samples or 0 for t in upto)) if best else None,
+        "wall_s": wall,
+        "wall_s_to_answer": sum(t.duration_s or 0 for t in upto) if best else None,
+        "finetune_steps": acc["finetune_steps"],
+        "screened": acc["trials_by_fidelity"].get("screen", 0),
+        "test_acc_original": test(model),
+        "test_acc": test(result.model),
+        "val_acc": result.metric,
+        "val_acc_original": result.baseline_metric,
+        "compression_ratio": result.compression_ratio,
+        "nonzero_ratio": result.nonzero_ratio,
+        "certificate": result.certificate.to_dict() if result.certificate else None,
+    }
+
+
+def compare(args) -> None:
+    split, model, recipe = setup(args.task)
+    out = RESULTS / f"cheap_eval_{args.task}.jsonl"
+    RESULTS.mkdir(exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        for cheap in (False, True):
+            row = {"task": args.task, **one_search(split, copy.deepcopy(model), recipe, seed=seed, budget=args.budget, cheap=cheap)}
+            rows.append(row)
+            with open(out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("mode", "seed", "val_forward_passes", "wall_s", "test_acc", "compression_ratio", "screened")}), flush=True)
+    summarize(rows)
+
+
+def summarize(rows: list[dict]) -> None:
+    for mode in ("full", "sequential"):
+        r = [x for x in rows if x["mode"] == mode]
+        if not r:
+            continue
+        med = lambda key: statistics.median(x[key] for x in r if x[key] is not None)  # noqa: E731
+        print(
+            f"{mode:10s} n={len(r)} median: val passes {med('val_forward_passes'):.0f}, wall {med('wall_s'):.1f} s, "
+            f"to answer: passes {med('val_passes_to_answer'):.0f} wall {med('wall_s_to_answer'):.1f} s, "
+            f"test acc {med('test_acc'):.4f} (orig {med('test_acc_original'):.4f}), CR {med('compression_ratio'):.1f}x, "
+            f"nonzero ratio {med('nonzero_ratio'):.1f}x"
+        )
+
+
+def coverage(args) -> None:
+    """Repeated cheap searches; each one's certificate is checked against a 10,000-sample test set."""
+    out = RESULTS / "cheap_eval_coverage.jsonl"
+    RESULTS.mkdir(exist_ok=True)
+    base_split = mnist1d_split(n_val=400, n_test=10000)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = train(mlp_1d(), base_split, epochs=60, seed=0)
+    max_drop = 0.02
+    test = tightfit.Accuracy(base_split.loader("test", batch_size=2048))
+    test_original = test(model)
+    for run in range(args.runs):
+        split = mnist1d_split(n_val=400, n_test=10000, val_seed=1000 + run)  # fresh validation set
+        result = tightfit.compress(
+            model,
+            evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+            strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
+            constraint=tightfit.MaxDrop(max_drop),
+            finetune=tightfit.FineTune(split.loader("train", shuffle=True), epochs=1, lr=1e-3),
+            budget=args.budget,
+            seed=run,
+            evaluation=tightfit.Sequential(confidence=0.95),
+        )
+        cert = result.certificate
+        if cert is None:
+            row = {"run": run, "feasible": result.feasible, "certificate": None}
+        else:
+            true_value = (test_original - test(result.model)) - max_drop  # constraint value on the distribution
+            row = {
+                "run": run,
+                "probability": cert.probability,
+                "bound": cert.bounds[0],
+                "estimate": cert.estimates[0],
+                "true_value": true_value,
+                "bound_holds": true_value <= cert.bounds[0],
+                "met": true_value <= 0,
+                "certified": cert.certified,
+                "val_value_full": (result.baseline_metric - result.metric) - max_drop,
+            }
+        with open(out, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("--task", choices=("digits", "mnist1d"), required=True)
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    c.add_argument("--budget", type=int, default=30)
+    c.set_defaults(fn=compare)
+    v = sub.add_parser("coverage")
+    v.add_argument("--runs", type=int, default=60)
+    v.add_argument("--budget", type=int, default=8)
+    v.set_defaults(fn=coverage)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

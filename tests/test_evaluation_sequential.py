@@ -1,0 +1,295 @@
+"""Cheap, certified evaluation: per-sample metrics, the sequential test, paired subsampling, the
+noise handed to the search, fidelity levels and the accounting."""
+
+import math
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import tightfit
+from tightfit.errors import ConfigError
+from tightfit.evaluation import Agreement, Fidelity, PerSample, Sequential, mean_estimate, u_statistic2
+from tightfit.evaluation.constraints import MaxDrop, MaxSize, MinMetric
+from tightfit.evaluation.sequential import (
+    FEASIBLE,
+    INFEASIBLE,
+    SequentialSession,
+    certify,
+    look_schedule,
+    sequential_test,
+)
+from tightfit.operators import Compose, Prune, Quantize
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_mean_estimate_and_finite_population():
+    x = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    e = mean_estimate(x)
+    assert e.mean == pytest.approx(0.6)
+    assert e.se == pytest.approx(math.sqrt(0.3 / 5))
+    assert mean_estimate(x, population=5).se == 0.0  # the whole population: exact
+    # all-equal values on a tiny sample do not claim certainty once shrunk towards the max variance
+    assert mean_estimate(torch.zeros(10), prior_variance=1.0, prior_weight=2.0).se > 0.05
+
+
+def test_order_two_u_statistic_is_the_unbiased_variance():
+    torch.manual_seed(0)
+    x = torch.randn(200, dtype=torch.float64)
+    e = u_statistic2(x, lambda a, b: (a - b) ** 2 / 2)
+    assert e.mean == pytest.approx(float(x.var(unbiased=True)), rel=1e-9)
+    assert 0 < e.se < 0.5
+
+
+def test_look_schedule():
+    assert look_schedule(270, 32, 2.0) == [32, 64, 128, 256, 270]
+    assert look_schedule(20, 32, 2.0) == [20]
+
+
+# --- the sequential test on synthetic per-sample data with known means ----------------------------
+
+
+def _population(mean_drop: float, n: int, seed: int) -> torch.Tensor:
+    """Per-sample paired differences in {-1, 0, 1} with a known mean, like accuracy drops."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g)
+    p_worse = 0.03 + max(mean_drop, 0)
+    p_better = 0.03 + max(-mean_drop, 0)
+    return (u < p_worse).double() - ((u >= p_worse) & (u < p_worse + p_better)).double()
+
+
+def _run(diffs: torch.Tensor, max_drop: float, confidence: float = 0.95):
+    z = diffs - max_drop
+    looks = look_schedule(len(z), 32, 2.0)
+    return sequential_test(lambda a, b: z[a:b], looks, confidence=confidence, prior_variances=[1.0])
+
+
+def test_clearly_infeasible_is_rejected_at_the_first_look():
+    d = _population(0.5, 1000, 0)
+    decision = _run(d, 0.01)
+    assert decision.verdict == INFEASIBLE and decision.samples == 32 and len(decision.looks) == 1
+
+
+def test_clearly_feasible_is_accepted_early():
+    d = _population(-0.4, 1000, 1)
+    decision = _run(d, 0.05)
+    assert decision.verdict == FEASIBLE and decision.samples < 1000
+
+
+def test_borderline_reads_everything_and_matches_full_evaluation():
+    for seed in range(5):
+        d = _population(0.01, 400, seed)
+        decision = _run(d, 0.01)
+        full = float(d.mean()) - 0.01
+        if decision.samples == 400:
+            assert decision.verdict == (FEASIBLE if full <= 0 else INFEASIBLE)
+            assert decision.estimates[0].se == 0.0 and decision.estimates[0].mean == pytest.approx(full)
+
+
+@pytest.mark.parametrize("true_drop,max_drop", [(0.06, 0.03), (0.0, 0.03)])
+def test_early_decisions_are_wrong_less_often_than_allowed(true_drop, max_drop):
+    # Many random orders of one finite population whose mean is on one side of the constraint:
+    # an early decision for the other side is an error; the test allows 1 - confidence of them.
+    population = _population(true_drop, 1000, 7)
+    truth_met = float(population.mean()) <= max_drop
+    wrong = 0
+    for seed in range(300):
+        order = torch.randperm(1000, generator=torch.Generator().manual_seed(seed))
+        decision = _run(population[order], max_drop, confidence=0.9)
+        wrong += (decision.verdict == FEASIBLE) != truth_met
+    assert wrong / 300 <= 0.10
+
+
+def test_certificate_on_known_data():
+    stats = (_population(0.0, 400, 3) - 0.05).unsqueeze(1)  # drop ~0 vs MaxDrop(0.05): surely met
+    cert = certify(stats, [MaxDrop(0.05)], 0.95, [1.0])
+    assert cert.certified and cert.probability > 0.95 and cert.samples == 400
+    bad = (_population(0.2, 400, 3) - 0.05).unsqueeze(1)
+    cert = certify(bad, [MaxDrop(0.05)], 0.95, [1.0])
+    assert not cert.certified and cert.probability < 0.05 and "held out" in cert.method
+
+
+# --- per-sample metrics ---------------------------------------------------------------------------
+
+
+def test_per_sample_metrics_index_and_count(trained_mlp, digits):
+    acc = tightfit.Accuracy(digits.loader("val", 64))
+    full = acc.per_sample(trained_mlp)
+    assert acc.samples_evaluated == len(digits.y_val) == acc.num_samples
+    idx = torch.tensor([5, 0, 100, 7])
+    assert torch.equal(acc.per_sample(trained_mlp, idx), full[idx])
+    assert acc.samples_evaluated == len(digits.y_val) + 4
+    assert acc(trained_mlp) == pytest.approx(float(full.mean()))
+    # a plain list of batches (not a DataLoader) works the same way
+    batches = [(digits.x_val[i : i + 50], digits.y_val[i : i + 50]) for i in range(0, len(digits.y_val), 50)]
+    assert torch.equal(tightfit.Accuracy(batches).per_sample(trained_mlp, idx), full[idx])
+
+
+def test_agreement_and_fidelity_compare_with_the_original(trained_mlp, digits):
+    inputs_only = [digits.x_val[i : i + 100] for i in range(0, len(digits.y_val), 100)]  # no labels needed
+    agree = Agreement(inputs_only, reference=trained_mlp)
+    assert agree(trained_mlp) == 1.0
+    cosine = Fidelity(inputs_only, reference=trained_mlp)
+    assert cosine(trained_mlp) == pytest.approx(1.0)
+    kl = Fidelity(digits.loader("val", 128), reference=trained_mlp, kind="kl")
+    assert kl(trained_mlp) == pytest.approx(0.0, abs=1e-9)
+    pruned = tightfit.apply(_plan(trained_mlp, 0.95), trained_mlp)
+    assert agree(pruned) < 1.0 and cosine(pruned) < 0.999 and kl(pruned) < 0
+    with pytest.raises(ConfigError, match="reference"):
+        Agreement(inputs_only)(trained_mlp)
+    with pytest.raises(ConfigError, match="kind"):
+        Fidelity(inputs_only, kind="l2")
+
+
+def _plan(model, sparsity):
+    from tightfit.search.space import build_space
+
+    space = build_space(Compose([Prune()]), tightfit.analyze(model))
+    return space.plan({d.key: sparsity for d in space.dimensions})
+
+
+class _Table:
+    """A fake per-sample metric: model.values[i] is the value on sample i; records requested indices."""
+
+    value_range = (0.0, 1.0)
+
+    def __init__(self, n):
+        self.num_samples = n
+        self.samples_evaluated = 0
+        self.requests = []
+
+    def per_sample(self, model, indices=None):
+        idx = torch.arange(self.num_samples) if indices is None else torch.as_tensor(indices)
+        self.requests.append((model.name, idx.clone()))
+        self.samples_evaluated += len(idx)
+        return model.values[idx]
+
+
+class _Fixed(nn.Module):
+    def __init__(self, name, values):
+        super().__init__()
+        self.name, self.values = name, values
+
+
+def test_paired_subsampling_same_order_for_every_candidate():
+    n = 400
+    base = 1.0 - _population(0.0, n, 11).abs()  # 0/1 values, mostly 1 (an accurate original)
+    metric = _Table(n)
+    session = SequentialSession(Sequential(first_look=20, certify_fraction=0.25), metric, [MaxDrop(0.02)], seed=3)
+    session.baseline(_Fixed("original", base))
+    a = session.evaluate(_Fixed("a", base.clone()), level="full")  # identical to the original
+    worse = base.clone()
+    worse[session.search_idx[:150]] = 0.0  # drop on the first 150 samples of the order
+    b = session.evaluate(_Fixed("b", worse), level="full")
+    (_, ia), (_, ib) = metric.requests[1], metric.requests[1 + len(a.decision.looks)]
+    assert torch.equal(ia, ib) and torch.equal(ia, session.search_idx[: len(ia)])  # same samples, same order
+    # the certification samples are disjoint from the search samples
+    assert not set(session.search_idx.tolist()) & set(session.certify_idx.tolist())
+    assert len(session.certify_idx) == 100
+    # identical candidate: paired differences are exactly zero
+    assert a.constraint_values[0] == pytest.approx(-0.02) and a.metric == pytest.approx(float(base.mean()))
+    assert b.decision.verdict == INFEASIBLE and b.samples == 20
+    # a second session with the same seed orders the samples identically (resume == uninterrupted)
+    again = SequentialSession(Sequential(first_look=20), _Table(n), [MaxDrop(0.02)], seed=3)
+    assert torch.equal(again.order, session.order)
+
+
+def test_sequential_needs_a_per_sample_metric_and_valid_settings():
+    with pytest.raises(ConfigError, match="per-sample"):
+        SequentialSession(Sequential(), lambda m: 1.0, [MaxDrop(0.01)], seed=0)
+    with pytest.raises(ConfigError, match="confidence"):
+        Sequential(confidence=1.5)
+    with pytest.raises(ConfigError, match="certify_fraction"):
+        Sequential(certify_fraction=0.95)
+
+
+def test_min_metric_and_size_constraints_split():
+    from tightfit.evaluation.sequential import per_sample_constraints
+
+    assert per_sample_constraints([MaxDrop(0.01), MaxSize(100), MinMetric(0.9)]) == ([0, 2], [1], [])
+
+
+# --- end to end: noise to the search, fidelity levels, accounting ---------------------------------
+
+
+def _compress(mlp, digits, **overrides):
+    evaluate = tightfit.Accuracy(digits.loader("val", 512))
+    args = dict(
+        evaluate=evaluate,
+        strategy=Compose([Prune(sparsity=(0.0, 0.95)), Quantize(bits=(2, 4, 8))]),
+        constraint=tightfit.MaxDrop(0.02),
+        finetune=tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3),
+        budget=8,
+        search="tpe",
+        seed=0,
+        evaluation=Sequential(first_look=24),
+    )
+    args.update(overrides)
+    return tightfit.compress(mlp, **args), evaluate
+
+
+def test_cheap_search_records_noise_levels_and_accounting(mlp, digits, tmp_path):
+    result, evaluate = _compress(mlp, digits, run_dir=tmp_path / "run")
+    study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    frozen = study.get_trials()
+    assert len(frozen) == 8
+    # the noise of every estimate reaches the search as a trial attribute
+    for t in frozen:
+        assert t.user_attrs["metric_se"] > 0 and math.isfinite(t.user_attrs["metric_se"])
+        assert t.user_attrs["fidelity"] in ("full", "screen")
+    levels = {t.user_attrs["fidelity"] for t in frozen}
+    assert "full" in levels
+    for t in frozen:
+        if t.user_attrs["fidelity"] == "screen":  # screened: pruned, no fine-tune, first look only
+            assert t.state == optuna.trial.TrialState.PRUNED
+            assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 24
+        else:
+            assert t.user_attrs["finetune_steps"] > 0 and t.user_attrs["val_samples"] >= 24
+        [evaluation] = t.user_attrs["evaluations"]
+        assert evaluation["val_samples"] == t.user_attrs["val_samples"] and evaluation["seconds"] > 0
+    # accounting: every forward pass the metric made is attributed to the baseline, a trial or the end
+    acc = result.accounting
+    assert acc["val_samples"] == evaluate.samples_evaluated
+    assert acc["val_samples_baseline"] == len(digits.y_val)
+    assert acc["val_samples_trials"] == sum(t.user_attrs["val_samples"] for t in frozen)
+    assert acc["finetune_steps"] == sum(t.user_attrs["finetune_steps"] for t in frozen)
+    assert acc["trial_wall_s"] == pytest.approx(sum(t.user_attrs["duration_s"] for t in frozen))
+    full_cost = len(digits.y_val) * (8 + 2)
+    assert acc["val_samples"] < full_cost
+    # the answer: chosen among fully fine-tuned candidates, confirmed on the full set, certified
+    if result.feasible:
+        assert result.best_trial.fidelity == "full"
+        assert result.metric == tightfit.Accuracy(digits.loader("val", 512))(result.model)
+        cert = result.certificate
+        assert cert is not None and 0 <= cert.probability <= 1 and cert.samples == round(0.25 * len(digits.y_val))
+        assert acc["val_samples_final"] == len(digits.y_val)  # the certificate reuses the confirmation's values
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"accounting"' in summary and '"certificate"' in summary
+
+
+def test_full_evaluation_also_accounts_and_reports_noise(mlp, digits):
+    result, evaluate = _compress(mlp, digits, evaluation=None, budget=3)
+    assert all(t.fidelity == "full" and t.val_samples == len(digits.y_val) for t in result.trials)
+    assert all(t.metric_se is not None and t.metric_se > 0 for t in result.trials)
+    assert result.accounting["val_samples"] == evaluate.samples_evaluated
+    assert result.certificate is None
+
+
+def test_evaluation_argument_is_checked(mlp, digits):
+    with pytest.raises(ConfigError, match="evaluation"):
+        _compress(mlp, digits, evaluation="fast")
+    with pytest.raises(ConfigError, match="per-sample"):
+        _compress(mlp, digits, evaluate=lambda m: 1.0)
+
+
+def test_per_sample_user_metric(mlp, digits):
+    def margin(model, batch):
+        x, y = batch
+        logits = model(x)
+        return logits.gather(1, y[:, None]).squeeze(1) - logits.max(dim=1).values
+
+    metric = PerSample(margin, digits.loader("val", 128))
+    values = metric.per_sample(mlp)
+    assert values.shape == (len(digits.y_val),) and (values <= 0).all()
