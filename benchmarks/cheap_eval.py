@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tightfit
+from tightfit.compress import compress  # `tightfit.compress` is shadowed by the submodule once tightfit.demo.run is imported
 from tightfit.demo import digits_split, lenet_300_100, train
 from tightfit.demo.data import Split
 from tightfit.demo.run import DEMO_BITS, DEMO_FINETUNE, DEMO_MAX_DROP
@@ -110,7 +111,7 @@ def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, sea
     evaluation = tightfit.Sequential() if cheap else None
     with timing_lock():
         started = time.perf_counter()
-        result = tightfit.compress(
+        result = compress(
             model,
             evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
             budget=budget,
@@ -189,7 +190,7 @@ def coverage(args) -> None:
     test_original = test(model)
     for run in range(args.runs):
         split = mnist1d_split(n_val=400, n_test=10000, val_seed=1000 + run)  # fresh validation set
-        result = tightfit.compress(
+        result = compress(
             model,
             evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
             strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
