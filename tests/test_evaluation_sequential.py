@@ -293,3 +293,28 @@ def test_per_sample_user_metric(mlp, digits):
     metric = PerSample(margin, digits.loader("val", 128))
     values = metric.per_sample(mlp)
     assert values.shape == (len(digits.y_val),) and (values <= 0).all()
+
+
+def test_progress_shows_the_cost_live():
+    from tightfit.records import Measurement
+    from tightfit.report.progress import _Progress
+
+    study = optuna.create_study()
+    progress = _Progress(3, Measurement(0.9, 1000, 10, 10), None)
+    for samples, steps, level in [(32, 0, "screen"), (256, 100, "full")]:
+        trial = study.ask()
+        for key, value in {"val_samples": samples, "finetune_steps": steps, "fidelity": level}.items():
+            trial.set_user_attr(key, value)
+        progress.on_trial(study.tell(trial, 1.0))
+    assert (progress.val_samples, progress.finetune_steps, progress.screened) == (288, 100, 1)
+    assert "val fwd: 288" in progress._cost() and "ft steps: 100" in progress._cost()
+
+
+def test_config_section_maps_onto_sequential():
+    from tightfit.cli.config import EvaluationSection, _evaluation
+
+    made = _evaluation(EvaluationSection(confidence=0.9, first_look=16))
+    assert isinstance(made, Sequential) and made.confidence == 0.9 and made.first_look == 16
+    assert _evaluation(EvaluationSection(method="full")) is None and _evaluation(None) is None
+    with pytest.raises(ConfigError, match=r"\[evaluation\].*confidence"):
+        _evaluation(EvaluationSection(confidence=2.0))

@@ -34,6 +34,14 @@ def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -
     ]
     console.print(summary_table(rows + (extra_rows or []), title="result" if result.feasible else "result: nothing feasible"))
     console.print(run_counts(result.trials))
+    cost = getattr(result, "accounting", None) or {}
+    if cost:
+        passes = cost.get("val_samples")
+        console.print(
+            f"cost: {passes:,} validation forward passes, " if passes is not None else "cost: ",
+            f"{cost.get('finetune_steps', 0):,} fine-tuning steps, {cost.get('search_wall_s', 0.0):.1f} s searching",
+            sep="",
+        )
     console.print(result.message)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -68,6 +68,7 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
             "complete": sum(t.state == "COMPLETE" for t in result.trials),
             "feasible": sum(t.feasible for t in result.trials),
             "failed": sum(t.state == "FAIL" for t in result.trials),
+            "screened": sum(t.state == "PRUNED" for t in result.trials),
         },
         "pareto": [t.number for t in result.pareto],
         "left_alone": [{"name": m.name, "type": m.type, "params": m.params, "reason": m.reason} for m in result.left_alone],

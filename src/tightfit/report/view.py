@@ -93,4 +93,6 @@ def run_counts(trials: list[TrialRecord]) -> str:
     feasible = sum(t.feasible for t in trials)
     failed = sum(t.state == "FAIL" for t in trials)
     running = sum(t.state == "RUNNING" for t in trials)
-    return f"{len(trials)} trials: {complete} complete ({feasible} feasible), {failed} failed, {running} running"
+    screened = sum(t.state == "PRUNED" for t in trials)
+    screened_text = f", {screened} screened (cheap evaluation)" if screened else ""
+    return f"{len(trials)} trials: {complete} complete ({feasible} feasible){screened_text}, {failed} failed, {running} running"
