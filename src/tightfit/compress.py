@@ -256,8 +256,8 @@ def compress(
                 session=session, original=original, strategy=strategy, finetune=finetune, seed=seed,
                 constraints=constraints, baseline=baseline, objective=objective, best_holder=best_holder, run=run,
                 counter=counter, better=_better,
-                static=lambda candidate, plan, number: _static_measure(
-                    candidate, plan, number, artifact_extra, layer_names, example_input, baseline
+                static=lambda candidate, plan, number, reuse=None: _static_measure(
+                    candidate, plan, number, artifact_extra, layer_names, example_input, baseline, reuse
                 ),
             )
 
@@ -315,9 +315,12 @@ def _full_metric(evaluate, model: nn.Module) -> tuple[float, float | None]:
     return evaluate_metric(lambda _m: float(values.mean()), model), se
 
 
-def _static_measure(candidate, plan, number, artifact_extra, layer_names, example_input, baseline):
-    """What does not need the validation set: the saved file's bytes, nonzeros and FLOPs."""
+def _static_measure(candidate, plan, number, artifact_extra, layer_names, example_input, baseline, reuse=None):
+    """What does not need the validation set: the saved file's bytes, nonzeros and FLOPs. With
+    ``reuse`` (the same plan measured before fine-tuning, which holds masks), only the file is redone."""
     data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": number})
+    if reuse is not None:
+        return data, Measurement(float("nan"), len(data), reuse.nonzeros, reuse.weight_params, reuse.flops)
     nonzeros, _ = count_nonzeros(candidate, layer_names)
     flops = sparse_flops(candidate, example_input, layer_names) if example_input is not None else None
     return data, Measurement(

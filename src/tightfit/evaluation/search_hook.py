@@ -27,7 +27,7 @@ from ..search.loop import TrialOutcome
 from .constraints import Constraint
 from .sequential import SequentialSession
 
-StaticMeasure = Callable[[nn.Module, Plan, int], "tuple[bytes, Measurement]"]
+StaticMeasure = Callable[..., "tuple[bytes, Measurement]"]  # (candidate, plan, trial number, reuse=None)
 
 
 def sequential_plan_evaluator(
@@ -68,7 +68,8 @@ def sequential_plan_evaluator(
                 torch.manual_seed(seed)
                 finetune(candidate)
             steps = getattr(finetune, "steps_taken", None)
-            data, measured = static(candidate, plan, trial.number)  # weights changed; the layout did not
+            # weights changed (the compressed file with them), masks did not: nonzeros and FLOPs stay
+            data, measured = static(candidate, plan, trial.number, measured)
             goal = goal_of(measured)
 
         ev = session.evaluate(candidate, level=level)
