@@ -1,0 +1,167 @@
+"""Where a study lives when several processes share it: an Optuna RDB storage with heartbeats.
+
+Every running trial's worker records a heartbeat every ``heartbeat_interval`` seconds (a thread,
+:func:`trial_heartbeat`). A trial whose heartbeat is older than ``grace_period`` belongs to a dead
+worker (SIGKILL, lost machine): :func:`optuna.storages.fail_stale_trials`, which every worker calls
+before it asks for a trial, marks it FAIL and :class:`RetryStaleTrial` queues its parameters again,
+so another worker evaluates it and the budget does not count it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from ..errors import ConfigError
+
+log = logging.getLogger("tightfit")
+
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 60
+RETRY_OF = "retry_of"  # user attr of a queued retry: the number of the trial it replaces
+
+
+class RetryStaleTrial:
+    """Heartbeat-stale callback: queue the stale trial's parameters as a WAITING trial.
+
+    Like Optuna's ``RetryHeartbeatStaleTrialCallback`` (same ``failed_trial`` / ``retry_history``
+    system attrs), but it does not copy the stale trial's user attrs: a worker killed while it was
+    writing its results must not leave half of them on the retry.
+    """
+
+    def __init__(self, max_retry: int | None = 3) -> None:
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if self.max_retry is not None and len(history) > self.max_retry:
+            log.warning("trial %d went stale %d times; not retrying it again", trial.number, len(history))
+            return
+        log.warning("trial %d lost its worker (no heartbeat); queued again", trial.number)
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={RETRY_OF: trial.number},
+                system_attrs={"failed_trial": history[0], "retry_history": history},
+            )
+        )
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
+    grace_period: int | None = GRACE_PERIOD_S,
+    max_retry: int | None = 3,
+) -> RDBStorage:
+    """An Optuna RDB storage (``postgresql://…``, ``mysql://…``, ``sqlite:///…``) with heartbeats on
+    running trials and stale trials retried. ``grace_period`` should be several heartbeats long: a
+    worker silent for longer is taken for dead and its trial is evaluated again elsewhere."""
+    if not isinstance(heartbeat_interval, int) or heartbeat_interval < 1:
+        raise ConfigError(f"`heartbeat_interval` must be a whole number of seconds >= 1, but got {heartbeat_interval!r}.")
+    if grace_period is not None and (not isinstance(grace_period, int) or grace_period <= heartbeat_interval):
+        raise ConfigError(
+            f"`grace_period` must be a whole number of seconds > heartbeat_interval ({heartbeat_interval}), "
+            f"but got {grace_period!r}."
+        )
+    url = with_installed_driver(url)
+    engine_kwargs: dict = {}
+    if url.startswith("sqlite"):
+        # Several local processes on one SQLite file wait for its write lock instead of failing.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryStaleTrial(max_retry),
+            )
+        except ImportError as exc:
+            raise ConfigError(f"storage {redact(url)}: the database driver is missing ({exc}).") from None
+        except Exception as exc:
+            raise ConfigError(
+                f"storage {redact(url)}: cannot connect ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                "Check the URL, that the server runs and accepts this user."
+            ) from None
+
+
+def with_installed_driver(url: str) -> str:
+    """``postgresql://`` names no driver, and SQLAlchemy 2.1 then wants psycopg 3; use psycopg2
+    (tightfit's ``postgres`` extra) when only that one is installed."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    head, sep, tail = url.partition("://")
+    if not sep or "@" not in tail:
+        return url
+    cred, _, host = tail.rpartition("@")
+    user = cred.split(":", 1)[0]
+    return f"{head}://{user}:***@{host}"
+
+
+def heartbeat_enabled(storage: BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the trials of dead workers (and queue their retries); no-op without heartbeats."""
+    if not heartbeat_enabled(study._storage):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextmanager
+def trial_heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat now and every heartbeat_interval seconds until the block ends.
+
+    Unlike Optuna's own thread (used only inside ``Study.optimize``), a failed write is logged and
+    retried at the next beat instead of ending the thread, so one network hiccup does not turn a
+    healthy trial stale.
+    """
+    storage = study._storage
+    if not heartbeat_enabled(storage):
+        yield
+        return
+    interval = storage.get_heartbeat_interval()
+    trial_id = trial._trial_id  # Optuna's handle; FrozenTrial/Trial expose no public id
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # keep beating; the grace period absorbs a few misses
+                log.warning("heartbeat of trial %d failed: %s", trial.number, exc)
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name=f"tightfit-heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
