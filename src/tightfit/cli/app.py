@@ -75,9 +75,8 @@ def run(
 ) -> None:
     """Compress your model as CONFIG says; run again to resume. With --workers N, N-1 `tightfit
     worker` processes join this one on the study (logs in RUN_DIR/workers/)."""
-    import tightfit
-
     from ..cli.config import build_arguments, load_config
+    from ..compress import compress  # not tightfit.compress: importing the module shadows that name
     from ..errors import TightfitError
     from ..run_dir import RunDir
     from ..scale import open_storage, redact
@@ -100,7 +99,7 @@ def run(
             Path(arguments["run_dir"]).mkdir(parents=True, exist_ok=True)
             url = RunDir(Path(arguments["run_dir"])).storage_url
         arguments["storage"] = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-        result = tightfit.compress(**arguments, progress=True, on_start=start_workers)
+        result = compress(**arguments, progress=True, on_start=start_workers)
     except TightfitError as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import time
 import traceback
 import warnings
@@ -24,6 +26,11 @@ from .space import SearchSpace
 log = logging.getLogger("tightfit")
 
 INTERRUPTED = "interrupted"
+WORKER_ATTR = "worker"
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -167,6 +174,7 @@ def run_trials(
         started = time.perf_counter()
         try:
             with trial_heartbeat(study, trial):
+                trial.set_user_attr(WORKER_ATTR, _worker_id())  # which process ran it: for reports
                 plan = space.suggest(trial)
                 outcome = evaluate_plan(plan, trial)
         except KeyboardInterrupt:
