@@ -83,7 +83,7 @@ def open_storage(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return RDBStorage(
+            storage = RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
@@ -97,6 +97,44 @@ def open_storage(
                 f"storage {redact(url)}: cannot connect ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
                 "Check the URL, that the server runs and accepts this user."
             ) from None
+    _flush_only_when_it_matters(storage)
+    return storage
+
+
+_durable = threading.local()
+# Writes after which the storage must survive a database crash: a trial's end, the study's setup.
+_DURABLE_WRITES = ("set_trial_state_values", "create_new_study", "set_study_user_attr", "set_study_system_attr")
+
+
+def _flush_only_when_it_matters(storage: RDBStorage) -> None:
+    """On PostgreSQL, commit a running trial's own writes (parameters, attributes, heartbeats)
+    without waiting for the disk flush, and flush when the trial ends. WAL is sequential, so the
+    flushing commit of ``tell`` makes the trial's earlier writes durable too; a database crash
+    before it loses at most a running trial, which is retried like one whose worker died. This
+    takes one fsync per trial instead of about fifteen (each ~5 ms on this machine's disk).
+    """
+    import sqlalchemy
+
+    if storage.engine.dialect.name != "postgresql":
+        return
+
+    @sqlalchemy.event.listens_for(storage.engine, "begin")
+    def _begin(connection) -> None:
+        if not getattr(_durable, "on", False):
+            connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
+
+    for name in _DURABLE_WRITES:
+        method = getattr(storage, name)
+
+        def durable(*args, __method=method, **kwargs):
+            previous = getattr(_durable, "on", False)
+            _durable.on = True
+            try:
+                return __method(*args, **kwargs)
+            finally:
+                _durable.on = previous
+
+        setattr(storage, name, durable)
 
 
 def with_installed_driver(url: str) -> str:

@@ -27,6 +27,7 @@ log = logging.getLogger("tightfit")
 
 INTERRUPTED = "interrupted"
 WORKER_ATTR = "worker"
+_STALE_CHECK_S = 1.0
 
 
 def _worker_id() -> str:
@@ -156,8 +157,11 @@ def run_trials(
     parameters are enqueued again, and the KeyboardInterrupt propagates."""
     study.sampler = PositionSeededSampler(lambda s: make_sampler(method, s, space, budget), seed)
     evaluated = 0
+    stale_checked = float("-inf")
     while True:
-        fail_stale_trials(study)
+        if time.monotonic() - stale_checked >= _STALE_CHECK_S:  # a query; staleness takes seconds anyway
+            fail_stale_trials(study)
+            stale_checked = time.monotonic()
         trials = study.get_trials(deepcopy=False)
         done = len(_counted(trials))
         running = sum(t.state == TrialState.RUNNING for t in trials)
