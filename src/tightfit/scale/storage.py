@@ -9,8 +9,10 @@ so another worker evaluates it and the budget does not count it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
+from datetime import datetime, timedelta
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ log = logging.getLogger("tightfit")
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 60
 RETRY_OF = "retry_of"  # user attr of a queued retry: the number of the trial it replaces
+WORKER_ATTR = "worker"  # user attr "host:pid" of the process evaluating a trial, set after its first heartbeat
 
 
 class RetryStaleTrial:
@@ -165,11 +168,35 @@ def heartbeat_enabled(storage: BaseStorage) -> bool:
 
 def fail_stale_trials(study: optuna.Study) -> None:
     """Fail the trials of dead workers (and queue their retries); no-op without heartbeats."""
-    if not heartbeat_enabled(study._storage):
+    storage = study._storage
+    if not heartbeat_enabled(storage):
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    _fail_trials_without_heartbeat(study)
+
+
+def _fail_trials_without_heartbeat(study: optuna.Study) -> None:
+    """Optuna never declares stale a RUNNING trial that has no heartbeat yet: one whose worker died
+    between creating it and its first heartbeat. Our loop writes the ``worker`` attribute right after
+    that first heartbeat, so a trial without it, running for longer than the grace period, is one of
+    those (compared with this machine's clock: keep the workers' clocks within the grace period)."""
+    storage = study._storage
+    interval = storage.get_heartbeat_interval()
+    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None) or 2 * interval
+    cutoff = datetime.now() - timedelta(seconds=grace)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if WORKER_ATTR in t.user_attrs or t.datetime_start is None or t.datetime_start > cutoff:
+            continue
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        if callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(t._trial_id)))
 
 
 @contextmanager

@@ -19,14 +19,13 @@ from optuna.trial import TrialState
 
 from ..operators.plan import Plan
 from ..records import Measurement, TrialRecord
-from ..scale.storage import RETRY_OF, fail_stale_trials, heartbeat_enabled, trial_heartbeat
+from ..scale.storage import RETRY_OF, WORKER_ATTR, fail_stale_trials, heartbeat_enabled, trial_heartbeat
 from .samplers import make_sampler
 from .space import SearchSpace
 
 log = logging.getLogger("tightfit")
 
 INTERRUPTED = "interrupted"
-WORKER_ATTR = "worker"
 _STALE_CHECK_S = 1.0
 
 
