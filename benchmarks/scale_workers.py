@@ -172,11 +172,9 @@ def kills(args: argparse.Namespace) -> dict:
                 break
             if complete >= next_kill and complete < args.trials:
                 victim = rng.choice([w for w in workers if w.poll() is None])
-                running = [t.number for t in trials if t.state.name == "RUNNING"
-                           and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
-                killed.append({"at_complete": complete, "pid": victim.pid, "running_trials": running})
+                killed.append({"at_complete": complete, "pid": victim.pid})
                 workers[workers.index(victim)] = start()  # a replacement joins
                 next_kill += args.every
             time.sleep(0.05)
@@ -201,12 +199,22 @@ def kills(args: argparse.Namespace) -> dict:
 
     lineage = [t.user_attrs.get(RETRY_OF, t.number) for t in complete]
     best = best_feasible([trial_record(t) for t in trials])
-    killed_mid_trial = sum(len(k["running_trials"]) for k in killed)
+    killed_pids = {k["pid"] for k in killed}
+
+    def pid(t):
+        worker = t.user_attrs.get("worker")
+        return int(worker.rsplit(":", 1)[1]) if worker else None
+
+    of_killed = [t for t in stale if pid(t) in killed_pids or pid(t) is None]
+    false_stale = [t for t in stale if t not in of_killed]
     return {
         "budget": args.trials, "workers": args.workers, "kill_every": args.every, "sleep_s": args.sleep,
         "grace_period_s": args.grace, "wall_s": wall, "kills": len(killed), "killed": killed,
-        "trials_killed_mid_evaluation": killed_mid_trial,
         "stale_trials_detected": len(stale),
+        "stale_trials_of_killed_workers": len(of_killed),
+        # live workers whose heartbeat came later than the grace period (a starved machine): their
+        # result was dropped and the retry evaluated instead (wasted work, no double completion)
+        "stale_trials_of_live_workers": len(false_stale),
         "stale_trials_lost": sum(not completed_lineage(t.number) for t in stale),
         "completed": len(complete),
         "duplicated": len(lineage) - len(set(lineage)),
@@ -281,7 +289,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--every", type=int, default=20)
     p.add_argument("--sleep", type=float, default=0.3)
-    p.add_argument("--grace", type=int, default=3)
+    p.add_argument("--grace", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("restart")
     p.add_argument("--storage", required=True)

@@ -78,13 +78,24 @@ def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def trial_position(trials: list[optuna.trial.FrozenTrial], number: int) -> int:
-    """How many earlier trials count or may still count (running, queued). In one process this is
-    the number of counted trials when trial ``number`` starts, whatever interruptions came before,
-    so a resumed run seeds its samplers like an uninterrupted one; concurrent workers get distinct
-    positions, so they do not draw the same point."""
-    earlier = [t for t in trials if t.number < number]
-    pending = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in earlier)
-    return len(_counted(earlier)) + pending
+    """The position of trial ``number`` in the search: how many distinct trials (a retry is the same
+    trial as the one it replaces) were started before it; a retry takes its original's position.
+
+    In one process this is the number of counted trials when the trial starts, whatever
+    interruptions came before, so a resumed run seeds its samplers like an uninterrupted one.
+    Concurrent workers get distinct positions, also when a trial of a dead worker is retried, so
+    they do not draw the same point."""
+    by_number = {t.number: t for t in trials}
+
+    def root(n: int) -> int:
+        seen = set()
+        while n in by_number and RETRY_OF in by_number[n].user_attrs and n not in seen:
+            seen.add(n)
+            n = by_number[n].user_attrs[RETRY_OF]
+        return n
+
+    first = root(number)
+    return len({root(t.number) for t in trials if t.number < first} - {first})
 
 
 class PositionSeededSampler(optuna.samplers.BaseSampler):
