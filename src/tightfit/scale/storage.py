@@ -81,6 +81,9 @@ def open_storage(
     if url.startswith("sqlite"):
         # Several local processes on one SQLite file wait for its write lock instead of failing.
         engine_kwargs = {"connect_args": {"timeout": 60}}
+    elif url.startswith("postgresql"):
+        # see _flush_only_when_it_matters: writes do not wait for the disk, except a trial's end
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"options": "-c synchronous_commit=off"}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     with warnings.catch_warnings():
@@ -123,8 +126,8 @@ def _flush_only_when_it_matters(storage: RDBStorage) -> None:
 
     @sqlalchemy.event.listens_for(storage.engine, "begin")
     def _begin(connection) -> None:
-        if not getattr(_durable, "on", False):
-            connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
+        if getattr(_durable, "on", False):  # the session default is off (set when connecting)
+            connection.exec_driver_sql("SET LOCAL synchronous_commit = on")
 
     for name in _DURABLE_WRITES:
         method = getattr(storage, name)

@@ -108,7 +108,9 @@ class PositionSeededSampler(optuna.samplers.BaseSampler):
         self._inner = make(derive_seed(seed, 0))
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        position = trial_position(study.get_trials(deepcopy=False), trial.number)
+        # Study._get_trials with use_cache is what Optuna's samplers read in the same ask: one
+        # storage query serves both.
+        position = trial_position(study._get_trials(deepcopy=False, use_cache=True), trial.number)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self._inner = self._make(derive_seed(self._seed, position))
