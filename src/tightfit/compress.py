@@ -16,11 +16,11 @@ from optuna.storages import BaseStorage
 from torch import nn
 
 from . import report
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .evaluation.constraints import Constraint, MaxDrop
 from .evaluation.metrics import evaluate_metric
 from .export.artifact import load_model, to_bytes
-from .measure.analysis import analyze, count_nonzeros, sparse_flops
+from .measure.analysis import SkippedModule, analyze, count_nonzeros, sparse_flops
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy
 from .operators.plan import Plan, apply_plan_inplace
@@ -57,7 +57,14 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
 
 
 def _constraints(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
-    items = [MaxDrop(0.01)] if constraint is None else [constraint] if isinstance(constraint, Constraint) else list(constraint)
+    if constraint is None:
+        items = [MaxDrop(0.01)]
+    elif isinstance(constraint, Constraint):
+        items = [constraint]
+    elif isinstance(constraint, (list, tuple)) and constraint:
+        items = list(constraint)
+    else:
+        items = [constraint]
     for c in items:
         if not isinstance(c, Constraint):
             raise ConfigError(f"`constraint` must be a tightfit constraint such as MaxDrop(0.005), but got {c!r}.")
@@ -69,6 +76,23 @@ def float32_file_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return len(buffer.getvalue())
+
+
+def _check_flops(original, example_input, layer_names, objective) -> bool:
+    """Whether FLOPs can be counted on ``example_input``; an error only when they are the objective."""
+    if example_input is None:
+        return False
+    try:
+        sparse_flops(original, example_input, layer_names)
+    except Exception as exc:
+        if objective == "flops":
+            raise ConfigError(
+                f"`example_input` does not run through the model under torch's FLOP counter "
+                f"({type(exc).__name__}: {exc}); give an input the model's forward accepts."
+            ) from exc
+        log.warning("FLOPs are not counted: the model fails on example_input (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _measure_baseline(original, evaluate, layer_names, example_input) -> Measurement:
@@ -182,10 +206,18 @@ def _search(
     constraints = _constraints(constraint)
     check_search(search)
 
-    original = copy.deepcopy(model).eval()
+    try:
+        original = copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise ModelError(
+            f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
+            "changes your model. Make it deep-copyable (e.g. keep open files or locks out of its attributes)."
+        ) from exc
     analysis = analyze(original)
     space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
+    if not _check_flops(original, example_input, layer_names, objective):
+        example_input = None
     settings = {
         "space": space.keys,
         "objective": objective,
@@ -261,9 +293,20 @@ def _search(
 
         trials = [trial_record(t) for t in study.get_trials()]
         result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
+        result.left_alone = _left_alone(analysis, space)
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
+
+
+def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
+    """Modules with parameters that no operator of the strategy touches, and why."""
+    untouched = [
+        SkippedModule(layer.name, layer.type, layer.params, "no operator of the strategy applies to it")
+        for layer in analysis.layers
+        if layer.name not in space.fixed
+    ]
+    return list(analysis.skipped) + untouched
 
 
 @contextmanager
