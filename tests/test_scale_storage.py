@@ -12,7 +12,6 @@ import torch
 from optuna.trial import TrialState
 
 import tightfit
-from tightfit.compress import compress
 from tightfit.errors import ConfigError
 from tightfit.scale import open_storage, redact, work
 from tightfit.search.loop import RETRY_OF, counted_trials, trial_position
@@ -20,6 +19,8 @@ from tightfit.search.loop import RETRY_OF, counted_trials, trial_position
 PROJECT = Path(__file__).parent / "scale_project"
 sys.path.insert(0, str(PROJECT))
 import scale_model  # noqa: E402
+
+compress = tightfit.compress  # the function (importing tightfit.compress first would shadow it by the module)
 
 
 def _arguments(budget: int) -> dict:
