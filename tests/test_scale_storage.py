@@ -102,3 +102,18 @@ def test_a_worker_needs_a_storage_and_the_studys_settings(tmp_path):
     study = optuna.load_study(study_name="w", storage=url)
     assert all(t.user_attrs["worker"].endswith(f":{__import__('os').getpid()}") for t in study.trials)
     torch.testing.assert_close(model(scale_model.X), scale_model.build()(scale_model.X))  # untouched
+
+
+def test_run_files_are_refreshed_while_the_search_runs(tmp_path):
+    seen = []
+
+    def watching(m):
+        csv = tmp_path / "run" / "trials.csv"
+        seen.append(csv.read_text().count("\n") - 1 if csv.exists() else None)  # data rows so far
+        return scale_model.agreement(m)
+
+    compress(scale_model.build(), **{**_arguments(4), "evaluate": watching, "search": "random"}, run_dir=tmp_path / "run")
+    # call 1 measures the baseline, trials 0..3 each see the rows of those before them, and the
+    # last call re-measures the chosen model once all 4 rows are written
+    assert seen == [None, None, 1, 2, 3, 4]
+    assert (tmp_path / "run" / "trials.png").exists()
