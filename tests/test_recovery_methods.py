@@ -267,3 +267,46 @@ def test_proxconnect_ends_on_the_grid_the_file_stores():
     assert torch.allclose(loaded(x), candidate(x), atol=1e-5)
     with pytest.raises(ConfigError, match="bits=2"):
         ProxConnect(loader, grid="ternary")(apply(Plan.from_strategy(Compose([Quantize(bits=(4,))]), {"0": {"quantize": {"bits": 4}}}), model))
+
+
+# ---------------------------------------------------------------------- tuned recovery in a search
+def test_tuned_recovery_joins_the_search_space():
+    from tightfit import compress
+    from tightfit.operators.base import Hyperparameter
+    from tightfit.recovery import Tuned
+
+    model, loader = _toy()
+    base = FineTune(loader, epochs=1, lr=1e-3)
+    tuned = Tuned(base, lr=(1e-4, 1e-1), epochs=(1, 2), optimizer=["adam", "sgd"])
+    assert {hp.name: (hp.integer, hp.log, hp.choices) for hp in tuned.hyperparameters()} == {
+        "lr": (False, True, None), "epochs": (True, False, None), "optimizer": (False, False, ("adam", "sgd"))}
+    configured = tuned.with_settings(lr=0.05, epochs=2, optimizer="sgd")
+    assert (configured.lr, configured.epochs, configured.optimizer) == (0.05, 2, "sgd") and base.lr == 1e-3
+    with pytest.raises(ConfigError, match="no hyperparameter"):
+        Tuned(base, mu=(0.1, 1.0))
+    with pytest.raises(ConfigError, match="range"):
+        Tuned(base, lr="fast")
+
+    result = compress(model, evaluate=_accuracy(loader), strategy=Prune(sparsity=(0.0, 0.9)), finetune=tuned,
+                      budget=4, search="random", seed=0)
+    assert len(result.trials) == 4 and result.feasible
+    lc_default = Tuned(LearningCompression(loader, epochs=2))
+    assert "mu" in {hp.name for hp in lc_default.hyperparameters()}
+    assert isinstance(lc_default.specs["c_steps_per_epoch"], Hyperparameter)
+
+
+def test_tuned_settings_are_stored_per_trial(tmp_path):
+    import optuna
+
+    from tightfit import compress
+    from tightfit.recovery import Tuned
+
+    model, loader = _toy()
+    tuned = Tuned(FineTune(loader, epochs=1, lr=1e-3), lr=(1e-4, 1e-1), optimizer=["adam", "sgd"])
+    compress(model, evaluate=_accuracy(loader), strategy=Prune(sparsity=(0.0, 0.9)), finetune=tuned,
+             budget=3, search="random", seed=1, run_dir=tmp_path / "run")
+    study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    for t in study.trials:
+        assert set(t.user_attrs["recovery"]) == {"lr", "optimizer"}
+        assert t.user_attrs["recovery"]["lr"] == t.params["recovery/lr"]
+        assert t.user_attrs["finetune_steps"] == len(loader)
