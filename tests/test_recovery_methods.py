@@ -310,3 +310,15 @@ def test_tuned_settings_are_stored_per_trial(tmp_path):
         assert set(t.user_attrs["recovery"]) == {"lr", "optimizer"}
         assert t.user_attrs["recovery"]["lr"] == t.params["recovery/lr"]
         assert t.user_attrs["finetune_steps"] == len(loader)
+
+
+def test_lc_penalty_prox_is_the_exact_minimizer():
+    # argmin_v 1/(2s) ||v - w||^2 + mu/2 ||v - theta - lam/mu||^2
+    w, theta, lam, mu, s = torch.tensor([1.0, -2.0]), torch.tensor([0.0, -1.0]), torch.tensor([0.5, 0.0]), 4.0, 0.25
+    v = w.clone()
+    lc.penalty_prox(v, theta, lam, mu, s)
+    target = theta + lam / mu
+    assert torch.allclose(v, (w / s + mu * target) / (1 / s + mu))
+    big = w.clone()
+    lc.penalty_prox(big, theta, lam, 1e9, 1.0)  # mu -> inf: w is pulled onto theta
+    assert torch.allclose(big, theta, atol=1e-6)

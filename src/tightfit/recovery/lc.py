@@ -6,6 +6,8 @@ steps are switched off while it does, so the forward pass sees ``w``) on
 
     loss(w) + mu/2 * ||w - theta - lambda/mu||^2          (L-step, the augmented Lagrangian)
 
+(each L-step iteration: an optimizer step on the loss, then the exact proximal step of the
+quadratic penalty, so any ``mu`` is stable)
 and alternates with
 
     theta = Pi(w - lambda/mu)                             (C-step: the operators' projection)
@@ -59,6 +61,16 @@ def penalty(w: torch.Tensor, theta: torch.Tensor, lam: torch.Tensor, mu: float) 
     return 0.5 * mu * (w - theta - lam / mu).pow(2).sum()
 
 
+@torch.no_grad()
+def penalty_prox(w: torch.Tensor, theta: torch.Tensor, lam: torch.Tensor, mu: float, step: float) -> None:
+    """The exact proximal step of the penalty with step size ``step`` (in place):
+    ``w <- (w + step*mu*(theta + lambda/mu)) / (1 + step*mu)``. Stable for any ``mu``, where a
+    gradient step on the penalty diverges once ``step*mu > 2`` (and Adam's normalisation makes
+    it crawl)."""
+    a = step * mu
+    w.copy_((w + a * (theta + lam / mu)) / (1.0 + a))
+
+
 class LearningCompression(Recovery):
     """L-C recovery: ``LearningCompression(train_loader, evaluate=Accuracy(val_loader))``.
 
@@ -75,13 +87,14 @@ class LearningCompression(Recovery):
         loader: Iterable,
         *,
         epochs: int = 6,
-        lr: float = 1e-3,
-        optimizer: str = "adam",
+        lr: float = 0.05,
+        optimizer: str = "sgd",
         mu: float = 1e-2,
         mu_factor: float = 1.3,
         mu_max: float = 1e3,
         c_steps_per_epoch: int = 4,
         multipliers: bool = True,
+        penalty_step: float | None = None,
         evaluate: Callable[[nn.Module], float] | None = None,
         loss=None,
         max_steps: int | None = None,
@@ -102,6 +115,8 @@ class LearningCompression(Recovery):
         self.mu_max = float(mu_max)
         self.c_steps_per_epoch = c_steps_per_epoch
         self.multipliers = multipliers
+        #: step size of the penalty's proximal step (default: the learning rate)
+        self.penalty_step = float(penalty_step) if penalty_step is not None else self.lr
         self.evaluate = evaluate
         #: (epoch, mu, validation metric) of the last call, for inspection.
         self.history: list[tuple[int, float, float | None]] = []
@@ -142,10 +157,11 @@ class LearningCompression(Recovery):
                 model.train()
                 with swapped_steps(identity):  # the forward pass sees the uncompressed w
                     opt.zero_grad(set_to_none=True)
-                    loss = self.loss(model, batch)
-                    loss = loss + sum(penalty(w, t, lam, mu) for w, t, lam in zip(ws, thetas, lams))
-                    loss.backward()
+                    self.loss(model, batch).backward()
                     opt.step()
+                # L-step as proximal gradient: a step on the loss, then the penalty's exact prox
+                for w, t, lam in zip(ws, thetas, lams):
+                    penalty_prox(w, t, lam, mu, self.penalty_step)
                 if step_in_epoch % every == 0 or last:
                     thetas = [c_step(w, lam, mu, s) for s, w, lam in zip(lc_sites, ws, lams)]
                     if self.multipliers:  # off: the quadratic-penalty method (lambda stays 0)
