@@ -115,8 +115,8 @@ class LearningCompression(Recovery):
         self.mu_max = float(mu_max)
         self.c_steps_per_epoch = c_steps_per_epoch
         self.multipliers = multipliers
-        #: step size of the penalty's proximal step (default: the learning rate)
-        self.penalty_step = float(penalty_step) if penalty_step is not None else self.lr
+        #: step size of the penalty's proximal step (None: the learning rate, also when lr is tuned)
+        self.penalty_step = float(penalty_step) if penalty_step is not None else None
         self.evaluate = evaluate
         #: (epoch, mu, validation metric) of the last call, for inspection.
         self.history: list[tuple[int, float, float | None]] = []
@@ -161,7 +161,7 @@ class LearningCompression(Recovery):
                     opt.step()
                 # L-step as proximal gradient: a step on the loss, then the penalty's exact prox
                 for w, t, lam in zip(ws, thetas, lams):
-                    penalty_prox(w, t, lam, mu, self.penalty_step)
+                    penalty_prox(w, t, lam, mu, self.penalty_step or self.lr)
                 if step_in_epoch % every == 0 or last:
                     thetas = [c_step(w, lam, mu, s) for s, w, lam in zip(lc_sites, ws, lams)]
                     if self.multipliers:  # off: the quadratic-penalty method (lambda stays 0)
