@@ -322,3 +322,20 @@ def test_lc_penalty_prox_is_the_exact_minimizer():
     big = w.clone()
     lc.penalty_prox(big, theta, lam, 1e9, 1.0)  # mu -> inf: w is pulled onto theta
     assert torch.allclose(big, theta, atol=1e-6)
+
+
+def test_operator_projections():
+    w = torch.tensor([[0.3, -0.1, 0.8, -0.5]])
+    assert torch.equal(Prune().project(w, {"sparsity": 0.5}), torch.tensor([[0.0, 0.0, 0.8, -0.5]]))
+    assert torch.equal(Quantize(bits=(2, 4)).project(w, {"bits": 2}), FakeQuantize(2)(w))
+
+
+def test_lc_inside_compress_saves_what_it_measured():
+    from tightfit import MinMetric, compress
+
+    model, loader = _toy()
+    evaluate = _accuracy(loader)
+    result = compress(model, evaluate=evaluate, strategy=Prune(sparsity=(0.3, 0.6)), constraint=MinMetric(0.0),
+                      finetune=LearningCompression(loader, epochs=2, evaluate=evaluate), budget=2, search="random", seed=0)
+    best = result.best_trial
+    assert result.feasible and result.metric == best.measurement.metric  # the saved model is the one measured
