@@ -102,9 +102,9 @@ def recoveries(kind: str, loader, val, epochs: int) -> dict:
     if kind == "prune":
         return {
             "finetune (masked)": FineTune(loader, epochs=epochs, lr=1e-3),
-            "L-C (defaults: ALM, SGD 0.05)": LearningCompression(loader, epochs=epochs, evaluate=val),
-            "L-C (ALM, Adam 1e-3)": LearningCompression(loader, epochs=epochs, evaluate=val, optimizer="adam", lr=1e-3),
-            "L-C (no multipliers, SGD 0.05)": LearningCompression(loader, epochs=epochs, evaluate=val, multipliers=False),
+            "L-C (defaults: ALM, SGD 0.05, mu 1e-3 -> 10)": LearningCompression(loader, epochs=epochs, evaluate=val),
+            "L-C (ALM, Adam 1e-3)": LearningCompression(loader, epochs=epochs, evaluate=val, optimizer="adam", lr=1e-3, penalty_step=0.05),
+            "L-C (no multipliers)": LearningCompression(loader, epochs=epochs, evaluate=val, multipliers=False),
             "prune-and-splice": PruneSplice(loader, epochs=epochs, lr=1e-3),
         }
     if kind == "quant":
