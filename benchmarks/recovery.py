@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tightfit import compress
 from tightfit.demo import LeNet5, digits_split, lenet_300_100, train
 from tightfit.demo.data import Split
+from tightfit.errors import EvaluationError
 from tightfit.evaluation import Accuracy, MaxDrop
 from tightfit.export.artifact import load_model, to_bytes
 from tightfit.measure.analysis import analyze, count_nonzeros
@@ -98,13 +99,13 @@ def saved_model(model, plan):
     return load_model(io.BytesIO(data)), len(data)
 
 
-def recoveries(kind: str, loader, val, epochs: int) -> dict:
+def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05) -> dict:
     if kind == "prune":
         return {
             "finetune (masked)": FineTune(loader, epochs=epochs, lr=1e-3),
-            "L-C (defaults: ALM, SGD 0.05, mu 1e-3 -> 10)": LearningCompression(loader, epochs=epochs, evaluate=val),
+            f"L-C (ALM, SGD {lc_lr:g}, mu 1e-3 -> 10)": LearningCompression(loader, epochs=epochs, evaluate=val, lr=lc_lr),
             "L-C (ALM, Adam 1e-3)": LearningCompression(loader, epochs=epochs, evaluate=val, optimizer="adam", lr=1e-3, penalty_step=0.05),
-            "L-C (no multipliers)": LearningCompression(loader, epochs=epochs, evaluate=val, multipliers=False),
+            "L-C (no multipliers)": LearningCompression(loader, epochs=epochs, evaluate=val, multipliers=False, lr=lc_lr),
             "prune-and-splice": PruneSplice(loader, epochs=epochs, lr=1e-3),
         }
     if kind == "quant":
@@ -118,7 +119,7 @@ def recoveries(kind: str, loader, val, epochs: int) -> dict:
     raise ValueError(kind)
 
 
-def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[float]) -> dict:
+def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[float], lc_lr: float = 0.05) -> dict:
     rows = []
     for seed in SEEDS:
         split, model = setup(model_name, seed)
@@ -132,12 +133,19 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
                 plan = Plan.from_strategy(Compose([Prune()]), {n: {"prune": {"sparsity": per_layer[n]}} for n in names})
             else:
                 plan = Plan.from_strategy(Compose([Quantize(bits=(2, 4, 8))]), {n: {"quantize": {"bits": int(level)}} for n in names})
-            for method, rec in recoveries(kind, loader, val, epochs).items():
+            for method, rec in recoveries(kind, loader, val, epochs, lc_lr).items():
                 candidate = apply(plan, model)
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
                     start = time.perf_counter()
-                    rec(candidate)
+                    try:
+                        rec(candidate)
+                    except EvaluationError as exc:  # a diverged run counts as a failure at chance level
+                        print(f"# {method} seed {seed} level {level}: {exc}", flush=True)
+                        candidate = apply(plan, model)
+                        with torch.no_grad():
+                            for p in candidate.parameters():
+                                p.fill_(float("nan"))
                     wall = time.perf_counter() - start
                 loaded, size = saved_model(candidate, plan)
                 nz, total = count_nonzeros(loaded, names)
@@ -256,6 +264,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=int, default=20)
     p.add_argument("--file")
     p.add_argument("--tag", default="")
+    p.add_argument("--lc-lr", type=float, default=0.05)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
@@ -263,7 +272,7 @@ def main(argv=None) -> None:
         print(summarize(json.loads(Path(args.file).read_text())))
         return
     if args.kind == "prune":
-        result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97])
+        result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97], args.lc_lr)
     elif args.kind == "quant":
         result = run_prune_or_quant("quant", args.model, args.epochs, args.levels or [2])
     elif args.kind == "sparse":

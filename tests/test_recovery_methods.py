@@ -339,3 +339,12 @@ def test_lc_inside_compress_saves_what_it_measured():
                       finetune=LearningCompression(loader, epochs=2, evaluate=evaluate), budget=2, search="random", seed=0)
     best = result.best_trial
     assert result.feasible and result.metric == best.measurement.metric  # the saved model is the one measured
+
+
+def test_lc_divergence_is_a_clear_error():
+    from tightfit.errors import EvaluationError
+
+    model, loader = _toy()
+    plan = Plan.from_strategy(Compose([Prune()]), {"0": {"prune": {"sparsity": 0.5}}})
+    with pytest.raises(EvaluationError, match="lower `lr`"):
+        LearningCompression(loader, epochs=2, lr=1e30)(apply(plan, model))

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EvaluationError
 from ..evaluation.metrics import evaluate_metric
 from ..operators.base import Hyperparameter
 from ._base import Recovery, Site, make_optimizer, projectable, sites, swapped_steps
@@ -164,7 +164,13 @@ class LearningCompression(Recovery):
                 model.train()
                 with swapped_steps(identity):  # the forward pass sees the uncompressed w
                     opt.zero_grad(set_to_none=True)
-                    self.loss(model, batch).backward()
+                    loss = self.loss(model, batch)
+                    if not torch.isfinite(loss):
+                        raise EvaluationError(
+                            f"LearningCompression diverged: the loss became {float(loss.detach())} at step {self.steps_taken} "
+                            f"(epoch {epoch}); lower `lr` (now {self.lr:g}) or tune it with Tuned(..., lr=(lo, hi))."
+                        )
+                    loss.backward()
                     opt.step()
                 # L-step as proximal gradient: a step on the loss, then the penalty's exact prox
                 for w, t, lam in zip(ws, thetas, lams):
