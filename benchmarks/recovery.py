@@ -1,4 +1,4 @@
-"""Benchmark of the recoveries of issue 7 (results go to benchmarks/results/recovery_*.json).
+"""Benchmark of the recoveries of issue 7 (results go to docs/results/recovery_*.json).
 
     nice -n 10 python benchmarks/recovery.py prune   --model lenet300 --epochs 6
     nice -n 10 python benchmarks/recovery.py sparse  --model lenet300 --epochs 20
@@ -43,7 +43,7 @@ from tightfit.recovery import (
     sparsity_report,
 )
 
-OUT = Path(__file__).parent / "results"
+OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 SEEDS = (0, 1, 2)
 
 
@@ -187,18 +187,25 @@ def run_sparse(model_name: str, epochs: int, lambdas: list[float], lr: float) ->
     return {"kind": "sparse", "model": model_name, "epochs": epochs, "lr": lr, "rows": rows}
 
 
-def run_tuned(model_name: str, budget: int, epochs: int) -> dict:
+def run_tuned(model_name: str, budget: int, epochs: int, recovery: str = "finetune") -> dict:
     rows = []
     for seed in SEEDS:
         split, model = setup(model_name, seed)
         val = Accuracy(split.loader("val", batch_size=512))
         test = Accuracy(split.loader("test", batch_size=512))
         loader = split.loader("train", shuffle=True)
-        default = FineTune(loader, epochs=epochs, lr=3e-4)
-        variants = {
-            "default recovery": default,
-            "tuned recovery (lr, optimizer)": Tuned(default, lr=(1e-4, 1e-2), optimizer=["adam", "sgd"]),
-        }
+        if recovery == "lc":
+            default = LearningCompression(loader, epochs=epochs, evaluate=val)
+            variants = {
+                "L-C, default settings": default,
+                "L-C, tuned (lr, mu_max, c_steps_per_epoch)": Tuned(default, lr=(0.005, 0.1), mu_max=(1.0, 100.0), c_steps_per_epoch=(1, 8)),
+            }
+        else:
+            default = FineTune(loader, epochs=epochs, lr=3e-4)
+            variants = {
+                "default recovery": default,
+                "tuned recovery (lr, optimizer)": Tuned(default, lr=(1e-4, 1e-2), optimizer=["adam", "sgd"]),
+            }
         for name, rec in variants.items():
             start = time.perf_counter()
             result = compress(model, evaluate=val, strategy=Prune(sparsity=(0.0, 0.99)), constraint=MaxDrop(0.005),
@@ -208,7 +215,7 @@ def run_tuned(model_name: str, budget: int, epochs: int) -> dict:
             row = dict(seed=seed, variant=name, feasible=result.feasible, cr=result.nonzero_ratio if result.feasible else 1.0,
                        val=result.metric, test=test(result.model), base_test=test(model), wall_s=wall,
                        n_feasible=sum(t.feasible for t in result.trials),
-                       recovery=(best and result.trials[best.number] and None))
+                       best_trial=best.number if best is not None else None)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"kind": "tuned", "model": model_name, "budget": budget, "epochs": epochs, "rows": rows}
@@ -265,6 +272,7 @@ def main(argv=None) -> None:
     p.add_argument("--file")
     p.add_argument("--tag", default="")
     p.add_argument("--lc-lr", type=float, default=0.05)
+    p.add_argument("--recovery", default="finetune", choices=["finetune", "lc"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
@@ -278,7 +286,7 @@ def main(argv=None) -> None:
     elif args.kind == "sparse":
         result = run_sparse(args.model, args.epochs, args.lambdas, args.lr)
     else:
-        result = run_tuned(args.model, args.budget, args.epochs)
+        result = run_tuned(args.model, args.budget, args.epochs, args.recovery)
     result["command"] = " ".join(["python", "benchmarks/recovery.py", *(argv or sys.argv[1:])])
     path = OUT / f"recovery_{args.kind}_{args.model}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
