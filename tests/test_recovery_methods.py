@@ -348,3 +348,18 @@ def test_lc_divergence_is_a_clear_error():
     plan = Plan.from_strategy(Compose([Prune()]), {"0": {"prune": {"sparsity": 0.5}}})
     with pytest.raises(EvaluationError, match="lower `lr`"):
         LearningCompression(loader, epochs=2, lr=1e30)(apply(plan, model))
+
+
+@pytest.mark.parametrize("make", [
+    lambda loader: SparseTraining(loader, method="obproxsg", epochs=2, lambda_=0.05),
+    lambda loader: SparseTraining(loader, method="hspg", epochs=2, lambda_=0.05),
+    lambda loader: PruneSplice(loader, epochs=2),
+])
+def test_sparse_recoveries_inside_compress_on_a_pruned_plan(make):
+    from tightfit import MinMetric, compress
+
+    model, loader = _toy()
+    result = compress(model, evaluate=_accuracy(loader), strategy=Prune(sparsity=0.5), constraint=MinMetric(0.0),
+                      objective="nonzeros", finetune=make(loader), budget=1, search="random", seed=0)
+    assert result.feasible and result.metric == result.best_trial.measurement.metric
+    assert result.best_trial.measurement.nonzeros < 192  # the plan's zeros (plus any the method adds) are in the file
