@@ -55,6 +55,7 @@ class Tuned:
         if missing:
             raise ConfigError(f"Tuned: {type(recovery).__name__} has no hyperparameter(s) {missing}.")
         self.recovery = recovery
+        self._last: Any = None
         self.specs = {name: Hyperparameter(name, hp.low, hp.high, hp.choices, hp.integer, hp.log) for name, hp in specs.items()}
 
     def hyperparameters(self) -> list[Hyperparameter]:
@@ -66,10 +67,11 @@ class Tuned:
 
     @property
     def steps_taken(self) -> int | None:
-        return getattr(self.recovery, "steps_taken", None)
+        return getattr(self._last if self._last is not None else self.recovery, "steps_taken", None)
 
     def __call__(self, model: nn.Module) -> None:
-        self.with_settings()(model)
+        self._last = self.with_settings()
+        self._last(model)
 
     def __repr__(self) -> str:
         return f"Tuned({self.recovery!r}, {sorted(self.specs)})"
