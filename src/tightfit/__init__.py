@@ -34,6 +34,11 @@ _EXPORTS = {
     "MinMetric": "tightfit.evaluation",
     # recovery
     "FineTune": "tightfit.recovery",
+    "LearningCompression": "tightfit.recovery",
+    "PruneSplice": "tightfit.recovery",
+    "SparseTraining": "tightfit.recovery",
+    "ProxConnect": "tightfit.recovery",
+    "Tuned": "tightfit.recovery",
     # files
     "save": "tightfit._files",
     "load": "tightfit._files",
@@ -70,4 +75,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .measure import analyze
     from .operators import Compose, Hyperparameter, Operator, Plan, Prune, Quantize, apply, register_operator
     from .records import Measurement, Result, TrialRecord
-    from .recovery import FineTune
+    from .recovery import FineTune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned
