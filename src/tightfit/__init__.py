@@ -39,6 +39,11 @@ _EXPORTS = {
     "Certificate": "tightfit.evaluation",
     # recovery
     "FineTune": "tightfit.recovery",
+    "LearningCompression": "tightfit.recovery",
+    "PruneSplice": "tightfit.recovery",
+    "SparseTraining": "tightfit.recovery",
+    "ProxConnect": "tightfit.recovery",
+    "Tuned": "tightfit.recovery",
     # files
     "save": "tightfit._files",
     "load": "tightfit._files",
@@ -75,4 +80,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .measure import analyze
     from .operators import Compose, Hyperparameter, Operator, Plan, Prune, Quantize, apply, register_operator
     from .records import Measurement, Result, TrialRecord
-    from .recovery import FineTune
+    from .recovery import FineTune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned

@@ -13,10 +13,11 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages import BaseStorage
 from torch import nn
 
 from . import report
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .evaluation.constraints import Constraint, MaxDrop
 from .evaluation.metrics import bind_reference, evaluate_metric
 from .evaluation.sequential import Sequential, SequentialSession
@@ -65,6 +66,14 @@ def _check_evaluation(evaluation) -> None:
         )
 
 
+def _tuned_hyperparameters(finetune: Any) -> list:
+    """Tuned recovery: a ``finetune`` that declares ``hyperparameters()`` and ``with_settings()``
+    has those searched with the plan (see tightfit.recovery.Tuned)."""
+    if finetune is None or not (hasattr(finetune, "hyperparameters") and hasattr(finetune, "with_settings")):
+        return []
+    return list(finetune.hyperparameters())
+
+
 def _constraints(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
     if constraint is None:
         items = [MaxDrop(0.01)]
@@ -85,6 +94,23 @@ def float32_file_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return len(buffer.getvalue())
+
+
+def _check_flops(original, example_input, layer_names, objective) -> bool:
+    """Whether FLOPs can be counted on ``example_input``; an error only when they are the objective."""
+    if example_input is None:
+        return False
+    try:
+        sparse_flops(original, example_input, layer_names)
+    except Exception as exc:
+        if objective == "flops":
+            raise ConfigError(
+                f"`example_input` does not run through the model under torch's FLOP counter "
+                f"({type(exc).__name__}: {exc}); give an input the model's forward accepts."
+            ) from exc
+        log.warning("FLOPs are not counted: the model fails on example_input (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _measure_baseline(original, evaluate, layer_names, example_input) -> Measurement:
@@ -150,10 +176,11 @@ def compress(
     example_input: Any = None,
     seed: int = 0,
     run_dir: str | os.PathLike | None = None,
-    storage: str | None = None,
+    storage: str | BaseStorage | None = None,
     study_name: str = "tightfit",
     progress: bool = False,
     artifact_extra: dict[str, Any] | None = None,
+    on_start: Callable[[str, str], None] | None = None,
     evaluation: Sequential | None = None,
 ) -> Result:
     """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
@@ -162,23 +189,65 @@ def compress(
     runs ``finetune`` (masks and quantization held), measures ``evaluate`` and the saved file's
     bytes. With ``run_dir``, the study (SQLite), every trial, the best model file, a summary and a
     plot are written there, and calling again with the same arguments resumes the search.
+    ``storage`` (a URL such as ``postgresql://…`` or a storage from :func:`tightfit.scale.open_storage`)
+    puts the study on a database that workers (:func:`tightfit.scale.work`, ``tightfit worker``) share;
+    ``on_start(storage_url, study_name)`` is called once the study is open and the baseline stored
+    (``tightfit run --workers`` starts its workers there). This call waits for the other workers'
+    running trials before it reports.
     With ``evaluation=tightfit.Sequential(...)``, candidates are evaluated on a growing subsample of
     the validation set until a confidence interval decides the constraints, candidates that cannot
     improve the answer are only screened (no fine-tune), and the answer comes with a certificate
-    computed on held-out validation samples (``result.certificate``).
-    See the README for the full walk-through.
+    computed on held-out validation samples (``result.certificate``). See the README for the full
+    walk-through.
     """
+    return _search(
+        model, evaluate=evaluate, strategy=strategy, constraint=constraint, objective=objective, finetune=finetune,
+        budget=budget, search=search, example_input=example_input, seed=seed, run_dir=run_dir, storage=storage,
+        study_name=study_name, progress=progress, artifact_extra=artifact_extra, on_start=on_start, worker=False,
+        evaluation=evaluation,
+    )
+
+
+def _search(
+    model: nn.Module,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    strategy: Compose | Operator | None = None,
+    constraint: Constraint | Sequence[Constraint] | None = None,
+    objective: str = "size",
+    finetune: Callable[[nn.Module], None] | None = None,
+    budget: int = 30,
+    search: str = "auto",
+    example_input: Any = None,
+    seed: int = 0,
+    run_dir: str | os.PathLike | None = None,
+    storage: str | BaseStorage | None = None,
+    study_name: str = "tightfit",
+    progress: bool = False,
+    artifact_extra: dict[str, Any] | None = None,
+    on_start: Callable[[str, str], None] | None = None,
+    worker: bool = False,
+    evaluation: Sequential | None = None,
+) -> Result | int:
+    """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated."""
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
     _check_evaluation(evaluation)
     strategy = as_strategy(strategy if strategy is not None else Compose([Prune(), Quantize()]))
     constraints = _constraints(constraint)
     check_search(search)
 
-    original = copy.deepcopy(model).eval()
-    evaluate = bind_reference(evaluate, original)  # Agreement / Fidelity compare with the original
+    try:
+        original = copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise ModelError(
+            f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
+            "changes your model. Make it deep-copyable (e.g. keep open files or locks out of its attributes)."
+        ) from exc
     analysis = analyze(original)
-    space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
+    space = build_space(strategy, analysis, _tuned_hyperparameters(finetune))  # ModelError if nothing compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
+    if not _check_flops(original, example_input, layer_names, objective):
+        example_input = None
     settings = {
         "space": space.keys,
         "objective": objective,
@@ -186,6 +255,7 @@ def compress(
         "search": search,
         "seed": seed,
     }
+    evaluate = bind_reference(evaluate, original)  # Agreement / Fidelity compare with the original
     session = None
     if evaluation is not None:
         settings["evaluation"] = evaluation.describe()
@@ -194,10 +264,13 @@ def compress(
 
     with ExitStack() as stack:
         stack.enter_context(_optuna_quiet())
-        run = stack.enter_context(RunDir.open(run_dir)) if run_dir is not None else None
-        study = _open_study(run, storage, study_name, settings)
-        if run is not None and storage is None:
-            # We hold the run directory's lock, so RUNNING trials belong to a dead process.
+        if worker and storage is None:
+            raise ConfigError("A worker needs `storage`: the URL of the study it joins (e.g. postgresql://…).")
+        run = stack.enter_context(RunDir.open(run_dir)) if run_dir is not None and not worker else None
+        study, url = _open_study(run, storage, study_name, settings)
+        if run is not None and url == run.storage_url:
+            # We hold the run directory's lock and our workers die with us, so RUNNING trials in the
+            # run directory's own SQLite belong to a dead process. Shared storages use heartbeats.
             recovered = recover_interrupted(study)
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
@@ -214,11 +287,13 @@ def compress(
             counter.take()
             candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
             steps = None
-            if finetune is not None:
+            tuned = space.recovery_settings(trial.params)
+            recover = finetune.with_settings(**tuned) if tuned else finetune
+            if recover is not None:
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
-                    finetune(candidate)
-                steps = getattr(finetune, "steps_taken", None)
+                    recover(candidate)
+                steps = getattr(recover, "steps_taken", None)
             metric, metric_se = _full_metric(evaluate, candidate)
             data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": trial.number})
             nonzeros, _ = count_nonzeros(candidate, layer_names)
@@ -232,42 +307,60 @@ def compress(
             values = [c.value(measured, baseline) for c in constraints]
             goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
             record = TrialRecord(trial.number, "COMPLETE", plan, measured, float(goal), tuple(values))
-            if record.feasible and _better(record, best_holder["record"]):
+            if not worker and record.feasible and _better(record, best_holder["record"]):
                 best_holder.update(record=record, bytes=data)
                 if run is not None:
                     run.write_best(data)
             return TrialOutcome(
                 objective=float(goal),
                 constraints=values,
-                attrs={
-                    "plan": plan.to_dict(),
-                    "measurement": measured.to_dict(),
-                    "finetune_steps": steps,
-                    "metric_se": metric_se,
-                    "val_samples": counter.take(),
-                    "fidelity": "full",
-                },
+                attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps,
+                       "metric_se": metric_se, "val_samples": counter.take(), "fidelity": "full",
+                       **({"recovery": tuned} if tuned else {})},
             )
 
         if session is not None:
             from .evaluation.search_hook import sequential_plan_evaluator
 
+            def recovery_for(trial):
+                tuned = space.recovery_settings(trial.params)
+                return (finetune.with_settings(**tuned) if tuned else finetune), tuned
+
             evaluate_plan = sequential_plan_evaluator(  # noqa: F811 - cheap evaluation replaces the full one
-                session=session, original=original, strategy=strategy, finetune=finetune, seed=seed,
-                constraints=constraints, baseline=baseline, objective=objective, best_holder=best_holder, run=run,
-                counter=counter, better=_better,
+                session=session, original=original, strategy=strategy, recovery_for=recovery_for, seed=seed,
+                constraints=constraints, baseline=baseline, objective=objective, best_holder=best_holder,
+                run=None if worker else run, counter=counter, better=_better, keep_best=not worker,
                 static=lambda candidate, plan, number, reuse=None: _static_measure(
                     candidate, plan, number, artifact_extra, layer_names, example_input, baseline, reuse
                 ),
             )
 
+        if worker:
+            return run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed)
+        if on_start is not None:
+            on_start(url, study_name)
         reporter = stack.enter_context(report.live_progress(budget, baseline, enabled=progress))
         reporter.advance_to(len(counted_trials(study)))
         reporter.add_cost(study.get_trials(deepcopy=False))
         started = time.perf_counter()
-        run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=reporter.on_trial)
+        refresher = report.LiveFiles(run.path, baseline, settings) if run is not None else None
+
+        def on_trial(frozen: optuna.trial.FrozenTrial) -> None:
+            reporter.on_trial(frozen)
+            if refresher is not None or progress:
+                trials_now = study.get_trials(deepcopy=False)
+                reporter.advance_to(len(counted_trials(study)))  # other workers' trials too
+                if refresher is not None:
+                    refresher.maybe_write([trial_record(t) for t in trials_now])
+
+        run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=on_trial, drain=True)
 
         trials = [trial_record(t) for t in study.get_trials()]
+        if space.recovery:  # a replayed best trial must train with its own recovery settings
+            tuned_of = {t.number: t.user_attrs.get("recovery", {}) for t in study.get_trials(deepcopy=False)}
+            best_trial = best_feasible(trials)
+            if best_trial is not None:
+                finetune = finetune.with_settings(**tuned_of.get(best_trial.number, {}))
         counter.take()
         final_metric = session.confirm if session is not None else evaluate
         result = _finish(
@@ -388,19 +481,30 @@ def _optuna_quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
-def _open_study(run: RunDir | None, storage: str | None, study_name: str, settings: dict[str, Any]) -> optuna.Study:
-    url = storage or (run.storage_url if run is not None else None)
-    study = optuna.create_study(storage=url, study_name=study_name, direction="minimize", load_if_exists=True)
+def _open_study(run: RunDir | None, storage, study_name: str, settings: dict[str, Any]) -> tuple[optuna.Study, str | None]:
+    """The study (created if new) and its storage URL. Database storages get heartbeats on running
+    trials (tightfit.scale), so workers that die are noticed and their trials retried."""
+    from .scale.storage import open_storage, redact
+
+    if isinstance(storage, BaseStorage):
+        backend, url = storage, getattr(storage, "url", None)
+    else:
+        url = storage or (run.storage_url if run is not None else None)
+        backend = open_storage(url) if url is not None else None
+    try:
+        study = optuna.create_study(storage=backend, study_name=study_name, direction="minimize", load_if_exists=True)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
+        study = optuna.load_study(storage=backend, study_name=study_name)
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
     elif stored != settings:
         diff = sorted(k for k in settings if stored.get(k) != settings[k])
         raise ConfigError(
-            f"The study {study_name!r} at {url} was started with different settings ({', '.join(diff)} differ). "
-            "Resume with the same arguments, or use a new run_dir / study_name."
+            f"The study {study_name!r} at {redact(url or 'memory')} was started with different settings "
+            f"({', '.join(diff)} differ). Resume with the same arguments, or use a new run_dir / study_name."
         )
-    return study
+    return study, url
 
 
 def _baseline(study, original, evaluate, layer_names, example_input) -> Measurement:

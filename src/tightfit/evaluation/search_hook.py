@@ -35,7 +35,7 @@ def sequential_plan_evaluator(
     session: SequentialSession,
     original: nn.Module,
     strategy: Any,
-    finetune: Callable[[nn.Module], None] | None,
+    recovery_for: Callable[[Any], tuple[Callable[[nn.Module], None] | None, dict[str, Any]]],
     seed: int,
     constraints: Sequence[Constraint],
     baseline: Measurement,
@@ -45,7 +45,10 @@ def sequential_plan_evaluator(
     counter: Any,
     better: Callable[[TrialRecord, TrialRecord | None], bool],
     static: StaticMeasure,
+    keep_best: bool = True,
 ) -> Callable[[Plan, Any], TrialOutcome]:
+    """``recovery_for(trial) -> (finetune or None, tuned settings)``: the trial's recovery (tuned
+    recovery searches its own settings). ``keep_best``: False in a worker, which keeps no files."""
     screen_enabled = session.config.screen
 
     def goal_of(measured: Measurement) -> float:
@@ -62,6 +65,7 @@ def sequential_plan_evaluator(
         promising = fixed_ok and (incumbent is None or incumbent.objective is None or goal < incumbent.objective)
         level = "full" if (promising or not screen_enabled) else "screen"
 
+        finetune, tuned = recovery_for(trial)
         steps = 0 if finetune is not None else None
         if level == "full" and finetune is not None:
             with torch.random.fork_rng():
@@ -76,7 +80,7 @@ def sequential_plan_evaluator(
         measured = Measurement(ev.metric, measured.size_bytes, measured.nonzeros, measured.weight_params, measured.flops)
         values = [ev.constraint_values[i] if i in ev.constraint_values else c.value(measured, baseline) for i, c in enumerate(constraints)]
         record = TrialRecord(trial.number, "COMPLETE", plan, measured, goal, tuple(values), fidelity=level)
-        if level == "full" and record.feasible and better(record, best_holder["record"]):
+        if keep_best and level == "full" and record.feasible and better(record, best_holder["record"]):
             best_holder.update(record=record, bytes=data)
             if run is not None:
                 run.write_best(data)
@@ -104,6 +108,7 @@ def sequential_plan_evaluator(
                     "search_samples": len(session.search_idx),
                 },
                 "evaluations": [{"level": level, "val_samples": ev.samples, "finetune_steps": steps, "seconds": seconds}],
+                **({"recovery": tuned} if tuned else {}),
             },
         )
 
