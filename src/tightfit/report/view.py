@@ -41,9 +41,14 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=study_name, storage=with_installed_driver(storage))
-    except KeyError:
-        raise ConfigError(f"No study named {study_name!r} in {redact(storage)}.") from None
+        url = with_installed_driver(storage)
+        names = optuna.get_all_study_names(url)
+        if study_name not in names and run_dir is not None and len(names) == 1:
+            study_name = names[0]  # a run directory holds one study, whatever its name
+        if study_name not in names:
+            known = f" (it holds: {', '.join(names)})" if names else ""
+            raise ConfigError(f"No study named {study_name!r} in {redact(storage)}{known}; pass --study NAME.")
+        study = optuna.load_study(study_name=study_name, storage=url)
     except ImportError as exc:
         raise ConfigError(f"storage {redact(storage)}: the database driver is missing ({exc}).") from None
     baseline = study.user_attrs.get(BASELINE_ATTR)
