@@ -5,9 +5,11 @@ from .compose import Compose, as_strategy
 from .plan import OPERATOR_REGISTRY, Plan, apply, apply_plan_inplace, register_operator
 from .prune import Prune, WeightMask, magnitude_mask
 from .quantize import FakeQuantize, Quantize
+from .structured import StructuredPrune
 
 register_operator(Prune)
 register_operator(Quantize)
+register_operator(StructuredPrune)
 
 __all__ = [
     "OPERATOR_REGISTRY",
@@ -18,6 +20,7 @@ __all__ = [
     "Plan",
     "Prune",
     "Quantize",
+    "StructuredPrune",
     "WeightMask",
     "apply",
     "apply_plan_inplace",
