@@ -16,10 +16,11 @@ from torch import nn
 
 from . import report
 from .errors import ConfigError
-from .evaluation.constraints import Constraint, MaxDrop
+from .evaluation.constraints import Constraint, MaxDrop, MaxLatency
 from .evaluation.metrics import evaluate_metric
 from .export.artifact import load_model, to_bytes
 from .measure.analysis import analyze, count_nonzeros, sparse_flops
+from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy
 from .operators.plan import Plan, apply_plan_inplace
@@ -33,7 +34,8 @@ from .search.space import SearchSpace, build_space
 
 log = logging.getLogger("tightfit")
 
-OBJECTIVES = ("size", "nonzeros", "flops")
+OBJECTIVES = ("size", "nonzeros", "flops", "latency")
+EXAMPLE_INPUT_FILE = "example_input.pt"
 BASELINE_ATTR = "tightfit.baseline"
 SETTINGS_ATTR = "tightfit.settings"
 
@@ -45,8 +47,8 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
         raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
     if objective not in OBJECTIVES:
         raise ConfigError(f"`objective` must be one of {OBJECTIVES}, but got {objective!r}.")
-    if objective == "flops" and example_input is None:
-        raise ConfigError('`objective="flops"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
+    if objective in ("flops", "latency") and example_input is None:
+        raise ConfigError(f'`objective="{objective}"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"`budget` must be a whole number of evaluations >= 1, but got {budget!r}.")
     if finetune is not None and not callable(finetune):
@@ -70,9 +72,30 @@ def float32_file_bytes(model: nn.Module) -> int:
     return len(buffer.getvalue())
 
 
-def _measure_baseline(original, evaluate, layer_names, example_input) -> Measurement:
+def _latency_for(latency: Latency | None, objective: str, constraints: list[Constraint], example_input: Any) -> Latency | None:
+    """The latency meter of this run: the one given, or a default one when latency is asked for."""
+    if latency is not None:
+        if not isinstance(latency, Latency):
+            raise ConfigError(f"`latency` must be tightfit.Latency(example_input, ...), but got {type(latency).__name__}.")
+        return latency
+    if objective == "latency" or any(isinstance(c, MaxLatency) for c in constraints):
+        if example_input is None:
+            raise ConfigError("Latency objectives and MaxLatency need `example_input` (or `latency=tightfit.Latency(...)`).")
+        return Latency(example_input)
+    return None
+
+
+def _timed(latency: Latency | None, model: nn.Module) -> dict[str, float | None]:
+    if latency is None:
+        return {"latency_ms": None, "latency_iqr_ms": None}
+    measured = latency(model)
+    return {"latency_ms": measured.median_ms, "latency_iqr_ms": measured.iqr_ms}
+
+
+def _measure_baseline(original, evaluate, layer_names, example_input, latency=None) -> Measurement:
     nonzeros, total = count_nonzeros(original, layer_names)
     return Measurement(
+        **_timed(latency, original),
         metric=evaluate_metric(evaluate, copy.deepcopy(original)),
         size_bytes=float32_file_bytes(original),
         nonzeros=nonzeros,
@@ -134,6 +157,7 @@ def compress(
     study_name: str = "tightfit",
     progress: bool = False,
     artifact_extra: dict[str, Any] | None = None,
+    latency: Latency | None = None,
 ) -> Result:
     """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
 
@@ -141,6 +165,8 @@ def compress(
     runs ``finetune`` (masks and quantization held), measures ``evaluate`` and the saved file's
     bytes. With ``run_dir``, the study (SQLite), every trial, the best model file, a summary and a
     plot are written there, and calling again with the same arguments resumes the search.
+    ``objective="latency"`` (or a ``MaxLatency`` constraint) times every trial's saved model with
+    ``latency`` (default ``tightfit.Latency(example_input)``); passing ``latency`` alone records it.
     See the README for the full walk-through.
     """
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
@@ -148,7 +174,11 @@ def compress(
     constraints = _constraints(constraint)
     check_search(search)
 
+    latency = _latency_for(latency, objective, constraints, example_input)
+
     original = copy.deepcopy(model).eval()
+    for op in strategy:  # model-level operators (structured pruning) learn the model's structure
+        op.prepare(original, example_input)
     analysis = analyze(original)
     space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
@@ -159,6 +189,8 @@ def compress(
         "search": search,
         "seed": seed,
     }
+    if latency is not None:
+        settings["latency"] = latency.describe()
 
     with ExitStack() as stack:
         stack.enter_context(_optuna_quiet())
@@ -170,7 +202,9 @@ def compress(
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
 
-        baseline = _baseline(study, original, evaluate, layer_names, example_input)
+        if run is not None and example_input is not None:
+            torch.save(example_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
+        baseline = _baseline(study, original, evaluate, layer_names, example_input, latency)
         best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
 
         def evaluate_plan(plan: Plan, trial: optuna.Trial) -> TrialOutcome:
@@ -190,9 +224,11 @@ def compress(
                 nonzeros=nonzeros,
                 weight_params=baseline.weight_params,
                 flops=sparse_flops(candidate, example_input, layer_names) if example_input is not None else None,
+                **_timed(latency, candidate),
             )
             values = [c.value(measured, baseline) for c in constraints]
-            goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
+            goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops,
+                    "latency": measured.latency_ms}[objective]
             record = TrialRecord(trial.number, "COMPLETE", plan, measured, float(goal), tuple(values))
             if record.feasible and _better(record, best_holder["record"]):
                 best_holder.update(record=record, bytes=data)
@@ -241,11 +277,11 @@ def _open_study(run: RunDir | None, storage: str | None, study_name: str, settin
     return study
 
 
-def _baseline(study, original, evaluate, layer_names, example_input) -> Measurement:
+def _baseline(study, original, evaluate, layer_names, example_input, latency=None) -> Measurement:
     stored = study.user_attrs.get(BASELINE_ATTR)
     if stored is not None:
         return Measurement.from_dict(stored)
-    baseline = _measure_baseline(original, evaluate, layer_names, example_input)
+    baseline = _measure_baseline(original, evaluate, layer_names, example_input, latency)
     study.set_user_attr(BASELINE_ATTR, baseline.to_dict())
     return baseline
 
@@ -312,6 +348,7 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
             f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
             f"({len(data):,} of {baseline.size_bytes:,} bytes), {baseline.weight_params / max(1, nonzeros):.1f}x fewer "
             f"nonzero weights, metric {metric:.4f} vs {baseline.metric:.4f} originally."
+            + _speed_note(best.measurement, baseline)
         ),
         notes=notes,
         **common,
@@ -320,6 +357,13 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
     if run is not None:
         run.write_model(data)
     return result
+
+
+def _speed_note(measured: Measurement, baseline: Measurement) -> str:
+    if measured.latency_ms is None or baseline.latency_ms is None:
+        return ""
+    return (f" Measured {baseline.latency_ms / measured.latency_ms:.2f}x faster "
+            f"({measured.latency_ms:.3g} vs {baseline.latency_ms:.3g} ms per forward pass).")
 
 
 def _best_artifact(best: TrialRecord, holder: dict[str, Any], run: RunDir | None) -> bytes | None:
@@ -334,4 +378,4 @@ def _load_bytes(data: bytes) -> nn.Module:
     return load_model(io.BytesIO(data))
 
 
-__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES"]
+__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES", "EXAMPLE_INPUT_FILE"]

@@ -5,17 +5,20 @@ from .compose import Compose, as_strategy
 from .plan import OPERATOR_REGISTRY, Plan, apply, apply_plan_inplace, register_operator
 from .prune import Prune, WeightMask, magnitude_mask
 from .quantize import FakeQuantize, Quantize
+from .lowrank import LowRank
 from .structured import StructuredPrune
 
 register_operator(Prune)
 register_operator(Quantize)
 register_operator(StructuredPrune)
+register_operator(LowRank)
 
 __all__ = [
     "OPERATOR_REGISTRY",
     "Compose",
     "FakeQuantize",
     "Hyperparameter",
+    "LowRank",
     "Operator",
     "Plan",
     "Prune",
