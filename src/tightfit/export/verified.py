@@ -109,7 +109,8 @@ def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], 
         if tuple(ref.shape) != tuple(got.shape):
             raise ExportCheckError(f"Output {i}: shape {tuple(got.shape)} exported vs {tuple(ref.shape)} in PyTorch.")
         ref_f, got_f = ref.detach().double(), got.detach().double()
-        worst = max(worst, float((ref_f - got_f).abs().max()) if ref.numel() else 0.0)
+        diff = (ref_f - got_f).abs().nan_to_num(nan=float("inf")).max() if ref.numel() else torch.tensor(0.0)
+        worst = max(worst, float(diff))
         ref_max = max(ref_max, float(ref_f.abs().max()) if ref.numel() else 0.0)
     bound = atol + rtol * ref_max
     if not worst <= bound:  # also catches NaN

@@ -56,7 +56,8 @@ def with_batch_size(example_input: Any, batch_size: int | None) -> Any:
 def architecture_key(model: nn.Module) -> str:
     """A digest of what decides a dense model's speed: module tree, types, tensor shapes/dtypes."""
     parts = [type(model).__qualname__, repr(model)]
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):  # baking may reorder a module's tensors
         parts.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

@@ -131,6 +131,29 @@ def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] |
     return groups, dg
 
 
+def _choose_drop(dg, full_group, scores, n_drop: int) -> list[int]:
+    """The ``n_drop`` lowest-scoring channels of a group (ties: lower index first), skipping any
+    whose removal would empty one coupled layer (a concatenation's part may own few channels)."""
+    parts = [
+        set(item.root_idxs)
+        for item in full_group
+        if dg.is_out_channel_pruning_fn(item.dep.handler) and getattr(item, "root_idxs", None)
+    ]
+    remaining = [len(p) for p in parts]
+    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
+    drop: list[int] = []
+    for channel in order:
+        if len(drop) == n_drop:
+            break
+        owners = [k for k, part in enumerate(parts) if channel in part]
+        if any(remaining[k] <= 1 for k in owners):
+            continue
+        for k in owners:
+            remaining[k] -= 1
+        drop.append(channel)
+    return sorted(drop)
+
+
 class StructuredPrune(Operator):
     """Remove a fraction ``ratio`` of the output channels of each coupled group of layers.
 
@@ -248,9 +271,7 @@ class StructuredPrune(Operator):
                 scores = importance(group)
             if scores is None or len(scores) != channels:
                 raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
-            # Stable order: highest score first, ties broken by channel index.
-            order = sorted(range(channels), key=lambda i: (-float(scores[i]), i))
-            drop = sorted(order[kept:])
+            drop = _choose_drop(dg, group, scores, channels - kept)
             group = dg.get_pruning_group(leader, pruner.prune_out_channels, drop)
             if not dg.check_pruning_group(group):
                 raise ConfigError(

@@ -1,0 +1,128 @@
+"""Latency measurement (and its cache), latency in the search, verified export."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from tightfit.cli.app import app as cli_app
+
+import tightfit
+from tightfit.errors import ConfigError
+from tightfit.export import ExportCheckError, export_model
+from tightfit.export.verified import compare_outputs
+from tightfit.measure import Latency, architecture_key
+from tightfit.operators import Compose, Plan, Prune, StructuredPrune, apply
+
+
+def _mlp(width: int = 32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)).eval()
+
+
+X = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_latency_is_cached_per_architecture():
+    latency = Latency(X, batch_size=8, threads=1, min_run_time=0.01)
+    model = _mlp()
+    first = latency(model)
+    assert first.median_ms > 0 and first.iqr_ms >= 0 and first.runs >= 1 and first.batch_size == 8 and first.threads == 1
+    assert latency.example_input.shape == (8, 16)
+    # same architecture, other values (a masked copy): answered from the cache, not timed again
+    masked = apply(Plan.from_strategy(Compose([Prune()]), {"0": {"prune": {"sparsity": 0.5}}}), model)
+    assert latency(masked) == first and latency.hits == 1 and latency.misses == 1
+    # another architecture is timed
+    latency(_mlp(width=24))
+    assert latency.misses == 2
+    assert architecture_key(model) != architecture_key(_mlp(width=24))
+    with pytest.raises(ConfigError, match="batch_size"):
+        Latency(X, batch_size=0)
+
+
+def test_export_formats_reload_and_match(tmp_path):
+    model = _mlp()
+    latency = Latency(X, threads=1, min_run_time=0.01)
+    for fmt in ("onnx", "torchscript", "pt"):
+        report = export_model(model, X, tmp_path / f"m.{fmt}", format=fmt, latency=latency)
+        assert report.size_bytes == (tmp_path / f"m.{fmt}").stat().st_size > 0
+        assert report.max_abs_diff <= report.atol + report.rtol * report.reference_max_abs
+        assert report.latency_ms > 0 and report.reference_latency_ms > 0
+
+
+def test_int8_export_is_smaller_and_checked(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(8, 64)
+    f32 = export_model(model, x, tmp_path / "f.onnx")
+    q = export_model(model, x, tmp_path / "q.onnx", int8="dynamic", rtol=0.05)
+    assert q.size_bytes < f32.size_bytes / 3
+    kept = export_model(model, x, tmp_path / "k.onnx", int8="dynamic", rtol=0.05, keep_float=["2"])
+    assert q.size_bytes < kept.size_bytes < f32.size_bytes  # layer "2" stayed float
+    with pytest.raises(ConfigError, match="onnx"):
+        export_model(model, x, tmp_path / "q.pt", format="pt", int8="dynamic")
+
+
+class Noisy(nn.Module):
+    """Its traced export cannot reproduce its outputs: fresh noise on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x) + torch.randn(x.shape[0], 3)
+
+
+def test_export_check_fails_when_outputs_differ(tmp_path):
+    for fmt in ("onnx", "torchscript"):
+        with pytest.raises(ExportCheckError, match="differ"):
+            export_model(Noisy().eval(), X, tmp_path / f"n.{fmt}", format=fmt)
+    with pytest.raises(ExportCheckError, match="shape"):
+        compare_outputs([torch.zeros(2, 3)], [torch.zeros(3, 2)], 1e-4, 1e-3)
+    with pytest.raises(ExportCheckError):
+        compare_outputs([torch.zeros(2)], [torch.tensor([0.0, float("nan")])], 1e-4, 1e-3)
+
+
+def test_latency_objective_run_records_speedup_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    xs, ys = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=32)
+    run_dir = tmp_path / "run"
+    result = tightfit.compress(
+        model,
+        evaluate=tightfit.Accuracy(loader),
+        strategy=StructuredPrune(ratio=(0.0, 0.5)),
+        constraint=[tightfit.MaxDrop(1.0), tightfit.MaxLatency(1e4)],
+        objective="latency",
+        example_input=xs[:8],
+        latency=Latency(xs[:8], threads=1, min_run_time=0.01),
+        budget=3,
+        run_dir=run_dir,
+    )
+    assert result.feasible and result.best_trial.measurement.latency_ms > 0
+    assert "faster" in result.message
+    assert (run_dir / "example_input.pt").exists()
+    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    assert {"latency_ms", "speedup", "flops_reduction"} <= set(rows[0])
+    assert all(float(r["speedup"]) > 0 and float(r["flops_reduction"]) >= 1.0 for r in rows)
+    # the CLI export writes, reloads, checks and times the run's model
+    out = CliRunner().invoke(cli_app, ["export", str(run_dir), "--format", "torchscript", "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    record = json.loads((run_dir / "export" / "model.ts.json").read_text())
+    assert record["size_bytes"] > 0 and record["latency_ms"] > 0 and "speedup_vs_baseline_in_search" in record
+
+
+def test_latency_needs_an_example_input():
+    with pytest.raises(ConfigError, match="example_input"):
+        tightfit.compress(_mlp(), evaluate=lambda m: 1.0, objective="latency", budget=1)
+    with pytest.raises(ConfigError, match="example_input"):
+        tightfit.compress(_mlp(), evaluate=lambda m: 1.0, constraint=tightfit.MaxLatency(5), budget=1)
+    with pytest.raises(ConfigError, match="max_ms"):
+        tightfit.MaxLatency(0)
