@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .evaluation.constraints import Constraint, MaxDrop, MaxLatency
 from .evaluation.metrics import evaluate_metric
 from .export.artifact import load_model, to_bytes
-from .measure.analysis import analyze, count_nonzeros, sparse_flops
+from .measure.analysis import SkippedModule, analyze, count_nonzeros, sparse_flops
 from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy
@@ -58,7 +58,14 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
 
 
 def _constraints(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
-    items = [MaxDrop(0.01)] if constraint is None else [constraint] if isinstance(constraint, Constraint) else list(constraint)
+    if constraint is None:
+        items = [MaxDrop(0.01)]
+    elif isinstance(constraint, Constraint):
+        items = [constraint]
+    elif isinstance(constraint, (list, tuple)) and constraint:
+        items = list(constraint)
+    else:
+        items = [constraint]
     for c in items:
         if not isinstance(c, Constraint):
             raise ConfigError(f"`constraint` must be a tightfit constraint such as MaxDrop(0.005), but got {c!r}.")
@@ -246,9 +253,20 @@ def compress(
 
         trials = [trial_record(t) for t in study.get_trials()]
         result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
+        result.left_alone = _left_alone(analysis, space)
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
+
+
+def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
+    """Modules with parameters that no operator of the strategy touches, and why."""
+    untouched = [
+        SkippedModule(layer.name, layer.type, layer.params, "no operator of the strategy applies to it")
+        for layer in analysis.layers
+        if layer.name not in space.fixed
+    ]
+    return list(analysis.skipped) + untouched
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from .measure.analysis import SkippedModule
 from .operators.plan import Plan
 
 
@@ -87,6 +88,8 @@ class Result:
     message: str
     baseline: Measurement | None = None
     notes: list[str] = field(default_factory=list)
+    #: modules holding parameters that no operator touched, with the reason
+    left_alone: list[SkippedModule] = field(default_factory=list)
     #: the bytes of the saved file (what ``tightfit.save`` writes); None when nothing was feasible
     artifact: bytes | None = field(default=None, repr=False)
 

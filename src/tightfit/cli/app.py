@@ -14,7 +14,7 @@ app = typer.Typer(
     help="Fit a trained PyTorch network into a budget: compress, search, fine-tune, measure.",
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> None:

@@ -218,14 +218,16 @@ def load_model(path: PathOrBuffer, model: nn.Module | None = None) -> nn.Module:
             plan = manifest.get("plan")
             if plan is not None:
                 _replay_structure(target, Plan.from_dict(plan))
-    loaded: dict[str, torch.Tensor] = {}
+    assigned: dict[str, torch.Tensor] = {}
     for meta in manifest["tensors"]:
-        if "alias_of" in meta:
-            tensor = loaded[meta["alias_of"]]
-        else:
-            tensor = codec.decode_tensor(meta, payload[meta["offset"] : meta["offset"] + meta["length"]])
-        loaded[meta["name"]] = tensor
-        _assign(target, meta["name"], tensor, meta.get("parameter", False), meta.get("requires_grad", True))
+        if "alias_of" in meta:  # a tied tensor: the very same object again
+            _assign(target, meta["name"], assigned[meta["alias_of"]], meta.get("parameter", False))
+            continue
+        tensor = codec.decode_tensor(meta, payload[meta["offset"] : meta["offset"] + meta["length"]])
+        if meta.get("parameter", False):
+            tensor = nn.Parameter(tensor, requires_grad=meta.get("requires_grad", True))
+        _assign(target, meta["name"], tensor, meta.get("parameter", False))
+        assigned[meta["name"]] = tensor
     return target.eval()
 
 
@@ -238,7 +240,7 @@ def _replay_structure(model: nn.Module, plan: Plan) -> None:
         apply_plan_inplace(plan, model, Compose(structural))
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, is_param: bool, requires_grad: bool) -> None:
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, is_param: bool) -> None:
     module_name, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(module_name) if module_name else model
@@ -248,7 +250,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, is_param: bool, r
         if attr not in module._parameters:
             raise ArtifactError(f"The model has no parameter {name!r}; the file does not fit this model.")
         _check_shape(name, module._parameters[attr], tensor)
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad)
+        module._parameters[attr] = tensor
     else:
         if attr not in module._buffers:
             raise ArtifactError(f"The model has no buffer {name!r}; the file does not fit this model.")

@@ -19,7 +19,8 @@ class LayerInfo:
     """A compressible layer, as plain data (the module itself is looked up by ``name``)."""
 
     name: str
-    type: str
+    type: str  # the module's own class name
+    kind: str  # the built-in layer type it is, e.g. "Linear" for a subclass of nn.Linear
     weight_shape: tuple[int, ...]
     params: int  # weight + bias
     weight_params: int
@@ -97,6 +98,7 @@ def analyze(model: nn.Module) -> ModelAnalysis:
                 LayerInfo(
                     name=name,
                     type=type(module).__name__,
+                    kind=next(t.__name__ for t in COMPRESSIBLE_TYPES if isinstance(module, t)),
                     weight_shape=tuple(weight.shape),
                     params=n_params,
                     weight_params=weight.numel(),

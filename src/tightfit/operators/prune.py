@@ -74,7 +74,7 @@ class Prune(Operator):
         self.sparsity = (low, high)
 
     def supports(self, layer: LayerInfo) -> bool:
-        return layer.type in {t.__name__ for t in COMPRESSIBLE_TYPES}
+        return layer.kind in {t.__name__ for t in COMPRESSIBLE_TYPES}
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
         low, high = self.sparsity

@@ -92,7 +92,7 @@ class Quantize(Operator):
         self.bits = tuple(sorted(set(int(b) for b in choices)))
 
     def supports(self, layer: LayerInfo) -> bool:
-        return layer.type in {t.__name__ for t in COMPRESSIBLE_TYPES}
+        return layer.kind in {t.__name__ for t in COMPRESSIBLE_TYPES}
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
         return [Hyperparameter("bits", choices=self.bits)]

@@ -77,6 +77,7 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
             "failed": sum(t.state == "FAIL" for t in result.trials),
         },
         "pareto": [t.number for t in result.pareto],
+        "left_alone": [{"name": m.name, "type": m.type, "params": m.params, "reason": m.reason} for m in result.left_alone],
         "notes": result.notes,
         "units": {
             "size_bytes": "bytes of model.tfz (compressed) / of torch.save(state_dict) (baseline)",

@@ -1,0 +1,126 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from tightfit.cli.app import app
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "user_project"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory):
+    """The example user project with trained weights, outside the tightfit package (trained once)."""
+    dest = tmp_path_factory.mktemp("template") / "proj"
+    shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns("runs", "weights.pt", "__pycache__"))
+    subprocess.run(
+        [sys.executable, "-c", "import my_models; my_models.train_weights('weights.pt', epochs=5)"],
+        cwd=dest, check=True,
+    )
+    return dest
+
+
+@pytest.fixture
+def project(trained_project, tmp_path):
+    dest = tmp_path / "proj"
+    shutil.copytree(trained_project, dest)
+    return dest
+
+
+def _set(config: Path, **values):
+    text = config.read_text()
+    for key, value in values.items():
+        lines = [ln for ln in text.splitlines() if not ln.startswith(f"{key} =")]
+        text = f"{key} = {value}\n" + "\n".join(lines) + "\n"
+    config.write_text(text)
+
+
+def test_run_on_a_user_model_outside_the_package(project):
+    config = project / "tightfit.toml"
+    _set(config, budget=4)
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    run_dir = project / "runs" / "smallnet"
+    assert (run_dir / "model.tfz").exists() and (run_dir / "summary.json").exists()
+    assert "size ratio" in result.output
+    shown = runner.invoke(app, ["report", str(run_dir)])
+    assert shown.exit_code == 0 and "4 trials" in shown.output
+
+
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (lambda t: t.replace("budget = 20", "budget = -1"), "budget"),
+        (lambda t: t.replace('factory = "my_models:build"', 'factory = "my_models:nope"'), "model.factory"),
+        (lambda t: t.replace("max_drop = 0.01", "max_dorp = 0.01"), "constraint.max_dorp"),
+        (lambda t: t.replace('operator = "quantize"', 'operator = "quantise"'), "strategy.1.operator"),
+        (lambda t: t.replace("bits = [4, 8]", "bits = [1, 8]"), "strategy[1]"),
+        (lambda t: t.replace('weights = "weights.pt"', 'weights = "missing.pt"'), "model.weights"),
+        (lambda t: t.replace('search = "auto"', 'search = "magic"'), "search"),
+        (lambda t: t + "\n[extra]\nx = 1\n", "extra"),
+    ],
+)
+def test_broken_config_exits_nonzero_naming_the_field(project, edit, field):
+    config = project / "tightfit.toml"
+    config.write_text(edit(config.read_text()))
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code != 0
+    assert field in result.output
+    assert not (project / "runs" / "smallnet" / "study.db").exists()  # rejected before any work
+
+
+def test_missing_config_file(tmp_path):
+    result = runner.invoke(app, ["run", str(tmp_path / "none.toml")])
+    assert result.exit_code != 0 and "no such config file" in result.output
+
+
+def _completed(db: Path) -> list[optuna.trial.FrozenTrial]:
+    if not db.exists():
+        return []
+    try:
+        study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}")
+    except Exception:
+        return []
+    return [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_sigkilled_run_continues_with_its_completed_trials(project):
+    # A slow metric so the kill lands mid-search.
+    (project / "slow_metric.py").write_text(textwrap.dedent("""
+        import time
+        import my_models
+        from tightfit import Accuracy
+        _acc = Accuracy(my_models.val_loader())
+        def score(model):
+            time.sleep(0.4)
+            return _acc(model)
+    """))
+    config = project / "tightfit.toml"
+    text = config.read_text().replace('accuracy = "my_models:val_loader"', 'function = "slow_metric:score"')
+    config.write_text(text)
+    _set(config, budget=8)
+    db = project / "runs" / "smallnet" / "study.db"
+    command = [sys.executable, "-m", "tightfit.cli.app", "run", str(config)]
+    proc = subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(_completed(db)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.params for t in _completed(db)}
+    assert 3 <= len(before) < 8
+
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = _completed(db)
+    assert len(after) == 8
+    assert {t.number: t.params for t in after if t.number in before} == before

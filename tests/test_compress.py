@@ -1,0 +1,157 @@
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tightfit
+from tightfit.errors import ConfigError, ModelError
+from tightfit.operators import Compose, Prune, Quantize
+
+
+def _args(digits, **overrides):
+    args = dict(
+        evaluate=tightfit.Accuracy(digits.loader("val", 512)),
+        strategy=Compose([Prune(sparsity=(0.0, 0.9)), Quantize(bits=(4, 8))]),
+        constraint=tightfit.MaxDrop(0.02),
+        finetune=tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3),
+        budget=6,
+        search="tpe",
+        example_input=digits.x_val[:1],
+        seed=0,
+    )
+    args.update(overrides)
+    return args
+
+
+def test_short_search_end_to_end(mlp, digits, tmp_path):
+    original = {k: v.clone() for k, v in mlp.state_dict().items()}
+    run_dir = tmp_path / "run"
+    result = tightfit.compress(mlp, **_args(digits), run_dir=run_dir)
+
+    # the user's model is untouched
+    assert all(torch.equal(original[k], v) for k, v in mlp.state_dict().items())
+    assert len(result.trials) == 6 and all(t.state == "COMPLETE" for t in result.trials)
+    assert result.feasible and result.best_trial is not None
+    assert result.baseline_metric - result.metric <= 0.02
+    assert result.compression_ratio == pytest.approx(result.baseline_size_bytes / result.size_bytes)
+    assert result.compression_ratio > 1.5
+    assert result.nonzero_ratio >= 1.0
+    # the file on disk is the reported size, and loading it reproduces the reported metric exactly
+    model_file = run_dir / "model.tfz"
+    assert model_file.stat().st_size == result.size_bytes
+    loaded = tightfit.load(model_file)
+    assert tightfit.Accuracy(digits.loader("val", 512))(loaded) == result.metric
+    assert result.metric == result.best_trial.measurement.metric
+    # the plan reproduces the compressed structure on a fresh copy
+    again = tightfit.apply(result.plan, mlp)
+    assert [int((m.weight == 0).sum()) for m in (again[1], again[3], again[5])] == [
+        int((m.weight == 0).sum()) for m in (loaded[1], loaded[3], loaded[5])
+    ]
+    # run directory contents
+    for name in ("study.db", "summary.json", "trials.csv", "trials.png", "model.tfz"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["size_bytes"] == result.size_bytes and summary["best_trial"] == result.best_trial.number
+    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    assert len(rows) == 6
+    # the Pareto front is non-dominated and sorted by size
+    sizes = [t.measurement.size_bytes for t in result.pareto]
+    metrics = [t.measurement.metric for t in result.pareto]
+    assert sizes == sorted(sizes) and metrics == sorted(metrics)
+    # FLOPs were counted with the example input, nonzero weights only
+    assert result.best_trial.measurement.flops < result.baseline.flops
+
+
+def test_rerun_resumes_with_completed_trials_intact(mlp, digits, tmp_path):
+    run_dir = tmp_path / "run"
+    first = tightfit.compress(mlp, **_args(digits, budget=3), run_dir=run_dir)
+    second = tightfit.compress(mlp, **_args(digits, budget=5), run_dir=run_dir)
+    assert [t.number for t in second.trials] == [0, 1, 2, 3, 4]
+    for a, b in zip(first.trials, second.trials[:3]):
+        assert a.plan == b.plan and a.measurement == b.measurement
+
+
+def test_resumed_search_suggests_what_an_uninterrupted_one_would(mlp, digits, tmp_path):
+    whole = tightfit.compress(mlp, **_args(digits, budget=5), run_dir=tmp_path / "whole")
+    tightfit.compress(mlp, **_args(digits, budget=2), run_dir=tmp_path / "split")
+    split = tightfit.compress(mlp, **_args(digits, budget=5), run_dir=tmp_path / "split")
+    assert [t.plan for t in whole.trials] == [t.plan for t in split.trials]
+
+
+def test_resume_with_other_settings_is_refused(mlp, digits, tmp_path):
+    tightfit.compress(mlp, **_args(digits, budget=1), run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="objective"):
+        tightfit.compress(mlp, **_args(digits, budget=2, objective="nonzeros"), run_dir=tmp_path / "run")
+
+
+def test_failing_and_nan_evaluations_are_recorded_and_the_search_goes_on(mlp, digits):
+    accuracy = tightfit.Accuracy(digits.loader("val", 512))
+    calls = {"n": 0}
+
+    def flaky(model):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk on fire")
+        if calls["n"] == 4:
+            return float("nan")
+        return accuracy(model)
+
+    result = tightfit.compress(mlp, **_args(digits, evaluate=flaky, budget=6, finetune=None))
+    states = [t.state for t in result.trials]
+    assert states.count("FAIL") == 2 and states.count("COMPLETE") == 4
+    errors = [t.error for t in result.trials if t.state == "FAIL"]
+    assert any("disk on fire" in e for e in errors) and any("finite" in e for e in errors)
+    assert result.feasible
+
+
+def test_baseline_evaluation_failure_is_an_error_before_the_search(mlp, digits):
+    def broken(model):
+        raise ValueError("bad metric")
+
+    with pytest.raises(ValueError, match="bad metric"):
+        tightfit.compress(mlp, **_args(digits, evaluate=broken))
+
+
+def test_nothing_feasible_returns_the_original_and_says_so(mlp, digits):
+    result = tightfit.compress(
+        mlp,
+        **_args(digits, strategy=Compose([Prune(sparsity=0.999)]), constraint=tightfit.MaxDrop(0.0), finetune=None, budget=2),
+    )
+    assert not result.feasible and result.plan is None
+    assert "No feasible plan" in result.message
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), mlp.state_dict().values()))
+
+
+def test_model_without_compressible_layers_is_a_clear_error(digits):
+    model = nn.Sequential(nn.Flatten(), nn.LayerNorm(64))
+    with pytest.raises(ModelError, match="Linear/Conv"):
+        tightfit.compress(model, evaluate=lambda m: 1.0, budget=1)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"budget": 0}, "budget"),
+        ({"objective": "speed"}, "objective"),
+        ({"search": "magic"}, "search"),
+        ({"objective": "flops", "example_input": None}, "example_input"),
+        ({"constraint": 0.5}, "constraint"),
+        ({"strategy": "prune"}, "strategy"),
+        ({"evaluate": 3}, "evaluate"),
+    ],
+)
+def test_bad_arguments_name_the_field(mlp, digits, overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        tightfit.compress(mlp, **_args(digits, **overrides))
+
+
+def test_objectives_nonzeros_and_flops(mlp, digits):
+    for objective in ("nonzeros", "flops"):
+        result = tightfit.compress(mlp, **_args(digits, objective=objective, budget=3, finetune=None))
+        best = result.best_trial
+        expected = best.measurement.nonzeros if objective == "nonzeros" else best.measurement.flops
+        assert best.objective == expected
+        assert not math.isnan(best.objective)

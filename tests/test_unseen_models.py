@@ -1,0 +1,100 @@
+"""Models no issue names: BatchNorm + skip connections, a transformer with keyword arguments,
+metrics other than accuracy. They are compressed where possible, the rest is named, nothing crashes."""
+
+import torch
+from torch import nn
+
+import tightfit
+from tightfit.operators import Compose, Prune, Quantize
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=50, dim=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=32, batch_first=True, dropout=0.0)
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        pad = None if attention_mask is None else attention_mask == 0
+        h = self.layer(self.embed(input_ids), src_key_padding_mask=pad)
+        return self.classifier(self.norm(h).mean(dim=1))
+
+
+def _fidelity_metric(original, inputs):
+    """Negative mean squared error to the original's outputs: a metric with no labels."""
+    with torch.no_grad():
+        reference = original(**inputs) if isinstance(inputs, dict) else original(inputs)
+
+    def metric(model):
+        with torch.no_grad():
+            out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        return -float(((out - reference) ** 2).mean())
+
+    return metric
+
+
+def test_cnn_with_batchnorm_and_skip_connections(tmp_path):
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    x = torch.randn(16, 3, 8, 8)
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        strategy=Compose([Prune(), Quantize(bits=(4, 8))]),
+        constraint=tightfit.MaxDrop(0.05),
+        budget=4,
+        search="random",
+        example_input=x[:1],
+        run_dir=tmp_path / "run",
+    )
+    assert len(result.trials) == 4 and all(t.state == "COMPLETE" for t in result.trials)
+    compressed_layers = {d for t in result.trials for d in t.plan.layers}
+    assert compressed_layers == {"stem.0", "block.0", "block.3", "head"}
+    assert {s.type for s in result.left_alone} == {"BatchNorm2d"}
+    if result.feasible:
+        loaded = tightfit.load(tmp_path / "run" / "model.tfz")
+        assert torch.equal(loaded(x), result.model(x))
+
+
+def test_transformer_with_embedding_layernorm_attention_and_kwargs(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    inputs = {"input_ids": torch.randint(0, 50, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, inputs),
+        strategy=Compose([Prune(sparsity=(0.0, 0.5)), Quantize(bits=(8, 16))]),
+        constraint=tightfit.MaxDrop(1.0),
+        objective="flops",
+        budget=3,
+        search="random",
+        example_input=inputs,
+        run_dir=tmp_path / "run",
+    )
+    assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
+    layers = set(result.trials[0].plan.layers)
+    assert {"layer.linear1", "layer.linear2", "layer.self_attn.out_proj", "classifier"} <= layers
+    left = {s.name: s.type for s in result.left_alone}
+    assert left["embed"] == "Embedding" and left["norm"] == "LayerNorm"
+    assert left["layer.self_attn"] == "MultiheadAttention"  # its packed in_proj_weight is not a Linear
+    assert result.feasible
+    loaded = tightfit.load(tmp_path / "run" / "model.tfz")
+    assert torch.allclose(loaded(**inputs), result.model(**inputs))
