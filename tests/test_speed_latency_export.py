@@ -126,3 +126,29 @@ def test_latency_needs_an_example_input():
         tightfit.compress(_mlp(), evaluate=lambda m: 1.0, constraint=tightfit.MaxLatency(5), budget=1)
     with pytest.raises(ConfigError, match="max_ms"):
         tightfit.MaxLatency(0)
+
+
+def test_config_maps_latency_objective_and_structural_operators(tmp_path):
+    from tightfit.cli.config import build_arguments, load_config
+
+    (tmp_path / "speedmods.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))\n"
+        "def example_input():\n    return torch.zeros(2, 16)\n"
+        "def metric(model):\n    return 1.0\n"
+    )
+    (tmp_path / "run.toml").write_text(
+        'objective = "latency"\nexample_input = "speedmods:example_input"\n'
+        '[model]\nfactory = "speedmods:build"\n[evaluate]\nfunction = "speedmods:metric"\n'
+        '[[strategy]]\noperator = "structured_prune"\nratio = [0.0, 0.5]\nround_to = 8\n'
+        '[[strategy]]\noperator = "low_rank"\nrank_ratio = [0.25, 1.0]\n'
+        "[constraint]\nmax_drop = 0.01\nmax_latency_ms = 50\n"
+        "[latency]\nbatch_size = 32\nthreads = 1\n"
+    )
+    config, base = load_config(tmp_path / "run.toml")
+    args = build_arguments(config, base, tmp_path / "run.toml")
+    assert args["objective"] == "latency"
+    assert [op.name for op in args["strategy"]] == ["structured_prune", "low_rank"]
+    assert args["latency"].batch_size == 32 and args["latency"].threads == 1
+    assert any(isinstance(c, tightfit.MaxLatency) for c in args["constraint"])
