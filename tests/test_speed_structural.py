@@ -182,3 +182,36 @@ def test_low_rank_skips_grouped_convolutions():
 
 def test_public_names():
     assert tightfit.StructuredPrune is StructuredPrune and tightfit.LowRank is LowRank
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, attention (whose output projection's weight is read directly), LSTM, LayerNorm,
+    and a keyword-argument forward: the structural operators must leave what they cannot handle."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.lstm = nn.LSTM(32, 32, batch_first=True)
+        self.ln = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, tokens, mask=None):
+        h, _ = self.lstm(self.enc(self.emb(tokens)))
+        return self.head(self.ln(h).mean(1))
+
+
+def test_structural_operators_on_a_transformer_never_break_it():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    tokens = {"tokens": torch.randint(0, 50, (3, 7))}
+    sp, lr = StructuredPrune(), LowRank()
+    sp.prepare(model, tokens)
+    lr.prepare(model, tokens)
+    assert not any("self_attn" in m for members in sp.groups.values() for m in members)
+    space = build_space(Compose([sp, lr]), analyze(model))
+    assert not any(d.layer == "enc.self_attn.out_proj" and d.operator == "low_rank" for d in space.dimensions)
+    for value in (0.0, 0.3):
+        params = {k: (value if k.endswith("/ratio") else 0.3) for k in space.keys}
+        compressed = apply(space.plan(params), model)
+        assert compressed(**tokens).shape == (3, 5)

@@ -380,8 +380,9 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
 def _speed_note(measured: Measurement, baseline: Measurement) -> str:
     if measured.latency_ms is None or baseline.latency_ms is None:
         return ""
-    return (f" Measured {baseline.latency_ms / measured.latency_ms:.2f}x faster "
-            f"({measured.latency_ms:.3g} vs {baseline.latency_ms:.3g} ms per forward pass).")
+    speedup = baseline.latency_ms / measured.latency_ms
+    pace = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    return f" Measured {pace} ({measured.latency_ms:.3g} vs {baseline.latency_ms:.3g} ms per forward pass)."
 
 
 def _best_artifact(best: TrialRecord, holder: dict[str, Any], run: RunDir | None) -> bytes | None:

@@ -156,7 +156,10 @@ def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
 
 
 def _ort_session(path: Path, threads: int | None):
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("ONNX export checks need onnxruntime: pip install 'tightfit[speed]'.") from None
 
     options = ort.SessionOptions()
     if threads:
@@ -285,7 +288,10 @@ def export_model(
         args, kwargs = _args_kwargs(example_input)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, args, example_kwarg_inputs=kwargs or None, check_trace=False)
+            if kwargs:
+                traced = torch.jit.trace(model, example_kwarg_inputs=kwargs, check_trace=False)
+            else:
+                traced = torch.jit.trace(model, args, check_trace=False)
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path)).eval()
 

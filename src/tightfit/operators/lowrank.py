@@ -62,6 +62,34 @@ def factorize(module: nn.Module, rank: int) -> nn.Sequential:
     return pair
 
 
+def _unreplaceable(model: nn.Module, example_input: Any) -> set[str]:
+    """Layers that cannot be swapped for a factorized pair: their parent reads their ``weight``
+    directly (attention's output projection, fused fast paths). Found by trying: each candidate is
+    replaced by a rank-1 pair for one forward pass, then put back."""
+    from ..measure.analysis import call_model
+
+    bad: set[str] = set()
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if n and type(m).__name__ in _FACTORIZABLE and getattr(m, "groups", 1) == 1]
+    was_training = model.training
+    model.eval()
+    try:
+        for name, module in candidates:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            try:
+                setattr(parent, child, factorize(module, 1))
+                with torch.no_grad():
+                    call_model(model, example_input)
+            except Exception:
+                bad.add(name)
+            finally:
+                setattr(parent, child, module)
+    finally:
+        model.train(was_training)
+    return bad
+
+
 class LowRank(Operator):
     """Factorize Linear/Conv layers by truncated SVD, keeping ``rank_ratio`` of the full rank.
 
@@ -93,6 +121,8 @@ class LowRank(Operator):
     def prepare(self, model: nn.Module, example_input: Any) -> None:
         # Grouped/depthwise convolutions are not one matrix: leave them whole.
         self._grouped = {name for name, m in model.named_modules() if getattr(m, "groups", 1) != 1}
+        if example_input is not None:
+            self._grouped |= _unreplaceable(model, example_input)
 
     def supports(self, layer: LayerInfo) -> bool:
         if layer.type not in _FACTORIZABLE or not layer.name or layer.name in self._grouped:

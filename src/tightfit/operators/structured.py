@@ -67,8 +67,16 @@ def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
 # -- the dependency graph ---------------------------------------------------------------------------
 
 
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise ConfigError("StructuredPrune needs Torch-Pruning: pip install 'tightfit[speed]'.") from None
+    return torch_pruning
+
+
 def _dependency_graph(model: nn.Module, example_input: Any):
-    import torch_pruning as tp
+    tp = _torch_pruning()
 
     args = example_input if isinstance(example_input, (Mapping, tuple, list)) else (example_input,)
     if isinstance(args, list):
@@ -83,7 +91,7 @@ def _dependency_graph(model: nn.Module, example_input: Any):
 def _terminal_layers(dg) -> list[nn.Module]:
     """Conv/Linear layers whose output channels reach the model's output without passing through
     another layer that absorbs channels: pruning them would change the output's shape."""
-    import torch_pruning as tp
+    tp = _torch_pruning()
 
     absorbing = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
     terminal = []
@@ -108,13 +116,18 @@ def _terminal_layers(dg) -> list[nn.Module]:
     return terminal
 
 
+#: Groups touching these modules are left alone: Torch-Pruning cuts their embedding width without
+#: keeping it divisible by the number of heads, or their hidden size across the gates.
+_LEFT_ALONE = (nn.MultiheadAttention, nn.RNNBase)
+
+
 def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] | None = None) -> tuple[dict[str, list[str]], Any]:
     """Channel groups of ``model`` (leader layer name -> names of every layer the group touches) and
     the dependency graph they were found in.
 
     Layers whose output is the model's output are left out (their channels are the answer).
     """
-    import torch_pruning as tp
+    tp = _torch_pruning()
 
     dg = _dependency_graph(model, example_input)
     names = {m: n for n, m in model.named_modules()}
@@ -126,6 +139,8 @@ def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] |
             module = item.dep.target.module
             if isinstance(module, nn.Module) and module in names and names[module] not in members:
                 members.append(names[module])
+        if any(isinstance(m, _LEFT_ALONE) for m, n in names.items() if n in members):
+            continue  # attention heads / recurrent gates need whole-head or whole-gate pruning
         leader = names[group[0].dep.target.module]
         groups[leader] = members
     return groups, dg
@@ -218,6 +233,8 @@ class StructuredPrune(Operator):
             self.bind_example_input(example_input)
         try:
             self._groups, _ = coupled_groups(model, input_from_spec(self._spec))
+        except ConfigError:
+            raise
         except Exception as exc:  # a model Torch-Pruning cannot trace is left alone, not a crash
             log.warning("StructuredPrune: cannot trace the model's channel dependencies (%s: %s); "
                         "no layer is pruned structurally.", type(exc).__name__, exc)
@@ -248,7 +265,7 @@ class StructuredPrune(Operator):
             return
         if self._spec is None:
             raise ConfigError("StructuredPrune: no example input recorded; the plan cannot be replayed.")
-        import torch_pruning as tp
+        tp = _torch_pruning()
 
         example = input_from_spec(self._spec)
         groups, dg = coupled_groups(model, example)
