@@ -280,7 +280,7 @@ def main() -> None:
     parser.add_argument("part", choices=["structured", "int8", "lowrank", "search"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.3, 0.4, 0.5, 0.6])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6])
     parser.add_argument("--rank-ratios", type=float, nargs="+", default=[0.125, 0.25, 0.4])
     parser.add_argument("--budget", type=int, default=20)
     parser.add_argument("--search-batch", type=int, default=256)
