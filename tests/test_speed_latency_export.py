@@ -152,3 +152,33 @@ def test_config_maps_latency_objective_and_structural_operators(tmp_path):
     assert [op.name for op in args["strategy"]] == ["structured_prune", "low_rank"]
     assert args["latency"].batch_size == 32 and args["latency"].threads == 1
     assert any(isinstance(c, tightfit.MaxLatency) for c in args["constraint"])
+
+
+def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
+    from tightfit.export import export_run
+    from tightfit.operators import Int8, int8_layers
+    from tightfit.operators.int8 import plan_int8_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)).eval()
+    x = torch.randn(16, 64)
+    plan = Plan.from_strategy(Compose([Int8()]), {"0": {"int8": {"int8": True}}, "2": {"int8": {"int8": False}}})
+    marked = apply(plan, model)
+    assert int8_layers(marked) == ["0"] and plan_int8_layers(plan) == ["0"]
+    # the runtime meter times the int8 ONNX model, and tells it apart from the float one
+    meter = Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")
+    meter(model)
+    meter(marked)
+    assert meter.misses == 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 4, (16,))), batch_size=8)
+    run_dir = tmp_path / "run"
+    result = tightfit.compress(model, evaluate=tightfit.Accuracy(loader), strategy=Int8(choices=(True,)),
+                               constraint=tightfit.MaxDrop(1.0), objective="latency", example_input=x,
+                               latency=meter, budget=1, run_dir=run_dir)
+    assert plan_int8_layers(result.plan) == ["0", "2", "4"]
+    report = export_run(run_dir, format="onnx", threads=1)
+    assert report.int8 == "dynamic" and report.int8_layers == ["0", "2", "4"] and report.rtol == 0.05
+    float_bytes = export_model(model, x, tmp_path / "f.onnx").size_bytes
+    assert report.size_bytes < float_bytes / 3
+    with pytest.raises(ConfigError, match="runtime"):
+        Latency(x, runtime="tensorrt")

@@ -35,6 +35,7 @@ _EXPORTS = {
     # speed: structural operators, latency, verified export
     "StructuredPrune": "tightfit.operators",
     "LowRank": "tightfit.operators",
+    "Int8": "tightfit.operators",
     "Latency": "tightfit.measure",
     "export_model": "tightfit.export",
     "MinMetric": "tightfit.evaluation",
@@ -76,7 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .export import export_model
     from .measure import Latency, analyze
     from .operators import (
-        Compose, Hyperparameter, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, register_operator,
+        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, register_operator,
     )
     from .records import Measurement, Result, TrialRecord
     from .recovery import FineTune

@@ -55,6 +55,7 @@ class ExportReport:
     rtol: float
     int8: str | None = None
     float_layers: list[str] = field(default_factory=list)
+    int8_layers: list[str] = field(default_factory=list)
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
     reference_latency_ms: float | None = None
@@ -195,6 +196,11 @@ class _CalibrationReader:
         raise NotImplementedError
 
 
+def re_escape(name: str) -> str:
+    """A layer name as an fnmatch pattern matching only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def onnx_nodes_for(onnx_path: Path, patterns: Sequence[str]) -> list[str]:
     """ONNX node names belonging to the layers matched by fnmatch ``patterns`` (dotted names)."""
     import onnx
@@ -209,11 +215,22 @@ def onnx_nodes_for(onnx_path: Path, patterns: Sequence[str]) -> list[str]:
     return picked
 
 
-def _quantize_onnx(float_path: Path, out_path: Path, mode: str, keep_float: Sequence[str], calibration: Iterable[Any] | None) -> None:
+def _quantize_onnx(
+    float_path: Path,
+    out_path: Path,
+    mode: str,
+    keep_float: Sequence[str],
+    calibration: Iterable[Any] | None,
+    only: Sequence[str] | None = None,
+) -> None:
+    """Quantize an ONNX file with ONNX Runtime; ``only`` limits it to those layers' nodes."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     exclude = onnx_nodes_for(float_path, keep_float) if keep_float else []
+    include = onnx_nodes_for(float_path, [re_escape(n) for n in only]) if only else None
+    if only and not include:
+        raise ArtifactError(f"No ONNX node belongs to the int8 layer(s) {list(only)[:5]}; cannot quantize them.")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
@@ -221,15 +238,16 @@ def _quantize_onnx(float_path: Path, out_path: Path, mode: str, keep_float: Sequ
         except Exception:  # pre-processing (shape inference, folding) is an optimisation only
             prepared = float_path
         if mode == "dynamic":
-            quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=False,
-                             nodes_to_exclude=exclude)
+            quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=bool(only),
+                             nodes_to_exclude=exclude, nodes_to_quantize=include)
             return
         if calibration is None:
             raise ConfigError('int8="static" needs `calibration`: an iterable of example inputs (a few batches).')
         session = _ort_session(prepared, None)
         reader = _CalibrationReader([i.name for i in session.get_inputs()], calibration)
         quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        nodes_to_quantize=include)
 
 
 def export_model(
@@ -244,12 +262,14 @@ def export_model(
     int8: str | None = None,
     calibration: Iterable[Any] | None = None,
     keep_float: Sequence[str] | None = None,
+    int8_layers: Sequence[str] | None = None,
 ) -> ExportReport:
     """Write ``model`` to ``path`` in ``format`` ("onnx", "torchscript" or "pt"), load it back,
     check its outputs on ``example_input`` against ``model`` and time both with ``latency``.
 
     ``int8`` ("dynamic"/"static", ONNX only) quantizes with ONNX Runtime; ``keep_float`` lists
-    layer-name patterns left in float; ``calibration`` (static) is an iterable of inputs. The
+    layer-name patterns left in float; ``int8_layers`` (exact names) limits int8 to those layers,
+    as an ``Int8`` plan chose; ``calibration`` (static) is an iterable of inputs. The
     tolerance then has to allow for quantization error (e.g. ``rtol=0.05``): the reference is the
     float model. Raises :class:`ExportCheckError` when the outputs differ beyond the tolerance.
     """
@@ -278,7 +298,7 @@ def export_model(
             float_path = Path(tmp) / "float.onnx" if int8 else path
             _export_onnx(model, example_input, float_path)
             if int8:
-                _quantize_onnx(float_path, path, int8, list(keep_float or []), calibration)
+                _quantize_onnx(float_path, path, int8, list(keep_float or []), calibration, only=int8_layers)
         session = _ort_session(path, threads)
         feed = _ort_feed(session, check_input)
 
@@ -321,6 +341,7 @@ def export_model(
         rtol=rtol,
         int8=int8,
         float_layers=list(keep_float or []),
+        int8_layers=list(int8_layers or []),
         latency_ms=timed.median_ms if timed else None,
         latency_iqr_ms=timed.iqr_ms if timed else None,
         reference_latency_ms=reference_timed.median_ms if reference_timed else None,
@@ -335,7 +356,7 @@ def export_run(
     format: str = "onnx",
     out: str | os.PathLike | None = None,
     atol: float = 1e-4,
-    rtol: float = 1e-3,
+    rtol: float | None = None,
     batch_size: int | None = None,
     threads: int | None = None,
     int8: str | None = None,
@@ -343,7 +364,9 @@ def export_run(
 ) -> ExportReport:
     """Export a finished run's model (``model.tfz``), checked on the run's stored example input.
 
-    Static int8 calibrates on that example input only. Writes ``export.json`` (the report, with
+    A plan with ``Int8`` layers exports those layers in int8 (ONNX). ``rtol`` defaults to 1e-3,
+    or 0.05 when int8 is applied (activations are quantized at run time; the reference is float).
+    Static int8 calibrates on that example input only. Writes ``<file>.json`` (the report, with
     the speedup over the baseline latency the search measured, when it measured one) next to it.
     """
     from ..compress import EXAMPLE_INPUT_FILE
@@ -359,13 +382,22 @@ def export_run(
             f"{str(root)!r} holds no {EXAMPLE_INPUT_FILE}; export checks outputs on the example input. "
             "Run compress with `example_input=` (the run directory then keeps it)."
         )
+    from ..operators.int8 import plan_int8_layers
+    from .artifact import read_manifest
+
     model = load_model(model_path)
     example_input = torch.load(input_path, weights_only=False)
+    planned = plan_int8_layers(read_manifest(model_path).get("plan"))
+    if planned and format == "onnx" and int8 is None:
+        int8 = "dynamic"
+    if rtol is None:
+        rtol = 0.05 if int8 else 1e-3
     latency = Latency(example_input, batch_size=batch_size, threads=threads)
     target = Path(out) if out is not None else root / "export" / f"model{'.int8' if int8 else ''}{SUFFIX[format]}"
     calibration = [example_input] if int8 == "static" else None
     report = export_model(model, example_input, target, format=format, atol=atol, rtol=rtol, latency=latency,
-                          int8=int8, calibration=calibration, keep_float=keep_float)
+                          int8=int8, calibration=calibration, keep_float=keep_float,
+                          int8_layers=planned if planned and int8 == "dynamic" else None)
     record = report.to_dict()
     summary_path = root / SUMMARY_FILE
     if summary_path.exists():

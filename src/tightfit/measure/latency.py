@@ -20,6 +20,9 @@ from ..errors import ConfigError
 from .analysis import call_model
 
 
+RUNTIMES = ("pytorch", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class LatencyResult:
     """One latency measurement. ``median_ms`` per forward pass of ``batch_size`` samples;
@@ -68,6 +71,8 @@ class Latency:
     ``batch_size`` resizes the input's first dimension (None: as given); ``threads`` is the number
     of intra-op threads (None: torch's current setting). Call with a model to get a
     :class:`LatencyResult`; parametrized models are baked first (what a user ships is timed).
+    ``runtime="onnxruntime"`` times the model exported to ONNX in an onnxruntime session instead,
+    with the layers an ``Int8`` plan marked quantized to int8 (that is where int8 is fast).
     """
 
     def __init__(
@@ -78,7 +83,11 @@ class Latency:
         threads: int | None = None,
         min_run_time: float = 0.3,
         warmup: int = 3,
+        runtime: str = "pytorch",
     ) -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"Latency: `runtime` must be one of {RUNTIMES}, but got {runtime!r}.")
+        self.runtime = runtime
         if example_input is None:
             raise ConfigError("Latency: `example_input` is required (a tensor, tuple of args or dict of kwargs).")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -98,26 +107,52 @@ class Latency:
         self.misses = 0
 
     def describe(self) -> str:
-        return f"Latency(batch_size={self.batch_size}, threads={self.threads or torch.get_num_threads()})"
+        runtime = "" if self.runtime == "pytorch" else f", runtime={self.runtime!r}"
+        return f"Latency(batch_size={self.batch_size}, threads={self.threads or torch.get_num_threads()}{runtime})"
 
     def __call__(self, model: nn.Module) -> LatencyResult:
         from ..export.artifact import bake
 
+        marked: list[str] = []
+        if self.runtime == "onnxruntime":
+            from ..operators.int8 import int8_layers
+
+            marked = int8_layers(model)
         baked = bake(model).eval()
-        key = architecture_key(baked)
+        key = architecture_key(baked) + f"|{self.runtime}|int8:" + ",".join(marked)
         if key in self._cache:
             self.hits += 1
             return self._cache[key]
         self.misses += 1
         example = self.example_input
+        if self.runtime == "onnxruntime":
+            result = self._time_onnxruntime(baked, marked)
+        else:
 
-        def forward() -> Any:
-            with torch.inference_mode():
-                return call_model(baked, example)
+            def forward() -> Any:
+                with torch.inference_mode():
+                    return call_model(baked, example)
 
-        result = self.time(forward)
+            result = self.time(forward)
         self._cache[key] = result
         return result
+
+    def _time_onnxruntime(self, model: nn.Module, int8_layers: list[str]) -> LatencyResult:
+        import tempfile
+        from pathlib import Path
+
+        from ..export.verified import _export_onnx, _ort_feed, _ort_session, _quantize_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            _export_onnx(model, self.example_input, path)
+            if int8_layers:
+                quantized = Path(tmp) / "model.int8.onnx"
+                _quantize_onnx(path, quantized, "dynamic", [], None, only=int8_layers)
+                path = quantized
+            session = _ort_session(path, self.threads or torch.get_num_threads())
+        feed = _ort_feed(session, self.example_input)
+        return self.time(lambda: session.run(None, feed))
 
     def time(self, fn: Callable[[], Any]) -> LatencyResult:
         """Time any zero-argument callable (e.g. an onnxruntime session run) the same way, uncached."""
