@@ -8,6 +8,7 @@ shared timing lock so no other timing job disturbs it:
     flock /tmp/tightfit-timing.lock python benchmarks/speed.py int8       --out docs/results/speed_int8.json
     flock /tmp/tightfit-timing.lock python benchmarks/speed.py lowrank    --out docs/results/speed_lowrank.json
     flock /tmp/tightfit-timing.lock python benchmarks/speed.py search     --out docs/results/speed_search.json
+    flock /tmp/tightfit-timing.lock python benchmarks/speed.py int8search --budget 8 --min-run-time 0.3 --out docs/results/speed_int8search.json
 
 Models: ``ResNetBench`` (a ResNet-style CNN with BatchNorm and projection shortcuts, 3x32x32
 inputs, defined here) and ``MLPBench`` (1024-2048-2048-1024-10). Weights are random (seeded):
@@ -275,9 +276,46 @@ def search(args) -> dict:
         }
 
 
+def int8search(args) -> dict:
+    """Int8 per layer inside the search (timed in onnxruntime) on LeNet-300-100 / digits; export
+    the chosen model and check its accuracy as onnxruntime runs it."""
+    import numpy as np
+
+    from tightfit.demo import digits_split, lenet_300_100, train
+    from tightfit.export import export_run
+    from tightfit.export.verified import _ort_session
+
+    split = digits_split(0)
+    model = train(lenet_300_100(), split, epochs=30, seed=0)
+    x = split.x_val[:1]
+    latency = Latency(x, batch_size=32, threads=THREADS, min_run_time=args.min_run_time, runtime="onnxruntime")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        result = tightfit.compress(model, evaluate=tightfit.Accuracy(split.loader("val", 512)), strategy=tightfit.Int8(),
+                                   constraint=tightfit.MaxDrop(0.01), objective="latency", example_input=x,
+                                   latency=latency, budget=args.budget, seed=0, run_dir=run_dir)
+        report = export_run(run_dir, format="onnx", batch_size=32, threads=THREADS)
+        session = _ort_session(Path(report.path), THREADS)
+        logits = session.run(None, {session.get_inputs()[0].name: split.x_test.numpy()})[0]
+        onnx_test = float((np.argmax(logits, 1) == split.y_test.numpy()).mean())
+        with torch.inference_mode():
+            torch_test = float((model(split.x_test).argmax(1) == split.y_test).float().mean())
+        best = result.best_trial.measurement
+        return {
+            "model": "LeNet-300-100 on digits (trained 30 epochs, seed 0)",
+            "latency": latency.describe(), "budget": args.budget, "message": result.message,
+            "plan_int8_layers": report.int8_layers,
+            "reported_speedup": result.baseline.latency_ms / best.latency_ms,
+            "export": report.to_dict(),
+            "remeasured_speedup": result.baseline.latency_ms / report.latency_ms,
+            "test_accuracy": {"pytorch_float32": torch_test, "onnx_int8": onnx_test},
+            "float32_state_dict_bytes": _state_dict_bytes(model),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["structured", "int8", "lowrank", "search"])
+    parser.add_argument("part", choices=["structured", "int8", "lowrank", "search", "int8search"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6])
@@ -287,7 +325,8 @@ def main() -> None:
     parser.add_argument("--search-threads", type=int, default=2)
     args = parser.parse_args()
     started = time.perf_counter()
-    data = {"structured": structured, "int8": int8, "lowrank": lowrank, "search": search}[args.part](args)
+    parts = {"structured": structured, "int8": int8, "lowrank": lowrank, "search": search, "int8search": int8search}
+    data = parts[args.part](args)
     data["machine"] = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                        "threads": THREADS, "wall_s": round(time.perf_counter() - started, 1)}
     text = json.dumps(data, indent=2)
