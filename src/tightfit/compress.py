@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import report
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .evaluation.constraints import Constraint, MaxDrop, MaxLatency
 from .evaluation.metrics import evaluate_metric
 from .export.artifact import load_model, to_bytes
@@ -97,6 +97,23 @@ def _timed(latency: Latency | None, model: nn.Module) -> dict[str, float | None]
         return {"latency_ms": None, "latency_iqr_ms": None}
     measured = latency(model)
     return {"latency_ms": measured.median_ms, "latency_iqr_ms": measured.iqr_ms}
+
+
+def _check_flops(original, example_input, layer_names, objective) -> bool:
+    """Whether FLOPs can be counted on ``example_input``; an error only when they are the objective."""
+    if example_input is None:
+        return False
+    try:
+        sparse_flops(original, example_input, layer_names)
+    except Exception as exc:
+        if objective == "flops":
+            raise ConfigError(
+                f"`example_input` does not run through the model under torch's FLOP counter "
+                f"({type(exc).__name__}: {exc}); give an input the model's forward accepts."
+            ) from exc
+        log.warning("FLOPs are not counted: the model fails on example_input (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _measure_baseline(original, evaluate, layer_names, example_input, latency=None) -> Measurement:
@@ -183,12 +200,21 @@ def compress(
 
     latency = _latency_for(latency, objective, constraints, example_input)
 
-    original = copy.deepcopy(model).eval()
+    try:
+        original = copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise ModelError(
+            f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
+            "changes your model. Make it deep-copyable (e.g. keep open files or locks out of its attributes)."
+        ) from exc
     for op in strategy:  # model-level operators (structured pruning) learn the model's structure
         op.prepare(original, example_input)
     analysis = analyze(original)
     space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
+    given_input = example_input  # kept for `tightfit export` even when FLOPs cannot be counted on it
+    if not _check_flops(original, example_input, layer_names, objective):
+        example_input = None
     settings = {
         "space": space.keys,
         "objective": objective,
@@ -209,8 +235,8 @@ def compress(
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
 
-        if run is not None and example_input is not None:
-            torch.save(example_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
+        if run is not None and given_input is not None:
+            torch.save(given_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
         baseline = _baseline(study, original, evaluate, layer_names, example_input, latency)
         best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
 
