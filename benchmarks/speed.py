@@ -145,6 +145,8 @@ def int8(args) -> dict:
             ref = _lat(meter, mlp)
             f_onnx = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.onnx", latency=meter)
             q = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.int8.onnx", int8="dynamic", rtol=0.05, latency=meter)
+            bf16_file = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.bf16.pt", format="pt", dtype="bfloat16",
+                                     rtol=0.02, latency=meter)
             bf16 = copy.deepcopy(mlp).to(torch.bfloat16)
             bf16_meter = Latency(x.to(torch.bfloat16), batch_size=b, threads=THREADS, min_run_time=args.min_run_time)
             with torch.inference_mode():
@@ -157,6 +159,8 @@ def int8(args) -> dict:
                 "int8_speedup_vs_onnx_float32": round(f_onnx.latency_ms / q.latency_ms, 3),
                 "int8_max_abs_diff": q.max_abs_diff, "int8_reference_max_abs": q.reference_max_abs,
                 "pytorch_bf16_ms": _lat(bf16_meter, bf16)["median_ms"], "bf16_max_abs_diff": bf16_err,
+                "export_pt_bf16_ms": round(bf16_file.latency_ms, 4), "export_pt_bf16_bytes": bf16_file.size_bytes,
+                "export_pt_bf16_max_abs_diff": bf16_file.max_abs_diff,
             }
             mlp_rows["onnx_float32_bytes"] = f_onnx.size_bytes
             mlp_rows["onnx_int8_bytes"] = q.size_bytes

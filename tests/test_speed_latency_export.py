@@ -182,3 +182,18 @@ def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
     assert report.size_bytes < float_bytes / 3
     with pytest.raises(ConfigError, match="runtime"):
         Latency(x, runtime="tensorrt")
+
+
+def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    x = torch.randn(4, 64)
+    for fmt in ("pt", "torchscript"):
+        f32 = export_model(model, x, tmp_path / f"f.{fmt}", format=fmt)
+        half = export_model(model, x, tmp_path / f"h.{fmt}", format=fmt, dtype="bfloat16", rtol=0.02)
+        assert half.dtype == "bfloat16" and half.size_bytes < 0.6 * f32.size_bytes
+    loaded = torch.load(tmp_path / "h.pt", weights_only=False)
+    assert loaded(x).dtype == torch.float32
+    with pytest.raises(ExportCheckError):  # bfloat16 cannot meet a float32 tolerance
+        export_model(model, x, tmp_path / "strict.pt", format="pt", dtype="bfloat16", atol=0.0, rtol=1e-7)
+    with pytest.raises(ConfigError, match="dtype"):
+        export_model(model, x, tmp_path / "h.onnx", format="onnx", dtype="bfloat16")

@@ -35,6 +35,30 @@ from .artifact import bake
 FORMATS = ("onnx", "torchscript", "pt")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "pt": ".pt"}
 INT8_MODES = ("dynamic", "static")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CastWrapper(nn.Module):
+    """Runs the wrapped model in a 16-bit float type behind a float32 interface: floating inputs
+    are cast down on the way in, floating outputs back to float32 on the way out."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def _cast(self, value: Any, dtype: torch.dtype) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._cast(v, dtype) for v in value)
+        if isinstance(value, dict):
+            return {k: self._cast(v, dtype) for k, v in value.items()}
+        return value
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*self._cast(args, self.dtype), **self._cast(kwargs, self.dtype))
+        return self._cast(out, torch.float32)
 
 
 class ExportCheckError(ArtifactError):
@@ -54,6 +78,7 @@ class ExportReport:
     atol: float
     rtol: float
     int8: str | None = None
+    dtype: str | None = None
     float_layers: list[str] = field(default_factory=list)
     int8_layers: list[str] = field(default_factory=list)
     latency_ms: float | None = None
@@ -263,6 +288,7 @@ def export_model(
     calibration: Iterable[Any] | None = None,
     keep_float: Sequence[str] | None = None,
     int8_layers: Sequence[str] | None = None,
+    dtype: str | None = None,
 ) -> ExportReport:
     """Write ``model`` to ``path`` in ``format`` ("onnx", "torchscript" or "pt"), load it back,
     check its outputs on ``example_input`` against ``model`` and time both with ``latency``.
@@ -271,7 +297,10 @@ def export_model(
     layer-name patterns left in float; ``int8_layers`` (exact names) limits int8 to those layers,
     as an ``Int8`` plan chose; ``calibration`` (static) is an iterable of inputs. The
     tolerance then has to allow for quantization error (e.g. ``rtol=0.05``): the reference is the
-    float model. Raises :class:`ExportCheckError` when the outputs differ beyond the tolerance.
+    float model. ``dtype`` ("bfloat16"/"float16", torchscript and pt only) stores and runs the
+    model in that type behind a float32 interface (bfloat16 pays on CPUs with AMX; check the
+    tolerance accordingly). Raises :class:`ExportCheckError` when the outputs differ beyond the
+    tolerance.
     """
     if format not in FORMATS:
         raise ConfigError(f"`format` must be one of {FORMATS}, but got {format!r}.")
@@ -279,6 +308,11 @@ def export_model(
         raise ConfigError(f"`int8` must be one of {INT8_MODES} or None, but got {int8!r}.")
     if int8 is not None and format != "onnx":
         raise ConfigError(f"int8 export runs through ONNX Runtime: use format='onnx' (got {format!r}).")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"`dtype` must be one of {sorted(DTYPES)} or None, but got {dtype!r}.")
+    if dtype is not None and format == "onnx":
+        raise ConfigError("`dtype` applies to torchscript and pt exports; for ONNX use int8 (ONNX Runtime's CPU "
+                          "kernels are not faster in 16-bit floats).")
     if example_input is None:
         raise ConfigError("export_model needs `example_input` to trace the model and check its outputs.")
     if not (atol >= 0 and rtol >= 0):
@@ -293,6 +327,9 @@ def export_model(
         raise ConfigError("The model's output holds no tensor; nothing to export or check.")
 
     threads = latency.threads if latency is not None else None
+    reference_model = model
+    if dtype is not None:
+        model = CastWrapper(copy.deepcopy(model), DTYPES[dtype]).eval()
     if format == "onnx":
         with tempfile.TemporaryDirectory() as tmp:
             float_path = Path(tmp) / "float.onnx" if int8 else path
@@ -330,7 +367,7 @@ def export_model(
 
     worst, ref_max = compare_outputs(reference, [torch.as_tensor(o) for o in run()], atol, rtol)
     timed = latency.time(run) if latency is not None else None
-    reference_timed = latency(model) if latency is not None else None
+    reference_timed = latency(reference_model) if latency is not None else None
     return ExportReport(
         path=str(path),
         format=format,
@@ -340,6 +377,7 @@ def export_model(
         atol=atol,
         rtol=rtol,
         int8=int8,
+        dtype=dtype,
         float_layers=list(keep_float or []),
         int8_layers=list(int8_layers or []),
         latency_ms=timed.median_ms if timed else None,
@@ -361,11 +399,13 @@ def export_run(
     threads: int | None = None,
     int8: str | None = None,
     keep_float: Sequence[str] | None = None,
+    dtype: str | None = None,
 ) -> ExportReport:
     """Export a finished run's model (``model.tfz``), checked on the run's stored example input.
 
     A plan with ``Int8`` layers exports those layers in int8 (ONNX). ``rtol`` defaults to 1e-3,
-    or 0.05 when int8 is applied (activations are quantized at run time; the reference is float).
+    0.05 when int8 is applied (activations are quantized at run time; the reference is float32),
+    0.02 with a 16-bit ``dtype``.
     Static int8 calibrates on that example input only. Writes ``<file>.json`` (the report, with
     the speedup over the baseline latency the search measured, when it measured one) next to it.
     """
@@ -391,13 +431,14 @@ def export_run(
     if planned and format == "onnx" and int8 is None:
         int8 = "dynamic"
     if rtol is None:
-        rtol = 0.05 if int8 else 1e-3
+        rtol = 0.05 if int8 else 0.02 if dtype else 1e-3
     latency = Latency(example_input, batch_size=batch_size, threads=threads)
-    target = Path(out) if out is not None else root / "export" / f"model{'.int8' if int8 else ''}{SUFFIX[format]}"
+    tag = ".int8" if int8 else f".{dtype}" if dtype else ""
+    target = Path(out) if out is not None else root / "export" / f"model{tag}{SUFFIX[format]}"
     calibration = [example_input] if int8 == "static" else None
     report = export_model(model, example_input, target, format=format, atol=atol, rtol=rtol, latency=latency,
                           int8=int8, calibration=calibration, keep_float=keep_float,
-                          int8_layers=planned if planned and int8 == "dynamic" else None)
+                          int8_layers=planned if planned and int8 == "dynamic" else None, dtype=dtype)
     record = report.to_dict()
     summary_path = root / SUMMARY_FILE
     if summary_path.exists():
