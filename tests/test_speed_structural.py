@@ -215,3 +215,19 @@ def test_structural_operators_on_a_transformer_never_break_it():
         params = {k: (value if k.endswith("/ratio") else 0.3) for k in space.keys}
         compressed = apply(space.plan(params), model)
         assert compressed(**tokens).shape == (3, 5)
+
+
+def test_compose_of_structural_and_weight_operators_searches_and_replays(tmp_path):
+    torch.manual_seed(0)
+    model = _model()
+    x = X
+    targets = model(x).argmax(1)
+    evaluate = lambda m: float((m(x).argmax(1) == targets).float().mean())  # noqa: E731
+    strategy = Compose([StructuredPrune(ratio=(0.0, 0.5)), LowRank(rank_ratio=(0.3, 1.0)), Quantize((8, 32))])
+    result = tightfit.compress(model, evaluate=evaluate, strategy=strategy, constraint=tightfit.MaxDrop(1.0),
+                               example_input=x, budget=2, seed=0)
+    assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
+    keys = set(result.best_trial.plan.layers["block1.conv1"])
+    assert keys == {"structured_prune", "low_rank", "quantize"}
+    loaded = load_model(io.BytesIO(result.artifact), model=ResNetLike())
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-5)

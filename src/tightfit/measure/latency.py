@@ -9,6 +9,7 @@ two trials that only mask or round weights cost one measurement.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -162,8 +163,12 @@ class Latency:
         previous = torch.get_num_threads()
         try:
             torch.set_num_threads(threads)
-            for _ in range(self.warmup):
+            # At least `warmup` calls and a fraction of the timing budget: the first large calls of a
+            # process are slower (allocator, caches), and a baseline timed first would look slow.
+            started, calls = time.perf_counter(), 0
+            while calls < self.warmup or time.perf_counter() - started < self.min_run_time / 3:
                 fn()
+                calls += 1
         finally:
             torch.set_num_threads(previous)
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)

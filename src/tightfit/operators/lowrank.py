@@ -34,31 +34,36 @@ def factor_rank(out_dim: int, in_dim: int, rank_ratio: float) -> int | None:
     return rank
 
 
+def _pair(module: nn.Module, rank: int) -> nn.Sequential:
+    """The two layers that replace ``module`` at ``rank`` (weights not yet set)."""
+    out_dim, _ = _dims(module)
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        first = nn.Linear(module.in_features, rank, bias=False)
+        second = nn.Linear(rank, out_dim, bias=has_bias)
+    else:
+        conv = type(module)
+        first = conv(module.in_channels, rank, module.kernel_size, stride=module.stride, padding=module.padding,
+                     dilation=module.dilation, bias=False, padding_mode=module.padding_mode)
+        second = conv(rank, out_dim, 1, bias=has_bias)
+    pair = nn.Sequential(first, second)
+    pair.train(module.training)
+    return pair
+
+
 def factorize(module: nn.Module, rank: int) -> nn.Sequential:
     """Two layers whose product is the best rank-``rank`` approximation of ``module``'s weight."""
     weight = module.weight.detach()
     out_dim, in_dim = _dims(module)
     u, s, vh = torch.linalg.svd(weight.reshape(out_dim, in_dim).double(), full_matrices=False)
     root = s[:rank].sqrt()
-    first_w = (root[:, None] * vh[:rank]).to(weight.dtype)  # r x in·k
-    second_w = (u[:, :rank] * root[None, :]).to(weight.dtype)  # out x r
-    bias = module.bias.detach() if module.bias is not None else None
-    if isinstance(module, nn.Linear):
-        first = nn.Linear(module.in_features, rank, bias=False)
-        second = nn.Linear(rank, out_dim, bias=bias is not None)
-        first.weight.data.copy_(first_w)
-        second.weight.data.copy_(second_w)
-    else:
-        conv = type(module)
-        first = conv(module.in_channels, rank, module.kernel_size, stride=module.stride, padding=module.padding,
-                     dilation=module.dilation, bias=False, padding_mode=module.padding_mode)
-        second = conv(rank, out_dim, 1, bias=bias is not None)
-        first.weight.data.copy_(first_w.reshape(first.weight.shape))
-        second.weight.data.copy_(second_w.reshape(second.weight.shape))
-    if bias is not None:
-        second.bias.data.copy_(bias)
-    pair = nn.Sequential(first, second)
-    pair.train(module.training)
+    pair = _pair(module, rank)
+    first, second = pair[0], pair[1]
+    with torch.no_grad():
+        first.weight.copy_((root[:, None] * vh[:rank]).to(weight.dtype).reshape(first.weight.shape))  # r x in·k
+        second.weight.copy_((u[:, :rank] * root[None, :]).to(weight.dtype).reshape(second.weight.shape))  # out x r
+        if module.bias is not None:
+            second.bias.copy_(module.bias.detach())
     return pair
 
 
@@ -78,7 +83,7 @@ def _unreplaceable(model: nn.Module, example_input: Any) -> set[str]:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             try:
-                setattr(parent, child, factorize(module, 1))
+                setattr(parent, child, _pair(module, 1))
                 with torch.no_grad():
                     call_model(model, example_input)
             except Exception:
