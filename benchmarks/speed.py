@@ -236,6 +236,7 @@ def search(args) -> dict:
     from tightfit.export import export_run
 
     split = digits_split(0)
+    torch.manual_seed(0)
     model = train(LeNet5(), split, epochs=40, seed=0)
     x = split.x_val[:1].view(1, 1, 8, 8)
     batch, threads = args.search_batch, args.search_threads
@@ -298,6 +299,7 @@ def int8search(args) -> dict:
     from tightfit.export.verified import _ort_session
 
     split = digits_split(0)
+    torch.manual_seed(0)
     model = train(lenet_300_100(), split, epochs=30, seed=0)
     x = split.x_val[:1]
     latency = Latency(x, batch_size=32, threads=THREADS, min_run_time=args.min_run_time, runtime="onnxruntime")
