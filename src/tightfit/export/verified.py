@@ -208,17 +208,18 @@ class _CalibrationReader:
 
     def __init__(self, session_inputs: list[str], batches: Iterable[Any]) -> None:
         self._names = session_inputs
-        self._batches = iter(batches)
+        self._batches = list(batches)
+        self._position = 0
 
     def get_next(self) -> dict[str, Any] | None:
-        batch = next(self._batches, None)
-        if batch is None:
+        if self._position >= len(self._batches):
             return None
-        tensors = _flat_inputs(batch)
+        tensors = _flat_inputs(self._batches[self._position])
+        self._position += 1
         return {n: t.detach().cpu().numpy() for n, t in zip(self._names, tensors)}
 
-    def rewind(self) -> None:  # pragma: no cover - required by newer ORT calibrators for multiple passes
-        raise NotImplementedError
+    def rewind(self) -> None:
+        self._position = 0
 
 
 def re_escape(name: str) -> str:
