@@ -197,3 +197,16 @@ def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path)
         export_model(model, x, tmp_path / "strict.pt", format="pt", dtype="bfloat16", atol=0.0, rtol=1e-7)
     with pytest.raises(ConfigError, match="dtype"):
         export_model(model, x, tmp_path / "h.onnx", format="onnx", dtype="bfloat16")
+
+
+def test_static_int8_for_convolutions_needs_and_uses_calibration(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ConfigError, match="calibration"):
+        export_model(model, x, tmp_path / "nocal.onnx", int8="static")
+    f32 = export_model(model, x, tmp_path / "f.onnx")
+    q = export_model(model, x, tmp_path / "q.onnx", int8="static", calibration=[torch.randn(4, 3, 8, 8) for _ in range(4)] + [x],
+                     rtol=0.1)
+    assert q.size_bytes < f32.size_bytes / 2.5 and q.int8 == "static"
