@@ -112,6 +112,9 @@ def test_latency_objective_run_records_speedup_and_exports(tmp_path):
     rows = list(csv.DictReader(open(run_dir / "trials.csv")))
     assert {"latency_ms", "speedup", "flops_reduction"} <= set(rows[0])
     assert all(float(r["speedup"]) > 0 and float(r["flops_reduction"]) >= 1.0 for r in rows)
+    # `tightfit report` shows the measured speedup next to the FLOPs reduction
+    shown = CliRunner().invoke(cli_app, ["report", str(run_dir)])
+    assert shown.exit_code == 0 and "speed" in shown.output and "FLOPs" in shown.output, shown.output
     # the CLI export writes, reloads, checks and times the run's model
     out = CliRunner().invoke(cli_app, ["export", str(run_dir), "--format", "torchscript", "--threads", "1"])
     assert out.exit_code == 0, out.output
