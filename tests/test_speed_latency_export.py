@@ -107,7 +107,7 @@ def test_latency_objective_run_records_speedup_and_exports(tmp_path):
         run_dir=run_dir,
     )
     assert result.feasible and result.best_trial.measurement.latency_ms > 0
-    assert "faster" in result.message
+    assert "Measured" in result.message and "ms per forward pass" in result.message
     assert (run_dir / "example_input.pt").exists()
     rows = list(csv.DictReader(open(run_dir / "trials.csv")))
     assert {"latency_ms", "speedup", "flops_reduction"} <= set(rows[0])
