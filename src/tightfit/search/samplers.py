@@ -22,6 +22,9 @@ def _tpe(seed: int, space: SearchSpace, budget: int) -> optuna.samplers.BaseSamp
         seed=seed,
         multivariate=True,
         n_startup_trials=max(3, min(10, budget // 3)),
+        # Trials running in other workers count as bad results at their (already drawn) points,
+        # so concurrent workers do not all suggest the same one.
+        constant_liar=True,
     )
 
 
