@@ -155,7 +155,7 @@ class LiveFiles:
         from ..compress import best_feasible, pareto_front
 
         tmp = self.run_dir / (TRIALS_FILE + ".tmp")
-        write_trials_csv(trials, tmp)
+        write_trials_csv(trials, tmp, self.baseline)
         os.replace(tmp, self.run_dir / TRIALS_FILE)
         now = time.monotonic()
         if now - self._last_plot >= self.plot_every_s:
