@@ -83,6 +83,7 @@ def test_export_check_fails_when_outputs_differ(tmp_path):
     for fmt in ("onnx", "torchscript"):
         with pytest.raises(ExportCheckError, match="differ"):
             export_model(Noisy().eval(), X, tmp_path / f"n.{fmt}", format=fmt)
+        assert not (tmp_path / f"n.{fmt}").exists()  # a file that failed its check is not left behind
     with pytest.raises(ExportCheckError, match="shape"):
         compare_outputs([torch.zeros(2, 3)], [torch.zeros(3, 2)], 1e-4, 1e-3)
     with pytest.raises(ExportCheckError):

@@ -366,7 +366,11 @@ def export_model(
             with torch.inference_mode():
                 return _flat_outputs(call_model(loaded, check_input))
 
-    worst, ref_max = compare_outputs(reference, [torch.as_tensor(o) for o in run()], atol, rtol)
+    try:
+        worst, ref_max = compare_outputs(reference, [torch.as_tensor(o) for o in run()], atol, rtol)
+    except ExportCheckError as exc:
+        path.unlink(missing_ok=True)  # a file that failed its check is not left where it could be shipped
+        raise ExportCheckError(f"{exc} {path} was removed.") from None
     timed = latency.time(run) if latency is not None else None
     reference_timed = latency(reference_model) if latency is not None else None
     return ExportReport(
