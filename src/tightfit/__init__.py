@@ -41,6 +41,11 @@ _EXPORTS = {
     "MinMetric": "tightfit.evaluation",
     # recovery
     "FineTune": "tightfit.recovery",
+    "LearningCompression": "tightfit.recovery",
+    "PruneSplice": "tightfit.recovery",
+    "SparseTraining": "tightfit.recovery",
+    "ProxConnect": "tightfit.recovery",
+    "Tuned": "tightfit.recovery",
     # files
     "save": "tightfit._files",
     "load": "tightfit._files",
@@ -80,4 +85,4 @@ if TYPE_CHECKING:  # pragma: no cover
         Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, register_operator,
     )
     from .records import Measurement, Result, TrialRecord
-    from .recovery import FineTune
+    from .recovery import FineTune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned

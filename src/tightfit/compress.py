@@ -58,6 +58,14 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
         raise ConfigError(f"`seed` must be an int, but got {seed!r}.")
 
 
+def _tuned_hyperparameters(finetune: Any) -> list:
+    """Tuned recovery: a ``finetune`` that declares ``hyperparameters()`` and ``with_settings()``
+    has those searched with the plan (see tightfit.recovery.Tuned)."""
+    if finetune is None or not (hasattr(finetune, "hyperparameters") and hasattr(finetune, "with_settings")):
+        return []
+    return list(finetune.hyperparameters())
+
+
 def _constraints(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
     if constraint is None:
         items = [MaxDrop(0.01)]
@@ -246,7 +254,7 @@ def _search(
     for op in strategy:  # model-level operators (structured pruning) learn the model's structure
         op.prepare(original, example_input)
     analysis = analyze(original)
-    space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
+    space = build_space(strategy, analysis, _tuned_hyperparameters(finetune))  # ModelError if nothing compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
     given_input = example_input  # kept for `tightfit export` even when FLOPs cannot be counted on it
     if not _check_flops(original, example_input, layer_names, objective):
@@ -282,11 +290,13 @@ def _search(
         def evaluate_plan(plan: Plan, trial: optuna.Trial) -> TrialOutcome:
             candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
             steps = None
-            if finetune is not None:
+            tuned = space.recovery_settings(trial.params)
+            recover = finetune.with_settings(**tuned) if tuned else finetune
+            if recover is not None:
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
-                    finetune(candidate)
-                steps = getattr(finetune, "steps_taken", None)
+                    recover(candidate)
+                steps = getattr(recover, "steps_taken", None)
             metric = evaluate_metric(evaluate, candidate)
             data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": trial.number})
             nonzeros, _ = count_nonzeros(candidate, layer_names)
@@ -309,7 +319,8 @@ def _search(
             return TrialOutcome(
                 objective=float(goal),
                 constraints=values,
-                attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps},
+                attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps,
+                       **({"recovery": tuned} if tuned else {})},
             )
 
         if worker:
@@ -331,6 +342,11 @@ def _search(
         run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=on_trial, drain=True)
 
         trials = [trial_record(t) for t in study.get_trials()]
+        if space.recovery:  # a replayed best trial must train with its own recovery settings
+            tuned_of = {t.number: t.user_attrs.get("recovery", {}) for t in study.get_trials(deepcopy=False)}
+            best_trial = best_feasible(trials)
+            if best_trial is not None:
+                finetune = finetune.with_settings(**tuned_of.get(best_trial.number, {}))
         result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
         result.left_alone = _left_alone(analysis, space)
         if run is not None:

@@ -1,6 +1,6 @@
 """Compression operators, their composition, and plans (what was done to which layer)."""
 
-from .base import Hyperparameter, Operator
+from .base import Hyperparameter, Operator, Projection
 from .compose import Compose, as_strategy
 from .plan import OPERATOR_REGISTRY, Plan, apply, apply_plan_inplace, register_operator
 from .prune import Prune, WeightMask, magnitude_mask
@@ -25,6 +25,7 @@ __all__ = [
     "LowRank",
     "Operator",
     "Plan",
+    "Projection",
     "Prune",
     "Quantize",
     "StructuredPrune",

@@ -11,6 +11,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -111,6 +112,11 @@ class Operator(abc.ABC):
             for sub in inner:
                 self.apply(sub, settings)
 
+    def project(self, weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        """The weight nearest to ``weight`` that ``settings`` allows (for learning-compression's
+        C-step). Operators that cannot project leave this unimplemented; see :class:`Projection`."""
+        raise NotImplementedError(f"Operator {self.name!r} has no projection, so learning-compression cannot use it.")
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-ready, so that a plan records how it was made."""
         return {"layers": self.layers}
@@ -129,3 +135,18 @@ class Operator(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if v is not None)
         return f"{type(self).__name__}({args})"
+
+
+class Projection(abc.ABC):
+    """Mixin for a parametrization that can *project*: map any weight onto the compressed set it
+    stands for (same sparsity, same grid, same rank...) and re-fit itself to that point.
+
+    Recovery methods that train the uncompressed weight underneath (learning-compression) use it:
+    ``theta = step.project(w)`` returns the compressed weight and leaves the step such that
+    ``step(theta) == theta``. A new operator (e.g. low-rank) joins by giving its parametrization
+    this method; operators whose parametrizations lack it are trained as plain fine-tuning does.
+    """
+
+    @abc.abstractmethod
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """Nearest allowed weight (no gradient); the step is re-fitted so it reproduces it."""
