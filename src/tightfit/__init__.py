@@ -31,6 +31,13 @@ _EXPORTS = {
     "Constraint": "tightfit.evaluation",
     "MaxDrop": "tightfit.evaluation",
     "MaxSize": "tightfit.evaluation",
+    "MaxLatency": "tightfit.evaluation",
+    # speed: structural operators, latency, verified export
+    "StructuredPrune": "tightfit.operators",
+    "LowRank": "tightfit.operators",
+    "Int8": "tightfit.operators",
+    "Latency": "tightfit.measure",
+    "export_model": "tightfit.export",
     "MinMetric": "tightfit.evaluation",
     "Agreement": "tightfit.evaluation",
     "Fidelity": "tightfit.evaluation",
@@ -76,8 +83,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._files import load, save
     from .compress import compress
     from .errors import ArtifactError, ConfigError, EvaluationError, ModelError, TightfitError
-    from .evaluation import Accuracy, Agreement, Certificate, Constraint, Fidelity, MaxDrop, MaxSize, MinMetric, PerSample, Sequential
-    from .measure import analyze
-    from .operators import Compose, Hyperparameter, Operator, Plan, Prune, Quantize, apply, register_operator
+    from .evaluation import (
+        Accuracy, Agreement, Certificate, Constraint, Fidelity, MaxDrop, MaxLatency, MaxSize, MinMetric, PerSample, Sequential,
+    )
+    from .export import export_model
+    from .measure import Latency, analyze
+    from .operators import (
+        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, register_operator,
+    )
     from .records import Measurement, Result, TrialRecord
     from .recovery import FineTune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned

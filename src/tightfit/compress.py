@@ -18,11 +18,12 @@ from torch import nn
 
 from . import report
 from .errors import ConfigError, ModelError
-from .evaluation.constraints import Constraint, MaxDrop
+from .evaluation.constraints import Constraint, MaxDrop, MaxLatency
 from .evaluation.metrics import bind_reference, evaluate_metric
 from .evaluation.sequential import Sequential, SequentialSession
 from .export.artifact import load_model, to_bytes
 from .measure.analysis import SkippedModule, analyze, count_nonzeros, sparse_flops
+from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy
 from .operators.plan import Plan, apply_plan_inplace
@@ -36,7 +37,8 @@ from .search.space import SearchSpace, build_space
 
 log = logging.getLogger("tightfit")
 
-OBJECTIVES = ("size", "nonzeros", "flops")
+OBJECTIVES = ("size", "nonzeros", "flops", "latency")
+EXAMPLE_INPUT_FILE = "example_input.pt"
 BASELINE_ATTR = "tightfit.baseline"
 SETTINGS_ATTR = "tightfit.settings"
 
@@ -48,8 +50,8 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
         raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
     if objective not in OBJECTIVES:
         raise ConfigError(f"`objective` must be one of {OBJECTIVES}, but got {objective!r}.")
-    if objective == "flops" and example_input is None:
-        raise ConfigError('`objective="flops"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
+    if objective in ("flops", "latency") and example_input is None:
+        raise ConfigError(f'`objective="{objective}"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"`budget` must be a whole number of evaluations >= 1, but got {budget!r}.")
     if finetune is not None and not callable(finetune):
@@ -96,6 +98,26 @@ def float32_file_bytes(model: nn.Module) -> int:
     return len(buffer.getvalue())
 
 
+def _latency_for(latency: Latency | None, objective: str, constraints: list[Constraint], example_input: Any) -> Latency | None:
+    """The latency meter of this run: the one given, or a default one when latency is asked for."""
+    if latency is not None:
+        if not isinstance(latency, Latency):
+            raise ConfigError(f"`latency` must be tightfit.Latency(example_input, ...), but got {type(latency).__name__}.")
+        return latency
+    if objective == "latency" or any(isinstance(c, MaxLatency) for c in constraints):
+        if example_input is None:
+            raise ConfigError("Latency objectives and MaxLatency need `example_input` (or `latency=tightfit.Latency(...)`).")
+        return Latency(example_input)
+    return None
+
+
+def _timed(latency: Latency | None, model: nn.Module) -> dict[str, float | None]:
+    if latency is None:
+        return {"latency_ms": None, "latency_iqr_ms": None}
+    measured = latency(model)
+    return {"latency_ms": measured.median_ms, "latency_iqr_ms": measured.iqr_ms}
+
+
 def _check_flops(original, example_input, layer_names, objective) -> bool:
     """Whether FLOPs can be counted on ``example_input``; an error only when they are the objective."""
     if example_input is None:
@@ -113,9 +135,10 @@ def _check_flops(original, example_input, layer_names, objective) -> bool:
     return True
 
 
-def _measure_baseline(original, evaluate, layer_names, example_input) -> Measurement:
+def _measure_baseline(original, evaluate, layer_names, example_input, latency=None) -> Measurement:
     nonzeros, total = count_nonzeros(original, layer_names)
     return Measurement(
+        **_timed(latency, original),
         metric=evaluate_metric(evaluate, copy.deepcopy(original)),
         size_bytes=float32_file_bytes(original),
         nonzeros=nonzeros,
@@ -181,6 +204,7 @@ def compress(
     progress: bool = False,
     artifact_extra: dict[str, Any] | None = None,
     on_start: Callable[[str, str], None] | None = None,
+    latency: Latency | None = None,
     evaluation: Sequential | None = None,
 ) -> Result:
     """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
@@ -193,7 +217,9 @@ def compress(
     puts the study on a database that workers (:func:`tightfit.scale.work`, ``tightfit worker``) share;
     ``on_start(storage_url, study_name)`` is called once the study is open and the baseline stored
     (``tightfit run --workers`` starts its workers there). This call waits for the other workers'
-    running trials before it reports.
+    running trials before it reports. ``objective="latency"`` (or a ``MaxLatency`` constraint) times
+    every trial's saved model with ``latency`` (default ``tightfit.Latency(example_input)``); passing
+    ``latency`` alone records it.
     With ``evaluation=tightfit.Sequential(...)``, candidates are evaluated on a growing subsample of
     the validation set until a confidence interval decides the constraints, candidates that cannot
     improve the answer are only screened (no fine-tune), and the answer comes with a certificate
@@ -204,6 +230,7 @@ def compress(
         model, evaluate=evaluate, strategy=strategy, constraint=constraint, objective=objective, finetune=finetune,
         budget=budget, search=search, example_input=example_input, seed=seed, run_dir=run_dir, storage=storage,
         study_name=study_name, progress=progress, artifact_extra=artifact_extra, on_start=on_start, worker=False,
+        latency=latency,
         evaluation=evaluation,
     )
 
@@ -227,6 +254,7 @@ def _search(
     artifact_extra: dict[str, Any] | None = None,
     on_start: Callable[[str, str], None] | None = None,
     worker: bool = False,
+    latency: Latency | None = None,
     evaluation: Sequential | None = None,
 ) -> Result | int:
     """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated."""
@@ -236,6 +264,13 @@ def _search(
     constraints = _constraints(constraint)
     check_search(search)
 
+    latency = _latency_for(latency, objective, constraints, example_input)
+    if evaluation is not None and latency is not None:
+        raise ConfigError(
+            "evaluation=Sequential(...) does not time candidates yet: drop the latency objective / MaxLatency / "
+            "`latency`, or use evaluation=None."
+        )
+
     try:
         original = copy.deepcopy(model).eval()
     except Exception as exc:
@@ -243,9 +278,12 @@ def _search(
             f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
             "changes your model. Make it deep-copyable (e.g. keep open files or locks out of its attributes)."
         ) from exc
+    for op in strategy:  # model-level operators (structured pruning) learn the model's structure
+        op.prepare(original, example_input)
     analysis = analyze(original)
     space = build_space(strategy, analysis, _tuned_hyperparameters(finetune))  # ModelError if nothing compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
+    given_input = example_input  # kept for `tightfit export` even when FLOPs cannot be counted on it
     if not _check_flops(original, example_input, layer_names, objective):
         example_input = None
     settings = {
@@ -255,6 +293,8 @@ def _search(
         "search": search,
         "seed": seed,
     }
+    if latency is not None:
+        settings["latency"] = latency.describe()
     evaluate = bind_reference(evaluate, original)  # Agreement / Fidelity compare with the original
     session = None
     if evaluation is not None:
@@ -275,11 +315,13 @@ def _search(
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
 
+        if run is not None and given_input is not None:
+            torch.save(given_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
         if session is not None:
             full_metric = session.baseline(original)  # per-sample values, computed once and kept
-            baseline = _baseline(study, original, lambda _model: full_metric, layer_names, example_input)
+            baseline = _baseline(study, original, lambda _model: full_metric, layer_names, example_input, latency)
         else:
-            baseline = _baseline(study, original, evaluate, layer_names, example_input)
+            baseline = _baseline(study, original, evaluate, layer_names, example_input, latency)
         baseline_passes = counter.take()
         best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
 
@@ -303,9 +345,11 @@ def _search(
                 nonzeros=nonzeros,
                 weight_params=baseline.weight_params,
                 flops=sparse_flops(candidate, example_input, layer_names) if example_input is not None else None,
+                **_timed(latency, candidate),
             )
             values = [c.value(measured, baseline) for c in constraints]
-            goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
+            goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops,
+                    "latency": measured.latency_ms}[objective]
             record = TrialRecord(trial.number, "COMPLETE", plan, measured, float(goal), tuple(values))
             if not worker and record.feasible and _better(record, best_holder["record"]):
                 best_holder.update(record=record, bytes=data)
@@ -507,11 +551,11 @@ def _open_study(run: RunDir | None, storage, study_name: str, settings: dict[str
     return study, url
 
 
-def _baseline(study, original, evaluate, layer_names, example_input) -> Measurement:
+def _baseline(study, original, evaluate, layer_names, example_input, latency=None) -> Measurement:
     stored = study.user_attrs.get(BASELINE_ATTR)
     if stored is not None:
         return Measurement.from_dict(stored)
-    baseline = _measure_baseline(original, evaluate, layer_names, example_input)
+    baseline = _measure_baseline(original, evaluate, layer_names, example_input, latency)
     study.set_user_attr(BASELINE_ATTR, baseline.to_dict())
     return baseline
 
@@ -583,6 +627,7 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
             f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
             f"({len(data):,} of {baseline.size_bytes:,} bytes), {baseline.weight_params / max(1, nonzeros):.1f}x fewer "
             f"nonzero weights, metric {metric:.4f} vs {baseline.metric:.4f} originally."
+            + _speed_note(best.measurement, baseline)
         ),
         notes=notes,
         **common,
@@ -591,6 +636,14 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
     if run is not None:
         run.write_model(data)
     return result
+
+
+def _speed_note(measured: Measurement, baseline: Measurement) -> str:
+    if measured.latency_ms is None or baseline.latency_ms is None:
+        return ""
+    speedup = baseline.latency_ms / measured.latency_ms
+    pace = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    return f" Measured {pace} ({measured.latency_ms:.3g} vs {baseline.latency_ms:.3g} ms per forward pass)."
 
 
 def _best_artifact(best: TrialRecord, holder: dict[str, Any], run: RunDir | None) -> bytes | None:
@@ -605,4 +658,4 @@ def _load_bytes(data: bytes) -> nn.Module:
     return load_model(io.BytesIO(data))
 
 
-__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES", "Sequential"]
+__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES", "EXAMPLE_INPUT_FILE", "Sequential"]

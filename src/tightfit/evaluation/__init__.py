@@ -1,7 +1,7 @@
 """How a compressed model is scored (metrics), judged (constraints), and cheaply evaluated
 (per-sample statistics, sequential tests, certificates)."""
 
-from .constraints import Constraint, MaxDrop, MaxSize, MinMetric
+from .constraints import Constraint, MaxDrop, MaxLatency, MaxSize, MinMetric
 from .metrics import Accuracy, Agreement, Fidelity, PerSample, PerSampleMetric, SampleMetric, evaluate_metric
 from .sequential import Certificate, Sequential
 from .statistics import Estimate, mean_estimate, u_statistic2
@@ -14,6 +14,7 @@ __all__ = [
     "Estimate",
     "Fidelity",
     "MaxDrop",
+    "MaxLatency",
     "MaxSize",
     "MinMetric",
     "PerSample",

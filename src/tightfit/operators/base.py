@@ -85,6 +85,33 @@ class Operator(abc.ABC):
     def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
         """Compress ``module`` in place with ``settings`` (reversibly, by parametrization)."""
 
+    def prepare(self, model: nn.Module, example_input: Any) -> None:
+        """Learn what this operator needs of the whole model before the search space is built.
+
+        Most operators look at one layer at a time and need nothing; model-level operators
+        (structured pruning finds coupled channel groups) override this.
+        """
+
+    def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
+        """Compress ``model`` in place: ``settings_by_layer`` maps layer names to validated settings.
+
+        The default applies :meth:`apply` layer by layer. A layer that an earlier structural
+        operator replaced by a container (low-rank: one Linear -> two) gets the operator on each
+        compressible layer inside it. Model-level operators override this.
+        """
+        from ..measure.analysis import COMPRESSIBLE_TYPES
+
+        for layer_name, settings in settings_by_layer.items():
+            module = model.get_submodule(layer_name) if layer_name else model
+            if isinstance(module, COMPRESSIBLE_TYPES) or self.structural:
+                self.apply(module, settings)
+                continue
+            inner = [m for m in module.modules() if isinstance(m, COMPRESSIBLE_TYPES)]
+            if not inner:
+                raise ConfigError(f"{self.name!r} cannot compress layer {layer_name!r} ({type(module).__name__}).")
+            for sub in inner:
+                self.apply(sub, settings)
+
     def project(self, weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
         """The weight nearest to ``weight`` that ``settings`` allows (for learning-compression's
         C-step). Operators that cannot project leave this unimplemented; see :class:`Projection`."""
