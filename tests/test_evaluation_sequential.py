@@ -282,6 +282,8 @@ def test_evaluation_argument_is_checked(mlp, digits):
         _compress(mlp, digits, evaluation="fast")
     with pytest.raises(ConfigError, match="per-sample"):
         _compress(mlp, digits, evaluate=lambda m: 1.0)
+    with pytest.raises(ConfigError, match="latency"):
+        _compress(mlp, digits, objective="latency", example_input=digits.x_val[:1])
 
 
 def test_per_sample_user_metric(mlp, digits):
