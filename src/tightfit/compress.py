@@ -16,7 +16,7 @@ from torch import nn
 
 from . import report
 from .errors import ConfigError
-from .evaluation.constraints import Constraint, MaxDrop
+from .evaluation.constraints import Constraint, MaxDrop, MaxSize
 from .evaluation.metrics import evaluate_metric
 from .export.artifact import load_model, to_bytes
 from .measure.analysis import SkippedModule, analyze, count_nonzeros, sparse_flops
@@ -28,6 +28,7 @@ from .operators.quantize import Quantize
 from .records import Measurement, Result, TrialRecord
 from .run_dir import RunDir
 from .search.loop import TrialOutcome, counted_trials, recover_interrupted, run_trials, trial_record
+from .search.context import ProbeResult, SearchContext
 from .search.samplers import check_search
 from .search.space import SearchSpace, build_space
 
@@ -211,9 +212,14 @@ def compress(
                 attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps},
             )
 
+        context = _search_context(
+            original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input
+        )
         reporter = stack.enter_context(report.live_progress(budget, baseline, enabled=progress))
         reporter.advance_to(len(counted_trials(study)))
-        run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=reporter.on_trial)
+        run_trials(
+            study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=reporter.on_trial, context=context
+        )
 
         trials = [trial_record(t) for t in study.get_trials()]
         result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
@@ -221,6 +227,32 @@ def compress(
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
+
+
+def _search_context(
+    original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input
+) -> SearchContext:
+    """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
+    (the sensitivity scan and warm starts use it) and the original weights."""
+    needs_bytes = objective == "size" or any(isinstance(c, MaxSize) for c in constraints)
+
+    def probe(plan: Plan) -> ProbeResult:
+        candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
+        metric = evaluate_metric(evaluate, candidate)
+        nonzeros, _ = count_nonzeros(candidate, layer_names)
+        measured = Measurement(
+            metric=metric,
+            size_bytes=len(to_bytes(candidate, plan)) if needs_bytes else baseline.size_bytes,
+            nonzeros=nonzeros,
+            weight_params=baseline.weight_params,
+            flops=sparse_flops(candidate, example_input, layer_names) if objective == "flops" else None,
+        )
+        goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
+        return ProbeResult(metric, tuple(c.value(measured, baseline) for c in constraints), float(goal))
+
+    modules = dict(original.named_modules())
+    weights = {name: modules[name].weight.detach().clone() for name in layer_names if hasattr(modules[name], "weight")}
+    return SearchContext(space=space, budget=budget, seed=seed, probe=probe, weights=weights, objective=objective)
 
 
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from ..operators.plan import Plan
 from ..records import Measurement, TrialRecord
+from .context import SearchContext
 from .samplers import make_sampler
 from .space import SearchSpace
 
@@ -81,20 +82,31 @@ def run_trials(
     method: str,
     seed: int,
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    context: SearchContext | None = None,
 ) -> None:
     """Evaluate trials until ``budget`` of them count. Ctrl-C loses only the running trial: it is
-    marked interrupted, its parameters are enqueued again, and the KeyboardInterrupt propagates."""
+    marked interrupted, its parameters are enqueued again, and the KeyboardInterrupt propagates.
+    ``context`` (optional) gives samplers more than the space: probes, the model's weights; the
+    optimizer's own time per suggestion is stored on each trial as ``search_time_s``."""
     while True:
         done = len(counted_trials(study))
         if done >= budget:
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.sampler = make_sampler(method, derive_seed(seed, done), space, budget)
+            asked = time.perf_counter()
+            study.sampler = make_sampler(method, derive_seed(seed, done), space, budget, context)
             trial = study.ask()
+            plan = None
+            try:
+                plan = space.suggest(trial)  # relative samplers suggest inside ask; the rest here
+            except Exception:
+                pass
+            trial.set_user_attr("search_time_s", time.perf_counter() - asked)
         started = time.perf_counter()
         try:
-            plan = space.suggest(trial)
+            if plan is None:
+                plan = space.suggest(trial)
             outcome = evaluate_plan(plan, trial)
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
