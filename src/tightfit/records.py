@@ -54,6 +54,8 @@ class TrialRecord:
     constraints: tuple[float, ...]
     error: str | None = None
     duration_s: float | None = None
+    #: the optimizer's own time to make this trial's suggestion (seconds)
+    search_time_s: float | None = None
 
     @property
     def feasible(self) -> bool:

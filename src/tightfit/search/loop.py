@@ -142,4 +142,5 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         constraints=tuple(trial_constraints(t)),
         error=attrs.get("error") or ("interrupted" if attrs.get(INTERRUPTED) else None),
         duration_s=attrs.get("duration_s"),
+        search_time_s=attrs.get("search_time_s"),
     )

@@ -82,7 +82,7 @@ class OLMPSampler(PlanSampler):
 
         opts = {
             "bounds": [0.0, 1.0],
-            "seed": int(self.context.seed % (2**31 - 1)) * 7 + round_index + 1,
+            "seed": int(self.context.seed % 100_000) * 7 + round_index + 1,
             "verbose": -9,
             "verb_log": 0,
             "verb_disp": 0,
