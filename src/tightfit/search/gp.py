@@ -42,10 +42,11 @@ def fit_gp(x: np.ndarray, y: np.ndarray, se: np.ndarray | None = None):
         yvar = torch.as_tensor(np.maximum(se, 1e-6) ** 2, dtype=torch.float64).reshape(-1, 1)
     model = SingleTaskGP(X, Y, train_Yvar=yvar, outcome_transform=Standardize(m=1))
     mll = ExactMarginalLogLikelihood(model.likelihood, model)
-    try:
-        fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 75}})
-    except Exception:  # a failed fit keeps the prior hyperparameters: still a usable model
-        pass
+    with one_thread():
+        try:
+            fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 75}})
+        except Exception:  # a failed fit keeps the prior hyperparameters: still a usable model
+            pass
     return model.eval()
 
 
