@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from .base import PlanSampler
 from .context import SearchContext
 from .encoding import in_space
-from .sensitivity import sensitivity_scan
+from .sensitivity import warm_start_point
 
 
 class MadsSampler(PlanSampler):
@@ -58,11 +58,7 @@ class MadsSampler(PlanSampler):
         return tuple(round(float(params[d.key]), 9) if not isinstance(params[d.key], str) else params[d.key] for d in self.dims)
 
     def _x0(self, lb, ub) -> list[float]:
-        scan = sensitivity_scan(self.context)
-        if scan is not None:
-            params = self.encoding.decode(scan.family(0.5))
-        else:
-            params = self.encoding.decode(np.full(self.encoding.d, 0.5))
+        params = self.encoding.decode(warm_start_point(self.context, self.encoding))
         x0 = []
         for dim in self.dims:
             hp = dim.hyperparameter

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from .base import PlanSampler
 from .context import SearchContext
 from .encoding import in_space
-from .sensitivity import sensitivity_scan
+from .sensitivity import warm_start_point
 
 C_LOW, C_HIGH = -1.5, 4.0
 GENERATIONS_PER_ROUND = 3
@@ -72,10 +72,7 @@ class OLMPSampler(PlanSampler):
         return z
 
     def _x0(self) -> np.ndarray:
-        scan = sensitivity_scan(self.context)
-        if scan is not None:
-            return self.to_z(self.encoding.decode(scan.family(0.5)))
-        return self.to_z(self.encoding.decode(np.full(self.encoding.d, 0.5)))
+        return self.to_z(self.encoding.decode(warm_start_point(self.context, self.encoding)))
 
     def _new_es(self, x0: np.ndarray, sigma: float, round_index: int):
         import cma

@@ -69,3 +69,21 @@ def sensitivity_scan(context: SearchContext) -> Sensitivity | None:
     result = Sensitivity(LEVELS.copy(), viol, float(base), time.perf_counter() - started)
     context.memo["sensitivity"] = result
     return result
+
+
+def warm_start_point(context: SearchContext, enc: UnitEncoding) -> np.ndarray:
+    """A starting plan for local searches (MADS, OLMP): on the sensitivity family, the largest knob
+    whose probe (no fine-tune) still meets the constraint, since fine-tuning only recovers; the
+    middle of the cube without a probe."""
+    scan = sensitivity_scan(context)
+    if scan is None:
+        return np.full(enc.d, 0.5)
+    if "warm_start.knob" not in context.memo:
+        ok = 0.0
+        for u in np.linspace(0.05, 1.0, 20):
+            if context.probe(context.space.plan(enc.decode(scan.family(u)))).violation <= 0:
+                ok = float(u)
+            else:
+                break
+        context.memo["warm_start.knob"] = ok
+    return scan.family(context.memo["warm_start.knob"])
