@@ -149,3 +149,25 @@ def test_compress_gives_samplers_a_probe_and_records_search_time(mlp, digits):
     # the first suggestion ran the sensitivity scan (probes), so it took longest; all compress
     assert result.trials[0].plan.layers["1"]["prune"]["sparsity"] > 0.0
     assert result.feasible and result.nonzero_ratio > 1.5
+
+
+def test_pareto_search_of_size_and_metric_keeps_the_constraint(mlp, digits, tmp_path):
+    result = tightfit.compress(
+        mlp,
+        evaluate=tightfit.Accuracy(digits.loader("val", 512)),
+        strategy=Prune(sparsity=(0.0, 0.95)),
+        constraint=tightfit.MaxDrop(0.02),
+        objective=("size", "metric"),
+        finetune=tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3),
+        budget=5,
+        seed=0,
+        run_dir=tmp_path / "run",
+    )
+    study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path}/run/study.db")
+    assert len(study.directions) == 2
+    assert all(len(t.values) == 2 for t in study.get_trials() if t.state.name == "COMPLETE")
+    assert result.pareto and all(t.feasible for t in result.pareto)
+    sizes = [t.measurement.size_bytes for t in result.pareto]
+    metrics = [t.measurement.metric for t in result.pareto]
+    assert sizes == sorted(sizes) and metrics == sorted(metrics)
+    assert result.feasible and result.best_trial.measurement.size_bytes == min(sizes)

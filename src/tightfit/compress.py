@@ -44,9 +44,13 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
         raise ConfigError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
     if not callable(evaluate):
         raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"`objective` must be one of {OBJECTIVES}, but got {objective!r}.")
-    if objective == "flops" and example_input is None:
+    primary = objective[0] if isinstance(objective, (tuple, list)) and len(objective) == 2 and objective[1] == "metric" else objective
+    if primary not in OBJECTIVES:
+        raise ConfigError(
+            f"`objective` must be one of {OBJECTIVES}, or a pair like ('size', 'metric') for a Pareto front, "
+            f"but got {objective!r}."
+        )
+    if primary == "flops" and example_input is None:
         raise ConfigError('`objective="flops"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"`budget` must be a whole number of evaluations >= 1, but got {budget!r}.")
@@ -131,7 +135,7 @@ def compress(
     evaluate: Callable[[nn.Module], float],
     strategy: Compose | Operator | None = None,
     constraint: Constraint | Sequence[Constraint] | None = None,
-    objective: str = "size",
+    objective: str | tuple[str, str] = "size",
     finetune: Callable[[nn.Module], None] | None = None,
     budget: int = 30,
     search: str = "auto",
@@ -152,6 +156,10 @@ def compress(
     See the README for the full walk-through.
     """
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
+    # ("size", "metric"): a Pareto front of the first objective (minimized) and the metric
+    # (maximized); the constraints still decide which plans count.
+    multi = not isinstance(objective, str)
+    objective = objective[0] if multi else objective
     strategy = as_strategy(strategy if strategy is not None else Compose([Prune(), Quantize()]))
     constraints = _constraints(constraint)
     check_search(search)
@@ -162,7 +170,7 @@ def compress(
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
     settings = {
         "space": space.keys,
-        "objective": objective,
+        "objective": [objective, "metric"] if multi else objective,
         "constraints": [c.describe() for c in constraints],
         "search": search,
         "seed": seed,
@@ -171,7 +179,7 @@ def compress(
     with ExitStack() as stack:
         stack.enter_context(_optuna_quiet())
         run = stack.enter_context(RunDir.open(run_dir)) if run_dir is not None else None
-        study = _open_study(run, storage, study_name, settings)
+        study = _open_study(run, storage, study_name, settings, multi)
         if run is not None and storage is None:
             # We hold the run directory's lock, so RUNNING trials belong to a dead process.
             recovered = recover_interrupted(study)
@@ -207,13 +215,14 @@ def compress(
                 if run is not None:
                     run.write_best(data)
             return TrialOutcome(
-                objective=float(goal),
+                objective=[float(goal), float(metric)] if multi else float(goal),
                 constraints=values,
                 attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps},
             )
 
         context = _search_context(
-            original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input
+            original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
+            n_objectives=2 if multi else 1,
         )
         reporter = stack.enter_context(report.live_progress(budget, baseline, enabled=progress))
         reporter.advance_to(len(counted_trials(study)))
@@ -223,6 +232,8 @@ def compress(
 
         trials = [trial_record(t) for t in study.get_trials()]
         result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
+        if multi:  # the front the user asked for: feasible plans only
+            result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
         if run is not None:
             report.write_run_files(result, run.path, settings)
@@ -230,7 +241,8 @@ def compress(
 
 
 def _search_context(
-    original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input
+    original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
+    n_objectives: int = 1,
 ) -> SearchContext:
     """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
     (the sensitivity scan and warm starts use it) and the original weights."""
@@ -252,7 +264,9 @@ def _search_context(
 
     modules = dict(original.named_modules())
     weights = {name: modules[name].weight.detach().clone() for name in layer_names if hasattr(modules[name], "weight")}
-    return SearchContext(space=space, budget=budget, seed=seed, probe=probe, weights=weights, objective=objective)
+    return SearchContext(
+        space=space, budget=budget, seed=seed, probe=probe, weights=weights, objective=objective, n_objectives=n_objectives
+    )
 
 
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
@@ -276,9 +290,12 @@ def _optuna_quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
-def _open_study(run: RunDir | None, storage: str | None, study_name: str, settings: dict[str, Any]) -> optuna.Study:
+def _open_study(
+    run: RunDir | None, storage: str | None, study_name: str, settings: dict[str, Any], multi: bool = False
+) -> optuna.Study:
     url = storage or (run.storage_url if run is not None else None)
-    study = optuna.create_study(storage=url, study_name=study_name, direction="minimize", load_if_exists=True)
+    directions = ["minimize", "maximize"] if multi else ["minimize"]
+    study = optuna.create_study(storage=url, study_name=study_name, directions=directions, load_if_exists=True)
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)

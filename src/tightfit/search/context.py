@@ -44,6 +44,8 @@ class SearchContext:
     weights: dict[str, Any] = field(default_factory=dict)
     #: the objective's name ("size", "nonzeros", "flops")
     objective: str = "size"
+    #: 2 for a Pareto search of (objective, metric); samplers that model one objective use the first
+    n_objectives: int = 1
     #: memo shared by the per-trial copies of one run (e.g. the sensitivity scan)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

@@ -31,7 +31,7 @@ class TrialOutcome:
     """What evaluating one plan produced: the objective to minimize, the constraint values
     (<= 0 feasible) and JSON-ready attributes to store on the trial."""
 
-    objective: float
+    objective: float | list[float]  # one value, or one per study direction
     constraints: list[float]
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -125,7 +125,9 @@ def run_trials(
             for index, value in enumerate(outcome.constraints):
                 trial.set_constraint(str(index), float(value))
             trial.set_user_attr("duration_s", time.perf_counter() - started)
-            frozen = study.tell(trial, float(outcome.objective))
+            values = outcome.objective
+            values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
+            frozen = study.tell(trial, values)
         if on_trial is not None:
             on_trial(frozen)
 
@@ -138,7 +140,7 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         state=t.state.name,
         plan=Plan.from_dict(attrs["plan"]) if "plan" in attrs else None,
         measurement=Measurement.from_dict(attrs["measurement"]) if "measurement" in attrs else None,
-        objective=t.value if t.state == TrialState.COMPLETE else None,
+        objective=t.values[0] if t.state == TrialState.COMPLETE and t.values else None,
         constraints=tuple(trial_constraints(t)),
         error=attrs.get("error") or ("interrupted" if attrs.get(INTERRUPTED) else None),
         duration_s=attrs.get("duration_s"),

@@ -71,11 +71,19 @@ def _olmp(ctx: SearchContext) -> optuna.samplers.BaseSampler:
     return OLMPSampler(ctx)
 
 
+def _nsga2(ctx: SearchContext) -> optuna.samplers.BaseSampler:
+    # Constraints reach NSGA-II through the stored trials (feasible plans dominate infeasible ones).
+    population = int(min(20, max(4, ctx.budget // 4)))
+    return optuna.samplers.NSGAIISampler(seed=ctx.seed, population_size=population)
+
+
 def auto_method(ctx: SearchContext) -> str:
-    """The method ``"auto"`` runs: the one-knob level-set search when the budget is too small for
-    a model of the whole space, constrained BO otherwise."""
+    """The method ``"auto"`` runs: NSGA-II for a Pareto front; the one-knob level-set search when
+    the budget is too small for a model of the whole space; constrained BO otherwise."""
     if not ctx.space.dimensions:
         return "random"
+    if ctx.n_objectives > 1:
+        return "nsga2"
     if ctx.budget <= 10:
         return "levelset"
     return "bo"
@@ -95,6 +103,7 @@ SAMPLERS: dict[str, Factory] = {
     "tpe": _tpe,
     "random": _random,
     "gp": _gp,
+    "nsga2": _nsga2,
 }
 
 
