@@ -155,3 +155,45 @@ def test_objectives_nonzeros_and_flops(mlp, digits):
         expected = best.measurement.nonzeros if objective == "nonzeros" else best.measurement.flops
         assert best.objective == expected
         assert not math.isnan(best.objective)
+
+
+def test_ctrl_c_loses_only_the_running_trial_and_a_rerun_retries_it(mlp, digits, tmp_path):
+    accuracy = tightfit.Accuracy(digits.loader("val", 512))
+    calls = {"n": 0}
+
+    def interrupted_once(model):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the baseline is call 1, so the third trial is interrupted
+            raise KeyboardInterrupt
+        return accuracy(model)
+
+    args = _args(digits, evaluate=interrupted_once, budget=5, finetune=None)
+    with pytest.raises(KeyboardInterrupt):
+        tightfit.compress(mlp, **args, run_dir=tmp_path / "run")
+    result = tightfit.compress(mlp, **args, run_dir=tmp_path / "run")
+    states = [t.state for t in result.trials]
+    assert states.count("COMPLETE") == 5
+    interrupted = [t for t in result.trials if t.error == "interrupted"]
+    assert len(interrupted) == 1
+    # the interrupted point was evaluated again, not skipped
+    retried = [t for t in result.trials if t.state == "COMPLETE" and t.number > interrupted[0].number]
+    assert retried and retried[0].plan is not None
+    uninterrupted = tightfit.compress(mlp, **_args(digits, budget=5, finetune=None))
+    assert [t.plan for t in result.trials if t.state == "COMPLETE"] == [t.plan for t in uninterrupted.trials]
+
+
+def test_an_example_input_the_model_rejects_only_disables_flops(mlp, digits):
+    wrong = torch.zeros(1, 7)
+    result = tightfit.compress(mlp, **_args(digits, example_input=wrong, budget=2, finetune=None))
+    assert all(t.state == "COMPLETE" and t.measurement.flops is None for t in result.trials)
+    with pytest.raises(ConfigError, match="example_input"):
+        tightfit.compress(mlp, **_args(digits, example_input=wrong, objective="flops", budget=1))
+
+
+def test_a_model_that_cannot_be_copied_is_a_clear_error(digits):
+    import threading
+
+    model = nn.Sequential(nn.Linear(64, 10))
+    model.lock = threading.Lock()
+    with pytest.raises(ModelError, match="copied"):
+        tightfit.compress(model, evaluate=lambda m: 1.0, budget=1)

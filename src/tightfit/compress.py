@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import report
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .evaluation.constraints import Constraint, MaxDrop, MaxSize
 from .evaluation.metrics import evaluate_metric
 from .export.artifact import load_model, to_bytes
@@ -80,6 +80,23 @@ def float32_file_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return len(buffer.getvalue())
+
+
+def _check_flops(original, example_input, layer_names, objective) -> bool:
+    """Whether FLOPs can be counted on ``example_input``; an error only when they are the objective."""
+    if example_input is None:
+        return False
+    try:
+        sparse_flops(original, example_input, layer_names)
+    except Exception as exc:
+        if objective == "flops":
+            raise ConfigError(
+                f"`example_input` does not run through the model under torch's FLOP counter "
+                f"({type(exc).__name__}: {exc}); give an input the model's forward accepts."
+            ) from exc
+        log.warning("FLOPs are not counted: the model fails on example_input (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _measure_baseline(original, evaluate, layer_names, example_input) -> Measurement:
@@ -164,10 +181,18 @@ def compress(
     constraints = _constraints(constraint)
     check_search(search)
 
-    original = copy.deepcopy(model).eval()
+    try:
+        original = copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise ModelError(
+            f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
+            "changes your model. Make it deep-copyable (e.g. keep open files or locks out of its attributes)."
+        ) from exc
     analysis = analyze(original)
     space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
+    if not _check_flops(original, example_input, layer_names, objective):
+        example_input = None
     settings = {
         "space": space.keys,
         "objective": [objective, "metric"] if multi else objective,

@@ -14,7 +14,7 @@ from .data import digits_split, train
 from .models import lenet_300_100
 
 #: The demo's recipe, in one place so the README, the tests and the benchmark agree.
-DEMO_MAX_DROP = 0.01
+DEMO_MAX_DROP = 0.005
 DEMO_BITS = (2, 4, 8)
 DEMO_FINETUNE = {"epochs": 6, "lr": 1e-3}
 TRAIN_EPOCHS = 60
