@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import optuna
 
@@ -135,7 +137,8 @@ class BOSampler(PlanSampler):
         else:
             best_f = float(y_obj[best]) if best is not None else float(y_obj.min())
             acq = LogConstrainedExpectedImprovement(model, best_f=best_f, objective_index=0, constraints={1: (None, 0.0)})
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BoTorch's optimizer warnings are not the user's business
             torch.manual_seed(self.context.seed % (2**31))
             cand, _ = optimize_acqf(
                 acq,
@@ -144,6 +147,7 @@ class BOSampler(PlanSampler):
                 num_restarts=self.num_restarts,
                 raw_samples=self.raw_samples,
                 options={"maxiter": self.maxiter, "seed": self.context.seed % (2**31)},
+                retry_on_optimization_warning=False,  # a failed local search keeps its best start
             )
         return cand.detach().numpy().reshape(-1)
 
