@@ -114,7 +114,7 @@ class BOSampler(PlanSampler):
         con_gp = fit_gp(history.x, history.violation, se)
         model = ModelListGP(obj_gp, con_gp)
 
-        best = history.best_feasible()
+        best = _robust_best(history, con_gp)
         center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
         length = trust_region_length(history, self.n_init, d)
         ls = obj_gp.covar_module.lengthscale.detach().numpy().ravel() if hasattr(obj_gp.covar_module, "lengthscale") else np.ones(d)
@@ -150,6 +150,23 @@ class BOSampler(PlanSampler):
                 retry_on_optimization_warning=False,  # a failed local search keeps its best start
             )
         return cand.detach().numpy().reshape(-1)
+
+
+def _robust_best(history: History, con_gp) -> int | None:
+    """The best observed feasible trial that the constraint GP also believes feasible (posterior
+    mean <= 0). With a constraint at the noise level, the best *observed* feasible point is often a
+    lucky draw; centring the trust region and the improvement threshold on it makes the search
+    chase noise. Falls back to the best observed feasible trial."""
+    from .gp import posterior
+
+    observed = history.best_feasible()
+    if observed is None:
+        return None
+    mean, _ = posterior(con_gp, history.x)
+    ok = np.flatnonzero(history.feasible & (mean <= 0))
+    if ok.size == 0:
+        return observed
+    return int(ok[np.argmin(history.objective[ok])])
 
 
 def _probe_start(context: SearchContext, enc, family) -> float:
