@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages import BaseStorage
 from torch import nn
 
 from . import report
@@ -159,10 +160,11 @@ def compress(
     example_input: Any = None,
     seed: int = 0,
     run_dir: str | os.PathLike | None = None,
-    storage: str | None = None,
+    storage: str | BaseStorage | None = None,
     study_name: str = "tightfit",
     progress: bool = False,
     artifact_extra: dict[str, Any] | None = None,
+    on_start: Callable[[str, str], None] | None = None,
 ) -> Result:
     """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
 
@@ -170,8 +172,40 @@ def compress(
     runs ``finetune`` (masks and quantization held), measures ``evaluate`` and the saved file's
     bytes. With ``run_dir``, the study (SQLite), every trial, the best model file, a summary and a
     plot are written there, and calling again with the same arguments resumes the search.
-    See the README for the full walk-through.
+    ``storage`` (a URL such as ``postgresql://…`` or a storage from :func:`tightfit.scale.open_storage`)
+    puts the study on a database that workers (:func:`tightfit.scale.work`, ``tightfit worker``) share;
+    ``on_start(storage_url, study_name)`` is called once the study is open and the baseline stored
+    (``tightfit run --workers`` starts its workers there). This call waits for the other workers'
+    running trials before it reports. See the README for the full walk-through.
     """
+    return _search(
+        model, evaluate=evaluate, strategy=strategy, constraint=constraint, objective=objective, finetune=finetune,
+        budget=budget, search=search, example_input=example_input, seed=seed, run_dir=run_dir, storage=storage,
+        study_name=study_name, progress=progress, artifact_extra=artifact_extra, on_start=on_start, worker=False,
+    )
+
+
+def _search(
+    model: nn.Module,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    strategy: Compose | Operator | None = None,
+    constraint: Constraint | Sequence[Constraint] | None = None,
+    objective: str | tuple[str, str] = "size",
+    finetune: Callable[[nn.Module], None] | None = None,
+    budget: int = 30,
+    search: str = "auto",
+    example_input: Any = None,
+    seed: int = 0,
+    run_dir: str | os.PathLike | None = None,
+    storage: str | BaseStorage | None = None,
+    study_name: str = "tightfit",
+    progress: bool = False,
+    artifact_extra: dict[str, Any] | None = None,
+    on_start: Callable[[str, str], None] | None = None,
+    worker: bool = False,
+) -> Result | int:
+    """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated."""
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
     # ("size", "metric"): a Pareto front of the first objective (minimized) and the metric
     # (maximized); the constraints still decide which plans count.
@@ -203,10 +237,13 @@ def compress(
 
     with ExitStack() as stack:
         stack.enter_context(_optuna_quiet())
-        run = stack.enter_context(RunDir.open(run_dir)) if run_dir is not None else None
-        study = _open_study(run, storage, study_name, settings, multi)
-        if run is not None and storage is None:
-            # We hold the run directory's lock, so RUNNING trials belong to a dead process.
+        if worker and storage is None:
+            raise ConfigError("A worker needs `storage`: the URL of the study it joins (e.g. postgresql://…).")
+        run = stack.enter_context(RunDir.open(run_dir)) if run_dir is not None and not worker else None
+        study, url = _open_study(run, storage, study_name, settings, multi)
+        if run is not None and url == run.storage_url:
+            # We hold the run directory's lock and our workers die with us, so RUNNING trials in the
+            # run directory's own SQLite belong to a dead process. Shared storages use heartbeats.
             recovered = recover_interrupted(study)
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
@@ -235,7 +272,7 @@ def compress(
             values = [c.value(measured, baseline) for c in constraints]
             goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
             record = TrialRecord(trial.number, "COMPLETE", plan, measured, float(goal), tuple(values))
-            if record.feasible and _better(record, best_holder["record"]):
+            if not worker and record.feasible and _better(record, best_holder["record"]):
                 best_holder.update(record=record, bytes=data)
                 if run is not None:
                     run.write_best(data)
@@ -249,10 +286,24 @@ def compress(
             original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
             n_objectives=2 if multi else 1,
         )
+        if worker:
+            return run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, context=context)
+        if on_start is not None:
+            on_start(url, study_name)
         reporter = stack.enter_context(report.live_progress(budget, baseline, enabled=progress))
         reporter.advance_to(len(counted_trials(study)))
+        refresher = report.LiveFiles(run.path, baseline, settings) if run is not None else None
+
+        def on_trial(frozen: optuna.trial.FrozenTrial) -> None:
+            reporter.on_trial(frozen)
+            if refresher is not None or progress:
+                trials_now = study.get_trials(deepcopy=False)
+                reporter.advance_to(len(counted_trials(study)))  # other workers' trials too
+                if refresher is not None:
+                    refresher.maybe_write([trial_record(t) for t in trials_now])
+
         run_trials(
-            study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=reporter.on_trial, context=context
+            study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=on_trial, drain=True, context=context
         )
 
         trials = [trial_record(t) for t in study.get_trials()]
@@ -316,21 +367,32 @@ def _optuna_quiet() -> Iterator[None]:
 
 
 def _open_study(
-    run: RunDir | None, storage: str | None, study_name: str, settings: dict[str, Any], multi: bool = False
-) -> optuna.Study:
-    url = storage or (run.storage_url if run is not None else None)
-    directions = ["minimize", "maximize"] if multi else ["minimize"]
-    study = optuna.create_study(storage=url, study_name=study_name, directions=directions, load_if_exists=True)
+    run: RunDir | None, storage, study_name: str, settings: dict[str, Any], multi: bool = False
+) -> tuple[optuna.Study, str | None]:
+    """The study (created if new) and its storage URL. Database storages get heartbeats on running
+    trials (tightfit.scale), so workers that die are noticed and their trials retried."""
+    from .scale.storage import open_storage, redact
+
+    if isinstance(storage, BaseStorage):
+        backend, url = storage, getattr(storage, "url", None)
+    else:
+        url = storage or (run.storage_url if run is not None else None)
+        backend = open_storage(url) if url is not None else None
+    try:
+        directions = ["minimize", "maximize"] if multi else ["minimize"]
+        study = optuna.create_study(storage=backend, study_name=study_name, directions=directions, load_if_exists=True)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
+        study = optuna.load_study(storage=backend, study_name=study_name)
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         study.set_user_attr(SETTINGS_ATTR, settings)
     elif stored != settings:
         diff = sorted(k for k in settings if stored.get(k) != settings[k])
         raise ConfigError(
-            f"The study {study_name!r} at {url} was started with different settings ({', '.join(diff)} differ). "
-            "Resume with the same arguments, or use a new run_dir / study_name."
+            f"The study {study_name!r} at {redact(url or 'memory')} was started with different settings "
+            f"({', '.join(diff)} differ). Resume with the same arguments, or use a new run_dir / study_name."
         )
-    return study
+    return study, url
 
 
 def _baseline(study, original, evaluate, layer_names, example_input) -> Measurement:

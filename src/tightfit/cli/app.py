@@ -62,25 +62,92 @@ def demo(
     _show_result(result, [("test accuracy (unseen split)", f"{test[0]:.4f}", f"{test[1]:.4f}")])
 
 
-@app.command()
-def run(config: Annotated[Path, typer.Argument(help="The run's TOML config (see the README).")]) -> None:
-    """Compress your model as CONFIG says; run again to resume."""
-    import tightfit
+_HEARTBEAT_HELP = "Seconds between a running trial's heartbeats in a shared storage."
+_GRACE_HELP = "Seconds without heartbeat after which a trial's worker is taken for dead and the trial retried."
 
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="The run's TOML config (see the README).")],
+    workers: Annotated[int, typer.Option(min=1, help="Processes evaluating trials (this one included).")] = 1,
+    heartbeat_interval: Annotated[int, typer.Option(min=1, help=_HEARTBEAT_HELP)] = 10,
+    grace_period: Annotated[int, typer.Option(min=2, help=_GRACE_HELP)] = 60,
+) -> None:
+    """Compress your model as CONFIG says; run again to resume. With --workers N, N-1 `tightfit
+    worker` processes join this one on the study (logs in RUN_DIR/workers/)."""
     from ..cli.config import build_arguments, load_config
+    from ..compress import compress  # not tightfit.compress: importing the module shadows that name
     from ..errors import TightfitError
+    from ..run_dir import RunDir
+    from ..scale import open_storage, redact
+    from ..scale.local import LocalWorkers
+
+    started: list[LocalWorkers] = []
+
+    def start_workers(url: str, study_name: str) -> None:
+        if workers > 1:
+            log_dir = Path(arguments["run_dir"]) / "workers"
+            started.append(LocalWorkers(config, workers - 1, url, study_name, log_dir, heartbeat_interval, grace_period))
+            console.print(f"started {workers - 1} worker(s) on {redact(url)}, study {study_name!r} (logs: {log_dir})")
 
     try:
         parsed, base = load_config(config)
         arguments = build_arguments(parsed, base, config)
         console.print(f"run directory: {arguments['run_dir']}")
-        result = tightfit.compress(**arguments, progress=True)
+        url = arguments["storage"]
+        if url is None:
+            Path(arguments["run_dir"]).mkdir(parents=True, exist_ok=True)
+            url = RunDir(Path(arguments["run_dir"])).storage_url
+        arguments["storage"] = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        result = compress(**arguments, progress=True, on_start=start_workers)
     except TightfitError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         err_console.print("interrupted: run the same command again to resume the search.")
         raise typer.Exit(code=130)
+    finally:
+        for group in started:
+            group.stop()
     _show_result(result)
+
+
+@app.command()
+def worker(
+    config: Annotated[Path, typer.Argument(help="The same TOML config as the run's (model, data, strategy...).")],
+    storage: Annotated[Optional[str], typer.Option(help="Storage URL of the study, e.g. postgresql://user:pw@host/db (default: the config's `storage`, else its run directory's study.db).")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: the config's study_name).")] = None,
+    heartbeat_interval: Annotated[int, typer.Option(min=1, help=_HEARTBEAT_HELP)] = 10,
+    grace_period: Annotated[int, typer.Option(min=2, help=_GRACE_HELP)] = 60,
+) -> None:
+    """Join a study and evaluate its trials until its budget is used; start any number, anywhere."""
+    import logging
+    import os
+    import signal
+
+    from ..cli.config import build_arguments, load_config
+    from ..errors import TightfitError
+    from ..run_dir import RunDir
+    from ..scale import open_storage, redact, work
+
+    def interrupt(signum, frame):  # SIGTERM: re-queue the running trial like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        parsed, base = load_config(config)
+        arguments = build_arguments(parsed, base, config)
+        url = storage or arguments["storage"] or RunDir(Path(arguments["run_dir"])).storage_url
+        name = study or arguments["study_name"]
+        arguments.update(storage=open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period), study_name=name)
+        console.print(f"worker {os.getpid()}: study {name!r} on {redact(url)}")
+        evaluated = work(**arguments)
+    except TightfitError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print(f"worker {os.getpid()} interrupted: its running trial is queued again.")
+        raise typer.Exit(code=130)
+    console.print(f"worker {os.getpid()}: done, evaluated {evaluated} trial(s)")
 
 
 @app.command()

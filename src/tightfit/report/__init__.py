@@ -1,10 +1,11 @@
 """What a run shows a person: live progress, files in the run directory, terminal tables."""
 
-from .files import plot_trials, summary_dict, trial_row, write_run_files, write_trials_csv
+from .files import LiveFiles, plot_trials, summary_dict, trial_row, write_run_files, write_trials_csv
 from .progress import live_progress
 from .view import RunView, load_run, run_counts, summary_table, trials_table
 
 __all__ = [
+    "LiveFiles",
     "RunView",
     "live_progress",
     "load_run",

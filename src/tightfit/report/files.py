@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..records import Result, TrialRecord
+from ..records import Measurement, Result, TrialRecord
 from ..run_dir import PLOT_FILE, SUMMARY_FILE, TRIALS_FILE
 
 TRIAL_COLUMNS = [
@@ -112,3 +115,39 @@ def write_run_files(result: Result, run_dir: Path, settings: dict[str, Any]) -> 
     write_trials_csv(result.trials, run_dir / TRIALS_FILE)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary_dict(result, settings), indent=2))
     plot_trials(result, run_dir / PLOT_FILE)
+
+
+@dataclass
+class _Snapshot:
+    """What :func:`plot_trials` reads of a Result, for a run still in progress."""
+
+    trials: list[TrialRecord]
+    pareto: list[TrialRecord]
+    best_trial: TrialRecord | None
+    baseline_metric: float
+
+
+class LiveFiles:
+    """Keeps trials.csv and trials.png of a running search current: the CSV after every trial,
+    the plot at most every ``plot_every_s`` seconds (drawing costs ~0.1 s). Files are replaced
+    atomically, so a reader never sees half of one."""
+
+    def __init__(self, run_dir: Path, baseline: Measurement, settings: dict[str, Any], plot_every_s: float = 5.0) -> None:
+        self.run_dir = Path(run_dir)
+        self.baseline = baseline
+        self.plot_every_s = plot_every_s
+        self._last_plot = float("-inf")
+
+    def maybe_write(self, trials: list[TrialRecord]) -> None:
+        from ..compress import best_feasible, pareto_front
+
+        tmp = self.run_dir / (TRIALS_FILE + ".tmp")
+        write_trials_csv(trials, tmp)
+        os.replace(tmp, self.run_dir / TRIALS_FILE)
+        now = time.monotonic()
+        if now - self._last_plot >= self.plot_every_s:
+            self._last_plot = now
+            snapshot = _Snapshot(trials, pareto_front(trials), best_feasible(trials), self.baseline.metric)
+            tmp = self.run_dir / ("tmp-" + PLOT_FILE)
+            plot_trials(snapshot, tmp)
+            os.replace(tmp, self.run_dir / PLOT_FILE)

@@ -37,11 +37,15 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
         storage = f"sqlite:///{(root / STUDY_FILE).resolve()}"
         if (root / SUMMARY_FILE).exists():
             summary = json.loads((root / SUMMARY_FILE).read_text())
+    from ..scale.storage import redact, with_installed_driver
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        study = optuna.load_study(study_name=study_name, storage=with_installed_driver(storage))
     except KeyError:
-        raise ConfigError(f"No study named {study_name!r} in {storage}.") from None
+        raise ConfigError(f"No study named {study_name!r} in {redact(storage)}.") from None
+    except ImportError as exc:
+        raise ConfigError(f"storage {redact(storage)}: the database driver is missing ({exc}).") from None
     baseline = study.user_attrs.get(BASELINE_ATTR)
     trials = [trial_record(t) for t in study.get_trials()]
     if summary is not None and summary.get("trials", {}).get("total") != len(trials):

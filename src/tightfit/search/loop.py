@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import time
 import traceback
 import warnings
@@ -17,6 +19,7 @@ from optuna.trial import TrialState
 
 from ..operators.plan import Plan
 from ..records import Measurement, TrialRecord
+from ..scale.storage import RETRY_OF, WORKER_ATTR, fail_stale_trials, heartbeat_enabled, trial_heartbeat
 from .context import SearchContext
 from .samplers import make_sampler
 from .space import SearchSpace
@@ -24,6 +27,11 @@ from .space import SearchSpace
 log = logging.getLogger("tightfit")
 
 INTERRUPTED = "interrupted"
+_STALE_CHECK_S = 1.0
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -49,26 +57,93 @@ def trial_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     return [trial.constraints[k] for k in sorted(trial.constraints, key=int)]
 
 
-def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that use up budget: completed ones, and failures of the evaluation itself (not
-    interruptions, which are retried)."""
+def _counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials} - {None}
     return [
         t
-        for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        or (
+            t.state == TrialState.FAIL
+            and "error" in t.user_attrs
+            and not t.user_attrs.get(INTERRUPTED)
+            and t.number not in retried
+        )
     ]
+
+
+def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that use up budget: completed ones, and failures of the evaluation itself. Not
+    counted: interrupted trials and trials whose worker died (no heartbeat); both are retried."""
+    return _counted(study.get_trials(deepcopy=False))
+
+
+def trial_position(trials: list[optuna.trial.FrozenTrial], number: int) -> int:
+    """The position of trial ``number`` in the search: how many distinct trials (a retry is the same
+    trial as the one it replaces) were started before it; a retry takes its original's position.
+
+    In one process this is the number of counted trials when the trial starts, whatever
+    interruptions came before, so a resumed run seeds its samplers like an uninterrupted one.
+    Concurrent workers get distinct positions, also when a trial of a dead worker is retried, so
+    they do not draw the same point."""
+    by_number = {t.number: t for t in trials}
+
+    def root(n: int) -> int:
+        seen = set()
+        while n in by_number and RETRY_OF in by_number[n].user_attrs and n not in seen:
+            seen.add(n)
+            n = by_number[n].user_attrs[RETRY_OF]
+        return n
+
+    first = root(number)
+    return len({root(t.number) for t in trials if t.number < first} - {first})
+
+
+class PositionSeededSampler(optuna.samplers.BaseSampler):
+    """A fresh sampler for each trial, seeded from the run's seed and the trial's position
+    (:func:`trial_position`): resume == uninterrupted, and workers do not repeat each other."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._inner = make(derive_seed(seed, 0))
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Study._get_trials with use_cache is what Optuna's samplers read in the same ask: one
+        # storage query serves both.
+        position = trial_position(study._get_trials(deepcopy=False, use_cache=True), trial.number)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._inner = self._make(derive_seed(self._seed, position))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
 
 
 def recover_interrupted(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a dead process as interrupted failures and enqueue their
-    parameters again. Only safe when no other process works on the study (the run-dir lock)."""
+    parameters again. Only safe when no other process works on the study (the run-dir lock);
+    shared storages rely on heartbeats instead (:mod:`tightfit.scale`)."""
     recovered = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # FrozenTrial exposes no public id; Trial(study, id) is Optuna's own handle for a live trial.
         handle = optuna.trial.Trial(study, t._trial_id)
         handle.set_user_attr(INTERRUPTED, True)
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number})
         recovered += 1
     return recovered
 
@@ -82,54 +157,91 @@ def run_trials(
     method: str,
     seed: int,
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    drain: bool = False,
+    poll_s: float = 0.5,
     context: SearchContext | None = None,
-) -> None:
-    """Evaluate trials until ``budget`` of them count. Ctrl-C loses only the running trial: it is
-    marked interrupted, its parameters are enqueued again, and the KeyboardInterrupt propagates.
-    ``context`` (optional) gives samplers more than the space: probes, the model's weights; the
+) -> int:
+    """Evaluate trials until ``budget`` of them count; returns how many this process evaluated.
+
+    Several processes may run this on one study (a shared storage with heartbeats): a process asks
+    for a trial only while counted + running trials < budget, so the budget is overshot only by
+    workers that pass that check at the same moment (at most workers - 1 trials). ``drain`` waits
+    for other workers' running trials before returning (the process that reports the result).
+    Ctrl-C (or SIGTERM in a worker) loses only the running trial: it is marked interrupted, its
+    parameters are enqueued again, and the KeyboardInterrupt propagates.
+
+    ``context`` (optional) gives samplers more than the space (probes, the model's weights); the
     optimizer's own time per suggestion is stored on each trial as ``search_time_s``."""
+    study.sampler = PositionSeededSampler(lambda s: make_sampler(method, s, space, budget, context), seed)
+    evaluated = 0
+    stale_checked = float("-inf")
     while True:
-        done = len(counted_trials(study))
-        if done >= budget:
-            return
+        if time.monotonic() - stale_checked >= _STALE_CHECK_S:  # a query; staleness takes seconds anyway
+            fail_stale_trials(study)
+            stale_checked = time.monotonic()
+        trials = study.get_trials(deepcopy=False)
+        done = len(_counted(trials))
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if done >= budget and (running == 0 or not drain or not heartbeat_enabled(study._storage)):
+            return evaluated
+        if done + running >= budget:
+            time.sleep(poll_s)  # the last trials are running elsewhere; wait for them or their retries
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             asked = time.perf_counter()
-            study.sampler = make_sampler(method, derive_seed(seed, done), space, budget, context)
             trial = study.ask()
-            plan = None
-            try:
-                plan = space.suggest(trial)  # relative samplers suggest inside ask; the rest here
-            except Exception:
-                pass
-            trial.set_user_attr("search_time_s", time.perf_counter() - asked)
+        evaluated += 1
         started = time.perf_counter()
         try:
-            if plan is None:
-                plan = space.suggest(trial)
-            outcome = evaluate_plan(plan, trial)
+            with trial_heartbeat(study, trial):
+                trial.set_user_attr(WORKER_ATTR, _worker_id())  # which process ran it: for reports
+                suggest_started = time.perf_counter()
+                plan = space.suggest(trial)  # relative samplers do their work here, on first suggest
+                trial.set_user_attr("search_time_s", (started - asked) + (time.perf_counter() - suggest_started))
+                outcome = evaluate_plan(plan, trial)
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
             study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number})
             raise
         except Exception as exc:  # a failing trial is recorded and the search goes on
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-            trial.set_user_attr("traceback", traceback.format_exc(limit=8))
-            trial.set_user_attr("duration_s", time.perf_counter() - started)
-            frozen = study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+            error = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8),
+                "duration_s": time.perf_counter() - started,
+            }
+            frozen = _record(study, trial, error, [], None)
         else:
-            for key, value in outcome.attrs.items():
-                trial.set_user_attr(key, value)
-            for index, value in enumerate(outcome.constraints):
-                trial.set_constraint(str(index), float(value))
-            trial.set_user_attr("duration_s", time.perf_counter() - started)
+            attrs = {**outcome.attrs, "duration_s": time.perf_counter() - started}
             values = outcome.objective
             values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
-            frozen = study.tell(trial, values)
-        if on_trial is not None:
+            frozen = _record(study, trial, attrs, outcome.constraints, values)
+        if on_trial is not None and frozen is not None:
             on_trial(frozen)
+
+
+def _record(study, trial, attrs, constraints, objective) -> optuna.trial.FrozenTrial | None:
+    """Store a finished trial; None if another worker already declared it stale (this process was
+    silent for longer than the grace period), in which case its retry stands in for it."""
+    try:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        for index, value in enumerate(constraints):
+            trial.set_constraint(str(index), float(value))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            if objective is None:
+                return study.tell(trial, state=TrialState.FAIL)
+            return study.tell(trial, objective)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning(
+            "trial %d was declared stale by another worker (no heartbeat within the grace period); "
+            "its result is dropped and its retry is evaluated instead", trial.number
+        )
+        return None
 
 
 def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:

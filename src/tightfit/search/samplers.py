@@ -30,7 +30,14 @@ def _random(ctx: SearchContext) -> optuna.samplers.BaseSampler:
 
 
 def _tpe(ctx: SearchContext) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=ctx.seed, multivariate=True, n_startup_trials=_startup(ctx.budget))
+    return optuna.samplers.TPESampler(
+        seed=ctx.seed,
+        multivariate=True,
+        n_startup_trials=_startup(ctx.budget),
+        # Trials running in other workers count as bad results at their (already drawn) points,
+        # so concurrent workers do not all suggest the same one.
+        constant_liar=True,
+    )
 
 
 def _gp(ctx: SearchContext) -> optuna.samplers.BaseSampler:
