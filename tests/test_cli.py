@@ -101,7 +101,7 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
         from tightfit import Accuracy
         _acc = Accuracy(my_models.val_loader())
         def score(model):
-            time.sleep(0.4)
+            time.sleep(1.0)
             return _acc(model)
     """))
     config = project / "tightfit.toml"
@@ -110,10 +110,12 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
     _set(config, budget=8)
     db = project / "runs" / "smallnet" / "study.db"
     command = [sys.executable, "-m", "tightfit.cli.app", "run", str(config)]
-    proc = subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    log = open(project / "first_run.log", "w")
+    proc = subprocess.Popen(command, cwd=project, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
     while len(_completed(db)) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + (project / "first_run.log").read_text()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {t.number: t.params for t in _completed(db)}

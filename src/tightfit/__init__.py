@@ -31,9 +31,21 @@ _EXPORTS = {
     "Constraint": "tightfit.evaluation",
     "MaxDrop": "tightfit.evaluation",
     "MaxSize": "tightfit.evaluation",
+    "MaxLatency": "tightfit.evaluation",
+    # speed: structural operators, latency, verified export
+    "StructuredPrune": "tightfit.operators",
+    "LowRank": "tightfit.operators",
+    "Int8": "tightfit.operators",
+    "Latency": "tightfit.measure",
+    "export_model": "tightfit.export",
     "MinMetric": "tightfit.evaluation",
     # recovery
     "FineTune": "tightfit.recovery",
+    "LearningCompression": "tightfit.recovery",
+    "PruneSplice": "tightfit.recovery",
+    "SparseTraining": "tightfit.recovery",
+    "ProxConnect": "tightfit.recovery",
+    "Tuned": "tightfit.recovery",
     # files
     "save": "tightfit._files",
     "load": "tightfit._files",
@@ -66,8 +78,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._files import load, save
     from .compress import compress
     from .errors import ArtifactError, ConfigError, EvaluationError, ModelError, TightfitError
-    from .evaluation import Accuracy, Constraint, MaxDrop, MaxSize, MinMetric
-    from .measure import analyze
-    from .operators import Compose, Hyperparameter, Operator, Plan, Prune, Quantize, apply, register_operator
+    from .evaluation import Accuracy, Constraint, MaxDrop, MaxLatency, MaxSize, MinMetric
+    from .export import export_model
+    from .measure import Latency, analyze
+    from .operators import (
+        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, register_operator,
+    )
     from .records import Measurement, Result, TrialRecord
-    from .recovery import FineTune
+    from .recovery import FineTune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned

@@ -17,10 +17,11 @@ from torch import nn
 
 from . import report
 from .errors import ConfigError, ModelError
-from .evaluation.constraints import Constraint, MaxDrop, MaxSize
+from .evaluation.constraints import Constraint, MaxDrop, MaxLatency, MaxSize
 from .evaluation.metrics import evaluate_metric
 from .export.artifact import load_model, to_bytes
 from .measure.analysis import SkippedModule, analyze, count_nonzeros, sparse_flops
+from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy
 from .operators.plan import Plan, apply_plan_inplace
@@ -35,7 +36,8 @@ from .search.space import SearchSpace, build_space
 
 log = logging.getLogger("tightfit")
 
-OBJECTIVES = ("size", "nonzeros", "flops")
+OBJECTIVES = ("size", "nonzeros", "flops", "latency")
+EXAMPLE_INPUT_FILE = "example_input.pt"
 BASELINE_ATTR = "tightfit.baseline"
 SETTINGS_ATTR = "tightfit.settings"
 
@@ -51,14 +53,22 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
             f"`objective` must be one of {OBJECTIVES}, or a pair like ('size', 'metric') for a Pareto front, "
             f"but got {objective!r}."
         )
-    if primary == "flops" and example_input is None:
-        raise ConfigError('`objective="flops"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
+    if primary in ("flops", "latency") and example_input is None:
+        raise ConfigError(f'`objective="{primary}"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"`budget` must be a whole number of evaluations >= 1, but got {budget!r}.")
     if finetune is not None and not callable(finetune):
         raise ConfigError("`finetune` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
     if not isinstance(seed, int):
         raise ConfigError(f"`seed` must be an int, but got {seed!r}.")
+
+
+def _tuned_hyperparameters(finetune: Any) -> list:
+    """Tuned recovery: a ``finetune`` that declares ``hyperparameters()`` and ``with_settings()``
+    has those searched with the plan (see tightfit.recovery.Tuned)."""
+    if finetune is None or not (hasattr(finetune, "hyperparameters") and hasattr(finetune, "with_settings")):
+        return []
+    return list(finetune.hyperparameters())
 
 
 def _constraints(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
@@ -83,6 +93,26 @@ def float32_file_bytes(model: nn.Module) -> int:
     return len(buffer.getvalue())
 
 
+def _latency_for(latency: Latency | None, objective: str, constraints: list[Constraint], example_input: Any) -> Latency | None:
+    """The latency meter of this run: the one given, or a default one when latency is asked for."""
+    if latency is not None:
+        if not isinstance(latency, Latency):
+            raise ConfigError(f"`latency` must be tightfit.Latency(example_input, ...), but got {type(latency).__name__}.")
+        return latency
+    if objective == "latency" or any(isinstance(c, MaxLatency) for c in constraints):
+        if example_input is None:
+            raise ConfigError("Latency objectives and MaxLatency need `example_input` (or `latency=tightfit.Latency(...)`).")
+        return Latency(example_input)
+    return None
+
+
+def _timed(latency: Latency | None, model: nn.Module) -> dict[str, float | None]:
+    if latency is None:
+        return {"latency_ms": None, "latency_iqr_ms": None}
+    measured = latency(model)
+    return {"latency_ms": measured.median_ms, "latency_iqr_ms": measured.iqr_ms}
+
+
 def _check_flops(original, example_input, layer_names, objective) -> bool:
     """Whether FLOPs can be counted on ``example_input``; an error only when they are the objective."""
     if example_input is None:
@@ -100,9 +130,10 @@ def _check_flops(original, example_input, layer_names, objective) -> bool:
     return True
 
 
-def _measure_baseline(original, evaluate, layer_names, example_input) -> Measurement:
+def _measure_baseline(original, evaluate, layer_names, example_input, latency=None) -> Measurement:
     nonzeros, total = count_nonzeros(original, layer_names)
     return Measurement(
+        **_timed(latency, original),
         metric=evaluate_metric(evaluate, copy.deepcopy(original)),
         size_bytes=float32_file_bytes(original),
         nonzeros=nonzeros,
@@ -165,6 +196,7 @@ def compress(
     progress: bool = False,
     artifact_extra: dict[str, Any] | None = None,
     on_start: Callable[[str, str], None] | None = None,
+    latency: Latency | None = None,
 ) -> Result:
     """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
 
@@ -176,12 +208,15 @@ def compress(
     puts the study on a database that workers (:func:`tightfit.scale.work`, ``tightfit worker``) share;
     ``on_start(storage_url, study_name)`` is called once the study is open and the baseline stored
     (``tightfit run --workers`` starts its workers there). This call waits for the other workers'
-    running trials before it reports. See the README for the full walk-through.
+    running trials before it reports. ``objective="latency"`` (or a ``MaxLatency`` constraint) times
+    every trial's saved model with ``latency`` (default ``tightfit.Latency(example_input)``); passing
+    ``latency`` alone records it. See the README for the full walk-through.
     """
     return _search(
         model, evaluate=evaluate, strategy=strategy, constraint=constraint, objective=objective, finetune=finetune,
         budget=budget, search=search, example_input=example_input, seed=seed, run_dir=run_dir, storage=storage,
         study_name=study_name, progress=progress, artifact_extra=artifact_extra, on_start=on_start, worker=False,
+        latency=latency,
     )
 
 
@@ -204,6 +239,7 @@ def _search(
     artifact_extra: dict[str, Any] | None = None,
     on_start: Callable[[str, str], None] | None = None,
     worker: bool = False,
+    latency: Latency | None = None,
 ) -> Result | int:
     """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated."""
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
@@ -215,6 +251,8 @@ def _search(
     constraints = _constraints(constraint)
     check_search(search)
 
+    latency = _latency_for(latency, objective, constraints, example_input)
+
     try:
         original = copy.deepcopy(model).eval()
     except Exception as exc:
@@ -222,9 +260,12 @@ def _search(
             f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
             "changes your model. Make it deep-copyable (e.g. keep open files or locks out of its attributes)."
         ) from exc
+    for op in strategy:  # model-level operators (structured pruning) learn the model's structure
+        op.prepare(original, example_input)
     analysis = analyze(original)
-    space = build_space(strategy, analysis)  # raises ModelError when nothing is compressible
+    space = build_space(strategy, analysis, _tuned_hyperparameters(finetune))  # ModelError if nothing compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
+    given_input = example_input  # kept for `tightfit export` even when FLOPs cannot be counted on it
     if not _check_flops(original, example_input, layer_names, objective):
         example_input = None
     settings = {
@@ -234,6 +275,8 @@ def _search(
         "search": search,
         "seed": seed,
     }
+    if latency is not None:
+        settings["latency"] = latency.describe()
 
     with ExitStack() as stack:
         stack.enter_context(_optuna_quiet())
@@ -248,17 +291,21 @@ def _search(
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
 
-        baseline = _baseline(study, original, evaluate, layer_names, example_input)
+        if run is not None and given_input is not None:
+            torch.save(given_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
+        baseline = _baseline(study, original, evaluate, layer_names, example_input, latency)
         best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
 
         def evaluate_plan(plan: Plan, trial: optuna.Trial) -> TrialOutcome:
             candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
             steps = None
-            if finetune is not None:
+            tuned = space.recovery_settings(trial.params)
+            recover = finetune.with_settings(**tuned) if tuned else finetune
+            if recover is not None:
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
-                    finetune(candidate)
-                steps = getattr(finetune, "steps_taken", None)
+                    recover(candidate)
+                steps = getattr(recover, "steps_taken", None)
             metric = evaluate_metric(evaluate, candidate)
             data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": trial.number})
             nonzeros, _ = count_nonzeros(candidate, layer_names)
@@ -268,9 +315,11 @@ def _search(
                 nonzeros=nonzeros,
                 weight_params=baseline.weight_params,
                 flops=sparse_flops(candidate, example_input, layer_names) if example_input is not None else None,
+                **_timed(latency, candidate),
             )
             values = [c.value(measured, baseline) for c in constraints]
-            goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
+            goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops,
+                    "latency": measured.latency_ms}[objective]
             record = TrialRecord(trial.number, "COMPLETE", plan, measured, float(goal), tuple(values))
             if not worker and record.feasible and _better(record, best_holder["record"]):
                 best_holder.update(record=record, bytes=data)
@@ -279,12 +328,13 @@ def _search(
             return TrialOutcome(
                 objective=[float(goal), float(metric)] if multi else float(goal),
                 constraints=values,
-                attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps},
+                attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps,
+                       **({"recovery": tuned} if tuned else {})},
             )
 
         context = _search_context(
             original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
-            n_objectives=2 if multi else 1,
+            n_objectives=2 if multi else 1, latency=latency,
         )
         if worker:
             return run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, context=context)
@@ -307,6 +357,11 @@ def _search(
         )
 
         trials = [trial_record(t) for t in study.get_trials()]
+        if space.recovery:  # a replayed best trial must train with its own recovery settings
+            tuned_of = {t.number: t.user_attrs.get("recovery", {}) for t in study.get_trials(deepcopy=False)}
+            best_trial = best_feasible(trials)
+            if best_trial is not None:
+                finetune = finetune.with_settings(**tuned_of.get(best_trial.number, {}))
         result = _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names)
         if multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
@@ -318,11 +373,12 @@ def _search(
 
 def _search_context(
     original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
-    n_objectives: int = 1,
+    n_objectives: int = 1, latency: Latency | None = None,
 ) -> SearchContext:
     """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
     (the sensitivity scan and warm starts use it) and the original weights."""
     needs_bytes = objective == "size" or any(isinstance(c, MaxSize) for c in constraints)
+    # With a latency objective or constraint every probe is timed too: slower, but the only honest view.
 
     def probe(plan: Plan) -> ProbeResult:
         candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
@@ -334,8 +390,10 @@ def _search_context(
             nonzeros=nonzeros,
             weight_params=baseline.weight_params,
             flops=sparse_flops(candidate, example_input, layer_names) if objective == "flops" else None,
+            **_timed(latency, candidate),
         )
-        goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops}[objective]
+        goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops,
+                "latency": measured.latency_ms}[objective]
         return ProbeResult(metric, tuple(c.value(measured, baseline) for c in constraints), float(goal))
 
     modules = dict(original.named_modules())
@@ -395,11 +453,11 @@ def _open_study(
     return study, url
 
 
-def _baseline(study, original, evaluate, layer_names, example_input) -> Measurement:
+def _baseline(study, original, evaluate, layer_names, example_input, latency=None) -> Measurement:
     stored = study.user_attrs.get(BASELINE_ATTR)
     if stored is not None:
         return Measurement.from_dict(stored)
-    baseline = _measure_baseline(original, evaluate, layer_names, example_input)
+    baseline = _measure_baseline(original, evaluate, layer_names, example_input, latency)
     study.set_user_attr(BASELINE_ATTR, baseline.to_dict())
     return baseline
 
@@ -466,6 +524,7 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
             f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
             f"({len(data):,} of {baseline.size_bytes:,} bytes), {baseline.weight_params / max(1, nonzeros):.1f}x fewer "
             f"nonzero weights, metric {metric:.4f} vs {baseline.metric:.4f} originally."
+            + _speed_note(best.measurement, baseline)
         ),
         notes=notes,
         **common,
@@ -474,6 +533,14 @@ def _finish(original, evaluate, trials, baseline, objective, best_holder, run, f
     if run is not None:
         run.write_model(data)
     return result
+
+
+def _speed_note(measured: Measurement, baseline: Measurement) -> str:
+    if measured.latency_ms is None or baseline.latency_ms is None:
+        return ""
+    speedup = baseline.latency_ms / measured.latency_ms
+    pace = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    return f" Measured {pace} ({measured.latency_ms:.3g} vs {baseline.latency_ms:.3g} ms per forward pass)."
 
 
 def _best_artifact(best: TrialRecord, holder: dict[str, Any], run: RunDir | None) -> bytes | None:
@@ -488,4 +555,4 @@ def _load_bytes(data: bytes) -> nn.Module:
     return load_model(io.BytesIO(data))
 
 
-__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES"]
+__all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES", "EXAMPLE_INPUT_FILE"]

@@ -15,13 +15,17 @@ from .operators.plan import Plan
 class Measurement:
     """What was measured of one model. Units: ``size_bytes`` is bytes of the saved ``.tfz`` file;
     ``nonzeros``/``weight_params`` count entries of the compressible layers' weights; ``flops``
-    is per forward pass of the example input, counting nonzero weights only (None without one)."""
+    is per forward pass of the example input, counting nonzero weights only (None without one);
+    ``latency_ms`` is the measured median forward time of the saved model, ``latency_iqr_ms`` its
+    interquartile range (None when latency was not measured)."""
 
     metric: float
     size_bytes: int
     nonzeros: int
     weight_params: int
     flops: int | None = None
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
 
     @property
     def nonzero_ratio(self) -> float:
@@ -35,11 +39,14 @@ class Measurement:
             "nonzeros": self.nonzeros,
             "weight_params": self.weight_params,
             "flops": self.flops,
+            "latency_ms": self.latency_ms,
+            "latency_iqr_ms": self.latency_iqr_ms,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        return cls(**{k: data.get(k) for k in ("metric", "size_bytes", "nonzeros", "weight_params", "flops")})
+        return cls(**{k: data.get(k) for k in (
+            "metric", "size_bytes", "nonzeros", "weight_params", "flops", "latency_ms", "latency_iqr_ms")})
 
 
 @dataclass(frozen=True)

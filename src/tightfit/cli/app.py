@@ -189,6 +189,49 @@ def report(
     console.print(s["message"])
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (holds model.tfz and example_input.pt).")],
+    format: Annotated[str, typer.Option("--format", help="onnx, torchscript or pt.")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/export/model.<ext>).")] = None,
+    atol: Annotated[float, typer.Option(help="Absolute tolerance of the output check.")] = 1e-4,
+    rtol: Annotated[Optional[float], typer.Option(help="Tolerance relative to the largest reference output (default 1e-3; 0.05 with int8; 0.02 with --dtype).")] = None,
+    int8: Annotated[Optional[str], typer.Option(help="dynamic or static: int8 via ONNX Runtime (onnx only).")] = None,
+    keep_float: Annotated[Optional[list[str]], typer.Option(help="Layer-name pattern left in float (repeatable).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16 or float16 (torchscript/pt): run in 16-bit floats.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size the latency is measured at.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Threads the latency is measured with.")] = None,
+) -> None:
+    """Write the run's model as ONNX/TorchScript/pt, reload it, check its outputs, time it.
+
+    A failed output check is an error (exit code 2), not a warning.
+    """
+    from ..errors import TightfitError
+    from rich.table import Table
+
+    from ..export import export_run
+
+    try:
+        rep = export_run(run_dir, format=format, out=out, atol=atol, rtol=rtol, batch_size=batch_size,
+                         threads=threads, int8=int8, keep_float=keep_float, dtype=dtype)
+    except TightfitError as exc:
+        _fail(exc)
+    rows = [
+        ("file", rep.path, ""),
+        ("file bytes", f"{rep.size_bytes:,}", ""),
+        ("max |exported - pytorch|", f"{rep.max_abs_diff:.3g}",
+         f"<= {rep.atol:g} + {rep.rtol:g}*{rep.reference_max_abs:.3g}: passed"),
+        ("latency ms (pytorch / exported)", f"{rep.reference_latency_ms:.4g}", f"{rep.latency_ms:.4g}"),
+    ]
+    table = Table(title=f"export: {rep.format}{' int8 ' + rep.int8 if rep.int8 else ''}{' ' + rep.dtype if rep.dtype else ''}")
+    for column in ("", "value", "check"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report written to {rep.path}.json")
+
+
 def main() -> None:
     app()
 

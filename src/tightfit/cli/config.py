@@ -115,12 +115,21 @@ class ConstraintSection(_Strict):
     max_drop: float | None = Field(default=None, ge=0, description="MaxDrop: metric may fall at most this much")
     min_metric: float | None = Field(default=None, description="MinMetric: metric must be at least this")
     max_size_bytes: int | None = Field(default=None, gt=0, description="MaxSize: saved file at most this many bytes")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="MaxLatency: measured forward time at most this")
 
     @model_validator(mode="after")
     def _at_least_one(self) -> ConstraintSection:
-        if self.max_drop is None and self.min_metric is None and self.max_size_bytes is None:
-            raise ValueError("set at least one of `max_drop`, `min_metric`, `max_size_bytes`")
+        if all(v is None for v in (self.max_drop, self.min_metric, self.max_size_bytes, self.max_latency_ms)):
+            raise ValueError("set at least one of `max_drop`, `min_metric`, `max_size_bytes`, `max_latency_ms`")
         return self
+
+
+class LatencySection(_Strict):
+    """How latency is measured (tightfit.Latency): on the example input resized to ``batch_size``."""
+
+    batch_size: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    min_run_time: float = Field(default=0.3, gt=0)
 
 
 class RunConfig(_Strict):
@@ -129,7 +138,8 @@ class RunConfig(_Strict):
     strategy: list[OperatorSection] = Field(min_length=1)
     constraint: ConstraintSection
     finetune: FinetuneSection | None = None
-    objective: Literal["size", "nonzeros", "flops"] = "size"
+    objective: Literal["size", "nonzeros", "flops", "latency"] = "size"
+    latency: LatencySection | None = None
     budget: int = Field(default=30, ge=1)
     search: str = "auto"
     example_input: str | None = Field(default=None, description="import path of a function returning an example input")
@@ -189,7 +199,8 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     """Everything :func:`tightfit.compress` needs, built from a validated config."""
     import torch
 
-    from ..evaluation import Accuracy, MaxDrop, MaxSize, MinMetric
+    from ..evaluation import Accuracy, MaxDrop, MaxLatency, MaxSize, MinMetric
+    from ..measure import Latency
     from ..operators import OPERATOR_REGISTRY, Compose
     from ..recovery import FineTune
 
@@ -241,6 +252,8 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         constraints.append(MinMetric(config.constraint.min_metric))
     if config.constraint.max_size_bytes is not None:
         constraints.append(MaxSize(config.constraint.max_size_bytes))
+    if config.constraint.max_latency_ms is not None:
+        constraints.append(MaxLatency(config.constraint.max_latency_ms))
 
     finetune: Callable | None = None
     if config.finetune is not None:
@@ -252,6 +265,14 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
                 call("finetune.data", ft.data), epochs=ft.epochs, lr=ft.lr, optimizer=ft.optimizer,
                 weight_decay=ft.weight_decay, max_steps=ft.max_steps,
             )
+
+    example_input = call("example_input", config.example_input) if config.example_input else None
+    latency = None
+    if config.latency is not None:
+        if example_input is None:
+            raise ConfigError("latency: measuring latency needs `example_input` (an import path of a function returning one).")
+        latency = Latency(example_input, batch_size=config.latency.batch_size, threads=config.latency.threads,
+                          min_run_time=config.latency.min_run_time)
 
     run_dir = config.run_dir or f"runs/{config_path.stem}"
     run_dir_path = Path(run_dir)
@@ -266,7 +287,8 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         finetune=finetune,
         budget=config.budget,
         search=config.search,
-        example_input=call("example_input", config.example_input) if config.example_input else None,
+        example_input=example_input,
+        latency=latency,
         seed=config.seed,
         run_dir=str(run_dir_path),
         storage=config.storage,

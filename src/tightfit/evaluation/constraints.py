@@ -71,3 +71,21 @@ class MaxSize(Constraint):
 
     def describe(self) -> str:
         return f"MaxSize({self.max_bytes})"
+
+
+class MaxLatency(Constraint):
+    """The measured forward latency may be at most ``max_ms`` milliseconds (see ``tightfit.Latency``
+    for how, on which batch size and thread count, it is measured)."""
+
+    def __init__(self, max_ms: float) -> None:
+        self.max_ms = _check_number("MaxLatency", "max_ms", max_ms)
+        if self.max_ms <= 0:
+            raise ConfigError(f"MaxLatency: `max_ms` must be > 0, but got {max_ms!r}.")
+
+    def value(self, measured: Measurement, baseline: Measurement) -> float:
+        if measured.latency_ms is None:
+            raise ConfigError("MaxLatency needs latency measurements: pass `example_input` (or `latency=`) to compress.")
+        return (measured.latency_ms - self.max_ms) / self.max_ms
+
+    def describe(self) -> str:
+        return f"MaxLatency({self.max_ms:g})"

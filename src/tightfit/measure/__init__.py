@@ -11,8 +11,13 @@ from .analysis import (
     layer_flops,
     sparse_flops,
 )
+from .latency import Latency, LatencyResult, architecture_key, with_batch_size
 
 __all__ = [
+    "Latency",
+    "LatencyResult",
+    "architecture_key",
+    "with_batch_size",
     "COMPRESSIBLE_TYPES",
     "LayerInfo",
     "ModelAnalysis",

@@ -11,6 +11,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -84,6 +85,38 @@ class Operator(abc.ABC):
     def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
         """Compress ``module`` in place with ``settings`` (reversibly, by parametrization)."""
 
+    def prepare(self, model: nn.Module, example_input: Any) -> None:
+        """Learn what this operator needs of the whole model before the search space is built.
+
+        Most operators look at one layer at a time and need nothing; model-level operators
+        (structured pruning finds coupled channel groups) override this.
+        """
+
+    def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
+        """Compress ``model`` in place: ``settings_by_layer`` maps layer names to validated settings.
+
+        The default applies :meth:`apply` layer by layer. A layer that an earlier structural
+        operator replaced by a container (low-rank: one Linear -> two) gets the operator on each
+        compressible layer inside it. Model-level operators override this.
+        """
+        from ..measure.analysis import COMPRESSIBLE_TYPES
+
+        for layer_name, settings in settings_by_layer.items():
+            module = model.get_submodule(layer_name) if layer_name else model
+            if isinstance(module, COMPRESSIBLE_TYPES) or self.structural:
+                self.apply(module, settings)
+                continue
+            inner = [m for m in module.modules() if isinstance(m, COMPRESSIBLE_TYPES)]
+            if not inner:
+                raise ConfigError(f"{self.name!r} cannot compress layer {layer_name!r} ({type(module).__name__}).")
+            for sub in inner:
+                self.apply(sub, settings)
+
+    def project(self, weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        """The weight nearest to ``weight`` that ``settings`` allows (for learning-compression's
+        C-step). Operators that cannot project leave this unimplemented; see :class:`Projection`."""
+        raise NotImplementedError(f"Operator {self.name!r} has no projection, so learning-compression cannot use it.")
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-ready, so that a plan records how it was made."""
         return {"layers": self.layers}
@@ -102,3 +135,18 @@ class Operator(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if v is not None)
         return f"{type(self).__name__}({args})"
+
+
+class Projection(abc.ABC):
+    """Mixin for a parametrization that can *project*: map any weight onto the compressed set it
+    stands for (same sparsity, same grid, same rank...) and re-fit itself to that point.
+
+    Recovery methods that train the uncompressed weight underneath (learning-compression) use it:
+    ``theta = step.project(w)`` returns the compressed weight and leaves the step such that
+    ``step(theta) == theta``. A new operator (e.g. low-rank) joins by giving its parametrization
+    this method; operators whose parametrizations lack it are trained as plain fine-tuning does.
+    """
+
+    @abc.abstractmethod
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """Nearest allowed weight (no gradient); the step is re-fitted so it reproduces it."""

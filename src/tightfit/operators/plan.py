@@ -75,13 +75,14 @@ def apply_plan_inplace(plan: Plan, model: nn.Module, strategy: Compose | None = 
     if unknown:
         raise ConfigError(f"Plan names layer(s) {unknown} that the model does not have.")
     for op in strategy:
-        for layer_name, per_op in plan.layers.items():
-            if op.name not in per_op:
-                continue
-            settings = op.validate_settings(layer_name, per_op[op.name])
-            # Structural operators may have replaced modules: look the layer up afresh.
-            module = model.get_submodule(layer_name) if layer_name else model
-            op.apply(module, settings)
+        # Structural operators may have replaced modules: each operator looks its layers up afresh.
+        entries = {
+            layer_name: op.validate_settings(layer_name, per_op[op.name])
+            for layer_name, per_op in plan.layers.items()
+            if op.name in per_op
+        }
+        if entries:
+            op.apply_to_model(model, entries)
     return model
 
 

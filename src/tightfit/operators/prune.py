@@ -10,10 +10,10 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..measure.analysis import COMPRESSIBLE_TYPES, LayerInfo
-from .base import Hyperparameter, Operator
+from .base import Hyperparameter, Operator, Projection
 
 
-class WeightMask(nn.Module):
+class WeightMask(Projection, nn.Module):
     """Parametrization ``w -> w * mask`` with a fixed 0/1 mask, so pruned weights stay zero
     through fine-tuning (their gradient is zero too)."""
 
@@ -23,6 +23,17 @@ class WeightMask(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
+
+    @property
+    def sparsity(self) -> float:
+        return float((self.mask == 0).sum()) / max(1, self.mask.numel())
+
+    @torch.no_grad()
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """Keep the same number of weights, now the largest of ``weight`` (the mask is re-fitted)."""
+        n_pruned = int((self.mask == 0).sum())
+        self.mask.copy_(magnitude_mask(weight, n_pruned / max(1, weight.numel())))
+        return weight.detach() * self.mask
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -89,6 +100,9 @@ class Prune(Operator):
         # Magnitudes of the weight as it is now (after any earlier parametrization).
         mask = magnitude_mask(module.weight.detach(), sparsity)
         parametrize.register_parametrization(module, "weight", WeightMask(mask))
+
+    def project(self, weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        return weight.detach() * magnitude_mask(weight, float(settings["sparsity"]))
 
     def config(self) -> dict[str, Any]:
         return {"sparsity": list(self.sparsity), **super().config()}

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..measure.analysis import COMPRESSIBLE_TYPES, LayerInfo
-from .base import Hyperparameter, Operator
+from .base import Hyperparameter, Operator, Projection
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 
@@ -41,7 +41,7 @@ class _CastSTE(torch.autograd.Function):
         return grad
 
 
-class FakeQuantize(nn.Module):
+class FakeQuantize(Projection, nn.Module):
     """Parametrization that rounds a weight onto its k-bit grid (per output channel).
 
     Zeros stay zeros (the grid is symmetric with no offset), so pruning and quantization compose.
@@ -70,6 +70,11 @@ class FakeQuantize(nn.Module):
             return _CastSTE.apply(weight)
         codes, scale = self.quantize(weight)
         return codes * scale
+
+    @torch.no_grad()
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """Rounding onto the grid (the grid is derived from the weight, so nothing to re-fit)."""
+        return self.forward(weight.detach())
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -107,6 +112,9 @@ class Quantize(Operator):
         if bits >= 32:
             return
         parametrize.register_parametrization(module, "weight", FakeQuantize(bits))
+
+    def project(self, weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        return FakeQuantize(int(settings["bits"])).project(weight)
 
     def config(self) -> dict[str, Any]:
         return {"bits": list(self.bits), **super().config()}

@@ -1,5 +1,36 @@
-"""Recovery: training that wins back what compression cost, with the compression held fixed."""
+"""Recovery: training that wins back what compression cost.
+
+Each recovery is a ``callable(model)`` usable as ``compress(finetune=...)`` or on its own:
+- :class:`FineTune`: masked fine-tuning, the compression held fixed (the simplest).
+- :class:`LearningCompression`: Condensa's L-C, the compression re-fitted by projection.
+- :class:`PruneSplice`: dynamic network surgery (masks pruned and spliced with hysteresis).
+- :class:`SparseTraining`: OBProx-SG / HSPG / proximal SG (also usable as plain optimizers).
+- :class:`ProxConnect`: proximal quantization (binary, ternary, k-bit; STE as a special case).
+- :class:`Tuned`: lets the search tune a recovery's own hyperparameters with the plan.
+"""
 
 from .finetune import FineTune, cross_entropy_loss
+from .lc import LearningCompression
+from .proxconnect import ProxConnect, grid_project
+from .proximal import HSPG, OBProxSG, ProxSG, l1_groups, neuron_groups, sparsity_report
+from .sparse import SparseTraining, remove_zero_neurons
+from .splice import PruneSplice
+from .tuned import Tuned
 
-__all__ = ["FineTune", "cross_entropy_loss"]
+__all__ = [
+    "HSPG",
+    "FineTune",
+    "LearningCompression",
+    "OBProxSG",
+    "ProxConnect",
+    "ProxSG",
+    "PruneSplice",
+    "SparseTraining",
+    "Tuned",
+    "cross_entropy_loss",
+    "grid_project",
+    "l1_groups",
+    "neuron_groups",
+    "remove_zero_neurons",
+    "sparsity_report",
+]

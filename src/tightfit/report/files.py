@@ -15,12 +15,19 @@ from ..run_dir import PLOT_FILE, SUMMARY_FILE, TRIALS_FILE
 
 TRIAL_COLUMNS = [
     "number", "state", "feasible", "objective", "metric", "size_bytes", "nonzeros", "nonzero_ratio",
-    "flops", "constraints", "duration_s", "error", "plan",
+    "flops", "flops_reduction", "latency_ms", "latency_iqr_ms", "speedup", "constraints", "duration_s", "error", "plan",
 ]
 
 
-def trial_row(t: TrialRecord) -> dict[str, Any]:
+def _ratio(base: float | None, value: float | None) -> float | None:
+    return round(base / value, 4) if base and value else None
+
+
+def trial_row(t: TrialRecord, baseline: Measurement | None = None) -> dict[str, Any]:
+    """One row of trials.csv. With the baseline: FLOPs reduction (baseline FLOPs / trial FLOPs)
+    next to the measured speedup (baseline latency / trial latency)."""
     m = t.measurement
+    b = baseline
     return {
         "number": t.number,
         "state": t.state,
@@ -31,6 +38,10 @@ def trial_row(t: TrialRecord) -> dict[str, Any]:
         "nonzeros": m.nonzeros if m else None,
         "nonzero_ratio": round(m.nonzero_ratio, 4) if m else None,
         "flops": m.flops if m else None,
+        "flops_reduction": _ratio(b.flops, m.flops) if m and b else None,
+        "latency_ms": round(m.latency_ms, 5) if m and m.latency_ms is not None else None,
+        "latency_iqr_ms": round(m.latency_iqr_ms, 5) if m and m.latency_iqr_ms is not None else None,
+        "speedup": _ratio(b.latency_ms, m.latency_ms) if m and b else None,
         "constraints": json.dumps(list(t.constraints)),
         "duration_s": round(t.duration_s, 4) if t.duration_s is not None else None,
         "error": t.error,
@@ -38,12 +49,12 @@ def trial_row(t: TrialRecord) -> dict[str, Any]:
     }
 
 
-def write_trials_csv(trials: list[TrialRecord], path: Path) -> None:
+def write_trials_csv(trials: list[TrialRecord], path: Path, baseline: Measurement | None = None) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=TRIAL_COLUMNS)
         writer.writeheader()
         for t in trials:
-            writer.writerow(trial_row(t))
+            writer.writerow(trial_row(t, baseline))
 
 
 def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
@@ -75,6 +86,8 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
             "size_bytes": "bytes of model.tfz (compressed) / of torch.save(state_dict) (baseline)",
             "nonzero_ratio": "compressible-layer weights / nonzero weights",
             "flops": "per forward pass of example_input, nonzero weights only",
+            "latency_ms": "median wall time of one forward pass of the saved model (torch.utils.benchmark)",
+            "speedup": "baseline latency / trial latency, measured (trials.csv)",
         },
     }
 
@@ -112,7 +125,7 @@ def plot_trials(result: Result, path: Path) -> None:
 
 
 def write_run_files(result: Result, run_dir: Path, settings: dict[str, Any]) -> None:
-    write_trials_csv(result.trials, run_dir / TRIALS_FILE)
+    write_trials_csv(result.trials, run_dir / TRIALS_FILE, result.baseline)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary_dict(result, settings), indent=2))
     plot_trials(result, run_dir / PLOT_FILE)
 
@@ -142,7 +155,7 @@ class LiveFiles:
         from ..compress import best_feasible, pareto_front
 
         tmp = self.run_dir / (TRIALS_FILE + ".tmp")
-        write_trials_csv(trials, tmp)
+        write_trials_csv(trials, tmp, self.baseline)
         os.replace(tmp, self.run_dir / TRIALS_FILE)
         now = time.monotonic()
         if now - self._last_plot >= self.plot_every_s:

@@ -41,9 +41,14 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=study_name, storage=with_installed_driver(storage))
-    except KeyError:
-        raise ConfigError(f"No study named {study_name!r} in {redact(storage)}.") from None
+        url = with_installed_driver(storage)
+        names = optuna.get_all_study_names(url)
+        if study_name not in names and run_dir is not None and len(names) == 1:
+            study_name = names[0]  # a run directory holds one study, whatever its name
+        if study_name not in names:
+            known = f" (it holds: {', '.join(names)})" if names else ""
+            raise ConfigError(f"No study named {study_name!r} in {redact(storage)}{known}; pass --study NAME.")
+        study = optuna.load_study(study_name=study_name, storage=url)
     except ImportError as exc:
         raise ConfigError(f"storage {redact(storage)}: the database driver is missing ({exc}).") from None
     baseline = study.user_attrs.get(BASELINE_ATTR)
@@ -66,17 +71,24 @@ def trials_table(trials: list[TrialRecord], baseline: Measurement | None, *, lim
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("trial", "feasible", "metric", "bytes", "size ratio", "nonzero ratio", "time s"):
+    # Measured speedup next to the FLOPs reduction, when the run timed its trials.
+    speed = baseline is not None and baseline.latency_ms is not None
+    columns = ["trial", "feasible", "metric", "bytes", "size ratio", "nonzero ratio"]
+    columns += ["FLOPs reduction", "speedup"] if speed else []
+    for column in columns + ["time s"]:
         table.add_column(column, justify="right")
     done = [t for t in trials if t.measurement is not None]
     done.sort(key=lambda t: (not t.feasible, t.objective if t.objective is not None else float("inf")))
     for t in done[:limit]:
         m = t.measurement
         ratio = f"{baseline.size_bytes / m.size_bytes:.1f}x" if baseline else "-"
-        table.add_row(
-            str(t.number), "yes" if t.feasible else "no", _fmt_metric(m.metric), f"{m.size_bytes:,}", ratio,
-            f"{m.nonzero_ratio:.1f}x", f"{t.duration_s:.1f}" if t.duration_s is not None else "-",
-        )
+        cells = [str(t.number), "yes" if t.feasible else "no", _fmt_metric(m.metric), f"{m.size_bytes:,}", ratio,
+                 f"{m.nonzero_ratio:.1f}x"]
+        if speed:
+            cells.append(f"{baseline.flops / m.flops:.2f}x" if baseline.flops and m.flops else "-")
+            cells.append(f"{baseline.latency_ms / m.latency_ms:.2f}x" if m.latency_ms else "-")
+        cells.append(f"{t.duration_s:.1f}" if t.duration_s is not None else "-")
+        table.add_row(*cells)
     return table
 
 

@@ -43,7 +43,7 @@ class UnitEncoding:
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
-        self.keys = space.keys
+        self.keys = [d.key for d in space.dimensions]  # recovery hyperparameters are sampled apart
         self.dims = list(space.dimensions)
         self._flip: list[bool] = []
         self._choices: list[list[Any] | None] = []

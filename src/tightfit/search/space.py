@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,22 +34,28 @@ class SearchSpace:
     dimensions: tuple[Dimension, ...]
     #: settings that are not searched: layer -> operator -> {name: value}
     fixed: dict[str, dict[str, dict[str, Any]]]
+    #: the recovery's own searched hyperparameters (tuned recovery), keyed ``recovery/<name>``
+    recovery: tuple[Hyperparameter, ...] = ()
 
     @property
     def keys(self) -> list[str]:
-        return [d.key for d in self.dimensions]
+        return [d.key for d in self.dimensions] + [RECOVERY_PREFIX + hp.name for hp in self.recovery]
+
+    def recovery_settings(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The recovery hyperparameters a trial's parameters set (empty without tuned recovery)."""
+        return {hp.name: params[RECOVERY_PREFIX + hp.name] for hp in self.recovery if RECOVERY_PREFIX + hp.name in params}
 
     def suggest(self, trial: optuna.Trial) -> Plan:
         """Ask the trial for a value of every dimension and build the plan."""
         params: dict[str, Any] = {}
-        for dim in self.dimensions:
-            hp = dim.hyperparameter
+        named = [(d.key, d.hyperparameter) for d in self.dimensions]
+        for key, hp in named + [(RECOVERY_PREFIX + hp.name, hp) for hp in self.recovery]:
             if hp.choices is not None:
-                params[dim.key] = trial.suggest_categorical(dim.key, list(hp.choices))
+                params[key] = trial.suggest_categorical(key, list(hp.choices))
             elif hp.integer:
-                params[dim.key] = trial.suggest_int(dim.key, int(hp.low), int(hp.high), log=hp.log)
+                params[key] = trial.suggest_int(key, int(hp.low), int(hp.high), log=hp.log)
             else:
-                params[dim.key] = trial.suggest_float(dim.key, hp.low, hp.high, log=hp.log)
+                params[key] = trial.suggest_float(key, hp.low, hp.high, log=hp.log)
         return self.plan(params)
 
     def plan(self, params: dict[str, Any]) -> Plan:
@@ -65,7 +72,10 @@ class SearchSpace:
         return {d.key: plan.layers[d.layer][d.operator][d.hyperparameter.name] for d in self.dimensions}
 
 
-def build_space(strategy: Compose, analysis: ModelAnalysis) -> SearchSpace:
+RECOVERY_PREFIX = "recovery/"
+
+
+def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[Hyperparameter] = ()) -> SearchSpace:
     dimensions: list[Dimension] = []
     fixed: dict[str, dict[str, dict[str, Any]]] = {}
     for layer in analysis.layers:
@@ -83,4 +93,4 @@ def build_space(strategy: Compose, analysis: ModelAnalysis) -> SearchSpace:
             "Linear/Conv layer the operators support (or their `layers` patterns match none). "
             f"Left alone: {[s.name or '<root>' for s in analysis.skipped][:10]}."
         )
-    return SearchSpace(strategy, tuple(dimensions), fixed)
+    return SearchSpace(strategy, tuple(dimensions), fixed, tuple(recovery))

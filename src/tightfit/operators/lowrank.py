@@ -1,0 +1,165 @@
+"""Low-rank factorization: a Linear/Conv layer becomes two smaller layers via truncated SVD.
+
+``W (out x in·k) ~= B (out x r) @ A (r x in·k)``: a Linear becomes ``Linear(in, r) -> Linear(r, out)``,
+a convolution becomes ``Conv(in, r, k) -> Conv(r, out, 1)``. It is applied only where it lowers
+the layer's multiply count, ``r·(in·k + out) < out·in·k``; elsewhere the layer is left as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..measure.analysis import LayerInfo
+from .base import Hyperparameter, Operator
+
+_FACTORIZABLE = {"Linear", "Conv1d", "Conv2d", "Conv3d"}
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """(out, in·kernel) of the layer's weight seen as a matrix."""
+    weight = module.weight
+    return weight.shape[0], weight[0].numel()
+
+
+def factor_rank(out_dim: int, in_dim: int, rank_ratio: float) -> int | None:
+    """The rank for ``rank_ratio`` of the full rank, or None when factorizing would not be cheaper."""
+    full = min(out_dim, in_dim)
+    rank = max(1, int(round(rank_ratio * full)))
+    if rank * (in_dim + out_dim) >= out_dim * in_dim:
+        return None
+    return rank
+
+
+def _pair(module: nn.Module, rank: int) -> nn.Sequential:
+    """The two layers that replace ``module`` at ``rank`` (weights not yet set)."""
+    out_dim, _ = _dims(module)
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        first = nn.Linear(module.in_features, rank, bias=False)
+        second = nn.Linear(rank, out_dim, bias=has_bias)
+    else:
+        conv = type(module)
+        first = conv(module.in_channels, rank, module.kernel_size, stride=module.stride, padding=module.padding,
+                     dilation=module.dilation, bias=False, padding_mode=module.padding_mode)
+        second = conv(rank, out_dim, 1, bias=has_bias)
+    pair = nn.Sequential(first, second)
+    pair.train(module.training)
+    return pair
+
+
+def factorize(module: nn.Module, rank: int) -> nn.Sequential:
+    """Two layers whose product is the best rank-``rank`` approximation of ``module``'s weight."""
+    weight = module.weight.detach()
+    out_dim, in_dim = _dims(module)
+    u, s, vh = torch.linalg.svd(weight.reshape(out_dim, in_dim).double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    pair = _pair(module, rank)
+    first, second = pair[0], pair[1]
+    with torch.no_grad():
+        first.weight.copy_((root[:, None] * vh[:rank]).to(weight.dtype).reshape(first.weight.shape))  # r x in·k
+        second.weight.copy_((u[:, :rank] * root[None, :]).to(weight.dtype).reshape(second.weight.shape))  # out x r
+        if module.bias is not None:
+            second.bias.copy_(module.bias.detach())
+    return pair
+
+
+def _unreplaceable(model: nn.Module, example_input: Any) -> set[str]:
+    """Layers that cannot be swapped for a factorized pair: their parent reads their ``weight``
+    directly (attention's output projection, fused fast paths). Found by trying: each candidate is
+    replaced by a rank-1 pair for one forward pass, then put back."""
+    from ..measure.analysis import call_model
+
+    bad: set[str] = set()
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if n and type(m).__name__ in _FACTORIZABLE and getattr(m, "groups", 1) == 1]
+    was_training = model.training
+    model.eval()
+    try:
+        for name, module in candidates:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            try:
+                setattr(parent, child, _pair(module, 1))
+                with torch.no_grad():
+                    call_model(model, example_input)
+            except Exception:
+                bad.add(name)
+            finally:
+                setattr(parent, child, module)
+    finally:
+        model.train(was_training)
+    return bad
+
+
+class LowRank(Operator):
+    """Factorize Linear/Conv layers by truncated SVD, keeping ``rank_ratio`` of the full rank.
+
+    ``rank_ratio`` is a fixed fraction in (0, 1] or a ``(low, high)`` range searched per layer
+    (default ``(0.05, 1.0)``); 1.0 leaves the layer whole. Layers whose factorization would not be
+    cheaper at the chosen rank are left whole too, so the search never pays for a factorization.
+    """
+
+    name = "low_rank"
+    structural = True
+
+    def __init__(self, rank_ratio: float | tuple[float, float] = (0.05, 1.0), *, layers: list[str] | None = None) -> None:
+        super().__init__(layers=layers)
+        if isinstance(rank_ratio, (int, float)):
+            low = high = float(rank_ratio)
+        else:
+            try:
+                low, high = (float(v) for v in rank_ratio)
+            except (TypeError, ValueError):
+                raise ConfigError(f"LowRank: `rank_ratio` must be a number or a (low, high) pair, but got {rank_ratio!r}.") from None
+        for value in (low, high):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"LowRank: `rank_ratio` must lie in (0, 1], but got {value!r}.")
+        if low > high:
+            raise ConfigError(f"LowRank: `rank_ratio` range needs low <= high, but got ({low}, {high}).")
+        self.rank_ratio = (low, high)
+        self._grouped: set[str] = set()
+
+    def prepare(self, model: nn.Module, example_input: Any) -> None:
+        # Grouped/depthwise convolutions are not one matrix: leave them whole.
+        self._grouped = {name for name, m in model.named_modules() if getattr(m, "groups", 1) != 1}
+        if example_input is not None:
+            self._grouped |= _unreplaceable(model, example_input)
+
+    def supports(self, layer: LayerInfo) -> bool:
+        if layer.type not in _FACTORIZABLE or not layer.name or layer.name in self._grouped:
+            return False
+        out_dim = layer.weight_shape[0]
+        in_dim = layer.weight_params // max(1, out_dim)
+        return factor_rank(out_dim, in_dim, self.rank_ratio[0]) is not None
+
+    def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
+        low, high = self.rank_ratio
+        return [Hyperparameter("rank_ratio", low=low, high=high)]
+
+    def identity(self) -> dict[str, Any]:
+        return {"rank_ratio": 1.0}
+
+    def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
+        raise ConfigError("LowRank replaces layers in their parent; apply a plan with tightfit.apply.")
+
+    def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
+        for layer_name, settings in settings_by_layer.items():
+            ratio = float(settings["rank_ratio"])
+            if not 0.0 < ratio <= 1.0:
+                raise ConfigError(f"LowRank: layer {layer_name!r} has rank_ratio {ratio!r}; it must lie in (0, 1].")
+            module = model.get_submodule(layer_name)
+            if type(module).__name__ not in _FACTORIZABLE or getattr(module, "groups", 1) != 1:
+                raise ConfigError(f"LowRank cannot factorize layer {layer_name!r} ({type(module).__name__}).")
+            rank = factor_rank(*_dims(module), ratio)
+            if rank is None:
+                continue  # not cheaper at this rank: the layer stays whole
+            parent_name, _, child = layer_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, factorize(module, rank))
+
+    def config(self) -> dict[str, Any]:
+        return {"rank_ratio": list(self.rank_ratio), **super().config()}

@@ -1,0 +1,301 @@
+"""Structured pruning: whole output channels / filters / neurons removed, so layers get smaller.
+
+Channels that must go together — a residual addition's branches, the BatchNorm after a conv, a
+concatenation's parts, a depthwise conv, the next layer's input channels — form one *group*,
+found by Torch-Pruning's dependency graph. The search sets one ratio per group, recorded in the
+plan on the group's first layer (its *leader*). Which channels go is decided by the group's L2
+weight magnitude, so the plan replays exactly on a copy of the same weights; on a fresh instance
+(``tightfit.load(path, model=...)``) it reproduces the same shapes, and the file supplies the values.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelError
+from ..measure.analysis import LayerInfo
+from .base import Hyperparameter, Operator
+
+log = logging.getLogger("tightfit")
+
+
+# -- the example input, as JSON-ready data (a plan must replay without the user's tensors) ---------
+
+
+def input_spec(example_input: Any) -> Any:
+    """Shapes and dtypes of an example input (tensor, tuple/list of them, or dict of kwargs)."""
+    if isinstance(example_input, torch.Tensor):
+        return {"shape": list(example_input.shape), "dtype": str(example_input.dtype).removeprefix("torch.")}
+    if isinstance(example_input, Mapping):
+        return {"kwargs": {k: input_spec(v) for k, v in example_input.items()}}
+    if isinstance(example_input, (tuple, list)):
+        return {"args": [input_spec(v) for v in example_input]}
+    if example_input is None or isinstance(example_input, (bool, int, float, str)):
+        return {"value": example_input}
+    raise ConfigError(
+        f"StructuredPrune: the example input holds a {type(example_input).__name__}; give tensors, "
+        "tuples/lists of tensors or a dict of them."
+    )
+
+
+def input_from_spec(spec: Any) -> Any:
+    """A stand-in input with the recorded shapes (zeros: tracing needs shapes, not values)."""
+    if "shape" in spec:
+        return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+    if "kwargs" in spec:
+        return {k: input_from_spec(v) for k, v in spec["kwargs"].items()}
+    if "args" in spec:
+        return tuple(input_from_spec(v) for v in spec["args"])
+    return spec["value"]
+
+
+def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
+    """How many of ``channels`` a group keeps at pruning ``ratio``, rounded to a multiple of
+    ``round_to`` when given (never below one multiple, never above ``channels``)."""
+    kept = channels - int(math.floor(ratio * channels + 1e-9))
+    if round_to:
+        kept = max(round_to, int(round(kept / round_to)) * round_to)
+    return min(channels, max(1, kept))
+
+
+# -- the dependency graph ---------------------------------------------------------------------------
+
+
+def _torch_pruning():
+    try:
+        import torch_pruning
+    except ImportError:
+        raise ConfigError("StructuredPrune needs Torch-Pruning: pip install 'tightfit[speed]'.") from None
+    return torch_pruning
+
+
+def _dependency_graph(model: nn.Module, example_input: Any):
+    tp = _torch_pruning()
+
+    args = example_input if isinstance(example_input, (Mapping, tuple, list)) else (example_input,)
+    if isinstance(args, list):
+        args = tuple(args)
+    was_training = model.training
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=args, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def _terminal_layers(dg) -> list[nn.Module]:
+    """Conv/Linear layers whose output channels reach the model's output without passing through
+    another layer that absorbs channels: pruning them would change the output's shape."""
+    tp = _torch_pruning()
+
+    absorbing = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
+    terminal = []
+    for module, node in dg.module2node.items():
+        if not isinstance(module, absorbing):
+            continue
+        stack, seen, reaches_output = list(node.outputs), set(), not node.outputs
+        while stack and not reaches_output:
+            nxt = stack.pop()
+            if id(nxt) in seen:
+                continue
+            seen.add(id(nxt))
+            m = nxt.module
+            depthwise = isinstance(m, tp.ops.TORCH_CONV) and m.groups > 1 and m.groups == m.in_channels
+            if isinstance(m, absorbing) and not depthwise:
+                continue
+            if not nxt.outputs:
+                reaches_output = True
+            stack.extend(nxt.outputs)
+        if reaches_output:
+            terminal.append(module)
+    return terminal
+
+
+#: Groups touching these modules are left alone: Torch-Pruning cuts their embedding width without
+#: keeping it divisible by the number of heads, or their hidden size across the gates.
+_LEFT_ALONE = (nn.MultiheadAttention, nn.RNNBase)
+
+
+def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] | None = None) -> tuple[dict[str, list[str]], Any]:
+    """Channel groups of ``model`` (leader layer name -> names of every layer the group touches) and
+    the dependency graph they were found in.
+
+    Layers whose output is the model's output are left out (their channels are the answer).
+    """
+    tp = _torch_pruning()
+
+    dg = _dependency_graph(model, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    groups: dict[str, list[str]] = {}
+    ignored = _terminal_layers(dg) + list(skip or [])
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
+        members = []
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.Module) and module in names and names[module] not in members:
+                members.append(names[module])
+        if any(isinstance(m, _LEFT_ALONE) for m, n in names.items() if n in members):
+            continue  # attention heads / recurrent gates need whole-head or whole-gate pruning
+        leader = names[group[0].dep.target.module]
+        groups[leader] = members
+    return groups, dg
+
+
+def _choose_drop(dg, full_group, scores, n_drop: int) -> list[int]:
+    """The ``n_drop`` lowest-scoring channels of a group (ties: lower index first), skipping any
+    whose removal would empty one coupled layer (a concatenation's part may own few channels)."""
+    parts = [
+        set(item.root_idxs)
+        for item in full_group
+        if dg.is_out_channel_pruning_fn(item.dep.handler) and getattr(item, "root_idxs", None)
+    ]
+    remaining = [len(p) for p in parts]
+    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
+    drop: list[int] = []
+    for channel in order:
+        if len(drop) == n_drop:
+            break
+        owners = [k for k, part in enumerate(parts) if channel in part]
+        if any(remaining[k] <= 1 for k in owners):
+            continue
+        for k in owners:
+            remaining[k] -= 1
+        drop.append(channel)
+    return sorted(drop)
+
+
+class StructuredPrune(Operator):
+    """Remove a fraction ``ratio`` of the output channels of each coupled group of layers.
+
+    ``ratio`` is a fixed fraction or a ``(low, high)`` range searched per group (default
+    ``(0.0, 0.75)``). ``round_to`` keeps a multiple of 8 or 16 channels, which CPU kernels favour.
+    ``example_input`` is what the dependency graph is traced with; ``compress`` passes its own
+    when it is not given here. A ratio that would remove every channel of a group is refused.
+    """
+
+    name = "structured_prune"
+    structural = True
+
+    def __init__(
+        self,
+        ratio: float | tuple[float, float] = (0.0, 0.75),
+        *,
+        round_to: int | None = None,
+        example_input: Any = None,
+        input_spec: Any = None,
+        layers: list[str] | None = None,
+    ) -> None:
+        super().__init__(layers=layers)
+        if isinstance(ratio, (int, float)):
+            low = high = float(ratio)
+        else:
+            try:
+                low, high = (float(v) for v in ratio)
+            except (TypeError, ValueError):
+                raise ConfigError(f"StructuredPrune: `ratio` must be a number or a (low, high) pair, but got {ratio!r}.") from None
+        for value in (low, high):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(
+                    f"StructuredPrune: `ratio` must lie in [0, 1) (1 would remove every channel), but got {value!r}."
+                )
+        if low > high:
+            raise ConfigError(f"StructuredPrune: `ratio` range needs low <= high, but got ({low}, {high}).")
+        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+            raise ConfigError(f"StructuredPrune: `round_to` must be a whole number >= 1 (e.g. 8 or 16), but got {round_to!r}.")
+        self.ratio = (low, high)
+        self.round_to = round_to
+        self._spec = input_spec
+        if example_input is not None:
+            self.bind_example_input(example_input)
+        self._groups: dict[str, list[str]] | None = None
+
+    def bind_example_input(self, example_input: Any) -> None:
+        """Record the input the dependency graph is traced with (only its shapes and dtypes)."""
+        self._spec = input_spec(example_input)
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Leader layer -> coupled layers, as found by :meth:`prepare` (empty before)."""
+        return dict(self._groups or {})
+
+    def prepare(self, model: nn.Module, example_input: Any) -> None:
+        if self._spec is None:
+            if example_input is None:
+                raise ConfigError(
+                    "StructuredPrune needs an example input to trace the model's channel dependencies: "
+                    "pass `example_input=` to compress (or to StructuredPrune)."
+                )
+            self.bind_example_input(example_input)
+        try:
+            self._groups, _ = coupled_groups(model, input_from_spec(self._spec))
+        except ConfigError:
+            raise
+        except Exception as exc:  # a model Torch-Pruning cannot trace is left alone, not a crash
+            log.warning("StructuredPrune: cannot trace the model's channel dependencies (%s: %s); "
+                        "no layer is pruned structurally.", type(exc).__name__, exc)
+            self._groups = {}
+
+    def supports(self, layer: LayerInfo) -> bool:
+        return self._groups is not None and layer.name in self._groups
+
+    def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
+        low, high = self.ratio
+        return [Hyperparameter("ratio", low=low, high=high)]
+
+    def identity(self) -> dict[str, Any]:
+        return {"ratio": 0.0}
+
+    def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
+        raise ModelError("StructuredPrune works on the whole model (coupled layers); apply a plan with tightfit.apply.")
+
+    def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
+        todo = {name: float(s["ratio"]) for name, s in settings_by_layer.items() if float(s["ratio"]) > 0.0}
+        for name, ratio in todo.items():
+            if not 0.0 <= ratio < 1.0:
+                raise ConfigError(
+                    f"StructuredPrune: group {name!r} has ratio {ratio!r}; it must lie in [0, 1) "
+                    "(1 would remove every channel of the group)."
+                )
+        if not todo:
+            return
+        if self._spec is None:
+            raise ConfigError("StructuredPrune: no example input recorded; the plan cannot be replayed.")
+        tp = _torch_pruning()
+
+        example = input_from_spec(self._spec)
+        groups, dg = coupled_groups(model, example)
+        importance = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+        modules = dict(model.named_modules())
+        for name, ratio in todo.items():  # plan order == the order the groups were found in
+            if name not in groups:
+                raise ConfigError(
+                    f"StructuredPrune: layer {name!r} leads no prunable channel group of this model "
+                    f"(groups are led by {sorted(groups)[:8]})."
+                )
+            leader = modules[name]
+            pruner = dg.get_pruner_of_module(leader)
+            channels = pruner.get_out_channels(leader)
+            kept = kept_channels(channels, ratio, self.round_to)
+            if kept >= channels:
+                continue
+            group = dg.get_pruning_group(leader, pruner.prune_out_channels, list(range(channels)))
+            with torch.no_grad():
+                scores = importance(group)
+            if scores is None or len(scores) != channels:
+                raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
+            drop = _choose_drop(dg, group, scores, channels - kept)
+            group = dg.get_pruning_group(leader, pruner.prune_out_channels, drop)
+            if not dg.check_pruning_group(group):
+                raise ConfigError(
+                    f"StructuredPrune: pruning {len(drop)} of {channels} channels of group {name!r} would "
+                    "remove every channel of a coupled layer; refused. Lower the group's ratio."
+                )
+            group.prune()
+
+    def config(self) -> dict[str, Any]:
+        return {"ratio": list(self.ratio), "round_to": self.round_to, "input_spec": self._spec, **super().config()}

@@ -1,0 +1,182 @@
+"""What every recovery shares: a training loop over ``loader`` for ``epochs``, the loss, the step
+count, and the tunable hyperparameters a search may set per trial (see :mod:`.tuned`)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError
+from ..evaluation.metrics import _to
+from ..operators.base import Hyperparameter, Projection
+from .finetune import OPTIMIZERS, LossFn, cross_entropy_loss
+
+
+class Recovery:
+    """Base of the recoveries in this package: ``recovery(model)`` trains a compressed model in place.
+
+    Subclasses implement :meth:`__call__` with :meth:`batches` and declare :meth:`tunable` (the
+    default search ranges of their own hyperparameters, for :class:`~tightfit.recovery.Tuned`).
+    """
+
+    name = "recovery"
+
+    def __init__(
+        self,
+        loader: Iterable,
+        *,
+        epochs: int,
+        lr: float,
+        loss: LossFn | None = None,
+        max_steps: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        cls = type(self).__name__
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise ConfigError(f"{cls}: `loader` must be an iterable of training batches, but got {loader!r}.")
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+            raise ConfigError(f"{cls}: `epochs` must be a whole number >= 0, but got {epochs!r}.")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ConfigError(f"{cls}: `lr` must be > 0, but got {lr!r}.")
+        if max_steps is not None and max_steps < 0:
+            raise ConfigError(f"{cls}: `max_steps` must be >= 0 or None, but got {max_steps!r}.")
+        self.loader = loader
+        self.epochs = epochs
+        self.lr = float(lr)
+        self.loss = loss or cross_entropy_loss
+        self.max_steps = max_steps
+        self.device = torch.device(device)
+        self.steps_taken = 0
+
+    # ------------------------------------------------------------------ tuning
+    def tunable(self) -> dict[str, Hyperparameter]:
+        """Default search ranges of this recovery's own hyperparameters (learning rate, epochs...)."""
+        return {
+            "lr": Hyperparameter("lr", low=self.lr / 10, high=self.lr * 10, log=True),
+            "epochs": Hyperparameter("epochs", low=max(1, self.epochs // 2), high=max(1, self.epochs * 2), integer=True),
+        }
+
+    def with_settings(self, **settings: Any) -> Recovery:
+        """A copy with some hyperparameters replaced (the search's per-trial configuration)."""
+        return with_settings(self, settings)
+
+    # ------------------------------------------------------------------ training
+    def steps_per_epoch(self) -> int:
+        try:
+            return max(1, len(self.loader))  # type: ignore[arg-type]
+        except TypeError:
+            return 1
+
+    def total_steps(self) -> int:
+        total = self.epochs * self.steps_per_epoch()
+        return min(total, self.max_steps) if self.max_steps is not None else total
+
+    def batches(self) -> Iterator[tuple[int, bool, Any]]:
+        """Yields ``(epoch, last_of_epoch, batch)`` and counts ``steps_taken``."""
+        self.steps_taken = 0
+        for epoch in range(self.epochs):
+            iterator = iter(self.loader)
+            batch = next(iterator, None)
+            while batch is not None:
+                if self.max_steps is not None and self.steps_taken >= self.max_steps:
+                    return
+                upcoming = next(iterator, None)
+                self.steps_taken += 1
+                last = upcoming is None or (self.max_steps is not None and self.steps_taken >= self.max_steps)
+                yield epoch, last, _to(batch, self.device)
+                batch = upcoming
+
+    def _repr_args(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "lr": self.lr}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._repr_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+def with_settings(recovery: Any, settings: dict[str, Any]) -> Any:
+    """A shallow copy of ``recovery`` with attributes replaced; refuses names it does not have."""
+    unknown = sorted(k for k in settings if not hasattr(recovery, k))
+    if unknown:
+        raise ConfigError(f"{type(recovery).__name__} has no hyperparameter(s) {unknown} to set.")
+    clone = copy.copy(recovery)
+    for key, value in settings.items():
+        current = getattr(recovery, key)
+        if isinstance(current, bool) or not isinstance(current, (int, float)) or isinstance(value, str):
+            setattr(clone, key, value)
+        else:  # keep ints ints (epochs) and floats floats, whatever the sampler returned
+            setattr(clone, key, type(current)(value))
+    if hasattr(clone, "steps_taken"):
+        clone.steps_taken = 0
+    return clone
+
+
+def make_optimizer(name: str, params: list, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"`optimizer` must be one of {sorted(OPTIMIZERS)}, but got {name!r}.")
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if name == "sgd":
+        kwargs["momentum"] = momentum
+    return OPTIMIZERS[name](params, **kwargs)
+
+
+# ---------------------------------------------------------------------- parametrization sites
+@dataclass
+class Site:
+    """One parametrized tensor of the compressed model: ``module.<tensor>`` computed by ``chain``
+    (a ``ParametrizationList``) from ``chain.original``, the uncompressed weight underneath."""
+
+    name: str
+    module: nn.Module
+    tensor: str
+    chain: nn.ModuleList
+
+    @property
+    def original(self) -> torch.Tensor:
+        return self.chain.original
+
+    def steps(self) -> list[nn.Module]:
+        return list(self.chain)
+
+
+def sites(model: nn.Module, where: Callable[[Site], bool] | None = None) -> list[Site]:
+    """Every parametrized tensor of ``model`` (optionally filtered)."""
+    found = []
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, chain in module.parametrizations.items():
+            site = Site(f"{module_name}.{tensor_name}" if module_name else tensor_name, module, tensor_name, chain)
+            if where is None or where(site):
+                found.append(site)
+    return found
+
+
+def projectable(site: Site) -> bool:
+    """Every step of the chain can project (so the whole compression can be re-fitted)."""
+    return all(isinstance(step, Projection) for step in site.chain)
+
+
+class swapped_steps:
+    """Context manager: replace some parametrization steps by others while training, and put the
+    originals back afterwards (even on error). ``swaps`` = [(chain, index, replacement)]."""
+
+    def __init__(self, swaps: list[tuple[nn.ModuleList, int, nn.Module]]) -> None:
+        self.swaps = swaps
+        self.saved: list[nn.Module] = []
+
+    def __enter__(self) -> swapped_steps:
+        self.saved = [chain[i] for chain, i, _ in self.swaps]
+        for chain, i, new in self.swaps:
+            chain[i] = new
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for (chain, i, _), old in zip(self.swaps, self.saved):
+            chain[i] = old

@@ -1,0 +1,216 @@
+"""Latency measurement (and its cache), latency in the search, verified export."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from tightfit.cli.app import app as cli_app
+
+import tightfit
+from tightfit.errors import ConfigError
+from tightfit.export import ExportCheckError, export_model
+from tightfit.export.verified import compare_outputs
+from tightfit.measure import Latency, architecture_key
+from tightfit.operators import Compose, Plan, Prune, StructuredPrune, apply
+
+
+def _mlp(width: int = 32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)).eval()
+
+
+X = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_latency_is_cached_per_architecture():
+    latency = Latency(X, batch_size=8, threads=1, min_run_time=0.01)
+    model = _mlp()
+    first = latency(model)
+    assert first.median_ms > 0 and first.iqr_ms >= 0 and first.runs >= 1 and first.batch_size == 8 and first.threads == 1
+    assert latency.example_input.shape == (8, 16)
+    # same architecture, other values (a masked copy): answered from the cache, not timed again
+    masked = apply(Plan.from_strategy(Compose([Prune()]), {"0": {"prune": {"sparsity": 0.5}}}), model)
+    assert latency(masked) == first and latency.hits == 1 and latency.misses == 1
+    # another architecture is timed
+    latency(_mlp(width=24))
+    assert latency.misses == 2
+    assert architecture_key(model) != architecture_key(_mlp(width=24))
+    with pytest.raises(ConfigError, match="batch_size"):
+        Latency(X, batch_size=0)
+
+
+def test_export_formats_reload_and_match(tmp_path):
+    model = _mlp()
+    latency = Latency(X, threads=1, min_run_time=0.01)
+    for fmt in ("onnx", "torchscript", "pt"):
+        report = export_model(model, X, tmp_path / f"m.{fmt}", format=fmt, latency=latency)
+        assert report.size_bytes == (tmp_path / f"m.{fmt}").stat().st_size > 0
+        assert report.max_abs_diff <= report.atol + report.rtol * report.reference_max_abs
+        assert report.latency_ms > 0 and report.reference_latency_ms > 0
+
+
+def test_int8_export_is_smaller_and_checked(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(8, 64)
+    f32 = export_model(model, x, tmp_path / "f.onnx")
+    q = export_model(model, x, tmp_path / "q.onnx", int8="dynamic", rtol=0.05)
+    assert q.size_bytes < f32.size_bytes / 3
+    kept = export_model(model, x, tmp_path / "k.onnx", int8="dynamic", rtol=0.05, keep_float=["2"])
+    assert q.size_bytes < kept.size_bytes < f32.size_bytes  # layer "2" stayed float
+    with pytest.raises(ConfigError, match="onnx"):
+        export_model(model, x, tmp_path / "q.pt", format="pt", int8="dynamic")
+
+
+class Noisy(nn.Module):
+    """Its traced export cannot reproduce its outputs: fresh noise on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x) + torch.randn(x.shape[0], 3)
+
+
+def test_export_check_fails_when_outputs_differ(tmp_path):
+    for fmt in ("onnx", "torchscript"):
+        with pytest.raises(ExportCheckError, match="differ"):
+            export_model(Noisy().eval(), X, tmp_path / f"n.{fmt}", format=fmt)
+        assert not (tmp_path / f"n.{fmt}").exists()  # a file that failed its check is not left behind
+    with pytest.raises(ExportCheckError, match="shape"):
+        compare_outputs([torch.zeros(2, 3)], [torch.zeros(3, 2)], 1e-4, 1e-3)
+    with pytest.raises(ExportCheckError):
+        compare_outputs([torch.zeros(2)], [torch.tensor([0.0, float("nan")])], 1e-4, 1e-3)
+
+
+def test_latency_objective_run_records_speedup_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    xs, ys = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=32)
+    run_dir = tmp_path / "run"
+    result = tightfit.compress(
+        model,
+        evaluate=tightfit.Accuracy(loader),
+        strategy=StructuredPrune(ratio=(0.0, 0.5)),
+        constraint=[tightfit.MaxDrop(1.0), tightfit.MaxLatency(1e4)],
+        objective="latency",
+        example_input=xs[:8],
+        latency=Latency(xs[:8], threads=1, min_run_time=0.01),
+        budget=3,
+        run_dir=run_dir,
+    )
+    assert result.feasible and result.best_trial.measurement.latency_ms > 0
+    assert "Measured" in result.message and "ms per forward pass" in result.message
+    assert (run_dir / "example_input.pt").exists()
+    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    assert {"latency_ms", "speedup", "flops_reduction"} <= set(rows[0])
+    assert all(float(r["speedup"]) > 0 and float(r["flops_reduction"]) >= 1.0 for r in rows)
+    # `tightfit report` shows the measured speedup next to the FLOPs reduction
+    shown = CliRunner().invoke(cli_app, ["report", str(run_dir)])
+    assert shown.exit_code == 0 and "speed" in shown.output and "FLOPs" in shown.output, shown.output
+    # the CLI export writes, reloads, checks and times the run's model
+    out = CliRunner().invoke(cli_app, ["export", str(run_dir), "--format", "torchscript", "--threads", "1"])
+    assert out.exit_code == 0, out.output
+    record = json.loads((run_dir / "export" / "model.ts.json").read_text())
+    assert record["size_bytes"] > 0 and record["latency_ms"] > 0 and "speedup_vs_baseline_in_search" in record
+
+
+def test_latency_needs_an_example_input():
+    with pytest.raises(ConfigError, match="example_input"):
+        tightfit.compress(_mlp(), evaluate=lambda m: 1.0, objective="latency", budget=1)
+    with pytest.raises(ConfigError, match="example_input"):
+        tightfit.compress(_mlp(), evaluate=lambda m: 1.0, constraint=tightfit.MaxLatency(5), budget=1)
+    with pytest.raises(ConfigError, match="max_ms"):
+        tightfit.MaxLatency(0)
+
+
+def test_config_maps_latency_objective_and_structural_operators(tmp_path):
+    from tightfit.cli.config import build_arguments, load_config
+
+    (tmp_path / "speedmods.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))\n"
+        "def example_input():\n    return torch.zeros(2, 16)\n"
+        "def metric(model):\n    return 1.0\n"
+    )
+    (tmp_path / "run.toml").write_text(
+        'objective = "latency"\nexample_input = "speedmods:example_input"\n'
+        '[model]\nfactory = "speedmods:build"\n[evaluate]\nfunction = "speedmods:metric"\n'
+        '[[strategy]]\noperator = "structured_prune"\nratio = [0.0, 0.5]\nround_to = 8\n'
+        '[[strategy]]\noperator = "low_rank"\nrank_ratio = [0.25, 1.0]\n'
+        "[constraint]\nmax_drop = 0.01\nmax_latency_ms = 50\n"
+        "[latency]\nbatch_size = 32\nthreads = 1\n"
+    )
+    config, base = load_config(tmp_path / "run.toml")
+    args = build_arguments(config, base, tmp_path / "run.toml")
+    assert args["objective"] == "latency"
+    assert [op.name for op in args["strategy"]] == ["structured_prune", "low_rank"]
+    assert args["latency"].batch_size == 32 and args["latency"].threads == 1
+    assert any(isinstance(c, tightfit.MaxLatency) for c in args["constraint"])
+
+
+def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
+    from tightfit.export import export_run
+    from tightfit.operators import Int8, int8_layers
+    from tightfit.operators.int8 import plan_int8_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)).eval()
+    x = torch.randn(16, 64)
+    plan = Plan.from_strategy(Compose([Int8()]), {"0": {"int8": {"int8": True}}, "2": {"int8": {"int8": False}}})
+    marked = apply(plan, model)
+    assert int8_layers(marked) == ["0"] and plan_int8_layers(plan) == ["0"]
+    # the runtime meter times the int8 ONNX model, and tells it apart from the float one
+    meter = Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")
+    meter(model)
+    meter(marked)
+    assert meter.misses == 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 4, (16,))), batch_size=8)
+    run_dir = tmp_path / "run"
+    result = tightfit.compress(model, evaluate=tightfit.Accuracy(loader), strategy=Int8(choices=(True,)),
+                               constraint=tightfit.MaxDrop(1.0), objective="latency", example_input=x,
+                               latency=meter, budget=1, run_dir=run_dir)
+    assert plan_int8_layers(result.plan) == ["0", "2", "4"]
+    report = export_run(run_dir, format="onnx", threads=1)
+    assert report.int8 == "dynamic" and report.int8_layers == ["0", "2", "4"] and report.rtol == 0.05
+    float_bytes = export_model(model, x, tmp_path / "f.onnx").size_bytes
+    assert report.size_bytes < float_bytes / 3
+    with pytest.raises(ConfigError, match="runtime"):
+        Latency(x, runtime="tensorrt")
+
+
+def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    x = torch.randn(4, 64)
+    for fmt in ("pt", "torchscript"):
+        f32 = export_model(model, x, tmp_path / f"f.{fmt}", format=fmt)
+        half = export_model(model, x, tmp_path / f"h.{fmt}", format=fmt, dtype="bfloat16", rtol=0.02)
+        assert half.dtype == "bfloat16" and half.size_bytes < 0.6 * f32.size_bytes
+    loaded = torch.load(tmp_path / "h.pt", weights_only=False)
+    assert loaded(x).dtype == torch.float32
+    with pytest.raises(ExportCheckError):  # bfloat16 cannot meet a float32 tolerance
+        export_model(model, x, tmp_path / "strict.pt", format="pt", dtype="bfloat16", atol=0.0, rtol=1e-7)
+    with pytest.raises(ConfigError, match="dtype"):
+        export_model(model, x, tmp_path / "h.onnx", format="onnx", dtype="bfloat16")
+
+
+def test_static_int8_for_convolutions_needs_and_uses_calibration(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ConfigError, match="calibration"):
+        export_model(model, x, tmp_path / "nocal.onnx", int8="static")
+    f32 = export_model(model, x, tmp_path / "f.onnx")
+    q = export_model(model, x, tmp_path / "q.onnx", int8="static", calibration=[torch.randn(4, 3, 8, 8) for _ in range(4)] + [x],
+                     rtol=0.1)
+    assert q.size_bytes < f32.size_bytes / 2.5 and q.int8 == "static"
