@@ -84,13 +84,22 @@ def test_missing_config_file(tmp_path):
 
 
 def _completed(db: Path) -> list[optuna.trial.FrozenTrial]:
-    if not db.exists():
-        return []
-    try:
-        study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}")
-    except Exception:
-        return []
+    study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}")
     return [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def _count_completed(db: Path) -> int:
+    """Read-only count with sqlite3: opening an Optuna storage here could race the run's own
+    creation of the schema."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 def test_sigkilled_run_continues_with_its_completed_trials(project):
@@ -113,7 +122,7 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
     log = open(project / "first_run.log", "w")
     proc = subprocess.Popen(command, cwd=project, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while len(_completed(db)) < 3 and time.time() < deadline and proc.poll() is None:
+    while _count_completed(db) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed:\n" + (project / "first_run.log").read_text()
     os.kill(proc.pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import report
 from .errors import ConfigError, ModelError
-from .evaluation.constraints import Constraint, MaxDrop, MaxLatency
+from .evaluation.constraints import Constraint, MaxDrop, MaxLatency, MaxSize
 from .evaluation.metrics import bind_reference, evaluate_metric
 from .evaluation.sequential import Sequential, SequentialSession
 from .export.artifact import load_model, to_bytes
@@ -32,6 +32,7 @@ from .operators.quantize import Quantize
 from .records import Measurement, Result, TrialRecord
 from .run_dir import RunDir
 from .search.loop import TrialOutcome, counted_trials, recover_interrupted, run_trials, trial_record
+from .search.context import ProbeResult, SearchContext
 from .search.samplers import check_search
 from .search.space import SearchSpace, build_space
 
@@ -48,10 +49,14 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
         raise ConfigError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
     if not callable(evaluate):
         raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"`objective` must be one of {OBJECTIVES}, but got {objective!r}.")
-    if objective in ("flops", "latency") and example_input is None:
-        raise ConfigError(f'`objective="{objective}"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
+    primary = objective[0] if isinstance(objective, (tuple, list)) and len(objective) == 2 and objective[1] == "metric" else objective
+    if primary not in OBJECTIVES:
+        raise ConfigError(
+            f"`objective` must be one of {OBJECTIVES}, or a pair like ('size', 'metric') for a Pareto front, "
+            f"but got {objective!r}."
+        )
+    if primary in ("flops", "latency") and example_input is None:
+        raise ConfigError(f'`objective="{primary}"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"`budget` must be a whole number of evaluations >= 1, but got {budget!r}.")
     if finetune is not None and not callable(finetune):
@@ -192,7 +197,7 @@ def compress(
     evaluate: Callable[[nn.Module], float],
     strategy: Compose | Operator | None = None,
     constraint: Constraint | Sequence[Constraint] | None = None,
-    objective: str = "size",
+    objective: str | tuple[str, str] = "size",
     finetune: Callable[[nn.Module], None] | None = None,
     budget: int = 30,
     search: str = "auto",
@@ -241,7 +246,7 @@ def _search(
     evaluate: Callable[[nn.Module], float],
     strategy: Compose | Operator | None = None,
     constraint: Constraint | Sequence[Constraint] | None = None,
-    objective: str = "size",
+    objective: str | tuple[str, str] = "size",
     finetune: Callable[[nn.Module], None] | None = None,
     budget: int = 30,
     search: str = "auto",
@@ -260,6 +265,15 @@ def _search(
     """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated."""
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
     _check_evaluation(evaluation)
+    # ("size", "metric"): a Pareto front of the first objective (minimized) and the metric
+    # (maximized); the constraints still decide which plans count.
+    multi = not isinstance(objective, str)
+    if multi and evaluation is not None:
+        raise ConfigError(
+            "`evaluation=Sequential(...)` works with one objective; a Pareto objective "
+            f"{tuple(objective)!r} needs every candidate measured in full (evaluation=None)."
+        )
+    objective = objective[0] if multi else objective
     strategy = as_strategy(strategy if strategy is not None else Compose([Prune(), Quantize()]))
     constraints = _constraints(constraint)
     check_search(search)
@@ -288,7 +302,7 @@ def _search(
         example_input = None
     settings = {
         "space": space.keys,
-        "objective": objective,
+        "objective": [objective, "metric"] if multi else objective,
         "constraints": [c.describe() for c in constraints],
         "search": search,
         "seed": seed,
@@ -307,7 +321,7 @@ def _search(
         if worker and storage is None:
             raise ConfigError("A worker needs `storage`: the URL of the study it joins (e.g. postgresql://…).")
         run = stack.enter_context(RunDir.open(run_dir)) if run_dir is not None and not worker else None
-        study, url = _open_study(run, storage, study_name, settings)
+        study, url = _open_study(run, storage, study_name, settings, multi)
         if run is not None and url == run.storage_url:
             # We hold the run directory's lock and our workers die with us, so RUNNING trials in the
             # run directory's own SQLite belong to a dead process. Shared storages use heartbeats.
@@ -356,7 +370,7 @@ def _search(
                 if run is not None:
                     run.write_best(data)
             return TrialOutcome(
-                objective=float(goal),
+                objective=[float(goal), float(metric)] if multi else float(goal),
                 constraints=values,
                 attrs={"plan": plan.to_dict(), "measurement": measured.to_dict(), "finetune_steps": steps,
                        "metric_se": metric_se, "val_samples": counter.take(), "fidelity": "full",
@@ -379,8 +393,12 @@ def _search(
                 ),
             )
 
+        context = _search_context(
+            original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
+            n_objectives=2 if multi else 1, latency=latency,
+        )
         if worker:
-            return run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed)
+            return run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, context=context)
         if on_start is not None:
             on_start(url, study_name)
         reporter = stack.enter_context(report.live_progress(budget, baseline, enabled=progress))
@@ -397,7 +415,9 @@ def _search(
                 if refresher is not None:
                     refresher.maybe_write([trial_record(t) for t in trials_now])
 
-        run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=on_trial, drain=True)
+        run_trials(
+            study, space, evaluate_plan, budget=budget, method=search, seed=seed, on_trial=on_trial, drain=True, context=context
+        )
 
         trials = [trial_record(t) for t in study.get_trials()]
         if space.recovery:  # a replayed best trial must train with its own recovery settings
@@ -416,6 +436,8 @@ def _search(
             _note_certificate(result, constraints, baseline)
         final_passes = counter.take()
         result.accounting = _accounting(trials, baseline_passes, final_passes, time.perf_counter() - started)
+        if multi:  # the front the user asked for: feasible plans only
+            result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
         if run is not None:
             report.write_run_files(result, run.path, settings)
@@ -504,6 +526,38 @@ def _note_certificate(result: Result, constraints, baseline: Measurement) -> Non
         )
 
 
+def _search_context(
+    original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
+    n_objectives: int = 1, latency: Latency | None = None,
+) -> SearchContext:
+    """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
+    (the sensitivity scan and warm starts use it) and the original weights."""
+    needs_bytes = objective == "size" or any(isinstance(c, MaxSize) for c in constraints)
+    # With a latency objective or constraint every probe is timed too: slower, but the only honest view.
+
+    def probe(plan: Plan) -> ProbeResult:
+        candidate = apply_plan_inplace(plan, copy.deepcopy(original), strategy)
+        metric = evaluate_metric(evaluate, candidate)
+        nonzeros, _ = count_nonzeros(candidate, layer_names)
+        measured = Measurement(
+            metric=metric,
+            size_bytes=len(to_bytes(candidate, plan)) if needs_bytes else baseline.size_bytes,
+            nonzeros=nonzeros,
+            weight_params=baseline.weight_params,
+            flops=sparse_flops(candidate, example_input, layer_names) if objective == "flops" else None,
+            **_timed(latency, candidate),
+        )
+        goal = {"size": measured.size_bytes, "nonzeros": measured.nonzeros, "flops": measured.flops,
+                "latency": measured.latency_ms}[objective]
+        return ProbeResult(metric, tuple(c.value(measured, baseline) for c in constraints), float(goal))
+
+    modules = dict(original.named_modules())
+    weights = {name: modules[name].weight.detach().clone() for name in layer_names if hasattr(modules[name], "weight")}
+    return SearchContext(
+        space=space, budget=budget, seed=seed, probe=probe, weights=weights, objective=objective, n_objectives=n_objectives
+    )
+
+
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
     """Modules with parameters that no operator of the strategy touches, and why."""
     untouched = [
@@ -525,7 +579,9 @@ def _optuna_quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
-def _open_study(run: RunDir | None, storage, study_name: str, settings: dict[str, Any]) -> tuple[optuna.Study, str | None]:
+def _open_study(
+    run: RunDir | None, storage, study_name: str, settings: dict[str, Any], multi: bool = False
+) -> tuple[optuna.Study, str | None]:
     """The study (created if new) and its storage URL. Database storages get heartbeats on running
     trials (tightfit.scale), so workers that die are noticed and their trials retried."""
     from .scale.storage import open_storage, redact
@@ -536,7 +592,8 @@ def _open_study(run: RunDir | None, storage, study_name: str, settings: dict[str
         url = storage or (run.storage_url if run is not None else None)
         backend = open_storage(url) if url is not None else None
     try:
-        study = optuna.create_study(storage=backend, study_name=study_name, direction="minimize", load_if_exists=True)
+        directions = ["minimize", "maximize"] if multi else ["minimize"]
+        study = optuna.create_study(storage=backend, study_name=study_name, directions=directions, load_if_exists=True)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
         study = optuna.load_study(storage=backend, study_name=study_name)
     stored = study.user_attrs.get(SETTINGS_ATTR)

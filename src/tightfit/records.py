@@ -68,6 +68,8 @@ class TrialRecord:
     metric_se: float | None = None
     #: "full", or "screen" for a candidate only screened by cheap evaluation (never the answer)
     fidelity: str | None = None
+    #: the optimizer's own time to make this trial's suggestion (seconds)
+    search_time_s: float | None = None
 
     @property
     def feasible(self) -> bool:

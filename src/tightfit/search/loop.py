@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from ..operators.plan import Plan
 from ..records import Measurement, TrialRecord
 from ..scale.storage import RETRY_OF, WORKER_ATTR, fail_stale_trials, heartbeat_enabled, trial_heartbeat
+from .context import SearchContext
 from .samplers import make_sampler
 from .space import SearchSpace
 
@@ -40,7 +41,7 @@ class TrialOutcome:
     screened at a low fidelity (cheap evaluation); it is told to Optuna as PRUNED with the objective
     as its intermediate value, so samplers treat it as "not worth a full evaluation"."""
 
-    objective: float
+    objective: float | list[float]  # one value, or one per study direction
     constraints: list[float]
     attrs: dict[str, Any] = field(default_factory=dict)
     pruned: bool = False
@@ -161,6 +162,7 @@ def run_trials(
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
     drain: bool = False,
     poll_s: float = 0.5,
+    context: SearchContext | None = None,
 ) -> int:
     """Evaluate trials until ``budget`` of them count; returns how many this process evaluated.
 
@@ -169,8 +171,11 @@ def run_trials(
     workers that pass that check at the same moment (at most workers - 1 trials). ``drain`` waits
     for other workers' running trials before returning (the process that reports the result).
     Ctrl-C (or SIGTERM in a worker) loses only the running trial: it is marked interrupted, its
-    parameters are enqueued again, and the KeyboardInterrupt propagates."""
-    study.sampler = PositionSeededSampler(lambda s: make_sampler(method, s, space, budget), seed)
+    parameters are enqueued again, and the KeyboardInterrupt propagates.
+
+    ``context`` (optional) gives samplers more than the space (probes, the model's weights); the
+    optimizer's own time per suggestion is stored on each trial as ``search_time_s``."""
+    study.sampler = PositionSeededSampler(lambda s: make_sampler(method, s, space, budget, context), seed)
     evaluated = 0
     stale_checked = float("-inf")
     while True:
@@ -188,13 +193,16 @@ def run_trials(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            asked = time.perf_counter()
             trial = study.ask()
         evaluated += 1
         started = time.perf_counter()
         try:
             with trial_heartbeat(study, trial):
                 trial.set_user_attr(WORKER_ATTR, _worker_id())  # which process ran it: for reports
-                plan = space.suggest(trial)
+                suggest_started = time.perf_counter()
+                plan = space.suggest(trial)  # relative samplers do their work here, on first suggest
+                trial.set_user_attr("search_time_s", (started - asked) + (time.perf_counter() - suggest_started))
                 outcome = evaluate_plan(plan, trial)
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
@@ -211,7 +219,9 @@ def run_trials(
             frozen = _record(study, trial, error, [], None)
         else:
             attrs = {**outcome.attrs, "duration_s": time.perf_counter() - started}
-            frozen = _record(study, trial, attrs, outcome.constraints, float(outcome.objective), pruned=outcome.pruned)
+            values = outcome.objective
+            values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
+            frozen = _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
         if on_trial is not None and frozen is not None:
             on_trial(frozen)
 
@@ -250,7 +260,10 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         state=t.state.name,
         plan=Plan.from_dict(attrs["plan"]) if "plan" in attrs else None,
         measurement=Measurement.from_dict(attrs["measurement"]) if "measurement" in attrs else None,
-        objective=t.value if t.state == TrialState.COMPLETE else t.intermediate_values.get(0) if t.state == TrialState.PRUNED else None,
+        objective=(
+            t.values[0] if t.state == TrialState.COMPLETE and t.values
+            else t.intermediate_values.get(0) if t.state == TrialState.PRUNED else None
+        ),
         constraints=tuple(trial_constraints(t)),
         error=attrs.get("error") or ("interrupted" if attrs.get(INTERRUPTED) else None),
         duration_s=attrs.get("duration_s"),
@@ -258,4 +271,5 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         finetune_steps=attrs.get("finetune_steps"),
         metric_se=attrs.get("metric_se"),
         fidelity=attrs.get("fidelity"),
+        search_time_s=attrs.get("search_time_s"),
     )

@@ -1,0 +1,82 @@
+"""Tasks and the evaluation recipe of the search benchmark (issue 3), shared by every method.
+
+Recipe (as ../shared/baselines/README.md): magnitude pruning of every Linear/Conv weight at
+per-layer sparsities in [0, 0.999]; fine-tune with masks held (Adam, lr 3e-4, batch 64, 3 epochs,
+the same shuffling every time); feasible when validation accuracy drops at most 0.5 points.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)  # 2 shared cores: one thread per process, parallelize across processes
+from torch import nn
+
+from tightfit.demo import digits_split, lenet_300_100, train
+from tightfit.demo.data import Split
+from tightfit.demo.models import LeNet5
+
+MAX_DROP = 0.005
+FT_EPOCHS, FT_LR, BATCH = 3, 3e-4, 64
+
+
+@dataclass
+class Task:
+    name: str
+    model: nn.Module
+    split: Split
+
+
+def mnist1d_split(seed: int = 0) -> Split:
+    """mnist1d generated locally (``mnist1d.data.make_dataset``, no download), 4000 train samples
+    split 3000/1000 into train/validation; its 1000 test samples are the test split."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = 5000
+    data = make_dataset(args)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(data["y"]))
+    x, y = data["x"][perm].astype(np.float32), data["y"][perm].astype(np.int64)
+    t = torch.from_numpy
+    return Split(t(x[:3000]), t(y[:3000]), t(x[3000:]), t(y[3000:]),
+                 t(data["x_test"].astype(np.float32)), t(data["y_test"].astype(np.int64)))
+
+
+def mnist1d_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(40, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10))
+
+
+_CACHE: dict[str, Task] = {}
+
+
+def task(name: str) -> Task:
+    if name in _CACHE:
+        return _CACHE[name]
+    torch.manual_seed(0)
+    if name == "lenet300100":
+        split = digits_split(0)
+        model = train(lenet_300_100(), split, epochs=60, seed=0)
+    elif name == "lenet5":
+        split = digits_split(0)
+        model = train(LeNet5(), split, epochs=100, seed=0)
+    elif name == "mnist1d_mlp":
+        split = mnist1d_split(0)
+        model = train(mnist1d_mlp(), split, epochs=60, seed=0)
+    else:
+        raise KeyError(name)
+    _CACHE[name] = Task(name, model.eval(), split)
+    return _CACHE[name]
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

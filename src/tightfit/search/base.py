@@ -1,0 +1,112 @@
+"""Common ground of tightfit's own samplers: the trials as arrays in the unit cube, and the
+Optuna plumbing (relative search space = the whole plan space, independent sampling = random)."""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from .context import SearchContext
+from .encoding import UnitEncoding, distributions, in_space
+
+#: User attribute with the standard error of a trial's metric estimate (set by cheap evaluation);
+#: GP models use its square as the observed noise of the constraint.
+METRIC_SE_ATTR = "metric_se"
+
+
+@dataclass(frozen=True)
+class History:
+    """Completed trials of the study as arrays: ``x`` is ``n x d`` in the unit cube, ``objective``
+    the value minimized, ``violation`` the largest constraint value (<= 0 feasible), ``se`` the
+    metric's standard error or NaN. ``pending`` (``m x d``) are points running elsewhere; ``failed``
+    points whose evaluation raised."""
+
+    x: np.ndarray
+    objective: np.ndarray
+    violation: np.ndarray
+    se: np.ndarray
+    pending: np.ndarray
+    failed: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.objective)
+
+    @property
+    def feasible(self) -> np.ndarray:
+        return self.violation <= 0
+
+    def best_feasible(self) -> int | None:
+        if not self.feasible.any():
+            return None
+        idx = np.flatnonzero(self.feasible)
+        return int(idx[np.argmin(self.objective[idx])])
+
+
+def _violation(t: FrozenTrial) -> float:
+    cons = t.constraints
+    if not cons:
+        return 0.0
+    return max(float(v) for v in cons.values())
+
+
+def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) -> History:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE and in_space(t, enc.keys) and t.values]
+    pending = [
+        t for t in trials if t.state == TrialState.RUNNING and t.number != trial.number and in_space(t, enc.keys)
+    ]
+    failed = [t for t in trials if t.state == TrialState.FAIL and in_space(t, enc.keys)]
+
+    def rows(ts):
+        return np.array([enc.encode(t.params) for t in ts]).reshape(len(ts), enc.d)
+
+    se = [t.user_attrs.get(METRIC_SE_ATTR) for t in done]
+    return History(
+        x=rows(done),
+        objective=np.array([float(t.values[0]) for t in done]),
+        violation=np.array([_violation(t) for t in done]),
+        se=np.array([float(s) if s is not None else math.nan for s in se]),
+        pending=rows(pending),
+        failed=rows(failed),
+    )
+
+
+class PlanSampler(BaseSampler, abc.ABC):
+    """A sampler over the whole plan space at once. Subclasses implement :meth:`propose`, which
+    returns a point of the unit cube (or None to fall back to random sampling)."""
+
+    def __init__(self, context: SearchContext) -> None:
+        self.context = context
+        self.encoding = UnitEncoding(context.space)
+        self.rng = np.random.default_rng(context.seed)
+        self._fallback = RandomSampler(seed=context.seed)
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
+        return distributions(self.context.space) if self.encoding.d else {}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        from .gp import one_thread
+
+        history = collect_history(study, trial, self.encoding)
+        with one_thread():
+            x = self.propose(history, study)
+        if x is None:
+            return {}
+        return self.encoding.decode(np.asarray(x, dtype=float))
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    @abc.abstractmethod
+    def propose(self, history: History, study: optuna.Study) -> np.ndarray | None:
+        """The next point of ``[0, 1]^d`` to evaluate, given the history."""

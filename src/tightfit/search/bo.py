@@ -1,0 +1,182 @@
+"""``search="bo"``: constrained Bayesian optimization over the per-layer plan, on BoTorch.
+
+1. Warm start: the per-layer sensitivity scan (probes, no fine-tune) gives a one-knob family of
+   plans that compress insensitive layers first; the first ``n_init`` evaluations search that knob
+   with the level-set rule (``levelset.next_knob``).
+2. Then trust-region BO (as in TuRBO / SCBO): GPs of ``-log(objective)`` and of the constraint
+   value (observed noise = ``metric_se``² when trials carry it), acquisition = log expected
+   improvement x probability of feasibility (``LogConstrainedExpectedImprovement``), or
+   ``qLogNoisyExpectedImprovement`` with the constraint when other workers' trials are running
+   (they are its ``X_pending``, so parallel workers get a batch of distinct suggestions), maximized
+   by ``optimize_acqf`` inside a box around the best feasible plan. The box doubles after
+   successes and halves after failures; its state is replayed from the trial history, so a fresh
+   sampler (one per trial, as the loop makes them) and a resumed run agree.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import optuna
+
+from .base import History, PlanSampler
+from .context import SearchContext
+from .levelset import knob_of, next_knob, uniform_family
+from .sensitivity import sensitivity_scan
+
+LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
+
+
+def default_n_init(budget: int) -> int:
+    return int(min(8, max(2, budget // 5)))
+
+
+def trust_region_length(history: History, start: int, d: int) -> float:
+    """Replay TuRBO's success/failure counters over trials ``start..n``."""
+    length = LENGTH_INIT
+    succ = fail = 0
+    fail_tol = max(2, min(d, 5))
+    best = None
+    for i in range(history.n):
+        ok = history.violation[i] <= 0
+        improved = ok and (best is None or history.objective[i] < best * (1 - 1e-3))
+        if ok and (best is None or history.objective[i] < best):
+            best = history.objective[i]
+        if i < start:
+            continue
+        if improved:
+            succ, fail = succ + 1, 0
+        else:
+            succ, fail = 0, fail + 1
+        if succ >= 2:
+            length, succ = min(2 * length, LENGTH_MAX), 0
+        if fail >= fail_tol:
+            length, fail = length / 2, 0
+        if length < LENGTH_MIN:
+            length = LENGTH_INIT  # restart around the best point
+    return length
+
+
+class BOSampler(PlanSampler):
+    def __init__(
+        self,
+        context: SearchContext,
+        *,
+        num_restarts: int | None = None,
+        raw_samples: int | None = None,
+        n_init: int | None = None,
+        maxiter: int | None = None,
+    ) -> None:
+        super().__init__(context)
+        # Wide spaces get a cheaper acquisition search, keeping a suggestion near a second at
+        # 100 trials x 50 dimensions (benchmarks/search_overhead.py).
+        wide = self.encoding.d > 20
+        self.num_restarts = num_restarts or (4 if wide else 6)
+        self.raw_samples = raw_samples or (128 if wide else 256)
+        self.n_init = default_n_init(context.budget) if n_init is None else n_init
+        self.maxiter = maxiter or (30 if wide else 60)
+
+    def family(self):
+        scan = sensitivity_scan(self.context)
+        return scan.family if scan is not None else uniform_family(self.encoding)
+
+    def propose(self, history: History, study: optuna.Study) -> np.ndarray | None:
+        if history.n < self.n_init or history.n < 2:
+            return self._warm_start(history)
+        return self._bo_step(history)
+
+    def _warm_start(self, history: History) -> np.ndarray:
+        family = self.family()
+        u = knob_of(history.x, family) if history.n else np.zeros(0)
+        pending = knob_of(history.pending, family) if len(history.pending) else np.zeros(0)
+        start = self.context.memo.get("bo.start")
+        if start is None:
+            start = _probe_start(self.context, self.encoding, family)
+            self.context.memo["bo.start"] = start
+        se = history.se if history.n and not np.isnan(history.se).any() else None
+        return family(next_knob(u, history.violation, se, start=start, pending=pending))
+
+    def _bo_step(self, history: History) -> np.ndarray:
+        import torch
+        from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
+        from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+        from botorch.acquisition.objective import GenericMCObjective
+        from botorch.models import ModelListGP
+        from botorch.optim import optimize_acqf
+
+        from .gp import fit_gp
+
+        d = self.encoding.d
+        y_obj = -np.log(np.maximum(history.objective, 1e-12))
+        se = history.se if not np.isnan(history.se).any() else None
+        obj_gp = fit_gp(history.x, y_obj, None)
+        con_gp = fit_gp(history.x, history.violation, se)
+        model = ModelListGP(obj_gp, con_gp)
+
+        best = _robust_best(history, con_gp)
+        center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
+        length = trust_region_length(history, self.n_init, d)
+        ls = obj_gp.covar_module.lengthscale.detach().numpy().ravel() if hasattr(obj_gp.covar_module, "lengthscale") else np.ones(d)
+        if ls.size != d:
+            ls = np.ones(d)
+        weights = ls / np.exp(np.mean(np.log(ls)))
+        half = np.clip(length * weights / 2, 0.01, 0.5)
+        lo, hi = np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
+        bounds = torch.tensor(np.stack([lo, hi]), dtype=torch.float64)
+
+        if len(history.pending):
+            acq = qLogNoisyExpectedImprovement(
+                model,
+                X_baseline=torch.as_tensor(history.x, dtype=torch.float64),
+                objective=GenericMCObjective(lambda Z, X=None: Z[..., 0]),
+                constraints=[lambda Z: Z[..., 1]],
+                X_pending=torch.as_tensor(history.pending, dtype=torch.float64),
+                prune_baseline=True,
+            )
+        else:
+            best_f = float(y_obj[best]) if best is not None else float(y_obj.min())
+            acq = LogConstrainedExpectedImprovement(model, best_f=best_f, objective_index=0, constraints={1: (None, 0.0)})
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BoTorch's optimizer warnings are not the user's business
+            torch.manual_seed(self.context.seed % (2**31))
+            cand, _ = optimize_acqf(
+                acq,
+                bounds=bounds,
+                q=1,
+                num_restarts=self.num_restarts,
+                raw_samples=self.raw_samples,
+                options={"maxiter": self.maxiter, "seed": self.context.seed % (2**31)},
+                retry_on_optimization_warning=False,  # a failed local search keeps its best start
+            )
+        return cand.detach().numpy().reshape(-1)
+
+
+def _robust_best(history: History, con_gp) -> int | None:
+    """The best observed feasible trial that the constraint GP also believes feasible (posterior
+    mean <= 0). With a constraint at the noise level, the best *observed* feasible point is often a
+    lucky draw; centring the trust region and the improvement threshold on it makes the search
+    chase noise. Falls back to the best observed feasible trial."""
+    from .gp import posterior
+
+    observed = history.best_feasible()
+    if observed is None:
+        return None
+    mean, _ = posterior(con_gp, history.x)
+    ok = np.flatnonzero(history.feasible & (mean <= 0))
+    if ok.size == 0:
+        return observed
+    return int(ok[np.argmin(history.objective[ok])])
+
+
+def _probe_start(context: SearchContext, enc, family) -> float:
+    """Largest knob at which the probe (no fine-tune) meets the constraint; 0.5 without a probe."""
+    if context.probe is None:
+        return 0.5
+    ok = 0.0
+    for u in np.linspace(0.05, 1.0, 20):
+        if context.probe(context.space.plan(enc.decode(family(u)))).violation <= 0:
+            ok = float(u)
+        else:
+            break
+    return ok

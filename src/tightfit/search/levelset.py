@@ -1,0 +1,112 @@
+"""``search="levelset"``: the one-knob search described for Condensa.
+
+One global knob ``u`` in [0, 1] sets the whole plan (by default the same sparsity for every layer;
+quantization and other dimensions stay at their gentle end). A 1-D GP models the constraint value
+over ``u``; the next knob maximizes ``P(feasible at u) * (u - best feasible u)+``, i.e. constrained
+improvement of the knob, which walks to the edge of the level set ``{u : constraint(u) <= 0}``;
+when no improvement is plausible it samples where the boundary is most uncertain (the LSE
+"straddle" rule). The GP's noise term makes it robust to a noisy, not quite monotone metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import optuna
+
+from .base import History, PlanSampler
+from .context import SearchContext
+from .gp import fit_gp, normal_cdf, posterior
+from .sensitivity import sensitivity_scan
+
+GRID = np.linspace(0.0, 1.0, 1001)
+#: evaluations made by bisection before the GP takes over
+BISECT = 4
+
+
+def uniform_family(enc) -> Callable[[float], np.ndarray]:
+    cont = np.array([enc.is_continuous(i) for i in range(enc.d)], dtype=float)
+
+    def plan(u: float) -> np.ndarray:
+        return cont * u
+
+    return plan
+
+
+def knob_of(points: np.ndarray, family: Callable[[float], np.ndarray], grid: np.ndarray = GRID) -> np.ndarray:
+    """The knob value whose plan is nearest each point (the inverse of the family on its range)."""
+    table = np.stack([family(u) for u in grid])
+    d2 = ((points[:, None, :] - table[None, :, :]) ** 2).sum(-1)
+    return grid[np.argmin(d2, axis=1)]
+
+
+def next_knob(
+    u: np.ndarray,
+    violation: np.ndarray,
+    se: np.ndarray | None,
+    *,
+    start: float,
+    pending: np.ndarray = np.zeros(0),
+    failed: np.ndarray = np.zeros(0),
+) -> float:
+    """The level-set acquisition over the knob (larger knob = more compression)."""
+    if len(u) == 0:
+        return start
+    feasible = violation <= 0
+    if len(u) < BISECT:
+        # too few points for a GP: bisect between the largest feasible knob and the smallest
+        # infeasible one above it (the first step from a feasible start goes halfway to the end)
+        lo = float(u[feasible].max()) if feasible.any() else 0.0
+        above = u[(~feasible) & (u > lo)]
+        hi = float(above.min()) if above.size else 1.0
+        return (lo + hi) / 2
+    model = fit_gp(u.reshape(-1, 1), violation, se)
+    mean, std = posterior(model, GRID.reshape(-1, 1))
+    p_feas = normal_cdf(-mean / std)
+    best = float(u[feasible].max()) if feasible.any() else 0.0
+    gain = np.maximum(GRID - best, 0.0) * p_feas
+    taken = np.concatenate([u, pending, failed])
+    near = np.min(np.abs(GRID[:, None] - taken[None, :]), axis=1) < 0.004
+    gain[near] = 0.0
+    if gain.max() > 1e-3:
+        return float(GRID[int(np.argmax(gain))])
+    straddle = 1.96 * std - np.abs(mean)
+    straddle[near] = -np.inf
+    return float(GRID[int(np.argmax(straddle))])
+
+
+class LevelSetSampler(PlanSampler):
+    def __init__(self, context: SearchContext, family: Callable[[float], np.ndarray] | None = None) -> None:
+        super().__init__(context)
+        self.family = family or uniform_family(self.encoding)
+
+    def start(self) -> float:
+        """First knob: the largest at which the probe (no fine-tune) still meets the constraint,
+        since fine-tuning only recovers; 0.5 without a probe."""
+        ctx = self.context
+        if ctx.probe is None:
+            return 0.5
+        if "levelset.start" not in ctx.memo:
+            ok = 0.0
+            for u in np.linspace(0.05, 1.0, 20):
+                if ctx.probe(ctx.space.plan(self.encoding.decode(self.family(u)))).violation <= 0:
+                    ok = float(u)
+                else:
+                    break
+            ctx.memo["levelset.start"] = ok
+        return ctx.memo["levelset.start"]
+
+    def propose(self, history: History, study: optuna.Study) -> np.ndarray:
+        u = knob_of(history.x, self.family) if history.n else np.zeros(0)
+        pending = knob_of(history.pending, self.family) if len(history.pending) else np.zeros(0)
+        failed = knob_of(history.failed, self.family) if len(history.failed) else np.zeros(0)
+        se = history.se if history.n and not np.isnan(history.se).any() else None
+        knob = next_knob(u, history.violation, se, start=self.start(), pending=pending, failed=failed)
+        return self.family(knob)
+
+
+def sensitivity_family(context: SearchContext):
+    """The knob family from the sensitivity scan, or None without a probe."""
+    scan = sensitivity_scan(context)
+    return scan.family if scan is not None else None

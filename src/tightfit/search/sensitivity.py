@@ -1,0 +1,89 @@
+"""The per-dimension sensitivity scan: each dimension pushed alone from its gentle end towards its
+aggressive end, the plan probed without fine-tuning. From it, a one-knob family of plans that
+compresses insensitive dimensions first (the low-dimensional parametrization the BO warm-starts on).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .context import SearchContext
+from .encoding import UnitEncoding
+
+LEVELS = np.array([0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98, 1.0])
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """``violation[i, j]``: the probed constraint value with dimension ``i`` at ``levels[j]`` and all
+    others at their gentle end; ``base``: the same with every dimension gentle."""
+
+    levels: np.ndarray
+    violation: np.ndarray
+    base: float
+    seconds: float
+
+    def envelope(self) -> np.ndarray:
+        """Running maximum along the levels, so a noisy curve never looks safer further out."""
+        return np.maximum.accumulate(self.violation, axis=1)
+
+    def family(self, u: float) -> np.ndarray:
+        """The plan of the knob ``u`` in [0, 1]: tolerance ``tau`` rises with ``u`` through the
+        observed violations; each dimension goes as far as its own curve stays below ``tau``."""
+        env = self.envelope()
+        taus = np.unique(np.concatenate([[self.base], env.ravel()]))
+        tau = float(np.interp(u * (len(taus) - 1), np.arange(len(taus)), taus))
+        x = np.zeros(env.shape[0])
+        levels = np.concatenate([[0.0], self.levels])
+        for i, curve in enumerate(env):
+            curve = np.concatenate([[self.base], curve])
+            ok = np.flatnonzero(curve <= tau)
+            j = int(ok.max()) if ok.size else 0
+            if j + 1 < len(levels) and curve[j + 1] > curve[j]:
+                # interpolate within the step, so the knob moves plans continuously
+                frac = np.clip((tau - curve[j]) / (curve[j + 1] - curve[j]), 0.0, 1.0)
+                x[i] = levels[j] + frac * (levels[j + 1] - levels[j])
+            else:
+                x[i] = levels[j]
+        return x
+
+
+def sensitivity_scan(context: SearchContext) -> Sensitivity | None:
+    """Memoized per run (the probes are deterministic, so a resumed run scans the same)."""
+    if context.probe is None:
+        return None
+    if "sensitivity" in context.memo:
+        return context.memo["sensitivity"]
+    enc = UnitEncoding(context.space)
+    started = time.perf_counter()
+    base = context.probe(context.space.plan(enc.decode(np.zeros(enc.d)))).violation
+    viol = np.zeros((enc.d, len(LEVELS)))
+    for i in range(enc.d):
+        for j, level in enumerate(LEVELS):
+            x = np.zeros(enc.d)
+            x[i] = level
+            viol[i, j] = context.probe(context.space.plan(enc.decode(x))).violation
+    result = Sensitivity(LEVELS.copy(), viol, float(base), time.perf_counter() - started)
+    context.memo["sensitivity"] = result
+    return result
+
+
+def warm_start_point(context: SearchContext, enc: UnitEncoding) -> np.ndarray:
+    """A starting plan for local searches (MADS, OLMP): on the sensitivity family, the largest knob
+    whose probe (no fine-tune) still meets the constraint, since fine-tuning only recovers; the
+    middle of the cube without a probe."""
+    scan = sensitivity_scan(context)
+    if scan is None:
+        return np.full(enc.d, 0.5)
+    if "warm_start.knob" not in context.memo:
+        ok = 0.0
+        for u in np.linspace(0.05, 1.0, 20):
+            if context.probe(context.space.plan(enc.decode(scan.family(u)))).violation <= 0:
+                ok = float(u)
+            else:
+                break
+        context.memo["warm_start.knob"] = ok
+    return scan.family(context.memo["warm_start.knob"])
