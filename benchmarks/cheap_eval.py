@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tightfit
-from tightfit.compress import compress  # `tightfit.compress` is shadowed by the submodule once tightfit.demo.run is imported
+from tightfit.pipeline import compress
 from tightfit.demo import digits_split, lenet_300_100, train
 from tightfit.demo.data import Split
 from tightfit.demo.run import DEMO_BITS, DEMO_FINETUNE

@@ -22,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=30)
-    parser.add_argument("--search", default="auto")
+    parser.add_argument("--search", default="tpe")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 

@@ -186,7 +186,7 @@ def kills(args: argparse.Namespace) -> dict:
         summary = json.loads((Path(tmp) / "runs" / "scale" / "summary.json").read_text())
         trials = _study(args.storage, study).get_trials()
 
-    from tightfit.compress import best_feasible
+    from tightfit.pipeline import best_feasible
     from tightfit.search.loop import RETRY_OF, trial_record
 
     complete = [t for t in trials if t.state.name == "COMPLETE"]

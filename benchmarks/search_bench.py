@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from search_tasks import BATCH, FT_EPOCHS, FT_LR, MAX_DROP, accuracy, task  # noqa: E402
 
 import tightfit  # noqa: E402
-from tightfit.compress import compress, float32_file_bytes  # noqa: E402
+from tightfit.pipeline import compress, float32_file_bytes  # noqa: E402
 from tightfit.export.artifact import to_bytes  # noqa: E402
 from tightfit.measure.analysis import count_nonzeros  # noqa: E402
 from tightfit.operators import Prune  # noqa: E402

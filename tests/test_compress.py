@@ -197,3 +197,11 @@ def test_a_model_that_cannot_be_copied_is_a_clear_error(digits):
     model.lock = threading.Lock()
     with pytest.raises(ModelError, match="copied"):
         tightfit.compress(model, evaluate=lambda m: 1.0, budget=1)
+
+
+def test_importing_the_pipeline_never_shadows_the_function():
+    import importlib
+
+    importlib.import_module("tightfit.demo.run")
+    importlib.import_module("tightfit.pipeline")
+    assert callable(tightfit.compress) and tightfit.compress.__name__ == "compress"

@@ -20,7 +20,7 @@ PROJECT = Path(__file__).parent / "scale_project"
 sys.path.insert(0, str(PROJECT))
 import scale_model  # noqa: E402
 
-compress = tightfit.compress  # the function (importing tightfit.compress first would shadow it by the module)
+compress = tightfit.compress
 
 
 def _arguments(budget: int) -> dict:

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # running a search
-    "compress": "tightfit.compress",
+    "compress": "tightfit.pipeline",
     "Result": "tightfit.records",
     "TrialRecord": "tightfit.records",
     "Measurement": "tightfit.records",
@@ -81,7 +81,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._files import load, save
-    from .compress import compress
+    from .pipeline import compress
     from .errors import ArtifactError, ConfigError, EvaluationError, ModelError, TightfitError
     from .evaluation import (
         Accuracy, Agreement, Certificate, Constraint, Fidelity, MaxDrop, MaxLatency, MaxSize, MinMetric, PerSample, Sequential,

@@ -54,7 +54,7 @@ def demo(
     budget: Annotated[int, typer.Option(help="Evaluations in the search.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed for data split, training and search.")] = 0,
     run_dir: Annotated[Path, typer.Option(help="Where the run is written (and resumed from).")] = Path("runs/demo"),
-    search: Annotated[str, typer.Option(help="Search method.")] = "auto",
+    search: Annotated[str, typer.Option(help="Search method (the demo's default is explained in tightfit/demo/run.py).")] = "tpe",
 ) -> None:
     """Compress LeNet-300-100 trained on scikit-learn's digits (built-in data, no download)."""
     from ..demo.run import run_demo
@@ -84,7 +84,7 @@ def run(
     """Compress your model as CONFIG says; run again to resume. With --workers N, N-1 `tightfit
     worker` processes join this one on the study (logs in RUN_DIR/workers/)."""
     from ..cli.config import build_arguments, load_config
-    from ..compress import compress  # not tightfit.compress: importing the module shadows that name
+    from ..pipeline import compress
     from ..errors import TightfitError
     from ..run_dir import RunDir
     from ..scale import open_storage, redact

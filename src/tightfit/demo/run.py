@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..compress import compress
+from ..pipeline import compress
 from ..evaluation import Accuracy, MaxDrop
 from ..operators import Compose, Prune, Quantize
 from ..recovery import FineTune
@@ -18,6 +18,10 @@ DEMO_MAX_DROP = 0.005
 DEMO_BITS = (2, 4, 8)
 DEMO_FINETUNE = {"epochs": 6, "lr": 1e-3}
 TRAIN_EPOCHS = 60
+#: TPE, not "auto": on this 360-sample validation set the constraint sits at the noise level, and
+#: "auto"'s BO finds larger ratios that are partly luck (test accuracy 1-3 points lower over seeds
+#: 0-4, docs/benchmarks.md); TPE's picks held on the unseen test split.
+DEMO_SEARCH = "tpe"
 
 
 def demo_model(split, seed: int, run_dir: Path | None) -> torch.nn.Module:
@@ -36,7 +40,7 @@ def demo_model(split, seed: int, run_dir: Path | None) -> torch.nn.Module:
     return model
 
 
-def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("runs/demo"), search: str = "auto", console=None):
+def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("runs/demo"), search: str = DEMO_SEARCH, console=None):
     """Returns the result and the test accuracy of (original, compressed) on the held-out split."""
     split = digits_split(seed)
     if console is not None:

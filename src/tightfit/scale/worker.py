@@ -16,7 +16,7 @@ def work(model: nn.Module, *, storage: Any, study_name: str = "tightfit", **argu
     if no one has yet. A worker never writes a run directory and does not pick the result: the
     process that runs ``compress`` (``tightfit run``) or ``tightfit report`` does.
     """
-    from ..compress import _search
+    from ..pipeline import _search
 
     arguments.pop("run_dir", None)
     arguments.pop("progress", None)

@@ -1,4 +1,5 @@
-"""``tightfit.compress``: search a compression plan for a trained model under a budget."""
+"""``tightfit.compress`` (this module is not named compress, so that importing it never shadows
+the function on the package): search a compression plan for a trained model under a budget."""
 
 from __future__ import annotations
 
