@@ -18,7 +18,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}")
+    from rich.markup import escape
+
+    # escape: messages quote user text and brackets (e.g. "tightfit[speed]") that are not markup
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(code=2)
 
 
@@ -42,9 +45,9 @@ def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -
             f"{cost.get('finetune_steps', 0):,} fine-tuning steps, {cost.get('search_wall_s', 0.0):.1f} s searching",
             sep="",
         )
-    console.print(result.message)
+    console.print(result.message, markup=False)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print("note: " + note, markup=False, style="yellow")
     if result.run_dir:
         console.print(f"run directory: {result.run_dir} (model.tfz, summary.json, trials.csv, trials.png, study.db)")
 

@@ -151,7 +151,19 @@ def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], 
 # -- writers: each returns a loaded runner (a callable on an example input -> outputs) ----------------
 
 
+def _require(*modules: str) -> None:
+    """ONNX export and ONNX Runtime are the optional `speed` extra; say how to get them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"ONNX export needs {', '.join(missing)}, which are not installed: pip install 'tightfit[speed]'."
+        )
+
+
 def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
+    _require("onnx", "onnxruntime")
     args, kwargs = _args_kwargs(example_input)
     n_inputs = len(_flat_inputs(example_input))
     input_names = [f"input_{i}" for i in range(n_inputs)]
