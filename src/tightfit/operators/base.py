@@ -8,6 +8,7 @@ keeps masks and quantization grids consistent, and baking happens only when the 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,6 +55,26 @@ class Hyperparameter:
     @property
     def fixed_value(self) -> Any:
         return self.choices[0] if self.choices is not None else self.low
+
+
+def parse_range(
+    owner: str, name: str, value: Any, inside: Callable[[float], bool], bounds: str
+) -> tuple[float, float]:
+    """A searchable setting given as one number (fixed) or a ``(low, high)`` pair, checked once:
+    each end must satisfy ``inside`` (described by ``bounds``, e.g. "[0, 1)") and low <= high."""
+    if isinstance(value, (int, float)):
+        low = high = float(value)
+    else:
+        try:
+            low, high = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{owner}: `{name}` must be a number or a (low, high) pair, but got {value!r}.") from None
+    for end in (low, high):
+        if not inside(end):
+            raise ConfigError(f"{owner}: `{name}` must lie in {bounds}, but got {end!r}.")
+    if low > high:
+        raise ConfigError(f"{owner}: `{name}` range needs low <= high, but got ({low}, {high}).")
+    return low, high
 
 
 class Operator(abc.ABC):

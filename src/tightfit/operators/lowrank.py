@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..measure.analysis import LayerInfo
-from .base import Hyperparameter, Operator
+from .base import Hyperparameter, Operator, parse_range
 
 _FACTORIZABLE = {"Linear", "Conv1d", "Conv2d", "Conv3d"}
 
@@ -108,18 +108,7 @@ class LowRank(Operator):
 
     def __init__(self, rank_ratio: float | tuple[float, float] = (0.05, 1.0), *, layers: list[str] | None = None) -> None:
         super().__init__(layers=layers)
-        if isinstance(rank_ratio, (int, float)):
-            low = high = float(rank_ratio)
-        else:
-            try:
-                low, high = (float(v) for v in rank_ratio)
-            except (TypeError, ValueError):
-                raise ConfigError(f"LowRank: `rank_ratio` must be a number or a (low, high) pair, but got {rank_ratio!r}.") from None
-        for value in (low, high):
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(f"LowRank: `rank_ratio` must lie in (0, 1], but got {value!r}.")
-        if low > high:
-            raise ConfigError(f"LowRank: `rank_ratio` range needs low <= high, but got ({low}, {high}).")
+        low, high = parse_range("LowRank", "rank_ratio", rank_ratio, lambda v: 0.0 < v <= 1.0, "(0, 1]")
         self.rank_ratio = (low, high)
         self._grouped: set[str] = set()
 

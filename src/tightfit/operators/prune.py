@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..measure.analysis import COMPRESSIBLE_TYPES, LayerInfo
-from .base import Hyperparameter, Operator, Projection
+from .base import Hyperparameter, Operator, parse_range, Projection
 
 
 class WeightMask(Projection, nn.Module):
@@ -71,17 +71,7 @@ class Prune(Operator):
 
     def __init__(self, sparsity: float | tuple[float, float] = (0.0, 0.99), *, layers: list[str] | None = None) -> None:
         super().__init__(layers=layers)
-        if isinstance(sparsity, (int, float)):
-            low = high = float(sparsity)
-        else:
-            try:
-                low, high = (float(v) for v in sparsity)
-            except (TypeError, ValueError):
-                raise ConfigError(f"Prune: `sparsity` must be a number or a (low, high) pair, but got {sparsity!r}.") from None
-        _check_fraction("sparsity", low)
-        _check_fraction("sparsity", high)
-        if low > high:
-            raise ConfigError(f"Prune: `sparsity` range needs low <= high, but got ({low}, {high}).")
+        low, high = parse_range("Prune", "sparsity", sparsity, lambda v: 0.0 <= v < 1.0, "[0, 1)")
         self.sparsity = (low, high)
 
     def supports(self, layer: LayerInfo) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..measure.analysis import LayerInfo
-from .base import Hyperparameter, Operator
+from .base import Hyperparameter, Operator, parse_range
 
 log = logging.getLogger("tightfit")
 
@@ -191,20 +191,9 @@ class StructuredPrune(Operator):
         layers: list[str] | None = None,
     ) -> None:
         super().__init__(layers=layers)
-        if isinstance(ratio, (int, float)):
-            low = high = float(ratio)
-        else:
-            try:
-                low, high = (float(v) for v in ratio)
-            except (TypeError, ValueError):
-                raise ConfigError(f"StructuredPrune: `ratio` must be a number or a (low, high) pair, but got {ratio!r}.") from None
-        for value in (low, high):
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(
-                    f"StructuredPrune: `ratio` must lie in [0, 1) (1 would remove every channel), but got {value!r}."
-                )
-        if low > high:
-            raise ConfigError(f"StructuredPrune: `ratio` range needs low <= high, but got ({low}, {high}).")
+        low, high = parse_range(
+            "StructuredPrune", "ratio", ratio, lambda v: 0.0 <= v < 1.0, "[0, 1) (1 would remove every channel)"
+        )
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
             raise ConfigError(f"StructuredPrune: `round_to` must be a whole number >= 1 (e.g. 8 or 16), but got {round_to!r}.")
         self.ratio = (low, high)
