@@ -33,6 +33,8 @@ from tightfit.operators import Prune  # noqa: E402
 from tightfit.operators.plan import Plan, apply_plan_inplace  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "search_runs.jsonl"
+TRACES = Path(__file__).parent / "results" / "search_traces.jsonl"
+TRACE = False  # --trace: every trial's test accuracy and a re-fine-tune with another seed (for the final-pick study)
 SEARCH_METHODS = ("auto", "bo", "levelset", "mads", "olmp", "cmaes", "tpe", "random")
 BASELINES = ("uniform_bisect", "global_bisect", "imp")
 
@@ -45,17 +47,52 @@ def _layers(model):
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
+class TracedFineTune:
+    """The recipe's fine-tune, plus (benchmark only, never seen by the search) each trial's test
+    accuracy and the same plan fine-tuned with an independent seed: what a final-pick rule would
+    see if it re-checked a trial, and what it would ship."""
+
+    def __init__(self, split, seed: int) -> None:
+        self.split, self.seed, self.rows = split, seed, []
+        self.inner = _finetune(split)
+
+    def __call__(self, model) -> None:
+        before = copy.deepcopy(model)
+        self.inner(model)
+        s = self.split
+        other = None
+        with torch.random.fork_rng():
+            torch.manual_seed(10_000 + self.seed)
+            self.inner(before)
+            other = before
+        self.rows.append(dict(
+            test=accuracy(model, s.x_test, s.y_test),
+            val_bits=_bits(model, s.x_val, s.y_val),
+            val2=accuracy(other, s.x_val, s.y_val), test2=accuracy(other, s.x_test, s.y_test),
+        ))
+
+
+def t_total(t) -> int:
+    return count_nonzeros(t.model, _layers(t.model))[1]
+
+
+def _bits(model, x, y) -> str:
+    with torch.no_grad():
+        return "".join("1" if c else "0" for c in (model(x).argmax(-1) == y).tolist())
+
+
 def run_search(task_name: str, method: str, budget: int, seed: int) -> dict:
     t = task(task_name)
     split = t.split
     started = time.perf_counter()
+    traced = TracedFineTune(split, seed) if TRACE else None
     result = compress(
         t.model,
         evaluate=tightfit.Accuracy(split.loader("val", 512)),
         strategy=Prune(sparsity=(0.0, 0.999)),
         constraint=tightfit.MaxDrop(MAX_DROP),
         objective="nonzeros",
-        finetune=_finetune(split),
+        finetune=traced or _finetune(split),
         budget=budget,
         search=method,
         seed=seed,
@@ -73,6 +110,23 @@ def run_search(task_name: str, method: str, budget: int, seed: int) -> dict:
         search_s_max=max(times) if times else None,
         plan=result.plan.to_dict()["layers"] if result.plan else None,
     )
+    if traced is not None:
+        done = [tr for tr in result.trials if tr.state == "COMPLETE"]
+        row["base_val_bits"] = _bits(t.model, split.x_val, split.y_val)
+        row["trials"] = [
+            dict(number=tr.number, objective=tr.objective, val=tr.measurement.metric, violation=max(tr.constraints),
+                 plan=[v["prune"]["sparsity"] for v in tr.plan.to_dict()["layers"].values()], **extra)
+            for tr, extra in zip(done, traced.rows)
+        ]
+        row["best_trial"] = result.best_trial.number if result.best_trial else None
+        # what the old final pick (best observed feasible trial) would have returned, from the same run
+        from tightfit.pipeline import best_feasible
+
+        observed = best_feasible(result.trials)
+        if observed is not None:
+            trace = {tr["number"]: tr for tr in row["trials"]}[observed.number]
+            row["observed_pick"] = dict(number=observed.number, cr_nonzeros=t_total(t) / observed.objective,
+                                        test_acc=trace["test"], val_acc=trace["val"])
     return row
 
 
@@ -205,9 +259,13 @@ def run_job(job: tuple[str, str, int, int]) -> dict:
 
 
 def _done() -> set[tuple]:
-    if not RESULTS.exists():
+    if TRACE:
+        RESULTS_ = TRACES
+    else:
+        RESULTS_ = RESULTS
+    if not RESULTS_.exists():
         return set()
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in RESULTS_.read_text().splitlines() if line.strip()]
     return {(r["task"], r["method"], r["budget"], r["seed"]) for r in rows if "error" not in r}
 
 
@@ -225,7 +283,11 @@ def main() -> None:
     ap.add_argument("--budgets", default="30")
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--trace", action="store_true", help="record every trial (to results/search_traces.jsonl)")
     args = ap.parse_args()
+    global TRACE
+    TRACE = args.trace
+    out = TRACES if TRACE else RESULTS
     jobs = []
     done = _done()
     for task_name in args.tasks.split(","):
@@ -242,7 +304,7 @@ def main() -> None:
         task(task_name)  # train once, before the workers fork
     with mp.get_context("fork").Pool(args.workers, maxtasksperchild=20) as pool:
         for row in pool.imap_unordered(run_job, jobs):
-            with open(RESULTS, "a") as f:
+            with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row.get(k) for k in ("task", "method", "budget", "seed", "cr_nonzeros", "test_acc", "wall_s", "error")}), flush=True)
 

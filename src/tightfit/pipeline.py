@@ -421,17 +421,19 @@ def _search(
         )
 
         trials = [trial_record(t) for t in study.get_trials()]
+        best_trial, pick_note = _final_pick(study, space, trials, multi)
         if space.recovery:  # a replayed best trial must train with its own recovery settings
             tuned_of = {t.number: t.user_attrs.get("recovery", {}) for t in study.get_trials(deepcopy=False)}
-            best_trial = best_feasible(trials)
             if best_trial is not None:
                 finetune = finetune.with_settings(**tuned_of.get(best_trial.number, {}))
         counter.take()
         final_metric = session.confirm if session is not None else evaluate
         result = _finish(
             original, final_metric, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names,
-            confirmed=session is not None,
+            confirmed=session is not None, best=best_trial,
         )
+        if pick_note and result.feasible:
+            result.notes.insert(0, pick_note)
         if session is not None and result.feasible:
             result.certificate = session.certify(result.model)
             _note_certificate(result, constraints, baseline)
@@ -618,8 +620,28 @@ def _baseline(study, original, evaluate, layer_names, example_input, latency=Non
     return baseline
 
 
-def _finish(original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names, confirmed=False) -> Result:
-    best = best_feasible(trials)
+def _final_pick(study, space, trials, multi: bool) -> tuple[TrialRecord | None, str | None]:
+    """The trial ``compress`` returns: for one objective, the smallest-objective feasible trial that
+    the constraint model of all trials also expects to be feasible (``search/pick.py``: robust to a
+    lucky measurement), else the best observed feasible trial."""
+    observed = best_feasible(trials)
+    if multi or observed is None:
+        return observed, None
+    from .search.pick import pick_note, posterior_pick
+
+    pick = posterior_pick(study, space)
+    by_number = {t.number: t for t in trials}
+    chosen = by_number.get(pick.number)
+    if chosen is None or not chosen.feasible or chosen.measurement is None:
+        return observed, None
+    return chosen, pick_note(pick, trials)
+
+
+def _finish(
+    original, evaluate, trials, baseline, objective, best_holder, run, finetune, strategy, seed, layer_names,
+    confirmed=False, best: TrialRecord | None = None,
+) -> Result:
+    best = best if best is not None else best_feasible(trials)
     notes: list[str] = []
     common = dict(
         baseline_metric=baseline.metric,

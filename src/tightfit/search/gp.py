@@ -50,6 +50,20 @@ def fit_gp(x: np.ndarray, y: np.ndarray, se: np.ndarray | None = None):
     return model.eval()
 
 
+#: constraint values are clipped at this many standard errors above the limit (see clip_violation)
+CLIP_SE = 3.0
+
+
+def clip_violation(y: np.ndarray, se: np.ndarray | None) -> np.ndarray:
+    """Constraint values for a GP of the constraint's edge: values more than ``CLIP_SE`` standard
+    errors above the limit are clipped there. How badly a plan fails says nothing about where the
+    edge is, and one catastrophic plan (accuracy at chance) would otherwise set the model's scale
+    and smooth the edge away. Without standard errors the values are left as they are."""
+    if se is None or not len(se) or np.isnan(se).any():
+        return y
+    return np.minimum(y, CLIP_SE * float(np.median(np.maximum(se, 1e-6))))
+
+
 def posterior(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import torch
 

@@ -1,0 +1,112 @@
+"""The final pick (search/pick.py): robust to a lucky measurement at the constraint's edge."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import torch
+from torch import nn
+
+import tightfit
+from tightfit.operators import Compose, Prune
+from tightfit.operators.base import Hyperparameter
+from tightfit.search.encoding import distributions
+from tightfit.search.pick import MIN_TRIALS, pick_note, posterior_pick
+from tightfit.search.space import Dimension, SearchSpace
+
+SE = 0.01  # the metric's standard error on every trial (binomial, a few hundred samples)
+
+
+def space(n: int = 2) -> SearchSpace:
+    dims = tuple(Dimension(f"l{i}", "prune", Hyperparameter("sparsity", low=0.0, high=1.0)) for i in range(n))
+    return SearchSpace(Compose([Prune()]), dims, {f"l{i}": {"prune": {}} for i in range(n)})
+
+
+def study_of(points, violations, se=SE) -> optuna.Study:
+    """Trials at ``points`` (sparsities), objective = remaining weights, given constraint values."""
+    sp = space(len(points[0]))
+    dists = distributions(sp)
+    study = optuna.create_study()
+    for x, v in zip(points, violations):
+        params = {d.key: float(xi) for d, xi in zip(sp.dimensions, x)}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=dists, values=[float(np.sum(1 - np.asarray(x)))],
+                constraints={"0": float(v)}, user_attrs={"metric_se": se} if se is not None else {},
+            )
+        )
+    return study
+
+
+def noisy_edge_study(seed: int = 0, lucky: tuple[float, float] = (0.85, 0.85)):
+    """True constraint: feasible while the mean sparsity <= 0.6; measurements carry SE noise. One
+    isolated plan deep in the infeasible region measured feasible by luck."""
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0.2, 1.0, size=(40, 2))
+    true = lambda p: 0.2 * (p.mean(-1) - 0.6)  # noqa: E731
+    observed = true(points) + SE * rng.standard_normal(len(points))
+    points = np.vstack([points, np.asarray(lucky)[None]])
+    observed = np.append(observed, -0.001)  # true value there: +0.05 (5 SE), measured just feasible
+    return study_of(points, observed), len(points) - 1
+
+
+def test_an_isolated_lucky_point_is_not_the_answer():
+    for seed in range(3):
+        study, lucky = noisy_edge_study(seed)
+        pick = posterior_pick(study, space())
+        assert pick.observed == lucky  # the old rule returns the lucky point...
+        assert pick.number != lucky  # ...the posterior pick does not
+        chosen = study.trials[pick.number]
+        assert chosen.constraints["0"] <= 0  # it was observed feasible
+        assert np.mean(list(chosen.params.values())) < 0.7  # and lies near the true edge (0.6)
+        assert pick.mean <= 0 < pick.observed_mean
+        note = pick_note(pick, study.trials)
+        assert note is not None and f"Trial {lucky}" in note
+
+
+def test_a_consistent_best_point_is_kept():
+    # noise-free constraint: the best observed feasible trial is credible and stays the answer
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0.0, 1.0, size=(30, 2))
+    violations = 0.1 * (points.mean(-1) - 0.6)
+    study = study_of(points, violations)
+    pick = posterior_pick(study, space())
+    assert pick.number == pick.observed
+    assert pick_note(pick, study.trials) is None
+
+
+def test_few_trials_or_no_noise_estimate_fall_back_sensibly():
+    study, lucky = noisy_edge_study(0)
+    few = study_of([t.params.values() and list(t.params.values()) for t in study.trials[: MIN_TRIALS - 1]],
+                   [t.constraints["0"] for t in study.trials[: MIN_TRIALS - 1]])
+    pick = posterior_pick(few, space())
+    assert pick.number == pick.observed  # too few trials for a model
+    # without metric_se the noise is learned; the answer is still an observed-feasible trial
+    points = [list(t.params.values()) for t in study.trials]
+    no_se = study_of(points, [t.constraints["0"] for t in study.trials], se=None)
+    pick = posterior_pick(no_se, space())
+    assert no_se.trials[pick.number].constraints["0"] <= 0
+    # nothing feasible: no answer
+    assert posterior_pick(study_of(points, [1.0] * len(points)), space()).number is None
+
+
+def test_compress_returns_an_observed_feasible_trial_and_says_why_it_passed_one_over():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=128)
+    result = tightfit.compress(
+        model, evaluate=tightfit.Accuracy(loader), strategy=Prune(sparsity=(0.0, 0.99)),
+        constraint=tightfit.MaxDrop(0.01), objective="nonzeros", budget=12, search="random", seed=0,
+    )
+    assert result.feasible and result.best_trial.feasible
+    observed = tightfit.pipeline.best_feasible(result.trials)
+    assert result.best_trial.objective >= observed.objective
+    if result.best_trial.number != observed.number:
+        assert any(f"Trial {observed.number}" in n for n in result.notes)
