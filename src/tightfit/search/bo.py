@@ -26,8 +26,6 @@ from .levelset import knob_of, next_knob, uniform_family
 from .sensitivity import sensitivity_scan
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
-#: model the constraint on clipped values (gp.clip_violation), as the final pick does
-CLIP = True
 
 
 def default_n_init(budget: int) -> int:
@@ -107,14 +105,13 @@ class BOSampler(PlanSampler):
         from botorch.models import ModelListGP
         from botorch.optim import optimize_acqf
 
-        from .gp import clip_violation, fit_gp
+        from .gp import fit_gp
 
         d = self.encoding.d
         y_obj = -np.log(np.maximum(history.objective, 1e-12))
         se = history.se if not np.isnan(history.se).any() else None
         obj_gp = fit_gp(history.x, y_obj, None)
-        violation = clip_violation(history.violation, se) if CLIP else history.violation
-        con_gp = fit_gp(history.x, violation, se)
+        con_gp = fit_gp(history.x, history.violation, se)
         model = ModelListGP(obj_gp, con_gp)
 
         best = _robust_best(history, con_gp)
