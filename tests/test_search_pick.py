@@ -110,3 +110,13 @@ def test_compress_returns_an_observed_feasible_trial_and_says_why_it_passed_one_
     assert result.best_trial.objective >= observed.objective
     if result.best_trial.number != observed.number:
         assert any(f"Trial {observed.number}" in n for n in result.notes)
+
+
+def test_clip_violation_caps_catastrophes_at_three_standard_errors_only_with_a_noise_estimate():
+    from tightfit.search.gp import clip_violation
+
+    y = np.array([-0.01, 0.002, 0.8])
+    se = np.array([0.01, 0.01, 0.01])
+    assert np.allclose(clip_violation(y, se), [-0.01, 0.002, 0.03])
+    assert np.array_equal(clip_violation(y, None), y)
+    assert np.array_equal(clip_violation(y, np.array([0.01, np.nan, 0.01])), y)
