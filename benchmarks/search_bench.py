@@ -110,6 +110,10 @@ def run_search(task_name: str, method: str, budget: int, seed: int) -> dict:
         search_s_max=max(times) if times else None,
         plan=result.plan.to_dict()["layers"] if result.plan else None,
     )
+    from tightfit.pipeline import best_feasible
+
+    observed = best_feasible(result.trials)  # the best *observed* feasible trial (the old final pick)
+    row["observed_plan"] = observed.plan.to_dict()["layers"] if observed is not None else None
     if traced is not None:
         done = [tr for tr in result.trials if tr.state == "COMPLETE"]
         row["base_val_bits"] = _bits(t.model, split.x_val, split.y_val)
@@ -120,9 +124,6 @@ def run_search(task_name: str, method: str, budget: int, seed: int) -> dict:
         ]
         row["best_trial"] = result.best_trial.number if result.best_trial else None
         # what the old final pick (best observed feasible trial) would have returned, from the same run
-        from tightfit.pipeline import best_feasible
-
-        observed = best_feasible(result.trials)
         if observed is not None:
             trace = {tr["number"]: tr for tr in row["trials"]}[observed.number]
             row["observed_pick"] = dict(number=observed.number, cr_nonzeros=t_total(t) / observed.objective,
