@@ -259,14 +259,10 @@ def run_job(job: tuple[str, str, int, int]) -> dict:
     return row
 
 
-def _done() -> set[tuple]:
-    if TRACE:
-        RESULTS_ = TRACES
-    else:
-        RESULTS_ = RESULTS
-    if not RESULTS_.exists():
+def _done(path: Path) -> set[tuple]:
+    if not path.exists():
         return set()
-    rows = [json.loads(line) for line in RESULTS_.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {(r["task"], r["method"], r["budget"], r["seed"]) for r in rows if "error" not in r}
 
 
@@ -285,12 +281,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trace", action="store_true", help="record every trial (to results/search_traces.jsonl)")
+    ap.add_argument("--out", default=None, help="results file (default: results/search_runs.jsonl, or search_traces.jsonl with --trace)")
     args = ap.parse_args()
     global TRACE
     TRACE = args.trace
-    out = TRACES if TRACE else RESULTS
+    out = Path(args.out) if args.out else TRACES if TRACE else RESULTS
     jobs = []
-    done = _done()
+    done = _done(out)
     for task_name in args.tasks.split(","):
         for method in args.methods.split(","):
             budgets = [11] if method.endswith("bisect") else [0] if method == "imp" else [int(b) for b in args.budgets.split(",")]

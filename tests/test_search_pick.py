@@ -77,7 +77,7 @@ def test_a_consistent_best_point_is_kept():
 
 def test_few_trials_or_no_noise_estimate_fall_back_sensibly():
     study, lucky = noisy_edge_study(0)
-    few = study_of([t.params.values() and list(t.params.values()) for t in study.trials[: MIN_TRIALS - 1]],
+    few = study_of([list(t.params.values()) for t in study.trials[: MIN_TRIALS - 1]],
                    [t.constraints["0"] for t in study.trials[: MIN_TRIALS - 1]])
     pick = posterior_pick(few, space())
     assert pick.number == pick.observed  # too few trials for a model
