@@ -120,3 +120,19 @@ def test_clip_violation_caps_catastrophes_at_three_standard_errors_only_with_a_n
     assert np.allclose(clip_violation(y, se), [-0.01, 0.002, 0.03])
     assert np.array_equal(clip_violation(y, None), y)
     assert np.array_equal(clip_violation(y, np.array([0.01, np.nan, 0.01])), y)
+
+
+def test_pick_observed_returns_the_best_observed_trial_and_bad_values_are_refused():
+    import pytest
+
+    from tightfit.errors import ConfigError
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    kwargs = dict(evaluate=tightfit.Accuracy(loader), strategy=Prune(sparsity=(0.0, 0.99)), constraint=tightfit.MaxDrop(0.05),
+                  objective="nonzeros", budget=21, search="random", seed=1)
+    result = tightfit.compress(model, pick="observed", **kwargs)
+    assert result.best_trial.number == tightfit.pipeline.best_feasible(result.trials).number
+    with pytest.raises(ConfigError, match="`pick` must be one of"):
+        tightfit.compress(model, pick="luckiest", **kwargs)

@@ -40,6 +40,8 @@ from .search.space import SearchSpace, build_space
 log = logging.getLogger("tightfit")
 
 OBJECTIVES = ("size", "nonzeros", "flops", "latency")
+#: how compress chooses its answer among the feasible trials (see _final_pick)
+PICKS = ("posterior", "observed")
 EXAMPLE_INPUT_FILE = "example_input.pt"
 BASELINE_ATTR = "tightfit.baseline"
 SETTINGS_ATTR = "tightfit.settings"
@@ -212,6 +214,7 @@ def compress(
     on_start: Callable[[str, str], None] | None = None,
     latency: Latency | None = None,
     evaluation: Sequential | None = None,
+    pick: str = "posterior",
 ) -> Result:
     """Search a compression plan for ``model`` that meets ``constraint`` and minimizes ``objective``.
 
@@ -229,8 +232,11 @@ def compress(
     With ``evaluation=tightfit.Sequential(...)``, candidates are evaluated on a growing subsample of
     the validation set until a confidence interval decides the constraints, candidates that cannot
     improve the answer are only screened (no fine-tune), and the answer comes with a certificate
-    computed on held-out validation samples (``result.certificate``). See the README for the full
-    walk-through.
+    computed on held-out validation samples (``result.certificate``). ``pick`` chooses the answer
+    among the feasible trials: ``"posterior"`` (default) the smallest-objective one that a GP model
+    of the constraint over all trials also expects to be feasible, so a lucky measurement is not
+    the answer (from 20 completed trials on; docs/search.md), ``"observed"`` the best observed
+    feasible trial. See the README for the full walk-through.
     """
     return _search(
         model, evaluate=evaluate, strategy=strategy, constraint=constraint, objective=objective, finetune=finetune,
@@ -238,6 +244,7 @@ def compress(
         study_name=study_name, progress=progress, artifact_extra=artifact_extra, on_start=on_start, worker=False,
         latency=latency,
         evaluation=evaluation,
+        pick=pick,
     )
 
 
@@ -262,10 +269,13 @@ def _search(
     worker: bool = False,
     latency: Latency | None = None,
     evaluation: Sequential | None = None,
+    pick: str = "posterior",
 ) -> Result | int:
     """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated."""
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
     _check_evaluation(evaluation)
+    if pick not in PICKS:
+        raise ConfigError(f"`pick` must be one of {PICKS}, but got {pick!r}.")
     # ("size", "metric"): a Pareto front of the first objective (minimized) and the metric
     # (maximized); the constraints still decide which plans count.
     multi = not isinstance(objective, str)
@@ -421,7 +431,7 @@ def _search(
         )
 
         trials = [trial_record(t) for t in study.get_trials()]
-        best_trial, pick_note = _final_pick(study, space, trials, multi)
+        best_trial, pick_note = _final_pick(study, space, trials, multi or pick == "observed")
         if space.recovery:  # a replayed best trial must train with its own recovery settings
             tuned_of = {t.number: t.user_attrs.get("recovery", {}) for t in study.get_trials(deepcopy=False)}
             if best_trial is not None:
@@ -620,12 +630,13 @@ def _baseline(study, original, evaluate, layer_names, example_input, latency=Non
     return baseline
 
 
-def _final_pick(study, space, trials, multi: bool) -> tuple[TrialRecord | None, str | None]:
-    """The trial ``compress`` returns: for one objective, the smallest-objective feasible trial that
-    the constraint model of all trials also expects to be feasible (``search/pick.py``: robust to a
-    lucky measurement), else the best observed feasible trial."""
+def _final_pick(study, space, trials, observed_only: bool) -> tuple[TrialRecord | None, str | None]:
+    """The trial ``compress`` returns: the smallest-objective feasible trial that the constraint
+    model of all trials also expects to be feasible (``search/pick.py``: robust to a lucky
+    measurement), or with ``observed_only`` (Pareto runs, ``pick="observed"``) the best observed
+    feasible trial."""
     observed = best_feasible(trials)
-    if multi or observed is None:
+    if observed_only or observed is None:
         return observed, None
     from .search.pick import pick_note, posterior_pick
 

@@ -154,6 +154,7 @@ class RunConfig(_Strict):
     latency: LatencySection | None = None
     budget: int = Field(default=30, ge=1)
     search: str = "auto"
+    pick: Literal["posterior", "observed"] = "posterior"
     example_input: str | None = Field(default=None, description="import path of a function returning an example input")
     seed: int = 0
     run_dir: str | None = None
@@ -299,6 +300,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         finetune=finetune,
         budget=config.budget,
         search=config.search,
+        pick=config.pick,
         example_input=example_input,
         latency=latency,
         seed=config.seed,
