@@ -51,13 +51,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0-9")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(1)
     task("lenet300100")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with mp.get_context("fork").Pool(args.workers) as pool:
         for row in pool.imap_unordered(one_seed, _seeds(args.seeds)):
-            with open(OUT, "a") as f:
+            with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: row[k] for k in ("seed", "grid_answer", "levelset_answer", "within_002")}), flush=True)
 
