@@ -161,6 +161,9 @@ def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, sea
         "optimizer_s": sum(t.search_time_s or 0 for t in result.trials),
         "eval_s": wall - sum(t.search_time_s or 0 for t in result.trials),
         "val_passes_probes": acc.get("val_samples_probes"),
+        "optimizer_wall_s": acc.get("optimizer_wall_s"),  # without its probes
+        "probe_wall_s": acc.get("probe_wall_s"),
+        "cost_by_fidelity": acc.get("cost_by_fidelity"),
         "trials_by_fidelity": acc["trials_by_fidelity"],
         "search": search,
         "finetune_steps": acc["finetune_steps"],

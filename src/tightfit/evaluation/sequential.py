@@ -55,6 +55,9 @@ class Sequential:
       and stopped when it surely cannot meet a constraint even after the remaining steps, judged
       by what the remaining steps gave candidates fine-tuned in full (at least ``min_curves`` of
       them, gains inflated by ``stop_slack``; see ``tightfit.evaluation.stages``). ``()`` disables.
+    - ``probe_samples``: the search method's probes (plans measured without fine-tuning, e.g. the
+      sensitivity scan of ``search="bo"``) read the search set sequentially too, up to this many
+      samples (None: up to all of it).
     """
 
     confidence: float = 0.95
@@ -64,9 +67,10 @@ class Sequential:
     screen: bool = True
     seed: int | None = None
     stages: tuple[float, ...] = (1 / 3, 2 / 3)
-    stage_samples: int = 128
+    stage_samples: int = 64
     min_curves: int = 3
     stop_slack: float = 0.5
+    probe_samples: int | None = 128
 
     def __post_init__(self) -> None:
         if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1):
@@ -84,6 +88,8 @@ class Sequential:
         object.__setattr__(self, "stages", tuple(sorted(float(f) for f in self.stages)))
         if not (isinstance(self.stage_samples, int) and self.stage_samples >= 2):
             raise ConfigError(f"Sequential: `stage_samples` must be a whole number of samples >= 2, but got {self.stage_samples!r}.")
+        if self.probe_samples is not None and not (isinstance(self.probe_samples, int) and self.probe_samples >= 2):
+            raise ConfigError(f"Sequential: `probe_samples` must be a whole number of samples >= 2 or None, but got {self.probe_samples!r}.")
         if not (isinstance(self.min_curves, int) and self.min_curves >= 1):
             raise ConfigError(f"Sequential: `min_curves` must be a whole number >= 1, but got {self.min_curves!r}.")
         if not (isinstance(self.stop_slack, (int, float)) and self.stop_slack >= 0):
@@ -102,6 +108,7 @@ class Sequential:
             "stage_samples": self.stage_samples,
             "min_curves": self.min_curves,
             "stop_slack": self.stop_slack,
+            "probe_samples": self.probe_samples,
         }
 
 
@@ -361,6 +368,11 @@ class SequentialSession:
         collected: list[torch.Tensor] = []
         # a metric constraint of unknown form cannot be decided early: read the whole search set
         looks = self.looks if not self.other or level == "screen" else [len(self.search_idx)]
+        stop_after = 1 if level == "screen" else None
+        cap = self.config.probe_samples
+        if level == "probe" and cap is not None and cap < looks[-1]:  # the last look stays the population
+            looks = [n for n in looks if n < cap] + [cap, looks[-1]]
+            stop_after = len(looks) - 1
 
         def statistic(start: int, stop: int) -> torch.Tensor:
             index = self.search_idx[start:stop]
@@ -370,7 +382,7 @@ class SequentialSession:
 
         decision = sequential_test(
             statistic, looks, confidence=self.config.confidence, prior_variances=self._prior,
-            stop_after=1 if level == "screen" else None,
+            stop_after=stop_after,
         )
         values = torch.cat(collected)
         n = decision.samples
