@@ -256,6 +256,9 @@ def report(args) -> None:
         if "coverage" in path.name:
             continue
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if "optimizer_wall_s" in rows[0]:
+            _report_v2(path, rows)
+            continue
         r0 = rows[0]
         print(f"\n### {r0['task']}: budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n")
         print("| seed | mode | val forward passes | to answer | wall s | wall s to answer | fine-tune steps | screened | val acc | test acc (orig) | size ratio | nonzero ratio | certificate P |")
@@ -308,6 +311,45 @@ def report(args) -> None:
             naive = [r for r in done if r.get("val_value_full") is not None]
             if naive:
                 print(f"- for contrast, the full validation set (used by the search) said 'met' in {sum(r['val_value_full'] <= 0 for r in naive)}/{len(naive)} runs")
+
+
+def _report_v2(path: Path, rows: list[dict]) -> None:
+    """Tables of the current rows: probes counted, optimizer time apart, stopped candidates."""
+    r0 = rows[0]
+    print(f"\n### {r0['task']}: search={r0.get('search', 'auto')}, budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n")
+    print("| seed | mode | val fwd passes (probes) | wall s | optimizer s | evaluation s | fine-tune steps | full / screened / stopped | val acc | test acc (orig) | size ratio | certificate P |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["seed"], r["mode"])):
+        by = r["trials_by_fidelity"]
+        cert = r["certificate"]
+        print(
+            f"| {r['seed']} | {r['mode']} | {r['val_forward_passes']:,} ({r['val_passes_probes']:,}) | {r['wall_s']:.1f} | "
+            f"{r['optimizer_wall_s']:.1f} | {r['wall_s'] - r['optimizer_wall_s']:.1f} | {r['finetune_steps']:,} | "
+            f"{by.get('full', 0)} / {by.get('screen', 0)} / {by.get('stopped', 0)} | {r['val_acc']:.4f} | "
+            f"{r['test_acc']:.4f} ({r['test_acc_original']:.4f}) | {r['compression_ratio']:.1f}x | "
+            + (f"{cert['probability']:.2f} |" if cert else "- |")
+        )
+    full = {r["seed"]: r for r in rows if r["mode"] == "full"}
+    cheap = {r["seed"]: r for r in rows if r["mode"] == "sequential"}
+    seeds = sorted(set(full) & set(cheap))
+    if not seeds:
+        return
+    for r in rows:
+        r["eval_wall_s"] = r["wall_s"] - r["optimizer_wall_s"]
+        r["val_passes_without_probes"] = r["val_forward_passes"] - r["val_passes_probes"]
+    med = statistics.median
+    print(f"\nmedians over seeds {seeds}:\n")
+    print("| | full | sequential | ratio (median of per-seed ratios) |")
+    print("|---|---|---|---|")
+    for key, fmt in [("val_forward_passes", "{:,.0f}"), ("val_passes_probes", "{:,.0f}"), ("val_passes_without_probes", "{:,.0f}"),
+                     ("wall_s", "{:.1f}"), ("optimizer_wall_s", "{:.1f}"), ("eval_wall_s", "{:.1f}"), ("cpu_s", "{:.1f}"),
+                     ("finetune_steps", "{:,.0f}"), ("test_acc", "{:.4f}"), ("val_acc", "{:.4f}"), ("compression_ratio", "{:.2f}"),
+                     ("nonzero_ratio", "{:.2f}")]:
+        a, b = med([full[s][key] for s in seeds]), med([cheap[s][key] for s in seeds])
+        ratio = med([cheap[s][key] / full[s][key] for s in seeds])
+        print(f"| {key} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f} |")
+    diffs = [cheap[s]["test_acc"] - full[s]["test_acc"] for s in seeds]
+    print(f"\nper-seed test accuracy, sequential minus full (points): {', '.join(f'{100 * d:+.2f}' for d in diffs)}")
 
 
 def main() -> None:

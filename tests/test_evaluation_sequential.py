@@ -242,9 +242,13 @@ def test_cheap_search_records_noise_levels_and_accounting(mlp, digits, tmp_path)
     levels = {t.user_attrs["fidelity"] for t in frozen}
     assert "full" in levels
     for t in frozen:
-        if t.user_attrs["fidelity"] == "screen":  # screened: pruned, no fine-tune, first look only
+        if t.user_attrs["fidelity"] == "screen" and t.user_attrs["screen_prediction"] is None:
+            # screened before the stages are calibrated: pruned, no fine-tune, first look only
             assert t.state == optuna.trial.TrialState.PRUNED
             assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 24
+        elif t.user_attrs["fidelity"] == "screen":  # calibrated: told with a predicted value, the stage samples read
+            assert t.state == optuna.trial.TrialState.COMPLETE
+            assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 64
         else:
             assert t.user_attrs["finetune_steps"] > 0 and t.user_attrs["val_samples"] >= 24
         evaluations = t.user_attrs["evaluations"]  # stages of the fine-tune, then the evaluation

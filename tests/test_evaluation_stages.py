@@ -145,7 +145,7 @@ def test_search_stops_hopeless_candidates_and_accounts_the_stages(mlp, digits):
     assert len(full) >= 2  # calibration came first
     for t in stopped:
         assert t.state == "COMPLETE" and not t.feasible  # told as infeasible: never the answer
-        assert t.finetune_steps == total // 2 and t.val_samples == 96  # half the fine-tune, one stage look
+        assert t.finetune_steps == total // 2 and t.val_samples == 2 * 96  # untuned look, half the fine-tune, one stage look
     for t in full:
         assert t.finetune_steps == total
     assert result.best_trial is None or result.best_trial.fidelity == "full"
@@ -176,3 +176,13 @@ def test_completed_candidates_store_their_curve(mlp, digits, tmp_path):
     assert len(curves) == 3
     for c in curves:
         assert c.total_steps == planned_steps(finetune) and c.samples == 64 and len(c.stages) == 2
+
+
+def test_screened_candidates_get_a_calibrated_prediction():
+    from tightfit.evaluation.stages import tuned_prediction
+
+    curves = [Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),), untuned=(0.3,)),
+              Curve(90, 64, ((0.1,),), (0.05,), ((0.01,),), untuned=(0.15,))]  # whole fine-tune gave 0.3 and 0.1
+    assert tuned_prediction([0.25], curves, min_curves=2) == pytest.approx((0.05,))  # minus the mean gain
+    assert tuned_prediction([0.25], curves, min_curves=3) is None
+    assert tuned_prediction([0.25], [Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),))] * 3, min_curves=1) is None

@@ -133,6 +133,11 @@ class EvaluationSection(_Strict):
     growth: float = Field(default=2.0, description="each look reads this many times more samples")
     certify_fraction: float = Field(default=0.25, description="share of validation samples held out to certify the answer")
     screen: bool = Field(default=True, description="only screen candidates that cannot improve the answer")
+    stages: list[float] = Field(default=[1 / 3, 2 / 3], description="fractions of the fine-tune at which a hopeless candidate may be stopped ([] for none)")
+    stage_samples: int = Field(default=64, description="validation samples read at each stage")
+    min_curves: int = Field(default=3, description="fully fine-tuned candidates needed before any stop")
+    stop_slack: float = Field(default=0.5, description="inflation of the largest gain seen from a stage")
+    probe_samples: int | None = Field(default=128, description="most validation samples a search probe reads")
 
 
 class LatencySection(_Strict):
@@ -318,7 +323,9 @@ def _evaluation(section: EvaluationSection | None):
     try:
         return Sequential(
             confidence=section.confidence, first_look=section.first_look, growth=section.growth,
-            certify_fraction=section.certify_fraction, screen=section.screen,
+            certify_fraction=section.certify_fraction, screen=section.screen, stages=tuple(section.stages),
+            stage_samples=section.stage_samples, min_curves=section.min_curves, stop_slack=section.stop_slack,
+            probe_samples=section.probe_samples,
         )
     except ConfigError as exc:
         raise ConfigError(f"[evaluation]: {exc}") from None

@@ -35,7 +35,7 @@ from ..records import Measurement, TrialRecord
 from ..search.loop import TrialOutcome
 from .constraints import Constraint
 from .sequential import SequentialSession
-from .stages import CURVE_ATTR, Curve, EarlyStop, curves_of, hopeless, planned_steps, stage_steps, staged
+from .stages import CURVE_ATTR, Curve, EarlyStop, curves_of, hopeless, planned_steps, stage_steps, staged, tuned_prediction
 
 StaticMeasure = Callable[..., "tuple[bytes, Measurement]"]  # (candidate, plan, trial number, reuse=None)
 
@@ -81,10 +81,16 @@ def sequential_plan_evaluator(
         at_steps: list[int] = []
         passed: list[torch.Tensor] = []  # constraint statistics on the stage samples at each stage passed
         stop: dict[str, Any] = {}
+        total = planned_steps(finetune) if finetune is not None else None
+        staging = bool(total and session._forms and session.config.stages)
+        curves = curves_of(trial.study.get_trials(deepcopy=False), total) if staging else []
+        untuned = None  # constraint statistics on the stage samples before fine-tuning
         if level == "full" and finetune is not None:
-            total = planned_steps(finetune)
-            at_steps = stage_steps(total, session.config.stages) if (total and session._forms) else []
-            curves = curves_of(trial.study.get_trials(deepcopy=False), total) if at_steps else []
+            at_steps = stage_steps(total, session.config.stages) if staging else []
+            if at_steps:  # the curve starts before the fine-tune: what a screen would have seen
+                looked = time.perf_counter()
+                untuned = session.stage_statistics(session.stage_values(candidate))
+                evaluations.append({"level": "untuned", "val_samples": len(untuned), "seconds": time.perf_counter() - looked})
             last = {"t": time.perf_counter(), "steps": 0}
 
             def check(stage: int, taken: int) -> bool:
@@ -128,8 +134,22 @@ def sequential_plan_evaluator(
         ev = session.evaluate(candidate, level=level)
         measured = Measurement(ev.metric, measured.size_bytes, measured.nonzeros, measured.weight_params, measured.flops)
         values = [ev.constraint_values[i] if i in ev.constraint_values else c.value(measured, baseline) for i, c in enumerate(constraints)]
+        predicted = None
+        extra = 0  # samples read besides the sequential test's (stage samples, the untuned look)
+        calibrated = sum(c.untuned is not None for c in curves) >= session.config.min_curves
+        if level == "screen" and staging and calibrated:
+            # Told as a completed trial with the values fine-tuning would likely give it (calibrated
+            # on the curves), so that model-based samplers, which ignore PRUNED trials, learn its
+            # objective and stop proposing it; its fidelity keeps it from ever being the answer.
+            screen_values = session.stage_values(candidate, ev.values)
+            extra = max(0, len(screen_values) - ev.samples)
+            predicted = tuned_prediction(
+                [float(v) for v in session.stage_statistics(screen_values).mean(0)], curves, min_curves=session.config.min_curves
+            )
+            if predicted is not None:
+                predicted_of = dict(zip(session.linear, predicted))
+                values = [predicted_of.get(i, v) for i, v in enumerate(values)]
         curve = None
-        extra = 0
         if at_steps and len(passed) == len(at_steps):  # calibration for later candidates
             final = session.stage_statistics(session.stage_values(candidate, ev.values))  # same samples, fully tuned
             extra = max(0, len(final) - ev.samples)
@@ -138,6 +158,7 @@ def sequential_plan_evaluator(
                 stages=tuple(tuple(float(v) for v in stats.mean(0)) for stats in passed),
                 final=tuple(float(v) for v in final.mean(0)),
                 gain_se=tuple(session.gain_se(stats, final) for stats in passed),
+                untuned=tuple(float(v) for v in untuned.mean(0)) if untuned is not None else None,
             )
         record = TrialRecord(trial.number, "COMPLETE", plan, measured, goal, tuple(values), fidelity=level)
         if keep_best and level == "full" and record.feasible and better(record, best_holder["record"]):
@@ -152,14 +173,15 @@ def sequential_plan_evaluator(
         return TrialOutcome(
             objective=goal,
             constraints=values,
-            pruned=level == "screen",
+            pruned=level == "screen" and predicted is None,
             attrs={
                 "screen_constraints": values if level == "screen" else None,
+                "screen_prediction": list(predicted) if predicted is not None else None,
                 "plan": plan.to_dict(),
                 "measurement": measured.to_dict(),
                 "finetune_steps": steps,
                 "metric_se": ev.metric_se,
-                "val_samples": passes if passes is not None else ev.samples + extra + sum(e.get("val_samples", 0) for e in evaluations[:-1]),
+                "val_samples": passes if passes is not None else sum(e.get("val_samples", 0) for e in evaluations),
                 "fidelity": level,
                 "stage_reached": 1.0 if level == "full" else 0.0,
                 "sequential": {

@@ -109,19 +109,28 @@ class Curve:
     stages: tuple[tuple[float, ...], ...]
     final: tuple[float, ...]
     gain_se: tuple[tuple[float, ...], ...]
+    #: the values before any fine-tuning (what a screen sees), on the same samples
+    untuned: tuple[float, ...] | None = None
 
     @property
     def gains(self) -> tuple[tuple[float, ...], ...]:
         return tuple(tuple(v - f for v, f in zip(stage, self.final)) for stage in self.stages)
 
+    @property
+    def untuned_gains(self) -> tuple[float, ...] | None:
+        """What the whole fine-tune bought: untuned value - final value."""
+        return None if self.untuned is None else tuple(v - f for v, f in zip(self.untuned, self.final))
+
     def to_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps, "samples": self.samples, "stages": [list(s) for s in self.stages],
-                "final": list(self.final), "gain_se": [list(s) for s in self.gain_se]}
+                "final": list(self.final), "gain_se": [list(s) for s in self.gain_se],
+                "untuned": list(self.untuned) if self.untuned is not None else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Curve:
+        untuned = data.get("untuned")
         return cls(int(data["total_steps"]), int(data["samples"]), tuple(tuple(s) for s in data["stages"]),
-                   tuple(data["final"]), tuple(tuple(s) for s in data["gain_se"]))
+                   tuple(data["final"]), tuple(tuple(s) for s in data["gain_se"]), tuple(untuned) if untuned is not None else None)
 
 
 def gain_bound(curves: Sequence[Curve], stage: int, constraint: int, slack: float) -> float:
@@ -148,6 +157,17 @@ def hopeless(
     return stop, predicted
 
 
+def tuned_prediction(untuned: Sequence[float], curves: Sequence[Curve], *, min_curves: int) -> tuple[float, ...] | None:
+    """A screened (never fine-tuned) candidate's constraint values as fine-tuning would likely
+    leave them: its untuned values minus the *mean* gain the whole fine-tune gave the calibration
+    curves (a central prediction, for the search's model, not a decision). None with fewer than
+    ``min_curves`` curves."""
+    usable = [c.untuned_gains for c in curves if c.untuned is not None]
+    if len(usable) < max(1, min_curves) or not untuned:
+        return None
+    return tuple(v - sum(g[j] for g in usable) / len(usable) for j, v in enumerate(untuned))
+
+
 def curves_of(trials: Sequence[Any], total_steps: int) -> list[Curve]:
     """The calibration curves stored on completed trials (Optuna FrozenTrials) with the same fine-tune length."""
     curves = []
@@ -158,4 +178,7 @@ def curves_of(trials: Sequence[Any], total_steps: int) -> list[Curve]:
     return curves
 
 
-__all__ = ["CURVE_ATTR", "Curve", "EarlyStop", "curves_of", "gain_bound", "hopeless", "planned_steps", "stage_steps", "staged"]
+__all__ = [
+    "CURVE_ATTR", "Curve", "EarlyStop", "curves_of", "gain_bound", "hopeless", "planned_steps", "stage_steps", "staged",
+    "tuned_prediction",
+]
