@@ -246,9 +246,9 @@ def test_cheap_search_records_noise_levels_and_accounting(mlp, digits, tmp_path)
             # screened before the stages are calibrated: pruned, no fine-tune, first look only
             assert t.state == optuna.trial.TrialState.PRUNED
             assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 24
-        elif t.user_attrs["fidelity"] == "screen":  # calibrated: told with a predicted value, the stage samples read
+        elif t.user_attrs["fidelity"] == "screen":  # calibrated: told with a predicted value
             assert t.state == optuna.trial.TrialState.COMPLETE
-            assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 64
+            assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 24
         else:
             assert t.user_attrs["finetune_steps"] > 0 and t.user_attrs["val_samples"] >= 24
         evaluations = t.user_attrs["evaluations"]  # stages of the fine-tune, then the evaluation

@@ -145,7 +145,8 @@ def test_search_stops_hopeless_candidates_and_accounts_the_stages(mlp, digits):
     assert len(full) >= 2  # calibration came first
     for t in stopped:
         assert t.state == "COMPLETE" and not t.feasible  # told as infeasible: never the answer
-        assert t.finetune_steps == total // 2 and t.val_samples == 2 * 96  # untuned look, half the fine-tune, one stage look
+        # half the fine-tune; one stage look, and an untuned look while curves are still recorded
+        assert t.finetune_steps == total // 2 and t.val_samples in (96, 2 * 96)
     for t in full:
         assert t.finetune_steps == total
     assert result.best_trial is None or result.best_trial.fidelity == "full"

@@ -136,6 +136,7 @@ class EvaluationSection(_Strict):
     stages: list[float] = Field(default=[1 / 3, 2 / 3], description="fractions of the fine-tune at which a hopeless candidate may be stopped ([] for none)")
     stage_samples: int = Field(default=64, description="validation samples read at each stage")
     min_curves: int = Field(default=3, description="fully fine-tuned candidates needed before any stop")
+    max_curves: int = Field(default=5, description="fully fine-tuned candidates whose learning curve is recorded")
     stop_slack: float = Field(default=0.5, description="inflation of the largest gain seen from a stage")
     probe_samples: int | None = Field(default=128, description="most validation samples a search probe reads")
 
@@ -324,7 +325,7 @@ def _evaluation(section: EvaluationSection | None):
         return Sequential(
             confidence=section.confidence, first_look=section.first_look, growth=section.growth,
             certify_fraction=section.certify_fraction, screen=section.screen, stages=tuple(section.stages),
-            stage_samples=section.stage_samples, min_curves=section.min_curves, stop_slack=section.stop_slack,
+            stage_samples=section.stage_samples, min_curves=section.min_curves, max_curves=section.max_curves, stop_slack=section.stop_slack,
             probe_samples=section.probe_samples,
         )
     except ConfigError as exc:

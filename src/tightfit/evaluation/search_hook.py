@@ -3,12 +3,15 @@ sequential test, and the per-trial accounting the search and the reports read.
 
 Levels: a candidate that could improve the current answer (objective below the best feasible one
 so far, size constraints met) is *promoted*: fine-tuned in full, then evaluated sequentially until
-its constraints are decided. Any other candidate is *screened*: no fine-tune, first look only. Its
-estimate still informs the sampler (``metric_se`` says how rough it is), but it can never be the
-answer, and it costs a few dozen forward passes instead of a fine-tune and a full evaluation. It is
-told to Optuna as PRUNED (its objective as the intermediate value, no constraint values): a sampler
-such as TPE ranks it after the completed feasible trials and before the infeasible ones, as it would
-a trial a pruner stopped early, and the untuned estimate never misleads the constraint model.
+its constraints are decided. Any other candidate is *screened*: no fine-tune, first look only. It
+can never be the answer, and it costs a few dozen forward passes instead of a fine-tune and a full
+evaluation. Until the stages below are calibrated it is told to Optuna as PRUNED (its objective as
+the intermediate value, no constraint values), which TPE ranks after the completed feasible
+trials. Once they are, it is told as a completed trial whose constraint values are predicted: its
+untuned estimate minus the mean gain the whole fine-tune gave the calibration curves. Model-based
+samplers (``bo``, the level-set warm start) read only completed trials; told as PRUNED, a
+screened plan stayed invisible to them and they kept proposing similar plans (measured: 22 of 30
+trials screened on digits, see docs/benchmarks.md).
 
 Stages (``Sequential.stages``, see ``.stages``): a promoted candidate's fine-tune is checked at
 fractions of its steps on the stage samples and *stopped* when it surely cannot meet a constraint
@@ -87,7 +90,8 @@ def sequential_plan_evaluator(
         untuned = None  # constraint statistics on the stage samples before fine-tuning
         if level == "full" and finetune is not None:
             at_steps = stage_steps(total, session.config.stages) if staging else []
-            if at_steps:  # the curve starts before the fine-tune: what a screen would have seen
+            record_curve = bool(at_steps) and len(curves) < session.config.max_curves
+            if record_curve:  # the curve starts before the fine-tune: what a screen would have seen
                 looked = time.perf_counter()
                 untuned = session.stage_statistics(session.stage_values(candidate))
                 evaluations.append({"level": "untuned", "val_samples": len(untuned), "seconds": time.perf_counter() - looked})
@@ -141,16 +145,15 @@ def sequential_plan_evaluator(
             # Told as a completed trial with the values fine-tuning would likely give it (calibrated
             # on the curves), so that model-based samplers, which ignore PRUNED trials, learn its
             # objective and stop proposing it; its fidelity keeps it from ever being the answer.
-            screen_values = session.stage_values(candidate, ev.values)
-            extra = max(0, len(screen_values) - ev.samples)
+            # the screen's own look (an unbiased estimate of the untuned value, like the curves' one)
             predicted = tuned_prediction(
-                [float(v) for v in session.stage_statistics(screen_values).mean(0)], curves, min_curves=session.config.min_curves
+                [float(v) for v in session.stage_statistics(ev.values).mean(0)], curves, min_curves=session.config.min_curves
             )
             if predicted is not None:
                 predicted_of = dict(zip(session.linear, predicted))
                 values = [predicted_of.get(i, v) for i, v in enumerate(values)]
         curve = None
-        if at_steps and len(passed) == len(at_steps):  # calibration for later candidates
+        if untuned is not None and len(passed) == len(at_steps):  # calibration for later candidates
             final = session.stage_statistics(session.stage_values(candidate, ev.values))  # same samples, fully tuned
             extra = max(0, len(final) - ev.samples)
             curve = Curve(

@@ -55,6 +55,8 @@ class Sequential:
       and stopped when it surely cannot meet a constraint even after the remaining steps, judged
       by what the remaining steps gave candidates fine-tuned in full (at least ``min_curves`` of
       them, gains inflated by ``stop_slack``; see ``tightfit.evaluation.stages``). ``()`` disables.
+      Curves (untuned, each stage and final values on the stage samples) are recorded for the
+      first ``max_curves`` candidates fine-tuned in full; later ones only pay the stage looks.
     - ``probe_samples``: the search method's probes (plans measured without fine-tuning, e.g. the
       sensitivity scan of ``search="bo"``) read the search set sequentially too, up to this many
       samples (None: up to all of it).
@@ -69,6 +71,7 @@ class Sequential:
     stages: tuple[float, ...] = (1 / 3, 2 / 3)
     stage_samples: int = 64
     min_curves: int = 3
+    max_curves: int = 5
     stop_slack: float = 0.5
     probe_samples: int | None = 128
 
@@ -92,6 +95,8 @@ class Sequential:
             raise ConfigError(f"Sequential: `probe_samples` must be a whole number of samples >= 2 or None, but got {self.probe_samples!r}.")
         if not (isinstance(self.min_curves, int) and self.min_curves >= 1):
             raise ConfigError(f"Sequential: `min_curves` must be a whole number >= 1, but got {self.min_curves!r}.")
+        if not (isinstance(self.max_curves, int) and self.max_curves >= self.min_curves):
+            raise ConfigError(f"Sequential: `max_curves` must be a whole number >= min_curves ({self.min_curves}), but got {self.max_curves!r}.")
         if not (isinstance(self.stop_slack, (int, float)) and self.stop_slack >= 0):
             raise ConfigError(f"Sequential: `stop_slack` must be a number >= 0, but got {self.stop_slack!r}.")
 
@@ -107,6 +112,7 @@ class Sequential:
             "stages": list(self.stages),
             "stage_samples": self.stage_samples,
             "min_curves": self.min_curves,
+            "max_curves": self.max_curves,
             "stop_slack": self.stop_slack,
             "probe_samples": self.probe_samples,
         }
