@@ -255,6 +255,8 @@ def test_cheap_search_records_noise_levels_and_accounting(mlp, digits, tmp_path)
         assert sum(e.get("val_samples", 0) for e in evaluations) == t.user_attrs["val_samples"]
         assert sum(e.get("finetune_steps") or 0 for e in evaluations) == t.user_attrs["finetune_steps"]
         assert all(e["seconds"] > 0 for e in evaluations)
+    # a screened candidate's feasibility is at most predicted: never counted as a feasible trial
+    assert not any(t.feasible for t in result.trials if t.fidelity == "screen")
     # accounting: every forward pass the metric made is attributed to the baseline, a trial or the end
     acc = result.accounting
     assert acc["val_samples"] == evaluate.samples_evaluated

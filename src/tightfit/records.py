@@ -77,7 +77,8 @@ class TrialRecord:
 
     @property
     def feasible(self) -> bool:
-        return self.state == "COMPLETE" and all(c <= 0 for c in self.constraints)
+        # a screened candidate's constraint values may be predictions (cheap evaluation): not measured
+        return self.state == "COMPLETE" and self.fidelity != "screen" and all(c <= 0 for c in self.constraints)
 
 
 @dataclass
