@@ -122,8 +122,8 @@ def setup(task: str, finetune_epochs: int | None = None):
     return split, model, recipe
 
 
-def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, search: str = "auto") -> dict:
-    evaluation = tightfit.Sequential() if cheap else None
+def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, search: str = "auto", sequential: dict | None = None) -> dict:
+    evaluation = tightfit.Sequential(**(sequential or {})) if cheap else None
     with timing_lock():
         started = time.perf_counter()
         cpu_started = time.process_time()
@@ -185,7 +185,8 @@ def compare(args) -> None:
     rows = []
     for seed in args.seeds:
         for cheap in (False, True):
-            row = {"task": args.task, "finetune_epochs": recipe["finetune"].epochs, **one_search(split, copy.deepcopy(model), recipe, seed=seed, budget=args.budget, cheap=cheap)}
+            row = {"task": args.task, "finetune_epochs": recipe["finetune"].epochs, **one_search(split, copy.deepcopy(model), recipe, seed=seed, budget=args.budget, cheap=cheap, sequential=args.sequential),
+                   "sequential_options": args.sequential}
             rows.append(row)
             with open(out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -409,6 +410,7 @@ def main() -> None:
     c.add_argument("--budget", type=int, default=30)
     c.add_argument("--finetune-epochs", type=int, default=None, help="default: the demo's 6 (digits), 1 (mnist1d)")
     c.add_argument("--tag", default="", help="suffix of the results file")
+    c.add_argument("--sequential", type=json.loads, default=None, help='options of tightfit.Sequential as JSON, e.g. \'{"probe_samples": 64}\'')
     c.set_defaults(fn=compare)
     v = sub.add_parser("coverage")
     v.add_argument("--runs", type=int, default=60)
