@@ -363,7 +363,8 @@ def _report_coverage(path: Path) -> None:
 def _report_v2(path: Path, rows: list[dict]) -> None:
     """Tables of the current rows: probes counted, optimizer time apart, stopped candidates."""
     r0 = rows[0]
-    print(f"\n### {r0['task']}: search={r0.get('search', 'auto')}, budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n")
+    options = f", Sequential({', '.join(f'{k}={v}' for k, v in r0['sequential_options'].items())})" if r0.get("sequential_options") else ""
+    print(f"\n### {r0['task']}: search={r0.get('search', 'auto')}{options}, budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n")
     print("| seed | mode | val fwd passes (probes) | wall s | optimizer s | evaluation s | fine-tune steps | full / screened / stopped | val acc | test acc (orig) | size ratio | certificate P |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["seed"], r["mode"])):
