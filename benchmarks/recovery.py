@@ -34,6 +34,7 @@ from tightfit.measure.analysis import analyze, count_nonzeros
 from tightfit.operators import Compose, Plan, Prune, Quantize, apply
 from tightfit.recovery import (
     FineTune,
+    GradualPrune,
     LearningCompression,
     ProxConnect,
     PruneSplice,
@@ -99,7 +100,16 @@ def saved_model(model, plan):
     return load_model(io.BytesIO(data)), len(data)
 
 
-def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05) -> dict:
+def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05, lrs: list[float] | None = None) -> dict:
+    if kind == "prune" and lrs:
+        # Learning-rate grid: every method is compared at its own best learning rate.
+        methods = {}
+        for lr in lrs:
+            methods[f"finetune (masked), Adam {lr:g}"] = FineTune(loader, epochs=epochs, lr=lr)
+            methods[f"gradual (cubic ramp 0.7), Adam {lr:g}"] = GradualPrune(loader, epochs=epochs, lr=lr)
+            methods[f"prune-and-splice, Adam {lr:g}"] = PruneSplice(loader, epochs=epochs, lr=lr)
+        methods[f"L-C (ALM, SGD {lc_lr:g}, mu 1e-3 -> 10)"] = LearningCompression(loader, epochs=epochs, evaluate=val, lr=lc_lr)
+        return methods
     if kind == "prune":
         return {
             "finetune (masked)": FineTune(loader, epochs=epochs, lr=1e-3),
@@ -113,15 +123,16 @@ def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05) -> dict
         return {
             "finetune (FakeQuantize 2-bit STE)": FineTune(loader, epochs=epochs, lr=1e-3),
             "STE on ternary grid (BinaryConnect-style)": ProxConnect(loader, epochs=epochs, sharpness=(inf, inf)),
-            "ProxConnect ternary": ProxConnect(loader, epochs=epochs),
-            "ProxConnect ternary, sharpness 10..1e4": ProxConnect(loader, epochs=epochs, sharpness=(10.0, 1e4)),
+            "ProxConnect ternary (default: sharpness 10..1e4)": ProxConnect(loader, epochs=epochs),
+            "ProxConnect ternary, sharpness 1..1e3 (the old default)": ProxConnect(loader, epochs=epochs, sharpness=(1.0, 1e3)),
         }
     raise ValueError(kind)
 
 
-def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[float], lc_lr: float = 0.05) -> dict:
+def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[float], lc_lr: float = 0.05,
+                       lrs: list[float] | None = None, seeds=SEEDS) -> dict:
     rows = []
-    for seed in SEEDS:
+    for seed in seeds:
         split, model = setup(model_name, seed)
         names = layer_names(model)
         val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
@@ -133,7 +144,7 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
                 plan = Plan.from_strategy(Compose([Prune()]), {n: {"prune": {"sparsity": per_layer[n]}} for n in names})
             else:
                 plan = Plan.from_strategy(Compose([Quantize(bits=(2, 4, 8))]), {n: {"quantize": {"bits": int(level)}} for n in names})
-            for method, rec in recoveries(kind, loader, val, epochs, lc_lr).items():
+            for method, rec in recoveries(kind, loader, val, epochs, lc_lr, lrs).items():
                 candidate = apply(plan, model)
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
@@ -226,7 +237,7 @@ def summarize(result: dict) -> str:
     lines = []
     if result["kind"] in ("prune", "quant"):
         key = "level"
-        lines.append(f"| method | {'overall sparsity (global magnitude plan)' if result['kind'] == 'prune' else 'bits'} | CR (nonzeros) mean | test acc % (mean of 3) | val acc % | test drop pp | file bytes | wall s |")
+        lines.append(f"| method | {'overall sparsity (global magnitude plan)' if result['kind'] == 'prune' else 'bits'} | CR (nonzeros) mean | test acc % (mean over seeds) | val acc % | test drop pp | file bytes | wall s |")
         lines.append("|---|---|---|---|---|---|---|---|")
         groups = {}
         for r in rows:
@@ -273,14 +284,18 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default="")
     p.add_argument("--lc-lr", type=float, default=0.05)
     p.add_argument("--recovery", default="finetune", choices=["finetune", "lc"])
+    p.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    p.add_argument("--lrs", type=float, nargs="*", help="prune: compare finetune / gradual / splice at each of these Adam lrs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
-    if args.kind == "table":
-        print(summarize(json.loads(Path(args.file).read_text())))
+    if args.kind == "table":  # several files (e.g. more seeds of one comparison) are pooled
+        results = [json.loads(Path(f).read_text()) for f in args.file.split(",")]
+        print(summarize({**results[0], "rows": [r for res in results for r in res["rows"]]}))
         return
     if args.kind == "prune":
-        result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97], args.lc_lr)
+        result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97], args.lc_lr,
+                                    args.lrs, args.seeds)
     elif args.kind == "quant":
         result = run_prune_or_quant("quant", args.model, args.epochs, args.levels or [2])
     elif args.kind == "sparse":

@@ -1,0 +1,213 @@
+"""Long-schedule pruning on LeNet-300-100 / digits: tightfit's recoveries against iterative global
+magnitude pruning with retraining (IMP), at equal total training epochs (issue 3, second "done
+when"; results in docs/results/prune_adjust_*.json).
+
+    python benchmarks/prune_adjust.py imp     --round-epochs 30 --rounds 12
+    python benchmarks/prune_adjust.py gradual --epochs 210 --levels 0.97 0.975 0.98 --lr 0.01
+    python benchmarks/prune_adjust.py olmp    --rounds 7 --round-epochs 30
+
+The originals and the split are those of benchmarks/recovery.py (digits 1077/360/360, seeds 0-2,
+LeNet-300-100 trained 60 epochs with Adam 1e-3). IMP follows ../shared/baselines: density x0.7 per
+round by one global magnitude threshold, each round retrained ``--round-epochs`` epochs (Adam
+1e-3, batch 64) with the masks held. Test accuracy is measured on the saved ``.tfz`` file reloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recovery import OUT, SEEDS, global_sparsities, layer_names, saved_model, setup  # noqa: E402
+
+from tightfit.evaluation import Accuracy  # noqa: E402
+from tightfit.measure.analysis import count_nonzeros  # noqa: E402
+from tightfit.operators import Compose, Plan, Prune, apply  # noqa: E402
+from tightfit.recovery import FineTune, GradualPrune, PruneSplice  # noqa: E402
+
+
+def _plan(names, per_layer) -> Plan:
+    return Plan.from_strategy(Compose([Prune()]), {n: {"prune": {"sparsity": per_layer[n]}} for n in names})
+
+
+def _row(seed, method, model, plan, names, val, test, base, epochs, wall, **extra):
+    loaded, size = saved_model(model, plan)
+    nz, total = count_nonzeros(loaded, names)
+    row = dict(seed=seed, method=method, cr=total / max(1, nz), val=val(loaded), test=test(loaded), size_bytes=size,
+               epochs=epochs, wall_s=wall, base_val=base["val"], base_test=base["test"], **extra)
+    print(json.dumps(row), flush=True)
+    return row, loaded
+
+
+def run_imp(seeds, round_epochs: int, rounds: int, lr: float) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        split, model = setup("lenet300", seed)
+        names = layer_names(model)
+        val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
+        base = {"val": val(model), "test": test(model)}
+        loader = split.loader("train", shuffle=True)
+        current, density, epochs, start = model, 1.0, 0, time.perf_counter()
+        for r in range(1, rounds + 1):
+            density *= 0.7
+            plan = _plan(names, global_sparsities(current, names, 1.0 - density))
+            candidate = apply(plan, current)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed * 1000 + r)
+                FineTune(loader, epochs=round_epochs, lr=lr)(candidate)
+            epochs += round_epochs
+            row, current = _row(seed, "imp", candidate, plan, names, val, test, base, epochs, time.perf_counter() - start,
+                                round=r, density=density)
+            rows.append(row)
+    return rows
+
+
+def run_gradual(seeds, epochs: int, levels, lr: float, recovery: str) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        split, model = setup("lenet300", seed)
+        names = layer_names(model)
+        val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
+        base = {"val": val(model), "test": test(model)}
+        loader = split.loader("train", shuffle=True)
+        for level in levels:
+            plan = _plan(names, global_sparsities(model, names, level))
+            candidate = apply(plan, model)
+            rec = (GradualPrune(loader, epochs=epochs, lr=lr) if recovery == "gradual"
+                   else FineTune(loader, epochs=epochs, lr=lr))
+            start = time.perf_counter()
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                rec(candidate)
+            row, _ = _row(seed, recovery, candidate, plan, names, val, test, base, epochs, time.perf_counter() - start,
+                          level=level, lr=lr)
+            rows.append(row)
+    return rows
+
+
+def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: float, lr: float, max_drop: float) -> list[dict]:
+    """OLMP's iterative prune-and-adjust with tightfit's parts. Each round: the ``olmp`` search
+    (per-layer thresholds mean + c*std) finds the smallest model whose validation accuracy *before
+    any training* is at most ``search_drop`` below the original's (no training epochs spent);
+    then the adjust step trains that plan with :class:`GradualPrune` for ``round_epochs``. Rounds
+    continue while the adjusted model stays within ``max_drop`` of the original on validation; the
+    last such model is the answer (test is only reported)."""
+    from tightfit import MinMetric, compress
+
+    rows = []
+    for seed in seeds:
+        split, model = setup("lenet300", seed)
+        names = layer_names(model)
+        val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
+        base = {"val": val(model), "test": test(model)}
+        loader = split.loader("train", shuffle=True)
+        current, epochs, start = model, 0, time.perf_counter()
+        for r in range(1, rounds + 1):
+            found = compress(current, evaluate=val, strategy=Prune(sparsity=(0.0, 0.999)),
+                             constraint=MinMetric(base["val"] - search_drop), objective="nonzeros",
+                             budget=budget, search="olmp", seed=seed * 100 + r)
+            if not found.feasible:
+                print(f"# seed {seed} round {r}: no plan within {search_drop} before training; stopping", flush=True)
+                break
+            candidate = apply(found.plan, current)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed * 1000 + r)
+                GradualPrune(loader, epochs=round_epochs, lr=lr)(candidate)
+            epochs += round_epochs
+            row, adjusted = _row(seed, "olmp prune-and-adjust", candidate, found.plan, names, val, test, base, epochs,
+                                 time.perf_counter() - start, round=r, lr=lr, search_cr=found.nonzero_ratio)
+            row["accepted"] = base["val"] - row["val"] <= max_drop + 1e-9
+            rows.append(row)
+            if not row["accepted"]:
+                break
+            current = adjusted
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    key = lambda r: (r["method"], r.get("round") or r.get("level"), r.get("lr"))  # noqa: E731
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    lines = ["| method | round / level | lr | epochs | CR (nonzeros) mean | test acc % mean | test drop pp mean | per-seed drop | val drop pp mean |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (method, step, lr), rs in groups.items():
+        m = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+        drops = " / ".join(f"{100 * (r['base_test'] - r['test']):+.2f}" for r in rs)
+        lines.append(f"| {method} | {step} | {lr if lr is not None else '1e-3'} | {m('epochs'):.0f} | {m('cr'):.1f} | {100 * m('test'):.2f} | "
+                     f"{100 * (m('base_test') - m('test')):+.2f} | {drops} | {100 * (m('base_val') - m('val')):+.2f} |")
+    return "\n".join(lines)
+
+
+def answers(rows: list[dict]) -> str:
+    """Per seed, the model the prune-and-adjust loop returns: its last round that stayed within
+    the validation bound (test is only reported), and the epochs the whole run spent."""
+    lines = ["| seed | answer round | CR (nonzeros) | test drop pp | val drop pp | epochs spent (incl. the rejected round) |",
+             "|---|---|---|---|---|---|"]
+    picked = []
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if r["seed"] == seed]
+        accepted = [r for r in mine if r.get("accepted")]
+        spent = max(r["epochs"] for r in mine)
+        if not accepted:
+            lines.append(f"| {seed} | none | - | - | - | {spent} |")
+            continue
+        a = accepted[-1]
+        picked.append(a)
+        lines.append(f"| {seed} | {a['round']} | {a['cr']:.1f} | {100 * (a['base_test'] - a['test']):+.2f} | "
+                     f"{100 * (a['base_val'] - a['val']):+.2f} | {spent} |")
+    if picked:
+        crs = sorted(r["cr"] for r in picked)
+        lines.append(f"| mean / median | | {statistics.mean(crs):.1f} / {statistics.median(crs):.1f} | "
+                     f"{100 * statistics.mean(r['base_test'] - r['test'] for r in picked):+.2f} | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("kind", choices=["imp", "gradual", "finetune", "olmp", "table"])
+    p.add_argument("--budget", type=int, default=30, help="olmp: search evaluations per round (no training)")
+    p.add_argument("--search-drop", type=float, default=0.03, help="olmp: accuracy the search may lose before training")
+    p.add_argument("--max-drop", type=float, default=0.005, help="olmp: validation drop the adjusted model may have")
+    p.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    p.add_argument("--round-epochs", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=210)
+    p.add_argument("--levels", type=float, nargs="*", default=[0.97, 0.975, 0.98])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tag", default="")
+    p.add_argument("--file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.kind == "table":
+        rows = json.loads(Path(args.file).read_text())["rows"]
+        print(table(rows))
+        if any("accepted" in r for r in rows):
+            print()
+            print(answers(rows))
+        return
+    if args.kind == "imp":
+        rows = run_imp(args.seeds, args.round_epochs, args.rounds, args.lr)
+    elif args.kind == "olmp":
+        rows = run_olmp(args.seeds, args.rounds, args.round_epochs, args.budget, args.search_drop, args.lr, args.max_drop)
+    else:
+        rows = run_gradual(args.seeds, args.epochs, args.levels, args.lr, args.kind)
+    result = {"kind": args.kind, "rows": rows, "command": " ".join(["python", "benchmarks/prune_adjust.py", *(argv or sys.argv[1:])])}
+    path = OUT / f"prune_adjust_{args.kind}{args.tag}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(table(rows))
+    if args.kind == "olmp":
+        print()
+        print(answers(rows))
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
