@@ -4,7 +4,7 @@ when"; results in docs/results/prune_adjust_*.json).
 
     python benchmarks/prune_adjust.py imp     --round-epochs 30 --rounds 12
     python benchmarks/prune_adjust.py gradual --epochs 210 --levels 0.97 0.975 0.98 --lr 0.01
-    python benchmarks/prune_adjust.py olmp    --rounds 7 --round-epochs 30
+    python benchmarks/prune_adjust.py olmp    --epochs 210 --round-epochs 30 --search-drop 0.4 --lr 0.01
 
 The originals and the split are those of benchmarks/recovery.py (digits 1077/360/360, seeds 0-2,
 LeNet-300-100 trained 60 epochs with Adam 1e-3). IMP follows ../shared/baselines: density x0.7 per
@@ -92,13 +92,14 @@ def run_gradual(seeds, epochs: int, levels, lr: float, recovery: str) -> list[di
     return rows
 
 
-def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: float, lr: float, max_drop: float) -> list[dict]:
+def run_olmp(seeds, epoch_budget: int, round_epochs: int, budget: int, search_drop: float, lr: float, max_drop: float) -> list[dict]:
     """OLMP's iterative prune-and-adjust with tightfit's parts. Each round: the ``olmp`` search
     (per-layer thresholds mean + c*std) finds the smallest model whose validation accuracy *before
     any training* is at most ``search_drop`` below the original's (no training epochs spent);
-    then the adjust step trains that plan with :class:`GradualPrune` for ``round_epochs``. Rounds
-    continue while the adjusted model stays within ``max_drop`` of the original on validation; the
-    last such model is the answer (test is only reported)."""
+    then the adjust step trains that plan with :class:`GradualPrune` for ``round_epochs``. A round
+    whose adjusted model is more than ``max_drop`` below the original on validation is undone and
+    the next round tries a step half as large. Rounds go on while ``epoch_budget`` allows; the
+    answer is the last accepted model (chosen on validation; test is only reported)."""
     from tightfit import MinMetric, compress
 
     rows = []
@@ -108,13 +109,14 @@ def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: fl
         val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
         base = {"val": val(model), "test": test(model)}
         loader = split.loader("train", shuffle=True)
-        current, epochs, start = model, 0, time.perf_counter()
-        for r in range(1, rounds + 1):
+        current, epochs, start, drop, r = model, 0, time.perf_counter(), search_drop, 0
+        while epochs + round_epochs <= epoch_budget:
+            r += 1
             found = compress(current, evaluate=val, strategy=Prune(sparsity=(0.0, 0.999)),
-                             constraint=MinMetric(base["val"] - search_drop), objective="nonzeros",
+                             constraint=MinMetric(base["val"] - drop), objective="nonzeros",
                              budget=budget, search="olmp", seed=seed * 100 + r)
             if not found.feasible:
-                print(f"# seed {seed} round {r}: no plan within {search_drop} before training; stopping", flush=True)
+                print(f"# seed {seed} round {r}: no plan within {drop} before training; stopping", flush=True)
                 break
             candidate = apply(found.plan, current)
             with torch.random.fork_rng():
@@ -122,12 +124,13 @@ def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: fl
                 GradualPrune(loader, epochs=round_epochs, lr=lr)(candidate)
             epochs += round_epochs
             row, adjusted = _row(seed, "olmp prune-and-adjust", candidate, found.plan, names, val, test, base, epochs,
-                                 time.perf_counter() - start, round=r, lr=lr, search_cr=found.nonzero_ratio)
+                                 time.perf_counter() - start, round=r, lr=lr, search_cr=found.nonzero_ratio, search_drop=drop)
             row["accepted"] = base["val"] - row["val"] <= max_drop + 1e-9
             rows.append(row)
-            if not row["accepted"]:
-                break
-            current = adjusted
+            if row["accepted"]:
+                current = adjusted
+            else:
+                drop /= 2  # undo the round; the next one takes a smaller step
     return rows
 
 
@@ -149,7 +152,7 @@ def table(rows: list[dict]) -> str:
 def answers(rows: list[dict]) -> str:
     """Per seed, the model the prune-and-adjust loop returns: its last round that stayed within
     the validation bound (test is only reported), and the epochs the whole run spent."""
-    lines = ["| seed | answer round | CR (nonzeros) | test drop pp | val drop pp | epochs spent (incl. the rejected round) |",
+    lines = ["| seed | answer round | CR (nonzeros) | test drop pp | val drop pp | epochs spent (incl. rejected rounds) |",
              "|---|---|---|---|---|---|"]
     picked = []
     for seed in sorted({r["seed"] for r in rows}):
@@ -187,7 +190,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.kind == "table":
-        rows = json.loads(Path(args.file).read_text())["rows"]
+        rows = [r for f in args.file.split(",") for r in json.loads(Path(f).read_text())["rows"]]  # files pooled
         print(table(rows))
         if any("accepted" in r for r in rows):
             print()
@@ -196,7 +199,7 @@ def main(argv=None) -> None:
     if args.kind == "imp":
         rows = run_imp(args.seeds, args.round_epochs, args.rounds, args.lr)
     elif args.kind == "olmp":
-        rows = run_olmp(args.seeds, args.rounds, args.round_epochs, args.budget, args.search_drop, args.lr, args.max_drop)
+        rows = run_olmp(args.seeds, args.epochs, args.round_epochs, args.budget, args.search_drop, args.lr, args.max_drop)
     else:
         rows = run_gradual(args.seeds, args.epochs, args.levels, args.lr, args.kind)
     result = {"kind": args.kind, "rows": rows, "command": " ".join(["python", "benchmarks/prune_adjust.py", *(argv or sys.argv[1:])])}

@@ -167,16 +167,16 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
     return {"kind": kind, "model": model_name, "epochs": epochs, "rows": rows}
 
 
-def run_sparse(model_name: str, epochs: int, lambdas: list[float], lr: float) -> dict:
+def run_sparse(model_name: str, epochs: int, lambdas: list[float], lr: float, seeds=SEEDS, methods=("proxsg", "obproxsg", "hspg")) -> dict:
     rows = []
-    for seed in SEEDS:
+    for seed in seeds:
         split, model = setup(model_name, seed)
         names = layer_names(model)
         val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
         loader = split.loader("train", shuffle=True)
         x = split.x_val[:64]
         for lam in lambdas:
-            for method in ("proxsg", "obproxsg", "hspg"):
+            for method in methods:
                 candidate = copy.deepcopy(model)
                 rec = SparseTraining(loader, method=method, epochs=epochs, lr=lr, lambda_=lam)
                 with torch.random.fork_rng():
@@ -232,6 +232,30 @@ def run_tuned(model_name: str, budget: int, epochs: int, recovery: str = "finetu
     return {"kind": "tuned", "model": model_name, "budget": budget, "epochs": epochs, "rows": rows}
 
 
+def pivot(result: dict) -> str:
+    """Prune results as one row per method, one column per plan sparsity: mean test drop in points
+    (the mean CR of the saved files in the header; splice's own CR in brackets, its masks move)."""
+    rows = result["rows"]
+    levels = sorted({r["level"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    mean = statistics.mean
+    head = " | ".join(f"{lv} ({1 / (1 - lv):.1f}x)" for lv in levels)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"| method (test drop pp, mean of {len(seeds)} seeds) | {head} |", "|---|" + "---|" * len(levels)]
+    for m in methods:
+        cells = []
+        for lv in levels:
+            rs = [r for r in rows if r["method"] == m and r["level"] == lv]
+            if not rs:
+                cells.append("-")
+                continue
+            drop = 100 * (mean(r["base_test"] for r in rs) - mean(r["test"] for r in rs))
+            cr = mean(r["cr"] for r in rs)
+            cells.append(f"{drop:+.2f}" + ("" if abs(cr - 1 / (1 - lv)) < 0.2 else f" [{cr:.1f}x]"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarize(result: dict) -> str:
     rows = result["rows"]
     lines = []
@@ -285,21 +309,24 @@ def main(argv=None) -> None:
     p.add_argument("--lc-lr", type=float, default=0.05)
     p.add_argument("--recovery", default="finetune", choices=["finetune", "lc"])
     p.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    p.add_argument("--pivot", action="store_true", help="table: prune results as method x sparsity")
+    p.add_argument("--methods", default="proxsg,obproxsg,hspg", help="sparse: which optimizers")
     p.add_argument("--lrs", type=float, nargs="*", help="prune: compare finetune / gradual / splice at each of these Adam lrs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
     if args.kind == "table":  # several files (e.g. more seeds of one comparison) are pooled
         results = [json.loads(Path(f).read_text()) for f in args.file.split(",")]
-        print(summarize({**results[0], "rows": [r for res in results for r in res["rows"]]}))
+        pooled = {**results[0], "rows": [r for res in results for r in res["rows"]]}
+        print(pivot(pooled) if args.pivot else summarize(pooled))
         return
     if args.kind == "prune":
         result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97], args.lc_lr,
                                     args.lrs, args.seeds)
     elif args.kind == "quant":
-        result = run_prune_or_quant("quant", args.model, args.epochs, args.levels or [2])
+        result = run_prune_or_quant("quant", args.model, args.epochs, args.levels or [2], seeds=args.seeds)
     elif args.kind == "sparse":
-        result = run_sparse(args.model, args.epochs, args.lambdas, args.lr)
+        result = run_sparse(args.model, args.epochs, args.lambdas, args.lr, args.seeds, tuple(args.methods.split(",")))
     else:
         result = run_tuned(args.model, args.budget, args.epochs, args.recovery)
     result["command"] = " ".join(["python", "benchmarks/recovery.py", *(argv or sys.argv[1:])])
