@@ -4,7 +4,7 @@ when"; results in docs/results/prune_adjust_*.json).
 
     python benchmarks/prune_adjust.py imp     --round-epochs 30 --rounds 12
     python benchmarks/prune_adjust.py gradual --epochs 210 --levels 0.97 0.975 0.98 --lr 0.01
-    python benchmarks/prune_adjust.py olmp    --epochs 210 --round-epochs 30 --search-drop 0.4 --lr 0.01
+    python benchmarks/prune_adjust.py olmp    --rounds 7 --round-epochs 30 --search-drop 0.4 --lr 0.01
 
 The originals and the split are those of benchmarks/recovery.py (digits 1077/360/360, seeds 0-2,
 LeNet-300-100 trained 60 epochs with Adam 1e-3). IMP follows ../shared/baselines: density x0.7 per
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery import OUT, SEEDS, global_sparsities, layer_names, saved_model, setup  # noqa: E402
 
+from tightfit import load  # noqa: E402
 from tightfit.evaluation import Accuracy  # noqa: E402
 from tightfit.measure.analysis import count_nonzeros  # noqa: E402
 from tightfit.operators import Compose, Plan, Prune, apply  # noqa: E402
@@ -46,14 +47,18 @@ def _row(seed, method, model, plan, names, val, test, base, epochs, wall, **extr
     return row, loaded
 
 
+def _task(seed: int):
+    """The seed's trained original, its layer names, validation / test metrics, their values on
+    the original, and the training loader."""
+    split, model = setup("lenet300", seed)
+    val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
+    return model, layer_names(model), val, test, {"val": val(model), "test": test(model)}, split.loader("train", shuffle=True)
+
+
 def run_imp(seeds, round_epochs: int, rounds: int, lr: float) -> list[dict]:
     rows = []
     for seed in seeds:
-        split, model = setup("lenet300", seed)
-        names = layer_names(model)
-        val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
-        base = {"val": val(model), "test": test(model)}
-        loader = split.loader("train", shuffle=True)
+        model, names, val, test, base, loader = _task(seed)
         current, density, epochs, start = model, 1.0, 0, time.perf_counter()
         for r in range(1, rounds + 1):
             density *= 0.7
@@ -72,11 +77,7 @@ def run_imp(seeds, round_epochs: int, rounds: int, lr: float) -> list[dict]:
 def run_gradual(seeds, epochs: int, levels, lr: float, recovery: str) -> list[dict]:
     rows = []
     for seed in seeds:
-        split, model = setup("lenet300", seed)
-        names = layer_names(model)
-        val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
-        base = {"val": val(model), "test": test(model)}
-        loader = split.loader("train", shuffle=True)
+        model, names, val, test, base, loader = _task(seed)
         for level in levels:
             plan = _plan(names, global_sparsities(model, names, level))
             candidate = apply(plan, model)
@@ -92,45 +93,40 @@ def run_gradual(seeds, epochs: int, levels, lr: float, recovery: str) -> list[di
     return rows
 
 
-def run_olmp(seeds, epoch_budget: int, round_epochs: int, budget: int, search_drop: float, lr: float, max_drop: float) -> list[dict]:
-    """OLMP's iterative prune-and-adjust with tightfit's parts. Each round: the ``olmp`` search
-    (per-layer thresholds mean + c*std) finds the smallest model whose validation accuracy *before
-    any training* is at most ``search_drop`` below the original's (no training epochs spent);
-    then the adjust step trains that plan with :class:`GradualPrune` for ``round_epochs``. A round
-    whose adjusted model is more than ``max_drop`` below the original on validation is undone and
-    the next round tries a step half as large. Rounds go on while ``epoch_budget`` allows; the
-    answer is the last accepted model (chosen on validation; test is only reported)."""
-    from tightfit import MinMetric, compress
+def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: float, lr: float, max_drop: float) -> list[dict]:
+    """OLMP's iterative prune-and-adjust: :func:`tightfit.prune_and_adjust` with ``search="olmp"``
+    (per-layer thresholds mean + c*std; no training inside the search) and :class:`GradualPrune`
+    (``round_epochs``, Adam ``lr``) as the adjust step; a round more than ``max_drop`` below the
+    original on validation is undone and the next takes half the step."""
+    from tightfit import prune_and_adjust
 
     rows = []
     for seed in seeds:
-        split, model = setup("lenet300", seed)
-        names = layer_names(model)
-        val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
-        base = {"val": val(model), "test": test(model)}
-        loader = split.loader("train", shuffle=True)
-        current, epochs, start, drop, r = model, 0, time.perf_counter(), search_drop, 0
-        while epochs + round_epochs <= epoch_budget:
-            r += 1
-            found = compress(current, evaluate=val, strategy=Prune(sparsity=(0.0, 0.999)),
-                             constraint=MinMetric(base["val"] - drop), objective="nonzeros",
-                             budget=budget, search="olmp", seed=seed * 100 + r)
-            if not found.feasible:
-                print(f"# seed {seed} round {r}: no plan within {drop} before training; stopping", flush=True)
-                break
-            candidate = apply(found.plan, current)
-            with torch.random.fork_rng():
-                torch.manual_seed(seed * 1000 + r)
-                GradualPrune(loader, epochs=round_epochs, lr=lr)(candidate)
-            epochs += round_epochs
-            row, adjusted = _row(seed, "olmp prune-and-adjust", candidate, found.plan, names, val, test, base, epochs,
-                                 time.perf_counter() - start, round=r, lr=lr, search_cr=found.nonzero_ratio, search_drop=drop)
-            row["accepted"] = base["val"] - row["val"] <= max_drop + 1e-9
+        model, _, val, test, base, loader = _task(seed)
+        start = time.perf_counter()
+        history = []
+
+        def record(r, seed=seed, test=test, base=base, history=history):
+            history.append(r)
+            row = dict(seed=seed, method="olmp prune-and-adjust", round=r.number, cr=r.nonzero_ratio, val=r.metric,
+                       test=None, epochs=round_epochs * len(history), wall_s=time.perf_counter() - start, lr=lr,
+                       search_drop=r.step, accepted=r.accepted, base_val=base["val"], base_test=base["test"])
             rows.append(row)
-            if row["accepted"]:
-                current = adjusted
-            else:
-                drop /= 2  # undo the round; the next one takes a smaller step
+
+        result = prune_and_adjust(model, evaluate=val, adjust=GradualPrune(loader, epochs=round_epochs, lr=lr),
+                                  max_drop=max_drop, rounds=rounds, step=search_drop, search="olmp",
+                                  search_budget=budget, seed=seed, on_round=record)
+        # only the answer (the last accepted round) is kept as a model, so only it has a test accuracy
+        mine = [r for r in rows if r["seed"] == seed]
+        if result.plan is not None:
+            path = OUT / f"_tmp_answer_{seed}.tfz"
+            size = result.save(path)
+            loaded = load(path)
+            path.unlink()
+            answer = max((r for r in mine if r["accepted"]), key=lambda r: r["round"])
+            answer.update(test=test(loaded), size_bytes=size)
+        for r in mine:
+            print(json.dumps(r), flush=True)
     return rows
 
 
@@ -191,24 +187,18 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     if args.kind == "table":
         rows = [r for f in args.file.split(",") for r in json.loads(Path(f).read_text())["rows"]]  # files pooled
-        print(table(rows))
-        if any("accepted" in r for r in rows):
-            print()
-            print(answers(rows))
+        print(answers(rows) if any("accepted" in r for r in rows) else table(rows))
         return
     if args.kind == "imp":
         rows = run_imp(args.seeds, args.round_epochs, args.rounds, args.lr)
     elif args.kind == "olmp":
-        rows = run_olmp(args.seeds, args.epochs, args.round_epochs, args.budget, args.search_drop, args.lr, args.max_drop)
+        rows = run_olmp(args.seeds, args.rounds, args.round_epochs, args.budget, args.search_drop, args.lr, args.max_drop)
     else:
         rows = run_gradual(args.seeds, args.epochs, args.levels, args.lr, args.kind)
     result = {"kind": args.kind, "rows": rows, "command": " ".join(["python", "benchmarks/prune_adjust.py", *(argv or sys.argv[1:])])}
     path = OUT / f"prune_adjust_{args.kind}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
-    print(table(rows))
-    if args.kind == "olmp":
-        print()
-        print(answers(rows))
+    print(answers(rows) if args.kind == "olmp" else table(rows))
     print(f"written {path}")
 
 
