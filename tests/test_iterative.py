@@ -68,3 +68,17 @@ def test_the_original_model_is_not_modified_and_bad_arguments_are_clear():
         tightfit.prune_and_adjust(model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader), rounds=0)
     with pytest.raises(ConfigError, match="no round was accepted"):
         tightfit.iterative.PruneAdjustResult(model, None, 1.0, 1.0, 1.0).save("x.tfz")
+
+
+def test_a_gentler_plan_never_regrows_an_earlier_rounds_zeros():
+    from tightfit.iterative import _keep_zeros
+
+    model, loader = _toy()
+    with torch.no_grad():
+        model[0].weight[:, :4] = 0.0  # an earlier round pruned half of the first layer
+    plan = tightfit.Plan.from_strategy(tightfit.Compose([tightfit.Prune()]),
+                                       {"0": {"prune": {"sparsity": 0.1}}, "2": {"prune": {"sparsity": 0.1}}})
+    candidate = tightfit.apply(plan, model)
+    _keep_zeros(candidate)
+    GradualPrune(loader, epochs=2, lr=1e-2)(candidate)
+    assert (candidate[0].weight[:, :4] == 0).all()

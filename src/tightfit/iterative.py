@@ -126,6 +126,7 @@ def prune_and_adjust(
         if not found.feasible:
             break  # not even the gentlest plan keeps the metric within the step: nothing left to prune
         candidate = apply(found.plan, current)
+        _keep_zeros(candidate)
         with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
             torch.manual_seed(seed * 1000 + number)
             adjust(candidate)
@@ -145,6 +146,19 @@ def prune_and_adjust(
             step /= 2  # undo the round: the next one takes a smaller step
     answer = current if current is not model else copy.deepcopy(model)
     return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, compressed)
+
+
+@torch.no_grad()
+def _keep_zeros(candidate: nn.Module) -> None:
+    """Weights an earlier round pruned are exact zeros; a plan gentler than that round's on some
+    layer would unmask them and training would grow them back. Mask them again."""
+    from .operators.prune import WeightMask
+    from .recovery._base import sites
+
+    for site in sites(candidate):
+        for step in site.chain:
+            if isinstance(step, WeightMask):
+                step.mask.mul_((site.original != 0).to(step.mask.dtype))
 
 
 __all__ = ["AdjustRound", "PruneAdjustResult", "prune_and_adjust"]
