@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=30)
     parser.add_argument("--search", default="tpe")
+    parser.add_argument("--recovery", default="finetune", choices=["finetune", "gradual"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -31,7 +32,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             result, (test_original, test_compressed) = run_demo(
-                budget=args.budget, seed=seed, run_dir=Path(tmp) / "run", search=args.search
+                budget=args.budget, seed=seed, run_dir=Path(tmp) / "run", search=args.search,
+                recovery=args.recovery,
             )
             wall = time.perf_counter() - started
             file_bytes = (Path(tmp) / "run" / "model.tfz").stat().st_size if result.feasible else None
@@ -59,7 +61,7 @@ def main() -> None:
         print(json.dumps(row))
     ratios = [r["size_ratio"] for r in rows]
     summary = {
-        "command": f"python benchmarks/demo_end_to_end.py --seeds {' '.join(map(str, args.seeds))} --budget {args.budget} --search {args.search}",
+        "command": f"python benchmarks/demo_end_to_end.py --seeds {' '.join(map(str, args.seeds))} --budget {args.budget} --search {args.search} --recovery {args.recovery}",
         "median_size_ratio": statistics.median(ratios),
         "min_size_ratio": min(ratios),
         "max_test_drop_points": max(r["test_drop_points"] for r in rows),

@@ -34,6 +34,7 @@ from tightfit.measure.analysis import analyze, count_nonzeros
 from tightfit.operators import Compose, Plan, Prune, Quantize, apply
 from tightfit.recovery import (
     FineTune,
+    GradualPrune,
     LearningCompression,
     ProxConnect,
     PruneSplice,
@@ -99,7 +100,16 @@ def saved_model(model, plan):
     return load_model(io.BytesIO(data)), len(data)
 
 
-def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05) -> dict:
+def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05, lrs: list[float] | None = None) -> dict:
+    if kind == "prune" and lrs:
+        # Learning-rate grid: every method is compared at its own best learning rate.
+        methods = {}
+        for lr in lrs:
+            methods[f"finetune (masked), Adam {lr:g}"] = FineTune(loader, epochs=epochs, lr=lr)
+            methods[f"gradual (cubic ramp 0.7), Adam {lr:g}"] = GradualPrune(loader, epochs=epochs, lr=lr)
+            methods[f"prune-and-splice, Adam {lr:g}"] = PruneSplice(loader, epochs=epochs, lr=lr)
+        methods[f"L-C (ALM, SGD {lc_lr:g}, mu 1e-3 -> 10)"] = LearningCompression(loader, epochs=epochs, evaluate=val, lr=lc_lr)
+        return methods
     if kind == "prune":
         return {
             "finetune (masked)": FineTune(loader, epochs=epochs, lr=1e-3),
@@ -113,15 +123,16 @@ def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05) -> dict
         return {
             "finetune (FakeQuantize 2-bit STE)": FineTune(loader, epochs=epochs, lr=1e-3),
             "STE on ternary grid (BinaryConnect-style)": ProxConnect(loader, epochs=epochs, sharpness=(inf, inf)),
-            "ProxConnect ternary": ProxConnect(loader, epochs=epochs),
-            "ProxConnect ternary, sharpness 10..1e4": ProxConnect(loader, epochs=epochs, sharpness=(10.0, 1e4)),
+            "ProxConnect ternary (default: sharpness 10..1e4)": ProxConnect(loader, epochs=epochs),
+            "ProxConnect ternary, sharpness 1..1e3 (the old default)": ProxConnect(loader, epochs=epochs, sharpness=(1.0, 1e3)),
         }
     raise ValueError(kind)
 
 
-def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[float], lc_lr: float = 0.05) -> dict:
+def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[float], lc_lr: float = 0.05,
+                       lrs: list[float] | None = None, seeds=SEEDS) -> dict:
     rows = []
-    for seed in SEEDS:
+    for seed in seeds:
         split, model = setup(model_name, seed)
         names = layer_names(model)
         val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
@@ -133,7 +144,7 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
                 plan = Plan.from_strategy(Compose([Prune()]), {n: {"prune": {"sparsity": per_layer[n]}} for n in names})
             else:
                 plan = Plan.from_strategy(Compose([Quantize(bits=(2, 4, 8))]), {n: {"quantize": {"bits": int(level)}} for n in names})
-            for method, rec in recoveries(kind, loader, val, epochs, lc_lr).items():
+            for method, rec in recoveries(kind, loader, val, epochs, lc_lr, lrs).items():
                 candidate = apply(plan, model)
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
@@ -156,16 +167,16 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
     return {"kind": kind, "model": model_name, "epochs": epochs, "rows": rows}
 
 
-def run_sparse(model_name: str, epochs: int, lambdas: list[float], lr: float) -> dict:
+def run_sparse(model_name: str, epochs: int, lambdas: list[float], lr: float, seeds=SEEDS, methods=("proxsg", "obproxsg", "hspg")) -> dict:
     rows = []
-    for seed in SEEDS:
+    for seed in seeds:
         split, model = setup(model_name, seed)
         names = layer_names(model)
         val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
         loader = split.loader("train", shuffle=True)
         x = split.x_val[:64]
         for lam in lambdas:
-            for method in ("proxsg", "obproxsg", "hspg"):
+            for method in methods:
                 candidate = copy.deepcopy(model)
                 rec = SparseTraining(loader, method=method, epochs=epochs, lr=lr, lambda_=lam)
                 with torch.random.fork_rng():
@@ -221,12 +232,36 @@ def run_tuned(model_name: str, budget: int, epochs: int, recovery: str = "finetu
     return {"kind": "tuned", "model": model_name, "budget": budget, "epochs": epochs, "rows": rows}
 
 
+def pivot(result: dict) -> str:
+    """Prune results as one row per method, one column per plan sparsity: mean test drop in points
+    (the mean CR of the saved files in the header; splice's own CR in brackets, its masks move)."""
+    rows = result["rows"]
+    levels = sorted({r["level"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    mean = statistics.mean
+    head = " | ".join(f"{lv} ({1 / (1 - lv):.1f}x)" for lv in levels)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"| method (test drop pp, mean of {len(seeds)} seeds) | {head} |", "|---|" + "---|" * len(levels)]
+    for m in methods:
+        cells = []
+        for lv in levels:
+            rs = [r for r in rows if r["method"] == m and r["level"] == lv]
+            if not rs:
+                cells.append("-")
+                continue
+            drop = 100 * (mean(r["base_test"] for r in rs) - mean(r["test"] for r in rs))
+            cr = mean(r["cr"] for r in rs)
+            cells.append(f"{drop:+.2f}" + ("" if abs(cr - 1 / (1 - lv)) < 0.2 else f" [{cr:.1f}x]"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarize(result: dict) -> str:
     rows = result["rows"]
     lines = []
     if result["kind"] in ("prune", "quant"):
         key = "level"
-        lines.append(f"| method | {'overall sparsity (global magnitude plan)' if result['kind'] == 'prune' else 'bits'} | CR (nonzeros) mean | test acc % (mean of 3) | val acc % | test drop pp | file bytes | wall s |")
+        lines.append(f"| method | {'overall sparsity (global magnitude plan)' if result['kind'] == 'prune' else 'bits'} | CR (nonzeros) mean | test acc % (mean over seeds) | val acc % | test drop pp | file bytes | wall s |")
         lines.append("|---|---|---|---|---|---|---|---|")
         groups = {}
         for r in rows:
@@ -273,18 +308,25 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default="")
     p.add_argument("--lc-lr", type=float, default=0.05)
     p.add_argument("--recovery", default="finetune", choices=["finetune", "lc"])
+    p.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    p.add_argument("--pivot", action="store_true", help="table: prune results as method x sparsity")
+    p.add_argument("--methods", default="proxsg,obproxsg,hspg", help="sparse: which optimizers")
+    p.add_argument("--lrs", type=float, nargs="*", help="prune: compare finetune / gradual / splice at each of these Adam lrs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
-    if args.kind == "table":
-        print(summarize(json.loads(Path(args.file).read_text())))
+    if args.kind == "table":  # several files (e.g. more seeds of one comparison) are pooled
+        results = [json.loads(Path(f).read_text()) for f in args.file.split(",")]
+        pooled = {**results[0], "rows": [r for res in results for r in res["rows"]]}
+        print(pivot(pooled) if args.pivot else summarize(pooled))
         return
     if args.kind == "prune":
-        result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97], args.lc_lr)
+        result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97], args.lc_lr,
+                                    args.lrs, args.seeds)
     elif args.kind == "quant":
-        result = run_prune_or_quant("quant", args.model, args.epochs, args.levels or [2])
+        result = run_prune_or_quant("quant", args.model, args.epochs, args.levels or [2], seeds=args.seeds)
     elif args.kind == "sparse":
-        result = run_sparse(args.model, args.epochs, args.lambdas, args.lr)
+        result = run_sparse(args.model, args.epochs, args.lambdas, args.lr, args.seeds, tuple(args.methods.split(",")))
     else:
         result = run_tuned(args.model, args.budget, args.epochs, args.recovery)
     result["command"] = " ".join(["python", "benchmarks/recovery.py", *(argv or sys.argv[1:])])

@@ -135,3 +135,50 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
     after = _completed(db)
     assert len(after) == 8
     assert {t.number: t.params for t in after if t.number in before} == before
+
+
+@pytest.mark.parametrize(
+    "section,expect",
+    [
+        ('method = "gradual"\nepochs = 2\nlr = 0.01\noptions = { ramp = 0.5 }', ("GradualPrune", {"ramp": 0.5, "lr": 0.01, "epochs": 2})),
+        ('method = "lc"', ("LearningCompression", {"lr": 0.05, "optimizer": "sgd"})),  # L-C's own defaults
+        ('method = "splice"\noptimizer = "sgd"', ("PruneSplice", {"optimizer": "sgd"})),
+        ('epochs = 3\ntune = { lr = [1e-4, 1e-2], optimizer = ["adam", "sgd"] }', ("Tuned", {})),
+    ],
+)
+def test_config_chooses_the_recovery_method(project, section, expect):
+    from tightfit.cli.config import build_arguments, load_config
+
+    config_path = project / "tightfit.toml"
+    text = config_path.read_text()
+    head, _, tail = text.partition("[finetune]\n")
+    kept = "\n".join(ln for ln in tail.splitlines() if ln.startswith("data ="))
+    config_path.write_text(f"{head}[finetune]\n{kept}\n{section}\n")
+    config, base = load_config(config_path)
+    recovery = build_arguments(config, base, config_path)["finetune"]
+    name, attributes = expect
+    assert type(recovery).__name__ == name
+    for key, value in attributes.items():
+        assert getattr(recovery, key) == value
+    if name == "Tuned":
+        assert sorted(recovery.specs) == ["lr", "optimizer"] and recovery.recovery.epochs == 3
+
+
+@pytest.mark.parametrize(
+    "section,field",
+    [
+        ('method = "surgery"', "finetune.method"),
+        ('method = "gradual"\noptions = { ramp = 2.0 }', "ramp"),
+        ('method = "gradual"\noptions = { bogus = 1 }', "bogus"),
+        ('method = "sparse"\noptimizer = "adam"', "optimizer"),
+        ('tune = { lr = [1e-4] }', "finetune.tune"),
+        ('method = "lc"\nweight_decay = 0.1', "finetune.weight_decay"),
+    ],
+)
+def test_bad_recovery_config_names_the_field(project, section, field):
+    config_path = project / "tightfit.toml"
+    head, _, tail = config_path.read_text().partition("[finetune]\n")
+    kept = "\n".join(ln for ln in tail.splitlines() if ln.startswith("data ="))
+    config_path.write_text(f"{head}[finetune]\n{kept}\n{section}\n")
+    result = runner.invoke(app, ["run", str(config_path)])
+    assert result.exit_code != 0 and field in result.output, result.output

@@ -238,21 +238,30 @@ def test_cheap_search_records_noise_levels_and_accounting(mlp, digits, tmp_path)
     # the noise of every estimate reaches the search as a trial attribute
     for t in frozen:
         assert t.user_attrs["metric_se"] > 0 and math.isfinite(t.user_attrs["metric_se"])
-        assert t.user_attrs["fidelity"] in ("full", "screen")
+        assert t.user_attrs["fidelity"] in ("full", "screen", "stopped")
     levels = {t.user_attrs["fidelity"] for t in frozen}
     assert "full" in levels
     for t in frozen:
-        if t.user_attrs["fidelity"] == "screen":  # screened: pruned, no fine-tune, first look only
+        if t.user_attrs["fidelity"] == "screen" and t.user_attrs["screen_prediction"] is None:
+            # screened before the stages are calibrated: pruned, no fine-tune, first look only
             assert t.state == optuna.trial.TrialState.PRUNED
+            assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 24
+        elif t.user_attrs["fidelity"] == "screen":  # calibrated: told with a predicted value
+            assert t.state == optuna.trial.TrialState.COMPLETE
             assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["val_samples"] == 24
         else:
             assert t.user_attrs["finetune_steps"] > 0 and t.user_attrs["val_samples"] >= 24
-        [evaluation] = t.user_attrs["evaluations"]
-        assert evaluation["val_samples"] == t.user_attrs["val_samples"] and evaluation["seconds"] > 0
+        evaluations = t.user_attrs["evaluations"]  # stages of the fine-tune, then the evaluation
+        assert sum(e.get("val_samples", 0) for e in evaluations) == t.user_attrs["val_samples"]
+        assert sum(e.get("finetune_steps") or 0 for e in evaluations) == t.user_attrs["finetune_steps"]
+        assert all(e["seconds"] > 0 for e in evaluations)
+    # a screened candidate's feasibility is at most predicted: never counted as a feasible trial
+    assert not any(t.feasible for t in result.trials if t.fidelity == "screen")
     # accounting: every forward pass the metric made is attributed to the baseline, a trial or the end
     acc = result.accounting
     assert acc["val_samples"] == evaluate.samples_evaluated
     assert acc["val_samples_baseline"] == len(digits.y_val)
+    assert acc["val_samples_probes"] == sum(t.user_attrs.get("probe_samples") or 0 for t in frozen)
     assert acc["val_samples_trials"] == sum(t.user_attrs["val_samples"] for t in frozen)
     assert acc["finetune_steps"] == sum(t.user_attrs["finetune_steps"] for t in frozen)
     assert acc["trial_wall_s"] == pytest.approx(sum(t.user_attrs["duration_s"] for t in frozen))

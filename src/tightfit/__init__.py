@@ -48,6 +48,8 @@ _EXPORTS = {
     "FineTune": "tightfit.recovery",
     "LearningCompression": "tightfit.recovery",
     "PruneSplice": "tightfit.recovery",
+    "GradualPrune": "tightfit.recovery",
+    "prune_and_adjust": "tightfit.iterative",
     "SparseTraining": "tightfit.recovery",
     "ProxConnect": "tightfit.recovery",
     "Tuned": "tightfit.recovery",
@@ -91,5 +93,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .operators import (
         Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, register_operator,
     )
+    from .iterative import prune_and_adjust
     from .records import Measurement, Result, TrialRecord
-    from .recovery import FineTune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned
+    from .recovery import FineTune, GradualPrune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned

@@ -4,6 +4,7 @@ the function on the package): search a compression plan for a trained model unde
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 import os
@@ -171,8 +172,8 @@ def _better(a: TrialRecord, b: TrialRecord | None) -> bool:
 def best_feasible(trials: Sequence[TrialRecord]) -> TrialRecord | None:
     best = None
     for t in trials:
-        # a candidate only screened by cheap evaluation (not fine-tuned) is never the answer
-        if t.feasible and t.measurement is not None and t.fidelity != "screen" and _better(t, best):
+        # a candidate cheap evaluation only screened or stopped mid-fine-tune is never the answer
+        if t.feasible and t.measurement is not None and t.fidelity not in ("screen", "stopped") and _better(t, best):
             best = t
     return best
 
@@ -405,9 +406,11 @@ def _search(
             )
 
         context = _search_context(
-            original, evaluate, strategy, space, constraints, baseline, objective, budget, seed, layer_names, example_input,
-            n_objectives=2 if multi else 1, latency=latency,
+            # cheap evaluation: probes are sequential too, and never read the held-out samples
+            original, session.estimate if session is not None else evaluate, strategy, space, constraints, baseline,
+            objective, budget, seed, layer_names, example_input, n_objectives=2 if multi else 1, latency=latency,
         )
+        context, evaluate_plan = _with_probe_cost(context, evaluate_plan, counter)
         if worker:
             return run_trials(study, space, evaluate_plan, budget=budget, method=search, seed=seed, context=context)
         if on_start is not None:
@@ -476,6 +479,32 @@ class _ForwardPasses:
         return delta
 
 
+def _with_probe_cost(context: SearchContext, evaluate_plan, counter: _ForwardPasses):
+    """Charge each trial with what the optimizer's probes (plans measured without fine-tuning, made
+    while it prepared the suggestion) cost: validation samples and seconds, stored as the trial's
+    ``probe_samples`` and ``probe_s``."""
+    if context.probe is None:
+        return context, evaluate_plan
+    clock = {"s": 0.0}
+    probe = context.probe
+
+    def timed_probe(plan: Plan) -> ProbeResult:
+        started = time.perf_counter()
+        try:
+            return probe(plan)
+        finally:
+            clock["s"] += time.perf_counter() - started
+
+    def charged(plan: Plan, trial) -> TrialOutcome:
+        passes, seconds = counter.take(), clock["s"]
+        clock["s"] = 0.0
+        outcome = evaluate_plan(plan, trial)
+        outcome.attrs.update(probe_samples=passes, probe_s=seconds)
+        return outcome
+
+    return dataclasses.replace(context, probe=timed_probe), charged
+
+
 def _full_metric(evaluate, model: nn.Module) -> tuple[float, float | None]:
     """The metric on the full validation set and, for a per-sample metric, its standard error."""
     per_sample = getattr(evaluate, "per_sample", None)
@@ -504,20 +533,32 @@ def _accounting(trials: Sequence[TrialRecord], baseline_passes, final_passes, wa
     """The run's cost: validation forward passes (original, trials, final check), fine-tuning steps,
     wall time. Trial figures are summed over every stored trial, so a resumed run counts all of them."""
     trial_passes = [t.val_samples for t in trials if t.state in ("COMPLETE", "PRUNED")]
+    probe_passes = sum(t.probe_samples or 0 for t in trials)
     known = all(p is not None for p in trial_passes) and baseline_passes is not None and final_passes is not None
-    by_level: dict[str, int] = {}
+    by_level: dict[str, dict[str, float]] = {}
     for t in trials:
         if t.fidelity is not None:
-            by_level[t.fidelity] = by_level.get(t.fidelity, 0) + 1
+            level = by_level.setdefault(t.fidelity, {"trials": 0, "finetune_steps": 0, "val_samples": 0, "wall_s": 0.0})
+            level["trials"] += 1
+            level["finetune_steps"] += t.finetune_steps or 0
+            level["val_samples"] += t.val_samples or 0
+            level["wall_s"] += (t.duration_s or 0.0) - (t.search_time_s or 0.0)
+    search_s = sum(t.search_time_s or 0.0 for t in trials)
+    probe_s = sum(t.probe_s or 0.0 for t in trials)
     return {
-        "val_samples": (baseline_passes + sum(trial_passes) + final_passes) if known else None,
+        "val_samples": (baseline_passes + sum(trial_passes) + probe_passes + final_passes) if known else None,
         "val_samples_baseline": baseline_passes,
         "val_samples_trials": sum(p or 0 for p in trial_passes),
+        "val_samples_probes": probe_passes,
         "val_samples_final": final_passes,
         "finetune_steps": sum(t.finetune_steps or 0 for t in trials),
         "trial_wall_s": sum(t.duration_s or 0.0 for t in trials),
         "search_wall_s": wall_s,
-        "trials_by_fidelity": by_level,
+        # the optimizer's time to suggest (GP fits, acquisition), without its probes
+        "optimizer_wall_s": search_s - probe_s,
+        "probe_wall_s": probe_s,
+        "trials_by_fidelity": {name: int(level["trials"]) for name, level in by_level.items()},
+        "cost_by_fidelity": by_level,
     }
 
 

@@ -66,14 +66,19 @@ class TrialRecord:
     finetune_steps: int | None = None
     #: standard error of ``measurement.metric`` (sampling noise of the validation estimate)
     metric_se: float | None = None
-    #: "full", or "screen" for a candidate only screened by cheap evaluation (never the answer)
+    #: "full"; with cheap evaluation also "screen" (only screened) or "stopped" (fine-tune stopped
+    #: at a stage); neither is ever the answer
     fidelity: str | None = None
-    #: the optimizer's own time to make this trial's suggestion (seconds)
+    #: the optimizer's own time to make this trial's suggestion (seconds; includes its probes)
     search_time_s: float | None = None
+    #: validation samples and seconds the optimizer's probes (no fine-tune) used for this suggestion
+    probe_samples: int | None = None
+    probe_s: float | None = None
 
     @property
     def feasible(self) -> bool:
-        return self.state == "COMPLETE" and all(c <= 0 for c in self.constraints)
+        # a screened candidate's constraint values may be predictions (cheap evaluation): not measured
+        return self.state == "COMPLETE" and self.fidelity != "screen" and all(c <= 0 for c in self.constraints)
 
 
 @dataclass

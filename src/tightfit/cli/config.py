@@ -70,14 +70,41 @@ class EvaluateSection(_Strict):
         return self
 
 
+#: ``[finetune] method = ...`` -> the recovery class (tightfit.recovery) it builds.
+RECOVERY_METHODS = {
+    "finetune": "FineTune",
+    "gradual": "GradualPrune",
+    "splice": "PruneSplice",
+    "lc": "LearningCompression",
+    "proxconnect": "ProxConnect",
+    "sparse": "SparseTraining",
+}
+
+
 class FinetuneSection(_Strict):
     data: str | None = Field(default=None, description="import path of a function returning the training loader")
     function: str | None = Field(default=None, description="import path of a recovery: function(model) -> None")
-    epochs: int = Field(default=2, ge=0)
-    lr: float = Field(default=3e-4, gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(default=0.0, ge=0)
+    method: Literal["finetune", "gradual", "splice", "lc", "proxconnect", "sparse"] = Field(
+        default="finetune", description="which recovery trains each candidate (see docs/recovery.md)")
+    # Unset keys keep the method's own defaults (FineTune: 2 epochs, Adam 3e-4; L-C: SGD 0.05; ...).
+    epochs: int | None = Field(default=None, ge=0)
+    lr: float | None = Field(default=None, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] | None = None
+    weight_decay: float | None = Field(default=None, ge=0)
     max_steps: int | None = Field(default=None, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict, description="further constructor arguments of the method")
+    tune: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="recovery hyperparameters the search tunes with the plan: [low, high] or a list of choices")
+
+    @field_validator("tune")
+    @classmethod
+    def _ranges(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, spec in value.items():
+            numeric = len(spec) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
+            if not numeric and not (spec and all(isinstance(v, str) for v in spec)):
+                raise ValueError(f"tune.{name}: give [low, high] numbers or a list of choices (strings), not {spec!r}")
+        return value
 
     @field_validator("data", "function")
     @classmethod
@@ -133,6 +160,12 @@ class EvaluationSection(_Strict):
     growth: float = Field(default=2.0, description="each look reads this many times more samples")
     certify_fraction: float = Field(default=0.25, description="share of validation samples held out to certify the answer")
     screen: bool = Field(default=True, description="only screen candidates that cannot improve the answer")
+    stages: list[float] = Field(default=[1 / 3, 2 / 3], description="fractions of the fine-tune at which a hopeless candidate may be stopped ([] for none)")
+    stage_samples: int = Field(default=64, description="validation samples read at each stage")
+    min_curves: int = Field(default=3, description="fully fine-tuned candidates needed before any stop")
+    max_curves: int = Field(default=5, description="fully fine-tuned candidates whose learning curve is recorded")
+    stop_slack: float = Field(default=0.5, description="inflation of the largest gain seen from a stage")
+    probe_samples: int | None = Field(default=128, description="most validation samples a search probe reads")
 
 
 class LatencySection(_Strict):
@@ -208,6 +241,35 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     return config, base
 
 
+def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Callable:
+    """The recovery a ``[finetune]`` section describes (wrapped in ``Tuned`` when it has ``tune``)."""
+    from .. import recovery
+
+    cls = getattr(recovery, RECOVERY_METHODS[section.method])
+    given = {"epochs": section.epochs, "lr": section.lr, "optimizer": section.optimizer,
+             "weight_decay": section.weight_decay, "max_steps": section.max_steps}
+    kwargs: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    if "weight_decay" in kwargs and section.method != "finetune":
+        raise ConfigError(f"finetune.weight_decay: method {section.method!r} has no weight decay; remove it.")
+    if section.method == "lc":
+        kwargs["evaluate"] = evaluate  # L-C keeps the best of its epochs by the validation metric
+    clashing = sorted(set(section.options) & set(kwargs))
+    if clashing:
+        raise ConfigError(f"finetune.options: {clashing} are set as [finetune] keys already; give each once.")
+    try:
+        built = cls(loader, **kwargs, **section.options)
+    except TypeError as exc:
+        raise ConfigError(f"finetune: {exc} (method {section.method!r} builds {cls.__name__}; "
+                          "see its arguments in docs/recovery.md).") from None
+    if not section.tune:
+        return built
+    ranges = {name: tuple(spec) if not isinstance(spec[0], str) else list(spec) for name, spec in section.tune.items()}
+    try:
+        return recovery.Tuned(built, **ranges)
+    except ConfigError as exc:
+        raise ConfigError(f"finetune.tune: {exc}") from None
+
+
 def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
     """Everything :func:`tightfit.compress` needs, built from a validated config."""
     import torch
@@ -215,8 +277,6 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     from ..evaluation import Accuracy, MaxDrop, MaxLatency, MaxSize, MinMetric
     from ..measure import Latency
     from ..operators import OPERATOR_REGISTRY, Compose
-    from ..recovery import FineTune
-
     def call(field: str, import_path: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return resolve_import(import_path)(*args, **kwargs)
@@ -274,10 +334,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         if ft.function is not None:
             finetune = resolve_import(ft.function)
         else:
-            finetune = FineTune(
-                call("finetune.data", ft.data), epochs=ft.epochs, lr=ft.lr, optimizer=ft.optimizer,
-                weight_decay=ft.weight_decay, max_steps=ft.max_steps,
-            )
+            finetune = _recovery(ft, call("finetune.data", ft.data), evaluate)
 
     example_input = call("example_input", config.example_input) if config.example_input else None
     latency = None
@@ -320,7 +377,9 @@ def _evaluation(section: EvaluationSection | None):
     try:
         return Sequential(
             confidence=section.confidence, first_look=section.first_look, growth=section.growth,
-            certify_fraction=section.certify_fraction, screen=section.screen,
+            certify_fraction=section.certify_fraction, screen=section.screen, stages=tuple(section.stages),
+            stage_samples=section.stage_samples, min_curves=section.min_curves, max_curves=section.max_curves, stop_slack=section.stop_slack,
+            probe_samples=section.probe_samples,
         )
     except ConfigError as exc:
         raise ConfigError(f"[evaluation]: {exc}") from None

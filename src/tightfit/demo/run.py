@@ -9,7 +9,7 @@ import torch
 from ..pipeline import compress
 from ..evaluation import Accuracy, MaxDrop
 from ..operators import Compose, Prune, Quantize
-from ..recovery import FineTune
+from ..recovery import FineTune, GradualPrune
 from .data import digits_split, train
 from .models import lenet_300_100
 
@@ -17,6 +17,9 @@ from .models import lenet_300_100
 DEMO_MAX_DROP = 0.005
 DEMO_BITS = (2, 4, 8)
 DEMO_FINETUNE = {"epochs": 6, "lr": 1e-3}
+#: "finetune" (masked fine-tuning) or "gradual" (GradualPrune: the planned sparsity reached while training).
+DEMO_RECOVERY = "finetune"
+DEMO_GRADUAL = {"epochs": 6, "lr": 1e-2}
 TRAIN_EPOCHS = 60
 #: TPE, not "auto": on this 360-sample validation set the constraint sits at the noise level, and
 #: "auto"'s BO finds larger ratios that are partly luck (test accuracy 1-3 points lower over seeds
@@ -40,7 +43,8 @@ def demo_model(split, seed: int, run_dir: Path | None) -> torch.nn.Module:
     return model
 
 
-def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("runs/demo"), search: str = DEMO_SEARCH, console=None):
+def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("runs/demo"), search: str = DEMO_SEARCH,
+             recovery: str = DEMO_RECOVERY, console=None):
     """Returns the result and the test accuracy of (original, compressed) on the held-out split."""
     split = digits_split(seed)
     if console is not None:
@@ -55,7 +59,8 @@ def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("ru
         strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
         constraint=MaxDrop(DEMO_MAX_DROP),
         objective="size",
-        finetune=FineTune(split.loader("train", shuffle=True), **DEMO_FINETUNE),
+        finetune=(GradualPrune(split.loader("train", shuffle=True), **DEMO_GRADUAL) if recovery == "gradual"
+                  else FineTune(split.loader("train", shuffle=True), **DEMO_FINETUNE)),
         budget=budget,
         search=search,
         example_input=split.x_val[:1],

@@ -3,12 +3,24 @@ sequential test, and the per-trial accounting the search and the reports read.
 
 Levels: a candidate that could improve the current answer (objective below the best feasible one
 so far, size constraints met) is *promoted*: fine-tuned in full, then evaluated sequentially until
-its constraints are decided. Any other candidate is *screened*: no fine-tune, first look only. Its
-estimate still informs the sampler (``metric_se`` says how rough it is), but it can never be the
-answer, and it costs a few dozen forward passes instead of a fine-tune and a full evaluation. It is
-told to Optuna as PRUNED (its objective as the intermediate value, no constraint values): a sampler
-such as TPE ranks it after the completed feasible trials and before the infeasible ones, as it would
-a trial a pruner stopped early, and the untuned estimate never misleads the constraint model.
+its constraints are decided. Any other candidate is *screened*: no fine-tune, first look only. It
+can never be the answer, and it costs a few dozen forward passes instead of a fine-tune and a full
+evaluation. Until the stages below are calibrated it is told to Optuna as PRUNED (its objective as
+the intermediate value, no constraint values), which TPE ranks after the completed feasible
+trials. Once they are, it is told as a completed trial whose constraint values are predicted: its
+untuned estimate minus the mean gain the whole fine-tune gave the calibration curves. Model-based
+samplers (``bo``, the level-set warm start) read only completed trials; told as PRUNED, a
+screened plan stayed invisible to them and they kept proposing similar plans (measured: 22 of 30
+trials screened on digits, see docs/benchmarks.md).
+
+Stages (``Sequential.stages``, see ``.stages``): a promoted candidate's fine-tune is checked at
+fractions of its steps on the stage samples and *stopped* when it surely cannot meet a constraint
+after the remaining steps. A stopped candidate is told to the search as a completed, infeasible
+trial (fidelity ``"stopped"``): the constraint values it gets are optimistic predictions of its
+final values, still > 0, so a model of the constraint learns that the region fails. Candidates
+fine-tuned in full store their curve (values at each stage and at the end on the same samples),
+which calibrates the stop rule for later candidates. Optuna's pruner interface is not used: its
+intermediate values are read by samplers as *objective* values, while these are constraint values.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from ..records import Measurement, TrialRecord
 from ..search.loop import TrialOutcome
 from .constraints import Constraint
 from .sequential import SequentialSession
+from .stages import CURVE_ATTR, Curve, EarlyStop, curves_of, hopeless, planned_steps, stage_steps, staged, tuned_prediction
 
 StaticMeasure = Callable[..., "tuple[bytes, Measurement]"]  # (candidate, plan, trial number, reuse=None)
 
@@ -67,18 +80,89 @@ def sequential_plan_evaluator(
 
         finetune, tuned = recovery_for(trial)
         steps = 0 if finetune is not None else None
+        evaluations: list[dict[str, Any]] = []  # the trial's cost, stage by stage
+        at_steps: list[int] = []
+        passed: list[torch.Tensor] = []  # constraint statistics on the stage samples at each stage passed
+        stop: dict[str, Any] = {}
+        total = planned_steps(finetune) if finetune is not None else None
+        staging = bool(total and session._forms and session.config.stages)
+        curves = curves_of(trial.study.get_trials(deepcopy=False), total) if staging else []
+        untuned = None  # constraint statistics on the stage samples before fine-tuning
         if level == "full" and finetune is not None:
-            with torch.random.fork_rng():
+            at_steps = stage_steps(total, session.config.stages) if staging else []
+            record_curve = bool(at_steps) and len(curves) < session.config.max_curves
+            if record_curve:  # the curve starts before the fine-tune: what a screen would have seen
+                looked = time.perf_counter()
+                untuned = session.stage_statistics(session.stage_values(candidate))
+                evaluations.append({"level": "untuned", "val_samples": len(untuned), "seconds": time.perf_counter() - looked})
+            last = {"t": time.perf_counter(), "steps": 0}
+
+            def check(stage: int, taken: int) -> bool:
+                values = session.stage_values(candidate)
+                stats = session.stage_statistics(values)
+                estimates = session.stage_estimates(stats)
+                hopeless_now, predicted = hopeless(
+                    [e.mean for e in estimates], [e.se for e in estimates], curves, stage,
+                    z=session.stage_z, slack=session.config.stop_slack, min_curves=session.config.min_curves,
+                )
+                now = time.perf_counter()
+                evaluations.append({
+                    "level": "stage", "stage": stage, "fraction": taken / total, "finetune_steps": taken - last["steps"],
+                    "val_samples": len(values), "values": [e.mean for e in estimates], "se": [e.se for e in estimates],
+                    "seconds": now - last["t"], "stop": hopeless_now,
+                })
+                last.update(t=now, steps=taken)
+                passed.append(stats)
+                if hopeless_now:
+                    stop.update(predicted=predicted, estimates=estimates, metric=session.paired_metric(values), steps=taken)
+                return hopeless_now
+
+            with torch.random.fork_rng(), staged(candidate, at_steps, check):
                 torch.manual_seed(seed)
-                finetune(candidate)
+                try:
+                    finetune(candidate)
+                except EarlyStop:
+                    pass
+            if stop:
+                steps = stop["steps"]
+                return _stopped_outcome(stop, plan, measured, goal, constraints, baseline, session, evaluations, tuned, counter, started)
             steps = getattr(finetune, "steps_taken", None)
             # weights changed (the compressed file with them), masks did not: nonzeros and FLOPs stay
             data, measured = static(candidate, plan, trial.number, measured)
             goal = goal_of(measured)
+            if at_steps:
+                evaluations.append({"level": "finetune", "finetune_steps": (steps or 0) - last["steps"],
+                                    "seconds": time.perf_counter() - last["t"]})
 
+        eval_started = time.perf_counter()
         ev = session.evaluate(candidate, level=level)
         measured = Measurement(ev.metric, measured.size_bytes, measured.nonzeros, measured.weight_params, measured.flops)
         values = [ev.constraint_values[i] if i in ev.constraint_values else c.value(measured, baseline) for i, c in enumerate(constraints)]
+        predicted = None
+        extra = 0  # samples read besides the sequential test's (stage samples, the untuned look)
+        calibrated = sum(c.untuned is not None for c in curves) >= session.config.min_curves
+        if level == "screen" and staging and calibrated:
+            # Told as a completed trial with the values fine-tuning would likely give it (calibrated
+            # on the curves), so that model-based samplers, which ignore PRUNED trials, learn its
+            # objective and stop proposing it; its fidelity keeps it from ever being the answer.
+            # the screen's own look (an unbiased estimate of the untuned value, like the curves' one)
+            predicted = tuned_prediction(
+                [float(v) for v in session.stage_statistics(ev.values).mean(0)], curves, min_curves=session.config.min_curves
+            )
+            if predicted is not None:
+                predicted_of = dict(zip(session.linear, predicted))
+                values = [predicted_of.get(i, v) for i, v in enumerate(values)]
+        curve = None
+        if untuned is not None and len(passed) == len(at_steps):  # calibration for later candidates
+            final = session.stage_statistics(session.stage_values(candidate, ev.values))  # same samples, fully tuned
+            extra = max(0, len(final) - ev.samples)
+            curve = Curve(
+                total_steps=total, samples=len(final),
+                stages=tuple(tuple(float(v) for v in stats.mean(0)) for stats in passed),
+                final=tuple(float(v) for v in final.mean(0)),
+                gain_se=tuple(session.gain_se(stats, final) for stats in passed),
+                untuned=tuple(float(v) for v in untuned.mean(0)) if untuned is not None else None,
+            )
         record = TrialRecord(trial.number, "COMPLETE", plan, measured, goal, tuple(values), fidelity=level)
         if keep_best and level == "full" and record.feasible and better(record, best_holder["record"]):
             best_holder.update(record=record, bytes=data)
@@ -87,18 +171,22 @@ def sequential_plan_evaluator(
         passes = counter.take()
         seconds = time.perf_counter() - started
         decision = ev.decision
+        evaluations.append({"level": level, "val_samples": ev.samples + extra, "finetune_steps": 0 if at_steps else steps,
+                            "seconds": time.perf_counter() - eval_started})
         return TrialOutcome(
             objective=goal,
             constraints=values,
-            pruned=level == "screen",
+            pruned=level == "screen" and predicted is None,
             attrs={
                 "screen_constraints": values if level == "screen" else None,
+                "screen_prediction": list(predicted) if predicted is not None else None,
                 "plan": plan.to_dict(),
                 "measurement": measured.to_dict(),
                 "finetune_steps": steps,
                 "metric_se": ev.metric_se,
-                "val_samples": passes if passes is not None else ev.samples,
+                "val_samples": passes if passes is not None else sum(e.get("val_samples", 0) for e in evaluations),
                 "fidelity": level,
+                "stage_reached": 1.0 if level == "full" else 0.0,
                 "sequential": {
                     "verdict": decision.verdict,
                     "looks": [
@@ -107,12 +195,38 @@ def sequential_plan_evaluator(
                     ],
                     "search_samples": len(session.search_idx),
                 },
-                "evaluations": [{"level": level, "val_samples": ev.samples, "finetune_steps": steps, "seconds": seconds}],
+                "evaluations": evaluations,
+                **({CURVE_ATTR: curve.to_dict()} if curve is not None else {}),
                 **({"recovery": tuned} if tuned else {}),
             },
         )
 
     return evaluate_plan
+
+
+def _stopped_outcome(stop, plan, measured, goal, constraints, baseline, session, evaluations, tuned, counter, started) -> TrialOutcome:
+    """A candidate stopped at a stage: completed and infeasible, told with the optimistic
+    predictions of its final constraint values (> 0 for the one that stopped it) and the stage
+    estimate of its metric. Never the answer: fidelity "stopped", no file kept."""
+    measured = Measurement(stop["metric"], measured.size_bytes, measured.nonzeros, measured.weight_params, measured.flops)
+    predicted_of = dict(zip(session.linear, stop["predicted"]))
+    values = [predicted_of[i] if i in predicted_of else c.value(measured, baseline) for i, c in enumerate(constraints)]
+    passes = counter.take()
+    return TrialOutcome(
+        objective=goal,
+        constraints=values,
+        attrs={
+            "plan": plan.to_dict(),
+            "measurement": measured.to_dict(),
+            "finetune_steps": stop["steps"],
+            "metric_se": max(e.se for e in stop["estimates"]),
+            "val_samples": passes if passes is not None else sum(e.get("val_samples", 0) for e in evaluations),
+            "fidelity": "stopped",
+            "stage_reached": evaluations[-1]["fraction"],
+            "evaluations": evaluations,
+            **({"recovery": tuned} if tuned else {}),
+        },
+    )
 
 
 __all__ = ["sequential_plan_evaluator"]

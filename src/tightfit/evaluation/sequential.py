@@ -50,6 +50,16 @@ class Sequential:
       objective is no smaller than the best feasible one's, or a size constraint already fails) is
       only screened: no fine-tuning, first look only. Others are promoted to the full fine-tune.
     - ``seed``: the order of the samples; ``None`` uses the seed given to ``compress``.
+    - ``stages``: fidelity levels inside the fine-tune. A promoted candidate is checked after these
+      fractions of its fine-tuning steps, on the first ``stage_samples`` samples of the search set,
+      and stopped when it surely cannot meet a constraint even after the remaining steps, judged
+      by what the remaining steps gave candidates fine-tuned in full (at least ``min_curves`` of
+      them, gains inflated by ``stop_slack``; see ``tightfit.evaluation.stages``). ``()`` disables.
+      Curves (untuned, each stage and final values on the stage samples) are recorded for the
+      first ``max_curves`` candidates fine-tuned in full; later ones only pay the stage looks.
+    - ``probe_samples``: the search method's probes (plans measured without fine-tuning, e.g. the
+      sensitivity scan of ``search="bo"``) read the search set sequentially too, up to this many
+      samples (None: up to all of it).
     """
 
     confidence: float = 0.95
@@ -58,6 +68,12 @@ class Sequential:
     certify_fraction: float = 0.25
     screen: bool = True
     seed: int | None = None
+    stages: tuple[float, ...] = (1 / 3, 2 / 3)
+    stage_samples: int = 64
+    min_curves: int = 3
+    max_curves: int = 5
+    stop_slack: float = 0.5
+    probe_samples: int | None = 128
 
     def __post_init__(self) -> None:
         if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1):
@@ -70,6 +86,19 @@ class Sequential:
             raise ConfigError(f"Sequential: `certify_fraction` must be in [0, 0.9), but got {self.certify_fraction!r}.")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ConfigError(f"Sequential: `seed` must be an int or None, but got {self.seed!r}.")
+        if not (isinstance(self.stages, (tuple, list)) and all(isinstance(f, (int, float)) and 0 < f < 1 for f in self.stages)):
+            raise ConfigError(f"Sequential: `stages` must be a tuple of fractions in (0, 1) (or () for none), but got {self.stages!r}.")
+        object.__setattr__(self, "stages", tuple(sorted(float(f) for f in self.stages)))
+        if not (isinstance(self.stage_samples, int) and self.stage_samples >= 2):
+            raise ConfigError(f"Sequential: `stage_samples` must be a whole number of samples >= 2, but got {self.stage_samples!r}.")
+        if self.probe_samples is not None and not (isinstance(self.probe_samples, int) and self.probe_samples >= 2):
+            raise ConfigError(f"Sequential: `probe_samples` must be a whole number of samples >= 2 or None, but got {self.probe_samples!r}.")
+        if not (isinstance(self.min_curves, int) and self.min_curves >= 1):
+            raise ConfigError(f"Sequential: `min_curves` must be a whole number >= 1, but got {self.min_curves!r}.")
+        if not (isinstance(self.max_curves, int) and self.max_curves >= self.min_curves):
+            raise ConfigError(f"Sequential: `max_curves` must be a whole number >= min_curves ({self.min_curves}), but got {self.max_curves!r}.")
+        if not (isinstance(self.stop_slack, (int, float)) and self.stop_slack >= 0):
+            raise ConfigError(f"Sequential: `stop_slack` must be a number >= 0, but got {self.stop_slack!r}.")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -80,6 +109,12 @@ class Sequential:
             "certify_fraction": self.certify_fraction,
             "screen": self.screen,
             "seed": self.seed,
+            "stages": list(self.stages),
+            "stage_samples": self.stage_samples,
+            "min_curves": self.min_curves,
+            "max_curves": self.max_curves,
+            "stop_slack": self.stop_slack,
+            "probe_samples": self.probe_samples,
         }
 
 
@@ -339,6 +374,11 @@ class SequentialSession:
         collected: list[torch.Tensor] = []
         # a metric constraint of unknown form cannot be decided early: read the whole search set
         looks = self.looks if not self.other or level == "screen" else [len(self.search_idx)]
+        stop_after = 1 if level == "screen" else None
+        cap = self.config.probe_samples
+        if level == "probe" and cap is not None and cap < looks[-1]:  # the last look stays the population
+            looks = [n for n in looks if n < cap] + [cap, looks[-1]]
+            stop_after = len(looks) - 1
 
         def statistic(start: int, stop: int) -> torch.Tensor:
             index = self.search_idx[start:stop]
@@ -348,7 +388,7 @@ class SequentialSession:
 
         decision = sequential_test(
             statistic, looks, confidence=self.config.confidence, prior_variances=self._prior,
-            stop_after=1 if level == "screen" else None,
+            stop_after=stop_after,
         )
         values = torch.cat(collected)
         n = decision.samples
@@ -361,6 +401,57 @@ class SequentialSession:
         metric = baseline_full - paired.mean
         constraint_values = {pos: est.mean for pos, est in zip(self.linear, decision.estimates)}
         return Evaluation(metric, paired.se, constraint_values, decision, n, level, values)
+
+    def estimate(self, model: nn.Module) -> float:
+        """The metric of ``model`` as the sequential test reads it (no fine-tune): the search's
+        probes use this, so they too stop reading once the constraints are decided, and never see
+        the held-out samples."""
+        return self.evaluate(model, level="probe").metric
+
+    # --- stages of a fine-tune (see .stages) ----------------------------------------------------
+
+    @property
+    def stage_size(self) -> int:
+        return min(self.config.stage_samples, len(self.search_idx))
+
+    @property
+    def stage_z(self) -> float:
+        """One-sided, Bonferroni over stages and constraints."""
+        k = max(1, len(self._forms)) * max(1, len(self.config.stages))
+        return z_value(2 * (1 - self.config.confidence) / k)
+
+    def stage_values(self, model: nn.Module, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """``model``'s per-sample metric values on the stage samples (the first ``stage_size`` of the
+        search order); ``seen``: its values on a prefix of that order, already read."""
+        n = self.stage_size
+        have = 0 if seen is None else min(n, len(seen))
+        parts = [seen[:have]] if have else []
+        if have < n:
+            parts.append(self.metric.per_sample(model, self.search_idx[have:n]).to(torch.float64))
+        return torch.cat(parts)
+
+    def stage_statistics(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sample constraint statistics (``stage_size x k``) of stage values."""
+        return self._statistic(values, self.search_idx[: len(values)])
+
+    def paired_metric(self, values: torch.Tensor) -> float:
+        """The difference estimator of the metric on the whole validation set from the values on a
+        prefix of the search order: the original's full-set value minus the paired drop."""
+        base = self.baseline_values[self.search_idx[: len(values)]]
+        return float(self.baseline_values.mean() - (base - values).mean())
+
+    def stage_estimates(self, statistics: torch.Tensor) -> tuple[Estimate, ...]:
+        population = len(self.search_idx)
+        return tuple(
+            mean_estimate(statistics[:, j], population=population, prior_variance=self._prior[j], prior_weight=PRIOR_WEIGHT)
+            for j in range(statistics.shape[1])
+        )
+
+    def gain_se(self, at_stage: torch.Tensor, final: torch.Tensor) -> tuple[float, ...]:
+        """Standard errors of the gains (stage minus final, paired on the same samples)."""
+        population = len(self.search_idx)
+        diff = at_stage - final
+        return tuple(mean_estimate(diff[:, j], population=population).se for j in range(diff.shape[1]))
 
     def confirm(self, model: nn.Module) -> float:
         """The answer's metric on the full validation set; its per-sample values are kept, so the

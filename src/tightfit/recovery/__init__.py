@@ -4,12 +4,14 @@ Each recovery is a ``callable(model)`` usable as ``compress(finetune=...)`` or o
 - :class:`FineTune`: masked fine-tuning, the compression held fixed (the simplest).
 - :class:`LearningCompression`: Condensa's L-C, the compression re-fitted by projection.
 - :class:`PruneSplice`: dynamic network surgery (masks pruned and spliced with hysteresis).
+- :class:`GradualPrune`: the plan's sparsities reached gradually while training (cubic schedule).
 - :class:`SparseTraining`: OBProx-SG / HSPG / proximal SG (also usable as plain optimizers).
 - :class:`ProxConnect`: proximal quantization (binary, ternary, k-bit; STE as a special case).
 - :class:`Tuned`: lets the search tune a recovery's own hyperparameters with the plan.
 """
 
 from .finetune import FineTune, cross_entropy_loss
+from .gradual import GradualPrune
 from .lc import LearningCompression
 from .proxconnect import ProxConnect, grid_project
 from .proximal import HSPG, OBProxSG, ProxSG, l1_groups, neuron_groups, sparsity_report
@@ -20,6 +22,7 @@ from .tuned import Tuned
 __all__ = [
     "HSPG",
     "FineTune",
+    "GradualPrune",
     "LearningCompression",
     "OBProxSG",
     "ProxConnect",

@@ -10,12 +10,23 @@ from typing import Any
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..evaluation.metrics import _to
+from ..evaluation.metrics import _logits, _split_batch, _to
+from ..measure.analysis import call_model
 from ..operators.base import Hyperparameter, Projection
-from .finetune import OPTIMIZERS, LossFn, cross_entropy_loss
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Default loss: cross-entropy of the model's class scores on ``(inputs, labels)`` batches."""
+    inputs, labels = _split_batch(batch)
+    return F.cross_entropy(_logits(call_model(model, inputs)), labels)
 
 
 class Recovery:

@@ -29,13 +29,15 @@ class _Progress:
         self._refresh()
 
     def _count(self, trial: optuna.trial.FrozenTrial) -> None:
-        self.val_samples += trial.user_attrs.get("val_samples") or 0
+        self.val_samples += (trial.user_attrs.get("val_samples") or 0) + (trial.user_attrs.get("probe_samples") or 0)
         self.finetune_steps += trial.user_attrs.get("finetune_steps") or 0
         self.screened += trial.user_attrs.get("fidelity") == "screen"
+        self.stopped = getattr(self, "stopped", 0) + (trial.user_attrs.get("fidelity") == "stopped")
 
     def _cost(self) -> str:
         screened = f", {self.screened} screened" if self.screened else ""
-        return f"val fwd: {self.val_samples:,}  ft steps: {self.finetune_steps:,}{screened}"
+        stopped = f", {self.stopped} stopped" if getattr(self, "stopped", 0) else ""
+        return f"val fwd: {self.val_samples:,}  ft steps: {self.finetune_steps:,}{screened}{stopped}"
 
     def _refresh(self) -> None:
         if self.bar is not None:
@@ -51,7 +53,7 @@ class _Progress:
         self._count(trial)
         measured = trial.user_attrs.get("measurement")
         feasible = all(c <= 0 for c in trial.constraints.values())
-        screened = trial.user_attrs.get("fidelity") == "screen"  # never the answer
+        screened = trial.user_attrs.get("fidelity") in ("screen", "stopped")  # never the answer
         if measured and feasible and not screened and trial.state == optuna.trial.TrialState.COMPLETE:
             if self.best_size is None or measured["size_bytes"] < self.best_size:
                 self.best_size = measured["size_bytes"]

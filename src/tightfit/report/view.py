@@ -109,6 +109,8 @@ def run_counts(trials: list[TrialRecord]) -> str:
     feasible = sum(t.feasible for t in trials)
     failed = sum(t.state == "FAIL" for t in trials)
     running = sum(t.state == "RUNNING" for t in trials)
-    screened = sum(t.state == "PRUNED" for t in trials)
+    screened = sum(t.fidelity == "screen" or t.state == "PRUNED" for t in trials)
+    stopped = sum(t.fidelity == "stopped" for t in trials)
     screened_text = f", {screened} screened (cheap evaluation)" if screened else ""
+    screened_text += f", {stopped} stopped mid-fine-tune" if stopped else ""
     return f"{len(trials)} trials: {complete} complete ({feasible} feasible){screened_text}, {failed} failed, {running} running"

@@ -272,4 +272,6 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         metric_se=attrs.get("metric_se"),
         fidelity=attrs.get("fidelity"),
         search_time_s=attrs.get("search_time_s"),
+        probe_samples=attrs.get("probe_samples"),
+        probe_s=attrs.get("probe_s"),
     )

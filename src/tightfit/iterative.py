@@ -1,0 +1,164 @@
+"""Iterative prune-and-adjust (OLMP's outer loop), made of tightfit's search and recoveries.
+
+Each round searches per-layer pruning thresholds on the current model *without training* (cheap:
+an evaluation is a prune and a validation pass), allowing the untrained plan to lose up to
+``step`` of the metric; then ``adjust`` (a recovery, e.g. :class:`~tightfit.recovery.GradualPrune`)
+trains that plan. A round whose adjusted model falls more than ``max_drop`` below the original is
+undone, and the next round takes a step half as large. Rounds continue up to ``rounds``; the
+answer is the last accepted model, chosen on ``evaluate`` (validation data), never on test.
+
+Compared with one ``compress`` call, the compression grows in stages and every stage is
+re-trained before the next is planned: on LeNet-300-100 / digits this reaches about 3-4x the
+compression of iterative magnitude pruning at the same training epochs (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .operators import Compose, Operator, Plan, Prune, apply
+
+
+@dataclass(frozen=True)
+class AdjustRound:
+    """One round: the search's plan, and what training it gave."""
+
+    number: int
+    step: float  #: how much the untrained plan was allowed to lose
+    plan: Plan
+    nonzero_ratio: float  #: prunable weights of the original / nonzeros after adjusting
+    metric: float  #: after adjusting
+    accepted: bool
+    training_steps: int | None
+    wall_s: float
+
+
+@dataclass
+class PruneAdjustResult:
+    """The last accepted model (the original if no round was accepted) and every round."""
+
+    model: nn.Module
+    plan: Plan | None
+    baseline_metric: float
+    metric: float
+    nonzero_ratio: float
+    rounds: list[AdjustRound] = field(default_factory=list)
+    _compressed: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def training_steps(self) -> int:
+        """Optimizer steps of every adjust, the undone rounds included."""
+        return sum(r.training_steps or 0 for r in self.rounds)
+
+    def save(self, path: str | Path) -> int:
+        """Write the answer as a ``.tfz`` file (``tightfit.load`` reads it); returns its bytes."""
+        from .export.artifact import to_bytes
+
+        if self._compressed is None or self.plan is None:
+            raise ConfigError("PruneAdjustResult.save: no round was accepted, so there is no compressed model to save.")
+        data = to_bytes(self._compressed, self.plan)
+        Path(path).write_bytes(data)
+        return len(data)
+
+
+def prune_and_adjust(
+    model: nn.Module,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    adjust: Callable[[nn.Module], None],
+    max_drop: float = 0.005,
+    rounds: int = 7,
+    step: float = 0.4,
+    strategy: Operator | Compose | None = None,
+    search: str = "olmp",
+    search_budget: int = 30,
+    example_input: Any = None,
+    seed: int = 0,
+    on_round: Callable[[AdjustRound], None] | None = None,
+) -> PruneAdjustResult:
+    """Prune ``model`` in rounds of search (no training) and ``adjust`` (training); see the module doc.
+
+    ``evaluate(model) -> float`` is a higher-is-better validation metric; ``max_drop`` is how far
+    below the original's value the answer may fall (0.005 = half a point of accuracy). ``step`` is
+    the first round's allowance for the *untrained* plan (it is halved after an undone round).
+    ``strategy`` defaults to ``Prune(sparsity=(0.0, 0.999))``; it must only prune, since every
+    round starts from the previous round's weights. ``model`` is not modified.
+    """
+    from . import MinMetric, compress
+    from .export.artifact import load_model, to_bytes
+    from .measure.analysis import analyze, count_nonzeros
+
+    if rounds < 1:
+        raise ConfigError(f"prune_and_adjust: `rounds` must be >= 1, but got {rounds!r}.")
+    if not 0 < step:
+        raise ConfigError(f"prune_and_adjust: `step` must be > 0 (the metric an untrained plan may lose), but got {step!r}.")
+    if max_drop < 0:
+        raise ConfigError(f"prune_and_adjust: `max_drop` must be >= 0, but got {max_drop!r}.")
+    if not callable(adjust):
+        raise ConfigError("prune_and_adjust: `adjust` must be a recovery, e.g. GradualPrune(train_loader, epochs=30).")
+    strategy = strategy or Prune(sparsity=(0.0, 0.999))
+    operators = list(strategy) if isinstance(strategy, Compose) else [strategy]
+    if any(op.name != "prune" for op in operators):
+        raise ConfigError("prune_and_adjust: `strategy` may only prune (e.g. Prune(sparsity=(0, 0.999))); each round "
+                          "starts from the previous round's weights.")
+
+    names = [layer.name for layer in analyze(model).layers]
+    _, total = count_nonzeros(model, names)
+    baseline = float(evaluate(model))
+    current, compressed, plan = model, None, None
+    metric, ratio = baseline, 1.0
+    history: list[AdjustRound] = []
+    for number in range(1, rounds + 1):
+        start = time.perf_counter()
+        found = compress(current, evaluate=evaluate, strategy=strategy, constraint=MinMetric(baseline - step),
+                         objective="nonzeros", budget=search_budget, search=search, example_input=example_input,
+                         seed=seed * 1000 + number)
+        if not found.feasible:
+            break  # not even the gentlest plan keeps the metric within the step: nothing left to prune
+        candidate = apply(found.plan, current)
+        _keep_zeros(candidate)
+        with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
+            torch.manual_seed(seed * 1000 + number)
+            adjust(candidate)
+        adjusted = load_model(io.BytesIO(to_bytes(candidate, found.plan)))
+        value = float(evaluate(adjusted))
+        nonzeros, _ = count_nonzeros(adjusted, names)
+        accepted = baseline - value <= max_drop + 1e-12
+        record = AdjustRound(number, step, found.plan, total / max(1, nonzeros), value, accepted,
+                             getattr(adjust, "steps_taken", None), time.perf_counter() - start)
+        history.append(record)
+        if on_round is not None:
+            on_round(record)
+        if accepted:
+            current, compressed, plan = adjusted, candidate, found.plan
+            metric, ratio = value, record.nonzero_ratio
+        else:
+            step /= 2  # undo the round: the next one takes a smaller step
+    answer = current if current is not model else copy.deepcopy(model)
+    return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, compressed)
+
+
+@torch.no_grad()
+def _keep_zeros(candidate: nn.Module) -> None:
+    """Weights an earlier round pruned are exact zeros; a plan gentler than that round's on some
+    layer would unmask them and training would grow them back. Mask them again."""
+    from .operators.prune import WeightMask
+    from .recovery._base import sites
+
+    for site in sites(candidate):
+        for step in site.chain:
+            if isinstance(step, WeightMask):
+                step.mask.mul_((site.original != 0).to(step.mask.dtype))
+
+
+__all__ = ["AdjustRound", "PruneAdjustResult", "prune_and_adjust"]

@@ -1,0 +1,84 @@
+"""prune_and_adjust: OLMP's rounds of search (no training) and adjust (training)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import tightfit
+from tightfit.errors import ConfigError
+from tightfit.measure.analysis import count_nonzeros
+from tightfit.recovery import FineTune, GradualPrune
+
+
+def _toy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, :4].sum(dim=1) > 0).long() + 2 * (x[:, 4] > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    FineTune(loader, epochs=15, lr=1e-2)(model)
+    return model.eval(), loader
+
+
+def _nonzeros(model):
+    return count_nonzeros(model, ["0", "2"])[0]
+
+
+def test_rounds_compress_further_and_undo_a_round_that_loses_too_much(tmp_path):
+    model, loader = _toy()
+
+    def evaluate(m):  # a metric with a cliff: fine above 120 nonzeros, 0.7 below
+        return 1.0 if _nonzeros(m) > 120 else 0.7
+
+    seen = []
+    result = tightfit.prune_and_adjust(model, evaluate=evaluate, adjust=GradualPrune(loader, epochs=1, lr=1e-2),
+                                       max_drop=0.0, rounds=3, step=0.4, search="random", search_budget=6,
+                                       on_round=seen.append)
+    assert [r.number for r in result.rounds] == [1, 2, 3] and seen == result.rounds
+    first = result.rounds[0]
+    # a step of 0.4 lets the untrained search go below the cliff: the adjusted model loses 0.3, undone
+    assert not first.accepted and first.metric == 0.7
+    # the next step is half as large, so every plan stays above the cliff and is kept
+    assert result.rounds[1].step == pytest.approx(0.2) and result.rounds[1].accepted
+    assert result.metric == 1.0 and _nonzeros(result.model) > 120
+    assert _nonzeros(result.model) < 8 * 32 + 32 * 4 and result.nonzero_ratio > 1
+    assert result.training_steps == 3 * len(loader)
+    size = result.save(tmp_path / "m.tfz")
+    loaded = tightfit.load(tmp_path / "m.tfz")
+    assert size == (tmp_path / "m.tfz").stat().st_size
+    x = torch.randn(4, 8)
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-5)
+
+
+def test_the_original_model_is_not_modified_and_bad_arguments_are_clear():
+    model, loader = _toy()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = tightfit.prune_and_adjust(model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader, epochs=1),
+                                       rounds=1, search="random", search_budget=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert result.rounds[0].accepted
+    with pytest.raises(ConfigError, match="only prune"):
+        tightfit.prune_and_adjust(model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader), strategy=tightfit.Quantize())
+    with pytest.raises(ConfigError, match="rounds"):
+        tightfit.prune_and_adjust(model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader), rounds=0)
+    with pytest.raises(ConfigError, match="no round was accepted"):
+        tightfit.iterative.PruneAdjustResult(model, None, 1.0, 1.0, 1.0).save("x.tfz")
+
+
+def test_a_gentler_plan_never_regrows_an_earlier_rounds_zeros():
+    from tightfit.iterative import _keep_zeros
+
+    model, loader = _toy()
+    with torch.no_grad():
+        model[0].weight[:, :4] = 0.0  # an earlier round pruned half of the first layer
+    plan = tightfit.Plan.from_strategy(tightfit.Compose([tightfit.Prune()]),
+                                       {"0": {"prune": {"sparsity": 0.1}}, "2": {"prune": {"sparsity": 0.1}}})
+    candidate = tightfit.apply(plan, model)
+    _keep_zeros(candidate)
+    GradualPrune(loader, epochs=2, lr=1e-2)(candidate)
+    assert (candidate[0].weight[:, :4] == 0).all()
