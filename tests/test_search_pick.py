@@ -136,3 +136,17 @@ def test_pick_observed_returns_the_best_observed_trial_and_bad_values_are_refuse
     assert result.best_trial.number == tightfit.pipeline.best_feasible(result.trials).number
     with pytest.raises(ConfigError, match="`pick` must be one of"):
         tightfit.compress(model, pick="luckiest", **kwargs)
+
+
+def test_screened_or_stopped_trials_are_never_the_answer():
+    study, _ = noisy_edge_study(0)
+    sp = space()
+    dists = distributions(sp)
+    for fidelity in ("screen", "stopped"):  # predicted constraint values (cheap evaluation)
+        study.add_trial(optuna.trial.create_trial(
+            params={d.key: 0.3 for d in sp.dimensions}, distributions=dists, values=[0.01],
+            constraints={"0": -0.05}, user_attrs={"metric_se": SE, "fidelity": fidelity},
+        ))
+    pick = posterior_pick(study, sp)
+    assert study.trials[pick.number].user_attrs.get("fidelity") is None
+    assert study.trials[pick.observed].user_attrs.get("fidelity") is None

@@ -684,7 +684,7 @@ def _final_pick(study, space, trials, observed_only: bool) -> tuple[TrialRecord 
     pick = posterior_pick(study, space)
     by_number = {t.number: t for t in trials}
     chosen = by_number.get(pick.number)
-    if chosen is None or not chosen.feasible or chosen.measurement is None:
+    if chosen is None or not chosen.feasible or chosen.measurement is None or chosen.fidelity in ("screen", "stopped"):
         return observed, None
     return chosen, pick_note(pick, trials)
 

@@ -32,6 +32,9 @@ from .base import METRIC_SE_ATTR
 from .encoding import UnitEncoding, in_space
 from .space import SearchSpace
 
+#: cheap evaluation's fidelities whose constraint values are predictions, not measurements: such
+#: trials neither inform the model nor can be the answer
+NOT_MEASURED = ("screen", "stopped")
 #: below this many completed trials the best observed trial stands: with fewer points the model's
 #: learned mean and length scales leave even a well-supported edge uncertain, and the pick falls back
 #: to plans far inside the feasible region (measured: the level-set search at 10 evaluations
@@ -67,7 +70,7 @@ def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int =
     done = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.values and in_space(t, enc.keys) and t.user_attrs.get("fidelity") != "screen"
+        if t.values and in_space(t, enc.keys) and t.user_attrs.get("fidelity") not in NOT_MEASURED
     ]
     feasible = [t for t in done if _violation(t) <= 0]
     if not feasible:
