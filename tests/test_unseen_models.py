@@ -98,3 +98,44 @@ def test_transformer_with_embedding_layernorm_attention_and_kwargs(tmp_path):
     assert result.feasible
     loaded = tightfit.load(tmp_path / "run" / "model.tfz")
     assert torch.allclose(loaded(**inputs), result.model(**inputs))
+
+
+class _DictBatches:
+    """Training batches of ({"input_ids", "attention_mask"}, labels): how text data usually arrives."""
+
+    def __init__(self, n=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.batches = [({"input_ids": torch.randint(0, 50, (8, 12), generator=g),
+                          "attention_mask": torch.ones(8, 12, dtype=torch.long)},
+                         torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def test_recoveries_train_unseen_models_inside_the_search(tmp_path):
+    from tightfit.recovery import GradualPrune, LearningCompression, PruneSplice
+
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    inputs = {"input_ids": torch.randint(0, 50, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    loader = _DictBatches()
+    for recovery in (GradualPrune(loader, epochs=1), PruneSplice(loader, epochs=1), LearningCompression(loader, epochs=1)):
+        result = tightfit.compress(
+            model, evaluate=_fidelity_metric(model, inputs), strategy=Prune(sparsity=(0.2, 0.6)),
+            constraint=tightfit.MaxDrop(10.0), finetune=recovery, budget=2, search="random", example_input=inputs,
+        )
+        assert all(t.state == "COMPLETE" for t in result.trials), (recovery, [t.error for t in result.trials])
+        assert result.feasible and result.nonzero_ratio > 1.2
+
+    resnet = TinyResNet().eval()
+    x = torch.randn(16, 3, 8, 8)
+    images = [(x[:8], torch.randint(0, 4, (8,))), (x[8:], torch.randint(0, 4, (8,)))]
+    result = tightfit.compress(
+        resnet, evaluate=_fidelity_metric(resnet, x), strategy=Prune(sparsity=(0.3, 0.6)), constraint=tightfit.MaxDrop(10.0),
+        finetune=GradualPrune(images, epochs=2), budget=2, search="random", example_input=x[:1],
+    )
+    assert all(t.state == "COMPLETE" for t in result.trials) and result.feasible
