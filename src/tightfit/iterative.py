@@ -53,7 +53,7 @@ class PruneAdjustResult:
     metric: float
     nonzero_ratio: float
     rounds: list[AdjustRound] = field(default_factory=list)
-    _compressed: nn.Module | None = field(default=None, repr=False)
+    _file: bytes | None = field(default=None, repr=False)  #: the answer's .tfz bytes, as measured
 
     @property
     def training_steps(self) -> int:
@@ -62,13 +62,10 @@ class PruneAdjustResult:
 
     def save(self, path: str | Path) -> int:
         """Write the answer as a ``.tfz`` file (``tightfit.load`` reads it); returns its bytes."""
-        from .export.artifact import to_bytes
-
-        if self._compressed is None or self.plan is None:
+        if self._file is None:
             raise ConfigError("PruneAdjustResult.save: no round was accepted, so there is no compressed model to save.")
-        data = to_bytes(self._compressed, self.plan)
-        Path(path).write_bytes(data)
-        return len(data)
+        Path(path).write_bytes(self._file)
+        return len(self._file)
 
 
 def prune_and_adjust(
@@ -115,7 +112,7 @@ def prune_and_adjust(
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)
     baseline = float(evaluate(model))
-    current, compressed, plan = model, None, None
+    current, data, plan = model, None, None
     metric, ratio = baseline, 1.0
     history: list[AdjustRound] = []
     for number in range(1, rounds + 1):
@@ -133,7 +130,8 @@ def prune_and_adjust(
         with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
             torch.manual_seed(seed * 1000 + number)
             adjust(candidate)
-        adjusted = load_model(io.BytesIO(to_bytes(candidate, found.plan)))
+        written = to_bytes(candidate, found.plan)
+        adjusted = load_model(io.BytesIO(written))  # measured as it will be saved
         value = float(evaluate(adjusted))
         nonzeros, _ = count_nonzeros(adjusted, names)
         accepted = baseline - value <= max_drop + 1e-12
@@ -143,12 +141,12 @@ def prune_and_adjust(
         if on_round is not None:
             on_round(record)
         if accepted:
-            current, compressed, plan = adjusted, candidate, found.plan
+            current, data, plan = adjusted, written, found.plan
             metric, ratio = value, record.nonzero_ratio
         else:
             step /= 2  # undo the round: the next one takes a smaller step
     answer = current if current is not model else copy.deepcopy(model)
-    return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, compressed)
+    return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, data)
 
 
 @torch.no_grad()
