@@ -258,6 +258,8 @@ def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Call
         raise ConfigError(f"finetune.options: {clashing} are set as [finetune] keys already; give each once.")
     try:
         built = cls(loader, **kwargs, **section.options)
+    except ConfigError as exc:
+        raise ConfigError(f"finetune: {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"finetune: {exc} (method {section.method!r} builds {cls.__name__}; "
                           "see its arguments in docs/recovery.md).") from None
