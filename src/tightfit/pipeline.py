@@ -127,12 +127,13 @@ def _timed(latency: Latency | None, model: nn.Module) -> dict[str, float | None]
     return {"latency_ms": measured.median_ms, "latency_iqr_ms": measured.iqr_ms}
 
 
-def _check_flops(original, example_input, layer_names, objective) -> bool:
-    """Whether FLOPs can be counted on ``example_input``; an error only when they are the objective."""
+def _original_flops(original, example_input, layer_names, objective) -> int | None:
+    """The original's FLOPs on ``example_input``, or None when they cannot be counted there (an
+    error only when they are the objective). Counted once: the baseline reuses the number."""
     if example_input is None:
-        return False
+        return None
     try:
-        sparse_flops(original, example_input, layer_names)
+        return sparse_flops(original, example_input, layer_names)
     except Exception as exc:
         if objective == "flops":
             raise ConfigError(
@@ -140,11 +141,10 @@ def _check_flops(original, example_input, layer_names, objective) -> bool:
                 f"({type(exc).__name__}: {exc}); give an input the model's forward accepts."
             ) from exc
         log.warning("FLOPs are not counted: the model fails on example_input (%s: %s)", type(exc).__name__, exc)
-        return False
-    return True
+        return None
 
 
-def _measure_baseline(original, evaluate, layer_names, example_input, latency=None) -> Measurement:
+def _measure_baseline(original, evaluate, layer_names, flops: int | None, latency=None) -> Measurement:
     nonzeros, total = count_nonzeros(original, layer_names)
     return Measurement(
         **_timed(latency, original),
@@ -152,7 +152,7 @@ def _measure_baseline(original, evaluate, layer_names, example_input, latency=No
         size_bytes=float32_file_bytes(original),
         nonzeros=nonzeros,
         weight_params=total,
-        flops=sparse_flops(original, example_input, layer_names) if example_input is not None else None,
+        flops=flops,
     )
 
 
@@ -310,7 +310,8 @@ def _search(
     space = build_space(strategy, analysis, _tuned_hyperparameters(finetune))  # ModelError if nothing compressible
     layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
     given_input = example_input  # kept for `tightfit export` even when FLOPs cannot be counted on it
-    if not _check_flops(original, example_input, layer_names, objective):
+    original_flops = _original_flops(original, example_input, layer_names, objective)
+    if original_flops is None:
         example_input = None
     settings = {
         "space": space.keys,
@@ -345,9 +346,9 @@ def _search(
             torch.save(given_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
         if session is not None:
             full_metric = session.baseline(original)  # per-sample values, computed once and kept
-            baseline = _baseline(study, original, lambda _model: full_metric, layer_names, example_input, latency)
+            baseline = _baseline(study, original, lambda _model: full_metric, layer_names, original_flops, latency)
         else:
-            baseline = _baseline(study, original, evaluate, layer_names, example_input, latency)
+            baseline = _baseline(study, original, evaluate, layer_names, original_flops, latency)
         baseline_passes = counter.take()
         best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
 
@@ -662,11 +663,11 @@ def _open_study(
     return study, url
 
 
-def _baseline(study, original, evaluate, layer_names, example_input, latency=None) -> Measurement:
+def _baseline(study, original, evaluate, layer_names, flops: int | None, latency=None) -> Measurement:
     stored = study.user_attrs.get(BASELINE_ATTR)
     if stored is not None:
         return Measurement.from_dict(stored)
-    baseline = _measure_baseline(original, evaluate, layer_names, example_input, latency)
+    baseline = _measure_baseline(original, evaluate, layer_names, flops, latency)
     study.set_user_attr(BASELINE_ATTR, baseline.to_dict())
     return baseline
 
