@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
@@ -102,6 +102,32 @@ class Recovery:
                 last = upcoming is None or (self.max_steps is not None and self.steps_taken >= self.max_steps)
                 yield epoch, last, _to(batch, self.device)
                 batch = upcoming
+
+    def fit(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        before: Callable[[int], None] | None = None,
+        after: Callable[[int], None] | None = None,
+    ) -> None:
+        """The training loop the recoveries share: one optimizer step on ``self.loss`` per batch,
+        ``before(step)`` / ``after(step)`` around it (step counts from 0), the model in train mode
+        meanwhile and back in its own mode afterwards, even on error."""
+        was_training = model.training
+        model.train()
+        try:
+            for _, _, batch in self.batches():
+                step = self.steps_taken - 1  # batches() has counted this one already
+                if before is not None:
+                    before(step)
+                optimizer.zero_grad(set_to_none=True)
+                self.loss(model, batch).backward()
+                optimizer.step()
+                if after is not None:
+                    after(step)
+        finally:
+            model.train(was_training)
 
     def _repr_args(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "lr": self.lr}

@@ -47,16 +47,7 @@ class FineTune(Recovery):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params or self.epochs == 0:
             return
-        opt = make_optimizer(self.optimizer, params, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        was_training = model.training
-        model.train()
-        try:
-            for _, _, batch in self.batches():
-                opt.zero_grad(set_to_none=True)
-                self.loss(model, batch).backward()
-                opt.step()
-        finally:
-            model.train(was_training)
+        self.fit(model, make_optimizer(self.optimizer, params, self.lr, momentum=self.momentum, weight_decay=self.weight_decay))
 
     def __repr__(self) -> str:
         return f"FineTune(epochs={self.epochs}, lr={self.lr:g}, optimizer={self.optimizer!r})"

@@ -98,25 +98,20 @@ class GradualPrune(Recovery):
         drop_at = total - round(self.final_fraction * total) if self.final_fraction > 0 else None
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(self.optimizer, params, self.lr)
-        was_training = model.training
-        model.train()
+
+        def schedule(step: int) -> None:
+            if step <= ramp_steps and step % self.update_every == 0:
+                self._set_masks(targets, step / ramp_steps)
+            if drop_at is not None and step == drop_at:
+                for group in opt.param_groups:
+                    group["lr"] = self.lr * self.final_lr
+
         try:
-            for _, _, batch in self.batches():
-                step = self.steps_taken - 1  # batches() has counted this one already
-                if step <= ramp_steps and step % self.update_every == 0:
-                    self._set_masks(targets, step / ramp_steps)
-                if drop_at is not None and step == drop_at:
-                    for group in opt.param_groups:
-                        group["lr"] = self.lr * self.final_lr
-                opt.zero_grad(set_to_none=True)
-                self.loss(model, batch).backward()
-                opt.step()
-                # Adam's momentum keeps moving weights whose gradient the mask zeroed; pruned weights stay
-                # at zero so that a later (larger) cut never brings one back.
-                self._zero_pruned(targets)
+            # Adam's momentum keeps moving weights whose gradient the mask zeroed; pruned weights stay
+            # at zero after every step so that a later (larger) cut never brings one back.
+            self.fit(model, opt, before=schedule, after=lambda _step: self._zero_pruned(targets))
         finally:
             self._set_masks(targets, 1.0)  # exactly the plan's sparsity, even if training stopped early
-            model.train(was_training)
 
     @staticmethod
     @torch.no_grad()

@@ -148,19 +148,14 @@ class ProxConnect(Recovery):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(self.optimizer, params, self.lr)
         total = max(1, self.total_steps())
-        was_training = model.training
-        model.train()
-        try:
-            with swapped_steps(swaps):
-                for _, _, batch in self.batches():
-                    rho = sharpness_at((self.steps_taken - 1) / max(1, total - 1), *self.sharpness)
-                    for _, _, step in targets:
-                        step.rho = rho
-                    opt.zero_grad(set_to_none=True)
-                    self.loss(model, batch).backward()
-                    opt.step()
-        finally:
-            model.train(was_training)
+
+        def sharpen(step: int) -> None:
+            rho = sharpness_at(step / max(1, total - 1), *self.sharpness)
+            for _, _, prox in targets:
+                prox.rho = rho
+
+        with swapped_steps(swaps):
+            self.fit(model, opt, before=sharpen)
         self._harden(targets)
 
     @staticmethod

@@ -75,16 +75,7 @@ class SparseTraining(Recovery):
         return HSPG(neuron_groups(model, self.lambda_), lr=self.lr, lambda_=self.lambda_, n_p=n_p, eps=self.eps, momentum=self.momentum)
 
     def __call__(self, model: nn.Module) -> None:
-        opt = self.make_optimizer(model)
-        was_training = model.training
-        model.train()
-        try:
-            for _, _, batch in self.batches():
-                opt.zero_grad(set_to_none=True)
-                self.loss(model, batch).backward()
-                opt.step()
-        finally:
-            model.train(was_training)
+        self.fit(model, self.make_optimizer(model))
 
     def _repr_args(self) -> dict[str, Any]:
         return {"method": self.method, **super()._repr_args(), "lambda_": self.lambda_}

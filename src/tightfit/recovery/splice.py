@@ -138,19 +138,14 @@ class PruneSplice(Recovery):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(self.optimizer, params, self.lr)
         low, high = self.hysteresis
-        was_training = model.training
-        model.train()
-        try:
-            with swapped_steps(swaps):
-                for _, _, batch in self.batches():
-                    opt.zero_grad(set_to_none=True)
-                    self.loss(model, batch).backward()
-                    opt.step()
-                    if self.steps_taken % self.update_every == 0:
-                        for site, mask, t in watched:
-                            update_mask(mask, site.original, t, low, high)
-        finally:
-            model.train(was_training)
+
+        def update_masks(step: int) -> None:
+            if (step + 1) % self.update_every == 0:
+                for site, mask, t in watched:
+                    update_mask(mask, site.original, t, low, high)
+
+        with swapped_steps(swaps):
+            self.fit(model, opt, after=update_masks)
 
     def _repr_args(self) -> dict[str, Any]:
         return {**super()._repr_args(), "c": self.c, "hysteresis": self.hysteresis}
