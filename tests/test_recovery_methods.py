@@ -363,3 +363,10 @@ def test_sparse_recoveries_inside_compress_on_a_pruned_plan(make):
                       objective="nonzeros", finetune=make(loader), budget=1, search="random", seed=0)
     assert result.feasible and result.metric == result.best_trial.measurement.metric
     assert result.best_trial.measurement.nonzeros < 192  # the plan's zeros (plus any the method adds) are in the file
+
+
+@pytest.mark.parametrize("cls", [FineTune, LearningCompression, PruneSplice, ProxConnect])
+def test_a_misspelt_optimizer_fails_when_the_recovery_is_built(cls):
+    _, loader = _toy()
+    with pytest.raises(ConfigError, match=f"{cls.__name__}: `optimizer` must be one of"):
+        cls(loader, optimizer="adma")

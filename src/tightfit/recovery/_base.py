@@ -154,9 +154,17 @@ def with_settings(recovery: Any, settings: dict[str, Any]) -> Any:
     return clone
 
 
-def make_optimizer(name: str, params: list, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def check_optimizer(name: str, owner: str | None = None) -> str:
+    """``name`` if it is a known optimizer; a ConfigError naming ``owner`` otherwise (recoveries call
+    this when built, so a misspelt name fails before the search, not in its first trial)."""
     if name not in OPTIMIZERS:
-        raise ConfigError(f"`optimizer` must be one of {sorted(OPTIMIZERS)}, but got {name!r}.")
+        prefix = f"{owner}: " if owner else ""
+        raise ConfigError(f"{prefix}`optimizer` must be one of {sorted(OPTIMIZERS)}, but got {name!r}.")
+    return name
+
+
+def make_optimizer(name: str, params: list, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    check_optimizer(name)
     kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if name == "sgd":
         kwargs["momentum"] = momentum

@@ -8,8 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ._base import OPTIMIZERS, LossFn, Recovery, cross_entropy_loss, make_optimizer
+from ._base import LossFn, Recovery, check_optimizer, cross_entropy_loss, make_optimizer
 
 
 class FineTune(Recovery):
@@ -36,9 +35,7 @@ class FineTune(Recovery):
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(loader, epochs=epochs, lr=lr, loss=loss, max_steps=max_steps, device=device)
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"FineTune: `optimizer` must be one of {sorted(OPTIMIZERS)}, but got {optimizer!r}.")
-        self.optimizer = optimizer
+        self.optimizer = check_optimizer(optimizer, "FineTune")
         self.weight_decay = weight_decay
         self.momentum = momentum
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..operators.base import Hyperparameter
 from ..operators.prune import WeightMask, magnitude_mask
-from ._base import Recovery, Site, make_optimizer, sites
+from ._base import Recovery, Site, check_optimizer, make_optimizer, sites
 
 
 def cubic_sparsity(target: float, progress: float, start: float = 0.0) -> float:
@@ -71,12 +71,11 @@ class GradualPrune(Recovery):
             raise ConfigError(f"GradualPrune: `final_lr` must lie in (0, 1] (a factor on `lr`), but got {final_lr!r}.")
         if not 0.0 <= final_fraction < 1.0:
             raise ConfigError(f"GradualPrune: `final_fraction` must lie in [0, 1), but got {final_fraction!r}.")
-        self.optimizer = optimizer
+        self.optimizer = check_optimizer(optimizer, "GradualPrune")
         self.ramp = float(ramp)
         self.update_every = update_every
         self.final_lr = float(final_lr)
         self.final_fraction = float(final_fraction)
-        make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], self.lr)  # unknown names fail here, not mid-search
 
     def tunable(self) -> dict[str, Hyperparameter]:
         return {**super().tunable(), "ramp": Hyperparameter("ramp", low=0.3, high=0.9)}

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import ConfigError, EvaluationError
 from ..evaluation.metrics import evaluate_metric
 from ..operators.base import Hyperparameter
-from ._base import Recovery, Site, make_optimizer, projectable, sites, swapped_steps
+from ._base import Recovery, Site, check_optimizer, make_optimizer, projectable, sites, swapped_steps
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ class LearningCompression(Recovery):
             raise ConfigError(f"LearningCompression: `c_steps_per_epoch` must be a whole number >= 1, but got {c_steps_per_epoch!r}.")
         if evaluate is not None and not callable(evaluate):
             raise ConfigError("LearningCompression: `evaluate` must be a callable(model) -> float on validation data.")
-        self.optimizer = optimizer
+        self.optimizer = check_optimizer(optimizer, "LearningCompression")
         self.mu = float(mu)
         self.mu_factor = float(mu_factor) if mu_factor is not None else None
         self.mu_max = float(mu_max)

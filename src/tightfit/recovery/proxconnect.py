@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..operators.base import Hyperparameter
 from ..operators.quantize import FakeQuantize
-from ._base import Recovery, Site, make_optimizer, sites, swapped_steps
+from ._base import Recovery, Site, check_optimizer, make_optimizer, sites, swapped_steps
 
 GRIDS = ("auto", "binary", "ternary", "kbit")
 
@@ -121,7 +121,7 @@ class ProxConnect(Recovery):
         start, end = (float(v) for v in sharpness)
         if not 0 <= start <= end:
             raise ConfigError(f"ProxConnect: `sharpness` must be (start, end) with 0 <= start <= end, but got {sharpness!r}.")
-        self.optimizer = optimizer
+        self.optimizer = check_optimizer(optimizer, "ProxConnect")
         self.grid = grid
         self.sharpness = (start, end)
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..operators.base import Hyperparameter
 from ..operators.prune import WeightMask
-from ._base import Recovery, Site, make_optimizer, sites, swapped_steps
+from ._base import Recovery, Site, check_optimizer, make_optimizer, sites, swapped_steps
 
 
 def layer_threshold(weight: torch.Tensor, c: float) -> float:
@@ -101,7 +101,7 @@ class PruneSplice(Recovery):
             raise ConfigError(f"PruneSplice: `hysteresis` must be (low <= 1 <= high) with low > 0, but got {hysteresis!r}.")
         if not isinstance(update_every, int) or update_every < 1:
             raise ConfigError(f"PruneSplice: `update_every` must be a whole number >= 1, but got {update_every!r}.")
-        self.optimizer = optimizer
+        self.optimizer = check_optimizer(optimizer, "PruneSplice")
         self.c = c
         self.hysteresis = (low, high)
         self.update_every = update_every
