@@ -1,7 +1,7 @@
 """The optimizer's own time per suggestion of ``search="bo"`` in a 50-dimensional space with 100
 trials: a synthetic problem (no training), timed under the shared lock.
 
-    flock /tmp/tightfit-timing.lock python benchmarks/search_overhead.py
+    flock /tmp/tightfit-timing.lock python benchmarks/search_overhead.py [METHOD] [--dims D] [--trials N] [--tag TAG]
 
 Prints one JSON line (also appended to benchmarks/results/search_overhead.jsonl): wall seconds per
 suggestion (the trials' ``search_time_s``) of the last 10 trials (91-100) and of all, and the
@@ -10,9 +10,9 @@ process's CPU seconds per trial for the last 10 (less sensitive to other jobs on
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,11 +27,10 @@ from tightfit.search.context import SearchContext
 from tightfit.search.loop import TrialOutcome
 from tightfit.search.space import Dimension
 
-D, N = 50, 100
 OUT = Path(__file__).parent / "results" / "search_overhead.jsonl"
 
 
-def main(method: str = "bo") -> None:
+def main(method: str = "bo", D: int = 50, N: int = 100, tag: str = "") -> None:
     torch.set_num_threads(2)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = np.random.default_rng(0)
@@ -57,10 +56,13 @@ def main(method: str = "bo") -> None:
     run_trials(study, space, evaluate, budget=N, method=method, seed=0, context=SearchContext(space=space, budget=N),
                on_trial=on_trial)
     times = [t.user_attrs["search_time_s"] for t in study.get_trials()]
-    row = dict(method=method, dims=D, trials=N, torch_threads=2,
+    # search quality on the synthetic problem: the smallest objective among feasible trials
+    feasible = [t for t in study.get_trials() if t.value is not None and max(t.constraints.values()) <= 0]
+    row = dict(method=method, tag=tag, dims=D, trials=N, torch_threads=2,
                last10_mean_s=statistics.mean(times[-10:]), last10_max_s=max(times[-10:]),
                all_mean_s=statistics.mean(times), all_max_s=max(times),
-               last10_cpu_mean_s=statistics.mean(cpu[-10:]), last10_cpu_max_s=max(cpu[-10:]))
+               last10_cpu_mean_s=statistics.mean(cpu[-10:]), last10_cpu_max_s=max(cpu[-10:]),
+               best_feasible_objective=min((t.value for t in feasible), default=None))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -68,4 +70,10 @@ def main(method: str = "bo") -> None:
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:2] or ["bo"]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", nargs="?", default="bo")
+    parser.add_argument("--dims", type=int, default=50)
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--tag", default="", help="a label stored with the row (e.g. the code version)")
+    args = parser.parse_args()
+    main(args.method, args.dims, args.trials, args.tag)

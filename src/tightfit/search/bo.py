@@ -11,6 +11,11 @@
    by ``optimize_acqf`` inside a box around the best feasible plan. The box doubles after
    successes and halves after failures; its state is replayed from the trial history, so a fresh
    sampler (one per trial, as the loop makes them) and a resumed run agree.
+
+Each BO step warm-starts its two GP fits from the hyperparameters the previous step fitted, with
+fewer L-BFGS iterations (``gp.WARM_MAXITER``), except every ``COLD_EVERY`` completed trials. They are stored on the trial as system attribute
+``GP_ATTR`` with the suggestion and read back from the latest earlier trial that has them, so the
+per-trial samplers and a resumed run fit exactly what an uninterrupted run fits.
 """
 
 from __future__ import annotations
@@ -26,6 +31,20 @@ from .levelset import knob_of, next_knob, uniform_family
 from .sensitivity import sensitivity_scan
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
+
+#: trial system attribute: the GP hyperparameters fitted for this trial's suggestion
+GP_ATTR = "tightfit.bo.gp"
+#: every this many completed trials the GPs are fitted from their priors again: a warm start can
+#: stay in a worse local optimum of the likelihood for a few trials (measured, docs/search.md)
+COLD_EVERY = 5
+
+
+def acquisition_effort(d: int) -> tuple[int, int, int]:
+    """Default ``(num_restarts, raw_samples, maxiter)`` of the acquisition optimization for ``d``
+    searched dimensions (see docs/search.md for the measurement behind them)."""
+    if d > 20:  # wide spaces: a suggestion near a second at 100 trials x 50 dimensions
+        return 4, 128, 30
+    return min(6, max(2, d)), min(256, 64 * d), 30
 
 
 def default_n_init(budget: int) -> int:
@@ -69,13 +88,16 @@ class BOSampler(PlanSampler):
         maxiter: int | None = None,
     ) -> None:
         super().__init__(context)
-        # Wide spaces get a cheaper acquisition search, keeping a suggestion near a second at
-        # 100 trials x 50 dimensions (benchmarks/search_overhead.py).
-        wide = self.encoding.d > 20
-        self.num_restarts = num_restarts or (4 if wide else 6)
-        self.raw_samples = raw_samples or (128 if wide else 256)
+        restarts, raw, iters = acquisition_effort(self.encoding.d)
+        self.num_restarts = num_restarts or restarts
+        self.raw_samples = raw_samples or raw
         self.n_init = default_n_init(context.budget) if n_init is None else n_init
-        self.maxiter = maxiter or (30 if wide else 60)
+        self.maxiter = maxiter or iters
+        self._trial: optuna.trial.FrozenTrial | None = None
+
+    def sample_relative(self, study, trial, search_space):
+        self._trial = trial  # where _bo_step stores its fitted hyperparameters
+        return super().sample_relative(study, trial, search_space)
 
     def family(self):
         scan = sensitivity_scan(self.context)
@@ -84,7 +106,7 @@ class BOSampler(PlanSampler):
     def propose(self, history: History, study: optuna.Study) -> np.ndarray | None:
         if history.n < self.n_init or history.n < 2:
             return self._warm_start(history)
-        return self._bo_step(history)
+        return self._bo_step(history, study)
 
     def _warm_start(self, history: History) -> np.ndarray:
         family = self.family()
@@ -97,7 +119,7 @@ class BOSampler(PlanSampler):
         se = history.se if history.n and not np.isnan(history.se).any() else None
         return family(next_knob(u, history.violation, se, start=start, pending=pending))
 
-    def _bo_step(self, history: History) -> np.ndarray:
+    def _bo_step(self, history: History, study: optuna.Study) -> np.ndarray:
         import torch
         from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
         from botorch.acquisition.logei import qLogNoisyExpectedImprovement
@@ -105,13 +127,24 @@ class BOSampler(PlanSampler):
         from botorch.models import ModelListGP
         from botorch.optim import optimize_acqf
 
-        from .gp import fit_gp
+        from .gp import fit_gp, hyperparameters
 
         d = self.encoding.d
         y_obj = -np.log(np.maximum(history.objective, 1e-12))
         se = history.se if not np.isnan(history.se).any() else None
-        obj_gp = fit_gp(history.x, y_obj, None)
-        con_gp = fit_gp(history.x, history.violation, se)
+        previous = {} if history.n % COLD_EVERY == 0 else _previous_fit(study, self._trial)
+        with torch.random.fork_rng():
+            # a fit that fails is retried from hyperparameters drawn from the priors: seeded, so
+            # a resumed run draws the same
+            torch.manual_seed(self.context.seed % (2**31))
+            obj_gp = fit_gp(history.x, y_obj, None, init=previous.get("objective"))
+            con_gp = fit_gp(history.x, history.violation, se, init=previous.get("constraint"))
+        if self._trial is not None:
+            study._storage.set_trial_system_attr(  # Optuna's own samplers keep their state this way
+                self._trial._trial_id,
+                GP_ATTR,
+                {"objective": hyperparameters(obj_gp), "constraint": hyperparameters(con_gp)},
+            )
         model = ModelListGP(obj_gp, con_gp)
 
         best = _robust_best(history, con_gp)
@@ -150,6 +183,18 @@ class BOSampler(PlanSampler):
                 retry_on_optimization_warning=False,  # a failed local search keeps its best start
             )
         return cand.detach().numpy().reshape(-1)
+
+
+def _previous_fit(study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> dict:
+    """The GP hyperparameters stored by the latest trial before ``trial`` that has them (any state:
+    an interrupted trial's suggestion was made all the same); empty if none has."""
+    if trial is None:
+        return {}
+    latest = None
+    for t in study.get_trials(deepcopy=False):
+        if t.number < trial.number and GP_ATTR in t.system_attrs and (latest is None or t.number > latest.number):
+            latest = t
+    return latest.system_attrs[GP_ATTR] if latest is not None else {}
 
 
 def _robust_best(history: History, con_gp) -> int | None:

@@ -1,0 +1,115 @@
+"""``bo`` warm-starts each GP fit from the hyperparameters the previous trial fitted (stored on the
+trial): a resumed or interrupted run still suggests exactly what an uninterrupted one does, and a
+warm-started fit reaches the likelihood of a cold one."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tightfit.search import run_trials
+from tightfit.search.bo import COLD_EVERY, GP_ATTR
+from tightfit.search.gp import (
+    WARM_MAXITER,
+    fit_gp,
+    hyperparameters,
+    load_hyperparameters,
+    marginal_log_likelihood,
+)
+
+from test_search_conformance import context, evaluate, synthetic_space
+
+BUDGET = 12
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run(storage: str | None = None, budget: int = BUDGET, evaluate_plan=evaluate) -> optuna.Study:
+    space = synthetic_space()
+    study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
+    run_trials(study, space, evaluate_plan, budget=budget, method="bo", seed=3, context=context(space, BUDGET))
+    return study
+
+
+def completed_params(study: optuna.Study) -> list[dict]:
+    return [t.params for t in study.get_trials() if t.state == TrialState.COMPLETE]
+
+
+def test_fits_are_stored_and_resumed_runs_suggest_the_same(tmp_path):
+    whole = run()
+    trials = whole.get_trials()
+    stored = [t for t in trials if GP_ATTR in t.system_attrs]
+    # every BO step (after the level-set warm start) stores both GPs' hyperparameters
+    assert len(stored) >= BUDGET - 4
+    for t in stored:
+        assert set(t.system_attrs[GP_ATTR]) == {"objective", "constraint"}
+        assert all(np.isfinite(v).all() for v in t.system_attrs[GP_ATTR]["constraint"].values())
+    # warm-started steps happened (COLD_EVERY leaves most steps warm)
+    assert len(stored) > BUDGET // COLD_EVERY + 1
+
+    url = f"sqlite:///{tmp_path}/split.db"
+    for part in (5, 8):  # stopped twice, each time inside the BO phase
+        run(storage=url, budget=part)
+    resumed = run(storage=url)
+    assert completed_params(resumed) == completed_params(whole)
+
+
+def test_interrupted_trial_is_retried_and_the_run_matches(tmp_path):
+    whole = run()
+    calls = {"n": 0}
+
+    def interrupt_once(plan, trial):
+        calls["n"] += 1
+        if calls["n"] == 7:  # a BO step: its suggestion (and stored fit) exist, its evaluation dies
+            raise KeyboardInterrupt
+        return evaluate(plan, trial)
+
+    url = f"sqlite:///{tmp_path}/interrupted.db"
+    with pytest.raises(KeyboardInterrupt):
+        run(storage=url, evaluate_plan=interrupt_once)
+    resumed = run(storage=url)
+    assert any(t.user_attrs.get("interrupted") for t in resumed.get_trials())
+    assert completed_params(resumed) == completed_params(whole)
+
+
+def _synthetic(n: int, d: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, d))
+    y = np.sin(6 * x[:, 0]) + 0.5 * x[:, 1] ** 2 - x[:, 2] + 0.05 * rng.normal(size=n)
+    return x, y
+
+
+def test_warm_started_fit_is_as_good_as_a_cold_one():
+    x, y = _synthetic(25)
+    for n in (12, 18, 24):
+        previous = hyperparameters(fit_gp(x[: n - 1], y[: n - 1]))
+        cold = marginal_log_likelihood(fit_gp(x[:n], y[:n]))
+        warm = marginal_log_likelihood(fit_gp(x[:n], y[:n], init=previous, maxiter=WARM_MAXITER))
+        assert warm >= cold - 1e-3, (n, warm, cold)
+    # a fit's own hyperparameters are a fixed point: refitting from them changes nothing much
+    model = fit_gp(x, y)
+    again = fit_gp(x, y, init=hyperparameters(model))
+    assert marginal_log_likelihood(again) == pytest.approx(marginal_log_likelihood(model), abs=1e-4)
+
+
+def test_hyperparameters_round_trip_and_mismatches_are_refused():
+    x, y = _synthetic(15)
+    fitted = fit_gp(x, y)
+    values = hyperparameters(fitted)
+    fresh = fit_gp(x, y, maxiter=1)
+    assert load_hyperparameters(fresh, values)
+    assert hyperparameters(fresh) == values
+    # another input dimension: the lengthscales do not fit, the model keeps its own
+    x4, _ = _synthetic(15, d=4)
+    other = fit_gp(x4, y, maxiter=1)
+    before = hyperparameters(other)
+    assert not load_hyperparameters(other, values)
+    assert hyperparameters(other) == before
+    # fixed observation noise (metric_se) has no noise parameter: refused as well
+    with_se = fit_gp(x, y, np.full(15, 0.05), maxiter=1)
+    assert not load_hyperparameters(with_se, values)
