@@ -28,7 +28,7 @@ import optuna
 from .base import History, PlanSampler
 from .context import SearchContext
 from .levelset import knob_of, next_knob, uniform_family
-from .sensitivity import sensitivity_scan
+from .sensitivity import probe_violation, sensitivity_scan
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
 
@@ -220,7 +220,7 @@ def _probe_start(context: SearchContext, enc, family) -> float:
         return 0.5
     ok = 0.0
     for u in np.linspace(0.05, 1.0, 20):
-        if context.probe(context.space.plan(enc.decode(family(u)))).violation <= 0:
+        if probe_violation(context, context.space.plan(enc.decode(family(u)))) <= 0:
             ok = float(u)
         else:
             break

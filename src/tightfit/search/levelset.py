@@ -18,7 +18,7 @@ import optuna
 from .base import History, PlanSampler
 from .context import SearchContext
 from .gp import fit_gp, normal_cdf, posterior
-from .sensitivity import sensitivity_scan
+from .sensitivity import probe_violation, sensitivity_scan
 
 GRID = np.linspace(0.0, 1.0, 1001)
 #: evaluations made by bisection before the GP takes over
@@ -90,7 +90,7 @@ class LevelSetSampler(PlanSampler):
         if "levelset.start" not in ctx.memo:
             ok = 0.0
             for u in np.linspace(0.05, 1.0, 20):
-                if ctx.probe(ctx.space.plan(self.encoding.decode(self.family(u)))).violation <= 0:
+                if probe_violation(ctx, ctx.space.plan(self.encoding.decode(self.family(u)))) <= 0:
                     ok = float(u)
                 else:
                     break
