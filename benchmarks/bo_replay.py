@@ -9,7 +9,9 @@ recipe), then at every BO step of it, on the trials that step saw:
   previous step's stored hyperparameters, ``--warm-iters``) of both GPs: marginal log likelihood per
   observation and seconds;
 - acquisition: ``optimize_acqf`` with each ``--acq`` setting (``restarts/raw_samples/maxiter``) and
-  with a heavy reference (20/1024/200): the log acquisition value reached and seconds.
+  with a heavy reference (20/1024/200): the log acquisition value reached and seconds; and, at
+  ``bo``'s own setting, BoTorch's ``LogConstrainedExpectedImprovement`` against ``bo``'s
+  independent-posterior version of it (seconds, largest difference in value and candidate).
 
 Prints a summary and appends one JSON line to benchmarks/results/bo_replay.jsonl. Timings are CPU
 work on a shared machine: compare them within one run, not across runs.
@@ -83,6 +85,17 @@ def main() -> None:
             started = time.process_time()
             cand, value = optimize(acq, **{**kw, "num_restarts": s[0], "raw_samples": s[1], "options": {**kw["options"], "maxiter": s[2]}})
             row["%d/%d/%d" % s] = (float(value), time.process_time() - started)
+        if type(acq).__name__ == "IndependentLogCEI":  # bo's acquisition vs BoTorch's own class
+            from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
+
+            own = kw["num_restarts"], kw["raw_samples"], kw["options"]["maxiter"]
+            for name, a in (("independent", acq), ("botorch", LogConstrainedExpectedImprovement(
+                    acq.model, best_f=acq.best_f, objective_index=0, constraints={1: (None, 0.0)}))):
+                torch.manual_seed(0)
+                started = time.process_time()
+                c, v = optimize(a, **kw)
+                row[name] = (float(v), time.process_time() - started, c.detach().numpy().ravel().tolist())
+            row["own_setting"] = "%d/%d/%d" % own
         acq_rows.append(row)
         return cand, value
 
@@ -130,6 +143,15 @@ def main() -> None:
         summary["acquisition"][key] = {
             "gap_to_reference_median": float(np.median(gap)), "gap_to_reference_max": float(gap.max()),
             "cpu_s_mean": statistics.mean(r[key][1] for r in acq_rows),
+        }
+    same = [r for r in acq_rows if "independent" in r]
+    if same:
+        summary["acquisition_class"] = {
+            "setting": same[0]["own_setting"],
+            "botorch_cpu_s_mean": statistics.mean(r["botorch"][1] for r in same),
+            "independent_cpu_s_mean": statistics.mean(r["independent"][1] for r in same),
+            "max_abs_value_difference": max(abs(r["botorch"][0] - r["independent"][0]) for r in same),
+            "max_abs_candidate_difference": max(float(np.abs(np.subtract(r["botorch"][2], r["independent"][2])).max()) for r in same),
         }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT, "a") as handle:

@@ -113,3 +113,22 @@ def test_hyperparameters_round_trip_and_mismatches_are_refused():
     # fixed observation noise (metric_se) has no noise parameter: refused as well
     with_se = fit_gp(x, y, np.full(15, 0.05), maxiter=1)
     assert not load_hyperparameters(with_se, values)
+
+
+def test_bo_acquisition_equals_botorchs_constrained_log_ei():
+    """bo computes each GP's posterior on its own inside LogConstrainedExpectedImprovement (faster
+    on a ModelListGP); the values must be BoTorch's."""
+    import torch
+    from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
+    from botorch.models import ModelListGP
+
+    from tightfit.search.bo import _independent_log_cei
+
+    x, y = _synthetic(20)
+    rng = np.random.default_rng(1)
+    model = ModelListGP(fit_gp(x, y), fit_gp(x, x.sum(1) - 1.5, np.full(20, 0.05)))
+    ours = _independent_log_cei()(model, best_f=float(y.max()), objective_index=0, constraints={1: (None, 0.0)})
+    theirs = LogConstrainedExpectedImprovement(model, best_f=float(y.max()), objective_index=0, constraints={1: (None, 0.0)})
+    X = torch.as_tensor(rng.uniform(size=(64, 1, 3)))
+    with torch.no_grad():
+        assert torch.allclose(ours(X), theirs(X), rtol=0, atol=1e-12)
