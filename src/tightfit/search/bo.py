@@ -28,7 +28,7 @@ import optuna
 
 from .base import History, PlanSampler
 from .context import SearchContext
-from .levelset import knob_of, next_knob, uniform_family
+from .levelset import knob_of, knob_table, next_knob, uniform_family
 from .sensitivity import probe_violation, sensitivity_scan
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
@@ -111,8 +111,11 @@ class BOSampler(PlanSampler):
 
     def _warm_start(self, history: History) -> np.ndarray:
         family = self.family()
-        u = knob_of(history.x, family) if history.n else np.zeros(0)
-        pending = knob_of(history.pending, family) if len(history.pending) else np.zeros(0)
+        table = self.context.memo.get("bo.knob_table")
+        if table is None:  # the family is fixed for the run (the scan is memoized), so is its table
+            table = self.context.memo["bo.knob_table"] = knob_table(family)
+        u = knob_of(history.x, family, table=table) if history.n else np.zeros(0)
+        pending = knob_of(history.pending, family, table=table) if len(history.pending) else np.zeros(0)
         start = self.context.memo.get("bo.start")
         if start is None:
             start = _probe_start(self.context, self.encoding, family)

@@ -34,9 +34,17 @@ def uniform_family(enc) -> Callable[[float], np.ndarray]:
     return plan
 
 
-def knob_of(points: np.ndarray, family: Callable[[float], np.ndarray], grid: np.ndarray = GRID) -> np.ndarray:
-    """The knob value whose plan is nearest each point (the inverse of the family on its range)."""
-    table = np.stack([family(u) for u in grid])
+def knob_table(family: Callable[[float], np.ndarray], grid: np.ndarray = GRID) -> np.ndarray:
+    """The family's plan at every grid knob (``len(grid) x d``): what :func:`knob_of` searches."""
+    return np.stack([family(u) for u in grid])
+
+
+def knob_of(
+    points: np.ndarray, family: Callable[[float], np.ndarray], grid: np.ndarray = GRID, table: np.ndarray | None = None
+) -> np.ndarray:
+    """The knob value whose plan is nearest each point (the inverse of the family on its range);
+    ``table``: :func:`knob_table` of the family on ``grid``, if already computed."""
+    table = knob_table(family, grid) if table is None else table
     d2 = ((points[:, None, :] - table[None, :, :]) ** 2).sum(-1)
     return grid[np.argmin(d2, axis=1)]
 
@@ -98,9 +106,10 @@ class LevelSetSampler(PlanSampler):
         return ctx.memo["levelset.start"]
 
     def propose(self, history: History, study: optuna.Study) -> np.ndarray:
-        u = knob_of(history.x, self.family) if history.n else np.zeros(0)
-        pending = knob_of(history.pending, self.family) if len(history.pending) else np.zeros(0)
-        failed = knob_of(history.failed, self.family) if len(history.failed) else np.zeros(0)
+        table = knob_table(self.family)  # once for the three look-ups
+        u = knob_of(history.x, self.family, table=table) if history.n else np.zeros(0)
+        pending = knob_of(history.pending, self.family, table=table) if len(history.pending) else np.zeros(0)
+        failed = knob_of(history.failed, self.family, table=table) if len(history.failed) else np.zeros(0)
         se = history.se if history.n and not np.isnan(history.se).any() else None
         knob = next_knob(u, history.violation, se, start=self.start(), pending=pending, failed=failed)
         return self.family(knob)
