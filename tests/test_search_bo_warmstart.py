@@ -40,8 +40,14 @@ def completed_params(study: optuna.Study) -> list[dict]:
     return [t.params for t in study.get_trials() if t.state == TrialState.COMPLETE]
 
 
-def test_fits_are_stored_and_resumed_runs_suggest_the_same(tmp_path):
-    whole = run()
+@pytest.fixture(scope="module")
+def whole() -> optuna.Study:
+    """The uninterrupted run both resume tests compare against."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return run()
+
+
+def test_fits_are_stored_and_resumed_runs_suggest_the_same(tmp_path, whole):
     trials = whole.get_trials()
     stored = [t for t in trials if GP_ATTR in t.system_attrs]
     # every BO step (after the level-set warm start) stores both GPs' hyperparameters
@@ -59,8 +65,7 @@ def test_fits_are_stored_and_resumed_runs_suggest_the_same(tmp_path):
     assert completed_params(resumed) == completed_params(whole)
 
 
-def test_interrupted_trial_is_retried_and_the_run_matches(tmp_path):
-    whole = run()
+def test_interrupted_trial_is_retried_and_the_run_matches(tmp_path, whole):
     calls = {"n": 0}
 
     def interrupt_once(plan, trial):
@@ -103,6 +108,10 @@ def test_hyperparameters_round_trip_and_mismatches_are_refused():
     values = hyperparameters(fitted)
     fresh = fit_gp(x, y, maxiter=1)
     assert load_hyperparameters(fresh, values)
+    assert hyperparameters(fresh) == values
+    # a stored fit that went wrong (non-finite) is not a starting point
+    broken = {k: [float("nan")] * len(v) for k, v in values.items()}
+    assert not load_hyperparameters(fresh, broken)
     assert hyperparameters(fresh) == values
     # another input dimension: the lengthscales do not fit, the model keeps its own
     x4, _ = _synthetic(15, d=4)

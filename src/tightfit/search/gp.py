@@ -74,12 +74,17 @@ def hyperparameters(model) -> Hyperparameters:
 
 
 def load_hyperparameters(model, values: Hyperparameters) -> bool:
-    """Copy stored raw hyperparameters into ``model``; True only if every parameter had a stored
-    value of its shape (a model with another noise model or dimension starts from its prior)."""
+    """Copy stored raw hyperparameters into ``model``; True only if every parameter had a stored,
+    finite value of its shape (a model with another noise model or dimension, or after a fit that
+    went wrong, starts from its prior)."""
+    import math
+
     import torch
 
     params = dict(model.named_parameters())
     if set(params) != set(values) or any(len(values[k]) != p.numel() for k, p in params.items()):
+        return False
+    if not all(math.isfinite(v) for vs in values.values() for v in vs):
         return False
     with torch.no_grad():
         for name, p in params.items():
