@@ -13,9 +13,10 @@
    sampler (one per trial, as the loop makes them) and a resumed run agree.
 
 Each BO step warm-starts its two GP fits from the hyperparameters the previous step fitted, with
-fewer L-BFGS iterations (``gp.WARM_MAXITER``), except every ``COLD_EVERY`` completed trials. They are stored on the trial as system attribute
-``GP_ATTR`` with the suggestion and read back from the latest earlier trial that has them, so the
-per-trial samplers and a resumed run fit exactly what an uninterrupted run fits.
+fewer L-BFGS iterations (``gp.WARM_MAXITER``), except every ``COLD_EVERY`` completed trials. The
+fitted hyperparameters are stored on the trial as system attribute ``GP_ATTR`` with the
+suggestion and read back from the latest earlier trial that has them, so the per-trial samplers
+and a resumed run fit exactly what an uninterrupted run fits.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
 #: trial system attribute: the GP hyperparameters fitted for this trial's suggestion
 GP_ATTR = "tightfit.bo.gp"
 #: every this many completed trials the GPs are fitted from their priors again: a warm start can
-#: stay in a worse local optimum of the likelihood for a few trials (measured, docs/search.md)
+#: stay in a worse local optimum of the likelihood for a few trials (measured: docs/benchmarks.md)
 COLD_EVERY = 5
 
 
