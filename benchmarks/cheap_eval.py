@@ -210,19 +210,22 @@ def summarize(rows: list[dict]) -> None:
 
 def coverage(args) -> None:
     """Repeated cheap searches; each one's certificate is checked against a 10,000-sample test set."""
-    out = RESULTS / "cheap_eval_coverage.jsonl"
+    from tightfit.evaluation.sequential import SequentialSession
+
+    out = RESULTS / f"cheap_eval_coverage{args.tag}.jsonl"
     RESULTS.mkdir(exist_ok=True)
     base_split, pool_x, pool_y = mnist1d_split(n_val=400, n_test=10000, pool=8000)
     model = trained(mlp_1d, base_split, "mnist1d_coverage")
     max_drop = args.max_drop
     test = tightfit.Accuracy(base_split.loader("test", batch_size=2048))
     test_original = test(model)
-    for run in range(args.runs):
+    for run in range(args.first_run, args.first_run + args.runs):
         pick = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(1000 + run))[:400]
         split = Split(base_split.x_train, base_split.y_train, pool_x[pick], pool_y[pick], base_split.x_test, base_split.y_test)
+        evaluate = tightfit.Accuracy(split.loader("val", batch_size=512))
         result = compress(
             model,
-            evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+            evaluate=evaluate,
             strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
             constraint=tightfit.MaxDrop(max_drop),
             finetune=tightfit.FineTune(split.loader("train", shuffle=True), epochs=1, lr=1e-3, max_steps=args.finetune_steps),
@@ -245,7 +248,21 @@ def coverage(args) -> None:
                 "met": true_value <= 0,
                 "certified": cert.certified,
                 "val_value_full": (result.baseline_metric - result.metric) - max_drop,
+                "method": cert.method,
             }
+            if args.raw:  # what any certificate needs, to recompute old and new ones on the same runs
+                session = SequentialSession(tightfit.Sequential(confidence=0.95), evaluate, [tightfit.MaxDrop(max_drop)], run)
+                session.baseline(model)  # the same sample order as the search's session
+                answer = evaluate.per_sample(result.model).to(torch.int8)
+                original = session.baseline_values.to(torch.int8)
+                row["raw"] = {
+                    "max_drop": max_drop,
+                    "test_acc_original": test_original,
+                    "certify_idx": session.certify_idx.tolist(),
+                    "search_idx": session.search_idx.tolist(),
+                    "answer": answer.tolist(),
+                    "original": original.tolist(),
+                }
         with open(out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -418,6 +435,9 @@ def main() -> None:
     v.add_argument("--budget", type=int, default=8)
     v.add_argument("--max-drop", type=float, default=0.02)
     v.add_argument("--finetune-steps", type=int, default=30)
+    v.add_argument("--first-run", type=int, default=0, help="runs first-run .. first-run + runs - 1 (seeds and validation draws)")
+    v.add_argument("--tag", default="", help="suffix of the results file")
+    v.add_argument("--raw", action="store_true", help="store the answer's and the original's per-sample values")
     v.set_defaults(fn=coverage)
     k = sub.add_parser("stopcheck")
     k.add_argument("--task", choices=("digits", "mnist1d"), required=True)
