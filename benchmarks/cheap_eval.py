@@ -377,6 +377,83 @@ def _report_coverage(path: Path) -> None:
                 print(f"- for contrast, the full validation set (used by the search) said 'met' in {sum(r['val_value_full'] <= 0 for r in naive)}/{len(naive)} runs")
 
 
+def _old_certificate(held: torch.Tensor) -> tuple[float, float]:
+    """The first certificate (commit c84b41e and before), recomputed: a normal bound and a flat-prior
+    P(met) = Phi(-mean / se) from the held-out statistics, variance floored by 2 pseudo-samples of 1."""
+    from tightfit.evaluation.statistics import mean_estimate, normal_cdf, z_value
+
+    e = mean_estimate(held, prior_variance=1.0, prior_weight=2.0)
+    return e.mean + z_value(0.1) * e.se, normal_cdf(-e.mean / e.se)
+
+
+def _binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    from scipy.stats import beta
+
+    a = (1 - level) / 2
+    return (0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1)), 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k)))
+
+
+def certcheck(args) -> None:
+    """Old and new certificates recomputed on the same coverage runs (rows written with --raw):
+    bound coverage with its binomial interval, and the stated probability's calibration by bin."""
+    from scipy.stats import binom
+
+    from tightfit.evaluation.certificate import StatisticForm, certify
+    from tightfit.evaluation.constraints import MaxDrop
+
+    rows = []
+    for path in args.files:
+        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    runs = len(rows)
+    rows = sorted((r for r in rows if r.get("raw")), key=lambda r: r["run"])
+    table = {"old": [], "new": [], "new bound, flat prior": []}
+    for r in rows:
+        raw = r["raw"]
+        md = raw["max_drop"]
+        answer = torch.tensor(raw["answer"], dtype=torch.float64)
+        original = torch.tensor(raw["original"], dtype=torch.float64)
+        held_idx, search_idx = torch.tensor(raw["certify_idx"]), torch.tensor(raw["search_idx"])
+        stat = (original - answer) - md
+        held, search = stat[held_idx].unsqueeze(1), stat[search_idx].unsqueeze(1)
+        form = StatisticForm("paired01", offset=-md, prior_variance=1.0)
+        new = certify(held, [MaxDrop(md)], 0.95, [1.0], forms=[form], search_statistics=search)
+        flat = certify(held, [MaxDrop(md)], 0.95, [1.0], forms=[form])
+        old_bound, old_p = _old_certificate(held[:, 0])
+        assert abs(old_bound - r["bound"]) < 1e-9 and abs(old_p - r["probability"]) < 1e-9, "old certificate not reproduced"
+        truth = r["true_value"]
+        table["old"].append((old_bound, old_p, truth))
+        table["new"].append((new.bounds[0], new.probability, truth))
+        table["new bound, flat prior"].append((flat.bounds[0], flat.probability, truth))
+    n = len(rows)
+    met = sum(t <= 0 for _, _, t in table["new"])
+    print(f"\n### certificate check ({', '.join(Path(p).name for p in args.files)}): {runs} runs, {n} with a certificate, "
+          f"runs {rows[0]['run']}-{rows[-1]['run']}; constraint met (10,000 test samples) in {met}/{n}\n")
+    print("| certificate | 95% bound held | 95% interval | P(<= this many \\| exactly 95%) | certified (bound <= 0) | certified and met | mean stated P | Brier |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, items in table.items():
+        held_count = sum(t <= b for b, _, t in items)
+        lo, hi = _binomial_interval(held_count, n)
+        cert = [(b, p, t) for b, p, t in items if b <= 0]
+        brier = statistics.mean((p - (t <= 0)) ** 2 for _, p, t in items)
+        print(f"| {name} | {held_count}/{n} = {held_count / n:.1%} | {lo:.1%}-{hi:.1%} | {binom.cdf(held_count, n, 0.95):.2f} | "
+              f"{len(cert)} | {sum(t <= 0 for _, _, t in cert)}/{len(cert)} | {statistics.mean(p for _, p, _ in items):.3f} | {brier:.3f} |")
+    print("\nstated probability by bin: runs, mean stated, fraction met (95% interval)\n")
+    bins = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 0.95), (0.95, 1.01)]
+    print("| certificate | " + " | ".join(f"[{lo:.2f}, {min(hi, 1):.2f}{')' if hi < 1 else ']'}" for lo, hi in bins) + " |")
+    print("|---|" + "---|" * len(bins))
+    for name, items in table.items():
+        cells = []
+        for lo, hi in bins:
+            b = [(p, t) for _, p, t in items if lo <= p < hi]
+            if not b:
+                cells.append("-")
+                continue
+            k = sum(t <= 0 for _, t in b)
+            a, z = _binomial_interval(k, len(b))
+            cells.append(f"{len(b)}: {statistics.mean(p for p, _ in b):.2f} vs {k / len(b):.2f} ({a:.2f}-{z:.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def _report_v2(path: Path, rows: list[dict]) -> None:
     """Tables of the current rows: probes counted, optimizer time apart, stopped candidates."""
     r0 = rows[0]
@@ -445,6 +522,9 @@ def main() -> None:
     k.add_argument("--budget", type=int, default=30)
     k.add_argument("--finetune-epochs", type=int, default=None)
     k.set_defaults(fn=stopcheck)
+    q = sub.add_parser("certcheck")
+    q.add_argument("files", nargs="+", help="coverage rows written with --raw")
+    q.set_defaults(fn=certcheck)
     r = sub.add_parser("report")
     r.set_defaults(fn=report)
     args = parser.parse_args()
