@@ -52,7 +52,7 @@ PRIOR_WEIGHT = 2.0
 #: samples the normal bound with a variance floor is used instead
 EXACT_MAX_SAMPLES = 400
 #: values of the nuisance (share of discordant samples) the exact bound maximizes over
-NUISANCE_GRID = 60
+NUISANCE_GRID = 100
 
 KINDS = ("paired01", "single01", "bounded", "unbounded")
 
