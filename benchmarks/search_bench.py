@@ -39,8 +39,15 @@ SEARCH_METHODS = ("auto", "bo", "levelset", "mads", "olmp", "cmaes", "tpe", "ran
 BASELINES = ("uniform_bisect", "global_bisect", "imp")
 
 
+RECIPE = "finetune"  # --recipe: the recovery every method gets per evaluation (the same for all)
+RECIPE_LR = FT_LR
+
+
 def _finetune(split):
-    return tightfit.FineTune(split.loader("train", BATCH, shuffle=True), epochs=FT_EPOCHS, lr=FT_LR)
+    loader = split.loader("train", BATCH, shuffle=True)
+    if RECIPE == "gradual":  # tightfit's own recovery at the recipe's length
+        return tightfit.GradualPrune(loader, epochs=FT_EPOCHS, lr=RECIPE_LR)
+    return tightfit.FineTune(loader, epochs=FT_EPOCHS, lr=RECIPE_LR)
 
 
 def _layers(model):
@@ -282,9 +289,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trace", action="store_true", help="record every trial (to results/search_traces.jsonl)")
     ap.add_argument("--out", default=None, help="results file (default: results/search_runs.jsonl, or search_traces.jsonl with --trace)")
+    ap.add_argument("--recipe", choices=("finetune", "gradual"), default="finetune",
+                    help="per-evaluation recovery for every method: the baselines' masked fine-tune (default) "
+                         "or GradualPrune over the same 3 epochs; use a separate --out")
+    ap.add_argument("--recipe-lr", type=float, default=FT_LR, help="the recipe's Adam learning rate (default: the baselines' 3e-4)")
     args = ap.parse_args()
-    global TRACE
-    TRACE = args.trace
+    global TRACE, RECIPE, RECIPE_LR
+    TRACE, RECIPE, RECIPE_LR = args.trace, args.recipe, args.recipe_lr
     out = Path(args.out) if args.out else TRACES if TRACE else RESULTS
     jobs = []
     done = _done(out)

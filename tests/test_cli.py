@@ -182,3 +182,39 @@ def test_bad_recovery_config_names_the_field(project, section, field):
     config_path.write_text(f"{head}[finetune]\n{kept}\n{section}\n")
     result = runner.invoke(app, ["run", str(config_path)])
     assert result.exit_code != 0 and field in result.output, result.output
+
+
+def _prune_adjust_config(config: Path) -> None:
+    text = config.read_text()
+    text = text.replace('[[strategy]]\noperator = "quantize"\nbits = [4, 8]\n', "")  # rounds may only prune
+    text = text.replace("epochs = 3", 'epochs = 1\nmethod = "gradual"')
+    config.write_text(text + "\n[prune_adjust]\nrounds = 2\nstep = 0.3\nsearch = \"random\"\nsearch_budget = 4\n")
+
+
+def test_prune_adjust_runs_rounds_from_the_config_and_resumes(project):
+    config = project / "tightfit.toml"
+    _prune_adjust_config(config)
+    result = runner.invoke(app, ["prune-adjust", str(config)])
+    assert result.exit_code == 0, result.output
+    run_dir = project / "runs" / "smallnet" / "prune-adjust"
+    assert "round 1:" in result.output and "round 2:" in result.output
+    assert (run_dir / "rounds.json").exists() and (run_dir / "round-01" / "study.db").exists()
+    again = runner.invoke(app, ["prune-adjust", str(config)])  # finished: shows the stored rounds, trains nothing
+    assert again.exit_code == 0, again.output
+    assert again.output.count("round 1:") == 1 and "nonzero-weight ratio" in again.output
+
+
+def test_prune_adjust_names_what_its_config_lacks(project):
+    config = project / "tightfit.toml"
+    _prune_adjust_config(config)
+    text = config.read_text()
+    no_finetune = text[: text.index("[finetune]")] + text[text.index("[prune_adjust]"):]
+    config.write_text(no_finetune)
+    result = runner.invoke(app, ["prune-adjust", str(config)])
+    assert result.exit_code != 0 and "[finetune]" in result.output
+    config.write_text(text.replace("max_drop = 0.01", "min_metric = 0.5"))
+    result = runner.invoke(app, ["prune-adjust", str(config)])
+    assert result.exit_code != 0 and "max_drop" in result.output
+    config.write_text(text.replace('search = "random"', 'search = "magic"'))
+    result = runner.invoke(app, ["prune-adjust", str(config)])
+    assert result.exit_code != 0 and "prune_adjust.search" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -82,3 +83,57 @@ def test_a_gentler_plan_never_regrows_an_earlier_rounds_zeros():
     _keep_zeros(candidate)
     GradualPrune(loader, epochs=2, lr=1e-2)(candidate)
     assert (candidate[0].weight[:, :4] == 0).all()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt:
+    """The adjust, interrupted (like Ctrl-C or a killed process) in its ``at``-th call."""
+
+    def __init__(self, adjust, at: int) -> None:
+        self.adjust, self.at, self.calls = adjust, at, 0
+
+    def __call__(self, model) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            raise _Interrupt
+        self.adjust(model)
+
+
+def test_a_run_directory_resumes_an_interrupted_run_to_the_uninterrupted_answer(tmp_path):
+    model, loader = _toy()
+
+    def evaluate(m):
+        return 1.0 if _nonzeros(m) > 120 else 0.7
+
+    arguments = dict(evaluate=evaluate, max_drop=0.0, step=0.4, search="random", search_budget=6)
+    whole = tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1, lr=1e-2), rounds=3, **arguments)
+
+    run = tmp_path / "run"
+    with pytest.raises(_Interrupt):  # killed in round 3's adjust: rounds 1-2 are on disk
+        tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1, lr=1e-2), 3), rounds=3,
+                                  run_dir=run, **arguments)
+    stored = json.loads((run / "rounds.json").read_text())
+    assert [r["number"] for r in stored["rounds"]] == [1, 2]
+    assert (run / "round-03" / "study.db").exists()  # round 3's search finished before the adjust; it is not redone
+
+    seen = []
+    resumed = tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1, lr=1e-2), rounds=3, run_dir=run,
+                                        on_round=seen.append, **arguments)
+    assert [r.number for r in seen] == [3]
+    assert [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.plan.to_dict()) for r in resumed.rounds] == \
+        [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.plan.to_dict()) for r in whole.rounds]
+    x = torch.randn(4, 8)
+    assert torch.equal(resumed.model(x), whole.model(x))
+    assert (run / "model.tfz").read_bytes() == resumed._file
+    assert torch.equal(tightfit.load(run / "model.tfz")(x), whole.model(x))
+
+    # finished: calling again does no work; a larger `rounds` continues from round 4
+    again = tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1), 1), rounds=3, run_dir=run, **arguments)
+    assert len(again.rounds) == 3 and again.nonzero_ratio == whole.nonzero_ratio
+
+    with pytest.raises(ConfigError, match="other settings.*step"):
+        tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1), rounds=3, run_dir=run,
+                                  **{**arguments, "step": 0.3})

@@ -10,14 +10,23 @@ answer is the last accepted model, chosen on ``evaluate`` (validation data), nev
 Compared with one ``compress`` call, the compression grows in stages and every stage is
 re-trained before the next is planned: on LeNet-300-100 / digits this reaches about 3-4x the
 compression of iterative magnitude pruning at the same training epochs (docs/benchmarks.md).
+
+With ``run_dir`` nothing finished is lost: each round's search is an ordinary ``compress`` run
+directory (``round-01/``...; an interrupted search resumes there), and after every adjust the
+rounds so far (``rounds.json``) and the accepted model (``model.tfz``) are written atomically.
+Calling again with the same arguments continues after the last finished round, with the same
+result as an uninterrupted run (every round's search and adjust are seeded by the round number).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +52,20 @@ class AdjustRound:
     wall_s: float
 
 
+    def to_dict(self) -> dict[str, Any]:
+        return dict(number=self.number, step=self.step, plan=self.plan.to_dict(), nonzero_ratio=self.nonzero_ratio,
+                    metric=self.metric, accepted=self.accepted, training_steps=self.training_steps, wall_s=self.wall_s)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdjustRound:
+        return cls(**{**data, "plan": Plan.from_dict(data["plan"])})
+
+
+ROUNDS_FILE = "rounds.json"
+MODEL_FILE = "model.tfz"  # the answer: the last accepted round's model
+ADJUSTED_FILE = "adjusted.tfz"  # in round-NN/: that round's adjusted model, if it was accepted
+
+
 @dataclass
 class PruneAdjustResult:
     """The last accepted model (the original if no round was accepted) and every round."""
@@ -59,6 +82,11 @@ class PruneAdjustResult:
     def training_steps(self) -> int:
         """Optimizer steps of every adjust, the undone rounds included."""
         return sum(r.training_steps or 0 for r in self.rounds)
+
+    @property
+    def size_bytes(self) -> int | None:
+        """Bytes of the answer's ``.tfz`` file (None if no round was accepted)."""
+        return None if self._file is None else len(self._file)
 
     def save(self, path: str | Path) -> int:
         """Write the answer as a ``.tfz`` file (``tightfit.load`` reads it); returns its bytes."""
@@ -82,6 +110,7 @@ def prune_and_adjust(
     example_input: Any = None,
     seed: int = 0,
     on_round: Callable[[AdjustRound], None] | None = None,
+    run_dir: str | os.PathLike | None = None,
 ) -> PruneAdjustResult:
     """Prune ``model`` in rounds of search (no training) and ``adjust`` (training); see the module doc.
 
@@ -89,7 +118,9 @@ def prune_and_adjust(
     below the original's value the answer may fall (0.005 = half a point of accuracy). ``step`` is
     the first round's allowance for the *untrained* plan (it is halved after an undone round).
     ``strategy`` defaults to ``Prune(sparsity=(0.0, 0.999))``; it must only prune, since every
-    round starts from the previous round's weights. ``model`` is not modified.
+    round starts from the previous round's weights. ``model`` is not modified. ``run_dir`` keeps
+    every finished round on disk and resumes from it (module doc); a larger ``rounds`` on a later
+    call continues a finished run.
     """
     from . import MinMetric, compress
     from .export.artifact import load_model, to_bytes
@@ -112,41 +143,112 @@ def prune_and_adjust(
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)
     baseline = float(evaluate(model))
-    current, data, plan = model, None, None
-    metric, ratio = baseline, 1.0
-    history: list[AdjustRound] = []
-    for number in range(1, rounds + 1):
-        start = time.perf_counter()
-        found = compress(current, evaluate=evaluate, strategy=strategy, constraint=MinMetric(baseline - step),
-                         objective="nonzeros", budget=search_budget, search=search, example_input=example_input,
-                         seed=seed * 1000 + number,
-                         # the smallest plan that measured within the step: the adjusted model's own
-                         # check against max_drop below is what guards the answer
-                         pick="observed")
-        if not found.feasible:
-            break  # not even the gentlest plan keeps the metric within the step: nothing left to prune
-        candidate = apply(found.plan, current)
-        _keep_zeros(candidate)
-        with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
-            torch.manual_seed(seed * 1000 + number)
-            adjust(candidate)
-        written = to_bytes(candidate, found.plan)
-        adjusted = load_model(io.BytesIO(written))  # measured as it will be saved
-        value = float(evaluate(adjusted))
-        nonzeros, _ = count_nonzeros(adjusted, names)
-        accepted = baseline - value <= max_drop + 1e-12
-        record = AdjustRound(number, step, found.plan, total / max(1, nonzeros), value, accepted,
-                             getattr(adjust, "steps_taken", None), time.perf_counter() - start)
-        history.append(record)
-        if on_round is not None:
-            on_round(record)
-        if accepted:
-            current, data, plan = adjusted, written, found.plan
-            metric, ratio = value, record.nonzero_ratio
-        else:
-            step /= 2  # undo the round: the next one takes a smaller step
+    settings = dict(max_drop=max_drop, step=step, strategy=[op.config() | {"name": op.name} for op in operators],
+                    search=search, search_budget=search_budget, seed=seed, baseline_metric=baseline)
+    with _RoundsFile.open(run_dir, settings) as saved:
+        history, exhausted = saved.rounds, saved.exhausted
+        current, data, plan, metric, ratio = model, None, None, baseline, 1.0
+        if saved.model_bytes is not None:  # resume from the last accepted round
+            data = saved.model_bytes
+            current = load_model(io.BytesIO(data))
+            last = next(r for r in reversed(history) if r.accepted)
+            plan, metric, ratio = last.plan, last.metric, last.nonzero_ratio
+        for r in history:
+            step = r.step if r.accepted else r.step / 2
+        for number in range(len(history) + 1, rounds + 1):
+            if exhausted:
+                break
+            start = time.perf_counter()
+            found = compress(current, evaluate=evaluate, strategy=strategy, constraint=MinMetric(baseline - step),
+                             objective="nonzeros", budget=search_budget, search=search, example_input=example_input,
+                             seed=seed * 1000 + number, run_dir=saved.round_dir(number),
+                             # the smallest plan that measured within the step: the adjusted model's own
+                             # check against max_drop below is what guards the answer
+                             pick="observed")
+            if not found.feasible:
+                exhausted = True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
+                saved.write(history, exhausted, None)
+                break
+            candidate = apply(found.plan, current)
+            _keep_zeros(candidate)
+            with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
+                torch.manual_seed(seed * 1000 + number)
+                adjust(candidate)
+            written = to_bytes(candidate, found.plan)
+            adjusted = load_model(io.BytesIO(written))  # measured as it will be saved
+            value = float(evaluate(adjusted))
+            nonzeros, _ = count_nonzeros(adjusted, names)
+            accepted = baseline - value <= max_drop + 1e-12
+            record = AdjustRound(number, step, found.plan, total / max(1, nonzeros), value, accepted,
+                                 getattr(adjust, "steps_taken", None), time.perf_counter() - start)
+            history.append(record)
+            if accepted:
+                current, data, plan = adjusted, written, found.plan
+                metric, ratio = value, record.nonzero_ratio
+            else:
+                step /= 2  # undo the round: the next one takes a smaller step
+            saved.write(history, exhausted, written if accepted else None)
+            if on_round is not None:
+                on_round(record)
     answer = current if current is not model else copy.deepcopy(model)
     return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, data)
+
+
+class _RoundsFile:
+    """``rounds.json`` and ``model.tfz`` in a run directory (or nothing, without one)."""
+
+    def __init__(self, root: Path | None, settings: dict[str, Any]) -> None:
+        self.root, self.settings = root, settings
+        self.rounds: list[AdjustRound] = []
+        self.exhausted = False
+        self.model_bytes: bytes | None = None
+        if root is None or not (root / ROUNDS_FILE).exists():
+            return
+        stored = json.loads((root / ROUNDS_FILE).read_text())
+        settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
+        changed = sorted(k for k in settings if stored["settings"].get(k) != settings[k])
+        if changed:
+            raise ConfigError(
+                f"prune_and_adjust: `run_dir` {str(root)!r} holds a run with other settings ({', '.join(changed)} "
+                "differ); call with the same model and arguments to resume it, or use another run_dir."
+            )
+        self.rounds = [AdjustRound.from_dict(r) for r in stored["rounds"]]
+        self.exhausted = stored["exhausted"]
+        accepted = [r.number for r in self.rounds if r.accepted]
+        if accepted:
+            self.model_bytes = (self.round_dir(accepted[-1]) / ADJUSTED_FILE).read_bytes()
+
+    @classmethod
+    @contextmanager
+    def open(cls, run_dir: str | os.PathLike | None, settings: dict[str, Any]) -> Iterator[_RoundsFile]:
+        if run_dir is None:
+            yield cls(None, settings)
+            return
+        from .run_dir import RunDir
+
+        with RunDir.open(run_dir) as held:  # the lock: one process per run directory
+            yield cls(held.path, settings)
+
+    def round_dir(self, number: int) -> Path | None:
+        return None if self.root is None else self.root / f"round-{number:02d}"
+
+    def write(self, rounds: list[AdjustRound], exhausted: bool, accepted_model: bytes | None) -> None:
+        if self.root is None:
+            return
+        if accepted_model is not None:  # the round's model first: rounds.json never names a model not on disk
+            folder = self.round_dir(rounds[-1].number)
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_atomic(folder / ADJUSTED_FILE, accepted_model)
+        text = json.dumps(dict(settings=self.settings, rounds=[r.to_dict() for r in rounds], exhausted=exhausted), indent=1)
+        _write_atomic(self.root / ROUNDS_FILE, text.encode())
+        if accepted_model is not None:
+            _write_atomic(self.root / MODEL_FILE, accepted_model)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

@@ -239,40 +239,30 @@ def compress(
     the answer (from 20 completed trials on; docs/search.md), ``"observed"`` the best observed
     feasible trial. See the README for the full walk-through.
     """
-    return _search(
-        model, evaluate=evaluate, strategy=strategy, constraint=constraint, objective=objective, finetune=finetune,
-        budget=budget, search=search, example_input=example_input, seed=seed, run_dir=run_dir, storage=storage,
-        study_name=study_name, progress=progress, artifact_extra=artifact_extra, on_start=on_start, worker=False,
-        latency=latency,
-        evaluation=evaluation,
-        pick=pick,
-    )
+    arguments = {name: value for name, value in locals().items() if name != "model"}
+    return _search(model, worker=False, **arguments)
+
+
+def run_arguments(model: nn.Module, **keywords: Any) -> dict[str, Any]:
+    """``keywords`` checked against :func:`compress`'s signature, with its defaults filled in."""
+    import inspect
+
+    try:
+        bound = inspect.signature(compress).bind(model, **keywords)
+    except TypeError as exc:
+        raise ConfigError(f"{exc} (the arguments are tightfit.compress's).") from None
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items() if name != "model"}
 
 
 def _search(
-    model: nn.Module,
-    *,
-    evaluate: Callable[[nn.Module], float],
-    strategy: Compose | Operator | None = None,
-    constraint: Constraint | Sequence[Constraint] | None = None,
-    objective: str | tuple[str, str] = "size",
-    finetune: Callable[[nn.Module], None] | None = None,
-    budget: int = 30,
-    search: str = "auto",
-    example_input: Any = None,
-    seed: int = 0,
-    run_dir: str | os.PathLike | None = None,
-    storage: str | BaseStorage | None = None,
-    study_name: str = "tightfit",
-    progress: bool = False,
-    artifact_extra: dict[str, Any] | None = None,
-    on_start: Callable[[str, str], None] | None = None,
-    worker: bool = False,
-    latency: Latency | None = None,
-    evaluation: Sequential | None = None,
-    pick: str = "posterior",
+    model: nn.Module, *, worker: bool, evaluate, strategy, constraint, objective, finetune, budget, search,
+    example_input, seed, run_dir, storage, study_name, progress, artifact_extra, on_start, latency, evaluation, pick,
 ) -> Result | int:
-    """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated."""
+    """compress(), or with ``worker=True`` a worker: trials only, returns how many it evaluated.
+
+    The arguments are compress()'s, all of them (its signature holds the types and defaults; a
+    worker binds its keywords to it, see :func:`run_arguments`)."""
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
     _check_evaluation(evaluation)
     if pick not in PICKS:

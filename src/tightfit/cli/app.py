@@ -122,6 +122,47 @@ def run(
     _show_result(result)
 
 
+@app.command("prune-adjust")
+def prune_adjust(
+    config: Annotated[Path, typer.Argument(help="The run's TOML config; [prune_adjust] sets the rounds (see docs/recovery.md).")],
+) -> None:
+    """OLMP's prune-and-adjust: rounds of threshold search without training, each trained by the
+    [finetune] recovery, kept while the model stays within constraint.max_drop; run again to resume."""
+    from ..cli.config import load_config, prune_adjust_arguments
+    from ..errors import TightfitError
+    from ..iterative import prune_and_adjust as run_rounds
+    from ..report import summary_table
+
+    shown: set[int] = set()
+
+    def show(r) -> None:
+        shown.add(r.number)
+        verdict = "kept" if r.accepted else "undone"
+        console.print(f"round {r.number}: step {r.step:.4g}, {r.nonzero_ratio:.1f}x fewer nonzeros, "
+                      f"metric {r.metric:.4f}, {verdict} ({r.wall_s:.1f} s)")
+
+    try:
+        parsed, base = load_config(config)
+        arguments = prune_adjust_arguments(parsed, base, config)
+        console.print(f"run directory: {arguments['run_dir']}")
+        result = run_rounds(**arguments, on_round=show)
+    except TightfitError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: run the same command again to resume after the last finished round.")
+        raise typer.Exit(code=130)
+    for r in result.rounds:
+        if r.number not in shown:  # rounds of an earlier call, resumed from the run directory
+            show(r)
+    rows = [("validation metric", f"{result.baseline_metric:.4f}", f"{result.metric:.4f}"),
+            ("nonzero-weight ratio", "1.0x", f"{result.nonzero_ratio:.1f}x"),
+            ("training steps", "", f"{result.training_steps:,}")]
+    kept = any(r.accepted for r in result.rounds)
+    console.print(summary_table(rows, title="result" if kept else "result: no round was kept"))
+    if kept:
+        console.print(f"model: {Path(arguments['run_dir']) / 'model.tfz'} ({result.size_bytes:,} bytes; rounds in rounds.json)")
+
+
 @app.command()
 def worker(
     config: Annotated[Path, typer.Argument(help="The same TOML config as the run's (model, data, strategy...).")],

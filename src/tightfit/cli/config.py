@@ -176,6 +176,28 @@ class LatencySection(_Strict):
     min_run_time: float = Field(default=0.3, gt=0)
 
 
+class PruneAdjustSection(_Strict):
+    """``tightfit prune-adjust``: OLMP's rounds of search (no training) and adjust ([finetune])."""
+
+    rounds: int = Field(default=7, ge=1)
+    step: float = Field(default=0.4, gt=0, description="metric an untrained round's plan may lose (halved after an undone round)")
+    search: str = "olmp"
+    search_budget: int = Field(default=30, ge=1)
+
+    @field_validator("search")
+    @classmethod
+    def _known_search(cls, value: str) -> str:
+        return _check_search_name(value)
+
+
+def _check_search_name(value: str) -> str:
+    from ..search.samplers import SAMPLERS
+
+    if value not in SAMPLERS:
+        raise ValueError(f"unknown search {value!r}; known: {sorted(SAMPLERS)}")
+    return value
+
+
 class RunConfig(_Strict):
     model: ModelSection
     evaluate: EvaluateSection
@@ -193,6 +215,7 @@ class RunConfig(_Strict):
     run_dir: str | None = None
     storage: str | None = None
     study_name: str = "tightfit"
+    prune_adjust: PruneAdjustSection | None = None
 
     @field_validator("example_input")
     @classmethod
@@ -202,11 +225,7 @@ class RunConfig(_Strict):
     @field_validator("search")
     @classmethod
     def _known_search(cls, value: str) -> str:
-        from ..search.samplers import SAMPLERS
-
-        if value not in SAMPLERS:
-            raise ValueError(f"unknown search {value!r}; known: {sorted(SAMPLERS)}")
-        return value
+        return _check_search_name(value)
 
 
 def _format_errors(path: Path, exc: ValidationError) -> str:
@@ -368,6 +387,28 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         study_name=config.study_name,
         artifact_extra={"factory": config.model.factory, "factory_kwargs": config.model.kwargs},
         evaluation=_evaluation(config.evaluation),
+    )
+
+
+def prune_adjust_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
+    """Everything :func:`tightfit.prune_and_adjust` needs, built from a validated config: the
+    model, data and strategy as for ``run``, ``[finetune]`` as the adjust, ``constraint.max_drop``."""
+    section = config.prune_adjust or PruneAdjustSection()
+    if config.finetune is None:
+        raise ConfigError('prune_adjust: needs a [finetune] section, the recovery that trains each round\'s plan '
+                          '(e.g. method = "gradual", epochs = 30).')
+    others = [k for k in ("min_metric", "max_size_bytes", "max_latency_ms") if getattr(config.constraint, k) is not None]
+    if config.constraint.max_drop is None or others:
+        raise ConfigError("constraint: prune-adjust takes only `max_drop` (how far below the original the answer may "
+                          f"fall){'; remove ' + ', '.join(others) if others else ''}.")
+    arguments = build_arguments(config, base, config_path)
+    return dict(
+        model=arguments["model"], evaluate=arguments["evaluate"], adjust=arguments["finetune"],
+        max_drop=config.constraint.max_drop, rounds=section.rounds, step=section.step,
+        strategy=arguments["strategy"], search=section.search, search_budget=section.search_budget,
+        example_input=arguments["example_input"], seed=config.seed,
+        # a folder of its own: `tightfit run` on the same config writes model.tfz at the top
+        run_dir=str(Path(arguments["run_dir"]) / "prune-adjust"),
     )
 
 
