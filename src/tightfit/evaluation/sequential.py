@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .certificate import PRIOR_WEIGHT, Certificate, StatisticForm, certify, holds
 from .constraints import Constraint, MaxDrop, MaxSize, MinMetric
 from .metrics import SampleMetric
-from .certificate import PRIOR_WEIGHT, Certificate, StatisticForm, certify, holds
 from .statistics import Estimate, mean_estimate, z_value
 
 FEASIBLE, INFEASIBLE, UNDECIDED = "feasible", "infeasible", "undecided"
