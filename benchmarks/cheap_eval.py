@@ -3,6 +3,8 @@
     PYTHONPATH=src nice -n 10 python benchmarks/cheap_eval.py compare --task digits --seeds 0 1 2 3 4 --budget 15
     PYTHONPATH=src nice -n 10 python benchmarks/cheap_eval.py compare --task mnist1d --seeds 0 1 2 3 4 --budget 15
     PYTHONPATH=src nice -n 19 python benchmarks/cheap_eval.py coverage --runs 60
+    PYTHONPATH=src nice -n 15 python benchmarks/cheap_eval.py coverage --runs 80 --first-run 100 --tag _cert_a --raw
+    PYTHONPATH=src python benchmarks/cheap_eval.py certcheck benchmarks/results/cheap_eval_coverage_cert_*.jsonl
     PYTHONPATH=src python benchmarks/cheap_eval.py report     # markdown tables of the results
 
 ``compare``: for each seed, one search with ``evaluation=None`` and one with
@@ -14,7 +16,9 @@ whole call, wall time up to the trial that became the answer, test accuracy and 
 ``coverage``: repeated cheap searches on mnist1d (budget 8, fine-tune of 30 steps), each with a
 fresh validation set of 400 samples drawn from a pool of 8,000, checked against a large test set standing in for the data distribution (10,000 samples): how
 often the certificate's 95% upper bound on the constraint value holds, and how often the
-constraint is met compared with the probability the certificate stated.
+constraint is met compared with the probability the certificate stated. With ``--raw`` each row
+also stores the answer's and the original's per-sample validation values and the sample split, so
+``certcheck`` can compute the first certificate and the current one on the same runs.
 
 Results are appended as JSON lines to benchmarks/results/cheap_eval_*.jsonl.
 """
