@@ -3,6 +3,8 @@
     PYTHONPATH=src nice -n 10 python benchmarks/cheap_eval.py compare --task digits --seeds 0 1 2 3 4 --budget 15
     PYTHONPATH=src nice -n 10 python benchmarks/cheap_eval.py compare --task mnist1d --seeds 0 1 2 3 4 --budget 15
     PYTHONPATH=src nice -n 19 python benchmarks/cheap_eval.py coverage --runs 60
+    PYTHONPATH=src nice -n 15 python benchmarks/cheap_eval.py coverage --runs 80 --first-run 100 --tag _cert_a --raw
+    PYTHONPATH=src python benchmarks/cheap_eval.py certcheck benchmarks/results/cheap_eval_coverage_cert_*.jsonl
     PYTHONPATH=src python benchmarks/cheap_eval.py report     # markdown tables of the results
 
 ``compare``: for each seed, one search with ``evaluation=None`` and one with
@@ -14,7 +16,9 @@ whole call, wall time up to the trial that became the answer, test accuracy and 
 ``coverage``: repeated cheap searches on mnist1d (budget 8, fine-tune of 30 steps), each with a
 fresh validation set of 400 samples drawn from a pool of 8,000, checked against a large test set standing in for the data distribution (10,000 samples): how
 often the certificate's 95% upper bound on the constraint value holds, and how often the
-constraint is met compared with the probability the certificate stated.
+constraint is met compared with the probability the certificate stated. With ``--raw`` each row
+also stores the answer's and the original's per-sample validation values and the sample split, so
+``certcheck`` can compute the first certificate and the current one on the same runs.
 
 Results are appended as JSON lines to benchmarks/results/cheap_eval_*.jsonl.
 """
@@ -210,19 +214,22 @@ def summarize(rows: list[dict]) -> None:
 
 def coverage(args) -> None:
     """Repeated cheap searches; each one's certificate is checked against a 10,000-sample test set."""
-    out = RESULTS / "cheap_eval_coverage.jsonl"
+    from tightfit.evaluation.sequential import SequentialSession
+
+    out = RESULTS / f"cheap_eval_coverage{args.tag}.jsonl"
     RESULTS.mkdir(exist_ok=True)
     base_split, pool_x, pool_y = mnist1d_split(n_val=400, n_test=10000, pool=8000)
     model = trained(mlp_1d, base_split, "mnist1d_coverage")
     max_drop = args.max_drop
     test = tightfit.Accuracy(base_split.loader("test", batch_size=2048))
     test_original = test(model)
-    for run in range(args.runs):
+    for run in range(args.first_run, args.first_run + args.runs):
         pick = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(1000 + run))[:400]
         split = Split(base_split.x_train, base_split.y_train, pool_x[pick], pool_y[pick], base_split.x_test, base_split.y_test)
+        evaluate = tightfit.Accuracy(split.loader("val", batch_size=512))
         result = compress(
             model,
-            evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+            evaluate=evaluate,
             strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
             constraint=tightfit.MaxDrop(max_drop),
             finetune=tightfit.FineTune(split.loader("train", shuffle=True), epochs=1, lr=1e-3, max_steps=args.finetune_steps),
@@ -245,7 +252,21 @@ def coverage(args) -> None:
                 "met": true_value <= 0,
                 "certified": cert.certified,
                 "val_value_full": (result.baseline_metric - result.metric) - max_drop,
+                "method": cert.method,
             }
+            if args.raw:  # what any certificate needs, to recompute old and new ones on the same runs
+                session = SequentialSession(tightfit.Sequential(confidence=0.95), evaluate, [tightfit.MaxDrop(max_drop)], run)
+                session.baseline(model)  # the same sample order as the search's session
+                answer = evaluate.per_sample(result.model).to(torch.int8)
+                original = session.baseline_values.to(torch.int8)
+                row["raw"] = {
+                    "max_drop": max_drop,
+                    "test_acc_original": test_original,
+                    "certify_idx": session.certify_idx.tolist(),
+                    "search_idx": session.search_idx.tolist(),
+                    "answer": answer.tolist(),
+                    "original": original.tolist(),
+                }
         with open(out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -324,6 +345,9 @@ def report(args) -> None:
                 print(f"| {key} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f} |")
     for name in ("cheap_eval_coverage.jsonl", "cheap_eval_coverage_v1.jsonl"):
         _report_coverage(RESULTS / name)
+    cert_rows = sorted(RESULTS.glob("cheap_eval_coverage_cert_*.jsonl"))
+    if cert_rows:
+        certcheck(argparse.Namespace(files=cert_rows))
     for path in sorted(RESULTS.glob("cheap_eval_stopcheck_*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         met = [r for r in rows if r["would_have_met"]]
@@ -358,6 +382,85 @@ def _report_coverage(path: Path) -> None:
             naive = [r for r in done if r.get("val_value_full") is not None]
             if naive:
                 print(f"- for contrast, the full validation set (used by the search) said 'met' in {sum(r['val_value_full'] <= 0 for r in naive)}/{len(naive)} runs")
+
+
+def _old_certificate(held: torch.Tensor) -> tuple[float, float]:
+    """The first certificate (commit c84b41e and before), recomputed: a normal bound and a flat-prior
+    P(met) = Phi(-mean / se) from the held-out statistics, variance floored by 2 pseudo-samples of 1."""
+    from tightfit.evaluation.statistics import mean_estimate, normal_cdf, z_value
+
+    e = mean_estimate(held, prior_variance=1.0, prior_weight=2.0)
+    return e.mean + z_value(0.1) * e.se, normal_cdf(-e.mean / e.se)
+
+
+def _binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    from scipy.stats import beta
+
+    a = (1 - level) / 2
+    return (0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1)), 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k)))
+
+
+def certcheck(args) -> None:
+    """Old and new certificates recomputed on the same coverage runs (rows written with --raw):
+    bound coverage with its binomial interval, and the stated probability's calibration by bin."""
+    from scipy.stats import binom
+
+    from tightfit.evaluation.certificate import StatisticForm, certify
+    from tightfit.evaluation.constraints import MaxDrop
+
+    rows = []
+    for path in args.files:
+        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    runs = len(rows)
+    rows = sorted((r for r in rows if r.get("raw")), key=lambda r: r["run"])
+    table = {"old": [], "new": [], "new bound, flat prior": []}
+    for r in rows:
+        raw = r["raw"]
+        md = raw["max_drop"]
+        answer = torch.tensor(raw["answer"], dtype=torch.float64)
+        original = torch.tensor(raw["original"], dtype=torch.float64)
+        held_idx, search_idx = torch.tensor(raw["certify_idx"]), torch.tensor(raw["search_idx"])
+        stat = (original - answer) - md
+        held, search = stat[held_idx].unsqueeze(1), stat[search_idx].unsqueeze(1)
+        form = StatisticForm("paired01", offset=-md, prior_variance=1.0)
+        new = certify(held, [MaxDrop(md)], 0.95, [1.0], forms=[form], search_statistics=search)
+        flat = certify(held, [MaxDrop(md)], 0.95, [1.0], forms=[form])
+        old_bound, old_p = _old_certificate(held[:, 0])
+        # rows store the certificate of the code they ran with: check it is reproduced
+        stored = (old_bound, old_p) if "Phi(-mean/se)" in r.get("method", "") else (new.bounds[0], new.probability)
+        assert abs(stored[0] - r["bound"]) < 2e-3 and abs(stored[1] - r["probability"]) < 1e-9, f"run {r['run']} not reproduced"
+        truth = r["true_value"]
+        table["old"].append((old_bound, old_p, truth))
+        table["new"].append((new.bounds[0], new.probability, truth))
+        table["new bound, flat prior"].append((flat.bounds[0], flat.probability, truth))
+    n = len(rows)
+    met = sum(t <= 0 for _, _, t in table["new"])
+    print(f"\n### certificate check ({', '.join(Path(p).name for p in args.files)}): {runs} runs, {n} with a certificate, "
+          f"runs {rows[0]['run']}-{rows[-1]['run']}; constraint met (10,000 test samples) in {met}/{n}\n")
+    print("| certificate | 95% bound held | 95% interval | P(<= this many \\| exactly 95%) | certified (bound <= 0) | certified and met | mean stated P | Brier |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, items in table.items():
+        held_count = sum(t <= b for b, _, t in items)
+        lo, hi = _binomial_interval(held_count, n)
+        cert = [(b, p, t) for b, p, t in items if b <= 0]
+        brier = statistics.mean((p - (t <= 0)) ** 2 for _, p, t in items)
+        print(f"| {name} | {held_count}/{n} = {held_count / n:.1%} | {lo:.1%}-{hi:.1%} | {binom.cdf(held_count, n, 0.95):.2f} | "
+              f"{len(cert)} | {sum(t <= 0 for _, _, t in cert)}/{len(cert)} | {statistics.mean(p for _, p, _ in items):.3f} | {brier:.3f} |")
+    print("\nstated probability by bin: runs, mean stated, fraction met (95% interval)\n")
+    bins = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 0.95), (0.95, 1.01)]
+    print("| certificate | " + " | ".join(f"[{lo:.2f}, {min(hi, 1):.2f}{')' if hi < 1 else ']'}" for lo, hi in bins) + " |")
+    print("|---|" + "---|" * len(bins))
+    for name, items in table.items():
+        cells = []
+        for lo, hi in bins:
+            b = [(p, t) for _, p, t in items if lo <= p < hi]
+            if not b:
+                cells.append("-")
+                continue
+            k = sum(t <= 0 for _, t in b)
+            a, z = _binomial_interval(k, len(b))
+            cells.append(f"{len(b)}: {statistics.mean(p for p, _ in b):.2f} vs {k / len(b):.2f} ({a:.2f}-{z:.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def _report_v2(path: Path, rows: list[dict]) -> None:
@@ -418,6 +521,9 @@ def main() -> None:
     v.add_argument("--budget", type=int, default=8)
     v.add_argument("--max-drop", type=float, default=0.02)
     v.add_argument("--finetune-steps", type=int, default=30)
+    v.add_argument("--first-run", type=int, default=0, help="runs first-run .. first-run + runs - 1 (seeds and validation draws)")
+    v.add_argument("--tag", default="", help="suffix of the results file")
+    v.add_argument("--raw", action="store_true", help="store the answer's and the original's per-sample values")
     v.set_defaults(fn=coverage)
     k = sub.add_parser("stopcheck")
     k.add_argument("--task", choices=("digits", "mnist1d"), required=True)
@@ -425,6 +531,9 @@ def main() -> None:
     k.add_argument("--budget", type=int, default=30)
     k.add_argument("--finetune-epochs", type=int, default=None)
     k.set_defaults(fn=stopcheck)
+    q = sub.add_parser("certcheck")
+    q.add_argument("files", nargs="+", help="coverage rows written with --raw")
+    q.set_defaults(fn=certcheck)
     r = sub.add_parser("report")
     r.set_defaults(fn=report)
     args = parser.parse_args()

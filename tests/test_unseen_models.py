@@ -139,3 +139,93 @@ def test_recoveries_train_unseen_models_inside_the_search(tmp_path):
         finetune=GradualPrune(images, epochs=2), budget=2, search="random", example_input=x[:1],
     )
     assert all(t.state == "COMPLETE" for t in result.trials) and result.feasible
+
+
+class TransposedLinear(nn.Module):
+    """A linear layer stored transposed, as Hugging Face's GPT-2 `Conv1D`: not an nn.Linear."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class HeadsAttention(nn.Module):
+    """Self-attention written out: q, k, v Linears whose outputs are reshaped into heads."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        split = lambda t: t.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        h = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1) @ v
+        return self.out(h.transpose(1, 2).reshape(b, n, d))
+
+
+class HandWrittenBlock(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.attn = HeadsAttention(dim)
+        self.up = nn.Linear(dim, 32)
+        self.down = nn.Linear(32, dim)
+        self.proj = TransposedLinear(dim, 3)
+
+    def forward(self, x):
+        h = x + self.attn(x)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.proj(h.mean(dim=1))
+
+
+def test_a_layer_that_only_holds_a_weight_matrix_is_pruned_and_quantized(tmp_path):
+    torch.manual_seed(0)
+    model = HandWrittenBlock().eval()
+    x = torch.randn(8, 5, 16)
+    kinds = {layer.name: layer.kind for layer in tightfit.measure.analyze(model).layers}
+    assert kinds["proj"] == "MatrixLayer" and kinds["up"] == "Linear"
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(1.0),
+                               strategy=Compose([Prune(sparsity=(0.3, 0.6)), Quantize(bits=8)]),
+                               budget=2, search="random", example_input=x, run_dir=tmp_path / "run")
+    assert result.feasible and "proj" in result.plan.layers
+    assert float((result.model.proj.weight == 0).float().mean()) >= 0.3
+    fresh = HandWrittenBlock()
+    loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=fresh)  # no code unpickled
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
+    # operators that must know how a weight is used leave it alone
+    assert not tightfit.LowRank().supports(tightfit.measure.analyze(model).layer("proj"))
+
+
+def test_structured_pruning_leaves_attention_heads_alone_and_names_them(tmp_path):
+    torch.manual_seed(0)
+    model = HandWrittenBlock().eval()
+    x = torch.randn(8, 5, 16)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=tightfit.StructuredPrune(ratio=(0.25, 0.5)),
+                               budget=2, search="random", example_input=x, run_dir=tmp_path / "run")
+    assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
+    reasons = {s.name: s.reason for s in result.left_alone}
+    assert "attention heads" in reasons["attn.q"]
+    assert "up" in result.plan.layers  # the feed-forward group is still searched and pruned
+    assert result.model.up.out_features < 32
+
+
+def test_a_channel_grouping_that_never_ends_is_cut_off(monkeypatch, caplog):
+    import time
+
+    from tightfit.operators import structured
+
+    def never_ends(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(structured, "coupled_groups", never_ends)
+    op = tightfit.StructuredPrune(trace_timeout=0.3)
+    started = time.perf_counter()
+    op.prepare(HandWrittenBlock(), torch.randn(2, 5, 16))
+    assert time.perf_counter() - started < 5
+    assert op.groups == {} and "no answer within 0.3 s" in caplog.text

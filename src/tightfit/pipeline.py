@@ -605,8 +605,12 @@ def _search_context(
 
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
     """Modules with parameters that no operator of the strategy touches, and why."""
+    reasons: dict[str, str] = {}
+    for operator in space.strategy:
+        for name, reason in operator.refused().items():
+            reasons.setdefault(name, reason)
     untouched = [
-        SkippedModule(layer.name, layer.type, layer.params, "no operator of the strategy applies to it")
+        SkippedModule(layer.name, layer.type, layer.params, reasons.get(layer.name, "no operator of the strategy applies to it"))
         for layer in analysis.layers
         if layer.name not in space.fixed
     ]

@@ -176,9 +176,12 @@ class SampleMetric(Protocol):
 class PerSampleMetric:
     """Base of metrics that are the mean of a per-sample value. Subclasses implement
     ``score(model, batch, indices) -> Tensor[batch]``; ``value_range`` bounds a single value when
-    known (it makes the standard error of a tiny subsample conservative)."""
+    known (it makes the standard error of a tiny subsample conservative, and the certificate's bound
+    valid for any distribution on that range); ``binary`` says every value is 0 or 1 (the
+    certificate's bound is then exact)."""
 
     value_range: tuple[float, float] | None = None
+    binary: bool = False
 
     def __init__(self, loader: Iterable, *, batch_size: int | None = None, device: str | torch.device = "cpu") -> None:
         if loader is None or not hasattr(loader, "__iter__"):
@@ -227,7 +230,8 @@ class PerSampleMetric:
 
 class PerSample(PerSampleMetric):
     """A user metric from a function ``fn(model, batch) -> Tensor[batch]`` of per-sample values
-    (higher is better); the metric is their mean over ``loader``'s samples."""
+    (higher is better); the metric is their mean over ``loader``'s samples. ``value_range``: the
+    bounds of one value, if known; ``binary=True``: every value is 0 or 1 (e.g. a per-sample hit)."""
 
     def __init__(
         self,
@@ -235,14 +239,22 @@ class PerSample(PerSampleMetric):
         loader: Iterable,
         *,
         value_range: tuple[float, float] | None = None,
+        binary: bool = False,
         batch_size: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         if not callable(fn):
             raise ConfigError(f"PerSample: `fn` must be a callable(model, batch) -> per-sample tensor, but got {fn!r}.")
+        if value_range is not None and not (
+            isinstance(value_range, (tuple, list)) and len(value_range) == 2 and float(value_range[0]) < float(value_range[1])
+        ):
+            raise ConfigError(f"PerSample: `value_range` must be a pair (low, high) with low < high, or None, but got {value_range!r}.")
+        if not isinstance(binary, bool):
+            raise ConfigError(f"PerSample: `binary` must be True or False, but got {binary!r}.")
         super().__init__(loader, batch_size=batch_size, device=device)
         self.fn = fn
-        self.value_range = value_range
+        self.binary = binary
+        self.value_range = (0.0, 1.0) if binary and value_range is None else value_range
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         return self.fn(model, _to(batch, self.device))
@@ -258,6 +270,7 @@ class Accuracy(PerSampleMetric):
     """
 
     value_range = (0.0, 1.0)
+    binary = True
 
     def __init__(self, loader: Iterable, *, device: str | torch.device = "cpu") -> None:
         if loader is None or not hasattr(loader, "__iter__"):
@@ -322,6 +335,7 @@ class Agreement(_ReferenceMetric):
     Needs no labels: batches may be inputs alone or ``(inputs, labels)``."""
 
     value_range = (0.0, 1.0)
+    binary = True
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         return self._outputs(model, batch).argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)

@@ -26,12 +26,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .certificate import PRIOR_WEIGHT, Certificate, StatisticForm, certify, holds
 from .constraints import Constraint, MaxDrop, MaxSize, MinMetric
 from .metrics import SampleMetric
-from .statistics import Estimate, mean_estimate, normal_cdf, z_value
-
-#: pseudo-samples of maximal variance mixed into each variance estimate (see ``mean_estimate``)
-PRIOR_WEIGHT = 2.0
+from .statistics import Estimate, mean_estimate, z_value
 
 FEASIBLE, INFEASIBLE, UNDECIDED = "feasible", "infeasible", "undecided"
 
@@ -149,6 +147,22 @@ class _Linear:
             return c.threshold - candidate
         raise TypeError(c)
 
+    def form(self, value_range: tuple[float, float] | None, binary: bool, prior_variance: float) -> StatisticForm:
+        """What the statistic can be, for the certificate's bound (see ``tightfit.evaluation.certificate``)."""
+        c = self.constraint
+        if isinstance(c, MaxDrop):
+            if binary:
+                return StatisticForm("paired01", offset=-c.max_drop, prior_variance=prior_variance)
+            if value_range:
+                span = value_range[1] - value_range[0]
+                return StatisticForm("bounded", -span - c.max_drop, span - c.max_drop, prior_variance=prior_variance)
+        elif isinstance(c, MinMetric):
+            if binary:
+                return StatisticForm("single01", offset=c.threshold, prior_variance=prior_variance)
+            if value_range:
+                return StatisticForm("bounded", c.threshold - value_range[1], c.threshold - value_range[0], prior_variance=prior_variance)
+        return StatisticForm("unbounded", prior_variance=prior_variance)
+
     def prior_variance(self, width: float) -> float:
         # z ranges over at most 2*width for a paired difference, width for a single model's value
         span = 2 * width if isinstance(self.constraint, MaxDrop) else width
@@ -235,72 +249,6 @@ def sequential_test(
         if verdict != UNDECIDED or (stop_after is not None and number >= stop_after):
             return Decision(verdict, estimates, n, tuple(taken))
     raise AssertionError("unreachable: the last look is exact")
-
-
-# --- the certificate ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """How sure we are that the chosen model meets the constraints on new data from the same source.
-
-    ``probability``: P(all metric constraints met), each from a normal approximation of its paired
-    per-sample statistic on ``samples`` held-out validation samples (a flat-prior posterior,
-    ``Phi(-mean / se)``), combined by the union bound. ``bounds``: one-sided upper confidence bounds
-    at ``confidence`` (Bonferroni over constraints) on each constraint's value; ``certified`` when
-    all are <= 0. ``method`` says this in words.
-    """
-
-    probability: float
-    confidence: float
-    certified: bool
-    bounds: tuple[float, ...]
-    estimates: tuple[float, ...]
-    standard_errors: tuple[float, ...]
-    constraints: tuple[str, ...]
-    samples: int
-    method: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "probability": self.probability,
-            "confidence": self.confidence,
-            "certified": self.certified,
-            "bounds": list(self.bounds),
-            "estimates": list(self.estimates),
-            "standard_errors": list(self.standard_errors),
-            "constraints": list(self.constraints),
-            "samples": self.samples,
-            "method": self.method,
-        }
-
-
-def certify(statistics: torch.Tensor, constraints: Sequence[Constraint], confidence: float, prior_variances: Sequence[float]) -> Certificate:
-    """The certificate from the per-sample statistics (``n x k``) of held-out samples."""
-    k = statistics.shape[1]
-    z = z_value(2 * (1 - confidence) / max(1, k))  # one-sided at (1 - confidence) / k
-    estimates = [mean_estimate(statistics[:, j], prior_variance=prior_variances[j], prior_weight=PRIOR_WEIGHT) for j in range(k)]
-    probs = [normal_cdf(-e.mean / e.se) if e.se > 0 else float(e.mean <= 0) for e in estimates]
-    bounds = [e.mean + z * e.se for e in estimates]
-    probability = max(0.0, 1.0 - sum(1 - p for p in probs))
-    n = int(statistics.shape[0])
-    return Certificate(
-        probability=probability,
-        confidence=confidence,
-        certified=all(b <= 0 for b in bounds),
-        bounds=tuple(bounds),
-        estimates=tuple(e.mean for e in estimates),
-        standard_errors=tuple(e.se for e in estimates),
-        constraints=tuple(c.describe() for c in constraints),
-        samples=n,
-        method=(
-            f"{n} validation samples held out of the search (never used to choose the model); for each constraint, "
-            "the mean and standard error of its per-sample paired statistic vs the original model (variance shrunk "
-            f"towards its maximum by {PRIOR_WEIGHT:g} pseudo-samples), normal approximation: P(met) = Phi(-mean/se), "
-            f"union bound over {k} constraint(s); bounds are one-sided {confidence:.0%} upper confidence bounds "
-            "(Bonferroni over constraints)."
-        ),
-    )
 
 
 # --- the session: state shared by every trial of one compress call -------------------------------
@@ -468,13 +416,16 @@ class SequentialSession:
         else:
             values = self.metric.per_sample(model, self.certify_idx).to(torch.float64)
         stats = self._statistic(values, self.certify_idx)
+        # the answer's values on the search samples set the probability's edge prior (no extra
+        # forward pass after confirm)
+        search = None
+        if self._confirmed is not None and self._confirmed[0] is model:
+            search = self._statistic(self._confirmed[1][self.search_idx], self.search_idx)
         linear = [self.constraints[i] for i in self.linear]
-        return certify(stats, linear, self.config.confidence, self._prior)
-
-
-def holds(certificate: Certificate, truths: Sequence[float]) -> bool:
-    """Whether the certificate's bounds held for the true constraint values (for coverage checks)."""
-    return all(t <= b for t, b in zip(truths, certificate.bounds))
+        value_range = getattr(self.metric, "value_range", None)
+        binary = bool(getattr(self.metric, "binary", False))
+        forms = [form.form(value_range, binary, prior) for form, prior in zip(self._forms, self._prior)]
+        return certify(stats, linear, self.config.confidence, self._prior, forms=forms, search_statistics=search)
 
 
 __all__ = [

@@ -2,6 +2,8 @@
 
 from .analysis import (
     COMPRESSIBLE_TYPES,
+    ELEMENTWISE_KINDS,
+    MATRIX_KIND,
     LayerInfo,
     ModelAnalysis,
     SkippedModule,
@@ -9,6 +11,7 @@ from .analysis import (
     call_model,
     count_nonzeros,
     layer_flops,
+    layer_kind,
     sparse_flops,
 )
 from .latency import Latency, LatencyResult, architecture_key, with_batch_size
@@ -19,6 +22,8 @@ __all__ = [
     "architecture_key",
     "with_batch_size",
     "COMPRESSIBLE_TYPES",
+    "ELEMENTWISE_KINDS",
+    "MATRIX_KIND",
     "LayerInfo",
     "ModelAnalysis",
     "SkippedModule",
@@ -26,5 +31,6 @@ __all__ = [
     "call_model",
     "count_nonzeros",
     "layer_flops",
+    "layer_kind",
     "sparse_flops",
 ]

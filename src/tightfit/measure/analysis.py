@@ -13,6 +13,37 @@ from torch.nn.utils import parametrize
 #: Layer types whose ``weight`` the built-in operators know how to compress.
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+#: The kind of a layer that is none of COMPRESSIBLE_TYPES but holds just a 2-D ``weight`` (and at
+#: most a 1-D ``bias``), such as Hugging Face's ``Conv1D`` in GPT-2 (a Linear stored transposed) or
+#: a hand-written linear layer. Element-wise operators (prune, quantize) compress it; operators
+#: that need to know how the weight is used (structured pruning, low rank, int8) leave it alone.
+MATRIX_KIND = "MatrixLayer"
+
+#: Kinds whose weight the element-wise operators compress.
+ELEMENTWISE_KINDS = frozenset({t.__name__ for t in COMPRESSIBLE_TYPES} | {MATRIX_KIND})
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of a compressible layer (``"Linear"`` for a subclass of nn.Linear, ...), or None."""
+    for layer_type in COMPRESSIBLE_TYPES:
+        if isinstance(module, layer_type):
+            return layer_type.__name__
+    return MATRIX_KIND if _is_matrix_layer(module) else None
+
+
+def _is_matrix_layer(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):  # a lookup table, not a product
+        return False
+    if any(name != "parametrizations" for name, _ in module.named_children()):
+        return False
+    own = {k: p for k, p in module._parameters.items() if p is not None}
+    if parametrize.is_parametrized(module):  # compressed already: its weight lives in the parametrization
+        own.update({k: chain.original for k, chain in module.parametrizations.items()})
+    weight, bias = own.get("weight"), own.get("bias")
+    if weight is None or weight.dim() != 2 or set(own) - {"weight", "bias"}:
+        return False
+    return bias is None or (bias.dim() == 1 and bias.numel() in weight.shape)
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -86,7 +117,8 @@ def analyze(model: nn.Module) -> ModelAnalysis:
         if not own:
             continue
         n_params = sum(p.numel() for p in own.values())
-        if isinstance(module, COMPRESSIBLE_TYPES) and "weight" in own:
+        kind = layer_kind(module)
+        if kind is not None and "weight" in own:
             weight = own["weight"]
             if id(weight) in shared:
                 skipped.append(SkippedModule(name, type(module).__name__, n_params, "weight is shared with another module"))
@@ -98,7 +130,7 @@ def analyze(model: nn.Module) -> ModelAnalysis:
                 LayerInfo(
                     name=name,
                     type=type(module).__name__,
-                    kind=next(t.__name__ for t in COMPRESSIBLE_TYPES if isinstance(module, t)),
+                    kind=kind,
                     weight_shape=tuple(weight.shape),
                     params=n_params,
                     weight_params=weight.numel(),
@@ -122,7 +154,7 @@ def _compressible_under(model: nn.Module, layer_names: Sequence[str]) -> list[tu
     for name in layer_names:
         root = model.get_submodule(name) if name else model
         for sub_name, sub in root.named_modules(prefix=name):
-            if isinstance(sub, COMPRESSIBLE_TYPES):
+            if layer_kind(sub) is not None:
                 found[sub_name] = sub
     return list(found.items())
 

@@ -113,6 +113,11 @@ class Operator(abc.ABC):
         (structured pruning finds coupled channel groups) override this.
         """
 
+    def refused(self) -> dict[str, str]:
+        """Layers this operator could have compressed but leaves alone after :meth:`prepare`, with
+        the reason (shown in the run's list of what was left alone)."""
+        return {}
+
     def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
         """Compress ``model`` in place: ``settings_by_layer`` maps layer names to validated settings.
 
@@ -120,14 +125,14 @@ class Operator(abc.ABC):
         operator replaced by a container (low-rank: one Linear -> two) gets the operator on each
         compressible layer inside it. Model-level operators override this.
         """
-        from ..measure.analysis import COMPRESSIBLE_TYPES
+        from ..measure.analysis import layer_kind
 
         for layer_name, settings in settings_by_layer.items():
             module = model.get_submodule(layer_name) if layer_name else model
-            if isinstance(module, COMPRESSIBLE_TYPES) or self.structural:
+            if layer_kind(module) is not None or self.structural:
                 self.apply(module, settings)
                 continue
-            inner = [m for m in module.modules() if isinstance(m, COMPRESSIBLE_TYPES)]
+            inner = [m for m in module.modules() if layer_kind(m) is not None]
             if not inner:
                 raise ConfigError(f"{self.name!r} cannot compress layer {layer_name!r} ({type(module).__name__}).")
             for sub in inner:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..measure.analysis import COMPRESSIBLE_TYPES, LayerInfo
+from ..measure.analysis import ELEMENTWISE_KINDS, LayerInfo
 from .base import Hyperparameter, Operator, parse_range, Projection
 
 
@@ -75,7 +75,7 @@ class Prune(Operator):
         self.sparsity = (low, high)
 
     def supports(self, layer: LayerInfo) -> bool:
-        return layer.kind in {t.__name__ for t in COMPRESSIBLE_TYPES}
+        return layer.kind in ELEMENTWISE_KINDS
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
         low, high = self.sparsity

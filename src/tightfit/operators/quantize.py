@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..measure.analysis import COMPRESSIBLE_TYPES, LayerInfo
+from ..measure.analysis import ELEMENTWISE_KINDS, LayerInfo
 from .base import Hyperparameter, Operator, Projection
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
@@ -97,7 +97,7 @@ class Quantize(Operator):
         self.bits = tuple(sorted(set(int(b) for b in choices)))
 
     def supports(self, layer: LayerInfo) -> bool:
-        return layer.kind in {t.__name__ for t in COMPRESSIBLE_TYPES}
+        return layer.kind in ELEMENTWISE_KINDS
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
         return [Hyperparameter("bits", choices=self.bits)]

@@ -10,16 +10,20 @@ weight magnitude, so the plan replays exactly on a copy of the same weights; on 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from ..measure.analysis import LayerInfo
+from ..measure.analysis import LayerInfo, call_model
 from .base import Hyperparameter, Operator, parse_range
 
 log = logging.getLogger("tightfit")
@@ -83,9 +87,50 @@ def _dependency_graph(model: nn.Module, example_input: Any):
         args = tuple(args)
     was_training = model.training
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=args, verbose=False)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=args, verbose=False,
+                                                     output_transform=_traced_tensors)
     finally:
         model.train(was_training)
+
+
+class TraceTimeout(Exception):
+    """Finding the channel groups took longer than ``StructuredPrune(trace_timeout=...)``."""
+
+
+@contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`TraceTimeout` in this block after ``seconds``. Torch-Pruning's grouping never
+    ends on some attention blocks (grouped-query attention in Llama-style models: its issue #527),
+    and a search must not hang on it. Only the main thread can take a signal; elsewhere the block
+    runs unlimited."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TraceTimeout(f"no answer within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _traced_tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor with a history in a model's output, in nested dicts, tuples and lists (Hugging
+    Face models return dict-like outputs of tuples, with None for what was not asked for)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.grad_fn is not None else []
+    if isinstance(output, Mapping):
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:  # e.g. a key-value cache object: not a result the channels must keep their shape for
+        return []
+    return [t for v in values for t in _traced_tensors(v)]
 
 
 def _terminal_layers(dg) -> list[nn.Module]:
@@ -146,6 +191,65 @@ def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] |
     return groups, dg
 
 
+BREAKS_FORWARD = ("removing its channels breaks the model's forward pass (e.g. attention heads reshaped from them); "
+                  "left alone by structured pruning")
+
+
+def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str]) -> list[str]:
+    """The groups (by leader) whose pruning makes the model fail or change its output's shapes.
+
+    Torch-Pruning follows channels through reshapes it understands (a flatten before a Linear) but
+    not, without being told the number of heads, through an attention block's split into heads.
+    Rather than recognise every such pattern, each group is tried: one channel removed from every
+    group at once on a copy, then halves of the failing set, until the groups that break are found
+    (one forward pass per try; only the failing halves are split further).
+    """
+    with torch.no_grad():
+        reference = _shapes(call_model(copy.deepcopy(model).eval(), example_input))
+
+    def clean(subset: list[str]) -> bool:
+        trial = copy.deepcopy(model)
+        try:
+            _, dg = coupled_groups(trial, example_input)
+            modules = dict(trial.named_modules())
+            for name in subset:
+                leader = modules[name]
+                pruner = dg.get_pruner_of_module(leader)
+                channels = pruner.get_out_channels(leader)
+                if channels < 2:
+                    continue
+                group = dg.get_pruning_group(leader, pruner.prune_out_channels, [channels - 1])
+                if dg.check_pruning_group(group):
+                    group.prune()
+            with torch.no_grad():
+                return _shapes(call_model(trial.eval(), example_input)) == reference
+        except TraceTimeout:
+            raise
+        except Exception:  # any failure of the pruned model counts as "breaks"
+            return False
+
+    def search(subset: list[str]) -> list[str]:
+        if not subset or clean(subset):
+            return []
+        if len(subset) == 1:
+            return subset
+        half = len(subset) // 2
+        return search(subset[:half]) + search(subset[half:])
+
+    return search(list(leaders))
+
+
+def _shapes(output: Any) -> Any:
+    """The nested structure of an output with tensors replaced by their shapes."""
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, Mapping):
+        return {k: _shapes(v) for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return [_shapes(v) for v in output]
+    return type(output).__name__
+
+
 def _choose_drop(dg, full_group, scores, n_drop: int) -> list[int]:
     """The ``n_drop`` lowest-scoring channels of a group (ties: lower index first), skipping any
     whose removal would empty one coupled layer (a concatenation's part may own few channels)."""
@@ -176,6 +280,9 @@ class StructuredPrune(Operator):
     ``(0.0, 0.75)``). ``round_to`` keeps a multiple of 8 or 16 channels, which CPU kernels favour.
     ``example_input`` is what the dependency graph is traced with; ``compress`` passes its own
     when it is not given here. A ratio that would remove every channel of a group is refused.
+    Groups whose pruning breaks the forward pass (attention heads) are left alone and named.
+    ``trace_timeout`` (seconds, None for no limit) bounds finding the groups: past it, the model is
+    left alone by this operator with a warning instead of hanging.
     """
 
     name = "structured_prune"
@@ -188,6 +295,7 @@ class StructuredPrune(Operator):
         round_to: int | None = None,
         example_input: Any = None,
         input_spec: Any = None,
+        trace_timeout: float | None = 60.0,
         layers: list[str] | None = None,
     ) -> None:
         super().__init__(layers=layers)
@@ -198,10 +306,15 @@ class StructuredPrune(Operator):
             raise ConfigError(f"StructuredPrune: `round_to` must be a whole number >= 1 (e.g. 8 or 16), but got {round_to!r}.")
         self.ratio = (low, high)
         self.round_to = round_to
+        self.trace_timeout = trace_timeout
         self._spec = input_spec
         if example_input is not None:
             self.bind_example_input(example_input)
+        # an input given here is kept; one taken from compress is taken again on every prepare, so
+        # the same operator can serve several models
+        self._own_spec = self._spec is not None
         self._groups: dict[str, list[str]] | None = None
+        self._refused: dict[str, str] = {}
 
     def bind_example_input(self, example_input: Any) -> None:
         """Record the input the dependency graph is traced with (only its shapes and dtypes)."""
@@ -213,21 +326,34 @@ class StructuredPrune(Operator):
         return dict(self._groups or {})
 
     def prepare(self, model: nn.Module, example_input: Any) -> None:
-        if self._spec is None:
-            if example_input is None:
-                raise ConfigError(
-                    "StructuredPrune needs an example input to trace the model's channel dependencies: "
-                    "pass `example_input=` to compress (or to StructuredPrune)."
-                )
+        if not self._own_spec and example_input is not None:
             self.bind_example_input(example_input)
+        if self._spec is None:
+            raise ConfigError(
+                "StructuredPrune needs an example input to trace the model's channel dependencies: "
+                "pass `example_input=` to compress (or to StructuredPrune)."
+            )
+        example = input_from_spec(self._spec)
+        self._refused = {}
         try:
-            self._groups, _ = coupled_groups(model, input_from_spec(self._spec))
+            with _time_limit(self.trace_timeout):
+                self._groups, _ = coupled_groups(model, example)
+                self._refused = {name: BREAKS_FORWARD for name in breaking_groups(model, example, list(self._groups))}
         except ConfigError:
             raise
         except Exception as exc:  # a model Torch-Pruning cannot trace is left alone, not a crash
             log.warning("StructuredPrune: cannot trace the model's channel dependencies (%s: %s); "
                         "no layer is pruned structurally.", type(exc).__name__, exc)
-            self._groups = {}
+            self._groups, self._refused = {}, {}
+        refused_groups = {name: self._groups.pop(name) for name in self._refused}
+        kept = {member for members in self._groups.values() for member in members}
+        for members in refused_groups.values():  # every layer of a refused group, unless another group prunes it
+            for member in members:
+                if member not in kept:
+                    self._refused.setdefault(member, BREAKS_FORWARD)
+
+    def refused(self) -> dict[str, str]:
+        return dict(self._refused)
 
     def supports(self, layer: LayerInfo) -> bool:
         return self._groups is not None and layer.name in self._groups
