@@ -229,3 +229,13 @@ def test_a_channel_grouping_that_never_ends_is_cut_off(monkeypatch, caplog):
     op.prepare(HandWrittenBlock(), torch.randn(2, 5, 16))
     assert time.perf_counter() - started < 5
     assert op.groups == {} and "no answer within 0.3 s" in caplog.text
+
+
+def test_structured_pruning_traces_through_frozen_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)).eval()
+    model[0].requires_grad_(False)  # e.g. a frozen pretrained layer
+    op = tightfit.StructuredPrune()
+    op.prepare(model, torch.randn(2, 10))
+    assert op.groups == {"0": ["0", "2"]}
+    assert not model[0].weight.requires_grad and model[2].weight.requires_grad  # as it was

@@ -86,11 +86,19 @@ def _dependency_graph(model: nn.Module, example_input: Any):
     if isinstance(args, list):
         args = tuple(args)
     was_training = model.training
+    # the graph is read from autograd: a frozen layer's output has no history, so it would look
+    # disconnected. Every parameter takes part while tracing, and is frozen again afterwards.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(True)
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=args, verbose=False,
-                                                     output_transform=_traced_tensors)
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=args, verbose=False,
+                                                         output_transform=_traced_tensors)
     finally:
         model.train(was_training)
+        for param in frozen:
+            param.requires_grad_(False)
 
 
 class TraceTimeout(Exception):

@@ -88,9 +88,18 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
                     dimensions.append(Dimension(layer.name, op.name, hp))
     if not fixed:
         ops = ", ".join(op.name for op in strategy)
+        if analysis.layers:
+            kinds = sorted({layer.kind for layer in analysis.layers})
+            refused = sorted({reason for op in strategy for reason in op.refused().values()})
+            why = (f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them"
+                   + (f" ({refused[0]})" if refused else
+                      " (structured pruning, low rank and int8 need nn.Linear/nn.Conv layers, structured pruning "
+                      "a model Torch-Pruning can trace: see any warning above; or the `layers` patterns match none)")
+                   + "; prune and quantize work on every weight layer")
+        else:
+            why = "it has no Linear/Conv layer or other layer holding a weight matrix"
         raise ModelError(
-            f"No layer of the model can be compressed by {ops}: it has no "
-            "Linear/Conv layer the operators support (or their `layers` patterns match none). "
+            f"No layer of the model can be compressed by {ops}: {why}. "
             f"Left alone: {[s.name or '<root>' for s in analysis.skipped][:10]}."
         )
     return SearchSpace(strategy, tuple(dimensions), fixed, tuple(recovery))
