@@ -239,3 +239,14 @@ def test_structured_pruning_traces_through_frozen_layers():
     op.prepare(model, torch.randn(2, 10))
     assert op.groups == {"0": ["0", "2"]}
     assert not model[0].weight.requires_grad and model[2].weight.requires_grad  # as it was
+
+
+def test_low_rank_keeps_a_float64_model_in_float64(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).double().eval()
+    x = torch.randn(16, 64, dtype=torch.float64)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=tightfit.LowRank(rank_ratio=(0.1, 0.3)), budget=1, search="random",
+                               example_input=x, run_dir=tmp_path / "run")
+    assert result.feasible and "0" in result.plan.layers
+    assert all(p.dtype == torch.float64 for p in result.model.parameters())

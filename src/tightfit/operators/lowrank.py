@@ -46,7 +46,7 @@ def _pair(module: nn.Module, rank: int) -> nn.Sequential:
         first = conv(module.in_channels, rank, module.kernel_size, stride=module.stride, padding=module.padding,
                      dilation=module.dilation, bias=False, padding_mode=module.padding_mode)
         second = conv(rank, out_dim, 1, bias=has_bias)
-    pair = nn.Sequential(first, second)
+    pair = nn.Sequential(first, second).to(device=module.weight.device, dtype=module.weight.dtype)  # a float64 / GPU model stays so
     pair.train(module.training)
     return pair
 
