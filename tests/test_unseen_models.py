@@ -250,3 +250,15 @@ def test_low_rank_keeps_a_float64_model_in_float64(tmp_path):
                                example_input=x, run_dir=tmp_path / "run")
     assert result.feasible and "0" in result.plan.layers
     assert all(p.dtype == torch.float64 for p in result.model.parameters())
+
+
+def test_a_refusal_under_a_composed_strategy_is_a_note(tmp_path):
+    torch.manual_seed(0)
+    model = HandWrittenBlock().eval()
+    x = torch.randn(8, 5, 16)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=Compose([tightfit.StructuredPrune(ratio=(0.25, 0.5)), Prune()]),
+                               budget=1, search="random", example_input=x)
+    assert "attn.q" not in {s.name for s in result.left_alone}  # Prune still compresses it
+    note = next(n for n in result.notes if n.startswith("structured_prune left"))
+    assert "attn.q" in note and "attention heads" in note

@@ -446,6 +446,7 @@ def _search(
         if multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
+        result.notes.extend(_partly_refused(space))
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
@@ -601,6 +602,21 @@ def _search_context(
     return SearchContext(
         space=space, budget=budget, seed=seed, probe=probe, weights=weights, objective=objective, n_objectives=n_objectives
     )
+
+
+def _partly_refused(space: SearchSpace) -> list[str]:
+    """Notes on layers an operator refused that other operators of the strategy still compress
+    (``left_alone`` lists only layers that nothing touches)."""
+    notes = []
+    for operator in space.strategy:
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in operator.refused().items():
+            if name in space.fixed:
+                by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            notes.append(f"{operator.name} left {len(names)} layer(s) to the other operators: {shown} ({reason}).")
+    return notes
 
 
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
