@@ -91,9 +91,9 @@ def test_transformer_with_embedding_layernorm_attention_and_kwargs(tmp_path):
     )
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     layers = set(result.trials[0].plan.layers)
-    assert {"layer.linear1", "layer.linear2", "layer.self_attn.out_proj", "classifier"} <= layers
+    assert {"embed", "layer.linear1", "layer.linear2", "layer.self_attn.out_proj", "classifier"} <= layers
     left = {s.name: s.type for s in result.left_alone}
-    assert left["embed"] == "Embedding" and left["norm"] == "LayerNorm"
+    assert left["norm"] == "LayerNorm" and "embed" not in left
     assert left["layer.self_attn"] == "MultiheadAttention"  # its packed in_proj_weight is not a Linear
     assert result.feasible
     loaded = tightfit.load(tmp_path / "run" / "model.tfz")
@@ -262,3 +262,21 @@ def test_a_refusal_under_a_composed_strategy_is_a_note(tmp_path):
     assert "attn.q" not in {s.name for s in result.left_alone}  # Prune still compresses it
     note = next(n for n in result.notes if n.startswith("structured_prune left"))
     assert "attn.q" in note and "attention heads" in note
+
+
+def test_embedding_tables_are_pruned_and_quantized_unless_sparse(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    inputs = {"input_ids": torch.randint(0, 50, (8, 12))}
+    plan = tightfit.Plan.from_strategy(Compose([Prune(), Quantize()]),
+                                       {"embed": {"prune": {"sparsity": 0.5}, "quantize": {"bits": 4}}})
+    compressed = tightfit.apply(plan, model)
+    assert float((compressed.embed.weight == 0).float().mean()) >= 0.5
+    assert compressed.embed.weight[compressed.embed.weight != 0].abs().unique().numel() <= 8 * 50  # 4-bit per row
+    tightfit.save(compressed, tmp_path / "m.tfz", plan=plan)
+    assert torch.equal(tightfit.load(tmp_path / "m.tfz", model=TinyTransformer())(**inputs), compressed(**inputs))
+
+    sparse = TinyTransformer()
+    sparse.embed = nn.Embedding(50, 16, sparse=True)
+    skipped = {s.name: s.reason for s in tightfit.measure.analyze(sparse).skipped}
+    assert "sparse" in skipped["embed"]

@@ -3,6 +3,7 @@
 from .analysis import (
     COMPRESSIBLE_TYPES,
     ELEMENTWISE_KINDS,
+    EMBEDDING_KIND,
     MATRIX_KIND,
     LayerInfo,
     ModelAnalysis,
@@ -23,6 +24,7 @@ __all__ = [
     "with_batch_size",
     "COMPRESSIBLE_TYPES",
     "ELEMENTWISE_KINDS",
+    "EMBEDDING_KIND",
     "MATRIX_KIND",
     "LayerInfo",
     "ModelAnalysis",

@@ -19,8 +19,13 @@ COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv
 #: that need to know how the weight is used (structured pruning, low rank, int8) leave it alone.
 MATRIX_KIND = "MatrixLayer"
 
+#: An ``nn.Embedding``'s table: rows pruned and quantized element-wise like any weight (per-row
+#: scales), often the largest tensor of a language model. Not with ``sparse=True``: its sparse
+#: gradients cannot pass through a parametrization.
+EMBEDDING_KIND = "Embedding"
+
 #: Kinds whose weight the element-wise operators compress.
-ELEMENTWISE_KINDS = frozenset({t.__name__ for t in COMPRESSIBLE_TYPES} | {MATRIX_KIND})
+ELEMENTWISE_KINDS = frozenset({t.__name__ for t in COMPRESSIBLE_TYPES} | {MATRIX_KIND, EMBEDDING_KIND})
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -28,6 +33,8 @@ def layer_kind(module: nn.Module) -> str | None:
     for layer_type in COMPRESSIBLE_TYPES:
         if isinstance(module, layer_type):
             return layer_type.__name__
+    if isinstance(module, nn.Embedding):
+        return None if module.sparse else EMBEDDING_KIND
     return MATRIX_KIND if _is_matrix_layer(module) else None
 
 
@@ -136,6 +143,9 @@ def analyze(model: nn.Module) -> ModelAnalysis:
                     weight_params=weight.numel(),
                 )
             )
+        elif isinstance(module, nn.Embedding) and module.sparse:
+            skipped.append(SkippedModule(name, type(module).__name__, n_params,
+                                         "sparse=True embedding: its sparse gradients cannot pass a parametrization"))
         else:
             skipped.append(SkippedModule(name, type(module).__name__, n_params, "no built-in operator for this type"))
     total = sum(p.numel() for p in model.parameters())
