@@ -202,6 +202,9 @@ def test_prune_adjust_runs_rounds_from_the_config_and_resumes(project):
     again = runner.invoke(app, ["prune-adjust", str(config)])  # finished: shows the stored rounds, trains nothing
     assert again.exit_code == 0, again.output
     assert again.output.count("round 1:") == 1 and "nonzero-weight ratio" in again.output
+    shown = runner.invoke(app, ["report", str(run_dir)])
+    assert shown.exit_code == 0, shown.output
+    assert "round 2:" in shown.output and "nonzero-weight ratio" in shown.output
 
 
 def test_prune_adjust_names_what_its_config_lacks(project):

@@ -194,6 +194,15 @@ def prune_and_adjust(
     return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, data)
 
 
+def load_rounds(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[AdjustRound]]:
+    """The settings and finished rounds a ``prune_and_adjust`` run directory holds."""
+    path = Path(run_dir) / ROUNDS_FILE
+    if not path.exists():
+        raise ConfigError(f"{str(run_dir)!r} holds no prune-and-adjust run (no {ROUNDS_FILE}).")
+    stored = json.loads(path.read_text())
+    return stored["settings"], [AdjustRound.from_dict(r) for r in stored["rounds"]]
+
+
 class _RoundsFile:
     """``rounds.json`` and ``model.tfz`` in a run directory (or nothing, without one)."""
 
@@ -264,4 +273,4 @@ def _keep_zeros(candidate: nn.Module) -> None:
                 step.mask.mul_((site.original != 0).to(step.mask.dtype))
 
 
-__all__ = ["AdjustRound", "PruneAdjustResult", "prune_and_adjust"]
+__all__ = ["AdjustRound", "PruneAdjustResult", "load_rounds", "prune_and_adjust"]

@@ -131,15 +131,12 @@ def prune_adjust(
     from ..cli.config import load_config, prune_adjust_arguments
     from ..errors import TightfitError
     from ..iterative import prune_and_adjust as run_rounds
-    from ..report import summary_table
 
     shown: set[int] = set()
 
     def show(r) -> None:
         shown.add(r.number)
-        verdict = "kept" if r.accepted else "undone"
-        console.print(f"round {r.number}: step {r.step:.4g}, {r.nonzero_ratio:.1f}x fewer nonzeros, "
-                      f"metric {r.metric:.4f}, {verdict} ({r.wall_s:.1f} s)")
+        _show_round(r)
 
     try:
         parsed, base = load_config(config)
@@ -154,13 +151,28 @@ def prune_adjust(
     for r in result.rounds:
         if r.number not in shown:  # rounds of an earlier call, resumed from the run directory
             show(r)
-    rows = [("validation metric", f"{result.baseline_metric:.4f}", f"{result.metric:.4f}"),
-            ("nonzero-weight ratio", "1.0x", f"{result.nonzero_ratio:.1f}x"),
-            ("training steps", "", f"{result.training_steps:,}")]
-    kept = any(r.accepted for r in result.rounds)
-    console.print(summary_table(rows, title="result" if kept else "result: no round was kept"))
-    if kept:
-        console.print(f"model: {Path(arguments['run_dir']) / 'model.tfz'} ({result.size_bytes:,} bytes; rounds in rounds.json)")
+    _show_rounds_result(result.rounds, result.baseline_metric, Path(arguments["run_dir"]))
+
+
+def _show_round(r) -> None:
+    verdict = "kept" if r.accepted else "undone"
+    console.print(f"round {r.number}: step {r.step:.4g}, {r.nonzero_ratio:.1f}x fewer nonzeros, "
+                  f"metric {r.metric:.4f}, {verdict} ({r.wall_s:.1f} s)")
+
+
+def _show_rounds_result(rounds, baseline_metric: float, run_dir: Path) -> None:
+    """The answer of a prune-and-adjust run: its last kept round."""
+    from ..report import summary_table
+
+    kept = [r for r in rounds if r.accepted]
+    last = kept[-1] if kept else None
+    rows = [("validation metric", f"{baseline_metric:.4f}", f"{(last.metric if last else baseline_metric):.4f}"),
+            ("nonzero-weight ratio", "1.0x", f"{(last.nonzero_ratio if last else 1.0):.1f}x"),
+            ("training steps", "", f"{sum(r.training_steps or 0 for r in rounds):,}")]
+    console.print(summary_table(rows, title="result" if last else "result: no round was kept"))
+    model = run_dir / "model.tfz"
+    if last and model.exists():
+        console.print(f"model: {model} ({model.stat().st_size:,} bytes; rounds in rounds.json)")
 
 
 @app.command()
@@ -211,8 +223,15 @@ def report(
 ) -> None:
     """Summary and best trials of a finished or running run."""
     from ..errors import TightfitError
+    from ..iterative import ROUNDS_FILE, load_rounds
     from ..report import load_run, run_counts, summary_table, trials_table
 
+    if run_dir is not None and storage is None and (run_dir / ROUNDS_FILE).exists():  # a prune-adjust run
+        settings, rounds = load_rounds(run_dir)
+        for r in rounds:
+            _show_round(r)
+        _show_rounds_result(rounds, settings["baseline_metric"], run_dir)
+        return
     try:
         view = load_run(run_dir, storage=storage, study_name=study)
     except TightfitError as exc:
