@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import write_atomic
 from .errors import ConfigError
 from .operators import Compose, Operator, Plan, Prune, apply
 
@@ -194,13 +195,14 @@ def prune_and_adjust(
     return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, data)
 
 
-def load_rounds(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[AdjustRound]]:
-    """The settings and finished rounds a ``prune_and_adjust`` run directory holds."""
+def load_rounds(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[AdjustRound], bool]:
+    """The settings, the finished rounds and whether the rounds ran out of plans (``exhausted``)
+    that a ``prune_and_adjust`` run directory holds."""
     path = Path(run_dir) / ROUNDS_FILE
     if not path.exists():
         raise ConfigError(f"{str(run_dir)!r} holds no prune-and-adjust run (no {ROUNDS_FILE}).")
     stored = json.loads(path.read_text())
-    return stored["settings"], [AdjustRound.from_dict(r) for r in stored["rounds"]]
+    return stored["settings"], [AdjustRound.from_dict(r) for r in stored["rounds"]], stored["exhausted"]
 
 
 class _RoundsFile:
@@ -213,16 +215,14 @@ class _RoundsFile:
         self.model_bytes: bytes | None = None
         if root is None or not (root / ROUNDS_FILE).exists():
             return
-        stored = json.loads((root / ROUNDS_FILE).read_text())
+        stored_settings, self.rounds, self.exhausted = load_rounds(root)
         settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
-        changed = sorted(k for k in settings if stored["settings"].get(k) != settings[k])
+        changed = sorted(k for k in settings if stored_settings.get(k) != settings[k])
         if changed:
             raise ConfigError(
                 f"prune_and_adjust: `run_dir` {str(root)!r} holds a run with other settings ({', '.join(changed)} "
                 "differ); call with the same model and arguments to resume it, or use another run_dir."
             )
-        self.rounds = [AdjustRound.from_dict(r) for r in stored["rounds"]]
-        self.exhausted = stored["exhausted"]
         accepted = [r.number for r in self.rounds if r.accepted]
         if accepted:
             self.model_bytes = (self.round_dir(accepted[-1]) / ADJUSTED_FILE).read_bytes()
@@ -245,19 +245,11 @@ class _RoundsFile:
         if self.root is None:
             return
         if accepted_model is not None:  # the round's model first: rounds.json never names a model not on disk
-            folder = self.round_dir(rounds[-1].number)
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(folder / ADJUSTED_FILE, accepted_model)
+            write_atomic(self.round_dir(rounds[-1].number) / ADJUSTED_FILE, accepted_model)
         text = json.dumps(dict(settings=self.settings, rounds=[r.to_dict() for r in rounds], exhausted=exhausted), indent=1)
-        _write_atomic(self.root / ROUNDS_FILE, text.encode())
+        write_atomic(self.root / ROUNDS_FILE, text.encode())
         if accepted_model is not None:
-            _write_atomic(self.root / MODEL_FILE, accepted_model)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+            write_atomic(self.root / MODEL_FILE, accepted_model)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._io import write_atomic
 from .errors import ConfigError
 from .export.artifact import read_manifest
 
@@ -61,9 +62,7 @@ class RunDir:
         return f"sqlite:///{(self.path / STUDY_FILE).resolve()}"
 
     def _write_atomic(self, name: str, data: bytes) -> None:
-        tmp = self.path / (name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path / name)
+        write_atomic(self.path / name, data)
 
     def write_best(self, data: bytes) -> None:
         self._write_atomic(BEST_FILE, data)

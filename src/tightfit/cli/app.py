@@ -227,7 +227,7 @@ def report(
     from ..report import load_run, run_counts, summary_table, trials_table
 
     if run_dir is not None and storage is None and (run_dir / ROUNDS_FILE).exists():  # a prune-adjust run
-        settings, rounds = load_rounds(run_dir)
+        settings, rounds, _ = load_rounds(run_dir)
         for r in rounds:
             _show_round(r)
         _show_rounds_result(rounds, settings["baseline_metric"], run_dir)

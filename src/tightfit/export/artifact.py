@@ -14,7 +14,6 @@ import io
 import json
 import os
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -162,12 +161,10 @@ def size_bytes(model: nn.Module, plan: Plan | None = None) -> int:
 
 def save_model(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None, extra: dict[str, Any] | None = None) -> int:
     """Write ``model`` to ``path`` atomically; returns the file's size in bytes."""
+    from .._io import write_atomic
+
     data = to_bytes(model, plan, extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return len(data)
 
 
