@@ -123,6 +123,11 @@ def setup(task: str, finetune_epochs: int | None = None):
         )
     else:
         raise SystemExit(f"unknown task {task!r}")
+    # torch's FLOP counter takes about 1.4 s to set itself up the first time a process uses it;
+    # do that here, so it is not charged to whichever search happens to run first
+    from tightfit.measure.analysis import layer_flops
+
+    layer_flops(copy.deepcopy(model), split.x_val[:1])
     return split, model, recipe
 
 

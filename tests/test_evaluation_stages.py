@@ -187,3 +187,69 @@ def test_screened_candidates_get_a_calibrated_prediction():
     assert tuned_prediction([0.25], curves, min_curves=2) == pytest.approx((0.05,))  # minus the mean gain
     assert tuned_prediction([0.25], curves, min_curves=3) is None
     assert tuned_prediction([0.25], [Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),))] * 3, min_curves=1) is None
+
+
+# --- successive promotion: fine-tune on only while the candidate is likely to end feasible ------------
+
+
+def test_feasible_probability_from_the_curves_gains():
+    from tightfit.evaluation.stages import feasible_probability, tuned_prediction_spread
+
+    # gains 0.06, 0.03, 0.03: mean 0.04, sample variance 3e-4, predictive variance 3e-4 * (1 + 1/3)
+    at_mean = feasible_probability([0.04], [0.0], CURVES, 0, min_curves=3)
+    assert at_mean.probability == pytest.approx(0.5) and at_mean.predicted == pytest.approx((0.0,), abs=1e-12)
+    assert at_mean.sd == pytest.approx((0.02,))
+    high = feasible_probability([0.10], [0.0], CURVES, 0, min_curves=3)
+    assert high.predicted == pytest.approx((0.06,)) and high.probability == pytest.approx(0.00135, abs=1e-4)  # three sds
+    # the candidate's own noise widens the prediction: a worse estimate keeps more chance
+    noisy = feasible_probability([0.10], [0.05], CURVES, 0, min_curves=3)
+    assert noisy.probability > 0.1 and noisy.sd[0] == pytest.approx((0.05**2 + 0.02**2) ** 0.5)
+    # every constraint must be met: probabilities multiply
+    two = [Curve(90, 128, ((g, g),), (0.0, 0.0), ((0.0, 0.0),)) for g in (0.06, 0.03, 0.03)]
+    assert feasible_probability([0.04, 0.04], [0.0, 0.0], two, 0, min_curves=3).probability == pytest.approx(0.25)
+    # not before min_curves (and never from fewer than two: no spread to go by)
+    assert feasible_probability([0.04], [0.0], CURVES, 0, min_curves=4) is None
+    assert feasible_probability([0.04], [0.0], CURVES[:1], 0, min_curves=1) is None
+    # a screen's prediction spreads as the whole fine-tune's gains did (0.3 and 0.1)
+    screened = [Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),), untuned=(0.3,)), Curve(90, 64, ((0.1,),), (0.05,), ((0.01,),), untuned=(0.15,))]
+    assert tuned_prediction_spread(screened) == pytest.approx((0.03**0.5,))  # sample variance 0.02, times 1 + 1/2
+    assert tuned_prediction_spread(screened[:1]) is None
+
+
+def test_a_candidate_passed_over_is_told_as_infeasible():
+    from tightfit.evaluation.search_hook import _told_infeasible
+
+    assert _told_infeasible((0.02, -0.01)) == (0.02, -0.01)  # already reads as infeasible
+    assert _told_infeasible((-0.03, -0.01)) == (-0.03, 1e-9)  # each met, together unlikely: the closest is broken
+
+
+@pytest.mark.parametrize("promote", [0.0, 0.9])
+def test_search_promotes_only_likely_candidates(mlp, digits, tmp_path, promote):
+    finetune = tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3)
+    result = tightfit.compress(
+        mlp,
+        evaluate=tightfit.Accuracy(digits.loader("val", 512)),
+        strategy=Compose([Prune(sparsity=(0.0, 0.98))]),
+        constraint=tightfit.MaxDrop(0.01),
+        finetune=finetune,
+        budget=10,
+        search="random",
+        seed=3,
+        run_dir=tmp_path / "run",
+        evaluation=Sequential(stages=(0.5,), min_curves=2, stage_samples=96, screen=False, promote_probability=promote),
+    )
+    study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    reasons = {t.number: t.user_attrs.get("stop_reason") for t in study.get_trials() if t.user_attrs.get("fidelity") == "stopped"}
+    if promote == 0.0:
+        assert "unpromising" not in reasons.values()  # only the surely-infeasible rule stops
+    else:
+        assert "unpromising" in reasons.values()
+        for t in study.get_trials():
+            looks = [e for e in t.user_attrs.get("evaluations", []) if e.get("level") == "stage"]
+            for look in looks:  # every stage look of a calibrated run states the probability it acted on
+                if look["p_feasible"] is not None and look["stop_reason"] is None:
+                    assert look["p_feasible"] >= promote
+        for number in reasons:
+            t = study.trials[number]
+            assert t.state == optuna.trial.TrialState.COMPLETE and max(t.constraints.values()) > 0  # told infeasible
+    assert result.best_trial is None or result.best_trial.fidelity == "full"

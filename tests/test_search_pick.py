@@ -150,3 +150,26 @@ def test_screened_or_stopped_trials_are_never_the_answer():
     pick = posterior_pick(study, sp)
     assert study.trials[pick.number].user_attrs.get("fidelity") is None
     assert study.trials[pick.observed].user_attrs.get("fidelity") is None
+
+
+def test_predicted_trials_inform_the_model_but_are_never_the_answer():
+    """Cheap evaluation's stopped and screened trials carry predicted constraint values with their
+    spread as metric_se: they join the model as noisy points, so a run with few measured trials
+    still gets the posterior pick, and they are never returned."""
+    study, lucky = noisy_edge_study(0)
+    sp = space()
+    dists = distributions(sp)
+    predicted = optuna.create_study()
+    for t in study.trials:
+            # most trials predicted (fewer than MIN_TRIALS measured), the lucky one measured
+        fidelity = "full" if t.number == lucky or t.number % 3 == 0 else "stopped"
+        predicted.add_trial(optuna.trial.create_trial(
+            params=t.params, distributions=dists, values=t.values, constraints=t.constraints,
+            user_attrs={"metric_se": SE, "fidelity": fidelity, **({"prediction_se": SE} if fidelity != "full" else {})},
+        ))
+    measured = sum(t.user_attrs["fidelity"] == "full" for t in predicted.trials)
+    assert measured < MIN_TRIALS
+    pick = posterior_pick(predicted, sp)
+    assert pick.observed == lucky and pick.number != lucky  # the model ran and passed over the lucky point
+    assert predicted.trials[pick.number].user_attrs["fidelity"] == "full"  # a prediction is never returned
+    assert predicted.trials[pick.number].constraints["0"] <= 0

@@ -64,7 +64,8 @@ class TrialRecord:
     #: accounting: validation samples evaluated (forward passes), fine-tuning steps; None if unknown
     val_samples: int | None = None
     finetune_steps: int | None = None
-    #: standard error of ``measurement.metric`` (sampling noise of the validation estimate)
+    #: standard error of ``measurement.metric`` (sampling noise of the validation estimate); for a
+    #: cheap evaluation's "stopped" trial, the spread of its predicted constraint values
     metric_se: float | None = None
     #: "full"; with cheap evaluation also "screen" (only screened) or "stopped" (fine-tune stopped
     #: at a stage); neither is ever the answer

@@ -165,6 +165,9 @@ class EvaluationSection(_Strict):
     min_curves: int = Field(default=3, description="fully fine-tuned candidates needed before any stop")
     max_curves: int = Field(default=5, description="fully fine-tuned candidates whose learning curve is recorded")
     stop_slack: float = Field(default=0.5, description="inflation of the largest gain seen from a stage")
+    promote_probability: float = Field(
+        default=0.5, description="fine-tune on past a stage only while this likely to meet the constraints (0: stop only hopeless ones)"
+    )
     probe_samples: int | None = Field(default=128, description="most validation samples a search probe reads")
 
 
@@ -422,7 +425,7 @@ def _evaluation(section: EvaluationSection | None):
             confidence=section.confidence, first_look=section.first_look, growth=section.growth,
             certify_fraction=section.certify_fraction, screen=section.screen, stages=tuple(section.stages),
             stage_samples=section.stage_samples, min_curves=section.min_curves, max_curves=section.max_curves, stop_slack=section.stop_slack,
-            probe_samples=section.probe_samples,
+            promote_probability=section.promote_probability, probe_samples=section.probe_samples,
         )
     except ConfigError as exc:
         raise ConfigError(f"[evaluation]: {exc}") from None

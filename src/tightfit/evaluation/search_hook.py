@@ -15,7 +15,8 @@ trials screened on digits, see docs/benchmarks.md).
 
 Stages (``Sequential.stages``, see ``.stages``): a promoted candidate's fine-tune is checked at
 fractions of its steps on the stage samples and *stopped* when it surely cannot meet a constraint
-after the remaining steps. A stopped candidate is told to the search as a completed, infeasible
+after the remaining steps, or when it is less likely than ``Sequential.promote_probability`` to meet
+them (successive promotion; the reason is stored as ``stop_reason``). A stopped candidate is told to the search as a completed, infeasible
 trial (fidelity ``"stopped"``): the constraint values it gets are optimistic predictions of its
 final values, still > 0, so a model of the constraint learns that the region fails. Candidates
 fine-tuned in full store their curve (values at each stage and at the end on the same samples),
@@ -36,9 +37,13 @@ from torch import nn
 from ..operators.plan import Plan, apply_plan_inplace
 from ..records import Measurement, TrialRecord
 from ..search.loop import TrialOutcome
+from ..search.pick import PREDICTION_SE_ATTR
 from .constraints import Constraint
 from .sequential import SequentialSession
-from .stages import CURVE_ATTR, Curve, EarlyStop, curves_of, hopeless, planned_steps, stage_steps, staged, tuned_prediction
+from .stages import (
+    CURVE_ATTR, Curve, EarlyStop, curves_of, feasible_probability, hopeless, planned_steps, stage_steps, staged, tuned_prediction,
+    tuned_prediction_spread,
+)
 
 StaticMeasure = Callable[..., "tuple[bytes, Measurement]"]  # (candidate, plan, trial number, reuse=None)
 
@@ -90,8 +95,11 @@ def sequential_plan_evaluator(
         untuned = None  # constraint statistics on the stage samples before fine-tuning
         if level == "full" and finetune is not None:
             at_steps = stage_steps(total, session.config.stages) if staging else []
-            record_curve = bool(at_steps) and len(curves) < session.config.max_curves
-            if record_curve:  # the curve starts before the fine-tune: what a screen would have seen
+            # the untuned look (what a screen would have seen) costs passes: only the first
+            # max_curves curves start with one; every curve has its stages and end (free: the
+            # stage looks are taken anyway and the end is read by the sequential test)
+            record_curve = bool(at_steps) and sum(c.untuned is not None for c in curves) < session.config.max_curves
+            if record_curve:
                 looked = time.perf_counter()
                 untuned = session.stage_statistics(session.stage_values(candidate))
                 evaluations.append({"level": "untuned", "val_samples": len(untuned), "seconds": time.perf_counter() - looked})
@@ -101,20 +109,29 @@ def sequential_plan_evaluator(
                 values = session.stage_values(candidate)
                 stats = session.stage_statistics(values)
                 estimates = session.stage_estimates(stats)
+                means, ses = [e.mean for e in estimates], [e.se for e in estimates]
                 hopeless_now, predicted = hopeless(
-                    [e.mean for e in estimates], [e.se for e in estimates], curves, stage,
-                    z=session.stage_z, slack=session.config.stop_slack, min_curves=session.config.min_curves,
+                    means, ses, curves, stage, z=session.stage_z, slack=session.config.stop_slack,
+                    min_curves=session.config.min_curves,
                 )
+                reason = "hopeless" if hopeless_now else None
+                promotion = feasible_probability(means, ses, curves, stage, min_curves=session.config.min_curves)
+                if not hopeless_now and promotion is not None and promotion.probability < session.config.promote_probability:
+                    hopeless_now, reason, predicted = True, "unpromising", _told_infeasible(promotion.predicted)
                 now = time.perf_counter()
                 evaluations.append({
                     "level": "stage", "stage": stage, "fraction": taken / total, "finetune_steps": taken - last["steps"],
                     "val_samples": len(values), "values": [e.mean for e in estimates], "se": [e.se for e in estimates],
-                    "seconds": now - last["t"], "stop": hopeless_now,
+                    "seconds": now - last["t"], "stop": hopeless_now, "stop_reason": reason,
+                    "p_feasible": promotion.probability if promotion is not None else None,
                 })
                 last.update(t=now, steps=taken)
                 passed.append(stats)
                 if hopeless_now:
-                    stop.update(predicted=predicted, estimates=estimates, metric=session.paired_metric(values), steps=taken)
+                    # the told values' uncertainty: the prediction's spread when it is central
+                    sd = max(promotion.sd) if reason == "unpromising" else max(ses)
+                    stop.update(predicted=predicted, estimates=estimates, metric=session.paired_metric(values), steps=taken,
+                                reason=reason, sd=sd)
                 return hopeless_now
 
             with torch.random.fork_rng(), staged(candidate, at_steps, check):
@@ -139,6 +156,7 @@ def sequential_plan_evaluator(
         measured = Measurement(ev.metric, measured.size_bytes, measured.nonzeros, measured.weight_params, measured.flops)
         values = [ev.constraint_values[i] if i in ev.constraint_values else c.value(measured, baseline) for i, c in enumerate(constraints)]
         predicted = None
+        prediction_se = None
         extra = 0  # samples read besides the sequential test's (stage samples, the untuned look)
         calibrated = sum(c.untuned is not None for c in curves) >= session.config.min_curves
         if level == "screen" and staging and calibrated:
@@ -152,8 +170,11 @@ def sequential_plan_evaluator(
             if predicted is not None:
                 predicted_of = dict(zip(session.linear, predicted))
                 values = [predicted_of.get(i, v) for i, v in enumerate(values)]
+                spread = tuned_prediction_spread(curves)
+                if spread:  # the told values' uncertainty: the look's and the whole fine-tune's gain spread
+                    prediction_se = (ev.metric_se**2 + max(spread) ** 2) ** 0.5
         curve = None
-        if untuned is not None and len(passed) == len(at_steps):  # calibration for later candidates
+        if at_steps and len(passed) == len(at_steps):  # calibration for later candidates
             final = session.stage_statistics(session.stage_values(candidate, ev.values))  # same samples, fully tuned
             extra = max(0, len(final) - ev.samples)
             curve = Curve(
@@ -183,7 +204,11 @@ def sequential_plan_evaluator(
                 "plan": plan.to_dict(),
                 "measurement": measured.to_dict(),
                 "finetune_steps": steps,
+                # the search's model reads a screen at the look's noise: it cannot improve the answer
+                # anyway, and read at its prediction's wide spread it taught ``bo`` nothing, which
+                # then proposed the same plan again and again (measured on digits)
                 "metric_se": ev.metric_se,
+                **({PREDICTION_SE_ATTR: prediction_se} if prediction_se is not None else {}),
                 "val_samples": passes if passes is not None else sum(e.get("val_samples", 0) for e in evaluations),
                 "fidelity": level,
                 "stage_reached": 1.0 if level == "full" else 0.0,
@@ -204,6 +229,17 @@ def sequential_plan_evaluator(
     return evaluate_plan
 
 
+def _told_infeasible(predicted: tuple[float, ...]) -> tuple[float, ...]:
+    """Central predictions of a candidate passed over for promotion, as told to the search: with
+    several constraints each can be predicted met while all of them together are unlikely; the
+    largest is then told as just broken (``+1e-9``), since a stopped trial must read as infeasible
+    to samplers that trust a trial's constraint values."""
+    if not predicted or max(predicted) > 0:
+        return predicted
+    worst = max(range(len(predicted)), key=lambda j: predicted[j])
+    return tuple(1e-9 if j == worst else v for j, v in enumerate(predicted))
+
+
 def _stopped_outcome(stop, plan, measured, goal, constraints, baseline, session, evaluations, tuned, counter, started) -> TrialOutcome:
     """A candidate stopped at a stage: completed and infeasible, told with the optimistic
     predictions of its final constraint values (> 0 for the one that stopped it) and the stage
@@ -219,9 +255,11 @@ def _stopped_outcome(stop, plan, measured, goal, constraints, baseline, session,
             "plan": plan.to_dict(),
             "measurement": measured.to_dict(),
             "finetune_steps": stop["steps"],
-            "metric_se": max(e.se for e in stop["estimates"]),
+            "metric_se": stop["sd"],  # the told values' uncertainty, the search's observation noise
+            PREDICTION_SE_ATTR: stop["sd"],
             "val_samples": passes if passes is not None else sum(e.get("val_samples", 0) for e in evaluations),
             "fidelity": "stopped",
+            "stop_reason": stop["reason"],
             "stage_reached": evaluations[-1]["fraction"],
             "evaluations": evaluations,
             **({"recovery": tuned} if tuned else {}),

@@ -55,6 +55,12 @@ class Sequential:
       them, gains inflated by ``stop_slack``; see ``tightfit.evaluation.stages``). ``()`` disables.
       Curves (untuned, each stage and final values on the stage samples) are recorded for the
       first ``max_curves`` candidates fine-tuned in full; later ones only pay the stage looks.
+    - ``promote_probability``: successive promotion inside the fine-tune. Once the stages are
+      calibrated, a candidate is fine-tuned past a stage only while the probability that it meets
+      every constraint at the end (its stage estimate minus the curves' mean gain, with the
+      estimate's and the gains' spread; ``stages.feasible_probability``) is at least this; below
+      it, it is stopped like a hopeless one and told to the search with its central prediction.
+      0 keeps only the ``hopeless`` rule (stop when surely infeasible).
     - ``probe_samples``: the search method's probes (plans measured without fine-tuning, e.g. the
       sensitivity scan of ``search="bo"``) read the search set sequentially too, up to this many
       samples (None: up to all of it).
@@ -71,6 +77,7 @@ class Sequential:
     min_curves: int = 3
     max_curves: int = 5
     stop_slack: float = 0.5
+    promote_probability: float = 0.5
     probe_samples: int | None = 128
 
     def __post_init__(self) -> None:
@@ -95,6 +102,10 @@ class Sequential:
             raise ConfigError(f"Sequential: `min_curves` must be a whole number >= 1, but got {self.min_curves!r}.")
         if not (isinstance(self.max_curves, int) and self.max_curves >= self.min_curves):
             raise ConfigError(f"Sequential: `max_curves` must be a whole number >= min_curves ({self.min_curves}), but got {self.max_curves!r}.")
+        if not (isinstance(self.promote_probability, (int, float)) and 0 <= self.promote_probability < 1):
+            raise ConfigError(
+                f"Sequential: `promote_probability` must be in [0, 1) (0: stop only hopeless candidates), but got {self.promote_probability!r}."
+            )
         if not (isinstance(self.stop_slack, (int, float)) and self.stop_slack >= 0):
             raise ConfigError(f"Sequential: `stop_slack` must be a number >= 0, but got {self.stop_slack!r}.")
 
@@ -112,6 +123,7 @@ class Sequential:
             "min_curves": self.min_curves,
             "max_curves": self.max_curves,
             "stop_slack": self.stop_slack,
+            "promote_probability": self.promote_probability,
             "probe_samples": self.probe_samples,
         }
 

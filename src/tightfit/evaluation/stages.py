@@ -15,6 +15,13 @@ Nothing is stopped before ``min_curves`` curves of the same fine-tune length exi
 candidate is never the answer (it is recorded with fidelity ``"stopped"``); the search is told an
 optimistic prediction of its final value, ``v_s - max gain``, which is still > 0 (infeasible).
 
+Successive promotion (``Sequential.promote_probability``): a candidate that is not surely infeasible
+is still stopped at a stage when the probability that it meets the constraints at the end is below
+the threshold (:func:`feasible_probability`: its stage estimate minus the curves' mean gain, with
+both spreads). This is where most of a search's fine-tuning is saved: a search that works near the
+constraint's edge proposes many candidates that end a sample or two short of it, and none of them
+is surely infeasible at a stage. Such a candidate is told its central prediction.
+
 The stop happens from inside the user's fine-tune, whatever it is, through a global
 optimizer-step hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) that only counts
 optimizers holding the candidate's parameters. The stage looks evaluate in ``eval()`` mode without
@@ -23,6 +30,8 @@ weights an unstaged fine-tune would give it.
 """
 
 from __future__ import annotations
+
+import math
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -157,6 +166,63 @@ def hopeless(
     return stop, predicted
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """What :func:`feasible_probability` predicts for a candidate at a stage."""
+
+    probability: float  # that it meets every constraint once fine-tuned in full
+    predicted: tuple[float, ...]  # central predictions of its final constraint values
+    sd: tuple[float, ...]  # their predictive standard deviations
+
+
+def feasible_probability(
+    values: Sequence[float], ses: Sequence[float], curves: Sequence[Curve], stage: int, *, min_curves: int,
+) -> Promotion | None:
+    """The probability that a candidate with constraint estimates ``values`` (standard errors
+    ``ses``) at stage ``stage`` meets every constraint once fine-tuned in full, with the central
+    predictions of its final values and their spread; None with fewer than ``min_curves``
+    calibration curves.
+
+    Each final value is predicted as ``value - mean gain`` of the curves, with the variance of the
+    estimate plus the predictive variance of a new gain (the curves' sample variance times
+    ``1 + 1/K``); constraints are taken as independent. (A least-squares line of the final value in
+    the stage value was tried: from the first three curves, one of them a candidate broken beyond
+    recovery, it stopped 25 of 30 candidates on two digits seeds and halved the compression.) This is a promotion rule, not a test: a
+    candidate it passes over is never the answer, it only is not fine-tuned further."""
+    usable = [c for c in curves if stage < len(c.stages)]
+    if len(usable) < max(2, min_curves) or not values:
+        return None
+    probability, predicted, sds = 1.0, [], []
+    for j, (v, se) in enumerate(zip(values, ses)):
+        mean, spread = _new_gain([c.gains[stage][j] for c in usable])
+        final = v - mean
+        sd = math.sqrt(se * se + spread * spread)
+        probability *= (1.0 if final <= 0 else 0.0) if sd == 0 else 0.5 * math.erfc(final / (sd * math.sqrt(2)))
+        predicted.append(final)
+        sds.append(sd)
+    return Promotion(probability, tuple(predicted), tuple(sds))
+
+
+def _new_gain(gains: Sequence[float]) -> tuple[float, float]:
+    """Mean of observed gains and the predictive standard deviation of a new one (sample variance
+    times ``1 + 1/K``; 0 from a single gain)."""
+    k = len(gains)
+    mean = sum(gains) / k
+    if k < 2:
+        return mean, 0.0
+    var = sum((g - mean) ** 2 for g in gains) / (k - 1)
+    return mean, math.sqrt(var * (1 + 1 / k))
+
+
+def tuned_prediction_spread(curves: Sequence[Curve]) -> tuple[float, ...] | None:
+    """Predictive standard deviations of :func:`tuned_prediction`'s values (how much the whole
+    fine-tune's gain varied over the curves); None without at least two curves with untuned values."""
+    usable = [c.untuned_gains for c in curves if c.untuned is not None]
+    if len(usable) < 2:
+        return None
+    return tuple(_new_gain([g[j] for g in usable])[1] for j in range(len(usable[0])))
+
+
 def tuned_prediction(untuned: Sequence[float], curves: Sequence[Curve], *, min_curves: int) -> tuple[float, ...] | None:
     """A screened (never fine-tuned) candidate's constraint values as fine-tuning would likely
     leave them: its untuned values minus the *mean* gain the whole fine-tune gave the calibration
@@ -179,6 +245,6 @@ def curves_of(trials: Sequence[Any], total_steps: int) -> list[Curve]:
 
 
 __all__ = [
-    "CURVE_ATTR", "Curve", "EarlyStop", "curves_of", "gain_bound", "hopeless", "planned_steps", "stage_steps", "staged",
-    "tuned_prediction",
+    "CURVE_ATTR", "Curve", "EarlyStop", "Promotion", "curves_of", "feasible_probability", "gain_bound", "hopeless", "planned_steps",
+    "stage_steps", "staged", "tuned_prediction", "tuned_prediction_spread",
 ]

@@ -33,8 +33,10 @@ from .encoding import UnitEncoding, in_space
 from .space import SearchSpace
 
 #: cheap evaluation's fidelities whose constraint values are predictions, not measurements: such
-#: trials neither inform the model nor can be the answer
+#: trials can never be the answer; they inform the model only when they carry the predictions'
+#: spread (user attribute ``PREDICTION_SE_ATTR``, stored by cheap evaluation), as observations that noisy
 NOT_MEASURED = ("screen", "stopped")
+PREDICTION_SE_ATTR = "prediction_se"
 #: below this many completed trials the best observed trial stands: with fewer points the model's
 #: learned mean and length scales leave even a well-supported edge uncertain, and the pick falls back
 #: to plans far inside the feasible region (measured: the level-set search at 10 evaluations
@@ -67,12 +69,13 @@ def _key(t: optuna.trial.FrozenTrial) -> tuple:
 def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int = MIN_TRIALS) -> Pick:
     """The answer of a single-objective study (see the module docstring)."""
     enc = UnitEncoding(space)
-    done = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.values and in_space(t, enc.keys) and t.user_attrs.get("fidelity") not in NOT_MEASURED
-    ]
-    feasible = [t for t in done if _violation(t) <= 0]
+    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and in_space(t, enc.keys)]
+    measured = [t for t in completed if t.user_attrs.get("fidelity") not in NOT_MEASURED]
+    predicted = [t for t in completed if t.user_attrs.get("fidelity") in NOT_MEASURED and t.user_attrs.get(PREDICTION_SE_ATTR) is not None]
+    # predictions join the model only as noisy observations, and only when the measured points have a noise too
+    with_se = all(t.user_attrs.get(METRIC_SE_ATTR) is not None for t in measured)
+    done = measured + predicted if with_se else measured
+    feasible = [t for t in measured if _violation(t) <= 0]
     if not feasible:
         return Pick(None, None)
     observed = min(feasible, key=_key)
@@ -80,7 +83,7 @@ def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int =
         return Pick(observed.number, observed.number)
     x = np.array([enc.encode(t.params) for t in done]).reshape(len(done), enc.d)
     y = np.array([_violation(t) for t in done])
-    se_raw = [t.user_attrs.get(METRIC_SE_ATTR) for t in done]
+    se_raw = [t.user_attrs.get(PREDICTION_SE_ATTR, t.user_attrs.get(METRIC_SE_ATTR)) for t in done]
     se = np.array([float(s) for s in se_raw]) if all(s is not None for s in se_raw) else None
     mean = posterior_mean(x, y, se)
     if mean is None:
