@@ -199,14 +199,26 @@ def _independent_log_cei() -> type:
     import torch
     from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
 
+    from .gp import FastPosterior
+
     class IndependentLogCEI(LogConstrainedExpectedImprovement):
+        def __init__(self, model, *args, **kwargs) -> None:
+            super().__init__(model, *args, **kwargs)
+            # made once per acquisition: the optimizer then evaluates it a few dozen times
+            self._fast = [FastPosterior(gp) if FastPosterior.supports(gp) else None for gp in model.models]
+
         def _mean_and_sigma(self, X, compute_sigma: bool = True, min_var: float = 1e-12):
             means, sigmas = [], []
-            for gp in self.model.models:
-                post = gp.posterior(X)
-                means.append(post.mean.squeeze(-2))  # remove the q-batch dimension
+            for gp, fast in zip(self.model.models, self._fast):
+                if fast is not None:
+                    mean, var = fast(X.squeeze(-2))  # remove the q-batch dimension (q = 1)
+                    mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
+                else:
+                    post = gp.posterior(X)
+                    mean, var = post.mean.squeeze(-2), post.variance.squeeze(-2)
+                means.append(mean)
                 if compute_sigma:
-                    sigmas.append(post.variance.clamp_min(min_var).sqrt().squeeze(-2))
+                    sigmas.append(var.clamp_min(min_var).sqrt())
             return torch.cat(means, -1), (torch.cat(sigmas, -1) if compute_sigma else None)
 
     return IndependentLogCEI
