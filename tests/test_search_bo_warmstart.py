@@ -126,7 +126,7 @@ def test_hyperparameters_round_trip_and_mismatches_are_refused():
 
 def test_bo_acquisition_equals_botorchs_constrained_log_ei():
     """bo computes each GP's posterior on its own inside LogConstrainedExpectedImprovement (faster
-    on a ModelListGP); the values must be BoTorch's."""
+    on a ModelListGP; since branch fastbo2 with gp.FastPosterior); the values must be BoTorch's."""
     import torch
     from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
     from botorch.models import ModelListGP

@@ -52,7 +52,7 @@ def acquisition_effort(d: int) -> tuple[int, int, int]:
     searched dimensions (see docs/search.md for the measurement behind them)."""
     if d > 20:  # wide spaces: a suggestion near a second at 100 trials x 50 dimensions
         return 4, 128, 30
-    return min(6, max(2, d)), min(256, 64 * d), 30
+    return min(3, max(2, d)), min(256, 64 * d), 30
 
 
 def default_n_init(budget: int) -> int:
