@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--acq", default="6/256/60,6/256/30,4/128/30,2/64/20", help="restarts/raw_samples/maxiter, comma-separated")
     ap.add_argument("--study", help="SQLite file: replay the search stored there (made and stored if missing)")
     ap.add_argument("--step-time", action="store_true", help="only time whole BO steps (bo_step_time.jsonl)")
-    ap.add_argument("--tag", default="", help="a label stored with the --step-time row")
+    ap.add_argument("--tag", default="", help="a label stored with the row")
     args = ap.parse_args()
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -173,7 +173,7 @@ def main() -> None:
         finally:
             botorch.optim.optimize_acqf = optimize
 
-    summary: dict = {"task": args.task, "seed": args.seed, "bo_steps": len(acq_rows), "warm_iters": args.warm_iters, "fits": {}, "acquisition": {}}
+    summary: dict = {"tag": args.tag, "task": args.task, "seed": args.seed, "bo_steps": len(acq_rows), "warm_iters": args.warm_iters, "fits": {}, "acquisition": {}}
     for name in ("objective", "constraint"):
         diff = np.array([r[f"{name}_warm"][0] - r[f"{name}_cold"][0] for r in fit_rows])
         summary["fits"][name] = {
