@@ -1,6 +1,7 @@
 """``bo``'s GP fits and acquisition optimization, replayed on the trials of a real search.
 
     PYTHONPATH=src nice -n 10 python benchmarks/bo_replay.py --task digits --seed 0
+    PYTHONPATH=src python benchmarks/bo_replay.py --task digits --seed 0 --study S.db --step-time --tag T
 
 Runs one search (``search="auto"`` = ``bo`` at budget 30, full evaluation, the cheap_eval task's
 recipe), then at every BO step of it, on the trials that step saw:
@@ -12,6 +13,10 @@ recipe), then at every BO step of it, on the trials that step saw:
   with a heavy reference (20/1024/200): the log acquisition value reached and seconds; and, at
   ``bo``'s own setting, BoTorch's ``LogConstrainedExpectedImprovement`` against ``bo``'s
   independent-posterior version of it (seconds, largest difference in value and candidate).
+
+With ``--step-time``, only times whole BO steps (``_bo_step``) on the stored search ``--study``
+(made with the code imported if the file is missing), so two versions of the code can be timed
+on the same trials; one JSON line to benchmarks/results/bo_step_time.jsonl.
 
 Prints a summary and appends one JSON line to benchmarks/results/bo_replay.jsonl. Timings are CPU
 work on a shared machine: compare them within one run, not across runs.
@@ -53,12 +58,47 @@ def history_before(study: optuna.Study, trial, enc) -> History:
     return History(h.x[:n], h.objective[:n], h.violation[:n], h.se[:n], h.pending[:0], h.failed[:0])
 
 
+def space_of(model, recipe):
+    return build_space(recipe["strategy"], analyze(model))
+
+
+def step_times(study: optuna.Study, space, args) -> dict:
+    """CPU seconds of each BO step (``BOSampler._bo_step``: both fits and the acquisition), replayed
+    on the stored trials with the code imported; the first pass warms up imports, the second is
+    timed. Run it under the timing lock."""
+    from tightfit.search.gp import one_thread
+
+    study._storage.set_trial_system_attr = lambda *a, **k: None
+    trials = study.get_trials()
+    steps = [t for t in trials if GP_ATTR in t.system_attrs]
+    times: list[float] = []
+    for timed in (False, True):
+        for t in steps:
+            sampler = BOSampler(SearchContext(space=space, budget=30, seed=args.seed))
+            sampler._trial = t
+            h = history_before(study, t, sampler.encoding)
+            started = time.process_time()
+            with one_thread():
+                sampler._bo_step(h, study)
+            if timed:
+                times.append(time.process_time() - started)
+    row = {"task": args.task, "seed": args.seed, "study": args.study, "tag": args.tag, "bo_steps": len(times),
+           "step_cpu_s_mean": statistics.mean(times), "step_cpu_s_median": statistics.median(times),
+           "step_cpu_s_total": sum(times)}
+    with open(OUT.with_name("bo_step_time.jsonl"), "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="digits", choices=["digits", "mnist1d"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warm-iters", type=int, default=G.WARM_MAXITER)
     ap.add_argument("--acq", default="6/256/60,6/256/30,4/128/30,2/64/20", help="restarts/raw_samples/maxiter, comma-separated")
+    ap.add_argument("--study", help="SQLite file: replay the search stored there (made and stored if missing)")
+    ap.add_argument("--step-time", action="store_true", help="only time whole BO steps (bo_step_time.jsonl)")
+    ap.add_argument("--tag", default="", help="a label stored with the row")
     args = ap.parse_args()
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -66,10 +106,18 @@ def main() -> None:
 
     split, model, recipe = cheap_eval.setup(args.task, 3 if args.task == "mnist1d" else None)
     storage = optuna.storages.InMemoryStorage()
-    compress(model, evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)), budget=30, search="auto",
-             seed=args.seed, example_input=split.x_val[:1], storage=storage, study_name="replay", **recipe)
+    if args.study and Path(args.study).exists():  # replay a search stored earlier (e.g. by another version)
+        optuna.copy_study(from_study_name="replay", from_storage=f"sqlite:///{args.study}", to_storage=storage)
+    else:
+        compress(model, evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)), budget=30, search="auto",
+                 seed=args.seed, example_input=split.x_val[:1], storage=storage, study_name="replay", **recipe)
+        if args.study:
+            optuna.copy_study(from_study_name="replay", from_storage=storage, to_storage=f"sqlite:///{args.study}")
     study = optuna.load_study(storage=storage, study_name="replay")
-    space = build_space(recipe["strategy"], analyze(model))
+    if args.step_time:
+        print(json.dumps(step_times(study, space_of(model, recipe), args)))
+        return
+    space = space_of(model, recipe)
     trials = study.get_trials()
     storage.set_trial_system_attr = lambda *a, **k: None  # the replay must not overwrite the stored fits
 
@@ -125,7 +173,7 @@ def main() -> None:
         finally:
             botorch.optim.optimize_acqf = optimize
 
-    summary: dict = {"task": args.task, "seed": args.seed, "bo_steps": len(acq_rows), "warm_iters": args.warm_iters, "fits": {}, "acquisition": {}}
+    summary: dict = {"tag": args.tag, "task": args.task, "seed": args.seed, "bo_steps": len(acq_rows), "warm_iters": args.warm_iters, "fits": {}, "acquisition": {}}
     for name in ("objective", "constraint"):
         diff = np.array([r[f"{name}_warm"][0] - r[f"{name}_cold"][0] for r in fit_rows])
         summary["fits"][name] = {

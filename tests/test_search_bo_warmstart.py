@@ -126,7 +126,7 @@ def test_hyperparameters_round_trip_and_mismatches_are_refused():
 
 def test_bo_acquisition_equals_botorchs_constrained_log_ei():
     """bo computes each GP's posterior on its own inside LogConstrainedExpectedImprovement (faster
-    on a ModelListGP); the values must be BoTorch's."""
+    on a ModelListGP; since branch fastbo2 with gp.FastPosterior); the values must be BoTorch's."""
     import torch
     from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
     from botorch.models import ModelListGP
@@ -140,4 +140,4 @@ def test_bo_acquisition_equals_botorchs_constrained_log_ei():
     theirs = LogConstrainedExpectedImprovement(model, best_f=float(y.max()), objective_index=0, constraints={1: (None, 0.0)})
     X = torch.as_tensor(rng.uniform(size=(64, 1, 3)))
     with torch.no_grad():
-        assert torch.allclose(ours(X), theirs(X), rtol=0, atol=1e-12)
+        assert torch.allclose(ours(X), theirs(X), rtol=1e-10, atol=1e-10)  # rounding: values reach -1e3
