@@ -329,3 +329,20 @@ def test_config_section_maps_onto_sequential():
     assert _evaluation(EvaluationSection(method="full")) is None and _evaluation(None) is None
     with pytest.raises(ConfigError, match=r"\[evaluation\].*confidence"):
         _evaluation(EvaluationSection(confidence=2.0))
+
+
+@pytest.mark.parametrize("min_improvement", [0.0, 0.9])
+def test_only_candidates_that_improve_enough_are_promoted(mlp, digits, min_improvement):
+    """A candidate is fine-tuned only when its objective is at least ``min_improvement`` below the
+    best feasible trial's so far; any other is screened."""
+    result, _ = _compress(mlp, digits, budget=8, search="random", seed=2,
+                          evaluation=Sequential(first_look=24, min_improvement=min_improvement))
+    best = None  # the best feasible objective before each trial
+    for t in sorted(result.trials, key=lambda t: t.number):
+        enough = best is None or t.objective < best * (1 - min_improvement)
+        assert (t.fidelity == "screen") == (not enough), (t.number, t.objective, best)
+        if t.fidelity == "full" and t.feasible:
+            best = t.objective if best is None else min(best, t.objective)
+    if min_improvement == 0.9:  # nothing random is 10x smaller than the first feasible answer
+        first = next(t.number for t in result.trials if t.fidelity == "full" and t.feasible)
+        assert all(t.fidelity == "screen" for t in result.trials if t.number > first)

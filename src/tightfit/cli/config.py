@@ -160,7 +160,8 @@ class EvaluationSection(_Strict):
     growth: float = Field(default=2.0, description="each look reads this many times more samples")
     certify_fraction: float = Field(default=0.25, description="share of validation samples held out to certify the answer")
     screen: bool = Field(default=True, description="only screen candidates that cannot improve the answer")
-    stages: list[float] = Field(default=[1 / 3, 2 / 3], description="fractions of the fine-tune at which a hopeless candidate may be stopped ([] for none)")
+    min_improvement: float = Field(default=0.01, description="promote a candidate only if its objective is this fraction below the answer's")
+    stages: list[float] = Field(default=[1 / 3], description="fractions of the fine-tune at which a candidate may be stopped ([] for none)")
     stage_samples: int = Field(default=64, description="validation samples read at each stage")
     min_curves: int = Field(default=3, description="fully fine-tuned candidates needed before any stop")
     max_curves: int = Field(default=5, description="fully fine-tuned candidates whose learning curve is recorded")
@@ -168,7 +169,7 @@ class EvaluationSection(_Strict):
     promote_probability: float = Field(
         default=0.5, description="fine-tune on past a stage only while this likely to meet the constraints (0: stop only hopeless ones)"
     )
-    probe_samples: int | None = Field(default=128, description="most validation samples a search probe reads")
+    probe_samples: int | None = Field(default=64, description="most validation samples a search probe reads")
 
 
 class LatencySection(_Strict):
@@ -423,7 +424,8 @@ def _evaluation(section: EvaluationSection | None):
     try:
         return Sequential(
             confidence=section.confidence, first_look=section.first_look, growth=section.growth,
-            certify_fraction=section.certify_fraction, screen=section.screen, stages=tuple(section.stages),
+            certify_fraction=section.certify_fraction, screen=section.screen, min_improvement=section.min_improvement,
+            stages=tuple(section.stages),
             stage_samples=section.stage_samples, min_curves=section.min_curves, max_curves=section.max_curves, stop_slack=section.stop_slack,
             promote_probability=section.promote_probability, probe_samples=section.probe_samples,
         )

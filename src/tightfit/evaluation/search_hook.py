@@ -1,9 +1,9 @@
 """How ``compress`` evaluates one plan under ``evaluation=Sequential(...)``: fidelity levels, the
 sequential test, and the per-trial accounting the search and the reports read.
 
-Levels: a candidate that could improve the current answer (objective below the best feasible one
-so far, size constraints met) is *promoted*: fine-tuned in full, then evaluated sequentially until
-its constraints are decided. Any other candidate is *screened*: no fine-tune, first look only. It
+Levels: a candidate that could improve the current answer (objective at least
+``Sequential.min_improvement`` below the best feasible one so far, size constraints met) is
+*promoted*: fine-tuned in full, then evaluated sequentially until its constraints are decided. Any other candidate is *screened*: no fine-tune, first look only. It
 can never be the answer, and it costs a few dozen forward passes instead of a fine-tune and a full
 evaluation. Until the stages below are calibrated it is told to Optuna as PRUNED (its objective as
 the intermediate value, no constraint values), which TPE ranks after the completed feasible
@@ -80,7 +80,10 @@ def sequential_plan_evaluator(
         goal = goal_of(measured)
         fixed_ok = all(constraints[i].value(measured, baseline) <= 0 for i in session.fixed)
         incumbent = best_holder["record"]
-        promising = fixed_ok and (incumbent is None or incumbent.objective is None or goal < incumbent.objective)
+        promising = fixed_ok and (
+            incumbent is None or incumbent.objective is None
+            or goal < incumbent.objective * (1 - session.config.min_improvement)
+        )
         level = "full" if (promising or not screen_enabled) else "screen"
 
         finetune, tuned = recovery_for(trial)
