@@ -346,3 +346,19 @@ def test_only_candidates_that_improve_enough_are_promoted(mlp, digits, min_impro
     if min_improvement == 0.9:  # nothing random is 10x smaller than the first feasible answer
         first = next(t.number for t in result.trials if t.fidelity == "full" and t.feasible)
         assert all(t.fidelity == "screen" for t in result.trials if t.number > first)
+
+
+def test_promotion_follows_the_incumbent_bo_works_from(mlp, digits, tmp_path):
+    """``bo`` states the objective of the answer it works from (its credible best) with each BO
+    suggestion; cheap evaluation promotes exactly the candidates that improve on it."""
+    from tightfit.search.base import INCUMBENT_ATTR
+
+    _compress(mlp, digits, budget=9, search="bo", seed=1, run_dir=tmp_path / "run",
+              evaluation=Sequential(first_look=24, min_improvement=0.0))
+    study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    stated = [t for t in study.get_trials() if INCUMBENT_ATTR in t.system_attrs]
+    assert stated, "bo's model-based steps state their incumbent"
+    for t in stated:
+        size = t.user_attrs["measurement"]["size_bytes"]  # the objective (screens told as PRUNED have no values)
+        improves = size < t.system_attrs[INCUMBENT_ATTR]
+        assert (t.user_attrs["fidelity"] != "screen") == improves, (t.number, size, t.system_attrs[INCUMBENT_ATTR])

@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import optuna
 
-from .base import History, PlanSampler
+from .base import INCUMBENT_ATTR, History, PlanSampler
 from .context import SearchContext
 from .levelset import knob_of, knob_table, next_knob, uniform_family
 from .sensitivity import probe_violation, sensitivity_scan
@@ -158,6 +158,8 @@ class BOSampler(PlanSampler):
         model = ModelListGP(obj_gp, con_gp)
 
         best = _robust_best(history, con_gp)
+        if best is not None and self._trial is not None:
+            study._storage.set_trial_system_attr(self._trial._trial_id, INCUMBENT_ATTR, float(history.objective[best]))
         center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
         length = trust_region_length(history, self.n_init, d)
         ls = obj_gp.covar_module.lengthscale.detach().numpy().ravel() if hasattr(obj_gp.covar_module, "lengthscale") else np.ones(d)
