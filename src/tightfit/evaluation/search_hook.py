@@ -2,10 +2,11 @@
 sequential test, and the per-trial accounting the search and the reports read.
 
 Levels: a candidate that could improve the current answer (objective at least
-``Sequential.min_improvement`` below the best feasible one so far, or below the incumbent the
-sampler says it works from, size constraints met) is *promoted*: fine-tuned in full, then evaluated sequentially until its constraints are decided. Any other candidate is *screened*: no fine-tune, first look only. It
-can never be the answer, and it costs a few dozen forward passes instead of a fine-tune and a full
-evaluation. Until the stages below are calibrated it is told to Optuna as PRUNED (its objective as
+``Sequential.min_improvement`` below the incumbent the sampler says it works from, or else below
+the best feasible trial so far; size constraints met) is *promoted*: fine-tuned in full, then
+evaluated sequentially until its constraints are decided. Any other candidate is *screened*: no
+fine-tune, first look only. It can never be the answer, and it costs a few dozen forward passes
+instead of a fine-tune and a full evaluation. Until the stages below are calibrated it is told to Optuna as PRUNED (its objective as
 the intermediate value, no constraint values), which TPE ranks after the completed feasible
 trials. Once they are, it is told as a completed trial whose constraint values are predicted: its
 untuned estimate minus the mean gain the whole fine-tune gave the calibration curves. Model-based
@@ -15,12 +16,12 @@ trials screened on digits, see docs/benchmarks.md).
 
 Stages (``Sequential.stages``, see ``.stages``): a promoted candidate's fine-tune is checked at
 fractions of its steps on the stage samples and *stopped* when it surely cannot meet a constraint
-after the remaining steps, or when it is less likely than ``Sequential.promote_probability`` to meet
-them (successive promotion; the reason is stored as ``stop_reason``). A stopped candidate is told to the search as a completed, infeasible
-trial (fidelity ``"stopped"``): the constraint values it gets are optimistic predictions of its
-final values, still > 0, so a model of the constraint learns that the region fails. Candidates
-fine-tuned in full store their curve (values at each stage and at the end on the same samples),
-which calibrates the stop rule for later candidates. Optuna's pruner interface is not used: its
+after the remaining steps (told the optimistic prediction of its final values, still > 0), or when
+it is less likely than ``Sequential.promote_probability`` to meet them (successive promotion; told
+its central prediction). Either way it is told to the search as a completed, infeasible trial
+(fidelity ``"stopped"``, the reason in ``stop_reason``), so a model of the constraint learns that
+the region fails. Candidates fine-tuned in full store their curve (values at each stage and at the
+end on the same samples), which calibrates both rules for later candidates. Optuna's pruner interface is not used: its
 intermediate values are read by samplers as *objective* values, while these are constraint values.
 """
 
@@ -122,7 +123,7 @@ def sequential_plan_evaluator(
                 now = time.perf_counter()
                 evaluations.append({
                     "level": "stage", "stage": stage, "fraction": taken / total, "finetune_steps": taken - last["steps"],
-                    "val_samples": len(values), "values": [e.mean for e in estimates], "se": [e.se for e in estimates],
+                    "val_samples": len(values), "values": means, "se": ses,
                     "seconds": now - last["t"], "stop": hopeless_now, "stop_reason": reason,
                     "p_feasible": promotion.probability if promotion is not None else None,
                 })
@@ -206,8 +207,9 @@ def sequential_plan_evaluator(
                 "measurement": measured.to_dict(),
                 "finetune_steps": steps,
                 # the search's model reads a screen at the look's noise: it cannot improve the answer
-                # anyway, and read at its prediction's wide spread it taught ``bo`` nothing, which
-                # then proposed the same plan again and again (measured on digits)
+                # anyway, and read at its prediction's wide spread it taught ``bo`` nothing (in a
+                # digits run bo then proposed the same plan nine times in a row); the final pick
+                # reads the spread
                 "metric_se": ev.metric_se,
                 **({PREDICTION_SE_ATTR: prediction_se} if prediction_se is not None else {}),
                 "val_samples": passes if passes is not None else sum(e.get("val_samples", 0) for e in evaluations),

@@ -187,8 +187,9 @@ def feasible_probability(
     estimate plus the predictive variance of a new gain (the curves' sample variance times
     ``1 + 1/K``); constraints are taken as independent. (A least-squares line of the final value in
     the stage value was tried: from the first three curves, one of them a candidate broken beyond
-    recovery, it stopped 25 of 30 candidates on two digits seeds and halved the compression.) This is a promotion rule, not a test: a
-    candidate it passes over is never the answer, it only is not fine-tuned further."""
+    recovery, it stopped 25 of 30 candidates on two digits seeds and halved the compression.)
+    This is a promotion rule, not a test: a candidate it passes over is never the answer, it only
+    is not fine-tuned further."""
     usable = [c for c in curves if stage < len(c.stages)]
     if len(usable) < max(2, min_curves) or not values:
         return None
