@@ -197,8 +197,50 @@ def test_a_layer_that_only_holds_a_weight_matrix_is_pruned_and_quantized(tmp_pat
     fresh = HandWrittenBlock()
     loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=fresh)  # no code unpickled
     assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
-    # operators that must know how a weight is used leave it alone
-    assert not tightfit.LowRank().supports(tightfit.measure.analyze(model).layer("proj"))
+    # int8 runs nn.Linear kernels only: it leaves a matrix layer alone
+    assert not tightfit.Int8().supports(tightfit.measure.analyze(model).layer("proj"))
+
+
+class ScaledByMatrix(nn.Module):
+    """Holds only a 2-D weight but does not multiply by it: no Linear equivalent."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((n, n), 1.0 / (n * n)))  # sums to 1
+
+    def forward(self, x):
+        return x * self.weight.sum()
+
+
+def test_low_rank_factorizes_a_matrix_layer_that_checks_out_as_affine(tmp_path):
+    from tightfit.operators import Plan
+    from tightfit.operators.lowrank import linear_equivalent
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4)).eval()
+    x = torch.randn(16, 32)
+    op = tightfit.LowRank(rank_ratio=(0.25, 0.5))
+    op.prepare(model, x)
+    layers = tightfit.measure.analyze(model)
+    assert layers.layer("0").kind == layers.layer("2").kind == "MatrixLayer"
+    assert op.supports(layers.layer("0")) and not op.supports(layers.layer("2"))
+    assert linear_equivalent(model[2]) is None
+    equivalent = linear_equivalent(model[0])  # Conv1D-style: used as x @ W, so the Linear holds W.T
+    assert isinstance(equivalent, nn.Linear) and torch.allclose(equivalent(x), model[0](x), atol=1e-6)
+    # factorized into two Linears: the best rank-r approximation of W.T
+    factored = tightfit.apply(Plan.from_strategy(Compose([tightfit.LowRank()]), {"0": {"low_rank": {"rank_ratio": 0.25}}}), model)
+    first, second = factored[0]
+    assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear) and first.out_features == 8
+    u, s, vh = torch.linalg.svd(model[0].weight.detach().t().double())
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    assert torch.allclose((second.weight @ first.weight).double(), best, atol=1e-5)
+    # a search, and the file reloaded into a fresh model (the factorization replayed on it)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=op, budget=2, search="random", example_input=x, run_dir=tmp_path / "run")
+    assert result.feasible and "0" in result.plan.layers and "2" not in result.plan.layers
+    fresh = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4))
+    loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=fresh)
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-5)
 
 
 def test_structured_pruning_leaves_attention_heads_alone_and_names_them(tmp_path):

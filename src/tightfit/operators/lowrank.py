@@ -1,5 +1,8 @@
 """Low-rank factorization: a Linear/Conv layer becomes two smaller layers via truncated SVD.
 
+A matrix layer (a leaf holding only a 2-D weight, e.g. GPT-2's ``Conv1D``) is factorized too when
+it is checked to be a plain affine map (:func:`linear_equivalent`): it becomes two Linears.
+
 ``W (out x in·k) ~= B (out x r) @ A (r x in·k)``: a Linear becomes ``Linear(in, r) -> Linear(r, out)``,
 a convolution becomes ``Conv(in, r, k) -> Conv(r, out, 1)``. It is applied only where it lowers
 the layer's multiply count, ``r·(in·k + out) < out·in·k``; elsewhere the layer is left as it is.
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure.analysis import LayerInfo
+from ..measure.analysis import MATRIX_KIND, LayerInfo, layer_kind
 from .base import Hyperparameter, Operator, parse_range
 
 _FACTORIZABLE = {"Linear", "Conv1d", "Conv2d", "Conv3d"}
@@ -67,6 +70,53 @@ def factorize(module: nn.Module, rank: int) -> nn.Sequential:
     return pair
 
 
+def linear_equivalent(module: nn.Module) -> nn.Linear | None:
+    """An ``nn.Linear`` computing what a matrix layer (``measure.analysis.MATRIX_KIND``: a leaf
+    holding only a 2-D ``weight`` and maybe a bias) computes, or None when it is not a plain
+    affine map of its last dimension. Which way round the weight is used is not written anywhere
+    (Hugging Face's ``Conv1D`` stores it ``in x out``, a hand-written layer may store it like
+    ``nn.Linear``), so both are tried on a random input and kept only if the layer's own output
+    matches."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        return None
+    weight = weight.detach()
+    bias = module.bias.detach() if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+    generator = torch.Generator().manual_seed(0)
+    for matrix in (weight, weight.t()):  # used as x @ matrix (Conv1D), or as x @ weight.t() (Linear)
+        in_dim, out_dim = matrix.shape
+        if bias is not None and bias.shape != (out_dim,):
+            continue
+        x = torch.randn(3, in_dim, generator=generator, dtype=torch.float64).to(device=weight.device, dtype=weight.dtype)
+        expected = x @ matrix + (bias if bias is not None else 0)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                got = module(x)
+        except Exception:
+            continue
+        finally:
+            module.train(was_training)
+        if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            linear = nn.Linear(in_dim, out_dim, bias=bias is not None).to(device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(matrix.t())
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            return linear
+    return None
+
+
+def _as_factorizable(module: nn.Module) -> nn.Module | None:
+    """``module`` itself if LowRank knows its type, its Linear equivalent for a matrix layer, else None."""
+    if type(module).__name__ in _FACTORIZABLE:
+        return module if getattr(module, "groups", 1) == 1 else None
+    if layer_kind(module) == MATRIX_KIND:
+        return linear_equivalent(module)
+    return None
+
+
 def _unreplaceable(model: nn.Module, example_input: Any) -> set[str]:
     """Layers that cannot be swapped for a factorized pair: their parent reads their ``weight``
     directly (attention's output projection, fused fast paths). Found by trying: each candidate is
@@ -74,16 +124,15 @@ def _unreplaceable(model: nn.Module, example_input: Any) -> set[str]:
     from ..measure.analysis import call_model
 
     bad: set[str] = set()
-    candidates = [(n, m) for n, m in model.named_modules()
-                  if n and type(m).__name__ in _FACTORIZABLE and getattr(m, "groups", 1) == 1]
+    candidates = [(n, m, f) for n, m in model.named_modules() if n and (f := _as_factorizable(m)) is not None]
     was_training = model.training
     model.eval()
     try:
-        for name, module in candidates:
+        for name, module, factorizable in candidates:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             try:
-                setattr(parent, child, _pair(module, 1))
+                setattr(parent, child, _pair(factorizable, 1))
                 with torch.no_grad():
                     call_model(model, example_input)
             except Exception:
@@ -111,18 +160,30 @@ class LowRank(Operator):
         low, high = parse_range("LowRank", "rank_ratio", rank_ratio, lambda v: 0.0 < v <= 1.0, "(0, 1]")
         self.rank_ratio = (low, high)
         self._grouped: set[str] = set()
+        self._matrix: dict[str, tuple[int, int]] = {}
 
     def prepare(self, model: nn.Module, example_input: Any) -> None:
         # Grouped/depthwise convolutions are not one matrix: leave them whole.
         self._grouped = {name for name, m in model.named_modules() if getattr(m, "groups", 1) != 1}
+        # matrix layers (e.g. GPT-2's Conv1D) that are a plain affine map: (out, in) of their Linear equivalent
+        self._matrix = {
+            name: (linear.out_features, linear.in_features)
+            for name, m in model.named_modules()
+            if name and layer_kind(m) == MATRIX_KIND and (linear := linear_equivalent(m)) is not None
+        }
         if example_input is not None:
             self._grouped |= _unreplaceable(model, example_input)
 
     def supports(self, layer: LayerInfo) -> bool:
-        if layer.type not in _FACTORIZABLE or not layer.name or layer.name in self._grouped:
+        if not layer.name or layer.name in self._grouped:
             return False
-        out_dim = layer.weight_shape[0]
-        in_dim = layer.weight_params // max(1, out_dim)
+        if layer.kind == MATRIX_KIND and layer.name in self._matrix:
+            out_dim, in_dim = self._matrix[layer.name]
+        elif layer.type in _FACTORIZABLE:
+            out_dim = layer.weight_shape[0]
+            in_dim = layer.weight_params // max(1, out_dim)
+        else:
+            return False
         return factor_rank(out_dim, in_dim, self.rank_ratio[0]) is not None
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
@@ -140,9 +201,10 @@ class LowRank(Operator):
             ratio = float(settings["rank_ratio"])
             if not 0.0 < ratio <= 1.0:
                 raise ConfigError(f"LowRank: layer {layer_name!r} has rank_ratio {ratio!r}; it must lie in (0, 1].")
-            module = model.get_submodule(layer_name)
-            if type(module).__name__ not in _FACTORIZABLE or getattr(module, "groups", 1) != 1:
-                raise ConfigError(f"LowRank cannot factorize layer {layer_name!r} ({type(module).__name__}).")
+            original = model.get_submodule(layer_name)
+            module = _as_factorizable(original)
+            if module is None:
+                raise ConfigError(f"LowRank cannot factorize layer {layer_name!r} ({type(original).__name__}).")
             rank = factor_rank(*_dims(module), ratio)
             if rank is None:
                 continue  # not cheaper at this rank: the layer stays whole
