@@ -221,3 +221,27 @@ def test_prune_adjust_names_what_its_config_lacks(project):
     config.write_text(text.replace('search = "random"', 'search = "magic"'))
     result = runner.invoke(app, ["prune-adjust", str(config)])
     assert result.exit_code != 0 and "prune_adjust.search" in result.output
+
+
+def test_config_turns_on_cheap_evaluation_with_its_options(project):
+    config = project / "tightfit.toml"
+    _set(config, budget=6, search='"random"')
+    config.write_text(config.read_text() + textwrap.dedent("""
+        [evaluation]
+        method = "sequential"
+        min_improvement = 0.05
+        promote_probability = 0.6
+        probe_samples = 32
+    """))
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    db = project / "runs" / "smallnet" / "study.db"
+    trials = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}").get_trials()
+    assert len(trials) == 6 and all("fidelity" in t.user_attrs for t in trials)  # evaluated sequentially
+    evaluation = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}").user_attrs["tightfit.settings"]["evaluation"]
+    assert evaluation["method"] == "sequential" and evaluation["min_improvement"] == 0.05
+    assert evaluation["promote_probability"] == 0.6 and evaluation["probe_samples"] == 32
+    # an option out of range is refused before any work, naming the field
+    config.write_text(config.read_text().replace("promote_probability = 0.6", "promote_probability = 1.5"))
+    bad = runner.invoke(app, ["run", str(config)])
+    assert bad.exit_code == 2 and "promote_probability" in bad.output
