@@ -194,7 +194,45 @@ class BOSampler(PlanSampler):
                 options={"maxiter": self.maxiter, "seed": self.context.seed % (2**31), "factr": ACQ_FTOL / np.finfo(float).eps},
                 retry_on_optimization_warning=False,  # a failed local search keeps its best start
             )
-        return cand.detach().numpy().reshape(-1)
+        x = cand.detach().numpy().reshape(-1)
+        # compared as plans: a bit-width coordinate anywhere in its choice's slice is the same plan
+        plan_of = lambda u: self.encoding.encode(self.encoding.decode(u))  # noqa: E731
+        seen = np.array([plan_of(u) for u in (np.vstack([history.x, history.pending]) if len(history.pending) else history.x)])
+        if _already_measured(plan_of(x), seen):
+            x = _best_unmeasured(acq, lo, hi, seen, n=self.raw_samples, seed=self.context.seed + history.n, fallback=x, plan_of=plan_of)
+        return x
+
+
+#: two points of the unit cube closer than this in every coordinate are taken for the same plan: a
+#: plan measured again with the same seed gives the same result (about 10% of `bo`'s trials were
+#: such repeats on digits, in both evaluation modes, before this guard)
+SAME_PLAN = 1e-3
+
+
+def _already_measured(x: np.ndarray, seen: np.ndarray) -> bool:
+    return bool(len(seen)) and bool((np.abs(seen - x).max(axis=1) < SAME_PLAN).any())
+
+
+def _best_unmeasured(
+    acq, lo: np.ndarray, hi: np.ndarray, seen: np.ndarray, *, n: int, seed: int, fallback: np.ndarray,
+    plan_of=lambda u: u,
+) -> np.ndarray:
+    """The acquisition's best point among ``n`` scrambled-Sobol points of the box ``[lo, hi]`` whose
+    plan (``plan_of``: the point as the plan it decodes to) is not one measured already or pending
+    (``seen``, as plans); ``fallback`` if every one is. Used when the optimizer's answer is a plan
+    measured already: the acquisition of a measured plan stays high when its measurement is noisy,
+    and the optimizer returns to it."""
+    import torch
+    from torch.quasirandom import SobolEngine
+
+    points = SobolEngine(len(lo), scramble=True, seed=seed % (2**31)).draw(max(1, n), dtype=torch.float64)
+    points = torch.as_tensor(lo) + (torch.as_tensor(hi) - torch.as_tensor(lo)) * points
+    fresh = [i for i, p in enumerate(points.numpy()) if not _already_measured(plan_of(p), seen)]
+    if not fresh:
+        return fallback
+    with torch.no_grad():
+        values = acq(points[fresh].unsqueeze(-2))  # a batch of q = 1 points
+    return points[fresh][int(torch.argmax(values))].numpy()
 
 
 @functools.cache
