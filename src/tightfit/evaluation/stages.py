@@ -232,7 +232,7 @@ def tuned_prediction(untuned: Sequence[float], curves: Sequence[Curve], *, min_c
     usable = [c.untuned_gains for c in curves if c.untuned is not None]
     if len(usable) < max(1, min_curves) or not untuned:
         return None
-    return tuple(v - sum(g[j] for g in usable) / len(usable) for j, v in enumerate(untuned))
+    return tuple(v - _new_gain([g[j] for g in usable])[0] for j, v in enumerate(untuned))
 
 
 def curves_of(trials: Sequence[Any], total_steps: int) -> list[Curve]:

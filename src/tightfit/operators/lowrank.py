@@ -117,22 +117,22 @@ def _as_factorizable(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _unreplaceable(model: nn.Module, example_input: Any) -> set[str]:
+def _unreplaceable(model: nn.Module, example_input: Any, factorizable: dict[str, nn.Module]) -> set[str]:
     """Layers that cannot be swapped for a factorized pair: their parent reads their ``weight``
     directly (attention's output projection, fused fast paths). Found by trying: each candidate is
     replaced by a rank-1 pair for one forward pass, then put back."""
     from ..measure.analysis import call_model
 
     bad: set[str] = set()
-    candidates = [(n, m, f) for n, m in model.named_modules() if n and (f := _as_factorizable(m)) is not None]
     was_training = model.training
     model.eval()
     try:
-        for name, module, factorizable in candidates:
+        for name, as_layer in factorizable.items():
+            module = model.get_submodule(name)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             try:
-                setattr(parent, child, _pair(factorizable, 1))
+                setattr(parent, child, _pair(as_layer, 1))
                 with torch.no_grad():
                     call_model(model, example_input)
             except Exception:
@@ -165,14 +165,14 @@ class LowRank(Operator):
     def prepare(self, model: nn.Module, example_input: Any) -> None:
         # Grouped/depthwise convolutions are not one matrix: leave them whole.
         self._grouped = {name for name, m in model.named_modules() if getattr(m, "groups", 1) != 1}
+        # each layer as LowRank would factorize it (a matrix layer checked once, as its Linear equivalent)
+        factorizable = {name: f for name, m in model.named_modules() if name and (f := _as_factorizable(m)) is not None}
         # matrix layers (e.g. GPT-2's Conv1D) that are a plain affine map: (out, in) of their Linear equivalent
         self._matrix = {
-            name: (linear.out_features, linear.in_features)
-            for name, m in model.named_modules()
-            if name and layer_kind(m) == MATRIX_KIND and (linear := linear_equivalent(m)) is not None
+            name: (f.out_features, f.in_features) for name, f in factorizable.items() if f is not model.get_submodule(name)
         }
         if example_input is not None:
-            self._grouped |= _unreplaceable(model, example_input)
+            self._grouped |= _unreplaceable(model, example_input, factorizable)
 
     def supports(self, layer: LayerInfo) -> bool:
         if not layer.name or layer.name in self._grouped:
