@@ -89,11 +89,30 @@ class _Interrupt(Exception):
     pass
 
 
+class _Counted:
+    """The adjust, counting the calls that finished."""
+
+    def __init__(self, adjust) -> None:
+        self.adjust, self.finished = adjust, 0
+
+    @property
+    def steps_taken(self):
+        return self.adjust.steps_taken
+
+    def __call__(self, model) -> None:
+        self.adjust(model)
+        self.finished += 1
+
+
 class _StopAt:
     """The adjust, interrupted (like Ctrl-C or a killed process) in its ``at``-th call."""
 
     def __init__(self, adjust, at: int) -> None:
         self.adjust, self.at, self.calls = adjust, at, 0
+
+    @property
+    def steps_taken(self):
+        return self.adjust.steps_taken
 
     def __call__(self, model) -> None:
         self.calls += 1
@@ -102,38 +121,95 @@ class _StopAt:
         self.adjust(model)
 
 
-def test_a_run_directory_resumes_an_interrupted_run_to_the_uninterrupted_answer(tmp_path):
+def _cliff(m):
+    return 1.0 if _nonzeros(m) > 120 else 0.7
+
+
+_ARGUMENTS = dict(max_drop=0.0, step=0.4, search="random", search_budget=6, rounds=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """A toy model, its data and the uninterrupted 3-round run the resumed ones must equal."""
     model, loader = _toy()
+    adjust = _Counted(GradualPrune(loader, epochs=1, lr=1e-2))
+    whole = tightfit.prune_and_adjust(model, evaluate=_cliff, adjust=adjust, **_ARGUMENTS)
+    assert adjust.finished == 3
+    return model, loader, whole
 
-    def evaluate(m):
-        return 1.0 if _nonzeros(m) > 120 else 0.7
 
-    arguments = dict(evaluate=evaluate, max_drop=0.0, step=0.4, search="random", search_budget=6)
-    whole = tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1, lr=1e-2), rounds=3, **arguments)
-
-    run = tmp_path / "run"
-    with pytest.raises(_Interrupt):  # killed in round 3's adjust: rounds 1-2 are on disk
-        tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1, lr=1e-2), 3), rounds=3,
-                                  run_dir=run, **arguments)
-    stored = json.loads((run / "rounds.json").read_text())
-    assert [r["number"] for r in stored["rounds"]] == [1, 2]
-    assert (run / "round-03" / "study.db").exists()  # round 3's search finished before the adjust; it is not redone
-
-    seen = []
-    resumed = tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1, lr=1e-2), rounds=3, run_dir=run,
-                                        on_round=seen.append, **arguments)
-    assert [r.number for r in seen] == [3]
-    assert [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.plan.to_dict()) for r in resumed.rounds] == \
-        [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.plan.to_dict()) for r in whole.rounds]
+def _same_answer(resumed, whole, run) -> None:
+    assert [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.training_steps, r.plan.to_dict()) for r in resumed.rounds] == \
+        [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.training_steps, r.plan.to_dict()) for r in whole.rounds]
     x = torch.randn(4, 8)
     assert torch.equal(resumed.model(x), whole.model(x))
     assert (run / "model.tfz").read_bytes() == resumed._file
     assert torch.equal(tightfit.load(run / "model.tfz")(x), whole.model(x))
 
+
+def test_a_run_directory_resumes_an_interrupted_run_to_the_uninterrupted_answer(tmp_path, uninterrupted):
+    model, loader, whole = uninterrupted
+    arguments = dict(evaluate=_cliff, **_ARGUMENTS)
+
+    run = tmp_path / "run"
+    with pytest.raises(_Interrupt):  # killed in round 3's adjust: rounds 1-2 are on disk
+        tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1, lr=1e-2), 3),
+                                  run_dir=run, **arguments)
+    stored = json.loads((run / "rounds.json").read_text())
+    assert [r["number"] for r in stored["rounds"]] == [1, 2]
+    assert (run / "round-03" / "study.db").exists()  # round 3's search finished before the adjust; it is not redone
+    assert not (run / "round-03" / "adjusted.json").exists()
+
+    seen = []
+    adjust = _Counted(GradualPrune(loader, epochs=1, lr=1e-2))
+    resumed = tightfit.prune_and_adjust(model, adjust=adjust, run_dir=run, on_round=seen.append, **arguments)
+    assert [r.number for r in seen] == [3] and adjust.finished == 1  # the interrupted adjust, started over
+    _same_answer(resumed, whole, run)
+
     # finished: calling again does no work; a larger `rounds` continues from round 4
-    again = tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1), 1), rounds=3, run_dir=run, **arguments)
+    again = tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1), 1), run_dir=run, **arguments)
     assert len(again.rounds) == 3 and again.nonzero_ratio == whole.nonzero_ratio
 
     with pytest.raises(ConfigError, match="other settings.*step"):
-        tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1), rounds=3, run_dir=run,
+        tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1), run_dir=run,
                                   **{**arguments, "step": 0.3})
+
+
+def test_an_adjust_that_finished_is_not_trained_again_on_resume(tmp_path, uninterrupted):
+    model, loader, whole = uninterrupted
+    adjust = _Counted(GradualPrune(loader, epochs=1, lr=1e-2))
+    killed = []
+
+    def evaluate(m):  # the process dies while measuring round 2's adjusted model
+        if adjust.finished == 2 and not killed:
+            killed.append(True)
+            raise _Interrupt
+        return _cliff(m)
+
+    run = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        tightfit.prune_and_adjust(model, evaluate=evaluate, adjust=adjust, run_dir=run, **_ARGUMENTS)
+    stored = json.loads((run / "rounds.json").read_text())
+    assert [r["number"] for r in stored["rounds"]] == [1]
+    assert (run / "round-02" / "adjusted.json").exists() and (run / "round-02" / "adjusted.tfz").exists()
+
+    before = adjust.finished
+    resumed = tightfit.prune_and_adjust(model, evaluate=_cliff, adjust=adjust, run_dir=run, **_ARGUMENTS)
+    assert adjust.finished - before == 1  # round 3 only: round 2's adjust is taken from disk
+    assert adjust.finished == 3  # as many adjusts as the uninterrupted run
+    _same_answer(resumed, whole, run)
+    # recorded rounds keep no separate adjust record, and an undone round no model
+    assert not list(run.glob("round-*/adjusted.json"))
+    assert sorted(p.parent.name for p in run.glob("round-*/adjusted.tfz")) == \
+        [f"round-{r.number:02d}" for r in whole.rounds if r.accepted]
+
+
+def test_settings_are_checked_before_the_first_round_is_recorded(tmp_path, uninterrupted):
+    model, loader, _ = uninterrupted
+    run, arguments = tmp_path / "run", {**_ARGUMENTS, "search_budget": 2}
+    with pytest.raises(_Interrupt):  # killed in round 1's adjust: no round recorded yet
+        tightfit.prune_and_adjust(model, evaluate=_cliff, adjust=_StopAt(GradualPrune(loader, epochs=1), 1),
+                                  run_dir=run, **arguments)
+    with pytest.raises(ConfigError, match="other settings.*max_drop"):
+        tightfit.prune_and_adjust(model, evaluate=_cliff, adjust=GradualPrune(loader, epochs=1), run_dir=run,
+                                  **{**arguments, "max_drop": 0.1})

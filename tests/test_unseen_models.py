@@ -257,20 +257,101 @@ def test_structured_pruning_leaves_attention_heads_alone_and_names_them(tmp_path
     assert result.model.up.out_features < 32
 
 
+def _never_ends(*args, **kwargs):  # like Torch-Pruning's endless grouping: a Python loop
+    import time
+
+    while True:
+        time.sleep(0.01)
+
+
 def test_a_channel_grouping_that_never_ends_is_cut_off(monkeypatch, caplog):
     import time
 
     from tightfit.operators import structured
 
-    def never_ends(*args, **kwargs):
-        time.sleep(30)
-
-    monkeypatch.setattr(structured, "coupled_groups", never_ends)
+    monkeypatch.setattr(structured, "coupled_groups", _never_ends)
     op = tightfit.StructuredPrune(trace_timeout=0.3)
     started = time.perf_counter()
     op.prepare(HandWrittenBlock(), torch.randn(2, 5, 16))
     assert time.perf_counter() - started < 5
     assert op.groups == {} and "no answer within 0.3 s" in caplog.text
+
+
+def _in_a_thread(work):
+    """Run ``work()`` in another thread (as a notebook or a worker would); its result or error."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the time limit did not stop the work"
+    return outcome
+
+
+def test_the_trace_time_limit_holds_off_the_main_thread(monkeypatch, caplog):
+    from tightfit.operators import structured
+
+    monkeypatch.setattr(structured, "coupled_groups", _never_ends)
+    op = tightfit.StructuredPrune(trace_timeout=0.3)
+    outcome = _in_a_thread(lambda: op.prepare(HandWrittenBlock(), torch.randn(2, 5, 16)))
+    assert "error" not in outcome, outcome  # the run goes on: the model is left alone and named
+    assert op.groups == {} and "no answer within 0.3 s" in caplog.text
+
+
+class _SlowForward(nn.Module):
+    """A forward pass that takes ``seconds`` (in Python steps): cut short while being traced."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.up, self.down = seconds, nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        import time
+
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            time.sleep(0.01)
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_a_trace_cut_short_leaves_no_hooks_and_no_late_timeout():
+    import time
+
+    from tightfit.operators.structured import TraceTimeout, _time_limit
+
+    model = _SlowForward(seconds=30)
+    op = tightfit.StructuredPrune(trace_timeout=0.3)
+    outcome = _in_a_thread(lambda: op.prepare(model, torch.randn(2, 4)))
+    assert "error" not in outcome and op.groups == {}
+    # Torch-Pruning's recording hooks, left on the layers by the cut-short forward pass, are removed
+    assert all(not m._forward_hooks for m in model.modules())
+
+    def finishes_in_time():  # a block ending just before its limit: nothing is raised after it
+        with _time_limit(0.2):
+            pass
+        end = time.perf_counter() + 0.8
+        while time.perf_counter() < end:
+            time.sleep(0.01)
+        return "done"
+
+    assert _in_a_thread(finishes_in_time) == {"value": "done"}
+
+    def overruns():
+        with _time_limit(0.2):
+            _never_ends()
+
+    assert isinstance(_in_a_thread(overruns)["error"], TraceTimeout)
+    model.seconds = 0.0  # and a model traced in time is grouped as usual, from a thread too
+    assert "error" not in _in_a_thread(lambda: op.prepare(model, torch.randn(2, 4)))
+    assert op.groups == {"up": ["up", "down"]}
 
 
 def test_structured_pruning_traces_through_frozen_layers():

@@ -12,10 +12,12 @@ re-trained before the next is planned: on LeNet-300-100 / digits this reaches ab
 compression of iterative magnitude pruning at the same training epochs (docs/benchmarks.md).
 
 With ``run_dir`` nothing finished is lost: each round's search is an ordinary ``compress`` run
-directory (``round-01/``...; an interrupted search resumes there), and after every adjust the
+directory (``round-01/``...; an interrupted search resumes there); a finished adjust is kept in it
+(``adjusted.tfz`` and ``adjusted.json``: plan, training steps) until the round is recorded; then the
 rounds so far (``rounds.json``) and the accepted model (``model.tfz``) are written atomically.
-Calling again with the same arguments continues after the last finished round, with the same
-result as an uninterrupted run (every round's search and adjust are seeded by the round number).
+Calling again with the same arguments continues where the run stopped: a finished adjust is not
+trained again, an interrupted one is started over (and only it), and the result is an
+uninterrupted run's (every round's search and adjust are seeded by the round number).
 """
 
 from __future__ import annotations
@@ -64,7 +66,18 @@ class AdjustRound:
 
 ROUNDS_FILE = "rounds.json"
 MODEL_FILE = "model.tfz"  # the answer: the last accepted round's model
-ADJUSTED_FILE = "adjusted.tfz"  # in round-NN/: that round's adjusted model, if it was accepted
+ADJUSTED_FILE = "adjusted.tfz"  # in round-NN/: that round's adjusted model, if it was accepted (or is not recorded yet)
+ADJUST_RECORD_FILE = "adjusted.json"  # in round-NN/, until rounds.json records the round: its finished adjust
+
+
+@dataclass(frozen=True)
+class _Adjusted:
+    """A round's finished adjust, before its model is measured: enough to go on without training again."""
+
+    plan: Plan
+    model: bytes  #: the adjusted model's .tfz bytes
+    training_steps: int | None
+    wall_s: float  #: the round's search and adjust
 
 
 @dataclass
@@ -159,36 +172,41 @@ def prune_and_adjust(
         for number in range(len(history) + 1, rounds + 1):
             if exhausted:
                 break
+            trained = saved.adjusted(number)  # an earlier call finished this round's adjust: not trained again
+            if trained is None:
+                start = time.perf_counter()
+                found = compress(current, evaluate=evaluate, strategy=strategy, constraint=MinMetric(baseline - step),
+                                 objective="nonzeros", budget=search_budget, search=search, example_input=example_input,
+                                 seed=seed * 1000 + number, run_dir=saved.round_dir(number),
+                                 # the smallest plan that measured within the step: the adjusted model's own
+                                 # check against max_drop below is what guards the answer
+                                 pick="observed")
+                if not found.feasible:
+                    exhausted = True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
+                    saved.write(history, exhausted, None)
+                    break
+                candidate = apply(found.plan, current)
+                _keep_zeros(candidate)
+                with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
+                    torch.manual_seed(seed * 1000 + number)
+                    adjust(candidate)
+                trained = _Adjusted(found.plan, to_bytes(candidate, found.plan), getattr(adjust, "steps_taken", None),
+                                 time.perf_counter() - start)
+                saved.write_adjusted(number, trained)
             start = time.perf_counter()
-            found = compress(current, evaluate=evaluate, strategy=strategy, constraint=MinMetric(baseline - step),
-                             objective="nonzeros", budget=search_budget, search=search, example_input=example_input,
-                             seed=seed * 1000 + number, run_dir=saved.round_dir(number),
-                             # the smallest plan that measured within the step: the adjusted model's own
-                             # check against max_drop below is what guards the answer
-                             pick="observed")
-            if not found.feasible:
-                exhausted = True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
-                saved.write(history, exhausted, None)
-                break
-            candidate = apply(found.plan, current)
-            _keep_zeros(candidate)
-            with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
-                torch.manual_seed(seed * 1000 + number)
-                adjust(candidate)
-            written = to_bytes(candidate, found.plan)
-            adjusted = load_model(io.BytesIO(written))  # measured as it will be saved
+            adjusted = load_model(io.BytesIO(trained.model))  # measured as it was saved
             value = float(evaluate(adjusted))
             nonzeros, _ = count_nonzeros(adjusted, names)
             accepted = baseline - value <= max_drop + 1e-12
-            record = AdjustRound(number, step, found.plan, total / max(1, nonzeros), value, accepted,
-                                 getattr(adjust, "steps_taken", None), time.perf_counter() - start)
+            record = AdjustRound(number, step, trained.plan, total / max(1, nonzeros), value, accepted,
+                                 trained.training_steps, trained.wall_s + time.perf_counter() - start)
             history.append(record)
             if accepted:
-                current, data, plan = adjusted, written, found.plan
+                current, data, plan = adjusted, trained.model, trained.plan
                 metric, ratio = value, record.nonzero_ratio
             else:
                 step /= 2  # undo the round: the next one takes a smaller step
-            saved.write(history, exhausted, written if accepted else None)
+            saved.write(history, exhausted, trained.model if accepted else None)
             if on_round is not None:
                 on_round(record)
     answer = current if current is not model else copy.deepcopy(model)
@@ -213,7 +231,11 @@ class _RoundsFile:
         self.rounds: list[AdjustRound] = []
         self.exhausted = False
         self.model_bytes: bytes | None = None
-        if root is None or not (root / ROUNDS_FILE).exists():
+        if root is None:
+            return
+        if not (root / ROUNDS_FILE).exists():
+            # written before any work, so a round left unfinished is resumed only with the same settings
+            self.write([], False, None)
             return
         stored_settings, self.rounds, self.exhausted = load_rounds(root)
         settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
@@ -241,15 +263,35 @@ class _RoundsFile:
     def round_dir(self, number: int) -> Path | None:
         return None if self.root is None else self.root / f"round-{number:02d}"
 
-    def write(self, rounds: list[AdjustRound], exhausted: bool, accepted_model: bytes | None) -> None:
+    def adjusted(self, number: int) -> _Adjusted | None:
+        """Round ``number``'s adjust, if a call finished it but stopped before the round was recorded."""
+        if self.root is None or not (self.round_dir(number) / ADJUST_RECORD_FILE).exists():
+            return None
+        stored = json.loads((self.round_dir(number) / ADJUST_RECORD_FILE).read_text())
+        model = (self.round_dir(number) / ADJUSTED_FILE).read_bytes()
+        return _Adjusted(Plan.from_dict(stored["plan"]), model, stored["training_steps"], stored["wall_s"])
+
+    def write_adjusted(self, number: int, trained: _Adjusted) -> None:
         if self.root is None:
             return
-        if accepted_model is not None:  # the round's model first: rounds.json never names a model not on disk
-            write_atomic(self.round_dir(rounds[-1].number) / ADJUSTED_FILE, accepted_model)
+        # the model first: the record never names a model not on disk
+        write_atomic(self.round_dir(number) / ADJUSTED_FILE, trained.model)
+        record = dict(plan=trained.plan.to_dict(), training_steps=trained.training_steps, wall_s=trained.wall_s)
+        write_atomic(self.round_dir(number) / ADJUST_RECORD_FILE, json.dumps(record, indent=1).encode())
+
+    def write(self, rounds: list[AdjustRound], exhausted: bool, accepted_model: bytes | None) -> None:
+        """Record ``rounds``; ``accepted_model`` (the last round's, already in its round directory) is the answer."""
+        if self.root is None:
+            return
         text = json.dumps(dict(settings=self.settings, rounds=[r.to_dict() for r in rounds], exhausted=exhausted), indent=1)
         write_atomic(self.root / ROUNDS_FILE, text.encode())
         if accepted_model is not None:
             write_atomic(self.root / MODEL_FILE, accepted_model)
+        if rounds:  # recorded now: the round's own record goes, and an undone round's model with it
+            last = self.round_dir(rounds[-1].number)
+            (last / ADJUST_RECORD_FILE).unlink(missing_ok=True)
+            if not rounds[-1].accepted:
+                (last / ADJUSTED_FILE).unlink(missing_ok=True)
 
 
 @torch.no_grad()

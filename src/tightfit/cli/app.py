@@ -146,7 +146,7 @@ def prune_adjust(
     except TightfitError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        err_console.print("interrupted: run the same command again to resume after the last finished round.")
+        err_console.print("interrupted: run the same command again to resume where it stopped (finished rounds and adjusts are kept).")
         raise typer.Exit(code=130)
     for r in result.rounds:
         if r.number not in shown:  # rounds of an earlier call, resumed from the run directory

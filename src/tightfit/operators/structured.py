@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import signal
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -91,6 +90,9 @@ def _dependency_graph(model: nn.Module, example_input: Any):
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for param in frozen:
         param.requires_grad_(True)
+    # Torch-Pruning removes its recording hooks only after a forward pass that ended well; one cut
+    # short (a time limit, a failing layer) would leave them recording every later forward pass
+    hooks = {module: set(module._forward_hooks) for module in model.modules()}
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=args, verbose=False,
@@ -99,32 +101,72 @@ def _dependency_graph(model: nn.Module, example_input: Any):
         model.train(was_training)
         for param in frozen:
             param.requires_grad_(False)
+        for module, before in hooks.items():
+            for key in set(module._forward_hooks) - before:
+                for table in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+                    table.pop(key, None)
 
 
 class TraceTimeout(Exception):
     """Finding the channel groups took longer than ``StructuredPrune(trace_timeout=...)``."""
 
 
+#: After the limit, the timeout is raised again at this interval until the block ends: a bare
+#: ``except:`` in the traced code (Torch-Pruning has one around the forward pass) may swallow one.
+_REPEAT_S = 0.5
+
+
 @contextmanager
 def _time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise :class:`TraceTimeout` in this block after ``seconds``. Torch-Pruning's grouping never
-    ends on some attention blocks (grouped-query attention in Llama-style models: its issue #527),
-    and a search must not hang on it. Only the main thread can take a signal; elsewhere the block
-    runs unlimited."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
+    """Raise :class:`TraceTimeout` in this block after ``seconds``, in whichever thread runs it.
+    Torch-Pruning's grouping never ends on some attention blocks (grouped-query attention in
+    Llama-style models: its issue #527, an ever-growing Python loop), and a search must not hang on it.
+
+    A watchdog thread raises the timeout *in the thread running the block*
+    (``PyThreadState_SetAsyncExc``), so the endless loop itself stops and unwinds through its
+    ``finally`` blocks. The alternatives are worse: SIGALRM reaches only the main thread (a notebook
+    running compress in a thread, or a worker thread, ran unlimited); tracing in a helper thread and
+    waiting with a timeout cannot stop that thread, which would go on looping (holding the GIL,
+    growing memory) on the model the search is using; checking the clock cooperatively cannot reach
+    a loop inside Torch-Pruning. Limitation: like a signal, the exception arrives between Python
+    bytecodes, so a single native call that never returns is not cut short.
+    """
+    if not seconds:
         yield
         return
 
-    def expire(signum, frame):
-        raise TraceTimeout(f"no answer within {seconds:g} s")
+    message = f"no answer within {seconds:g} s"
+    # the interpreter makes the exception from its class, without arguments: the message is built in
+    expired = type("TraceTimeout", (TraceTimeout,), {"__init__": lambda self: TraceTimeout.__init__(self, message)})
+    target = threading.get_ident()
+    done = threading.Event()
+    lock = threading.Lock()  # once the block has ended (done is set under it), nothing is injected
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    def watch() -> None:
+        wait = seconds
+        while not done.wait(wait):
+            with lock:
+                if done.is_set():
+                    return
+                _raise_in_thread(target, expired)
+            wait = _REPEAT_S
+
+    threading.Thread(target=watch, name="tightfit-trace-timeout", daemon=True).start()
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        with lock:
+            done.set()
+            _raise_in_thread(target, None)  # one injected but not raised yet must not surface after the block
+
+
+def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> None:
+    """Raise ``exception`` in the thread ``thread_id`` at its next bytecode (None cancels one pending)."""
+    import ctypes
+
+    # None must reach C as NULL (clear), not as the object None
+    pending = None if exception is None else ctypes.py_object(exception)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), pending)
 
 
 def _traced_tensors(output: Any) -> list[torch.Tensor]:
