@@ -155,9 +155,16 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
     try:
         yield
     finally:
-        with lock:
-            done.set()
-            _raise_in_thread(target, None)  # one injected but not raised yet must not surface after the block
+        # the watchdog must be stopped even if a timeout it sent arrives here, in this finally:
+        # otherwise it would go on raising timeouts in whatever this thread does next
+        while True:
+            try:
+                with lock:
+                    done.set()
+                    _raise_in_thread(target, None)  # one sent but not raised yet must not surface after the block
+                break
+            except TraceTimeout:
+                continue
 
 
 def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> None:
