@@ -102,6 +102,20 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order, however it nests them (tuples, dicts, and
+    Hugging Face's ``ModelOutput``)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in output_tensors(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in output_tensors(v)]
+    if hasattr(output, "to_tuple"):
+        return output_tensors(output.to_tuple())
+    return []
+
+
 def _shared_parameters(model: nn.Module) -> set[int]:
     """ids of parameters reachable from more than one module (tied weights)."""
     owners: dict[int, int] = {}
