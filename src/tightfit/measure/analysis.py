@@ -16,8 +16,8 @@ COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv
 #: The kind of a layer that is none of COMPRESSIBLE_TYPES but holds just a 2-D ``weight`` (and at
 #: most a 1-D ``bias``), such as Hugging Face's ``Conv1D`` in GPT-2 (a Linear stored transposed) or
 #: a hand-written linear layer. Element-wise operators (prune, quantize) compress it; low rank
-#: factorizes it once it checks out as an affine map (``operators.lowrank.linear_equivalent``);
-#: structured pruning and int8, which need a real ``nn.Linear``, leave it alone.
+#: factorizes it and int8 runs it as an ``nn.Linear``, once it checks out as an affine map
+#: (``operators.matrix.linear_equivalent``); structured pruning leaves it alone.
 MATRIX_KIND = "MatrixLayer"
 
 #: An ``nn.Embedding``'s table: rows pruned and quantized element-wise like any weight (per-row
