@@ -190,8 +190,8 @@ def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
 
 def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_path):
     # A model the TorchScript exporter cannot export (Hugging Face GPT-2) goes through the dynamo
-    # exporter, whose node names carry no module path; ONNX Runtime's pre-processing then renames
-    # fused nodes. Missing either, the int8 export quietly stayed float.
+    # exporter, whose node names carry no module path (the int8 layers were not found: an error);
+    # ONNX Runtime's pre-processing then renames fused nodes (missed, the export stayed float).
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
