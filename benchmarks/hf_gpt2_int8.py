@@ -1,14 +1,16 @@
 """int8 for GPT-2's ``Conv1D`` layers, end to end: ``Int8(choices=(True,))`` puts every layer it
 can run as an ``nn.Linear`` in int8, the search times the trial as the int8 ONNX model
-(``Latency(runtime="onnxruntime")``), then ``export_run`` writes and checks those layers in int8. A small GPT-2 built from its config (random weights; nothing is downloaded), label-free
-metric: cosine similarity of the logits to the original's, ``MaxDrop(0.05)``.
+(``Latency(runtime="onnxruntime")``), then ``export_run`` writes and checks those layers in int8.
+A GPT-2 built from its config (4 layers, width 256; random weights, nothing is downloaded),
+label-free metric: cosine similarity of the logits to the original's, ``MaxDrop(0.05)``.
 
-Printed: how many layers the plan put in int8 (``Conv1D`` among them), how many int8 MatMul nodes the exported file holds,
-the file sizes and latencies of the float32 and the int8 ONNX model (onnxruntime, 1 thread), and
-the int8 export's largest output difference. Hold the timing lock:
+Printed (and written to ``--out``): how many layers the plan put in int8 (``Conv1D`` among them),
+how many int8 MatMul nodes the exported file holds, the file sizes and latencies (1 thread) of the
+float32 and the int8 ONNX model, and the int8 export's largest output difference. Hold the lock:
 
     pip install transformers   # not a tightfit dependency
-    flock /tmp/tightfit-timing.lock env PYTHONPATH=src python benchmarks/hf_gpt2_int8.py --out docs/results/hf_gpt2_int8.json
+    flock /tmp/tightfit-timing.lock env PYTHONPATH=src python benchmarks/hf_gpt2_int8.py \
+        --out docs/results/hf_gpt2_int8.json
 
 (The TorchScript exporter fails on GPT-2 and torch prints its graph; the dynamo exporter is used.)
 """

@@ -257,6 +257,15 @@ class ReadsItsChildsWeight(nn.Module):
         return self.proj(x) + x @ self.proj.weight
 
 
+class NoisyOutput(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.proj = TransposedLinear(n, n)
+
+    def forward(self, x):
+        return self.proj(x) + torch.randn_like(x)
+
+
 def test_int8_runs_a_matrix_layer_that_checks_out_as_affine_as_a_linear(tmp_path):
     from tightfit.export import read_manifest
     from tightfit.operators import Int8, Int8Weights, Plan, WeightMask, int8_layers
@@ -299,6 +308,9 @@ def test_int8_runs_a_matrix_layer_that_checks_out_as_affine_as_a_linear(tmp_path
     assert "other than through its forward" in op.refused()["proj"]
     op.prepare(reader, None)
     assert "example_input" in op.refused()["proj"]
+    noisy = NoisyOutput(8).eval()  # nothing to compare a swap with
+    op.prepare(noisy, torch.randn(4, 8))
+    assert "changes from call to call" in op.refused()["proj"]
 
 
 def test_int8_matrix_layer_is_int8_in_the_onnx_export(tmp_path):

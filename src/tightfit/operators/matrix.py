@@ -72,7 +72,9 @@ def swap_layer(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def unswappable(model: nn.Module, example_input: Any, stand_ins: dict[str, nn.Module], *, same_output: bool) -> dict[str, str]:
+def unswappable(
+    model: nn.Module, example_input: Any, stand_ins: dict[str, nn.Module], *, same_output: bool
+) -> dict[str, str]:
     """Layers of ``stand_ins`` (name -> module to put in their place) whose swap breaks the model
     on ``example_input``, with the reason: the forward pass fails (the parent reads the layer's
     ``weight`` directly: attention's output projection, fused fast paths) or, with ``same_output``
@@ -84,7 +86,17 @@ def unswappable(model: nn.Module, example_input: Any, stand_ins: dict[str, nn.Mo
     was_training = model.training
     model.eval()
     try:
-        reference = _outputs(model, example_input) if same_output else None
+        reference = None
+        if same_output:
+            try:
+                reference = _outputs(model, example_input)
+                repeatable = _close(_outputs(model, example_input), reference)
+            except Exception as exc:  # a model that cannot run its example input: nothing to check
+                why = f"the model fails on the example input ({type(exc).__name__}), so no swap can be checked"
+                return dict.fromkeys(stand_ins, why)
+            if not repeatable:
+                why = "the model's output on the example input changes from call to call, so no swap can be checked"
+                return dict.fromkeys(stand_ins, why)
 
         def breaks(names: Iterable[str]) -> str | None:
             originals = {name: swap_layer(model, name, stand_ins[name]) for name in names}
@@ -96,7 +108,8 @@ def unswappable(model: nn.Module, example_input: Any, stand_ins: dict[str, nn.Mo
                 for name, module in originals.items():
                     swap_layer(model, name, module)
             if reference is not None and not _close(got, reference):
-                return "its parent uses its weight other than through its forward, so an equivalent nn.Linear changes the output"
+                return ("its parent uses its weight other than through its forward: an equivalent module in its "
+                        "place changes the output")
             return None
 
         if same_output and breaks(stand_ins) is None:
