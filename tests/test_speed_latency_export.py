@@ -188,6 +188,33 @@ def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
         Latency(x, runtime="tensorrt")
 
 
+def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_path):
+    # A model the TorchScript exporter cannot export (Hugging Face GPT-2) goes through the dynamo
+    # exporter, whose node names carry no module path (the int8 layers were not found: an error);
+    # ONNX Runtime's pre-processing then renames fused nodes (missed, the export stayed float).
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from tightfit.export.verified import _carried_over, onnx_nodes_for
+
+    def save(nodes, name):
+        value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1])  # noqa: E731
+        path = tmp_path / name
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [value("x")], [value("y")])), str(path))
+        return path
+
+    gemm = helper.make_node("Gemm", ["x", "w"], ["h"], name="node_Gemm_7")
+    gemm.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'h.0', 'h.0.attn', 'h.0.attn.c_attn', 'addmm']")
+    relu = helper.make_node("Relu", ["h"], ["y"], name="node_Relu_8")
+    exported = save([gemm, relu], "dynamo.onnx")
+    assert onnx_nodes_for(exported, ["h.0.attn.c_attn"]) == ["node_Gemm_7", "node_Gemm_7_MatMul"]
+    assert onnx_nodes_for(exported, ["h.0.attn"]) == ["node_Gemm_7", "node_Gemm_7_MatMul"]  # a module and all below it
+    fused = save([helper.make_node("Gemm", ["x", "w"], ["h"], name="node_Gemm_7/MatMulAddFusion"),
+                  helper.make_node("Gemm", ["h", "w"], ["y"], name="node_Gemm_70")], "prepared.onnx")
+    assert _carried_over(fused, ["node_Gemm_7", "node_Gemm_7_MatMul"]) == [
+        "node_Gemm_7/MatMulAddFusion", "node_Gemm_7/MatMulAddFusion_MatMul"]
+
+
 def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path):
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
     x = torch.randn(4, 64)

@@ -1,6 +1,7 @@
 """Models no issue names: BatchNorm + skip connections, a transformer with keyword arguments,
 metrics other than accuracy. They are compressed where possible, the rest is named, nothing crashes."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -197,7 +198,7 @@ def test_a_layer_that_only_holds_a_weight_matrix_is_pruned_and_quantized(tmp_pat
     fresh = HandWrittenBlock()
     loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=fresh)  # no code unpickled
     assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
-    # int8 runs nn.Linear kernels only: it leaves a matrix layer alone
+    # int8 runs a matrix layer as its nn.Linear only once prepare has checked the swap on the model
     assert not tightfit.Int8().supports(tightfit.measure.analyze(model).layer("proj"))
 
 
@@ -215,6 +216,7 @@ class ScaledByMatrix(nn.Module):
 def test_low_rank_factorizes_a_matrix_layer_that_checks_out_as_affine(tmp_path):
     from tightfit.operators import Plan
     from tightfit.operators.lowrank import linear_equivalent
+    from tightfit.operators.matrix import NOT_AFFINE
 
     torch.manual_seed(0)
     model = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4)).eval()
@@ -238,9 +240,98 @@ def test_low_rank_factorizes_a_matrix_layer_that_checks_out_as_affine(tmp_path):
     result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
                                strategy=op, budget=2, search="random", example_input=x, run_dir=tmp_path / "run")
     assert result.feasible and "0" in result.plan.layers and "2" not in result.plan.layers
+    assert {s.name: s.reason for s in result.left_alone}["2"] == NOT_AFFINE  # named, with the reason
     fresh = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4))
     loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=fresh)
     assert torch.allclose(loaded(x), result.model(x), atol=1e-5)
+
+
+class ReadsItsChildsWeight(nn.Module):
+    """Calls its matrix layer, and also reads that layer's weight in its stored layout."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.proj = TransposedLinear(n, n)
+
+    def forward(self, x):
+        return self.proj(x) + x @ self.proj.weight
+
+
+class NoisyOutput(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.proj = TransposedLinear(n, n)
+
+    def forward(self, x):
+        return self.proj(x) + torch.randn_like(x)
+
+
+def test_int8_runs_a_matrix_layer_that_checks_out_as_affine_as_a_linear(tmp_path):
+    from tightfit.export import read_manifest
+    from tightfit.operators import Int8, Int8Weights, Plan, WeightMask, int8_layers
+    from tightfit.operators.matrix import NOT_AFFINE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4)).eval()
+    x = torch.randn(16, 32)
+    op = Int8()
+    op.prepare(model, x)
+    layers = tightfit.measure.analyze(model)
+    assert op.supports(layers.layer("0")) and op.supports(layers.layer("3")) and not op.supports(layers.layer("2"))
+    assert op.refused() == {"2": NOT_AFFINE}
+    # a plan swaps the Conv1D-style layer for its nn.Linear, then puts its weight on the int8 grid
+    plan = Plan.from_strategy(Compose([Prune(), Int8()]), {"0": {"prune": {"sparsity": 0.5}, "int8": {"int8": True}}})
+    marked = tightfit.apply(plan, model)
+    assert isinstance(marked[0], nn.Linear) and int8_layers(marked) == ["0"]
+    assert [type(step) for step in marked[0].parametrizations["weight"]] == [WeightMask, Int8Weights]
+    float_only = tightfit.apply(Plan.from_strategy(Compose([Int8()]), {"0": {"int8": {"int8": False}}}), model)
+    assert isinstance(float_only[0], TransposedLinear)  # a layer kept in float is not touched
+    # the search: int8 for the matrix layer and the Linear; the other matrix layer left alone, named
+    run_dir = tmp_path / "run"
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(1.0),
+                               strategy=Int8(choices=(True,)), budget=1, example_input=x, run_dir=run_dir)
+    assert result.feasible and sorted(result.plan.layers) == ["0", "3"]
+    assert {s.name: s.reason for s in result.left_alone}["2"] == NOT_AFFINE
+    with torch.no_grad():
+        reference, got = model(x), result.model(x)
+    assert 0 < float((got - reference).abs().max()) < 0.02 * float(reference.abs().max())  # int8 weights: close, not equal
+    manifest = read_manifest(run_dir / "model.tfz")
+    stored = {t["name"]: t for t in manifest["tensors"]}
+    assert stored["0.weight"]["kind"] == "int" and stored["0.weight"]["bits"] == 8
+    fresh = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4))
+    for loaded in (tightfit.load(run_dir / "model.tfz", model=fresh), tightfit.load(run_dir / "model.tfz")):
+        assert type(loaded[0]) is nn.Linear and torch.equal(loaded(x), got)
+    assert isinstance(fresh[0], TransposedLinear)  # the given model is copied, not changed
+    # a parent that reads the weight in its stored layout would change: left alone, and why
+    reader = ReadsItsChildsWeight(8).eval()
+    op.prepare(reader, torch.randn(4, 8))
+    assert "other than through its forward" in op.refused()["proj"]
+    op.prepare(reader, None)
+    assert "example_input" in op.refused()["proj"]
+    noisy = NoisyOutput(8).eval()  # nothing to compare a swap with
+    op.prepare(noisy, torch.randn(4, 8))
+    assert "changes from call to call" in op.refused()["proj"]
+
+
+def test_int8_matrix_layer_is_int8_in_the_onnx_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tightfit.export import export_run
+    from tightfit.operators import Int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TransposedLinear(32, 64), nn.ReLU(), TransposedLinear(64, 4)).eval()
+    x = torch.randn(16, 32)
+    latency = tightfit.Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(1.0),
+                               strategy=Int8(choices=(True,)), budget=1, example_input=x, objective="latency",
+                               latency=latency, run_dir=tmp_path / "run")
+    assert sorted(result.plan.layers) == ["0", "2"] and result.feasible
+    report = export_run(tmp_path / "run", format="onnx", threads=1)
+    assert report.int8 == "dynamic" and report.int8_layers == ["0", "2"]
+    ops = [node.op_type for node in onnx.load(report.path).graph.node]
+    assert ops.count("MatMulInteger") == 2, ops
 
 
 def test_structured_pruning_leaves_attention_heads_alone_and_names_them(tmp_path):

@@ -229,12 +229,9 @@ def load_model(path: PathOrBuffer, model: nn.Module | None = None) -> nn.Module:
 
 
 def _replay_structure(model: nn.Module, plan: Plan) -> None:
-    """Apply only the structural operators of ``plan`` (they change shapes the payload relies on)."""
-    structural = [op for op in plan.strategy() if op.structural]
-    if structural:
-        from ..operators.compose import Compose
-
-        apply_plan_inplace(plan, model, Compose(structural))
+    """Redo what changed the modules the payload's tensors belong to: matrix layers swapped for
+    Linears and the structural operators of ``plan`` (they change shapes and types)."""
+    apply_plan_inplace(plan, model, structure_only=True)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, is_param: bool) -> None:

@@ -12,6 +12,7 @@ ONNX Runtime's quantization tools; the file written is the int8 model, so its si
 
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
 import io
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from ..measure.analysis import call_model
+from ..measure.analysis import call_model, output_tensors
 from ..measure.latency import Latency, with_batch_size
 from .artifact import bake
 
@@ -113,18 +114,6 @@ def _flat_inputs(example_input: Any) -> list[torch.Tensor]:
     return [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
-def _flat_outputs(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        return [t for v in output.values() for t in _flat_outputs(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in _flat_outputs(v)]
-    if hasattr(output, "to_tuple"):  # e.g. transformers' ModelOutput
-        return _flat_outputs(output.to_tuple())
-    return []
-
-
 def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], atol: float, rtol: float) -> tuple[float, float]:
     """(max abs difference, max abs reference); raises ExportCheckError beyond the tolerance."""
     if len(reference) != len(exported):
@@ -168,7 +157,7 @@ def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
     n_inputs = len(_flat_inputs(example_input))
     input_names = [f"input_{i}" for i in range(n_inputs)]
     with torch.no_grad():
-        n_outputs = len(_flat_outputs(call_model(model, example_input)))
+        n_outputs = len(output_tensors(call_model(model, example_input)))
     output_names = [f"output_{i}" for i in range(n_outputs)]
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
     export_args = args + ((kwargs,) if kwargs else ())
@@ -239,17 +228,42 @@ def re_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+def _node_scope(node: Any) -> str:
+    """The dotted name of the module an ONNX node came from. The TorchScript exporter writes it
+    into the node's name (``/layer1/conv/Conv``); the dynamo exporter, which a model the former
+    cannot export falls back to (e.g. Hugging Face GPT-2), names nodes ``node_Gemm_12`` and keeps
+    the module path in the metadata ``pkg.torch.onnx.name_scopes`` (modules, then the op)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            return scopes[-2] if len(scopes) >= 2 else ""
+    return node.name.strip("/").rpartition("/")[0].replace("/", ".")
+
+
 def onnx_nodes_for(onnx_path: Path, patterns: Sequence[str]) -> list[str]:
     """ONNX node names belonging to the layers matched by fnmatch ``patterns`` (dotted names)."""
     import onnx
 
-    nodes = [n.name for n in onnx.load(str(onnx_path)).graph.node]
     picked = []
-    for node in nodes:
-        scope = node.strip("/").rpartition("/")[0].replace("/", ".")
+    for node in onnx.load(str(onnx_path)).graph.node:
+        scope = _node_scope(node)
         if any(fnmatch.fnmatchcase(scope, p) or fnmatch.fnmatchcase(scope, p + ".*") for p in patterns):
-            picked.append(node)
-            picked.append(node + "_MatMul")  # ORT's dynamic quantizer splits Gemm into <name>_MatMul + Add
+            picked.append(node.name)
+            picked.append(node.name + "_MatMul")  # ORT's dynamic quantizer splits Gemm into <name>_MatMul + Add
+    return picked
+
+
+def _carried_over(onnx_path: Path, names: Sequence[str]) -> list[str]:
+    """The nodes of ``names`` as ONNX Runtime's pre-processing left them: it fuses some (MatMul +
+    Add become ``<MatMul's name>/MatMulAddFusion``) and drops the metadata they were found by."""
+    import onnx
+
+    wanted = set(names)
+    picked = []
+    for node in onnx.load(str(onnx_path)).graph.node:
+        parts = node.name.split("/")
+        if any("/".join(parts[:i]) in wanted for i in range(1, len(parts) + 1)):
+            picked += [node.name, node.name + "_MatMul"]  # as in onnx_nodes_for
     return picked
 
 
@@ -273,6 +287,8 @@ def _quantize_onnx(
         prepared = Path(tmp) / "prepared.onnx"
         try:
             quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+            exclude = _carried_over(prepared, exclude)
+            include = _carried_over(prepared, include) if include is not None else None
         except Exception:  # pre-processing (shape inference, folding) is an optimisation only
             prepared = float_path
         if mode == "dynamic":
@@ -335,7 +351,7 @@ def export_model(
     model = bake(model).eval()
     check_input = latency.example_input if latency is not None else example_input
     with torch.inference_mode():
-        reference = [t.clone() for t in _flat_outputs(call_model(model, check_input))]
+        reference = [t.clone() for t in output_tensors(call_model(model, check_input))]
     if not reference:
         raise ConfigError("The model's output holds no tensor; nothing to export or check.")
 
@@ -367,7 +383,7 @@ def export_model(
 
         def run() -> Any:
             with torch.inference_mode():
-                return _flat_outputs(call_model(loaded, check_input))
+                return output_tensors(call_model(loaded, check_input))
     else:
         buffer = io.BytesIO()
         torch.save(copy.deepcopy(model), buffer)
@@ -376,7 +392,7 @@ def export_model(
 
         def run() -> Any:
             with torch.inference_mode():
-                return _flat_outputs(call_model(loaded, check_input))
+                return output_tensors(call_model(loaded, check_input))
 
     try:
         worst, ref_max = compare_outputs(reference, [torch.as_tensor(o) for o in run()], atol, rtol)

@@ -16,8 +16,8 @@ COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv
 #: The kind of a layer that is none of COMPRESSIBLE_TYPES but holds just a 2-D ``weight`` (and at
 #: most a 1-D ``bias``), such as Hugging Face's ``Conv1D`` in GPT-2 (a Linear stored transposed) or
 #: a hand-written linear layer. Element-wise operators (prune, quantize) compress it; low rank
-#: factorizes it once it checks out as an affine map (``operators.lowrank.linear_equivalent``);
-#: structured pruning and int8, which need a real ``nn.Linear``, leave it alone.
+#: factorizes it and int8 runs it as an ``nn.Linear``, once it checks out as an affine map
+#: (``operators.matrix.linear_equivalent``); structured pruning leaves it alone.
 MATRIX_KIND = "MatrixLayer"
 
 #: An ``nn.Embedding``'s table: rows pruned and quantized element-wise like any weight (per-row
@@ -100,6 +100,20 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, (tuple, list)):
         return model(*example_input)
     return model(example_input)
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order, however it nests them (tuples, dicts, and
+    Hugging Face's ``ModelOutput``)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in output_tensors(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in output_tensors(v)]
+    if hasattr(output, "to_tuple"):
+        return output_tensors(output.to_tuple())
+    return []
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:

@@ -113,6 +113,13 @@ class Operator(abc.ABC):
         (structured pruning finds coupled channel groups) override this.
         """
 
+    def needs_linear(self, settings: dict[str, Any]) -> bool:
+        """Whether a layer with ``settings`` must run as an ``nn.Linear`` (int8 kernels do). A matrix
+        layer (``MATRIX_KIND``, e.g. GPT-2's ``Conv1D``) given such settings is swapped for its Linear
+        equivalent before any operator of the plan applies, and again when a saved model is loaded
+        into a fresh instance (see :func:`~tightfit.operators.apply_plan_inplace`)."""
+        return False
+
     def refused(self) -> dict[str, str]:
         """Layers this operator could have compressed but leaves alone after :meth:`prepare`, with
         the reason (shown in the run's list of what was left alone)."""

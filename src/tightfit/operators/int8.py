@@ -1,5 +1,10 @@
 """Runtime int8 for Linear layers: the search chooses, per layer, int8 or float.
 
+A matrix layer (``MATRIX_KIND``, e.g. GPT-2's ``Conv1D``) that computes ``x @ W + b`` is run in
+int8 too: the plan swaps it for its Linear equivalent first (:mod:`.matrix`, as LowRank does), so
+it is stored, reloaded and exported exactly like a Linear. A matrix layer used otherwise, or whose
+parent reads its weight directly, is left alone and named (:meth:`Int8.refused`).
+
 In the search the layer's weight is put on the int8 grid ONNX Runtime's dynamic quantization
 uses (symmetric, per output channel, codes in [-127, 127]), so the metric sees the weight error
 and the ``.tfz`` stores 8-bit codes. The speed exists only in a runtime with int8 kernels:
@@ -16,9 +21,14 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..measure.analysis import LayerInfo
+from ..errors import ConfigError
+from ..measure.analysis import MATRIX_KIND, LayerInfo, layer_kind
 from .base import Hyperparameter, Operator
+from .matrix import NOT_AFFINE, linear_equivalent, unswappable
 from .quantize import FakeQuantize
+
+#: Why a matrix layer is left alone when no example input lets tightfit check the swap.
+NO_EXAMPLE_INPUT = "running it as an nn.Linear is checked on the model's example input: pass `example_input`"
 
 
 class Int8Weights(FakeQuantize):
@@ -29,7 +39,8 @@ class Int8Weights(FakeQuantize):
 
 
 class Int8(Operator):
-    """Run Linear layers in int8 (dynamic quantization) where the search finds it pays.
+    """Run Linear layers (and matrix layers that compute ``x @ W + b``) in int8 (dynamic
+    quantization) where the search finds it pays.
 
     ``choices`` are what each layer may be: ``(True, False)`` lets the search keep a layer in
     float; ``(True,)`` makes every matched layer int8.
@@ -41,13 +52,38 @@ class Int8(Operator):
         super().__init__(layers=layers)
         values = (choices,) if isinstance(choices, bool) else tuple(bool(c) for c in choices)
         if not values:
-            from ..errors import ConfigError
-
             raise ConfigError("Int8: `choices` must hold True and/or False.")
         self.choices = tuple(sorted(set(values), reverse=True))
+        self._matrix: set[str] = set()  # matrix layers that run as their Linear equivalent
+        self._refused: dict[str, str] = {}
+
+    def prepare(self, model: nn.Module, example_input: Any) -> None:
+        # Matrix layers join when they compute x @ W + b and swapping in that Linear leaves the
+        # model's output as it was (a parent may read the weight directly, in its stored layout).
+        self._refused = {}
+        equivalents = {}
+        for name, module in model.named_modules():
+            if name and layer_kind(module) == MATRIX_KIND:
+                linear = linear_equivalent(module)
+                if linear is None:
+                    self._refused[name] = NOT_AFFINE
+                else:
+                    equivalents[name] = linear
+        if example_input is None:
+            self._refused.update(dict.fromkeys(equivalents, NO_EXAMPLE_INPUT))
+        else:
+            self._refused.update(unswappable(model, example_input, equivalents, same_output=True))
+        self._matrix = set(equivalents) - set(self._refused)
+
+    def refused(self) -> dict[str, str]:
+        return dict(self._refused)
 
     def supports(self, layer: LayerInfo) -> bool:
-        return layer.type == "Linear"
+        # an nn.Linear itself (a subclass may be read by its parent: attention's out_proj), or a checked matrix layer
+        return (layer.type == layer.kind == "Linear") or (layer.kind == MATRIX_KIND and layer.name in self._matrix)
+
+    def needs_linear(self, settings: dict[str, Any]) -> bool:
+        return bool(settings["int8"])
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
         return [Hyperparameter("int8", choices=self.choices)]
@@ -57,6 +93,11 @@ class Int8(Operator):
 
     def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
         if settings["int8"]:
+            if not isinstance(module, nn.Linear):  # the per-channel grid and the ONNX kernels are a Linear's
+                raise ConfigError(
+                    f"Int8 runs nn.Linear layers, not {type(module).__name__}; apply a plan with tightfit.apply, "
+                    "which swaps a matrix layer for its nn.Linear first."
+                )
             parametrize.register_parametrization(module, "weight", Int8Weights())
 
     def config(self) -> dict[str, Any]:

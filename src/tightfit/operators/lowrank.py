@@ -1,7 +1,7 @@
 """Low-rank factorization: a Linear/Conv layer becomes two smaller layers via truncated SVD.
 
 A matrix layer (a leaf holding only a 2-D weight, e.g. GPT-2's ``Conv1D``) is factorized too when
-it is checked to be a plain affine map (:func:`linear_equivalent`): it becomes two Linears.
+it is checked to be a plain affine map (:func:`.matrix.linear_equivalent`): it becomes two Linears.
 
 ``W (out x in·k) ~= B (out x r) @ A (r x in·k)``: a Linear becomes ``Linear(in, r) -> Linear(r, out)``,
 a convolution becomes ``Conv(in, r, k) -> Conv(r, out, 1)``. It is applied only where it lowers
@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..measure.analysis import MATRIX_KIND, LayerInfo, layer_kind
 from .base import Hyperparameter, Operator, parse_range
+from .matrix import NOT_AFFINE, linear_equivalent, swap_layer, unswappable
 
 _FACTORIZABLE = {"Linear", "Conv1d", "Conv2d", "Conv3d"}
 
@@ -70,44 +71,6 @@ def factorize(module: nn.Module, rank: int) -> nn.Sequential:
     return pair
 
 
-def linear_equivalent(module: nn.Module) -> nn.Linear | None:
-    """An ``nn.Linear`` computing what a matrix layer (``measure.analysis.MATRIX_KIND``: a leaf
-    holding only a 2-D ``weight`` and maybe a bias) computes, or None when it is not a plain
-    affine map of its last dimension. Which way round the weight is used is not written anywhere
-    (Hugging Face's ``Conv1D`` stores it ``in x out``, a hand-written layer may store it like
-    ``nn.Linear``), so both are tried on a random input and kept only if the layer's own output
-    matches."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        return None
-    weight = weight.detach()
-    bias = module.bias.detach() if isinstance(getattr(module, "bias", None), torch.Tensor) else None
-    generator = torch.Generator().manual_seed(0)
-    for matrix in (weight, weight.t()):  # used as x @ matrix (Conv1D), or as x @ weight.t() (Linear)
-        in_dim, out_dim = matrix.shape
-        if bias is not None and bias.shape != (out_dim,):
-            continue
-        x = torch.randn(3, in_dim, generator=generator, dtype=torch.float64).to(device=weight.device, dtype=weight.dtype)
-        expected = x @ matrix + (bias if bias is not None else 0)
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                got = module(x)
-        except Exception:
-            continue
-        finally:
-            module.train(was_training)
-        if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-            linear = nn.Linear(in_dim, out_dim, bias=bias is not None).to(device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(matrix.t())
-                if bias is not None:
-                    linear.bias.copy_(bias)
-            return linear
-    return None
-
-
 def _as_factorizable(module: nn.Module) -> nn.Module | None:
     """``module`` itself if LowRank knows its type, its Linear equivalent for a matrix layer, else None."""
     if type(module).__name__ in _FACTORIZABLE:
@@ -115,33 +78,6 @@ def _as_factorizable(module: nn.Module) -> nn.Module | None:
     if layer_kind(module) == MATRIX_KIND:
         return linear_equivalent(module)
     return None
-
-
-def _unreplaceable(model: nn.Module, example_input: Any, factorizable: dict[str, nn.Module]) -> set[str]:
-    """Layers that cannot be swapped for a factorized pair: their parent reads their ``weight``
-    directly (attention's output projection, fused fast paths). Found by trying: each candidate is
-    replaced by a rank-1 pair for one forward pass, then put back."""
-    from ..measure.analysis import call_model
-
-    bad: set[str] = set()
-    was_training = model.training
-    model.eval()
-    try:
-        for name, as_layer in factorizable.items():
-            module = model.get_submodule(name)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            try:
-                setattr(parent, child, _pair(as_layer, 1))
-                with torch.no_grad():
-                    call_model(model, example_input)
-            except Exception:
-                bad.add(name)
-            finally:
-                setattr(parent, child, module)
-    finally:
-        model.train(was_training)
-    return bad
 
 
 class LowRank(Operator):
@@ -161,6 +97,7 @@ class LowRank(Operator):
         self.rank_ratio = (low, high)
         self._grouped: set[str] = set()
         self._matrix: dict[str, tuple[int, int]] = {}
+        self._refused: dict[str, str] = {}
 
     def prepare(self, model: nn.Module, example_input: Any) -> None:
         # Grouped/depthwise convolutions are not one matrix: leave them whole.
@@ -171,8 +108,20 @@ class LowRank(Operator):
         self._matrix = {
             name: (f.out_features, f.in_features) for name, f in factorizable.items() if f is not model.get_submodule(name)
         }
+        # matrix layers that are no affine map, and layers whose parent reads their weight directly
+        # (attention's output projection, fused fast paths): found by swapping in a rank-1 pair
+        self._refused = {
+            name: NOT_AFFINE
+            for name, m in model.named_modules()
+            if name and name not in factorizable and layer_kind(m) == MATRIX_KIND
+        }
         if example_input is not None:
-            self._grouped |= _unreplaceable(model, example_input, factorizable)
+            pairs = {name: _pair(as_layer, 1) for name, as_layer in factorizable.items()}
+            self._refused.update(unswappable(model, example_input, pairs, same_output=False))
+        self._grouped |= set(self._refused)
+
+    def refused(self) -> dict[str, str]:
+        return dict(self._refused)
 
     def supports(self, layer: LayerInfo) -> bool:
         if not layer.name or layer.name in self._grouped:
@@ -208,9 +157,7 @@ class LowRank(Operator):
             rank = factor_rank(*_dims(module), ratio)
             if rank is None:
                 continue  # not cheaper at this rank: the layer stays whole
-            parent_name, _, child = layer_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, factorize(module, rank))
+            swap_layer(model, layer_name, factorize(module, rank))
 
     def config(self) -> dict[str, Any]:
         return {"rank_ratio": list(self.rank_ratio), **super().config()}

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Operator
 from .compose import Compose
+from .matrix import swap_in_linears
 
 PLAN_VERSION = 1
 
@@ -65,24 +66,36 @@ class Plan:
         return Compose(ops)
 
 
-def apply_plan_inplace(plan: Plan, model: nn.Module, strategy: Compose | None = None) -> nn.Module:
-    """Apply ``plan`` to ``model`` itself. Structural operators first, then the others, each in
-    strategy order. A failure leaves the error to the caller; the model is then unusable, so callers
-    apply to a copy (see :func:`apply`)."""
+def apply_plan_inplace(
+    plan: Plan, model: nn.Module, strategy: Compose | None = None, *, structure_only: bool = False
+) -> nn.Module:
+    """Apply ``plan`` to ``model`` itself. First the matrix layers an operator needs as ``nn.Linear``
+    (:meth:`Operator.needs_linear`) are swapped for their Linear equivalent, then the structural
+    operators apply, then the others, each in strategy order. ``structure_only`` stops after the
+    structural ones: what a saved file's tensors rely on (loading into a fresh model). A failure
+    leaves the error to the caller; the model is then unusable, so callers apply to a copy (see
+    :func:`apply`)."""
     strategy = strategy or plan.strategy()
     modules = dict(model.named_modules())
     unknown = sorted(set(plan.layers) - set(modules))
     if unknown:
         raise ConfigError(f"Plan names layer(s) {unknown} that the model does not have.")
-    for op in strategy:
-        # Structural operators may have replaced modules: each operator looks its layers up afresh.
-        entries = {
+    # Entries name layers, not modules: structural operators may replace modules, and each
+    # operator looks its layers up afresh.
+    entries = {
+        op.name: {
             layer_name: op.validate_settings(layer_name, per_op[op.name])
             for layer_name, per_op in plan.layers.items()
             if op.name in per_op
         }
-        if entries:
-            op.apply_to_model(model, entries)
+        for op in strategy
+    }
+    for op in strategy:
+        linear = [name for name, settings in entries[op.name].items() if op.needs_linear(settings)]
+        swap_in_linears(model, linear, f"Operator {op.name!r}")
+    for op in strategy:
+        if entries[op.name] and (op.structural or not structure_only):
+            op.apply_to_model(model, entries[op.name])
     return model
 
 
