@@ -66,6 +66,12 @@ def test_int8_export_is_smaller_and_checked(tmp_path):
     assert q.size_bytes < kept.size_bytes < f32.size_bytes  # layer "2" stayed float
     with pytest.raises(ConfigError, match="onnx"):
         export_model(model, x, tmp_path / "q.pt", format="pt", int8="dynamic")
+    # every layer kept float: ONNX Runtime quantizes nothing, and the file is refused, not shipped
+    # as an "int8" model at float's size
+    from tightfit.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="left any layer of this model in float"):
+        export_model(model, x, tmp_path / "none.onnx", int8="dynamic", keep_float=["*"])
 
 
 class Noisy(nn.Module):

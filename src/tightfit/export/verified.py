@@ -294,6 +294,7 @@ def _quantize_onnx(
         if mode == "dynamic":
             quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=bool(only),
                              nodes_to_exclude=exclude, nodes_to_quantize=include)
+            _check_int8(out_path, mode, only)
             return
         if calibration is None:
             raise ConfigError('int8="static" needs `calibration`: an iterable of example inputs (a few batches).')
@@ -302,6 +303,26 @@ def _quantize_onnx(
         quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         nodes_to_quantize=include)
+        _check_int8(out_path, mode, only)
+
+
+#: ONNX operators that carry int8 weights after ONNX Runtime's dynamic (integer ops) or static
+#: (QDQ: DequantizeLinear of an int8 initializer) quantization
+_INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLSTM", "DequantizeLinear")
+
+
+def _check_int8(path: Path, mode: str, only: Sequence[str] | None) -> None:
+    """Refuse a file that ONNX Runtime left all float: its quantizer skips what it cannot handle
+    silently, and an "int8" file without int8 weights would ship float at float's size."""
+    import onnx
+
+    if any(node.op_type in _INT8_OPS for node in onnx.load(str(path)).graph.node):
+        return
+    what = f"the int8 layer(s) {list(only)[:5]}" if only else "any layer of this model"
+    raise ArtifactError(
+        f"ONNX Runtime's {mode} quantization left {what} in float (no int8 operator in the file). "
+        "Export without int8, or keep those layers out of Int8 in the strategy."
+    )
 
 
 def export_model(
