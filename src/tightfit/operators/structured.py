@@ -297,7 +297,8 @@ class StructuredPrune(Operator):
     group. ``round_to`` keeps a multiple of 8 or 16 channels, which CPU kernels favour.
     ``example_input`` is what the dependency graph is traced with; ``compress`` passes its own
     when it is not given here. A ratio that would remove every channel of a group is refused.
-    Groups whose pruning breaks the forward pass (attention heads) are left alone and named.
+    Other groups whose pruning breaks the forward pass (e.g. attention that fails the head check)
+    are left alone and named.
     ``trace_timeout`` (seconds, None for no limit) bounds finding the groups: past it, the model is
     left alone by this operator with a warning instead of hanging.
     """
