@@ -105,7 +105,9 @@ def test_compress_searches_heads_and_the_run_directory_reloads(tmp_path):
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     assert result.plan.layers["enc.self_attn.out_proj"]["structured_prune"]["head_ratio"] >= 0.25
     assert result.model.enc.self_attn.num_heads < 4
-    for loaded in (tightfit.load(tmp_path / "run" / "model.tfz"), tightfit.load(tmp_path / "run" / "model.tfz", model=TinyEncoder())):
+    assert "enc.self_attn" not in {s.name for s in result.left_alone}  # its heads were searched
+    saved = tmp_path / "run" / "model.tfz"
+    for loaded in (tightfit.load(saved), tightfit.load(saved, model=TinyEncoder())):
         with torch.no_grad():
             assert torch.equal(loaded(**inputs), result.model(**inputs))
 

@@ -419,7 +419,9 @@ def _without_fast_paths() -> Iterator[None]:
 def _close(a: Any, b: Any) -> bool:
     """Same nested structure, same shapes, floating-point tensors equal up to rounding."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and (not a.is_floating_point() or bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)))
+        if a.shape != b.shape:
+            return False
+        return not a.is_floating_point() or bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):

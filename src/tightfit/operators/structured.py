@@ -388,6 +388,9 @@ class StructuredPrune(Operator):
     def refused(self) -> dict[str, str]:
         return dict(self._refused)
 
+    def touches(self) -> list[str]:
+        return [key.rpartition(".")[0] for key in self._heads if key.endswith(".out_proj")]
+
     @property
     def head_blocks(self) -> list[str]:
         """Layers on which an attention block's ``head_ratio`` is searched, as found by :meth:`prepare`."""
@@ -464,4 +467,5 @@ class StructuredPrune(Operator):
             group.prune()
 
     def config(self) -> dict[str, Any]:
-        return {"ratio": list(self.ratio), "head_ratio": list(self.head_ratio), "round_to": self.round_to, "input_spec": self._spec, **super().config()}
+        return {"ratio": list(self.ratio), "head_ratio": list(self.head_ratio), "round_to": self.round_to,
+                "input_spec": self._spec, **super().config()}
