@@ -1,6 +1,7 @@
 """Plain-PyTorch models no issue names: depthwise convs with BatchNorm and squeeze-excitation, a
 U-Net-style encoder-decoder with a transposed conv and a concatenation, an LSTM, tied embedding /
-output weights, a dict output, a frozen layer, Conv1d, float64. Each is compressed by every
+output weights, a dict output, a frozen layer, Conv1d, float64, a small transformer (keyword
+forward; structured pruning removes whole heads). Each is compressed by every
 operator (and by all of them composed) with a label-free metric (cosine similarity to the
 original's outputs, `MaxDrop(0.2)`), budget 3, `search="random"`. Reported: finished or refused
 before any work (and why), feasible, file-size ratio, modules left alone, failed trials, and
@@ -54,7 +55,16 @@ class Conv1dNet(nn.Module):
     def __init__(s): super().__init__(); s.c1=nn.Conv1d(4,16,5,padding=2); s.c2=nn.Conv1d(16,16,3,padding=1,dilation=1); s.fc=nn.Linear(16,3)
     def forward(s,x): return s.fc(torch.relu(s.c2(torch.relu(s.c1(x)))).amax(-1))
 
+class SmallTransformer(nn.Module):
+    """Two nn.TransformerEncoderLayer (d_model 32, 4 heads) called with keyword arguments."""
+    def __init__(s):
+        super().__init__(); s.emb=nn.Embedding(30,32)
+        s.enc=nn.TransformerEncoder(nn.TransformerEncoderLayer(32,4,64,batch_first=True,dropout=0.0),2,enable_nested_tensor=False)
+        s.fc=nn.Linear(32,4)
+    def forward(s,input_ids,attention_mask): return s.fc(s.enc(s.emb(input_ids),src_key_padding_mask=attention_mask==0).mean(1))
+
 def out_tensor(o): return o["logits"] if isinstance(o, dict) else o
+def call(m, x): return m(**x) if isinstance(x, dict) else m(x)
 cases = [
     ("mobilenetish", MobileNetish(), torch.randn(8,3,16,16)),
     ("unetish", UNetish(), torch.randn(8,3,16,16)),
@@ -64,15 +74,16 @@ cases = [
     ("frozen", Frozen(), torch.randn(8,10)),
     ("conv1d", Conv1dNet(), torch.randn(8,4,32)),
     ("float64", DictOut().double(), torch.randn(8,10, dtype=torch.float64)),
+    ("transformer", SmallTransformer(), {"input_ids": torch.randint(0,30,(8,12)), "attention_mask": torch.ones(8,12,dtype=torch.long)}),
 ]
 strategies = {"default": lambda: None, "structured": lambda: tightfit.StructuredPrune(ratio=(0.0,0.5)),
               "lowrank": lambda: tightfit.LowRank(), "int8": lambda: tightfit.Int8(),
               "all": lambda: tightfit.Compose([tightfit.StructuredPrune(ratio=(0,0.5)), tightfit.Prune(), tightfit.Quantize()])}
 for name, model, x in cases:
     model.eval()
-    with torch.no_grad(): ref = out_tensor(model(x))
+    with torch.no_grad(): ref = out_tensor(call(model, x))
     def metric(m, x=x, ref=ref):
-        with torch.no_grad(): o = out_tensor(m(x))
+        with torch.no_grad(): o = out_tensor(call(m, x))
         return float(nn.functional.cosine_similarity(o.flatten(1).double(), ref.flatten(1).double()).mean())
     for sname, make in strategies.items():
         t=time.time()

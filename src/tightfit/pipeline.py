@@ -630,7 +630,8 @@ def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
         for layer in analysis.layers
         if layer.name not in space.fixed
     ]
-    return list(analysis.skipped) + untouched
+    touched = {name for operator in space.strategy for name in operator.touches()}
+    return [s for s in analysis.skipped if s.name not in touched] + untouched
 
 
 @contextmanager

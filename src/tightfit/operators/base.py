@@ -125,6 +125,12 @@ class Operator(abc.ABC):
         the reason (shown in the run's list of what was left alone)."""
         return {}
 
+    def touches(self) -> list[str]:
+        """Modules, after :meth:`prepare`, that this operator may change without a plan entry of their
+        own (structured pruning: an ``nn.MultiheadAttention`` whose heads it removes, its entry on
+        ``out_proj``); the run does not list them as left alone."""
+        return []
+
     def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
         """Compress ``model`` in place: ``settings_by_layer`` maps layer names to validated settings.
 

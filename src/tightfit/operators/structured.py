@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from ..measure.analysis import LayerInfo, call_model
 from .base import Hyperparameter, Operator, parse_range
+from .heads import prunable_head_blocks, remove_heads
 
 log = logging.getLogger("tightfit")
 
@@ -218,8 +219,9 @@ def _terminal_layers(dg) -> list[nn.Module]:
     return terminal
 
 
-#: Groups touching these modules are left alone: Torch-Pruning cuts their embedding width without
-#: keeping it divisible by the number of heads, or their hidden size across the gates.
+#: Channel groups touching these modules are left alone: Torch-Pruning cuts their embedding width
+#: without keeping it divisible by the number of heads, or their hidden size across the gates.
+#: (Attention loses whole heads instead: see :mod:`.heads`.)
 _LEFT_ALONE = (nn.MultiheadAttention, nn.RNNBase)
 
 
@@ -331,13 +333,21 @@ def _choose_drop(dg, full_group, scores, n_drop: int) -> list[int]:
 
 
 class StructuredPrune(Operator):
-    """Remove a fraction ``ratio`` of the output channels of each coupled group of layers.
+    """Remove a fraction ``ratio`` of the output channels of each coupled group of layers, and a
+    fraction ``head_ratio`` of the heads of each attention block.
 
     ``ratio`` is a fixed fraction or a ``(low, high)`` range searched per group (default
-    ``(0.0, 0.75)``). ``round_to`` keeps a multiple of 8 or 16 channels, which CPU kernels favour.
+    ``(0.0, 0.75)``); ``head_ratio`` likewise per attention block (rounded down, one head always
+    kept; ``0`` leaves attention alone). Whole heads are removed from ``nn.MultiheadAttention`` (so
+    ``nn.TransformerEncoderLayer``), which becomes a :class:`~.heads.SplitQKVAttention`, and from
+    Hugging Face-style attention whose head count is an attribute; a block is taken only once removing
+    heads is checked to compute what zeroing them does, others are left alone and named. A block's
+    ``head_ratio`` is recorded in the plan on ``<attention>.out_proj`` or on the leader of its q/k/v
+    group. ``round_to`` keeps a multiple of 8 or 16 channels, which CPU kernels favour.
     ``example_input`` is what the dependency graph is traced with; ``compress`` passes its own
     when it is not given here. A ratio that would remove every channel of a group is refused.
-    Groups whose pruning breaks the forward pass (attention heads) are left alone and named.
+    Other groups whose pruning breaks the forward pass (e.g. attention that fails the head check)
+    are left alone and named.
     ``trace_timeout`` (seconds, None for no limit) bounds finding the groups: past it, the model is
     left alone by this operator with a warning instead of hanging.
     """
@@ -349,6 +359,7 @@ class StructuredPrune(Operator):
         self,
         ratio: float | tuple[float, float] = (0.0, 0.75),
         *,
+        head_ratio: float | tuple[float, float] = (0.0, 0.75),
         round_to: int | None = None,
         example_input: Any = None,
         input_spec: Any = None,
@@ -358,6 +369,9 @@ class StructuredPrune(Operator):
         super().__init__(layers=layers)
         low, high = parse_range(
             "StructuredPrune", "ratio", ratio, lambda v: 0.0 <= v < 1.0, "[0, 1) (1 would remove every channel)"
+        )
+        self.head_ratio = parse_range(
+            "StructuredPrune", "head_ratio", head_ratio, lambda v: 0.0 <= v < 1.0, "[0, 1) (1 would remove every head)"
         )
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
             raise ConfigError(f"StructuredPrune: `round_to` must be a whole number >= 1 (e.g. 8 or 16), but got {round_to!r}.")
@@ -371,6 +385,7 @@ class StructuredPrune(Operator):
         # the same operator can serve several models
         self._own_spec = self._spec is not None
         self._groups: dict[str, list[str]] | None = None
+        self._heads: list[str] = []  # layers recording an attention block's head_ratio
         self._refused: dict[str, str] = {}
 
     def bind_example_input(self, example_input: Any) -> None:
@@ -391,55 +406,86 @@ class StructuredPrune(Operator):
                 "pass `example_input=` to compress (or to StructuredPrune)."
             )
         example = input_from_spec(self._spec)
-        self._refused = {}
+        self._refused, self._heads, heads = {}, [], {}
         try:
             with _time_limit(self.trace_timeout):
                 self._groups, _ = coupled_groups(model, example)
                 self._refused = {name: BREAKS_FORWARD for name in breaking_groups(model, example, list(self._groups))}
+                if self.head_ratio[1] > 0.0:  # checked on real values where given (zeros can mask every token)
+                    values = example_input if example_input is not None else example
+                    heads = prunable_head_blocks(model, values, list(self._refused))
         except ConfigError:
             raise
         except Exception as exc:  # a model Torch-Pruning cannot trace is left alone, not a crash
             log.warning("StructuredPrune: cannot trace the model's channel dependencies (%s: %s); "
                         "no layer is pruned structurally.", type(exc).__name__, exc)
-            self._groups, self._refused = {}, {}
+            self._groups, self._refused, heads = {}, {}, {}
         refused_groups = {name: self._groups.pop(name) for name in self._refused}
+        self._heads = [key for key, why in heads.items() if not why]
         kept = {member for members in self._groups.values() for member in members}
+        for key in self._heads:  # a broken channel group that loses whole heads instead
+            kept.update(refused_groups.pop(key, [key]))
+            self._refused.pop(key, None)
         for members in refused_groups.values():  # every layer of a refused group, unless another group prunes it
             for member in members:
                 if member not in kept:
                     self._refused.setdefault(member, BREAKS_FORWARD)
+        for key, why in heads.items():  # attention outside any group (nn.MultiheadAttention) left whole
+            if why and key not in kept:
+                self._refused.setdefault(key, why)
 
     def refused(self) -> dict[str, str]:
         return dict(self._refused)
 
+    def touches(self) -> list[str]:
+        return [key.rpartition(".")[0] for key in self._heads if key.endswith(".out_proj")]
+
+    @property
+    def head_blocks(self) -> list[str]:
+        """Layers on which an attention block's ``head_ratio`` is searched, as found by :meth:`prepare`."""
+        return list(self._heads)
+
     def supports(self, layer: LayerInfo) -> bool:
-        return self._groups is not None and layer.name in self._groups
+        return self._groups is not None and (layer.name in self._groups or layer.name in self._heads)
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
+        if layer.name in self._heads:
+            low, high = self.head_ratio
+            return [Hyperparameter("head_ratio", low=low, high=high)]
         low, high = self.ratio
         return [Hyperparameter("ratio", low=low, high=high)]
 
     def identity(self) -> dict[str, Any]:
-        return {"ratio": 0.0}
+        return {"ratio": 0.0, "head_ratio": 0.0}
 
     def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
         raise ModelError("StructuredPrune works on the whole model (coupled layers); apply a plan with tightfit.apply.")
 
     def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
-        todo = {name: float(s["ratio"]) for name, s in settings_by_layer.items() if float(s["ratio"]) > 0.0}
-        for name, ratio in todo.items():
-            if not 0.0 <= ratio < 1.0:
-                raise ConfigError(
-                    f"StructuredPrune: group {name!r} has ratio {ratio!r}; it must lie in [0, 1) "
-                    "(1 would remove every channel of the group)."
-                )
-        if not todo:
+        todo, heads = {}, {}
+        for name, settings in settings_by_layer.items():
+            for setting, into in (("ratio", todo), ("head_ratio", heads)):
+                value = float(settings.get(setting, 0.0))
+                if not 0.0 <= value < 1.0:
+                    raise ConfigError(
+                        f"StructuredPrune: layer {name!r} has {setting} {value!r}; it must lie in [0, 1) "
+                        f"(1 would remove every {'channel of the group' if setting == 'ratio' else 'head'})."
+                    )
+                if value > 0.0:
+                    into[name] = value
+        if not todo and not heads:
             return
         if self._spec is None:
             raise ConfigError("StructuredPrune: no example input recorded; the plan cannot be replayed.")
+        example = input_from_spec(self._spec)
+        if todo:
+            self._prune_channels(model, todo, example)
+        if heads:  # after the channel groups, which were found on the model as it was given
+            remove_heads(model, heads, example)
+
+    def _prune_channels(self, model: nn.Module, todo: dict[str, float], example: Any) -> None:
         tp = _torch_pruning()
 
-        example = input_from_spec(self._spec)
         groups, dg = coupled_groups(model, example)
         importance = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
         modules = dict(model.named_modules())
@@ -470,4 +516,5 @@ class StructuredPrune(Operator):
             group.prune()
 
     def config(self) -> dict[str, Any]:
-        return {"ratio": list(self.ratio), "round_to": self.round_to, "input_spec": self._spec, **super().config()}
+        return {"ratio": list(self.ratio), "head_ratio": list(self.head_ratio), "round_to": self.round_to,
+                "input_spec": self._spec, **super().config()}
