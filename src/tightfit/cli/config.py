@@ -161,7 +161,7 @@ class EvaluationSection(_Strict):
     certify_fraction: float = Field(default=0.25, description="share of validation samples held out to certify the answer")
     screen: bool = Field(default=True, description="only screen candidates that cannot improve the answer")
     min_improvement: float = Field(default=0.01, description="promote a candidate only if its objective is this fraction below the answer's")
-    stages: list[float] = Field(default=[1 / 3], description="fractions of the fine-tune at which a candidate may be stopped ([] for none)")
+    stages: list[float] = Field(default=[1 / 6], description="fractions of the fine-tune at which a candidate may be stopped ([] for none)")
     stage_samples: int = Field(default=64, description="validation samples read at each stage")
     min_curves: int = Field(default=3, description="fully fine-tuned candidates needed before any stop")
     max_curves: int = Field(default=5, description="fully fine-tuned candidates whose learning curve is recorded")

@@ -1,5 +1,5 @@
 """Fidelity levels inside the fine-tune: a promoted candidate is checked at stages of its fine-tune
-(by default after 1/3 of its optimizer steps) on a fixed look of the search set, and
+(by default after 1/6 of its optimizer steps) on a fixed look of the search set, and
 stopped when it is clearly not going to meet a constraint even after the remaining steps.
 
 "Clearly" is calibrated on the run's own candidates. Every candidate fine-tuned in full records its
