@@ -6,6 +6,7 @@
     PYTHONPATH=src nice -n 15 python benchmarks/cheap_eval.py coverage --runs 80 --first-run 100 --tag _cert_a --raw
     PYTHONPATH=src python benchmarks/cheap_eval.py certcheck benchmarks/results/cheap_eval_coverage_cert_*.jsonl
     PYTHONPATH=src python benchmarks/cheap_eval.py report     # markdown tables of the results
+    PYTHONPATH=src python benchmarks/cheap_eval.py trials --task mnist1d --seed 1 --finetune-epochs 3   # one search's trials
 
 ``compare``: for each seed, one search with ``evaluation=None`` and one with
 ``evaluation=tightfit.Sequential()``, same model, data, budget and seed. Each search runs while
@@ -203,6 +204,24 @@ def compare(args) -> None:
     summarize(rows)
 
 
+def trials(args) -> None:
+    """One cheap (or, with --full, full-evaluation) search, trial by trial: fidelity, objective,
+    constraint values (predicted for stopped and screened trials), steps, told standard error."""
+    split, model, recipe = setup(args.task, args.finetune_epochs)
+    result = compress(
+        copy.deepcopy(model), evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)), budget=args.budget,
+        search="auto", seed=args.seed, example_input=split.x_val[:1], evaluation=None if args.full else tightfit.Sequential(), **recipe,
+    )
+    print("| trial | fidelity | objective (bytes) | constraint values | fine-tune steps | s.e. told |")
+    print("|---|---|---|---|---|---|")
+    for t in result.trials:
+        print(f"| {t.number} | {t.fidelity} | {t.objective or 0:,.0f} | {', '.join(f'{c:+.4f}' for c in t.constraints)} | "
+              f"{t.finetune_steps} | {t.metric_se or 0:.4f} |")
+    test = tightfit.Accuracy(split.loader("test", batch_size=1024))
+    print(f"\nanswer: trial {result.best_trial.number if result.best_trial else None}, {result.compression_ratio:.2f}x, "
+          f"test accuracy {test(result.model):.4f} (original {test(model):.4f})")
+
+
 def summarize(rows: list[dict]) -> None:
     for mode in ("full", "sequential"):
         r = [x for x in rows if x["mode"] == mode]
@@ -350,6 +369,8 @@ def report(args) -> None:
                 print(f"| {key} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f} |")
     for name in ("cheap_eval_coverage.jsonl", "cheap_eval_coverage_v1.jsonl"):
         _report_coverage(RESULTS / name)
+    for path in sorted(RESULTS.glob("cheap_eval_coverage_promote*.jsonl")) + sorted(RESULTS.glob("cheap_eval_coverage_stop*.jsonl")):
+        _report_coverage(path)
     cert_rows = sorted(RESULTS.glob("cheap_eval_coverage_cert_*.jsonl"))
     if cert_rows:
         certcheck(argparse.Namespace(files=cert_rows))
@@ -374,7 +395,8 @@ def _report_coverage(path: Path) -> None:
             mean_p = statistics.mean(r["probability"] for r in done)
             certified = [r for r in done if r["certified"]]
             print(f"\n### coverage ({path.name}: {len(rows)} runs, {n} with a certificate)\n")
-            print(f"- 95% upper bound on the constraint value held in {holds}/{n} = {holds / n:.1%} of runs")
+            lo, hi = _binomial_interval(holds, n)
+            print(f"- 95% upper bound on the constraint value held in {holds}/{n} = {holds / n:.1%} of runs (Clopper-Pearson 95%: {lo:.1%}-{hi:.1%})")
             print(f"- constraint met on the 10,000-sample test set in {met}/{n} = {met / n:.1%} of runs; mean stated probability {mean_p:.3f}")
             if certified:
                 ok = sum(r["met"] for r in certified)
@@ -541,6 +563,13 @@ def main() -> None:
     q.set_defaults(fn=certcheck)
     r = sub.add_parser("report")
     r.set_defaults(fn=report)
+    t = sub.add_parser("trials", help="one search, trial by trial")
+    t.add_argument("--task", choices=("digits", "mnist1d"), required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--budget", type=int, default=30)
+    t.add_argument("--finetune-epochs", type=int, default=None)
+    t.add_argument("--full", action="store_true", help="full evaluation instead of Sequential()")
+    t.set_defaults(fn=trials)
     args = parser.parse_args()
     args.fn(args)
 
