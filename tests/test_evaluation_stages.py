@@ -252,4 +252,9 @@ def test_search_promotes_only_likely_candidates(mlp, digits, tmp_path, promote):
         for number in reasons:
             t = study.trials[number]
             assert t.state == optuna.trial.TrialState.COMPLETE and max(t.constraints.values()) > 0  # told infeasible
+            # the search reads the prediction at the stage look's noise, the final pick at its spread
+            look = [e for e in t.user_attrs["evaluations"] if e.get("level") == "stage"][-1]
+            assert t.user_attrs["metric_se"] == pytest.approx(max(look["se"]))
+            if reasons[number] == "unpromising":
+                assert t.user_attrs["prediction_se"] > t.user_attrs["metric_se"]
     assert result.best_trial is None or result.best_trial.fidelity == "full"
