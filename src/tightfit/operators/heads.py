@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..measure.analysis import call_model
+from .group_test import failing_members
 
 #: Attributes that hold the number of heads of Hugging Face-style (and hand-written) attention.
 HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
@@ -386,15 +387,7 @@ def prunable_head_blocks(model: nn.Module, example_input: Any, candidates: list[
         except Exception:  # any failure of the pruned model counts as "cannot"
             return False
 
-    def search(subset: list[str]) -> list[str]:
-        if not subset or works(subset):
-            return []
-        if len(subset) == 1:
-            return subset
-        half = len(subset) // 2
-        return search(subset[:half]) + search(subset[half:])
-
-    failing = set(search(keys))
+    failing = set(failing_members(keys, works))
     for key in keys:
         verdict[key] = BREAKS_HEADS if key in failing else ""
     return verdict

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from ..measure.analysis import LayerInfo, call_model
 from .base import Hyperparameter, Operator, parse_range
+from .group_test import failing_members
 from .heads import prunable_head_blocks, remove_heads
 
 log = logging.getLogger("tightfit")
@@ -287,15 +288,7 @@ def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str]) ->
         except Exception:  # any failure of the pruned model counts as "breaks"
             return False
 
-    def search(subset: list[str]) -> list[str]:
-        if not subset or clean(subset):
-            return []
-        if len(subset) == 1:
-            return subset
-        half = len(subset) // 2
-        return search(subset[:half]) + search(subset[half:])
-
-    return search(list(leaders))
+    return failing_members(list(leaders), clean)
 
 
 def _shapes(output: Any) -> Any:
