@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import io
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -446,7 +447,7 @@ def _search(
         if multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
-        result.notes.extend(_partly_refused(space))
+        result.notes.extend(_partly_refused(space) + _following_note(analysis, space) + _direction_note(trials, baseline))
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
@@ -604,6 +605,21 @@ def _search_context(
     )
 
 
+def _direction_note(trials: Sequence[TrialRecord], baseline: Measurement) -> list[str]:
+    """A hint when every compressed model scored above the original: compression rarely helps
+    that consistently, while an error metric (MSE, a loss) given as is rises as the model degrades."""
+    scored = [t.measurement.metric for t in trials
+              if t.state == "COMPLETE" and t.measurement is not None and math.isfinite(t.measurement.metric)]
+    if len(scored) < 3 or min(scored) <= baseline.metric:
+        return []
+    return [
+        f"Every compressed model ({len(scored)} trials) scored above the original ({min(scored):.4g} or more vs "
+        f"{baseline.metric:.4g}). tightfit reads `evaluate` as higher is better: if yours is an error or a loss "
+        "(MSE, MAE), return its negative, e.g. evaluate=lambda m: -mse(m), and give the limit as MaxDrop(d) (the "
+        "error may rise by at most d) or MinMetric(-e) (the error at most e)."
+    ]
+
+
 def _partly_refused(space: SearchSpace) -> list[str]:
     """Notes on layers an operator refused that other operators of the strategy still compress
     (``left_alone`` lists only layers that nothing touches)."""
@@ -619,6 +635,18 @@ def _partly_refused(space: SearchSpace) -> list[str]:
     return notes
 
 
+def _followers(space: SearchSpace) -> dict[str, tuple[str, list[str]]]:
+    """Modules an operator compresses through other layers' entries in the space (structured
+    pruning: a group's members other than its leader) -> (operator name, those layers)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for operator in space.strategy:
+        for name, leaders in operator.follows().items():
+            searched = [lead for lead in leaders if operator.name in space.fixed.get(lead, {})]
+            if searched and name not in found:
+                found[name] = (operator.name, searched)
+    return found
+
+
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
     """Modules with parameters that no operator of the strategy touches, and why."""
     reasons: dict[str, str] = {}
@@ -626,12 +654,42 @@ def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
         for name, reason in operator.refused().items():
             reasons.setdefault(name, reason)
     untouched = [
-        SkippedModule(layer.name, layer.type, layer.params, reasons.get(layer.name, "no operator of the strategy applies to it"))
+        SkippedModule(layer.name, layer.type, layer.params, reasons.get(layer.name) or _why_untouched(layer, space.strategy))
         for layer in analysis.layers
         if layer.name not in space.fixed
     ]
-    touched = {name for operator in space.strategy for name in operator.touches()}
-    return [s for s in analysis.skipped if s.name not in touched] + untouched
+    touched = {name for operator in space.strategy for name in operator.touches()} | set(_followers(space))
+    return [s for s in analysis.skipped + tuple(untouched) if s.name not in touched]
+
+
+def _why_untouched(layer, strategy: Compose) -> str:
+    """Why no operator takes a layer that none refused: it does not handle the type, or the
+    ``layers`` patterns leave the layer out."""
+    for op in strategy:
+        leaders = op.follows().get(layer.name)
+        if leaders:
+            return (f"no operator of the strategy applies to it ({op.name} prunes it only with the group of "
+                    f"{', '.join(leaders)}, which the search leaves out: see the operators' `layers` patterns)")
+    if any(op.supports(layer) for op in strategy):
+        return "no operator of the strategy applies to it (left out by the operators' `layers` patterns)"
+    names = " / ".join(op.name for op in strategy)
+    return f"no operator of the strategy applies to it ({names} does not compress a {layer.kind} layer)"
+
+
+def _following_note(analysis, space: SearchSpace) -> list[str]:
+    """A note on the weight layers compressed only with a group another layer leads (they have no
+    plan entry of their own, so the plan alone would not show it)."""
+    followers = _followers(space)
+    by_operator: dict[str, list[str]] = {}
+    for layer in analysis.layers:
+        if layer.name in followers and layer.name not in space.fixed:
+            operator, leaders = followers[layer.name]
+            by_operator.setdefault(operator, []).append(f"{layer.name} follows {leaders[0]}")
+    return [
+        f"{operator} compresses {len(items)} layer(s) with the channel group another layer leads (no setting of "
+        f"their own): {', '.join(items[:6])}" + (f" and {len(items) - 6} more" if len(items) > 6 else "") + "."
+        for operator, items in by_operator.items()
+    ]
 
 
 @contextmanager

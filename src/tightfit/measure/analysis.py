@@ -93,13 +93,39 @@ class ModelAnalysis:
         return sum(layer.weight_params for layer in self.layers)
 
 
+def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments ``model`` is called with for ``inputs``: a tuple/list is
+    the positional arguments, a dict the keyword arguments, anything else the one argument.
+
+    A dict whose keys the forward does not take as keywords but that fits its one positional
+    parameter (``forward(self, batch)`` reading ``batch["image"]``) is passed whole, as that parameter.
+    """
+    if isinstance(inputs, Mapping):
+        if not _binds(model, (), inputs) and _binds(model, (inputs,), {}):
+            return (inputs,), {}
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _binds(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    import inspect
+
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): assume it takes what it is given
+        return True
+    return True
+
+
 def call_model(model: nn.Module, example_input: Any) -> Any:
-    """Run ``model`` on an example input: a tensor, a tuple of positional args, or a dict of kwargs."""
-    if isinstance(example_input, Mapping):
-        return model(**example_input)
-    if isinstance(example_input, (tuple, list)):
-        return model(*example_input)
-    return model(example_input)
+    """Run ``model`` on an example input: a tensor, a tuple of positional args, or a dict of kwargs
+    (or one dict argument, see :func:`model_arguments`)."""
+    args, kwargs = model_arguments(model, example_input)
+    return model(*args, **kwargs)
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
