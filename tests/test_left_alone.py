@@ -84,3 +84,23 @@ def test_a_group_a_grouped_convolution_takes_is_refused_as_that():
     op.prepare(model, torch.randn(2, 3, 6, 6))
     assert "conv" not in op.groups
     assert "grouped convolution" in op.refused()["conv"] and "groups=4" in op.refused()["conv"]
+
+
+class TaggerWithOwnParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.start = nn.Parameter(torch.zeros(1, 1, 8))  # held by the model itself, not by a layer
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.cat([self.start.expand(x.shape[0], 1, 8), x], dim=1))
+        return self.head(self.norm(out[:, -1]))
+
+
+def test_modules_left_alone_say_what_they_are():
+    reasons = {s.name: s.reason for s in tightfit.analyze(TaggerWithOwnParameter()).skipped}
+    assert reasons["rnn"].startswith("recurrent layer")
+    assert reasons["norm"].startswith("normalization layer")
+    assert "held directly by this module" in reasons[""] and "(start)" in reasons[""]

@@ -543,3 +543,16 @@ def test_an_error_metric_given_as_is_gets_a_note_on_the_direction():
     negative = tightfit.compress(model, evaluate=lambda m: -mse(m), strategy=Prune(sparsity=(0.5, 0.9)),
                                  constraint=tightfit.MinMetric(-1.0), budget=3, search="random")
     assert not any("return its negative" in note for note in negative.notes)
+
+
+def test_a_regression_model_fine_tuned_with_the_default_loss_fails_with_a_clear_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), nn.Flatten(0)).eval()
+    x, y = torch.randn(16, 8), torch.randn(16)  # float targets, one output per sample
+    # cross-entropy would accept these (as one unbatched row of class probabilities) and train on nonsense
+    result = tightfit.compress(model, evaluate=lambda m: -float(((m(x) - y) ** 2).mean()), strategy=Prune(),
+                               finetune=tightfit.FineTune([(x, y)], epochs=1), budget=2, search="random")
+    assert all(t.state == "FAIL" and "loss=callable(model, batch)" in t.error for t in result.trials)
+    assert not result.feasible and "every trial failed" in result.message
+    soft = tightfit.FineTune([(x, torch.softmax(torch.randn(16, 3), dim=1))], epochs=1)  # class probabilities: fine
+    soft(nn.Linear(8, 3))

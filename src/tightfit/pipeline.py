@@ -447,7 +447,7 @@ def _search(
         if multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
-        result.notes.extend(_partly_refused(space) + _following_note(analysis, space) + _direction_note(trials, baseline))
+        result.notes.extend(_partly_refused(space) + _following_note(analysis, space) + _direction_note(evaluate, trials, baseline))
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
@@ -605,19 +605,46 @@ def _search_context(
     )
 
 
-def _direction_note(trials: Sequence[TrialRecord], baseline: Measurement) -> list[str]:
-    """A hint when every compressed model scored above the original: compression rarely helps
-    that consistently, while an error metric (MSE, a loss) given as is rises as the model degrades."""
-    scored = [t.measurement.metric for t in trials
-              if t.state == "COMPLETE" and t.measurement is not None and math.isfinite(t.measurement.metric)]
-    if len(scored) < 3 or min(scored) <= baseline.metric:
+def _direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Measurement) -> list[str]:
+    """A hint when the user's metric looks like an error given as is (higher = worse): every compressed
+    model scored clearly (10%) above the original, or most did and the more compressed a model the
+    higher it scored. Compression rarely helps a higher-is-better metric that consistently. Not for
+    tightfit's own metrics (Accuracy, Agreement, Fidelity), whose direction is known."""
+    from .evaluation.metrics import PerSample, PerSampleMetric
+
+    if isinstance(evaluate, PerSampleMetric) and not isinstance(evaluate, PerSample):
+        return []
+    done = [(t.objective, t.measurement.metric) for t in trials
+            if t.state == "COMPLETE" and t.measurement is not None and t.objective is not None
+            and math.isfinite(t.measurement.metric) and t.fidelity not in ("screen", "stopped")]
+    if len(done) < 3:
+        return []
+    scored = sorted(metric for _, metric in done)
+    clearly_above = baseline.metric + 0.1 * abs(baseline.metric)
+    rises_with_compression = len(done) >= 4 and _rank_correlation(done) <= -0.6
+    if not (scored[0] > clearly_above or (scored[len(scored) // 2] > clearly_above and rises_with_compression)):
         return []
     return [
-        f"Every compressed model ({len(scored)} trials) scored above the original ({min(scored):.4g} or more vs "
-        f"{baseline.metric:.4g}). tightfit reads `evaluate` as higher is better: if yours is an error or a loss "
-        "(MSE, MAE), return its negative, e.g. evaluate=lambda m: -mse(m), and give the limit as MaxDrop(d) (the "
-        "error may rise by at most d) or MinMetric(-e) (the error at most e)."
+        f"The compressed models scored above the original ({len(scored) - sum(m <= baseline.metric for m in scored)} "
+        f"of {len(scored)} trials, median {scored[len(scored) // 2]:.4g} vs {baseline.metric:.4g}). tightfit reads "
+        "`evaluate` as higher is better: if yours is an error or a loss (MSE, MAE), return its negative, e.g. "
+        "evaluate=lambda m: -mse(m), and give the limit as MaxDrop(d) (the error may rise by at most d) or "
+        "MinMetric(-e) (the error at most e)."
     ]
+
+
+def _rank_correlation(pairs: Sequence[tuple[float, float]]) -> float:
+    """Spearman's rank correlation of the pairs (ties broken by order)."""
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0] * len(values)
+        for rank, index in enumerate(order):
+            out[index] = rank
+        return out
+
+    a, b = ranks([x for x, _ in pairs]), ranks([y for _, y in pairs])
+    n = len(pairs)
+    return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
 
 
 def _partly_refused(space: SearchSpace) -> list[str]:
@@ -776,6 +803,16 @@ def _finish(
     )
     if best is None:
         n_ok = sum(t.state == "COMPLETE" for t in trials)
+        errors = [t.error for t in trials if t.state == "FAIL" and t.error]
+        if n_ok == 0 and errors:  # nothing was measured: the cause is the error, not the constraint
+            message = (f"No feasible plan in {len(trials)} trials: every trial failed, e.g. {errors[0]} The original "
+                       "model is returned unchanged; each trial's error is in result.trials (and trials.csv).")
+        else:
+            message = (
+                f"No feasible plan in {len(trials)} trials ({n_ok} completed): every compressed model broke the "
+                "constraint. The original model is returned unchanged. Loosen the constraint, raise the budget, "
+                "narrow the operators' ranges, or fine-tune longer."
+            )
         result = Result(
             model=copy.deepcopy(original),
             plan=None,
@@ -784,11 +821,7 @@ def _finish(
             nonzero_ratio=baseline.weight_params / max(1, baseline.nonzeros),
             feasible=False,
             best_trial=None,
-            message=(
-                f"No feasible plan in {len(trials)} trials ({n_ok} completed): every compressed model broke the "
-                "constraint. The original model is returned unchanged. Loosen the constraint, raise the budget, "
-                "narrow the operators' ranges, or fine-tune longer."
-            ),
+            message=message,
             **common,
         )
         result.artifact = None

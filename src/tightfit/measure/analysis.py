@@ -188,10 +188,25 @@ def analyze(model: nn.Module) -> ModelAnalysis:
             skipped.append(SkippedModule(name, type(module).__name__, n_params,
                                          "sparse=True embedding: its sparse gradients cannot pass a parametrization"))
         else:
-            skipped.append(SkippedModule(name, type(module).__name__, n_params, "no built-in operator for this type"))
+            skipped.append(SkippedModule(name, type(module).__name__, n_params, _why_left_alone(module, own)))
     total = sum(p.numel() for p in model.parameters())
     f32 = 4 * (total + sum(b.numel() for b in model.buffers() if b.is_floating_point()))
     return ModelAnalysis(tuple(layers), tuple(skipped), total, f32)
+
+
+def _why_left_alone(module: nn.Module, own: dict[str, nn.Parameter]) -> str:
+    """Why no built-in operator compresses a module's own parameters, in the user's terms."""
+    if isinstance(module, nn.RNNBase):
+        return "recurrent layer: no built-in operator compresses its gate matrices; left unchanged"
+    if isinstance(module, nn.MultiheadAttention):
+        return ("attention's packed q/k/v projection is not a Linear; left unchanged (its out_proj is a layer of its "
+                "own, and StructuredPrune removes whole heads)")
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+        return "normalization layer: a few scale and shift values per channel; left unchanged"
+    if any(True for _ in module.children()):
+        return (f"parameter(s) held directly by this module, not by a layer ({', '.join(sorted(own))}); "
+                "left unchanged")
+    return "no built-in operator for this type; left unchanged"
 
 
 def _count(module: nn.Module) -> int:
