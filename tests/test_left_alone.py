@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -78,12 +79,37 @@ class GroupedConvNet(nn.Module):
         return self.head(self.grouped(torch.relu(self.conv(x))).mean(dim=(2, 3)))
 
 
-def test_a_group_a_grouped_convolution_takes_is_refused_as_that():
+@pytest.mark.parametrize("ratio", [(0.0, 0.75), (0.0, 0.5)])  # at 0.5, 4 of 8 channels would still fit groups=4
+def test_a_group_a_grouped_convolution_takes_is_refused_as_that(ratio):
     model = GroupedConvNet().eval()
-    op = tightfit.StructuredPrune()
+    op = tightfit.StructuredPrune(ratio=ratio)
     op.prepare(model, torch.randn(2, 3, 6, 6))
     assert "conv" not in op.groups
     assert "grouped convolution" in op.refused()["conv"] and "groups=4" in op.refused()["conv"]
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x))).mean(dim=2))
+
+
+def test_a_group_with_a_group_norm_keeps_a_multiple_of_its_groups_at_every_ratio():
+    from tightfit.operators import Compose, Plan
+
+    model = GroupNormNet().eval()
+    x = torch.randn(2, 2, 10)
+    op = tightfit.StructuredPrune()
+    op.prepare(model, x)
+    assert op.groups == {"conv": ["conv", "norm", "head"]} and not op.refused()
+    for ratio in (0.2, 0.3, 0.55, 0.7):
+        pruned = tightfit.apply(Plan.from_strategy(Compose([op]), {"conv": {"structured_prune": {"ratio": ratio}}}), model)
+        assert pruned.conv.out_channels % 4 == 0 and pruned.conv.out_channels < 16 and pruned(x).shape == (2, 3)
 
 
 class TaggerWithOwnParameter(nn.Module):

@@ -700,7 +700,7 @@ def _why_untouched(layer, strategy: Compose) -> str:
     if any(op.supports(layer) for op in strategy):
         return "no operator of the strategy applies to it (left out by the operators' `layers` patterns)"
     names = " / ".join(op.name for op in strategy)
-    return f"no operator of the strategy applies to it ({names} does not compress a {layer.kind} layer)"
+    return f"no operator of the strategy applies to it ({names} does not compress a {layer.type} layer)"
 
 
 def _following_note(analysis, space: SearchSpace) -> list[str]:

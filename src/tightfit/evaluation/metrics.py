@@ -53,9 +53,14 @@ def _logits(output: Any) -> torch.Tensor:
         return output
     if hasattr(output, "logits"):  # model outputs of transformers-style libraries
         return output.logits
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):  # the same as a plain dict
+        return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise EvaluationError(f"Cannot read class scores from a model output of type {type(output).__name__}.")
+    raise EvaluationError(
+        f"Cannot read class scores from a model output of type {type(output).__name__}: return a tensor, a tuple "
+        "starting with one, or a dict with a `logits` tensor; or pass your own evaluate=callable(model) -> float."
+    )
 
 
 def _to(inputs: Any, device: torch.device) -> Any:

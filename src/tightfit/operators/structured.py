@@ -277,23 +277,26 @@ def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str], ra
     Torch-Pruning follows channels through reshapes it understands (a flatten before a Linear) but
     not, without being told the number of heads, through an attention block's split into heads, and
     it can mislay channel indices where a flatten meets a concatenation. Rather than recognise every
-    such pattern, each group is tried the way a plan prunes it, at ``ratio`` (the top of the searched
-    range; at least one channel): every group at once on a copy, then halves of the failing set, until
+    such pattern, each group is tried the way a plan prunes it, with one channel removed and at
+    ``ratio`` (the top of the searched range): every group at once on a copy, then halves of the failing set, until
     the groups that break are found (one forward pass per try; only the failing halves are split further).
     """
     with torch.no_grad():
         reference = _shapes(call_model(copy.deepcopy(model).eval(), example_input))
 
     def clean(subset: list[str]) -> bool:
-        trial = copy.deepcopy(model)
-        try:
-            prune_groups(trial, {name: ratio for name in subset}, example_input, round_to, at_least_one=True)
-            with torch.no_grad():
-                return _shapes(call_model(trial.eval(), example_input)) == reference
-        except TraceTimeout:
-            raise
-        except Exception:  # any failure of the pruned model counts as "breaks"
-            return False
+        for at in sorted({0.0, ratio}):  # one channel (a grouped conv's count breaks), and the most searched
+            trial = copy.deepcopy(model)
+            try:
+                prune_groups(trial, {name: at for name in subset}, example_input, round_to, at_least_one=True)
+                with torch.no_grad():
+                    if _shapes(call_model(trial.eval(), example_input)) != reference:
+                        return False
+            except TraceTimeout:
+                raise
+            except Exception:  # any failure of the pruned model counts as "breaks"
+                return False
+        return True
 
     def search(subset: list[str]) -> list[str]:
         if not subset or clean(subset):
@@ -340,6 +343,13 @@ def _choose_drop(dg, full_group, scores, n_drop: int) -> list[int]:
     return sorted(drop)
 
 
+def _multiple(round_to: int | None, members: list[nn.Module]) -> int | None:
+    """What a group's kept channel count must be a multiple of: ``round_to`` and the group count of
+    every GroupNorm among its layers (its channels must split evenly into its groups)."""
+    multiple = math.lcm(round_to or 1, *[m.num_groups for m in members if isinstance(m, nn.GroupNorm)])
+    return multiple if multiple > 1 else None
+
+
 def prune_groups(model: nn.Module, todo: dict[str, float], example: Any, round_to: int | None = None,
                  *, at_least_one: bool = False) -> None:
     """Remove the lowest-magnitude fraction ``todo[leader]`` of the output channels of each group, in
@@ -358,9 +368,12 @@ def prune_groups(model: nn.Module, todo: dict[str, float], example: Any, round_t
         leader = modules[name]
         pruner = dg.get_pruner_of_module(leader)
         channels = pruner.get_out_channels(leader)
-        kept = kept_channels(channels, ratio, round_to)
+        multiple = _multiple(round_to, [modules[m] for m in groups[name] if m in modules])
+        kept = kept_channels(channels, ratio, multiple)
         if at_least_one and channels >= 2:
             kept = min(kept, channels - 1)
+            if multiple:  # the fewest channels a GroupNorm (or round_to) lets go
+                kept = kept // multiple * multiple or channels
         if kept >= channels:
             continue
         group = dg.get_pruning_group(leader, pruner.prune_out_channels, list(range(channels)))
