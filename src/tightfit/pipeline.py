@@ -805,8 +805,8 @@ def _finish(
         n_ok = sum(t.state == "COMPLETE" for t in trials)
         errors = [t.error for t in trials if t.state == "FAIL" and t.error]
         if n_ok == 0 and errors:  # nothing was measured: the cause is the error, not the constraint
-            message = (f"No feasible plan in {len(trials)} trials: every trial failed, e.g. {errors[0]} The original "
-                       "model is returned unchanged; each trial's error is in result.trials (and trials.csv).")
+            message = (f"No feasible plan in {len(trials)} trials: every trial failed, so the original model is returned "
+                       f"unchanged (each trial's error is in result.trials and trials.csv). The first: {errors[0]}")
         else:
             message = (
                 f"No feasible plan in {len(trials)} trials ({n_ok} completed): every compressed model broke the "

@@ -33,9 +33,11 @@ def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
         raise EvaluationError(f"A dict batch needs a label field (labels/label/target/y); got keys {sorted(batch)}.")
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    size = f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
     raise EvaluationError(
         "Accuracy expects batches of (inputs, labels) or dicts with a `labels` field; "
-        f"got a {type(batch).__name__}. Pass your own evaluate=callable(model) -> float instead."
+        f"got a {type(batch).__name__}{size}. A model with several inputs takes ((x1, x2), labels). "
+        "Or pass your own evaluate=callable(model) -> float."
     )
 
 
