@@ -130,3 +130,12 @@ def test_modules_left_alone_say_what_they_are():
     assert reasons["rnn"].startswith("recurrent layer")
     assert reasons["norm"].startswith("normalization layer")
     assert "held directly by this module" in reasons[""] and "(start)" in reasons[""]
+
+
+
+def test_a_layer_leading_no_channel_group_is_named_as_such():
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    result = _compress(model, torch.randn(4, 5, 16), tightfit.StructuredPrune(ratio=0.5, head_ratio=0.0))
+    reasons = {s.name: s.reason for s in result.left_alone}
+    assert "finds no channel group this layer leads" in reasons["head"], reasons

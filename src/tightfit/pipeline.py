@@ -699,6 +699,9 @@ def _why_untouched(layer, strategy: Compose) -> str:
                     f"{', '.join(leaders)}, which the search leaves out: see the operators' `layers` patterns)")
     if any(op.supports(layer) for op in strategy):
         return "no operator of the strategy applies to it (left out by the operators' `layers` patterns)"
+    for op in strategy:
+        if (why := op.why_not(layer)) is not None:
+            return f"no operator of the strategy applies to it ({why})"
     names = " / ".join(op.name for op in strategy)
     return f"no operator of the strategy applies to it ({names} does not compress a {layer.type} layer)"
 

@@ -131,6 +131,11 @@ class Operator(abc.ABC):
         ``out_proj``); the run does not list them as left alone."""
         return []
 
+    def why_not(self, layer: LayerInfo) -> str | None:
+        """Why this operator does not take ``layer`` (one it does not :meth:`supports` and did not
+        refuse), for the run's list of what was left alone; None: the layer's type says it."""
+        return None
+
     def follows(self) -> dict[str, list[str]]:
         """Modules, after :meth:`prepare`, that this operator compresses through other layers' plan
         entries, mapped to those layers (structured pruning: a layer whose input channels, or a

@@ -499,6 +499,12 @@ class StructuredPrune(Operator):
     def refused(self) -> dict[str, str]:
         return dict(self._refused)
 
+    def why_not(self, layer: LayerInfo) -> str | None:
+        if self._groups is None or layer.kind not in ("Linear", "Conv1d", "Conv2d", "Conv3d"):
+            return None
+        return ("structured_prune finds no channel group this layer leads: its outputs are the model's output, or "
+                "are tied to channels that are (e.g. a residual stream the output reads)")
+
     def follows(self) -> dict[str, list[str]]:
         leaders: dict[str, list[str]] = {}
         for leader, members in (self._groups or {}).items():
