@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from tightfit.cli.app import app
@@ -144,6 +145,7 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
         ('method = "lc"', ("LearningCompression", {"lr": 0.05, "optimizer": "sgd"})),  # L-C's own defaults
         ('method = "splice"\noptimizer = "sgd"', ("PruneSplice", {"optimizer": "sgd"})),
         ('epochs = 3\ntune = { lr = [1e-4, 1e-2], optimizer = ["adam", "sgd"] }', ("Tuned", {})),
+        ('options = { loss = "torch.nn.functional:mse_loss" }', ("FineTune", {"loss": F.mse_loss})),  # code by import path
     ],
 )
 def test_config_chooses_the_recovery_method(project, section, expect):
@@ -173,6 +175,7 @@ def test_config_chooses_the_recovery_method(project, section, expect):
         ('method = "sparse"\noptimizer = "adam"', "optimizer"),
         ('tune = { lr = [1e-4] }', "finetune.tune"),
         ('method = "lc"\nweight_decay = 0.1', "finetune.weight_decay"),
+        ('options = { loss = "my_models:no_such_loss" }', "finetune.options.loss"),
     ],
 )
 def test_bad_recovery_config_names_the_field(project, section, field):

@@ -494,3 +494,70 @@ def test_embedding_tables_are_pruned_and_quantized_unless_sparse(tmp_path):
     sparse.embed = nn.Embedding(50, 16, sparse=True)
     skipped = {s.name: s.reason for s in tightfit.measure.analyze(sparse).skipped}
     assert "sparse" in skipped["embed"]
+
+
+class TakesOneDict(nn.Module):
+    """``forward(batch)`` reads its inputs from one dict, as many multi-input models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.table = nn.Linear(6, 8)
+        self.head = nn.Sequential(nn.Linear(4 * 4 * 4 + 8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, batch):
+        return self.head(torch.cat([self.image(batch["image"]), torch.relu(self.table(batch["features"]))], dim=1))
+
+
+def test_a_model_whose_forward_takes_one_dict_is_evaluated_traced_and_compressed(tmp_path):
+    from tightfit.measure import call_model
+
+    torch.manual_seed(0)
+    model = TakesOneDict().eval()
+    inputs = {"image": torch.randn(16, 1, 4, 4), "features": torch.randn(16, 6)}
+    batches = [({k: v[:8] for k, v in inputs.items()}, torch.randint(0, 3, (8,))),
+               ({k: v[8:] for k, v in inputs.items()}, torch.randint(0, 3, (8,)))]
+    assert call_model(model, inputs).shape == (16, 3)  # the dict is the one argument, not keywords
+    result = tightfit.compress(model, evaluate=tightfit.Accuracy(batches), finetune=tightfit.FineTune(batches, epochs=1),
+                               strategy=Compose([tightfit.StructuredPrune(ratio=0.5), Quantize(bits=8)]),
+                               constraint=tightfit.MaxDrop(1.0), budget=2, search="random", example_input=inputs,
+                               objective="flops", run_dir=tmp_path / "run")
+    assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
+    assert result.feasible and result.model.head[0].out_features == 8  # traced through the dict, and pruned
+    assert torch.equal(tightfit.load(tmp_path / "run" / "model.tfz")(inputs), result.model(inputs))
+    from tightfit.errors import ConfigError
+    from tightfit.export import export_run
+
+    with pytest.raises(ConfigError, match="takes one dict"):  # tracing exporters cannot take it: said plainly
+        export_run(tmp_path / "run", format="torchscript")
+
+
+def test_an_error_metric_given_as_is_gets_a_note_on_the_direction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        y = model(x) + 0.01 * torch.randn(32, 1)
+
+    def mse(m):  # lower is better: the mistake this note is for
+        with torch.no_grad():
+            return float(((m(x) - y) ** 2).mean())
+
+    result = tightfit.compress(model, evaluate=mse, strategy=Prune(sparsity=(0.5, 0.9)), budget=3, search="random")
+    assert any("return its negative" in note for note in result.notes), result.notes
+    negative = tightfit.compress(model, evaluate=lambda m: -mse(m), strategy=Prune(sparsity=(0.5, 0.9)),
+                                 constraint=tightfit.MinMetric(-1.0), budget=3, search="random")
+    assert not any("return its negative" in note for note in negative.notes)
+
+
+def test_a_regression_model_fine_tuned_with_the_default_loss_fails_with_a_clear_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), nn.Flatten(0)).eval()
+    x, y = torch.randn(16, 8), torch.randn(16)  # float targets, one output per sample
+    # cross-entropy would accept these (as one unbatched row of class probabilities) and train on nonsense
+    result = tightfit.compress(model, evaluate=lambda m: -float(((m(x) - y) ** 2).mean()), strategy=Prune(),
+                               finetune=tightfit.FineTune([(x, y)], epochs=1), budget=2, search="random")
+    assert all(t.state == "FAIL" and "loss=callable(model, batch)" in t.error for t in result.trials)
+    assert not result.feasible and "every trial failed" in result.message
+    soft = tightfit.FineTune([(x, torch.softmax(torch.randn(16, 3), dim=1))], epochs=1)  # class probabilities: fine
+    soft(nn.Linear(8, 3))

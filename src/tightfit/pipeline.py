@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import io
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -446,7 +447,7 @@ def _search(
         if multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
-        result.notes.extend(_partly_refused(space))
+        result.notes.extend(_partly_refused(space) + _following_note(analysis, space) + _direction_note(evaluate, trials, baseline))
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
@@ -604,6 +605,48 @@ def _search_context(
     )
 
 
+def _direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Measurement) -> list[str]:
+    """A hint when the user's metric looks like an error given as is (higher = worse): every compressed
+    model scored clearly (10%) above the original, or most did and the more compressed a model the
+    higher it scored. Compression rarely helps a higher-is-better metric that consistently. Not for
+    tightfit's own metrics (Accuracy, Agreement, Fidelity), whose direction is known."""
+    from .evaluation.metrics import PerSample, PerSampleMetric
+
+    if isinstance(evaluate, PerSampleMetric) and not isinstance(evaluate, PerSample):
+        return []
+    done = [(t.objective, t.measurement.metric) for t in trials
+            if t.state == "COMPLETE" and t.measurement is not None and t.objective is not None
+            and math.isfinite(t.measurement.metric) and t.fidelity not in ("screen", "stopped")]
+    if len(done) < 3:
+        return []
+    scored = sorted(metric for _, metric in done)
+    clearly_above = baseline.metric + 0.1 * abs(baseline.metric)
+    rises_with_compression = len(done) >= 4 and _rank_correlation(done) <= -0.6
+    if not (scored[0] > clearly_above or (scored[len(scored) // 2] > clearly_above and rises_with_compression)):
+        return []
+    return [
+        f"The compressed models scored above the original ({len(scored) - sum(m <= baseline.metric for m in scored)} "
+        f"of {len(scored)} trials, median {scored[len(scored) // 2]:.4g} vs {baseline.metric:.4g}). tightfit reads "
+        "`evaluate` as higher is better: if yours is an error or a loss (MSE, MAE), return its negative, e.g. "
+        "evaluate=lambda m: -mse(m), and give the limit as MaxDrop(d) (the error may rise by at most d) or "
+        "MinMetric(-e) (the error at most e)."
+    ]
+
+
+def _rank_correlation(pairs: Sequence[tuple[float, float]]) -> float:
+    """Spearman's rank correlation of the pairs (ties broken by order)."""
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0] * len(values)
+        for rank, index in enumerate(order):
+            out[index] = rank
+        return out
+
+    a, b = ranks([x for x, _ in pairs]), ranks([y for _, y in pairs])
+    n = len(pairs)
+    return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
+
+
 def _partly_refused(space: SearchSpace) -> list[str]:
     """Notes on layers an operator refused that other operators of the strategy still compress
     (``left_alone`` lists only layers that nothing touches)."""
@@ -619,6 +662,18 @@ def _partly_refused(space: SearchSpace) -> list[str]:
     return notes
 
 
+def _followers(space: SearchSpace) -> dict[str, tuple[str, list[str]]]:
+    """Modules an operator compresses through other layers' entries in the space (structured
+    pruning: a group's members other than its leader) -> (operator name, those layers)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for operator in space.strategy:
+        for name, leaders in operator.follows().items():
+            searched = [lead for lead in leaders if operator.name in space.fixed.get(lead, {})]
+            if searched and name not in found:
+                found[name] = (operator.name, searched)
+    return found
+
+
 def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
     """Modules with parameters that no operator of the strategy touches, and why."""
     reasons: dict[str, str] = {}
@@ -626,12 +681,45 @@ def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
         for name, reason in operator.refused().items():
             reasons.setdefault(name, reason)
     untouched = [
-        SkippedModule(layer.name, layer.type, layer.params, reasons.get(layer.name, "no operator of the strategy applies to it"))
+        SkippedModule(layer.name, layer.type, layer.params, reasons.get(layer.name) or _why_untouched(layer, space.strategy))
         for layer in analysis.layers
         if layer.name not in space.fixed
     ]
-    touched = {name for operator in space.strategy for name in operator.touches()}
-    return [s for s in analysis.skipped if s.name not in touched] + untouched
+    touched = {name for operator in space.strategy for name in operator.touches()} | set(_followers(space))
+    return [s for s in analysis.skipped + tuple(untouched) if s.name not in touched]
+
+
+def _why_untouched(layer, strategy: Compose) -> str:
+    """Why no operator takes a layer that none refused: it does not handle the type, or the
+    ``layers`` patterns leave the layer out."""
+    for op in strategy:
+        leaders = op.follows().get(layer.name)
+        if leaders:
+            return (f"no operator of the strategy applies to it ({op.name} prunes it only with the group of "
+                    f"{', '.join(leaders)}, which the search leaves out: see the operators' `layers` patterns)")
+    if any(op.supports(layer) for op in strategy):
+        return "no operator of the strategy applies to it (left out by the operators' `layers` patterns)"
+    for op in strategy:
+        if (why := op.why_not(layer)) is not None:
+            return f"no operator of the strategy applies to it ({why})"
+    names = " / ".join(op.name for op in strategy)
+    return f"no operator of the strategy applies to it ({names} does not compress a {layer.type} layer)"
+
+
+def _following_note(analysis, space: SearchSpace) -> list[str]:
+    """A note on the weight layers compressed only with a group another layer leads (they have no
+    plan entry of their own, so the plan alone would not show it)."""
+    followers = _followers(space)
+    by_operator: dict[str, list[str]] = {}
+    for layer in analysis.layers:
+        if layer.name in followers and layer.name not in space.fixed:
+            operator, leaders = followers[layer.name]
+            by_operator.setdefault(operator, []).append(f"{layer.name} follows {leaders[0]}")
+    return [
+        f"{operator} compresses {len(items)} layer(s) with the channel group another layer leads (no setting of "
+        f"their own): {', '.join(items[:6])}" + (f" and {len(items) - 6} more" if len(items) > 6 else "") + "."
+        for operator, items in by_operator.items()
+    ]
 
 
 @contextmanager
@@ -718,6 +806,16 @@ def _finish(
     )
     if best is None:
         n_ok = sum(t.state == "COMPLETE" for t in trials)
+        errors = [t.error for t in trials if t.state == "FAIL" and t.error]
+        if n_ok == 0 and errors:  # nothing was measured: the cause is the error, not the constraint
+            message = (f"No feasible plan in {len(trials)} trials: every trial failed, so the original model is returned "
+                       f"unchanged (each trial's error is in result.trials and trials.csv). The first: {errors[0]}")
+        else:
+            message = (
+                f"No feasible plan in {len(trials)} trials ({n_ok} completed): every compressed model broke the "
+                "constraint. The original model is returned unchanged. Loosen the constraint, raise the budget, "
+                "narrow the operators' ranges, or fine-tune longer."
+            )
         result = Result(
             model=copy.deepcopy(original),
             plan=None,
@@ -726,11 +824,7 @@ def _finish(
             nonzero_ratio=baseline.weight_params / max(1, baseline.nonzeros),
             feasible=False,
             best_trial=None,
-            message=(
-                f"No feasible plan in {len(trials)} trials ({n_ok} completed): every compressed model broke the "
-                "constraint. The original model is returned unchanged. Loosen the constraint, raise the budget, "
-                "narrow the operators' ranges, or fine-tune longer."
-            ),
+            message=message,
             **common,
         )
         result.artifact = None

@@ -279,8 +279,17 @@ def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Call
     clashing = sorted(set(section.options) & set(kwargs))
     if clashing:
         raise ConfigError(f"finetune.options: {clashing} are set as [finetune] keys already; give each once.")
+    options = dict(section.options)
+    if "loss" in options:  # code, named by its import path like every other function of a config
+        if not isinstance(options["loss"], str):
+            raise ConfigError('finetune.options.loss: give the import path of a function(model, batch) -> scalar '
+                              f'tensor, e.g. "my_module:mse_loss", not {options["loss"]!r}.')
+        try:
+            options["loss"] = resolve_import(_callable_path(options["loss"]))
+        except ValueError as exc:
+            raise ConfigError(f"finetune.options.loss: {exc}.") from None
     try:
-        built = cls(loader, **kwargs, **section.options)
+        built = cls(loader, **kwargs, **options)
     except ConfigError as exc:
         raise ConfigError(f"finetune: {exc}") from None
     except TypeError as exc:

@@ -33,9 +33,11 @@ def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
         raise EvaluationError(f"A dict batch needs a label field (labels/label/target/y); got keys {sorted(batch)}.")
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    size = f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
     raise EvaluationError(
         "Accuracy expects batches of (inputs, labels) or dicts with a `labels` field; "
-        f"got a {type(batch).__name__}. Pass your own evaluate=callable(model) -> float instead."
+        f"got a {type(batch).__name__}{size}. A model with several inputs takes ((x1, x2), labels). "
+        "Or pass your own evaluate=callable(model) -> float."
     )
 
 
@@ -53,9 +55,14 @@ def _logits(output: Any) -> torch.Tensor:
         return output
     if hasattr(output, "logits"):  # model outputs of transformers-style libraries
         return output.logits
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):  # the same as a plain dict
+        return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise EvaluationError(f"Cannot read class scores from a model output of type {type(output).__name__}.")
+    raise EvaluationError(
+        f"Cannot read class scores from a model output of type {type(output).__name__}: return a tensor, a tuple "
+        "starting with one, or a dict with a `logits` tensor; or pass your own evaluate=callable(model) -> float."
+    )
 
 
 def _to(inputs: Any, device: torch.device) -> Any:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from ..measure.analysis import call_model, output_tensors
+from ..measure.analysis import call_model, model_arguments, output_tensors
 from ..measure.latency import Latency, with_batch_size
 from .artifact import bake
 
@@ -376,6 +376,12 @@ def export_model(
     if not reference:
         raise ConfigError("The model's output holds no tensor; nothing to export or check.")
 
+    if format != "pt" and isinstance(example_input, Mapping) and not model_arguments(model, example_input)[1]:
+        raise ConfigError(
+            f"{format} export traces a forward that takes tensors, tuples of them or keyword arguments; this "
+            "model's forward takes one dict. Export with format='pt', or wrap the model in a module whose forward "
+            "takes the dict's entries as arguments (forward(self, image, features)) and export that."
+        )
     threads = latency.threads if latency is not None else None
     reference_model = model
     if dtype is not None:

@@ -93,13 +93,39 @@ class ModelAnalysis:
         return sum(layer.weight_params for layer in self.layers)
 
 
+def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments ``model`` is called with for ``inputs``: a tuple/list is
+    the positional arguments, a dict the keyword arguments, anything else the one argument.
+
+    A dict whose keys the forward does not take as keywords but that fits its one positional
+    parameter (``forward(self, batch)`` reading ``batch["image"]``) is passed whole, as that parameter.
+    """
+    if isinstance(inputs, Mapping):
+        if not _binds(model, (), inputs) and _binds(model, (inputs,), {}):
+            return (inputs,), {}
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _binds(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+    import inspect
+
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): assume it takes what it is given
+        return True
+    return True
+
+
 def call_model(model: nn.Module, example_input: Any) -> Any:
-    """Run ``model`` on an example input: a tensor, a tuple of positional args, or a dict of kwargs."""
-    if isinstance(example_input, Mapping):
-        return model(**example_input)
-    if isinstance(example_input, (tuple, list)):
-        return model(*example_input)
-    return model(example_input)
+    """Run ``model`` on an example input: a tensor, a tuple of positional args, or a dict of kwargs
+    (or one dict argument, see :func:`model_arguments`)."""
+    args, kwargs = model_arguments(model, example_input)
+    return model(*args, **kwargs)
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -162,10 +188,25 @@ def analyze(model: nn.Module) -> ModelAnalysis:
             skipped.append(SkippedModule(name, type(module).__name__, n_params,
                                          "sparse=True embedding: its sparse gradients cannot pass a parametrization"))
         else:
-            skipped.append(SkippedModule(name, type(module).__name__, n_params, "no built-in operator for this type"))
+            skipped.append(SkippedModule(name, type(module).__name__, n_params, _why_left_alone(module, own)))
     total = sum(p.numel() for p in model.parameters())
     f32 = 4 * (total + sum(b.numel() for b in model.buffers() if b.is_floating_point()))
     return ModelAnalysis(tuple(layers), tuple(skipped), total, f32)
+
+
+def _why_left_alone(module: nn.Module, own: dict[str, nn.Parameter]) -> str:
+    """Why no built-in operator compresses a module's own parameters, in the user's terms."""
+    if isinstance(module, nn.RNNBase):
+        return "recurrent layer: no built-in operator compresses its gate matrices; left unchanged"
+    if isinstance(module, nn.MultiheadAttention):
+        return ("attention's packed q/k/v projection is not a Linear; left unchanged (its out_proj is a layer of its "
+                "own, and StructuredPrune removes whole heads)")
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+        return "normalization layer: a few scale and shift values per channel; left unchanged"
+    if any(True for _ in module.children()):
+        return (f"parameter(s) held directly by this module, not by a layer ({', '.join(sorted(own))}); "
+                "left unchanged")
+    return "no built-in operator for this type; left unchanged"
 
 
 def _count(module: nn.Module) -> int:

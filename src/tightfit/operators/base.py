@@ -131,6 +131,18 @@ class Operator(abc.ABC):
         ``out_proj``); the run does not list them as left alone."""
         return []
 
+    def why_not(self, layer: LayerInfo) -> str | None:
+        """Why this operator does not take ``layer`` (one it does not :meth:`supports` and did not
+        refuse), for the run's list of what was left alone; None: the layer's type says it."""
+        return None
+
+    def follows(self) -> dict[str, list[str]]:
+        """Modules, after :meth:`prepare`, that this operator compresses through other layers' plan
+        entries, mapped to those layers (structured pruning: a layer whose input channels, or a
+        BatchNorm whose channels, go with the group another layer leads). The run does not list them
+        as left alone while one of those layers is in the search space."""
+        return {}
+
     def apply_to_model(self, model: nn.Module, settings_by_layer: dict[str, dict[str, Any]]) -> None:
         """Compress ``model`` in place: ``settings_by_layer`` maps layer names to validated settings.
 

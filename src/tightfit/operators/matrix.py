@@ -103,7 +103,11 @@ def unswappable(
             try:
                 got = _outputs(model, example_input)
             except Exception as exc:
-                return f"its parent cannot run with another module in its place ({type(exc).__name__})"
+                names_list = list(names)
+                parent = model.get_submodule(names_list[0].rpartition(".")[0]) if len(names_list) == 1 else None
+                who = f"its parent ({type(parent).__name__})" if parent is not None else "its parent"
+                return (f"{who} cannot run with another module in its place, e.g. it reads the layer's weight "
+                        f"itself ({type(exc).__name__}: {str(exc)[:80]})")
             finally:
                 for name, module in originals.items():
                     swap_layer(model, name, module)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from ..measure.analysis import LayerInfo, call_model
+from ..measure.analysis import LayerInfo, call_model, model_arguments
 from .base import Hyperparameter, Operator, parse_range
 from .group_test import failing_members
 from .heads import prunable_head_blocks, remove_heads
@@ -83,9 +83,9 @@ def _torch_pruning():
 def _dependency_graph(model: nn.Module, example_input: Any):
     tp = _torch_pruning()
 
-    args = example_input if isinstance(example_input, (Mapping, tuple, list)) else (example_input,)
-    if isinstance(args, list):
-        args = tuple(args)
+    args, kwargs = model_arguments(model, example_input)  # Torch-Pruning calls model(**dict) or model(*tuple)
+    if kwargs:
+        args = kwargs
     was_training = model.training
     # the graph is read from autograd: a frozen layer's output has no history, so it would look
     # disconnected. Every parameter takes part while tracing, and is frozen again afterwards.
@@ -251,42 +251,53 @@ def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] |
     return groups, dg
 
 
-BREAKS_FORWARD = ("removing its channels breaks the model's forward pass (e.g. attention heads reshaped from them); "
+BREAKS_FORWARD = ("removing its channels breaks the model's forward pass (e.g. attention heads reshaped from them, "
+                  "or a flattened feature map joined to other features); "
                   "left alone by structured pruning")
 
 
-def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str]) -> list[str]:
+GROUPED_CONV = ("a grouped convolution (1 < groups < channels) takes its channels: removing them breaks the model's "
+                "forward pass; left alone by structured pruning")
+
+
+def _breaks_reason(model: nn.Module, members: list[str]) -> str:
+    """Why a group that breaks the forward pass is refused: a grouped convolution among its layers
+    (Torch-Pruning removes channels from it one by one, not a whole group's share), else the general reason."""
+    modules = dict(model.named_modules())
+    for name in members:
+        module = modules.get(name)
+        if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
+            return f"{GROUPED_CONV} ({name}: groups={module.groups})"
+    return BREAKS_FORWARD
+
+
+def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str], ratio: float = 0.0,
+                    round_to: int | None = None) -> list[str]:
     """The groups (by leader) whose pruning makes the model fail or change its output's shapes.
 
     Torch-Pruning follows channels through reshapes it understands (a flatten before a Linear) but
-    not, without being told the number of heads, through an attention block's split into heads.
-    Rather than recognise every such pattern, each group is tried: one channel removed from every
-    group at once on a copy, then halves of the failing set, until the groups that break are found
-    (one forward pass per try; only the failing halves are split further).
+    not, without being told the number of heads, through an attention block's split into heads, and
+    it can mislay channel indices where a flatten meets a concatenation. Rather than recognise every
+    such pattern, each group is tried the way a plan prunes it, with one channel removed and at
+    ``ratio`` (the top of the searched range): every group at once on a copy, then halves of the failing set, until
+    the groups that break are found (one forward pass per try; only the failing halves are split further).
     """
     with torch.no_grad():
         reference = _shapes(call_model(copy.deepcopy(model).eval(), example_input))
 
     def clean(subset: list[str]) -> bool:
-        trial = copy.deepcopy(model)
-        try:
-            _, dg = coupled_groups(trial, example_input)
-            modules = dict(trial.named_modules())
-            for name in subset:
-                leader = modules[name]
-                pruner = dg.get_pruner_of_module(leader)
-                channels = pruner.get_out_channels(leader)
-                if channels < 2:
-                    continue
-                group = dg.get_pruning_group(leader, pruner.prune_out_channels, [channels - 1])
-                if dg.check_pruning_group(group):
-                    group.prune()
-            with torch.no_grad():
-                return _shapes(call_model(trial.eval(), example_input)) == reference
-        except TraceTimeout:
-            raise
-        except Exception:  # any failure of the pruned model counts as "breaks"
-            return False
+        for at in sorted({0.0, ratio}):  # one channel (a grouped conv's count breaks), and the most searched
+            trial = copy.deepcopy(model)
+            try:
+                prune_groups(trial, {name: at for name in subset}, example_input, round_to, at_least_one=True)
+                with torch.no_grad():
+                    if _shapes(call_model(trial.eval(), example_input)) != reference:
+                        return False
+            except TraceTimeout:
+                raise
+            except Exception:  # any failure of the pruned model counts as "breaks"
+                return False
+        return True
 
     return failing_members(list(leaders), clean)
 
@@ -323,6 +334,54 @@ def _choose_drop(dg, full_group, scores, n_drop: int) -> list[int]:
             remaining[k] -= 1
         drop.append(channel)
     return sorted(drop)
+
+
+def _multiple(round_to: int | None, members: list[nn.Module]) -> int | None:
+    """What a group's kept channel count must be a multiple of: ``round_to`` and the group count of
+    every GroupNorm among its layers (its channels must split evenly into its groups)."""
+    multiple = math.lcm(round_to or 1, *[m.num_groups for m in members if isinstance(m, nn.GroupNorm)])
+    return multiple if multiple > 1 else None
+
+
+def prune_groups(model: nn.Module, todo: dict[str, float], example: Any, round_to: int | None = None,
+                 *, at_least_one: bool = False) -> None:
+    """Remove the lowest-magnitude fraction ``todo[leader]`` of the output channels of each group, in
+    place (``at_least_one``: one channel even where the ratio rounds to none, for checks)."""
+    tp = _torch_pruning()
+
+    groups, dg = coupled_groups(model, example)
+    importance = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+    modules = dict(model.named_modules())
+    for name, ratio in todo.items():  # plan order == the order the groups were found in
+        if name not in groups:
+            raise ConfigError(
+                f"StructuredPrune: layer {name!r} leads no prunable channel group of this model "
+                f"(groups are led by {sorted(groups)[:8]})."
+            )
+        leader = modules[name]
+        pruner = dg.get_pruner_of_module(leader)
+        channels = pruner.get_out_channels(leader)
+        multiple = _multiple(round_to, [modules[m] for m in groups[name] if m in modules])
+        kept = kept_channels(channels, ratio, multiple)
+        if at_least_one and channels >= 2:
+            kept = min(kept, channels - 1)
+            if multiple:  # the fewest channels a GroupNorm (or round_to) lets go
+                kept = kept // multiple * multiple or channels
+        if kept >= channels:
+            continue
+        group = dg.get_pruning_group(leader, pruner.prune_out_channels, list(range(channels)))
+        with torch.no_grad():
+            scores = importance(group)
+        if scores is None or len(scores) != channels:
+            raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
+        drop = _choose_drop(dg, group, scores, channels - kept)
+        group = dg.get_pruning_group(leader, pruner.prune_out_channels, drop)
+        if not dg.check_pruning_group(group):
+            raise ConfigError(
+                f"StructuredPrune: pruning {len(drop)} of {channels} channels of group {name!r} would "
+                "remove every channel of a coupled layer; refused. Lower the group's ratio."
+            )
+        group.prune()
 
 
 class StructuredPrune(Operator):
@@ -403,7 +462,9 @@ class StructuredPrune(Operator):
         try:
             with _time_limit(self.trace_timeout):
                 self._groups, _ = coupled_groups(model, example)
-                self._refused = {name: BREAKS_FORWARD for name in breaking_groups(model, example, list(self._groups))}
+                self._refused = {name: _breaks_reason(model, self._groups[name])
+                                 for name in breaking_groups(model, example, list(self._groups),
+                                                                 self.ratio[1], self.round_to)}
                 if self.head_ratio[1] > 0.0:  # checked on real values where given (zeros can mask every token)
                     values = example_input if example_input is not None else example
                     heads = prunable_head_blocks(model, values, list(self._refused))
@@ -414,21 +475,36 @@ class StructuredPrune(Operator):
                         "no layer is pruned structurally.", type(exc).__name__, exc)
             self._groups, self._refused, heads = {}, {}, {}
         refused_groups = {name: self._groups.pop(name) for name in self._refused}
+        reasons = dict(self._refused)
         self._heads = [key for key, why in heads.items() if not why]
         kept = {member for members in self._groups.values() for member in members}
         for key in self._heads:  # a broken channel group that loses whole heads instead
             kept.update(refused_groups.pop(key, [key]))
             self._refused.pop(key, None)
-        for members in refused_groups.values():  # every layer of a refused group, unless another group prunes it
+        for leader, members in refused_groups.items():  # every layer of a refused group, unless another group prunes it
             for member in members:
                 if member not in kept:
-                    self._refused.setdefault(member, BREAKS_FORWARD)
+                    self._refused.setdefault(member, reasons.get(leader, BREAKS_FORWARD))
         for key, why in heads.items():  # attention outside any group (nn.MultiheadAttention) left whole
             if why and key not in kept:
                 self._refused.setdefault(key, why)
 
     def refused(self) -> dict[str, str]:
         return dict(self._refused)
+
+    def why_not(self, layer: LayerInfo) -> str | None:
+        if self._groups is None or layer.kind not in ("Linear", "Conv1d", "Conv2d", "Conv3d"):
+            return None
+        return ("structured_prune finds no channel group this layer leads: its outputs are the model's output, or "
+                "are tied to channels that are (e.g. a residual stream the output reads)")
+
+    def follows(self) -> dict[str, list[str]]:
+        leaders: dict[str, list[str]] = {}
+        for leader, members in (self._groups or {}).items():
+            for member in members:
+                if member != leader:
+                    leaders.setdefault(member, []).append(leader)
+        return leaders
 
     def touches(self) -> list[str]:
         return [key.rpartition(".")[0] for key in self._heads if key.endswith(".out_proj")]
@@ -472,41 +548,9 @@ class StructuredPrune(Operator):
             raise ConfigError("StructuredPrune: no example input recorded; the plan cannot be replayed.")
         example = input_from_spec(self._spec)
         if todo:
-            self._prune_channels(model, todo, example)
+            prune_groups(model, todo, example, self.round_to)
         if heads:  # after the channel groups, which were found on the model as it was given
             remove_heads(model, heads, example)
-
-    def _prune_channels(self, model: nn.Module, todo: dict[str, float], example: Any) -> None:
-        tp = _torch_pruning()
-
-        groups, dg = coupled_groups(model, example)
-        importance = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
-        modules = dict(model.named_modules())
-        for name, ratio in todo.items():  # plan order == the order the groups were found in
-            if name not in groups:
-                raise ConfigError(
-                    f"StructuredPrune: layer {name!r} leads no prunable channel group of this model "
-                    f"(groups are led by {sorted(groups)[:8]})."
-                )
-            leader = modules[name]
-            pruner = dg.get_pruner_of_module(leader)
-            channels = pruner.get_out_channels(leader)
-            kept = kept_channels(channels, ratio, self.round_to)
-            if kept >= channels:
-                continue
-            group = dg.get_pruning_group(leader, pruner.prune_out_channels, list(range(channels)))
-            with torch.no_grad():
-                scores = importance(group)
-            if scores is None or len(scores) != channels:
-                raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
-            drop = _choose_drop(dg, group, scores, channels - kept)
-            group = dg.get_pruning_group(leader, pruner.prune_out_channels, drop)
-            if not dg.check_pruning_group(group):
-                raise ConfigError(
-                    f"StructuredPrune: pruning {len(drop)} of {channels} channels of group {name!r} would "
-                    "remove every channel of a coupled layer; refused. Lower the group's ratio."
-                )
-            group.prune()
 
     def config(self) -> dict[str, Any]:
         return {"ratio": list(self.ratio), "head_ratio": list(self.head_ratio), "round_to": self.round_to,

@@ -26,7 +26,18 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """Default loss: cross-entropy of the model's class scores on ``(inputs, labels)`` batches."""
     inputs, labels = _split_batch(batch)
-    return F.cross_entropy(_logits(call_model(model, inputs)), labels)
+    logits = _logits(call_model(model, inputs))
+    # F.cross_entropy also accepts one unbatched row of scores, or float targets as class
+    # probabilities: a regression model's (batch,) output and float targets would train, on nonsense
+    soft = labels.is_floating_point() and labels.shape == logits.shape
+    if logits.dim() < 2 or not (soft or (not labels.is_floating_point() and labels.shape == logits.shape[:1])):
+        raise ConfigError(
+            "The default fine-tuning loss is cross-entropy on (inputs, class labels) batches, but the model returned "
+            f"scores of shape {tuple(logits.shape)} for labels of shape {tuple(labels.shape)} ({labels.dtype}). For "
+            "another task give `loss=callable(model, batch) -> scalar tensor` (e.g. mean squared error), in a config "
+            'file [finetune] options = { loss = "my_module:my_loss" }.'
+        )
+    return F.cross_entropy(logits, labels)
 
 
 class Recovery:
