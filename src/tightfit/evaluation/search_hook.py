@@ -130,7 +130,7 @@ def sequential_plan_evaluator(
                 last.update(t=now, steps=taken)
                 passed.append(stats)
                 if hopeless_now:
-                    # the told values' uncertainty: the prediction's spread when it is central
+                    # the prediction's uncertainty, which the final pick reads: its spread when it is central
                     sd = max(promotion.sd) if reason == "unpromising" else max(ses)
                     stop.update(predicted=predicted, estimates=estimates, metric=session.paired_metric(values), steps=taken,
                                 reason=reason, sd=sd, look_se=max(ses))
