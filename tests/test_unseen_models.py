@@ -561,3 +561,30 @@ def test_a_regression_model_fine_tuned_with_the_default_loss_fails_with_a_clear_
     assert not result.feasible and "every trial failed" in result.message
     soft = tightfit.FineTune([(x, torch.softmax(torch.randn(16, 3), dim=1))], epochs=1)  # class probabilities: fine
     soft(nn.Linear(8, 3))
+
+
+def test_low_rank_factorizes_a_transformer_layers_feed_forward(tmp_path):
+    # nn.TransformerEncoderLayer's fused inference path reads linear1.weight / linear2.weight
+    # itself; the factorized stand-in gives it their dense product, so the layers are compressed,
+    # not refused, and both paths compute the same
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)).eval()
+    x = torch.randn(4, 6, 16)
+    op = tightfit.LowRank(rank_ratio=(0.25, 0.5))
+    op.prepare(model, x)
+    assert "0.linear1" not in op.refused() and "0.linear2" not in op.refused()
+    plan = tightfit.Plan.from_strategy(Compose([tightfit.LowRank()]),
+                                       {"0.linear1": {"low_rank": {"rank_ratio": 0.25}}, "0.linear2": {"low_rank": {"rank_ratio": 0.25}}})
+    factored = tightfit.apply(plan, model)
+    assert factored[0].linear1[0].weight.shape == (4, 16)  # rank 4 of 16
+    with torch.no_grad():
+        fused = factored(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            unfused = factored(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert torch.allclose(fused, unfused, atol=1e-5)
+    tightfit.save(factored, tmp_path / "m.tfz", plan=plan)
+    with torch.no_grad():
+        assert torch.allclose(tightfit.load(tmp_path / "m.tfz")(x), fused, atol=1e-6)

@@ -38,7 +38,25 @@ def factor_rank(out_dim: int, in_dim: int, rank_ratio: float) -> int | None:
     return rank
 
 
-def _pair(module: nn.Module, rank: int) -> nn.Sequential:
+class Factorized(nn.Sequential):
+    """Two layers standing in for one: ``first`` (rank ``r``) then ``second`` (a 1x1 map to the
+    outputs). ``weight`` and ``bias`` give the one layer they equal, for parents that read them
+    instead of calling the layer: ``nn.TransformerEncoderLayer``'s fused inference path reads
+    ``linear1.weight``, ``nn.MultiheadAttention`` reads ``out_proj.weight``. Such a parent computes
+    with the dense product (the same outputs, no speed-up); the saved file holds the factors only."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        first, second = self[0].weight, self[1].weight
+        dense = second.reshape(second.shape[0], -1) @ first.reshape(first.shape[0], -1)
+        return dense.reshape(second.shape[0], *first.shape[1:])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[1].bias
+
+
+def _pair(module: nn.Module, rank: int) -> Factorized:
     """The two layers that replace ``module`` at ``rank`` (weights not yet set)."""
     out_dim, _ = _dims(module)
     has_bias = module.bias is not None
@@ -50,12 +68,12 @@ def _pair(module: nn.Module, rank: int) -> nn.Sequential:
         first = conv(module.in_channels, rank, module.kernel_size, stride=module.stride, padding=module.padding,
                      dilation=module.dilation, bias=False, padding_mode=module.padding_mode)
         second = conv(rank, out_dim, 1, bias=has_bias)
-    pair = nn.Sequential(first, second).to(device=module.weight.device, dtype=module.weight.dtype)  # a float64 / GPU model stays so
+    pair = Factorized(first, second).to(device=module.weight.device, dtype=module.weight.dtype)  # a float64 / GPU model stays so
     pair.train(module.training)
     return pair
 
 
-def factorize(module: nn.Module, rank: int) -> nn.Sequential:
+def factorize(module: nn.Module, rank: int) -> Factorized:
     """Two layers whose product is the best rank-``rank`` approximation of ``module``'s weight."""
     weight = module.weight.detach()
     out_dim, in_dim = _dims(module)
