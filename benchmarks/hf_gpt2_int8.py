@@ -8,7 +8,7 @@ Printed (and written to ``--out``): how many layers the plan put in int8 (``Conv
 how many int8 MatMul nodes the exported file holds, the file sizes and latencies (1 thread) of the
 float32 and the int8 ONNX model, and the int8 export's largest output difference. Hold the lock:
 
-    pip install transformers   # not a tightfit dependency
+    .venv/bin/pip install -c constraints.txt -e '.[hf]'   # transformers: not a dependency of tightfit itself
     flock /tmp/tightfit-timing.lock env PYTHONPATH=src python benchmarks/hf_gpt2_int8.py \
         --out docs/results/hf_gpt2_int8.json
 

@@ -5,7 +5,7 @@ What is reported: did the run finish, did it find a feasible plan, the file-size
 modules were left alone, and whether the saved file reloads (``tightfit.load(path, model=fresh)``)
 to the same metric.
 
-    pip install transformers   # not a tightfit dependency
+    .venv/bin/pip install -c constraints.txt -e '.[hf]'   # transformers: not a dependency of tightfit itself
     PYTHONPATH=src python benchmarks/hf_models.py [default|structured|lowrank|int8 ...] [bert|gpt2|...]
 """
 
