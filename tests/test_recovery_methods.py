@@ -370,3 +370,14 @@ def test_a_misspelt_optimizer_fails_when_the_recovery_is_built(cls):
     _, loader = _toy()
     with pytest.raises(ConfigError, match=f"{cls.__name__}: `optimizer` must be one of"):
         cls(loader, optimizer="adma")
+
+
+def test_the_default_fine_tuning_loss_names_itself_on_a_batch_without_labels():
+    # the batch reader is shared with Accuracy; its error must name what failed and what to pass instead
+    from tightfit.errors import EvaluationError
+    from tightfit.recovery._base import cross_entropy_loss
+
+    with pytest.raises(EvaluationError, match=r"fine-tuning loss expects .* loss=callable\(model, batch\)"):
+        cross_entropy_loss(nn.Linear(3, 2), (torch.randn(2, 3),))
+    with pytest.raises(EvaluationError, match="fine-tuning loss: a dict batch needs a label field"):
+        cross_entropy_loss(nn.Linear(3, 2), {"x": torch.randn(2, 3)})

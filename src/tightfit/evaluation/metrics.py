@@ -24,20 +24,24 @@ from ..measure.analysis import call_model
 LABEL_KEYS = ("labels", "label", "target", "targets", "y")
 
 
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+def _split_batch(
+    batch: Any, who: str = "Accuracy", instead: str = "evaluate=callable(model) -> float"
+) -> tuple[Any, torch.Tensor]:
+    """``(inputs, labels)`` of a batch; ``who`` reads it and ``instead`` is what the user can pass in
+    its place, both named in the error."""
     if isinstance(batch, dict):
         for key in LABEL_KEYS:
             if key in batch:
                 inputs = {k: v for k, v in batch.items() if k != key}
                 return inputs, batch[key]
-        raise EvaluationError(f"A dict batch needs a label field (labels/label/target/y); got keys {sorted(batch)}.")
+        raise EvaluationError(f"{who}: a dict batch needs a label field (labels/label/target/y); got keys {sorted(batch)}.")
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     size = f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
     raise EvaluationError(
-        "Accuracy expects batches of (inputs, labels) or dicts with a `labels` field; "
+        f"{who} expects batches of (inputs, labels) or dicts with a `labels` field; "
         f"got a {type(batch).__name__}{size}. A model with several inputs takes ((x1, x2), labels). "
-        "Or pass your own evaluate=callable(model) -> float."
+        f"Or pass your own {instead}."
     )
 
 

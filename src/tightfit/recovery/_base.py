@@ -25,7 +25,7 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 
 def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """Default loss: cross-entropy of the model's class scores on ``(inputs, labels)`` batches."""
-    inputs, labels = _split_batch(batch)
+    inputs, labels = _split_batch(batch, "The default fine-tuning loss", "loss=callable(model, batch) -> scalar tensor")
     logits = _logits(call_model(model, inputs))
     # F.cross_entropy also accepts one unbatched row of scores, or float targets as class
     # probabilities: a regression model's (batch,) output and float targets would train, on nonsense
