@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
 import json
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from timing import timing_lock  # benchmarks/timing.py (this folder is the script's path)
 
 import tightfit
 from tightfit.pipeline import compress
@@ -48,17 +48,6 @@ from tightfit.demo.run import DEMO_BITS, DEMO_FINETUNE, DEMO_MAX_DROP
 from tightfit.operators import Compose, Prune, Quantize
 
 RESULTS = Path(__file__).parent / "results"
-LOCK = "/tmp/tightfit-timing.lock"
-
-
-@contextmanager
-def timing_lock():
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def mnist1d_split(

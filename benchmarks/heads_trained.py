@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from timing import timing_lock  # benchmarks/timing.py (this folder is the script's path)
 
 import tightfit
 from tightfit.demo.data import digits_split, train
@@ -36,7 +36,6 @@ from tightfit.operators.heads import split_multihead_attention
 from tightfit.pipeline import float32_file_bytes
 
 RESULTS = Path(__file__).parent / "results"
-LOCK = "/tmp/tightfit-timing.lock"
 BLOCKS = 2
 HEADS = 8
 
@@ -56,16 +55,6 @@ class DigitsTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x.reshape(-1, self.tokens, self.features)) + self.position
         return self.classifier(self.enc(h).mean(1))
-
-
-@contextmanager
-def timing_lock():
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def trained(split) -> tuple[nn.Module, float]:
