@@ -621,7 +621,8 @@ def _direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Meas
         return []
     scored = sorted(metric for _, metric in done)
     clearly_above = baseline.metric + 0.1 * abs(baseline.metric)
-    rises_with_compression = len(done) >= 4 and _rank_correlation(done) <= -0.6
+    # Spearman's rank correlation of objective (size) and metric: -1 when smaller always scored higher
+    rises_with_compression = len(done) >= 4 and _spearman(done) <= -0.6
     if not (scored[0] > clearly_above or (scored[len(scored) // 2] > clearly_above and rises_with_compression)):
         return []
     return [
@@ -633,18 +634,11 @@ def _direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Meas
     ]
 
 
-def _rank_correlation(pairs: Sequence[tuple[float, float]]) -> float:
-    """Spearman's rank correlation of the pairs (ties broken by order)."""
-    def ranks(values: list[float]) -> list[int]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0] * len(values)
-        for rank, index in enumerate(order):
-            out[index] = rank
-        return out
+def _spearman(pairs: Sequence[tuple[float, float]]) -> float:
+    from scipy.stats import spearmanr
 
-    a, b = ranks([x for x, _ in pairs]), ranks([y for _, y in pairs])
-    n = len(pairs)
-    return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
+    rho = spearmanr([x for x, _ in pairs], [y for _, y in pairs]).statistic
+    return float(rho) if math.isfinite(rho) else 0.0  # nan when one side is constant: no trend
 
 
 def _partly_refused(space: SearchSpace) -> list[str]:

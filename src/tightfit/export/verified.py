@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from ..measure.analysis import call_model, model_arguments, output_tensors
+from ..measure.analysis import call_model, model_arguments, output_tensors, split_arguments
 from ..measure.latency import Latency, with_batch_size
 from .artifact import bake
 
@@ -101,16 +101,8 @@ class ExportReport:
 # -- inputs and outputs as flat lists of tensors ------------------------------------------------------
 
 
-def _args_kwargs(example_input: Any) -> tuple[tuple, dict]:
-    if isinstance(example_input, Mapping):
-        return (), dict(example_input)
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input), {}
-    return (example_input,), {}
-
-
 def _flat_inputs(example_input: Any) -> list[torch.Tensor]:
-    args, kwargs = _args_kwargs(example_input)
+    args, kwargs = split_arguments(example_input)
     return [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
@@ -153,7 +145,7 @@ def _require(*modules: str) -> None:
 
 def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
     _require("onnx", "onnxruntime")
-    args, kwargs = _args_kwargs(example_input)
+    args, kwargs = split_arguments(example_input)
     n_inputs = len(_flat_inputs(example_input))
     input_names = [f"input_{i}" for i in range(n_inputs)]
     with torch.no_grad():
@@ -398,7 +390,7 @@ def export_model(
         def run() -> Any:
             return session.run(None, feed)
     elif format == "torchscript":
-        args, kwargs = _args_kwargs(example_input)
+        args, kwargs = split_arguments(example_input)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if kwargs:

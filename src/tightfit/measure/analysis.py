@@ -93,20 +93,24 @@ class ModelAnalysis:
         return sum(layer.weight_params for layer in self.layers)
 
 
-def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any]]:
-    """The positional and keyword arguments ``model`` is called with for ``inputs``: a tuple/list is
-    the positional arguments, a dict the keyword arguments, anything else the one argument.
-
-    A dict whose keys the forward does not take as keywords but that fits its one positional
-    parameter (``forward(self, batch)`` reading ``batch["image"]``) is passed whole, as that parameter.
-    """
+def split_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """Positional and keyword arguments of ``inputs`` read as a call: a tuple/list is the positional
+    arguments, a dict the keyword arguments, anything else the one argument."""
     if isinstance(inputs, Mapping):
-        if not _binds(model, (), inputs) and _binds(model, (inputs,), {}):
-            return (inputs,), {}
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
     return (inputs,), {}
+
+
+def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments ``model`` is called with for ``inputs``
+    (:func:`split_arguments`), except that a dict whose keys the forward does not take as keywords
+    but that fits its one positional parameter (``forward(self, batch)`` reading ``batch["image"]``)
+    is passed whole, as that parameter."""
+    if isinstance(inputs, Mapping) and not _binds(model, (), inputs) and _binds(model, (inputs,), {}):
+        return (inputs,), {}
+    return split_arguments(inputs)
 
 
 def _binds(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> bool:

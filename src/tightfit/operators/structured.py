@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from ..measure.analysis import LayerInfo, call_model, model_arguments
+from ..measure.analysis import LayerInfo, call_model, model_arguments, output_tensors
 from .base import Hyperparameter, Operator, parse_range
 from .group_test import failing_members
 from .heads import prunable_head_blocks, remove_heads
@@ -179,17 +179,9 @@ def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> N
 
 
 def _traced_tensors(output: Any) -> list[torch.Tensor]:
-    """Every tensor with a history in a model's output, in nested dicts, tuples and lists (Hugging
-    Face models return dict-like outputs of tuples, with None for what was not asked for)."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.grad_fn is not None else []
-    if isinstance(output, Mapping):
-        values = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        values = list(output)
-    else:  # e.g. a key-value cache object: not a result the channels must keep their shape for
-        return []
-    return [t for v in values for t in _traced_tensors(v)]
+    """Every tensor with a history in a model's output (:func:`output_tensors`: nested dicts, tuples,
+    lists; Hugging Face models return dict-like outputs of tuples, with None for what was not asked for)."""
+    return [t for t in output_tensors(output) if t.grad_fn is not None]
 
 
 def _terminal_layers(dg) -> list[nn.Module]:
