@@ -27,6 +27,7 @@ Results are appended as JSON lines to benchmarks/results/cheap_eval_*.jsonl.
 from __future__ import annotations
 
 import argparse
+import math
 import copy
 import json
 import statistics
@@ -92,7 +93,7 @@ def trained(make, split, name: str) -> nn.Module:
     return model
 
 
-def setup(task: str, finetune_epochs: int | None = None):
+def setup(task: str, finetune_epochs: int | None = None, max_drop: float | None = None):
     if task == "digits":
         split = digits_split(0)
         model = trained(lenet_300_100, split, "digits")
@@ -113,6 +114,8 @@ def setup(task: str, finetune_epochs: int | None = None):
         )
     else:
         raise SystemExit(f"unknown task {task!r}")
+    if max_drop is not None:
+        recipe["constraint"] = tightfit.MaxDrop(max_drop)
     # torch's FLOP counter takes about 1.4 s to set itself up the first time a process uses it;
     # do that here, so it is not charged to whichever search happens to run first
     from tightfit.measure.analysis import layer_flops
@@ -174,17 +177,25 @@ def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, sea
         "compression_ratio": result.compression_ratio,
         "nonzero_ratio": result.nonzero_ratio,
         "certificate": result.certificate.to_dict() if result.certificate else None,
+        # per trial, for `oracle`: what each cost and how it ended (constraint values told)
+        "trials": [
+            {"number": t.number, "state": t.state, "fidelity": t.fidelity, "objective": t.objective,
+             "constraints": list(t.constraints), "duration_s": t.duration_s, "search_time_s": t.search_time_s,
+             "probe_samples": t.probe_samples, "probe_s": t.probe_s,
+             "val_samples": t.val_samples, "finetune_steps": t.finetune_steps}
+            for t in result.trials
+        ],
     }
 
 
 def compare(args) -> None:
-    split, model, recipe = setup(args.task, args.finetune_epochs)
+    split, model, recipe = setup(args.task, args.finetune_epochs, args.max_drop)
     out = RESULTS / f"cheap_eval_{args.task}{args.tag}.jsonl"
     RESULTS.mkdir(exist_ok=True)
     rows = []
     for seed in args.seeds:
         for cheap in (False, True):
-            row = {"task": args.task, "finetune_epochs": recipe["finetune"].epochs, **one_search(split, copy.deepcopy(model), recipe, seed=seed, budget=args.budget, cheap=cheap, sequential=args.sequential),
+            row = {"task": args.task, "finetune_epochs": recipe["finetune"].epochs, "max_drop": recipe["constraint"].max_drop, **one_search(split, copy.deepcopy(model), recipe, seed=seed, budget=args.budget, cheap=cheap, sequential=args.sequential),
                    "sequential_options": args.sequential}
             rows.append(row)
             with open(out, "a") as handle:
@@ -517,6 +528,72 @@ def _report_v2(path: Path, rows: list[dict]) -> None:
         print(f"| {key} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f} |")
     diffs = [cheap[s]["test_acc"] - full[s]["test_acc"] for s in seeds]
     print(f"\nper-seed test accuracy, sequential minus full (points): {', '.join(f'{100 * d:+.2f}' for d in diffs)}")
+    if len(seeds) > 1:
+        from scipy.stats import t as student
+
+        # paired, on the log scale: is the compression difference more than the seeds' spread?
+        logs = [math.log(cheap[s]["compression_ratio"] / full[s]["compression_ratio"]) for s in seeds]
+        mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+        q = student.ppf(0.975, len(logs) - 1)
+        print(f"compression, sequential / full: geometric mean {math.exp(mean):.2f} (95% t interval "
+              f"{math.exp(mean - q * se):.2f}-{math.exp(mean + q * se):.2f}); "
+              f"test accuracy difference: mean {100 * statistics.mean(diffs):+.2f} points "
+              f"({100 * (statistics.mean(diffs) - q * statistics.stdev(diffs) / math.sqrt(len(diffs))):+.2f} to "
+              f"{100 * (statistics.mean(diffs) + q * statistics.stdev(diffs) / math.sqrt(len(diffs))):+.2f})")
+
+
+def oracle(args) -> None:
+    """How far could a better stage rule go? Rows of ``compare`` (with per-trial records) replayed
+    with two oracles that know each candidate's end: every candidate fine-tuned in full that ended
+    infeasible had instead cost (a) a median stopped trial of these runs (a perfect stage), or
+    (b) a median screened trial (perfect screening before any fine-tune). Everything else, the
+    optimizer's time and the candidates, is kept as measured, so this is the bound for the same
+    search path, not a run."""
+    path = RESULTS / f"cheap_eval_{args.task}{args.tag}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "trials" in r]
+    full = {r["seed"]: r for r in rows if r["mode"] == "full"}
+    cheap = {r["seed"]: r for r in rows if r["mode"] == "sequential"}
+    seeds = sorted(set(full) & set(cheap))
+    if not seeds:
+        raise SystemExit(f"{path.name}: no paired rows with per-trial records (run compare first)")
+    med = statistics.median
+
+    def typical(level: str) -> dict:
+        trials = [t for s in seeds for t in cheap[s]["trials"] if t["fidelity"] == level and t["state"] == "COMPLETE"]
+        # no such trial in these runs: the oracle column reads nan
+        return {key: med([t[key] or 0 for t in trials]) if trials else float("nan") for key in ("duration_s", "val_samples", "finetune_steps")}
+
+    stopped, screened = typical("stopped"), typical("screen")
+    print(f"\n### {args.task}: oracle bounds over seeds {seeds} ({path.name})\n")
+    print(f"median stopped trial: {stopped['duration_s']:.3f} s, {stopped['val_samples']:.0f} samples, "
+          f"{stopped['finetune_steps']:.0f} steps; median screened trial: {screened['duration_s']:.3f} s, "
+          f"{screened['val_samples']:.0f} samples\n")
+    print("| seed | promoted (ended infeasible) | wall ratio: measured / perfect stage / perfect screen | "
+          "same, without the optimizer's time | passes ratio: measured / perfect stage / perfect screen |")
+    print("|---|---|---|---|---|")
+    columns: dict[str, list[float]] = {}
+    for s in seeds:
+        c, f = cheap[s], full[s]
+        promoted = [t for t in c["trials"] if t["fidelity"] == "full" and t["state"] == "COMPLETE"]
+        wasted = [t for t in promoted if any(v > 0 for v in t["constraints"])]
+        spent = sum(t["duration_s"] or 0 for t in wasted)
+        read = sum(t["val_samples"] or 0 for t in wasted)
+        wall = [c["wall_s"], c["wall_s"] - spent + len(wasted) * stopped["duration_s"], c["wall_s"] - spent + len(wasted) * screened["duration_s"]]
+        passes = [c["val_forward_passes"], c["val_forward_passes"] - read + len(wasted) * stopped["val_samples"],
+                  c["val_forward_passes"] - read + len(wasted) * screened["val_samples"]]
+        ratios = {
+            "wall": [w / f["wall_s"] for w in wall],
+            "wall_no_opt": [(w - c["optimizer_wall_s"]) / (f["wall_s"] - f["optimizer_wall_s"]) for w in wall],
+            "passes": [p / f["val_forward_passes"] for p in passes],
+        }
+        for key, values in ratios.items():
+            for i, v in enumerate(values):
+                columns.setdefault(f"{key}{i}", []).append(v)
+        cells = [" / ".join(f"{v:.2f}" for v in ratios[k]) for k in ("wall", "wall_no_opt", "passes")]
+        print(f"| {s} | {len(promoted)} ({len(wasted)}) | " + " | ".join(cells) + " |")
+    cells = [" / ".join(f"{med(columns[f'{k}{i}']):.2f}" for i in range(3)) for k in ("wall", "wall_no_opt", "passes")]
+    print("| median | | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -530,6 +607,7 @@ def main() -> None:
     c.add_argument("--budget", type=int, default=30)
     c.add_argument("--finetune-epochs", type=int, default=None, help="default: the demo's 6 (digits), 1 (mnist1d)")
     c.add_argument("--tag", default="", help="suffix of the results file")
+    c.add_argument("--max-drop", type=float, default=None, help="the constraint (default: 0.005 digits, 0.02 mnist1d)")
     c.add_argument("--sequential", type=json.loads, default=None, help='options of tightfit.Sequential as JSON, e.g. \'{"probe_samples": 64}\'')
     c.set_defaults(fn=compare)
     v = sub.add_parser("coverage")
@@ -552,6 +630,10 @@ def main() -> None:
     q.set_defaults(fn=certcheck)
     r = sub.add_parser("report")
     r.set_defaults(fn=report)
+    o = sub.add_parser("oracle", help="bounds for a perfect stage rule, from compare's per-trial records")
+    o.add_argument("--task", choices=("digits", "mnist1d"), required=True)
+    o.add_argument("--tag", default="")
+    o.set_defaults(fn=oracle)
     t = sub.add_parser("trials", help="one search, trial by trial")
     t.add_argument("--task", choices=("digits", "mnist1d"), required=True)
     t.add_argument("--seed", type=int, default=0)
