@@ -68,24 +68,7 @@ def test_a_layer_no_operator_handles_says_which_operators_and_which_kind():
     assert "int8 does not compress a Conv2d layer" in reasons["0"]
 
 
-class GroupedConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.head(self.grouped(torch.relu(self.conv(x))).mean(dim=(2, 3)))
-
-
-@pytest.mark.parametrize("ratio", [(0.0, 0.75), (0.0, 0.5)])  # at 0.5, 4 of 8 channels would still fit groups=4
-def test_a_group_a_grouped_convolution_takes_is_refused_as_that(ratio):
-    model = GroupedConvNet().eval()
-    op = tightfit.StructuredPrune(ratio=ratio)
-    op.prepare(model, torch.randn(2, 3, 6, 6))
-    assert "conv" not in op.groups
-    assert "grouped convolution" in op.refused()["conv"] and "groups=4" in op.refused()["conv"]
+# Grouped convolutions: tests/test_speed_structural.py (pruned, or refused with the reason).
 
 
 class GroupNormNet(nn.Module):
