@@ -68,24 +68,7 @@ def test_a_layer_no_operator_handles_says_which_operators_and_which_kind():
     assert "int8 does not compress a Conv2d layer" in reasons["0"]
 
 
-class GroupedConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.head(self.grouped(torch.relu(self.conv(x))).mean(dim=(2, 3)))
-
-
-@pytest.mark.parametrize("ratio", [(0.0, 0.75), (0.0, 0.5)])  # at 0.5, 4 of 8 channels would still fit groups=4
-def test_a_group_a_grouped_convolution_takes_is_refused_as_that(ratio):
-    model = GroupedConvNet().eval()
-    op = tightfit.StructuredPrune(ratio=ratio)
-    op.prepare(model, torch.randn(2, 3, 6, 6))
-    assert "conv" not in op.groups
-    assert "grouped convolution" in op.refused()["conv"] and "groups=4" in op.refused()["conv"]
+# Grouped convolutions: tests/test_speed_structural.py (pruned, or refused with the reason).
 
 
 class GroupNormNet(nn.Module):
@@ -129,7 +112,51 @@ def test_modules_left_alone_say_what_they_are():
     reasons = {s.name: s.reason for s in tightfit.analyze(TaggerWithOwnParameter()).skipped}
     assert reasons["rnn"].startswith("recurrent layer")
     assert reasons["norm"].startswith("normalization layer")
-    assert "held directly by this module" in reasons[""] and "(start)" in reasons[""]
+    assert "held directly by the model's top-level module (TaggerWithOwnParameter)" in reasons["start"]
+    wrapped = nn.Sequential(TaggerWithOwnParameter())  # a module below the top holds it: named by that module
+    assert "(start)" in {s.name: s.reason for s in tightfit.analyze(wrapped).skipped}["0"]
+
+
+class WithPositions(nn.Module):
+    """A learned position embedding and a class token held by the model itself (its path is "")."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 5, 16) * 0.02)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 16))
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.proj(x + self.pos))
+        return self.head(torch.cat([self.cls.expand(x.shape[0], 1, 16), h], dim=1).mean(dim=1))
+
+
+def test_parameters_the_model_holds_itself_are_named_after_themselves_in_result_summary_and_cli(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tightfit.cli.app import app
+
+    torch.manual_seed(0)
+    model, x = WithPositions().eval(), torch.randn(4, 5, 16)
+    result = tightfit.compress(model, evaluate=_closeness(model, x), strategy=tightfit.Prune(), budget=1,
+                               constraint=tightfit.MaxDrop(100.0), search="random", run_dir=tmp_path / "run")
+    left = {s.name: s for s in result.left_alone}
+    assert set(left) == {"pos", "cls"}  # no entry with an empty name
+    assert left["pos"].type == "Parameter" and left["pos"].params == 80 and "top-level module (WithPositions)" in left["pos"].reason
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {e["name"] for e in summary["left_alone"]} == {"pos", "cls"}
+    shown = CliRunner().invoke(app, ["report", str(tmp_path / "run")], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    rows = [line for line in shown.output.splitlines() if "Parameter" in line]
+    assert "left alone (2)" in shown.output and rows[0].split("│")[1].strip() == "pos" and "80" in rows[0]
+    # a top-level module left alone as a whole is "<root>" (attention's packed q/k/v; its out_proj is pruned)
+    attention, q = nn.MultiheadAttention(16, 2, batch_first=True).eval(), torch.randn(2, 5, 16)
+    bare = tightfit.compress(attention, evaluate=lambda m: -float(m(q, q, q)[0].abs().mean()), strategy=tightfit.Prune(),
+                             constraint=tightfit.MaxDrop(100.0), budget=1, search="random", example_input=(q, q, q))
+    assert [s.name for s in bare.left_alone] == ["<root>"] and "packed q/k/v" in bare.left_alone[0].reason
 
 
 

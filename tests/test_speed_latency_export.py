@@ -247,3 +247,63 @@ def test_static_int8_for_convolutions_needs_and_uses_calibration(tmp_path):
     q = export_model(model, x, tmp_path / "q.onnx", int8="static", calibration=[torch.randn(4, 3, 8, 8) for _ in range(4)] + [x],
                      rtol=0.1)
     assert q.size_bytes < f32.size_bytes / 2.5 and q.int8 == "static"
+
+
+class TakesOneDict(nn.Module):
+    """``forward(batch)`` reads its inputs from one dict (a convolution for static int8 to find)."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.table = nn.Linear(6, 8)
+        self.head = nn.Linear(8 * 4 * 4 + 8, 3)
+
+    def forward(self, batch):
+        return self.head(torch.cat([self.image(batch["image"]), torch.relu(self.table(batch["features"]))], dim=1))
+
+
+def _one_dict(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    return {"image": torch.randn(n, 1, 4, 4, generator=g), "features": torch.randn(n, 6, generator=g)}
+
+
+def test_a_model_whose_forward_takes_one_dict_exports_in_every_format(tmp_path):
+    torch.manual_seed(0)
+    model, x = TakesOneDict().eval(), _one_dict(4)
+    latency = Latency(x, batch_size=6, threads=1, min_run_time=0.01)  # checked at another batch size than traced
+    for fmt in ("onnx", "torchscript", "pt"):
+        report = export_model(model, x, tmp_path / f"m.{fmt}", format=fmt, latency=latency)
+        assert report.max_abs_diff <= report.atol + report.rtol * report.reference_max_abs and report.latency_ms > 0
+    # each file is used the way the model is: ONNX fed by the dict's keys, the others called with the dict
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    other = _one_dict(3)
+    assert [i.name for i in session.get_inputs()] == ["image", "features"]
+    (onnx_out,) = session.run(None, {k: v.numpy() for k, v in other.items()})
+    with torch.no_grad():
+        expected = model(other)
+        assert torch.allclose(torch.as_tensor(onnx_out), expected, atol=1e-5)
+        assert torch.allclose(torch.jit.load(str(tmp_path / "m.torchscript"))(other), expected, atol=1e-5)
+    # int8 (dynamic; static calibrated on dicts), a 16-bit dtype, and ONNX Runtime latency
+    assert export_model(model, x, tmp_path / "d.onnx", int8="dynamic", rtol=0.05).int8_layers == []
+    assert export_model(model, x, tmp_path / "s.onnx", int8="static", calibration=[_one_dict(8), x], rtol=0.1).int8 == "static"
+    for fmt in ("pt", "torchscript"):
+        assert export_model(model, x, tmp_path / f"h.{fmt}", format=fmt, dtype="bfloat16", rtol=0.05).dtype == "bfloat16"
+    assert Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")(model).median_ms > 0
+
+
+def test_a_one_dict_model_goes_through_the_dynamo_exporter_too(tmp_path, monkeypatch):
+    # the fallback for models the TorchScript-based exporter cannot take (dynamic batch over the dict's tensors)
+    real_export = torch.onnx.export
+
+    def legacy_fails(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("the TorchScript-based exporter failed")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", legacy_fails)
+    torch.manual_seed(0)
+    model, x = TakesOneDict().eval(), _one_dict(4)
+    report = export_model(model, x, tmp_path / "m.onnx", latency=Latency(x, batch_size=6, threads=1, min_run_time=0.01))
+    assert report.max_abs_diff <= report.atol + report.rtol * report.reference_max_abs

@@ -231,3 +231,122 @@ def test_compose_of_structural_and_weight_operators_searches_and_replays(tmp_pat
     assert keys == {"structured_prune", "low_rank", "quantize"}
     loaded = load_model(io.BytesIO(result.artifact), model=ResNetLike())
     assert torch.allclose(loaded(x), result.model(x), atol=1e-5)
+
+
+class ResNeXtLike(nn.Module):
+    """A ResNeXt bottleneck: 1x1 reduce, grouped 3x3, 1x1 expand, a residual addition (BatchNorms after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.reduce, self.bn1 = nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16)
+        self.grouped, self.bn2 = nn.Conv2d(16, 24, 3, padding=1, groups=4), nn.BatchNorm2d(24)
+        self.expand = nn.Conv2d(24, 16, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.expand(torch.relu(self.bn2(self.grouped(torch.relu(self.bn1(self.reduce(h)))))))
+        return self.head((h + y).mean(dim=(2, 3)))
+
+
+def _resnext() -> ResNeXtLike:
+    torch.manual_seed(0)
+    model = ResNeXtLike().eval()
+    for bn in (model.bn1, model.bn2):  # statistics of a trained model, so BatchNorm is not the identity
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _kept(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    """Which output channels of a layer survived pruning, found by their (distinct) bias values."""
+    return [i for i in range(before.shape[0]) if bool((after == before[i]).any())]
+
+
+def test_grouped_convolutions_are_pruned_keeping_equal_groups_and_pruning_equals_zeroing():
+    # Torch-Pruning 1.6 keeps a grouped conv's first kept/groups weight columns: right only when every
+    # group lost the same positions. Whatever is removed must give what zeroing the weights reading it gives.
+    import copy
+
+    model, x = _resnext(), torch.randn(2, 3, 6, 6)
+    op = StructuredPrune()
+    op.prepare(model, x)
+    assert {"reduce", "grouped"} <= set(op.groups) and not op.refused()
+    for ratio in (0.3, 0.5, 0.75):
+        plan = Plan.from_strategy(Compose([op]), {name: {"structured_prune": {"ratio": ratio}} for name in ("reduce", "grouped")})
+        pruned = apply(plan, model)
+        g = pruned.grouped
+        assert g.groups == 4 and g.in_channels % 4 == 0 and g.out_channels % 4 == 0 and g.in_channels < 16 and g.out_channels < 24
+        gone_in = sorted(set(range(16)) - set(_kept(model.reduce.bias, pruned.reduce.bias)))
+        gone_out = sorted(set(range(24)) - set(_kept(model.grouped.bias, pruned.grouped.bias)))
+        assert len(gone_in) == 16 - g.in_channels and len(gone_out) == 24 - g.out_channels
+        assert [c % 4 for c in gone_in[: len(gone_in) // 4]] * 4 == [c % 4 for c in gone_in]  # same positions per group
+        assert len({sum(c // 6 == group for c in gone_out) for group in range(4)}) == 1  # as many outputs per group
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():  # the readers ignore the removed channels: the grouped conv's columns, expand's
+            for c in gone_in:
+                zeroed.grouped.weight[(c // 4) * 6:(c // 4 + 1) * 6, c % 4] = 0
+            zeroed.expand.weight[:, gone_out] = 0
+            assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)
+    # replayed on a fresh instance through the file, as any plan
+    loaded = load_model(io.BytesIO(to_bytes(pruned, plan)), model=ResNeXtLike())
+    assert loaded.grouped.in_channels == g.in_channels and torch.allclose(loaded(x), pruned(x), atol=1e-6)
+
+
+def test_the_check_catches_grouped_convolutions_pruned_at_unequal_positions(monkeypatch):
+    from tightfit.operators import structured
+
+    model, x = _resnext(), torch.randn(2, 3, 6, 6)
+    assert structured.pruning_unlike_zeroing(model, x, ["reduce", "grouped"], 0.5) == []
+    # as Torch-Pruning's graph would do it left alone: the lowest channels wherever they are
+    monkeypatch.setattr(structured, "_choose_periodic_drop", lambda scores, period, n: list(range(n // period, n + n // period)))
+    assert structured.pruning_unlike_zeroing(model, x, ["reduce", "grouped"], 0.5) == ["reduce", "grouped"]
+
+
+class GroupedReaders(nn.Module):
+    """Grouped convolutions Torch-Pruning cannot keep equal: one reads a concatenation, one has one
+    output channel per group (Torch-Pruning takes it for depthwise), one is transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.cat_reader = nn.Conv2d(16, 8, 1, groups=4)
+        self.c = nn.Conv2d(3, 8, 1)
+        self.narrow = nn.Conv2d(8, 4, 1, groups=4)
+        self.d = nn.Conv2d(3, 8, 1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)
+        self.head = nn.Linear(8 + 4 + 8, 2)
+
+    def forward(self, x):
+        joined = self.cat_reader(torch.cat([self.a(x), self.b(x)], dim=1)).mean(dim=(2, 3))
+        return self.head(torch.cat([joined, self.narrow(self.c(x)).mean(dim=(2, 3)), self.up(self.d(x)).mean(dim=(2, 3))], 1))
+
+
+def test_grouped_convolutions_torch_pruning_cannot_keep_equal_are_refused_with_the_reason():
+    op = StructuredPrune()
+    op.prepare(GroupedReaders().eval(), torch.randn(2, 3, 4, 4))
+    why = op.refused()
+    assert "only part of its input channels" in why["a"] and "cat_reader: groups=4" in why["a"]
+    assert "one output channel per group" in why["c"] and "depthwise" in why["c"]
+    assert "transposed" in why["d"] and "up: groups=2" in why["d"]
+    assert not {"a", "b", "c", "d"} & set(op.groups) and "cat_reader" in op.groups  # its own outputs are fine
+
+
+class GroupNormThenGrouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.grouped(torch.relu(self.norm(self.conv(x)))).mean(dim=(2, 3)))
+
+
+def test_a_grouped_convolution_group_whose_pruning_is_not_zeroing_is_refused():
+    # GroupNorm's statistics change when channels go (zeroing them keeps them in the mean)
+    torch.manual_seed(0)
+    op = StructuredPrune()
+    op.prepare(GroupNormThenGrouped().eval(), torch.randn(2, 3, 5, 5))
+    assert "does not compute what zeroing them does" in op.refused()["conv"] and set(op.groups) == {"grouped"}

@@ -25,7 +25,7 @@ from .evaluation.constraints import Constraint, MaxDrop, MaxLatency, MaxSize
 from .evaluation.metrics import bind_reference, evaluate_metric
 from .evaluation.sequential import Sequential, SequentialSession
 from .export.artifact import load_model, to_bytes
-from .measure.analysis import SkippedModule, analyze, count_nonzeros, sparse_flops
+from .measure.analysis import SkippedModule, analyze, count_nonzeros, shown_name, sparse_flops
 from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy
@@ -651,7 +651,7 @@ def _partly_refused(space: SearchSpace) -> list[str]:
             if name in space.fixed:
                 by_reason.setdefault(reason, []).append(name)
         for reason, names in by_reason.items():
-            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            shown = ", ".join(shown_name(n) for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
             notes.append(f"{operator.name} left {len(names)} layer(s) to the other operators: {shown} ({reason}).")
     return notes
 
@@ -680,7 +680,8 @@ def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
         if layer.name not in space.fixed
     ]
     touched = {name for operator in space.strategy for name in operator.touches()} | set(_followers(space))
-    return [s for s in analysis.skipped + tuple(untouched) if s.name not in touched]
+    # matched on module paths first, then named for a person (a model that is one layer: "<root>")
+    return [dataclasses.replace(s, name=shown_name(s.name)) for s in analysis.skipped + tuple(untouched) if s.name not in touched]
 
 
 def _why_untouched(layer, strategy: Compose) -> str:

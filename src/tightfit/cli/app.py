@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,9 +27,11 @@ def _fail(exc: Exception) -> None:
 
 
 def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -> None:
-    from ..report import run_counts, summary_table, trials_table
+    from ..report import left_alone_table, run_counts, summary_table, trials_table
 
     console.print(trials_table(result.trials, result.baseline, limit=8))
+    if result.left_alone:
+        console.print(left_alone_table([dataclasses.asdict(m) for m in result.left_alone]))
     rows = [
         ("validation metric", f"{result.baseline_metric:.4f}", f"{result.metric:.4f}"),
         ("file bytes", f"{result.baseline_size_bytes:,}", f"{result.size_bytes:,}"),
@@ -224,7 +227,7 @@ def report(
     """Summary and best trials of a finished or running run."""
     from ..errors import TightfitError
     from ..iterative import ROUNDS_FILE, load_rounds
-    from ..report import load_run, run_counts, summary_table, trials_table
+    from ..report import left_alone_table, load_run, run_counts, summary_table, trials_table
 
     if run_dir is not None and storage is None and (run_dir / ROUNDS_FILE).exists():  # a prune-adjust run
         settings, rounds, _ = load_rounds(run_dir)
@@ -247,6 +250,8 @@ def report(
     if s is None:
         console.print("[yellow]no final summary yet: the run is in progress or was interrupted[/]")
         return
+    if s.get("left_alone"):
+        console.print(left_alone_table(s["left_alone"]))
     base = s["baseline"] or {}
     rows = [
         ("validation metric", f"{s['baseline_metric']:.4f}", f"{s['metric']:.4f}"),

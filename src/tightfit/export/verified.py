@@ -143,16 +143,33 @@ def _require(*modules: str) -> None:
         )
 
 
+def _input_names(example_input: Any) -> list[str]:
+    """ONNX input names: a dict's keys (what a user feeds ONNX Runtime by), else ``input_0``, ..."""
+    if isinstance(example_input, Mapping):
+        return [str(k) for k, v in example_input.items() if isinstance(v, torch.Tensor)]
+    return [f"input_{i}" for i in range(len(_flat_inputs(example_input)))]
+
+
+def _batch_dims(value: Any, batch: Any) -> Any:
+    """torch.export's dynamic_shapes for one argument: dim 0 of each tensor, however a dict nests it."""
+    if isinstance(value, torch.Tensor):
+        return {0: batch}
+    if isinstance(value, Mapping):
+        return {k: _batch_dims(v, batch) for k, v in value.items()}
+    return None
+
+
 def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
     _require("onnx", "onnxruntime")
-    args, kwargs = split_arguments(example_input)
-    n_inputs = len(_flat_inputs(example_input))
-    input_names = [f"input_{i}" for i in range(n_inputs)]
+    args, kwargs = model_arguments(model, example_input)
+    input_names = _input_names(example_input)
     with torch.no_grad():
         n_outputs = len(output_tensors(call_model(model, example_input)))
     output_names = [f"output_{i}" for i in range(n_outputs)]
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
-    export_args = args + ((kwargs,) if kwargs else ())
+    # Both exporters read a trailing dict in `args` as the keyword arguments; it is always given
+    # (empty when there are none) so that a forward taking one dict gets it as its argument.
+    export_args = args + (kwargs,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -163,8 +180,8 @@ def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
         except Exception as legacy_error:
             try:
                 batch = torch.export.Dim("batch")
-                shapes = tuple({0: batch} for _ in args) if args else None
-                program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
+                shapes = tuple(_batch_dims(a, batch) for a in args) if args else None
+                program = torch.onnx.export(model, export_args, dynamo=True, external_data=False,
                                             dynamic_shapes=shapes)
                 program.save(str(path))
             except Exception as dynamo_error:
@@ -368,12 +385,11 @@ def export_model(
     if not reference:
         raise ConfigError("The model's output holds no tensor; nothing to export or check.")
 
-    if format != "pt" and isinstance(example_input, Mapping) and not model_arguments(model, example_input)[1]:
-        raise ConfigError(
-            f"{format} export traces a forward that takes tensors, tuples of them or keyword arguments; this "
-            "model's forward takes one dict. Export with format='pt', or wrap the model in a module whose forward "
-            "takes the dict's entries as arguments (forward(self, image, features)) and export that."
-        )
+    # How the model is called is read from the model itself: a dtype wrapper takes anything, and a
+    # loaded TorchScript module's signature cannot be read, so neither could tell a forward taking
+    # one dict from one taking keyword arguments.
+    args, kwargs = model_arguments(model, example_input)
+    check_args, check_kwargs = model_arguments(model, check_input)
     threads = latency.threads if latency is not None else None
     reference_model = model
     if dtype is not None:
@@ -390,7 +406,6 @@ def export_model(
         def run() -> Any:
             return session.run(None, feed)
     elif format == "torchscript":
-        args, kwargs = split_arguments(example_input)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if kwargs:
@@ -402,7 +417,7 @@ def export_model(
 
         def run() -> Any:
             with torch.inference_mode():
-                return output_tensors(call_model(loaded, check_input))
+                return output_tensors(loaded(*check_args, **check_kwargs))
     else:
         buffer = io.BytesIO()
         torch.save(copy.deepcopy(model), buffer)
@@ -411,7 +426,7 @@ def export_model(
 
         def run() -> Any:
             with torch.inference_mode():
-                return output_tensors(call_model(loaded, check_input))
+                return output_tensors(loaded(*check_args, **check_kwargs))
 
     try:
         worst, ref_max = compare_outputs(reference, [torch.as_tensor(o) for o in run()], atol, rtol)

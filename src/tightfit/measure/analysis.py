@@ -65,14 +65,28 @@ class LayerInfo:
     weight_params: int
 
 
+#: How the model's top-level module is shown where a name is expected: its dotted path is empty.
+ROOT_NAME = "<root>"
+
+
 @dataclass(frozen=True)
 class SkippedModule:
-    """A module that holds parameters tightfit leaves alone, and why."""
+    """A module that holds parameters tightfit leaves alone, and why.
+
+    ``name`` is the module's dotted path, except for a parameter the model's top-level module holds
+    itself beside its layers (a learned position embedding, ``self.pos``): that is listed on its
+    own, named after the parameter (``"pos"``, its ``state_dict`` key) with ``type`` "Parameter",
+    because the top-level module's path is empty. (No submodule can share such a name.)"""
 
     name: str
     type: str
     params: int
     reason: str
+
+
+def shown_name(name: str) -> str:
+    """A module path as a person reads it: the top-level module's empty path as ``<root>``."""
+    return name or ROOT_NAME
 
 
 @dataclass(frozen=True)
@@ -191,15 +205,18 @@ def analyze(model: nn.Module) -> ModelAnalysis:
         elif isinstance(module, nn.Embedding) and module.sparse:
             skipped.append(SkippedModule(name, type(module).__name__, n_params,
                                          "sparse=True embedding: its sparse gradients cannot pass a parametrization"))
+        elif (reason := _why_left_alone(module)) is not None:
+            skipped.append(SkippedModule(name, type(module).__name__, n_params, reason))
         else:
-            skipped.append(SkippedModule(name, type(module).__name__, n_params, _why_left_alone(module, own)))
+            skipped += _own_parameters(name, module, own)
     total = sum(p.numel() for p in model.parameters())
     f32 = 4 * (total + sum(b.numel() for b in model.buffers() if b.is_floating_point()))
     return ModelAnalysis(tuple(layers), tuple(skipped), total, f32)
 
 
-def _why_left_alone(module: nn.Module, own: dict[str, nn.Parameter]) -> str:
-    """Why no built-in operator compresses a module's own parameters, in the user's terms."""
+def _why_left_alone(module: nn.Module) -> str | None:
+    """Why no built-in operator compresses a module's own parameters, in the user's terms; None for
+    parameters a module holds itself beside its layers (see :func:`_own_parameters`)."""
     if isinstance(module, nn.RNNBase):
         return "recurrent layer: no built-in operator compresses its gate matrices; left unchanged"
     if isinstance(module, nn.MultiheadAttention):
@@ -208,9 +225,21 @@ def _why_left_alone(module: nn.Module, own: dict[str, nn.Parameter]) -> str:
     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
         return "normalization layer: a few scale and shift values per channel; left unchanged"
     if any(True for _ in module.children()):
-        return (f"parameter(s) held directly by this module, not by a layer ({', '.join(sorted(own))}); "
-                "left unchanged")
+        return None
     return "no built-in operator for this type; left unchanged"
+
+
+def _own_parameters(name: str, module: nn.Module, own: dict[str, nn.Parameter]) -> list[SkippedModule]:
+    """Parameters a module holds itself beside its layers: one entry for the module, or for the
+    top-level module (whose path is empty), one per parameter, named after it."""
+    if name:
+        return [SkippedModule(name, type(module).__name__, sum(p.numel() for p in own.values()),
+                              f"parameter(s) held directly by this module, not by a layer ({', '.join(sorted(own))}); "
+                              "left unchanged")]
+    return [SkippedModule(key, "Parameter", param.numel(),
+                          f"held directly by the model's top-level module ({type(module).__name__}), not by a layer; "
+                          "left unchanged")
+            for key, param in own.items()]
 
 
 def _count(module: nn.Module) -> int:

@@ -248,19 +248,73 @@ BREAKS_FORWARD = ("removing its channels breaks the model's forward pass (e.g. a
                   "left alone by structured pruning")
 
 
-GROUPED_CONV = ("a grouped convolution (1 < groups < channels) takes its channels: removing them breaks the model's "
-                "forward pass; left alone by structured pruning")
+def _is_grouped_conv(module: nn.Module) -> bool:
+    """A convolution whose channels split into several groups, other than a depthwise one (one
+    channel per group on both sides, which Torch-Pruning prunes channel by channel, in and out together)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and not module.groups == module.in_channels == module.out_channels)
 
 
-def _breaks_reason(model: nn.Module, members: list[str]) -> str:
-    """Why a group that breaks the forward pass is refused: a grouped convolution among its layers
-    (Torch-Pruning removes channels from it one by one, not a whole group's share), else the general reason."""
+def _channel_period(dg, leader: nn.Module, channels: int, names: Mapping[nn.Module, str]) -> tuple[int | None, str | None]:
+    """How a group's channels must be removed when grouped convolutions take them: ``(period,
+    None)``, the group's channels split into ``period`` equal blocks and the same positions removed
+    from every block, so that each group of those convolutions keeps as many channels as the others
+    and its weights still line up; ``(None, None)`` when no grouped convolution takes them; ``(None,
+    why)`` when Torch-Pruning cannot prune them correctly.
+
+    Torch-Pruning 1.6's dependency graph does not keep a grouped convolution's groups equal: its
+    ConvPruner removes a grouped convolution's input channels by keeping the first ``kept / groups``
+    columns of its weight, which is right only when every group lost the same positions (its
+    high-level pruners arrange that; a pruning group built by hand, as here, must), and removes its
+    output channels wherever they are, so the groups must also lose as many each.
+    """
+    pruner = dg.get_pruner_of_module(leader)
+    period = 1
+    for item in dg.get_pruning_group(leader, pruner.prune_out_channels, list(range(channels))):
+        module = item.dep.target.module
+        if not _is_grouped_conv(module):
+            continue
+        name = f"{names.get(module, type(module).__name__)}: groups={module.groups}"
+        side = "output" if dg.is_out_channel_pruning_fn(item.dep.handler) else "input"
+        width = module.out_channels if side == "output" else module.in_channels
+        if module.transposed:
+            return None, (f"a grouped transposed convolution takes its channels ({name}): Torch-Pruning 1.6 removes "
+                          "its channels from the wrong weight dimension")
+        if module.groups == module.out_channels:
+            return None, (f"a grouped convolution with one output channel per group takes its channels ({name}): "
+                          "Torch-Pruning 1.6 prunes it as a depthwise one, input and output channels together, "
+                          "which breaks its groups")
+        identity = list(range(channels))
+        if width != channels or list(item.idxs) != identity or list(getattr(item, "root_idxs", None) or []) != identity:
+            return None, (f"a grouped convolution takes only part of its {side} channels from this group, or in "
+                          f"another order ({name}; e.g. through a concatenation): its groups cannot be kept equal")
+        if width == module.groups:
+            return None, (f"a grouped convolution has one {side} channel per group ({name}): removing any "
+                          "would remove a whole group")
+        period = math.lcm(period, module.groups)
+    return (period if period > 1 else None), None
+
+
+def grouped_conv_obstacles(model: nn.Module, dg, groups: Mapping[str, list[str]]) -> dict[str, str]:
+    """Leaders of the groups whose channels grouped convolutions take in a way that cannot be
+    pruned correctly (:func:`_channel_period`) -> why, in a user's terms."""
+    modules, names = dict(model.named_modules()), {m: n for n, m in model.named_modules()}
+    found = {}
+    for name in groups:
+        leader = modules[name]
+        _, why = _channel_period(dg, leader, dg.get_pruner_of_module(leader).get_out_channels(leader), names)
+        if why:
+            found[name] = f"{why}; left alone by structured pruning"
+    return found
+
+
+def _has_grouped_conv(model: nn.Module, members: list[str]) -> bool:
     modules = dict(model.named_modules())
-    for name in members:
-        module = modules.get(name)
-        if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
-            return f"{GROUPED_CONV} ({name}: groups={module.groups})"
-    return BREAKS_FORWARD
+    return any(_is_grouped_conv(modules[m]) for m in members if m in modules)
+
+
+UNLIKE_ZEROING = ("removing its channels (the same positions from every group of the grouped convolution that takes "
+                  "them) does not compute what zeroing them does; left alone by structured pruning")
 
 
 def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str], ratio: float = 0.0,
@@ -328,52 +382,155 @@ def _choose_drop(dg, full_group, scores, n_drop: int) -> list[int]:
     return sorted(drop)
 
 
-def _multiple(round_to: int | None, members: list[nn.Module]) -> int | None:
-    """What a group's kept channel count must be a multiple of: ``round_to`` and the group count of
-    every GroupNorm among its layers (its channels must split evenly into its groups)."""
-    multiple = math.lcm(round_to or 1, *[m.num_groups for m in members if isinstance(m, nn.GroupNorm)])
+def _choose_periodic_drop(scores, period: int, n_drop: int) -> list[int]:
+    """``n_drop`` channels, the same positions from each of ``period`` equal blocks of the group's
+    channels (see :func:`_channel_period`): the positions whose scores, averaged over the blocks,
+    are lowest (ties: lower position first)."""
+    size = len(scores) // period
+    mean = torch.as_tensor(scores, dtype=torch.float64).reshape(period, size).mean(dim=0)
+    positions = sorted(range(size), key=lambda i: (float(mean[i]), i))[: n_drop // period]
+    return sorted(p + block * size for block in range(period) for p in positions)
+
+
+def _multiple(round_to: int | None, members: list[nn.Module], period: int | None = None) -> int | None:
+    """What a group's kept channel count must be a multiple of: ``round_to``, the ``period`` of
+    the grouped convolutions taking its channels, and the group count of every GroupNorm among its
+    layers (its channels must split evenly into its groups)."""
+    norms = [m.num_groups for m in members if isinstance(m, nn.GroupNorm)]
+    multiple = math.lcm(round_to or 1, period or 1, *norms)
     return multiple if multiple > 1 else None
 
 
-def prune_groups(model: nn.Module, todo: dict[str, float], example: Any, round_to: int | None = None,
-                 *, at_least_one: bool = False) -> None:
-    """Remove the lowest-magnitude fraction ``todo[leader]`` of the output channels of each group, in
-    place (``at_least_one``: one channel even where the ratio rounds to none, for checks)."""
-    tp = _torch_pruning()
-
-    groups, dg = coupled_groups(model, example)
-    importance = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
+def _periods(dg, model: nn.Module, groups: Mapping[str, list[str]], names: list[str]) -> dict[str, int | None]:
+    """:func:`_channel_period` of each named group, read before any is pruned: a grouped
+    convolution whose outputs are pruned to one per group would afterwards look depthwise, though
+    the graph (built before) still prunes its inputs as a grouped convolution's, correctly."""
     modules = dict(model.named_modules())
-    for name, ratio in todo.items():  # plan order == the order the groups were found in
+    by_module = {m: n for n, m in modules.items()}
+    periods = {}
+    for name in names:
         if name not in groups:
             raise ConfigError(
                 f"StructuredPrune: layer {name!r} leads no prunable channel group of this model "
                 f"(groups are led by {sorted(groups)[:8]})."
             )
         leader = modules[name]
-        pruner = dg.get_pruner_of_module(leader)
-        channels = pruner.get_out_channels(leader)
-        multiple = _multiple(round_to, [modules[m] for m in groups[name] if m in modules])
-        kept = kept_channels(channels, ratio, multiple)
-        if at_least_one and channels >= 2:
-            kept = min(kept, channels - 1)
-            if multiple:  # the fewest channels a GroupNorm (or round_to) lets go
-                kept = kept // multiple * multiple or channels
-        if kept >= channels:
+        periods[name], obstacle = _channel_period(dg, leader, dg.get_pruner_of_module(leader).get_out_channels(leader),
+                                                  by_module)
+        if obstacle:
+            raise ModelError(f"StructuredPrune: group {name!r}: {obstacle}.")
+    return periods
+
+
+def _planned_drop(dg, model: nn.Module, groups: Mapping[str, list[str]], name: str, ratio: float,
+                  round_to: int | None, at_least_one: bool, period: int | None) -> list[int]:
+    """The output channels of group ``name`` that pruning it at ``ratio`` removes (none: ``[]``);
+    ``period`` from :func:`_periods`."""
+    tp = _torch_pruning()
+
+    modules = dict(model.named_modules())
+    leader = modules[name]
+    pruner = dg.get_pruner_of_module(leader)
+    channels = pruner.get_out_channels(leader)
+    multiple = _multiple(round_to, [modules[m] for m in groups[name] if m in modules], period)
+    kept = kept_channels(channels, ratio, multiple)
+    if at_least_one and channels >= 2:
+        kept = min(kept, channels - 1)
+        if multiple:  # the fewest channels a GroupNorm, a grouped convolution (or round_to) lets go
+            kept = kept // multiple * multiple or channels
+    if kept >= channels:
+        return []
+    group = dg.get_pruning_group(leader, pruner.prune_out_channels, list(range(channels)))
+    with torch.no_grad():
+        scores = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)(group)
+    if scores is None or len(scores) != channels:
+        raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
+    if period:
+        return _choose_periodic_drop(scores, period, channels - kept)
+    return _choose_drop(dg, group, scores, channels - kept)
+
+
+def _pruning_group(dg, leader: nn.Module, drop: list[int], name: str):
+    pruner = dg.get_pruner_of_module(leader)
+    group = dg.get_pruning_group(leader, pruner.prune_out_channels, drop)
+    if not dg.check_pruning_group(group):
+        raise ConfigError(
+            f"StructuredPrune: pruning {len(drop)} of {pruner.get_out_channels(leader)} channels of group {name!r} "
+            "would remove every channel of a coupled layer; refused. Lower the group's ratio."
+        )
+    return group
+
+
+def prune_groups(model: nn.Module, todo: dict[str, float], example: Any, round_to: int | None = None,
+                 *, at_least_one: bool = False) -> None:
+    """Remove the lowest-magnitude fraction ``todo[leader]`` of the output channels of each group, in
+    place (``at_least_one``: one channel even where the ratio rounds to none, for checks)."""
+    groups, dg = coupled_groups(model, example)
+    modules = dict(model.named_modules())
+    periods = _periods(dg, model, groups, list(todo))
+    for name, ratio in todo.items():  # plan order == the order the groups were found in
+        drop = _planned_drop(dg, model, groups, name, ratio, round_to, at_least_one, periods[name])
+        if drop:
+            _pruning_group(dg, modules[name], drop, name).prune()
+
+
+def _zero_readers(dg, group) -> None:
+    """Zero the weights that read a pruning group's channels: the input columns of every Conv and
+    Linear taking them in (a grouped convolution's within the group each channel belongs to). The
+    model then ignores those channels, which is what removing them must compute too."""
+    for item in group:
+        module = item.dep.target.module
+        if not dg.is_in_channel_pruning_fn(item.dep.handler) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
-        group = dg.get_pruning_group(leader, pruner.prune_out_channels, list(range(channels)))
-        with torch.no_grad():
-            scores = importance(group)
-        if scores is None or len(scores) != channels:
-            raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
-        drop = _choose_drop(dg, group, scores, channels - kept)
-        group = dg.get_pruning_group(leader, pruner.prune_out_channels, drop)
-        if not dg.check_pruning_group(group):
-            raise ConfigError(
-                f"StructuredPrune: pruning {len(drop)} of {channels} channels of group {name!r} would "
-                "remove every channel of a coupled layer; refused. Lower the group's ratio."
-            )
-        group.prune()
+        idxs = list(item.idxs)
+        weight = module.weight
+        if isinstance(module, nn.Linear):
+            weight[:, idxs] = 0
+        elif module.transposed:  # (in, out / groups, ...)
+            weight[idxs] = 0
+        elif module.groups == module.in_channels == module.out_channels:
+            continue  # depthwise: its channels go whole, and whatever reads them is in the group too
+        else:  # (out, in / groups, ...): input channel c is column c % size of the rows of its group
+            size_in, size_out = module.in_channels // module.groups, module.out_channels // module.groups
+            for c in idxs:
+                g = c // size_in
+                weight[g * size_out:(g + 1) * size_out, c % size_in] = 0
+
+
+def pruning_unlike_zeroing(model: nn.Module, example_input: Any, leaders: list[str], ratio: float = 0.0,
+                           round_to: int | None = None) -> list[str]:
+    """The groups (by leader) whose pruning does not compute what zeroing the weights that read
+    their channels computes, on ``example_input``: each pruned as a plan would, with one channel
+    (one position of each block, for grouped convolutions) and at ``ratio``; all at once on a copy,
+    then halves of a failing set (:func:`breaking_groups`)."""
+    from .heads import _close
+
+    def same(subset: list[str]) -> bool:
+        for at in sorted({0.0, ratio}):
+            trial = copy.deepcopy(model).eval()
+            try:
+                groups, dg = coupled_groups(trial, example_input)
+                modules = dict(trial.named_modules())
+                with torch.no_grad():
+                    periods = _periods(dg, trial, groups, subset)
+                    drops = {name: _planned_drop(dg, trial, groups, name, at, round_to, True, periods[name])
+                             for name in subset}
+                    for name, drop in drops.items():
+                        if drop:
+                            _zero_readers(dg, _pruning_group(dg, modules[name], drop, name))
+                    zeroed = call_model(trial, example_input)
+                    for name, drop in drops.items():
+                        if drop:
+                            _pruning_group(dg, modules[name], drop, name).prune()
+                    if not _close(zeroed, call_model(trial, example_input)):
+                        return False
+            except TraceTimeout:
+                raise
+            except Exception:  # any failure of the pruned model counts as "differs"
+                return False
+        return True
+
+    return failing_members(list(leaders), same)
 
 
 class StructuredPrune(Operator):
@@ -391,7 +548,9 @@ class StructuredPrune(Operator):
     ``example_input`` is what the dependency graph is traced with; ``compress`` passes its own
     when it is not given here. A ratio that would remove every channel of a group is refused.
     Other groups whose pruning breaks the forward pass (e.g. attention that fails the head check)
-    are left alone and named.
+    are left alone and named. Channels a grouped convolution takes go at the same positions from
+    each of its groups (:func:`_channel_period`), once a check on a copy shows that removing them
+    computes what zeroing them does.
     ``trace_timeout`` (seconds, None for no limit) bounds finding the groups: past it, the model is
     left alone by this operator with a warning instead of hanging.
     """
@@ -453,13 +612,17 @@ class StructuredPrune(Operator):
         self._refused, self._heads, heads = {}, [], {}
         try:
             with _time_limit(self.trace_timeout):
-                self._groups, _ = coupled_groups(model, example)
-                self._refused = {name: _breaks_reason(model, self._groups[name])
-                                 for name in breaking_groups(model, example, list(self._groups),
-                                                                 self.ratio[1], self.round_to)}
-                if self.head_ratio[1] > 0.0:  # checked on real values where given (zeros can mask every token)
-                    values = example_input if example_input is not None else example
-                    heads = prunable_head_blocks(model, values, list(self._refused))
+                self._groups, dg = coupled_groups(model, example)
+                self._refused = grouped_conv_obstacles(model, dg, self._groups)
+                candidates = [name for name in self._groups if name not in self._refused]
+                broken = breaking_groups(model, example, candidates, self.ratio[1], self.round_to)
+                self._refused.update({name: BREAKS_FORWARD for name in broken})
+                values = example_input if example_input is not None else example  # real values where given
+                grouped = [n for n in candidates if n not in broken and _has_grouped_conv(model, self._groups[n])]
+                self._refused.update({name: UNLIKE_ZEROING for name in pruning_unlike_zeroing(
+                    model, values, grouped, self.ratio[1], self.round_to)})
+                if self.head_ratio[1] > 0.0:  # checked on real values too (zeros can mask every token)
+                    heads = prunable_head_blocks(model, values, broken)
         except ConfigError:
             raise
         except Exception as exc:  # a model Torch-Pruning cannot trace is left alone, not a crash

@@ -104,6 +104,22 @@ def summary_table(rows: list[tuple[str, str, str]], title: str = "result"):
     return table
 
 
+def left_alone_table(entries: list[dict[str, Any]], *, limit: int = 10):
+    """What no operator compressed (``summary.json``'s ``left_alone``: name, type, params, reason),
+    the largest first; ``limit`` rows, the rest counted in the title."""
+    from rich.table import Table
+    from rich.text import Text
+
+    shown = sorted(entries, key=lambda e: -e["params"])[:limit]
+    more = f", {len(entries) - len(shown)} more in summary.json" if len(entries) > len(shown) else ""
+    table = Table(title=f"left alone ({len(entries)}{more})")
+    for column, justify in (("name", "left"), ("type", "left"), ("params", "right"), ("reason", "left")):
+        table.add_column(column, justify=justify)
+    for e in shown:
+        table.add_row(*(Text(cell) for cell in (e["name"], e["type"], f"{e['params']:,}", e["reason"])))  # not markup
+    return table
+
+
 def run_counts(trials: list[TrialRecord]) -> str:
     complete = sum(t.state == "COMPLETE" for t in trials)
     feasible = sum(t.feasible for t in trials)
