@@ -126,6 +126,22 @@ def test_masks_hold_through_training_and_the_model_still_copies():
         assert torch.allclose(pruned(x), expected, atol=1e-6) and torch.allclose(twin(x), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("recovery", [tightfit.LearningCompression, tightfit.GradualPrune])
+def test_recovery_that_refits_masks_and_grids_keeps_the_layer_computing_with_them(recovery):
+    model = untrained(nn.GRU, num_layers=2, bidirectional=True)
+    x, y = sequences(32, seed=4)
+    compressed = tightfit.apply(plan(prune={"sparsity": 0.7}, quantize={"bits": 4}), model).train()
+    recovery([(x, y)] * 2, epochs=2)(compressed)
+    compressed.eval()
+    with torch.no_grad():
+        assert torch.allclose(compressed(x), with_weights_of(compressed, nn.GRU, num_layers=2, bidirectional=True)(x),
+                              atol=1e-6)
+        for name in compressed.rnn.parametrizations:
+            weight = getattr(compressed.rnn, name)
+            assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01), name
+            assert max(len(row.abs().unique()) for row in weight) <= 8, name  # 4 bits: 0 and 7 magnitudes per row
+
+
 @pytest.mark.parametrize("cell, rnn_args", [(nn.LSTM, {}), (nn.GRU, {"num_layers": 2, "bidirectional": True})])
 def test_the_saved_file_shrinks_and_reloads_the_same_outputs(cell, rnn_args, tmp_path):
     model = untrained(cell, **rnn_args)
