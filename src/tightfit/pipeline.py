@@ -25,7 +25,7 @@ from .evaluation.constraints import Constraint, MaxDrop, MaxLatency, MaxSize
 from .evaluation.metrics import bind_reference, evaluate_metric
 from .evaluation.sequential import Sequential, SequentialSession
 from .export.artifact import load_model, to_bytes
-from .measure.analysis import SkippedModule, analyze, count_nonzeros, shown_name, sparse_flops
+from .measure.analysis import SkippedModule, analyze, count_nonzeros, layer_kind, layer_weights, shown_name, sparse_flops
 from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy
@@ -599,10 +599,16 @@ def _search_context(
         return ProbeResult(metric, tuple(c.value(measured, baseline) for c in constraints), float(goal))
 
     modules = dict(original.named_modules())
-    weights = {name: modules[name].weight.detach().clone() for name in layer_names if hasattr(modules[name], "weight")}
+    weights = {name: _one_weight(modules[name]) for name in layer_names if layer_kind(modules[name]) is not None}
     return SearchContext(
         space=space, budget=budget, seed=seed, probe=probe, weights=weights, objective=objective, n_objectives=n_objectives
     )
+
+
+def _one_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's weight as samplers read it (magnitudes): a recurrent layer's matrices as one flat tensor."""
+    weights = [w.detach() for w in layer_weights(layer)]
+    return weights[0].clone() if len(weights) == 1 else torch.cat([w.reshape(-1) for w in weights])
 
 
 def _direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Measurement) -> list[str]:

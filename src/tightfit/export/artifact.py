@@ -77,7 +77,17 @@ def bake(model: nn.Module) -> nn.Module:
                 module._parameters[tensor_name] = nn.Parameter(value, requires_grad=requires_grad)
             else:
                 module._buffers[tensor_name] = value
+        _refresh_recurrent(module)
     return baked
+
+
+def _refresh_recurrent(module: nn.Module) -> None:
+    """A recurrent layer computes with its list ``_flat_weights``; after its tensors were put in
+    place directly (not by attribute assignment, which would update the list), read them again.
+    Its forward would notice too (torch's ``_update_flat_weights``); this keeps the layer right for
+    whatever reads the list first (tracing, ``flatten_parameters``)."""
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
@@ -225,6 +235,8 @@ def load_model(path: PathOrBuffer, model: nn.Module | None = None) -> nn.Module:
             tensor = nn.Parameter(tensor, requires_grad=meta.get("requires_grad", True))
         _assign(target, meta["name"], tensor, meta.get("parameter", False))
         assigned[meta["name"]] = tensor
+    for module in target.modules():
+        _refresh_recurrent(module)
     return target.eval()
 
 

@@ -5,6 +5,7 @@ from .analysis import (
     ELEMENTWISE_KINDS,
     EMBEDDING_KIND,
     MATRIX_KIND,
+    RECURRENT_KINDS,
     LayerInfo,
     ModelAnalysis,
     SkippedModule,
@@ -14,6 +15,7 @@ from .analysis import (
     layer_flops,
     layer_kind,
     sparse_flops,
+    weight_names,
 )
 from .latency import Latency, LatencyResult, architecture_key, with_batch_size
 
@@ -26,6 +28,7 @@ __all__ = [
     "ELEMENTWISE_KINDS",
     "EMBEDDING_KIND",
     "MATRIX_KIND",
+    "RECURRENT_KINDS",
     "LayerInfo",
     "ModelAnalysis",
     "SkippedModule",
@@ -35,4 +38,5 @@ __all__ = [
     "layer_flops",
     "layer_kind",
     "sparse_flops",
+    "weight_names",
 ]

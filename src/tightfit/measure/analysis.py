@@ -25,8 +25,18 @@ MATRIX_KIND = "MatrixLayer"
 #: gradients cannot pass through a parametrization.
 EMBEDDING_KIND = "Embedding"
 
-#: Kinds whose weight the element-wise operators compress.
-ELEMENTWISE_KINDS = frozenset({t.__name__ for t in COMPRESSIBLE_TYPES} | {MATRIX_KIND, EMBEDDING_KIND})
+#: Recurrent layers: their weight matrices (``weight_ih_l0``, ``weight_hh_l0``, ``..._reverse``,
+#: ``weight_hr_l0``; see :func:`weight_names`) are compressed element-wise, one setting for all of
+#: them. The layer reads its weights through ``_flat_weights``, which its forward re-reads from the
+#: attributes when they changed (torch's ``RNNBase._update_flat_weights``), so a parametrized weight
+#: is what it computes with. A torch without that method leaves them alone.
+RECURRENT_TYPES: tuple[type[nn.Module], ...] = (
+    (nn.LSTM, nn.GRU, nn.RNN) if hasattr(nn.RNNBase, "_update_flat_weights") else ()
+)
+RECURRENT_KINDS = frozenset(t.__name__ for t in RECURRENT_TYPES)
+
+#: Kinds whose weight(s) the element-wise operators compress.
+ELEMENTWISE_KINDS = frozenset({t.__name__ for t in COMPRESSIBLE_TYPES} | {MATRIX_KIND, EMBEDDING_KIND} | RECURRENT_KINDS)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -36,7 +46,23 @@ def layer_kind(module: nn.Module) -> str | None:
             return layer_type.__name__
     if isinstance(module, nn.Embedding):
         return None if module.sparse else EMBEDDING_KIND
+    for layer_type in RECURRENT_TYPES:
+        if isinstance(module, layer_type):
+            return layer_type.__name__
     return MATRIX_KIND if _is_matrix_layer(module) else None
+
+
+def weight_names(module: nn.Module) -> list[str]:
+    """The tensors of a layer that operators compress: ``["weight"]``, or a recurrent layer's
+    weight matrices in its own order (biases stay float, as every layer's do)."""
+    if isinstance(module, RECURRENT_TYPES):
+        return [name for name in module._flat_weights_names if name.startswith("weight_")]
+    return ["weight"]
+
+
+def layer_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The (effective, i.e. compressed when parametrized) tensors named by :func:`weight_names`."""
+    return [getattr(module, name) for name in weight_names(module)]
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -60,9 +86,9 @@ class LayerInfo:
     name: str
     type: str  # the module's own class name
     kind: str  # the built-in layer type it is, e.g. "Linear" for a subclass of nn.Linear
-    weight_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]  # a recurrent layer's: its first matrix's (weight_ih_l0)
     params: int  # weight + bias
-    weight_params: int
+    weight_params: int  # all of a recurrent layer's weight matrices
 
 
 #: How the model's top-level module is shown where a name is expected: its dotted path is empty.
@@ -184,22 +210,22 @@ def analyze(model: nn.Module) -> ModelAnalysis:
             continue
         n_params = sum(p.numel() for p in own.values())
         kind = layer_kind(module)
-        if kind is not None and "weight" in own:
-            weight = own["weight"]
-            if id(weight) in shared:
+        weights = [own.get(w) for w in weight_names(module)] if kind is not None else []
+        if weights and all(w is not None for w in weights):
+            if any(id(w) in shared for w in weights):
                 skipped.append(SkippedModule(name, type(module).__name__, n_params, "weight is shared with another module"))
                 continue
-            if not weight.is_floating_point():
-                skipped.append(SkippedModule(name, type(module).__name__, n_params, f"weight dtype {weight.dtype}"))
+            if not all(w.is_floating_point() for w in weights):
+                skipped.append(SkippedModule(name, type(module).__name__, n_params, f"weight dtype {weights[0].dtype}"))
                 continue
             layers.append(
                 LayerInfo(
                     name=name,
                     type=type(module).__name__,
                     kind=kind,
-                    weight_shape=tuple(weight.shape),
+                    weight_shape=tuple(weights[0].shape),
                     params=n_params,
-                    weight_params=weight.numel(),
+                    weight_params=sum(w.numel() for w in weights),
                 )
             )
         elif isinstance(module, nn.Embedding) and module.sparse:
@@ -218,7 +244,8 @@ def _why_left_alone(module: nn.Module) -> str | None:
     """Why no built-in operator compresses a module's own parameters, in the user's terms; None for
     parameters a module holds itself beside its layers (see :func:`_own_parameters`)."""
     if isinstance(module, nn.RNNBase):
-        return "recurrent layer: no built-in operator compresses its gate matrices; left unchanged"
+        return ("recurrent layer other than nn.LSTM / nn.GRU / nn.RNN (or a torch whose recurrent layers do "
+                "not re-read parametrized weights): no built-in operator compresses it; left unchanged")
     if isinstance(module, nn.MultiheadAttention):
         return ("attention's packed q/k/v projection is not a Linear; left unchanged (its out_proj is a layer of its "
                 "own, and StructuredPrune removes whole heads)")
@@ -261,14 +288,15 @@ def _compressible_under(model: nn.Module, layer_names: Sequence[str]) -> list[tu
 def count_nonzeros(model: nn.Module, layer_names: Sequence[str]) -> tuple[int, int]:
     """(nonzero, total) entries of the effective weights at or below the named layers.
 
-    Reads ``module.weight``, which for a parametrized layer is the compressed weight.
+    Reads ``module.weight`` (a recurrent layer's weight matrices), which for a parametrized layer
+    is the compressed weight.
     """
     nonzero = total = 0
     with torch.no_grad():
         for _, module in _compressible_under(model, layer_names):
-            weight = module.weight
-            nonzero += int(torch.count_nonzero(weight))
-            total += weight.numel()
+            for weight in layer_weights(module):
+                nonzero += int(torch.count_nonzero(weight))
+                total += weight.numel()
     return nonzero, total
 
 
@@ -308,7 +336,7 @@ def sparse_flops(model: nn.Module, example_input: Any, layer_names: Sequence[str
     total = per_module[""]
     with torch.no_grad():
         for name, module in _compressible_under(model, layer_names):
-            weight = module.weight
-            density = float(torch.count_nonzero(weight)) / max(1, weight.numel())
+            weights = layer_weights(module)
+            density = sum(float(torch.count_nonzero(w)) for w in weights) / max(1, sum(w.numel() for w in weights))
             total -= round(per_module.get(name, 0) * (1.0 - density))
     return total

@@ -1,9 +1,11 @@
-"""Runtime int8 for Linear layers: the search chooses, per layer, int8 or float.
+"""Runtime int8 for Linear and LSTM layers: the search chooses, per layer, int8 or float.
 
 A matrix layer (``MATRIX_KIND``, e.g. GPT-2's ``Conv1D``) that computes ``x @ W + b`` is run in
 int8 too: the plan swaps it for its Linear equivalent first (:mod:`.matrix`, as LowRank does), so
 it is stored, reloaded and exported exactly like a Linear. A matrix layer used otherwise, or whose
-parent reads its weight directly, is left alone and named (:meth:`Int8.refused`).
+parent reads its weight directly, is left alone and named (:meth:`Int8.refused`). An ``nn.LSTM``
+runs as ONNX Runtime's ``DynamicQuantizeLSTM`` (its input and recurrent matrices in int8, one scale
+per gate row); GRU and RNN layers have no such kernel and are left alone.
 
 In the search the layer's weight is put on the int8 grid ONNX Runtime's dynamic quantization
 uses (symmetric, per output channel, codes in [-127, 127]), so the metric sees the weight error
@@ -22,13 +24,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..measure.analysis import MATRIX_KIND, LayerInfo, layer_kind
+from ..measure.analysis import MATRIX_KIND, RECURRENT_KINDS, LayerInfo, layer_kind, weight_names
 from .base import Hyperparameter, Operator
 from .matrix import NOT_AFFINE, linear_equivalent, unswappable
 from .quantize import FakeQuantize
+from .recurrent import parametrize_weights
 
 #: Why a matrix layer is left alone when no example input lets tightfit check the swap.
 NO_EXAMPLE_INPUT = "running it as an nn.Linear is checked on the model's example input: pass `example_input`"
+
+#: Why a GRU / RNN is left alone by Int8 (Prune and Quantize take it).
+NO_RECURRENT_KERNEL = ("int8 runs a recurrent layer through ONNX Runtime's DynamicQuantizeLSTM, which exists for LSTM "
+                       "only (no int8 GRU / RNN kernel)")
+
+#: Why an LSTM with ``proj_size`` is left alone by Int8.
+LSTM_PROJECTION = "an LSTM with proj_size has no ONNX LSTM operator to run in int8 (ONNX's LSTM has no projection)"
 
 
 class Int8Weights(FakeQuantize):
@@ -39,7 +49,7 @@ class Int8Weights(FakeQuantize):
 
 
 class Int8(Operator):
-    """Run Linear layers (and matrix layers that compute ``x @ W + b``) in int8 (dynamic
+    """Run Linear layers (and matrix layers that compute ``x @ W + b``) and LSTMs in int8 (dynamic
     quantization) where the search finds it pays.
 
     ``choices`` are what each layer may be: ``(True, False)`` lets the search keep a layer in
@@ -74,13 +84,21 @@ class Int8(Operator):
         else:
             self._refused.update(unswappable(model, example_input, equivalents, same_output=True))
         self._matrix = set(equivalents) - set(self._refused)
+        for name, module in model.named_modules():
+            if layer_kind(module) == "LSTM" and module.proj_size:
+                self._refused[name] = LSTM_PROJECTION
 
     def refused(self) -> dict[str, str]:
         return dict(self._refused)
 
     def supports(self, layer: LayerInfo) -> bool:
-        # an nn.Linear itself (a subclass may be read by its parent: attention's out_proj), or a checked matrix layer
-        return (layer.type == layer.kind == "Linear") or (layer.kind == MATRIX_KIND and layer.name in self._matrix)
+        # an nn.Linear itself (a subclass may be read by its parent: attention's out_proj), a checked
+        # matrix layer, or an LSTM (ONNX Runtime's DynamicQuantizeLSTM)
+        return ((layer.type == layer.kind == "Linear") or (layer.kind == MATRIX_KIND and layer.name in self._matrix)
+                or (layer.kind == "LSTM" and layer.name not in self._refused))
+
+    def why_not(self, layer: LayerInfo) -> str | None:
+        return NO_RECURRENT_KERNEL if layer.kind in RECURRENT_KINDS else None
 
     def needs_linear(self, settings: dict[str, Any]) -> bool:
         return bool(settings["int8"])
@@ -92,7 +110,9 @@ class Int8(Operator):
         return {"int8": False}
 
     def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
-        if settings["int8"]:
+        if settings["int8"] and layer_kind(module) == "LSTM":
+            parametrize_weights(module, lambda weight: Int8Weights())  # ONNX Runtime's grid: one scale per gate row
+        elif settings["int8"]:
             if not isinstance(module, nn.Linear):  # the per-channel grid and the ONNX kernels are a Linear's
                 raise ConfigError(
                     f"Int8 runs nn.Linear layers, not {type(module).__name__}; apply a plan with tightfit.apply, "
@@ -108,8 +128,9 @@ def int8_layers(model: nn.Module) -> list[str]:
     """Names of the layers an :class:`Int8` plan marked for int8 (before baking)."""
     names = []
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            steps = list(module.parametrizations["weight"])
+        tensor = weight_names(module)[0]
+        if parametrize.is_parametrized(module, tensor):
+            steps = list(module.parametrizations[tensor])
             if steps and isinstance(steps[-1], Int8Weights):
                 names.append(name)
     return names

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure.analysis import MATRIX_KIND, LayerInfo, layer_kind
+from ..measure.analysis import MATRIX_KIND, RECURRENT_KINDS, LayerInfo, layer_kind
 from .base import Hyperparameter, Operator, parse_range
 from .matrix import NOT_AFFINE, linear_equivalent, swap_layer, unswappable
 
@@ -152,6 +152,12 @@ class LowRank(Operator):
         else:
             return False
         return factor_rank(out_dim, in_dim, self.rank_ratio[0]) is not None
+
+    def why_not(self, layer: LayerInfo) -> str | None:
+        if layer.kind in RECURRENT_KINDS:
+            return ("low_rank does not factorize a recurrent layer's gate matrices (the layer's kernel takes them "
+                    "whole); prune / quantize compress them")
+        return None
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
         low, high = self.rank_ratio

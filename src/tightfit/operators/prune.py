@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..measure.analysis import ELEMENTWISE_KINDS, LayerInfo
 from .base import Hyperparameter, Operator, parse_range, Projection
+from .recurrent import parametrize_weights
 
 
 class WeightMask(Projection, nn.Module):
@@ -61,7 +61,8 @@ def _check_fraction(name: str, value: float, upper_inclusive: bool = False) -> N
 
 
 class Prune(Operator):
-    """Unstructured magnitude pruning with a per-layer sparsity.
+    """Unstructured magnitude pruning with a per-layer sparsity (a recurrent layer's weight
+    matrices each at that sparsity).
 
     ``sparsity`` is a fixed fraction of weights to remove, or a ``(low, high)`` range the search
     explores per layer (default ``(0.0, 0.99)``).
@@ -87,9 +88,9 @@ class Prune(Operator):
     def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
         sparsity = float(settings["sparsity"])
         _check_fraction("sparsity", sparsity, upper_inclusive=True)
-        # Magnitudes of the weight as it is now (after any earlier parametrization).
-        mask = magnitude_mask(module.weight.detach(), sparsity)
-        parametrize.register_parametrization(module, "weight", WeightMask(mask))
+        # Magnitudes of each weight as it is now (after any earlier parametrization); a recurrent
+        # layer's matrices each lose the same fraction (their scales differ: input vs hidden state).
+        parametrize_weights(module, lambda weight: WeightMask(magnitude_mask(weight, sparsity)))
 
     def project(self, weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
         return weight.detach() * magnitude_mask(weight, float(settings["sparsity"]))

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..measure.analysis import ELEMENTWISE_KINDS, LayerInfo
 from .base import Hyperparameter, Operator, Projection
+from .recurrent import parametrize_weights
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 
@@ -111,7 +111,7 @@ class Quantize(Operator):
             raise ConfigError(f"Quantize: `bits` must be one of {SUPPORTED_BITS}, but got {bits!r}.")
         if bits >= 32:
             return
-        parametrize.register_parametrization(module, "weight", FakeQuantize(bits))
+        parametrize_weights(module, lambda weight: FakeQuantize(bits))
 
     def project(self, weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
         return FakeQuantize(int(settings["bits"])).project(weight)

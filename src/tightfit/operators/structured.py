@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from ..measure.analysis import LayerInfo, call_model, model_arguments, output_tensors
+from ..measure.analysis import RECURRENT_KINDS, LayerInfo, call_model, model_arguments, output_tensors
 from .base import Hyperparameter, Operator, parse_range
 from .group_test import failing_members
 from .heads import prunable_head_blocks, remove_heads
@@ -648,6 +648,10 @@ class StructuredPrune(Operator):
         return dict(self._refused)
 
     def why_not(self, layer: LayerInfo) -> str | None:
+        if layer.kind in RECURRENT_KINDS:
+            return ("structured_prune does not remove a recurrent layer's hidden units: each one spans a row of every "
+                    "gate, a column of the recurrent matrices and the next layer's inputs; prune / quantize compress "
+                    "its weights")
         if self._groups is None or layer.kind not in ("Linear", "Conv1d", "Conv2d", "Conv3d"):
             return None
         return ("structured_prune finds no channel group this layer leads: its outputs are the model's output, or "
