@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 
 from ..errors import ModelError
-from ..measure.analysis import ModelAnalysis
+from ..measure.analysis import ModelAnalysis, shown_name
 from ..operators.base import Hyperparameter
 from ..operators.compose import Compose
 from ..operators.plan import Plan
@@ -93,13 +93,14 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
             refused = sorted({reason for op in strategy for reason in op.refused().values()})
             why = (f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them"
                    + (f" ({refused[0]})" if refused else
-                      " (structured pruning, low rank and int8 need nn.Linear/nn.Conv layers, structured pruning "
-                      "a model Torch-Pruning can trace: see any warning above; or the `layers` patterns match none)")
+                      " (structured pruning and low rank need nn.Linear/nn.Conv layers, int8 those or an nn.LSTM, "
+                      "structured pruning a model Torch-Pruning can trace: see any warning above; or the `layers` "
+                      "patterns match none)")
                    + "; prune and quantize work on every weight layer")
         else:
             why = "it has no Linear/Conv layer or other layer holding a weight matrix"
         raise ModelError(
             f"No layer of the model can be compressed by {ops}: {why}. "
-            f"Left alone: {[s.name or '<root>' for s in analysis.skipped][:10]}."
+            f"Left alone: {[shown_name(s.name) for s in analysis.skipped][:10]}."
         )
     return SearchSpace(strategy, tuple(dimensions), fixed, tuple(recovery))
