@@ -588,3 +588,39 @@ def test_low_rank_factorizes_a_transformer_layers_feed_forward(tmp_path):
     tightfit.save(factored, tmp_path / "m.tfz", plan=plan)
     with torch.no_grad():
         assert torch.allclose(tightfit.load(tmp_path / "m.tfz")(x), fused, atol=1e-6)
+
+
+class TinyUNet(nn.Module):
+    """Encoder, ConvTranspose2d and nn.Upsample decoder joined by a skip concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.resize = nn.Upsample(scale_factor=2)
+        self.dec = nn.Conv2d(24, 1, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.enc(x))
+        b = torch.relu(self.down(a))
+        return self.dec(torch.cat([a, self.up(b), self.resize(b)], dim=1))
+
+
+def test_transposed_convolution_is_pruned_and_quantized_and_named_where_it_is_not(tmp_path):
+    torch.manual_seed(0)
+    model = TinyUNet().eval()
+    x = torch.randn(8, 1, 8, 8)
+    assert {layer.name: layer.kind for layer in tightfit.analyze(model).layers}["up"] == "ConvTranspose2d"
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=Compose([Prune(sparsity=0.5), Quantize(bits=4)]), budget=1, search="random",
+                               example_input=x[:1])
+    assert result.feasible and {"up", "enc", "dec"} <= set(result.plan.layers) and not result.left_alone
+    assert float((result.model.up.weight == 0).float().mean()) >= 0.5
+    codes = result.model.up.weight / result.model.up.weight.abs().amax(dim=(1, 2, 3), keepdim=True) * 7
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # 4-bit grid, one scale per input channel
+    tightfit.save(result, tmp_path / "unet.tfz")
+    assert torch.equal(tightfit.load(tmp_path / "unet.tfz")(x), result.model(x))
+    lowrank = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.5), budget=1,
+                                search="random", example_input=x[:1], constraint=tightfit.MaxDrop(10.0))
+    assert "low_rank does not compress a ConvTranspose2d" in {s.name: s.reason for s in lowrank.left_alone}["up"]

@@ -637,8 +637,11 @@ def _direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Meas
 def _spearman(pairs: Sequence[tuple[float, float]]) -> float:
     from scipy.stats import spearmanr
 
-    rho = spearmanr([x for x, _ in pairs], [y for _, y in pairs]).statistic
-    return float(rho) if math.isfinite(rho) else 0.0  # nan when one side is constant: no trend
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    if len(set(xs)) < 2 or len(set(ys)) < 2:  # a constant side: no trend (scipy would warn and answer nan)
+        return 0.0
+    rho = spearmanr(xs, ys).statistic
+    return float(rho) if math.isfinite(rho) else 0.0
 
 
 def _partly_refused(space: SearchSpace) -> list[str]:

@@ -106,6 +106,45 @@ def _flat_inputs(example_input: Any) -> list[torch.Tensor]:
     return [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
+def _plain_outputs(output: Any) -> bool:
+    """Whether an output is what the ONNX and TorchScript tracers take as it is: a tensor, or a
+    tuple/list of tensors."""
+    return isinstance(output, torch.Tensor) or (
+        isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output))
+
+
+def tensor_interface(model: nn.Module, example_input: Any) -> tuple[nn.Module, tuple, dict[str, Any]]:
+    """``model`` as a module the tracers take, and the positional and keyword inputs to trace it with.
+
+    A model that returns a dict, a Hugging Face ``ModelOutput`` or a cache object among its tensors
+    (Llama's ``DynamicCache``, T5's ``EncoderDecoderCache``) cannot be traced as it is, and
+    TorchScript takes keyword inputs only by the forward's own parameter names. Such a model is
+    traced as a shallow copy (same submodules, so ONNX node names, which ``keep_float`` matches,
+    stay the same) whose forward takes the example input's tensors positionally (the order of
+    :func:`_flat_inputs`; its other values are kept as constants) and returns
+    :func:`output_tensors` of the output, the tensors the check compares. A model with plain
+    outputs is returned unchanged with its own arguments."""
+    import types
+
+    args, kwargs = split_arguments(example_input)
+    with torch.no_grad():
+        if _plain_outputs(call_model(model, example_input)):
+            return model, args, kwargs
+    template = list(args) + list(kwargs.values())  # tensors are the slots the positional inputs fill
+    n_args, names = len(args), list(kwargs)
+    own_forward = type(model).forward
+
+    def forward(self: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        given = iter(tensors)
+        values = [next(given) if isinstance(v, torch.Tensor) else v for v in template]
+        out = own_forward(self, *values[:n_args], **dict(zip(names, values[n_args:])))
+        return tuple(output_tensors(out))
+
+    traced = copy.copy(model)
+    traced.forward = types.MethodType(forward, traced)
+    return traced, tuple(_flat_inputs(example_input)), {}
+
+
 def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], atol: float, rtol: float) -> tuple[float, float]:
     """(max abs difference, max abs reference); raises ExportCheckError beyond the tolerance."""
     if len(reference) != len(exported):
@@ -145,26 +184,28 @@ def _require(*modules: str) -> None:
 
 def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
     _require("onnx", "onnxruntime")
-    args, kwargs = split_arguments(example_input)
     n_inputs = len(_flat_inputs(example_input))
     input_names = [f"input_{i}" for i in range(n_inputs)]
     with torch.no_grad():
         n_outputs = len(output_tensors(call_model(model, example_input)))
     output_names = [f"output_{i}" for i in range(n_outputs)]
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
+    traceable, args, kwargs = tensor_interface(model, example_input)
     export_args = args + ((kwargs,) if kwargs else ())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             # The TorchScript-based exporter names nodes after modules (/layer1/conv/Conv), which
             # is how `keep_float` finds a layer's nodes; the dynamo exporter is the fallback.
-            torch.onnx.export(model, export_args, str(path), dynamo=False, input_names=input_names,
+            torch.onnx.export(traceable, export_args, str(path), dynamo=False, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
         except Exception as legacy_error:
             try:
                 batch = torch.export.Dim("batch")
                 shapes = tuple({0: batch} for _ in args) if args else None
-                program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
+                if traceable is not model:  # forward(self, *tensors): the shapes of its one (variadic) parameter
+                    shapes = (shapes,)
+                program = torch.onnx.export(traceable, args, kwargs=kwargs or None, dynamo=True, external_data=False,
                                             dynamic_shapes=shapes)
                 program.save(str(path))
             except Exception as dynamo_error:
@@ -390,18 +431,25 @@ def export_model(
         def run() -> Any:
             return session.run(None, feed)
     elif format == "torchscript":
-        args, kwargs = split_arguments(example_input)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if kwargs:
-                traced = torch.jit.trace(model, example_kwarg_inputs=kwargs, check_trace=False)
-            else:
-                traced = torch.jit.trace(model, args, check_trace=False)
+        traceable, args, kwargs = tensor_interface(model, example_input)
+        flat = traceable is not model  # traced on the input's tensors, positionally
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if kwargs:
+                    traced = torch.jit.trace(traceable, example_kwarg_inputs=kwargs, check_trace=False)
+                else:
+                    traced = torch.jit.trace(traceable, args, check_trace=False)
+        except Exception as exc:
+            raise ArtifactError(f"TorchScript export failed: {type(exc).__name__}: {str(exc)[:500]} "
+                                "Export with format='onnx' or 'pt' instead.") from exc
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path)).eval()
 
         def run() -> Any:
             with torch.inference_mode():
+                if flat:
+                    return output_tensors(loaded(*_flat_inputs(check_input)))
                 return output_tensors(call_model(loaded, check_input))
     else:
         buffer = io.BytesIO()

@@ -10,8 +10,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-#: Layer types whose ``weight`` the built-in operators know how to compress.
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layer types whose ``weight`` the built-in operators know how to compress. A transposed
+#: convolution (a decoder's upsampling) is pruned and quantized element-wise (its scales are per
+#: input channel, the weight's first dimension); low rank, int8 and structured pruning's own
+#: settings are for the others.
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
 
 #: The kind of a layer that is none of COMPRESSIBLE_TYPES but holds just a 2-D ``weight`` (and at
 #: most a 1-D ``bias``), such as Hugging Face's ``Conv1D`` in GPT-2 (a Linear stored transposed) or

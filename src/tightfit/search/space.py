@@ -93,8 +93,9 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
             refused = sorted({reason for op in strategy for reason in op.refused().values()})
             why = (f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them"
                    + (f" ({refused[0]})" if refused else
-                      " (structured pruning, low rank and int8 need nn.Linear/nn.Conv layers, structured pruning "
-                      "a model Torch-Pruning can trace: see any warning above; or the `layers` patterns match none)")
+                      " (structured pruning and low rank need nn.Linear/nn.Conv layers, int8 nn.Linear layers, "
+                      "structured pruning a model Torch-Pruning can trace: see any warning above; or the `layers` "
+                      "patterns match none)")
                    + "; prune and quantize work on every weight layer")
         else:
             why = "it has no Linear/Conv layer or other layer holding a weight matrix"
