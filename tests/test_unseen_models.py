@@ -624,3 +624,27 @@ def test_transposed_convolution_is_pruned_and_quantized_and_named_where_it_is_no
     lowrank = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.5), budget=1,
                                 search="random", example_input=x[:1], constraint=tightfit.MaxDrop(10.0))
     assert "low_rank does not compress a ConvTranspose2d" in {s.name: s.reason for s in lowrank.left_alone}["up"]
+
+
+def test_a_user_recovery_that_leaves_the_model_training_is_evaluated_and_saved_in_eval_mode():
+    # A hand-written loop calls model.train() and returns: the metric (which does not call eval())
+    # read dropout and batch statistics, and its passes moved the BatchNorm statistics that were saved.
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    x = torch.randn(16, 3, 8, 8)
+    modes = []
+
+    def metric(m):
+        modes.append(m.training)
+        with torch.no_grad():
+            return float(m(x).mean())
+
+    def recover(m):
+        m.train()
+        with torch.no_grad():
+            m(x)  # the loop's forward passes update BatchNorm statistics, as training does
+
+    result = tightfit.compress(model, evaluate=metric, finetune=recover, strategy=Prune(sparsity=0.2), budget=2,
+                               search="random", constraint=tightfit.MaxDrop(10.0))
+    assert modes and not any(modes)
+    assert not any("Re-evaluating the saved model" in note for note in result.notes)

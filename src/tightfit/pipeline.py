@@ -353,6 +353,10 @@ def _search(
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
                     recover(candidate)
+                # measured as the original was, in eval mode, whatever mode a user's recovery left it in:
+                # in train mode a metric that does not call eval() reads dropout noise and batch
+                # statistics, and its passes would change the BatchNorm statistics saved next
+                candidate.eval()
                 steps = getattr(recover, "steps_taken", None)
             metric, metric_se = _full_metric(evaluate, candidate)
             data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": trial.number})
@@ -835,6 +839,7 @@ def _finish(
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 finetune(candidate)
+            candidate.eval()  # as in the trial
         data = to_bytes(candidate, best.plan, {"trial": best.number})
         notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
     loaded = _load_bytes(data)
