@@ -362,3 +362,15 @@ def test_promotion_follows_the_incumbent_bo_works_from(mlp, digits, tmp_path):
         size = t.user_attrs["measurement"]["size_bytes"]  # the objective (screens told as PRUNED have no values)
         improves = size < t.system_attrs[INCUMBENT_ATTR]
         assert (t.user_attrs["fidelity"] != "screen") == improves, (t.number, size, t.system_attrs[INCUMBENT_ATTR])
+
+
+def test_agreement_on_per_token_outputs_says_what_to_use_instead():
+    # a language model's (batch, tokens, vocab) scores gave "96 values for a batch of 8 samples"
+    from tightfit.errors import EvaluationError
+
+    torch.manual_seed(0)
+    lm = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    ids = [torch.randint(0, 10, (8, 12))]
+    with pytest.raises(EvaluationError, match=r"shape \(8, 12, 10\).*tightfit.Fidelity"):
+        Agreement(ids, reference=lm)(lm)
+    assert Fidelity(ids, reference=lm)(lm) == pytest.approx(1.0)

@@ -349,7 +349,14 @@ class Agreement(_ReferenceMetric):
     binary = True
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
-        return self._outputs(model, batch).argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)
+        out = self._outputs(model, batch)
+        if out.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
+            raise EvaluationError(
+                f"Agreement compares one top-1 prediction per sample, but the model's outputs have shape "
+                f"{tuple(out.shape)} (several predictions per sample, e.g. per token or pixel). Use "
+                "tightfit.Fidelity(loader) (cosine), or tightfit.PerSample(fn, loader) with your own per-sample value."
+            )
+        return out.argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)
 
     def __repr__(self) -> str:
         return "Agreement()"
