@@ -368,6 +368,22 @@ def test_a_channel_grouping_that_never_ends_is_cut_off(monkeypatch, caplog):
     assert op.groups == {} and "no answer within 0.3 s" in caplog.text
 
 
+def test_a_model_structured_pruning_cannot_trace_is_named_in_the_run_not_only_in_a_log(monkeypatch):
+    # Hugging Face Llama: the grouping never ends; the run said nothing of it beyond a log line
+    from tightfit.errors import ModelError
+    from tightfit.operators import structured
+
+    monkeypatch.setattr(structured, "coupled_groups", _never_ends)
+    model, x = HandWrittenBlock().eval(), torch.randn(2, 5, 16)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=Compose([tightfit.StructuredPrune(trace_timeout=0.3), Quantize(bits=8)]),
+                               budget=1, search="random", example_input=x)
+    assert any("structured_prune left 6 layer(s)" in n and "cannot trace" in n for n in result.notes), result.notes
+    with pytest.raises(ModelError, match="cannot trace the model's channel dependencies"):
+        tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.StructuredPrune(trace_timeout=0.3),
+                          budget=1, example_input=x)
+
+
 def _in_a_thread(work):
     """Run ``work()`` in another thread (as a notebook or a worker would); its result or error."""
     import threading
