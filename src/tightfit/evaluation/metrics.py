@@ -54,6 +54,21 @@ def _inputs_only(batch: Any) -> Any:
     return batch
 
 
+def _reference_inputs(model: nn.Module, batch: Any) -> Any:
+    """What a label-free metric feeds the model: the batch without its labels, except that a dict's
+    ``labels`` stay when the forward takes them (a Hugging Face sequence-to-sequence model builds
+    its decoder inputs from them and fails without; other models only add a loss to the output)."""
+    if isinstance(batch, dict) and "labels" in batch:
+        import inspect
+
+        try:
+            if "labels" in inspect.signature(model.forward).parameters:
+                return batch
+        except (TypeError, ValueError):
+            pass
+    return _inputs_only(batch)
+
+
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -330,7 +345,8 @@ class _ReferenceMetric(PerSampleMetric):
             try:
                 with torch.no_grad():
                     for batch, idx in self.samples.batches():
-                        outs.append(_logits(call_model(self.reference, _to(_inputs_only(batch), self.device))).detach().cpu())
+                        inputs = _reference_inputs(self.reference, batch)
+                        outs.append(_logits(call_model(self.reference, _to(inputs, self.device))).detach().cpu())
                         self.samples_evaluated += int(idx.numel())
             finally:
                 self.reference.train(was_training)
@@ -338,7 +354,7 @@ class _ReferenceMetric(PerSampleMetric):
         return self._reference_outputs[indices]
 
     def _outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return _logits(call_model(model, _to(_inputs_only(batch), self.device))).cpu()
+        return _logits(call_model(model, _to(_reference_inputs(model, batch), self.device))).cpu()
 
 
 class Agreement(_ReferenceMetric):
