@@ -664,3 +664,20 @@ def test_a_user_recovery_that_leaves_the_model_training_is_evaluated_and_saved_i
                                search="random", constraint=tightfit.MaxDrop(10.0))
     assert modes and not any(modes)
     assert not any("Re-evaluating the saved model" in note for note in result.notes)
+
+
+class OwnRMSNorm(nn.Module):
+    """A library's own norm layer (as Hugging Face's LlamaRMSNorm): one scale per channel."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_a_norm_layer_of_any_library_is_named_as_one():
+    model = nn.Sequential(nn.Linear(4, 8), OwnRMSNorm(8), nn.RMSNorm(8), nn.Linear(8, 2))
+    reasons = {s.name: s.reason for s in tightfit.analyze(model).skipped}
+    assert reasons["1"].startswith("normalization layer") and reasons["2"].startswith("normalization layer")

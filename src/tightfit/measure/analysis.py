@@ -210,7 +210,9 @@ def _why_left_alone(module: nn.Module, own: dict[str, nn.Parameter]) -> str:
     if isinstance(module, nn.MultiheadAttention):
         return ("attention's packed q/k/v projection is not a Linear; left unchanged (its out_proj is a layer of its "
                 "own, and StructuredPrune removes whole heads)")
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or (
+        type(module).__name__.endswith("Norm") and all(p.dim() == 1 for p in own.values())
+    ):  # also a library's own (Hugging Face's LlamaRMSNorm, T5LayerNorm)
         return "normalization layer: a few scale and shift values per channel; left unchanged"
     if any(True for _ in module.children()):
         return (f"parameter(s) held directly by this module, not by a layer ({', '.join(sorted(own))}); "
