@@ -373,6 +373,8 @@ def test_agreement_on_per_token_outputs_says_what_to_use_instead():
     ids = [torch.randint(0, 10, (8, 12))]
     with pytest.raises(EvaluationError, match=r"shape \(8, 12, 10\).*tightfit.Fidelity"):
         Agreement(ids, reference=lm)(lm)
+    with pytest.raises(EvaluationError, match=r"Accuracy compares .* shape \(8, 12, 10\)"):
+        tightfit.Accuracy([(ids[0], ids[0])])(lm)
     assert Fidelity(ids, reference=lm)(lm) == pytest.approx(1.0)
 
 

@@ -289,6 +289,13 @@ class PerSample(PerSampleMetric):
         return f"PerSample({getattr(self.fn, '__name__', 'fn')})"
 
 
+_ONE_PER_SAMPLE = (
+    "{name} compares one top-1 prediction per sample, but the model's outputs have shape {shape} (several "
+    "predictions per sample, e.g. per token or pixel). Use tightfit.Fidelity(loader) (cosine), or "
+    "tightfit.PerSample(fn, loader) with your own per-sample value (e.g. a sequence's mean token accuracy)."
+)
+
+
 class Accuracy(PerSampleMetric):
     """Top-1 accuracy over ``loader`` (any iterable of ``(inputs, labels)`` batches).
 
@@ -306,6 +313,8 @@ class Accuracy(PerSampleMetric):
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         inputs, labels = _split_batch(batch)
         logits = _logits(call_model(model, _to(inputs, self.device)))
+        if logits.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
+            raise EvaluationError(_ONE_PER_SAMPLE.format(name="Accuracy", shape=tuple(logits.shape)))
         return logits.argmax(dim=-1).cpu() == labels.cpu()
 
     def __repr__(self) -> str:
@@ -367,11 +376,7 @@ class Agreement(_ReferenceMetric):
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         out = self._outputs(model, batch)
         if out.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
-            raise EvaluationError(
-                f"Agreement compares one top-1 prediction per sample, but the model's outputs have shape "
-                f"{tuple(out.shape)} (several predictions per sample, e.g. per token or pixel). Use "
-                "tightfit.Fidelity(loader) (cosine), or tightfit.PerSample(fn, loader) with your own per-sample value."
-            )
+            raise EvaluationError(_ONE_PER_SAMPLE.format(name="Agreement", shape=tuple(out.shape)))
         return out.argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)
 
     def __repr__(self) -> str:
