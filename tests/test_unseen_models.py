@@ -681,3 +681,16 @@ def test_a_norm_layer_of_any_library_is_named_as_one():
     model = nn.Sequential(nn.Linear(4, 8), OwnRMSNorm(8), nn.RMSNorm(8), nn.Linear(8, 2))
     reasons = {s.name: s.reason for s in tightfit.analyze(model).skipped}
     assert reasons["1"].startswith("normalization layer") and reasons["2"].startswith("normalization layer")
+
+
+def test_low_rank_says_why_it_leaves_a_convolution_whole():
+    # a depthwise Conv1d and a layer too thin to factorize read "low_rank does not compress a Conv1d layer"
+    model = nn.Sequential(nn.Conv1d(1, 16, 9), nn.Conv1d(16, 16, 3, groups=16), nn.Conv1d(16, 16, 5),
+                          nn.Flatten(), nn.Linear(16 * 18, 1)).eval()
+    x = torch.randn(4, 1, 32)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.3), budget=1,
+                               search="random", example_input=x, constraint=tightfit.MaxDrop(10.0))
+    reasons = {s.name: s.reason for s in result.left_alone}
+    assert {"0", "2"} <= set(result.plan.layers)
+    assert "grouped or depthwise convolution" in reasons["1"]
+    assert "would not make it cheaper" in reasons["4"] and "1x288" in reasons["4"]

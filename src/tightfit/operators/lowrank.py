@@ -153,6 +153,14 @@ class LowRank(Operator):
             return False
         return factor_rank(out_dim, in_dim, self.rank_ratio[0]) is not None
 
+    def why_not(self, layer: LayerInfo) -> str | None:
+        if layer.name in self._grouped and layer.name not in self._refused:
+            return "low_rank leaves a grouped or depthwise convolution whole: its weight is not one matrix"
+        if layer.type in _FACTORIZABLE or layer.name in self._matrix:
+            return (f"low_rank would not make it cheaper: two factors even at rank_ratio {self.rank_ratio[0]:g} hold "
+                    f"as many weights as its {'x'.join(map(str, layer.weight_shape))} weight")
+        return None
+
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
         low, high = self.rank_ratio
         return [Hyperparameter("rank_ratio", low=low, high=high)]
