@@ -132,12 +132,12 @@ def tensor_interface(model: nn.Module, example_input: Any) -> tuple[nn.Module, t
             return model, args, kwargs
     template = list(args) + list(kwargs.values())  # tensors are the slots the positional inputs fill
     n_args, names = len(args), list(kwargs)
-    own_forward = type(model).forward
+    own_forward = model.forward  # the model's own (possibly an instance attribute); the copy shares its modules
 
     def forward(self: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         given = iter(tensors)
         values = [next(given) if isinstance(v, torch.Tensor) else v for v in template]
-        out = own_forward(self, *values[:n_args], **dict(zip(names, values[n_args:])))
+        out = own_forward(*values[:n_args], **dict(zip(names, values[n_args:])))
         return tuple(output_tensors(out))
 
     traced = copy.copy(model)
