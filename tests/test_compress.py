@@ -205,3 +205,16 @@ def test_importing_the_pipeline_never_shadows_the_function():
     importlib.import_module("tightfit.demo.run")
     importlib.import_module("tightfit.pipeline")
     assert callable(tightfit.compress) and tightfit.compress.__name__ == "compress"
+
+
+def test_direction_check_reads_a_constant_metric_as_no_trend_without_a_warning():
+    # scipy's spearmanr warns (ConstantInputWarning) when every trial scored the same, as a coarse
+    # accuracy often does; that warning reached the user's run.
+    import warnings
+
+    from tightfit.pipeline import _spearman
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _spearman([(1.0, 0.5), (2.0, 0.5), (3.0, 0.5), (4.0, 0.5)]) == 0.0
+        assert _spearman([(1.0, 0.4), (2.0, 0.3), (3.0, 0.2), (4.0, 0.1)]) == pytest.approx(-1.0)

@@ -362,3 +362,40 @@ def test_promotion_follows_the_incumbent_bo_works_from(mlp, digits, tmp_path):
         size = t.user_attrs["measurement"]["size_bytes"]  # the objective (screens told as PRUNED have no values)
         improves = size < t.system_attrs[INCUMBENT_ATTR]
         assert (t.user_attrs["fidelity"] != "screen") == improves, (t.number, size, t.system_attrs[INCUMBENT_ATTR])
+
+
+def test_agreement_on_per_token_outputs_says_what_to_use_instead():
+    # a language model's (batch, tokens, vocab) scores gave "96 values for a batch of 8 samples"
+    from tightfit.errors import EvaluationError
+
+    torch.manual_seed(0)
+    lm = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    ids = [torch.randint(0, 10, (8, 12))]
+    with pytest.raises(EvaluationError, match=r"shape \(8, 12, 10\).*tightfit.Fidelity"):
+        Agreement(ids, reference=lm)(lm)
+    with pytest.raises(EvaluationError, match=r"Accuracy compares .* shape \(8, 12, 10\)"):
+        tightfit.Accuracy([(ids[0], ids[0])])(lm)
+    assert Fidelity(ids, reference=lm)(lm) == pytest.approx(1.0)
+
+
+class _Seq2Seq(torch.nn.Module):
+    """Like a Hugging Face encoder-decoder: the decoder's inputs are built from ``labels``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, input_ids, labels=None):
+        if labels is None:
+            raise ValueError("You must specify exactly one of decoder_input_ids or labels")
+        return {"logits": self.head(self.embed(input_ids).mean(1, keepdim=True) + self.embed(labels))}
+
+
+def test_label_free_metrics_keep_the_labels_a_forward_takes():
+    # Fidelity dropped `labels` from the batch and a T5 model failed in the baseline measurement
+    torch.manual_seed(0)
+    model = _Seq2Seq()
+    batches = [{"input_ids": torch.randint(0, 10, (4, 6)), "labels": torch.randint(0, 10, (4, 5))}]
+    assert Fidelity(batches, reference=model)(model) == pytest.approx(1.0)
+    assert Fidelity(batches, reference=model, kind="kl")(model) == pytest.approx(0.0, abs=1e-9)

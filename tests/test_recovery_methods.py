@@ -381,3 +381,33 @@ def test_the_default_fine_tuning_loss_names_itself_on_a_batch_without_labels():
         cross_entropy_loss(nn.Linear(3, 2), (torch.randn(2, 3),))
     with pytest.raises(EvaluationError, match="fine-tuning loss: a dict batch needs a label field"):
         cross_entropy_loss(nn.Linear(3, 2), {"x": torch.randn(2, 3)})
+
+
+class _OwnLossLM(nn.Module):
+    """A Hugging Face-style causal LM: takes ``labels`` (one per token) and returns its own loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.embed(input_ids))
+        loss = None
+        if labels is not None:  # next-token prediction: the labels are shifted inside, as Hugging Face does
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 10), labels[:, 1:].reshape(-1))
+        return {"logits": logits, "loss": loss}
+
+
+def test_the_default_fine_tuning_loss_is_the_models_own_when_it_takes_labels():
+    # dict batches with per-token `labels` failed ("scores of shape (4, 6, 10) for labels of shape (4, 6)")
+    from tightfit.recovery._base import cross_entropy_loss
+
+    torch.manual_seed(0)
+    model = _OwnLossLM()
+    ids = torch.randint(0, 10, (4, 6))
+    batch = {"input_ids": ids, "labels": ids}
+    assert torch.equal(cross_entropy_loss(model, batch), model(**batch)["loss"])
+    before = float(model(**batch)["loss"])
+    FineTune([batch] * 20, epochs=1, lr=1e-2)(model)
+    assert float(model(**batch)["loss"]) < before

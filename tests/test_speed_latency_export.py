@@ -307,3 +307,45 @@ def test_a_one_dict_model_goes_through_the_dynamo_exporter_too(tmp_path, monkeyp
     model, x = TakesOneDict().eval(), _one_dict(4)
     report = export_model(model, x, tmp_path / "m.onnx", latency=Latency(x, batch_size=6, threads=1, min_run_time=0.01))
     assert report.max_abs_diff <= report.atol + report.rtol * report.reference_max_abs
+
+
+class _Cache:
+    """Stands in for Hugging Face's DynamicCache / EncoderDecoderCache: an object, not a tensor."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+
+class _DictOutputLM(nn.Module):
+    """Keyword inputs, a dict output holding a cache object between its tensors (as a Hugging Face
+    causal LM returns with use_cache=True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=True):
+        h = torch.relu(self.body(self.embed(input_ids)))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return {"logits": self.head(h), "past_key_values": _Cache([h]) if use_cache else None, "hidden": h}
+
+
+def test_export_of_a_dict_output_with_a_cache_object_and_keyword_inputs(tmp_path):
+    # The TorchScript tracer refused the dict ("Encountering a dict at the output") and the ONNX
+    # exporter the cache object; both now trace the output's tensors, checked against the model's.
+    pytest.importorskip("onnxruntime")
+    from tightfit.export.verified import onnx_nodes_for
+
+    torch.manual_seed(0)
+    model = _DictOutputLM().eval()
+    inputs = {"input_ids": torch.randint(0, 20, (2, 5)), "attention_mask": torch.ones(2, 5), "use_cache": True}
+    for fmt in ("torchscript", "onnx"):
+        report = export_model(model, inputs, tmp_path / f"lm.{fmt}", format=fmt)
+        assert report.max_abs_diff <= 1e-5 and report.size_bytes > 0
+    assert onnx_nodes_for(tmp_path / "lm.onnx", ["head"])  # node names are the model's own (keep_float finds them)
+    loaded = torch.jit.load(str(tmp_path / "lm.torchscript"))
+    logits, hidden = loaded(inputs["input_ids"], inputs["attention_mask"])  # the input's tensors, positionally
+    assert torch.allclose(logits, model(**inputs)["logits"], atol=1e-6)

@@ -368,6 +368,22 @@ def test_a_channel_grouping_that_never_ends_is_cut_off(monkeypatch, caplog):
     assert op.groups == {} and "no answer within 0.3 s" in caplog.text
 
 
+def test_a_model_structured_pruning_cannot_trace_is_named_in_the_run_not_only_in_a_log(monkeypatch):
+    # Hugging Face Llama: the grouping never ends; the run said nothing of it beyond a log line
+    from tightfit.errors import ModelError
+    from tightfit.operators import structured
+
+    monkeypatch.setattr(structured, "coupled_groups", _never_ends)
+    model, x = HandWrittenBlock().eval(), torch.randn(2, 5, 16)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=Compose([tightfit.StructuredPrune(trace_timeout=0.3), Quantize(bits=8)]),
+                               budget=1, search="random", example_input=x)
+    assert any("structured_prune left 6 layer(s)" in n and "cannot trace" in n for n in result.notes), result.notes
+    with pytest.raises(ModelError, match="cannot trace the model's channel dependencies"):
+        tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.StructuredPrune(trace_timeout=0.3),
+                          budget=1, example_input=x)
+
+
 def _in_a_thread(work):
     """Run ``work()`` in another thread (as a notebook or a worker would); its result or error."""
     import threading
@@ -587,3 +603,93 @@ def test_low_rank_factorizes_a_transformer_layers_feed_forward(tmp_path):
     tightfit.save(factored, tmp_path / "m.tfz", plan=plan)
     with torch.no_grad():
         assert torch.allclose(tightfit.load(tmp_path / "m.tfz")(x), fused, atol=1e-6)
+
+
+class TinyUNet(nn.Module):
+    """Encoder, ConvTranspose2d and nn.Upsample decoder joined by a skip concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.resize = nn.Upsample(scale_factor=2)
+        self.dec = nn.Conv2d(24, 1, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.enc(x))
+        b = torch.relu(self.down(a))
+        return self.dec(torch.cat([a, self.up(b), self.resize(b)], dim=1))
+
+
+def test_transposed_convolution_is_pruned_and_quantized_and_named_where_it_is_not(tmp_path):
+    torch.manual_seed(0)
+    model = TinyUNet().eval()
+    x = torch.randn(8, 1, 8, 8)
+    assert {layer.name: layer.kind for layer in tightfit.analyze(model).layers}["up"] == "ConvTranspose2d"
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
+                               strategy=Compose([Prune(sparsity=0.5), Quantize(bits=4)]), budget=1, search="random",
+                               example_input=x[:1])
+    assert result.feasible and {"up", "enc", "dec"} <= set(result.plan.layers) and not result.left_alone
+    assert float((result.model.up.weight == 0).float().mean()) >= 0.5
+    codes = result.model.up.weight / result.model.up.weight.abs().amax(dim=(1, 2, 3), keepdim=True) * 7
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # 4-bit grid, one scale per input channel
+    tightfit.save(result, tmp_path / "unet.tfz")
+    assert torch.equal(tightfit.load(tmp_path / "unet.tfz")(x), result.model(x))
+    lowrank = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.5), budget=1,
+                                search="random", example_input=x[:1], constraint=tightfit.MaxDrop(10.0))
+    assert "low_rank does not compress a ConvTranspose2d" in {s.name: s.reason for s in lowrank.left_alone}["up"]
+
+
+def test_a_user_recovery_that_leaves_the_model_training_is_evaluated_and_saved_in_eval_mode():
+    # A hand-written loop calls model.train() and returns: the metric (which does not call eval())
+    # read dropout and batch statistics, and its passes moved the BatchNorm statistics that were saved.
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    x = torch.randn(16, 3, 8, 8)
+    modes = []
+
+    def metric(m):
+        modes.append(m.training)
+        with torch.no_grad():
+            return float(m(x).mean())
+
+    def recover(m):
+        m.train()
+        with torch.no_grad():
+            m(x)  # the loop's forward passes update BatchNorm statistics, as training does
+
+    result = tightfit.compress(model, evaluate=metric, finetune=recover, strategy=Prune(sparsity=0.2), budget=2,
+                               search="random", constraint=tightfit.MaxDrop(10.0))
+    assert modes and not any(modes)
+    assert not any("Re-evaluating the saved model" in note for note in result.notes)
+
+
+class OwnRMSNorm(nn.Module):
+    """A library's own norm layer (as Hugging Face's LlamaRMSNorm): one scale per channel."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_a_norm_layer_of_any_library_is_named_as_one():
+    model = nn.Sequential(nn.Linear(4, 8), OwnRMSNorm(8), nn.RMSNorm(8), nn.Linear(8, 2))
+    reasons = {s.name: s.reason for s in tightfit.analyze(model).skipped}
+    assert reasons["1"].startswith("normalization layer") and reasons["2"].startswith("normalization layer")
+
+
+def test_low_rank_says_why_it_leaves_a_convolution_whole():
+    # a depthwise Conv1d and a layer too thin to factorize read "low_rank does not compress a Conv1d layer"
+    model = nn.Sequential(nn.Conv1d(1, 16, 9), nn.Conv1d(16, 16, 3, groups=16), nn.Conv1d(16, 16, 5),
+                          nn.Flatten(), nn.Linear(16 * 18, 1)).eval()
+    x = torch.randn(4, 1, 32)
+    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.3), budget=1,
+                               search="random", example_input=x, constraint=tightfit.MaxDrop(10.0))
+    reasons = {s.name: s.reason for s in result.left_alone}
+    assert {"0", "2"} <= set(result.plan.layers)
+    assert "grouped or depthwise convolution" in reasons["1"]
+    assert "would not make it cheaper" in reasons["4"] and "1x288" in reasons["4"]

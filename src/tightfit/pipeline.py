@@ -353,6 +353,10 @@ def _search(
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
                     recover(candidate)
+                # measured as the original was, in eval mode, whatever mode a user's recovery left it in:
+                # in train mode a metric that does not call eval() reads dropout noise and batch
+                # statistics, and its passes would change the BatchNorm statistics saved next
+                candidate.eval()
                 steps = getattr(recover, "steps_taken", None)
             metric, metric_se = _full_metric(evaluate, candidate)
             data = to_bytes(candidate, plan, {**(artifact_extra or {}), "trial": trial.number})
@@ -643,8 +647,11 @@ def _direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Meas
 def _spearman(pairs: Sequence[tuple[float, float]]) -> float:
     from scipy.stats import spearmanr
 
-    rho = spearmanr([x for x, _ in pairs], [y for _, y in pairs]).statistic
-    return float(rho) if math.isfinite(rho) else 0.0  # nan when one side is constant: no trend
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    if len(set(xs)) < 2 or len(set(ys)) < 2:  # a constant side: no trend (scipy would warn and answer nan)
+        return 0.0
+    rho = spearmanr(xs, ys).statistic
+    return float(rho) if math.isfinite(rho) else 0.0
 
 
 def _partly_refused(space: SearchSpace) -> list[str]:
@@ -839,6 +846,7 @@ def _finish(
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 finetune(candidate)
+            candidate.eval()  # as in the trial
         data = to_bytes(candidate, best.plan, {"trial": best.number})
         notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
     loaded = _load_bytes(data)

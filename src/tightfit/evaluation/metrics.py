@@ -54,6 +54,21 @@ def _inputs_only(batch: Any) -> Any:
     return batch
 
 
+def _reference_inputs(model: nn.Module, batch: Any) -> Any:
+    """What a label-free metric feeds the model: the batch without its labels, except that a dict's
+    ``labels`` stay when the forward takes them (a Hugging Face sequence-to-sequence model builds
+    its decoder inputs from them and fails without; other models only add a loss to the output)."""
+    if isinstance(batch, dict) and "labels" in batch:
+        import inspect
+
+        try:
+            if "labels" in inspect.signature(model.forward).parameters:
+                return batch
+        except (TypeError, ValueError):
+            pass
+    return _inputs_only(batch)
+
+
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -274,6 +289,13 @@ class PerSample(PerSampleMetric):
         return f"PerSample({getattr(self.fn, '__name__', 'fn')})"
 
 
+_ONE_PER_SAMPLE = (
+    "{name} compares one top-1 prediction per sample, but the model's outputs have shape {shape} (several "
+    "predictions per sample, e.g. per token or pixel). Use tightfit.Fidelity(loader) (cosine), or "
+    "tightfit.PerSample(fn, loader) with your own per-sample value (e.g. a sequence's mean token accuracy)."
+)
+
+
 class Accuracy(PerSampleMetric):
     """Top-1 accuracy over ``loader`` (any iterable of ``(inputs, labels)`` batches).
 
@@ -291,6 +313,8 @@ class Accuracy(PerSampleMetric):
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         inputs, labels = _split_batch(batch)
         logits = _logits(call_model(model, _to(inputs, self.device)))
+        if logits.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
+            raise EvaluationError(_ONE_PER_SAMPLE.format(name="Accuracy", shape=tuple(logits.shape)))
         return logits.argmax(dim=-1).cpu() == labels.cpu()
 
     def __repr__(self) -> str:
@@ -330,7 +354,8 @@ class _ReferenceMetric(PerSampleMetric):
             try:
                 with torch.no_grad():
                     for batch, idx in self.samples.batches():
-                        outs.append(_logits(call_model(self.reference, _to(_inputs_only(batch), self.device))).detach().cpu())
+                        inputs = _reference_inputs(self.reference, batch)
+                        outs.append(_logits(call_model(self.reference, _to(inputs, self.device))).detach().cpu())
                         self.samples_evaluated += int(idx.numel())
             finally:
                 self.reference.train(was_training)
@@ -338,7 +363,7 @@ class _ReferenceMetric(PerSampleMetric):
         return self._reference_outputs[indices]
 
     def _outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return _logits(call_model(model, _to(_inputs_only(batch), self.device))).cpu()
+        return _logits(call_model(model, _to(_reference_inputs(model, batch), self.device))).cpu()
 
 
 class Agreement(_ReferenceMetric):
@@ -349,7 +374,10 @@ class Agreement(_ReferenceMetric):
     binary = True
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
-        return self._outputs(model, batch).argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)
+        out = self._outputs(model, batch)
+        if out.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
+            raise EvaluationError(_ONE_PER_SAMPLE.format(name="Agreement", shape=tuple(out.shape)))
+        return out.argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)
 
     def __repr__(self) -> str:
         return "Agreement()"

@@ -106,6 +106,62 @@ def _flat_inputs(example_input: Any) -> list[torch.Tensor]:
     return [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
+def _plain_outputs(output: Any) -> bool:
+    """Whether an output is what the ONNX and TorchScript tracers take as it is: a tensor, or a
+    tuple/list of tensors."""
+    return isinstance(output, torch.Tensor) or (
+        isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output))
+
+
+def _argument_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The tensors of a call's arguments, in order: positional ones (a dict argument's values in
+    its order), then keyword ones; the order of :func:`_flat_inputs` of the same input."""
+    values = [v for a in args for v in (a.values() if isinstance(a, Mapping) else (a,))] + list(kwargs.values())
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _refill(args: tuple, kwargs: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict[str, Any]]:
+    """``args``/``kwargs`` with their tensors (:func:`_argument_tensors`) replaced by ``tensors``."""
+    given = iter(tensors)
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return next(given)
+        if isinstance(value, Mapping):
+            return {k: next(given) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        return value
+
+    return tuple(fill(a) for a in args), {k: fill(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def tensor_interface(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[nn.Module, tuple, dict[str, Any]]:
+    """``model`` as a module the tracers take, and the positional and keyword inputs to trace it
+    with; ``args``/``kwargs`` are how the model is called (:func:`~tightfit.measure.analysis.model_arguments`).
+
+    A model that returns a dict, a Hugging Face ``ModelOutput`` or a cache object among its tensors
+    (Llama's ``DynamicCache``, T5's ``EncoderDecoderCache``) cannot be traced as it is, and
+    TorchScript takes keyword inputs only by the forward's own parameter names. Such a model is
+    traced as a shallow copy (same submodules, so ONNX node names, which ``keep_float`` matches,
+    stay the same) whose forward takes the call's tensors positionally (the order of
+    :func:`_flat_inputs`; its other values are kept as constants) and returns
+    :func:`output_tensors` of the output, the tensors the check compares. A model with plain
+    outputs is returned unchanged with its own arguments."""
+    import types
+
+    with torch.no_grad():
+        if _plain_outputs(model(*args, **kwargs)):
+            return model, args, kwargs
+    own_forward = model.forward  # the model's own (possibly an instance attribute); the copy shares its modules
+
+    def forward(self: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        call_args, call_kwargs = _refill(args, kwargs, tensors)
+        return tuple(output_tensors(own_forward(*call_args, **call_kwargs)))
+
+    traced = copy.copy(model)
+    traced.forward = types.MethodType(forward, traced)
+    return traced, tuple(_argument_tensors(args, kwargs)), {}
+
+
 def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], atol: float, rtol: float) -> tuple[float, float]:
     """(max abs difference, max abs reference); raises ExportCheckError beyond the tolerance."""
     if len(reference) != len(exported):
@@ -159,12 +215,14 @@ def _batch_dims(value: Any, batch: Any) -> Any:
     return None
 
 
-def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
+def _export_onnx(model: nn.Module, example_input: Any, path: Path, call: tuple[tuple, dict[str, Any]] | None = None) -> None:
+    """``call``: how the model is called on ``example_input``, when ``model`` cannot tell (a dtype
+    wrapper takes anything); by default :func:`~tightfit.measure.analysis.model_arguments`."""
     _require("onnx", "onnxruntime")
-    args, kwargs = model_arguments(model, example_input)
     input_names = _input_names(example_input)
+    traceable, args, kwargs = tensor_interface(model, *(call or model_arguments(model, example_input)))
     with torch.no_grad():
-        n_outputs = len(output_tensors(call_model(model, example_input)))
+        n_outputs = len(output_tensors(traceable(*args, **kwargs)))
     output_names = [f"output_{i}" for i in range(n_outputs)]
     dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
     # Both exporters read a trailing dict in `args` as the keyword arguments; it is always given
@@ -175,13 +233,15 @@ def _export_onnx(model: nn.Module, example_input: Any, path: Path) -> None:
         try:
             # The TorchScript-based exporter names nodes after modules (/layer1/conv/Conv), which
             # is how `keep_float` finds a layer's nodes; the dynamo exporter is the fallback.
-            torch.onnx.export(model, export_args, str(path), dynamo=False, input_names=input_names,
+            torch.onnx.export(traceable, export_args, str(path), dynamo=False, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
         except Exception as legacy_error:
             try:
                 batch = torch.export.Dim("batch")
                 shapes = tuple(_batch_dims(a, batch) for a in args) if args else None
-                program = torch.onnx.export(model, export_args, dynamo=True, external_data=False,
+                if traceable is not model:  # forward(self, *tensors): the shapes of its one (variadic) parameter
+                    shapes = (shapes,)
+                program = torch.onnx.export(traceable, export_args, dynamo=True, external_data=False,
                                             dynamic_shapes=shapes)
                 program.save(str(path))
             except Exception as dynamo_error:
@@ -397,7 +457,7 @@ def export_model(
     if format == "onnx":
         with tempfile.TemporaryDirectory() as tmp:
             float_path = Path(tmp) / "float.onnx" if int8 else path
-            _export_onnx(model, example_input, float_path)
+            _export_onnx(model, example_input, float_path, call=(args, kwargs))
             if int8:
                 _quantize_onnx(float_path, path, int8, list(keep_float or []), calibration, only=int8_layers)
         session = _ort_session(path, threads)
@@ -406,17 +466,25 @@ def export_model(
         def run() -> Any:
             return session.run(None, feed)
     elif format == "torchscript":
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if kwargs:
-                traced = torch.jit.trace(model, example_kwarg_inputs=kwargs, check_trace=False)
-            else:
-                traced = torch.jit.trace(model, args, check_trace=False)
+        traceable, args, kwargs = tensor_interface(model, args, kwargs)
+        flat = traceable is not model  # traced on the input's tensors, positionally
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if kwargs:
+                    traced = torch.jit.trace(traceable, example_kwarg_inputs=kwargs, check_trace=False)
+                else:
+                    traced = torch.jit.trace(traceable, args, check_trace=False)
+        except Exception as exc:
+            raise ArtifactError(f"TorchScript export failed: {type(exc).__name__}: {str(exc)[:500]} "
+                                "Export with format='onnx' or 'pt' instead.") from exc
         torch.jit.save(traced, str(path))
         loaded = torch.jit.load(str(path)).eval()
 
         def run() -> Any:
             with torch.inference_mode():
+                if flat:
+                    return output_tensors(loaded(*_flat_inputs(check_input)))
                 return output_tensors(loaded(*check_args, **check_kwargs))
     else:
         buffer = io.BytesIO()

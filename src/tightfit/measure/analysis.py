@@ -10,8 +10,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-#: Layer types whose ``weight`` the built-in operators know how to compress.
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layer types whose ``weight`` the built-in operators know how to compress. A transposed
+#: convolution (a decoder's upsampling) is pruned and quantized element-wise (its scales are per
+#: input channel, the weight's first dimension); low rank, int8 and structured pruning's own
+#: settings are for the others.
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
 
 #: The kind of a layer that is none of COMPRESSIBLE_TYPES but holds just a 2-D ``weight`` (and at
 #: most a 1-D ``bias``), such as Hugging Face's ``Conv1D`` in GPT-2 (a Linear stored transposed) or
@@ -249,7 +254,9 @@ def _why_left_alone(module: nn.Module) -> str | None:
     if isinstance(module, nn.MultiheadAttention):
         return ("attention's packed q/k/v projection is not a Linear; left unchanged (its out_proj is a layer of its "
                 "own, and StructuredPrune removes whole heads)")
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or (
+        type(module).__name__.endswith("Norm") and all(p.dim() == 1 for p in module.parameters(recurse=False))
+    ):  # also a library's own (Hugging Face's LlamaRMSNorm, T5LayerNorm)
         return "normalization layer: a few scale and shift values per channel; left unchanged"
     if any(True for _ in module.children()):
         return None

@@ -157,6 +157,11 @@ class LowRank(Operator):
         if layer.kind in RECURRENT_KINDS:
             return ("low_rank does not factorize a recurrent layer's gate matrices (the layer's kernel takes them "
                     "whole); prune / quantize compress them")
+        if layer.name in self._grouped and layer.name not in self._refused:
+            return "low_rank leaves a grouped or depthwise convolution whole: its weight is not one matrix"
+        if layer.type in _FACTORIZABLE or layer.name in self._matrix:
+            return (f"low_rank would not make it cheaper: two factors even at rank_ratio {self.rank_ratio[0]:g} hold "
+                    f"as many weights as its {'x'.join(map(str, layer.weight_shape))} weight")
         return None
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:

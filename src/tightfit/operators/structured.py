@@ -610,6 +610,7 @@ class StructuredPrune(Operator):
             )
         example = input_from_spec(self._spec)
         self._refused, self._heads, heads = {}, [], {}
+        untraced = None
         try:
             with _time_limit(self.trace_timeout):
                 self._groups, dg = coupled_groups(model, example)
@@ -629,6 +630,7 @@ class StructuredPrune(Operator):
             log.warning("StructuredPrune: cannot trace the model's channel dependencies (%s: %s); "
                         "no layer is pruned structurally.", type(exc).__name__, exc)
             self._groups, self._refused, heads = {}, {}, {}
+            untraced = f"structured pruning cannot trace the model's channel dependencies ({type(exc).__name__}: {exc})"
         refused_groups = {name: self._groups.pop(name) for name in self._refused}
         reasons = dict(self._refused)
         self._heads = [key for key, why in heads.items() if not why]
@@ -643,6 +645,9 @@ class StructuredPrune(Operator):
         for key, why in heads.items():  # attention outside any group (nn.MultiheadAttention) left whole
             if why and key not in kept:
                 self._refused.setdefault(key, why)
+        if untraced:  # named in the run's notes / left_alone, not only in a log line
+            self._refused = {name: untraced for name, m in model.named_modules()
+                             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
 
     def refused(self) -> dict[str, str]:
         return dict(self._refused)

@@ -23,10 +23,35 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
+def _takes_labels(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _own_loss(output: Any) -> torch.Tensor | None:
+    """The scalar loss a model returned (a Hugging Face output's ``loss``), or None."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+
+
 def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Default loss: cross-entropy of the model's class scores on ``(inputs, labels)`` batches."""
+    """Default loss: cross-entropy of the model's class scores on ``(inputs, labels)`` batches.
+
+    A dict batch whose ``labels`` the model's forward takes (Hugging Face models) trains on the loss
+    the model computes from them, when it returns one: a causal LM shifts its labels, a
+    sequence-to-sequence model builds its decoder inputs from them."""
     inputs, labels = _split_batch(batch, "The default fine-tuning loss", "loss=callable(model, batch) -> scalar tensor")
-    logits = _logits(call_model(model, inputs))
+    if isinstance(batch, dict) and "labels" in batch and _takes_labels(model):
+        output = model(**batch)
+        if (own := _own_loss(output)) is not None:
+            return own
+    else:
+        output = call_model(model, inputs)
+    logits = _logits(output)
     # F.cross_entropy also accepts one unbatched row of scores, or float targets as class
     # probabilities: a regression model's (batch,) output and float targets would train, on nonsense
     soft = labels.is_floating_point() and labels.shape == logits.shape

@@ -93,7 +93,8 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
             refused = sorted({reason for op in strategy for reason in op.refused().values()})
             why = (f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them"
                    + (f" ({refused[0]})" if refused else
-                      " (structured pruning and low rank need nn.Linear/nn.Conv layers, int8 those or an nn.LSTM, "
+                      " (structured pruning and low rank need nn.Linear/nn.Conv layers, int8 nn.Linear layers or an "
+                      "nn.LSTM, "
                       "structured pruning a model Torch-Pruning can trace: see any warning above; or the `layers` "
                       "patterns match none)")
                    + "; prune and quantize work on every weight layer")
