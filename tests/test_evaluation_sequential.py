@@ -399,3 +399,31 @@ def test_label_free_metrics_keep_the_labels_a_forward_takes():
     batches = [{"input_ids": torch.randint(0, 10, (4, 6)), "labels": torch.randint(0, 10, (4, 5))}]
     assert Fidelity(batches, reference=model)(model) == pytest.approx(1.0)
     assert Fidelity(batches, reference=model, kind="kl")(model) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fidelity_kl_is_per_position_over_the_class_axis():
+    # a language model's (batch, tokens, vocab) logits: one softmax per token, not one over all of them
+    torch.manual_seed(0)
+    lm = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    other = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    ids = torch.randint(0, 10, (8, 12))
+    kl = Fidelity([ids], reference=lm, kind="kl", class_dim=-1)
+    assert kl(lm) == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        log_p, log_q = torch.log_softmax(lm(ids).double(), -1), torch.log_softmax(other(ids).double(), -1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)  # (8, 12)
+    assert kl(other) == pytest.approx(-float(per_token.mean()), rel=1e-9)
+    # (batch, classes) outputs: the default axis 1 is the same as before
+    mlp = torch.nn.Linear(5, 3)
+    x = torch.randn(6, 5)
+    with torch.no_grad():
+        p, q = torch.log_softmax(mlp(x).double(), 1), torch.log_softmax(torch.zeros(6, 3, dtype=torch.float64), 1)
+    zero = torch.nn.Linear(5, 3)
+    torch.nn.init.zeros_(zero.weight), torch.nn.init.zeros_(zero.bias)
+    assert Fidelity([x], reference=mlp, kind="kl")(zero) == pytest.approx(-float((p.exp() * (p - q)).sum(1).mean()), rel=1e-9)
+    from tightfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="class_dim"):
+        Fidelity([ids], reference=lm, kind="kl", class_dim=0)
+    with pytest.raises(ConfigError, match=r"class_dim.*shape \(8, 12, 10\)"):
+        Fidelity([ids], reference=lm, kind="kl", class_dim=3)(lm)

@@ -392,6 +392,10 @@ class Fidelity(_ReferenceMetric):
     ``kind="cosine"``: cosine similarity of the two output vectors (in [-1, 1], 1 = same direction).
     ``kind="kl"``: minus the KL divergence ``KL(p_original || p_model)`` of the softmax outputs at
     ``temperature`` (<= 0, 0 = identical), so higher is better either way. Needs no labels.
+    The softmax runs over ``class_dim``, PyTorch's class axis of a ``(batch, classes, ...)`` output
+    by default; a language model's ``(batch, tokens, vocabulary)`` logits need ``class_dim=-1``.
+    Where the output has positions besides (tokens, pixels), a sample's value is the mean of its
+    positions' divergences, as in per-token distillation.
     """
 
     def __init__(
@@ -401,6 +405,7 @@ class Fidelity(_ReferenceMetric):
         *,
         kind: str = "cosine",
         temperature: float = 1.0,
+        class_dim: int = 1,
         device: str | torch.device = "cpu",
     ) -> None:
         if kind not in FIDELITY_KINDS:
@@ -408,21 +413,30 @@ class Fidelity(_ReferenceMetric):
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ConfigError(f"Fidelity: `temperature` must be a number > 0, but got {temperature!r}.")
         super().__init__(loader, reference, device=device)
+        if isinstance(class_dim, bool) or not isinstance(class_dim, int) or class_dim == 0:
+            raise ConfigError(f"Fidelity: `class_dim` must be the class axis of the model's output (an int, not 0: "
+                              f"that is the batch), but got {class_dim!r}.")
         self.kind = kind
         self.temperature = float(temperature)
+        self.class_dim = class_dim
         self.value_range = (-1.0, 1.0) if kind == "cosine" else None
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
-        out = self._outputs(model, batch).to(torch.float64).flatten(1)
-        ref = self.reference_outputs(indices).to(torch.float64).flatten(1)
+        out = self._outputs(model, batch).to(torch.float64)
+        ref = self.reference_outputs(indices).to(torch.float64)
         if self.kind == "cosine":
-            return F.cosine_similarity(out, ref, dim=1)
-        log_p = F.log_softmax(ref / self.temperature, dim=1)
-        log_q = F.log_softmax(out / self.temperature, dim=1)
-        return -(log_p.exp() * (log_p - log_q)).sum(dim=1)
+            return F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1)
+        if out.dim() < 2 or not -out.dim() < self.class_dim < out.dim() or self.class_dim % out.dim() == 0:
+            raise ConfigError(f"Fidelity: `class_dim` {self.class_dim} is not a class axis of the model's output of "
+                              f"shape {tuple(out.shape)} (axis 0 is the batch); pass the axis its classes are on.")
+        log_p = F.log_softmax(ref / self.temperature, dim=self.class_dim)
+        log_q = F.log_softmax(out / self.temperature, dim=self.class_dim)
+        divergence = (log_p.exp() * (log_p - log_q)).sum(dim=self.class_dim)  # (batch, positions...)
+        return -divergence.reshape(len(divergence), -1).mean(dim=1)
 
     def __repr__(self) -> str:
-        return f"Fidelity(kind={self.kind!r})"
+        return f"Fidelity(kind={self.kind!r})" if self.kind == "cosine" or self.class_dim == 1 else \
+            f"Fidelity(kind={self.kind!r}, class_dim={self.class_dim})"
 
 
 def bind_reference(evaluate: Any, original: nn.Module) -> Any:
