@@ -131,6 +131,17 @@ def test_model_without_compressible_layers_is_a_clear_error(digits):
         tightfit.compress(model, evaluate=lambda m: 1.0, budget=1)
 
 
+def test_a_strategy_that_takes_no_layer_says_why_for_each(digits):
+    # the error used to end in "Left alone: []" when every weight layer was refused or left out
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2))
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ModelError, match=r"Its weight layers and why: 0: int8 does not compress a Conv2d layer; 2: ") as error:
+        tightfit.compress(model, evaluate=lambda m: 1.0, example_input=x, budget=1, strategy=tightfit.Int8())
+    assert "Left alone" not in str(error.value)
+    with pytest.raises(ModelError, match=r"0: left out by the operators' `layers` patterns"):
+        tightfit.compress(model, evaluate=lambda m: 1.0, example_input=x, budget=1, strategy=Prune(layers=["head*"]))
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [

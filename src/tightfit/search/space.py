@@ -90,18 +90,29 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
         ops = ", ".join(op.name for op in strategy)
         if analysis.layers:
             kinds = sorted({layer.kind for layer in analysis.layers})
-            refused = sorted({reason for op in strategy for reason in op.refused().values()})
-            why = (f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them"
-                   + (f" ({refused[0]})" if refused else
-                      " (structured pruning and low rank need nn.Linear/nn.Conv layers, int8 nn.Linear layers or an "
-                      "nn.LSTM, "
-                      "structured pruning a model Torch-Pruning can trace: see any warning above; or the `layers` "
-                      "patterns match none)")
-                   + "; prune and quantize work on every weight layer")
+            why = (f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them "
+                   "(see any warning above); prune and quantize work on every weight layer")
         else:
             why = "it has no Linear/Conv layer or other layer holding a weight matrix"
-        raise ModelError(
-            f"No layer of the model can be compressed by {ops}: {why}. "
-            f"Left alone: {[shown_name(s.name) for s in analysis.skipped][:10]}."
-        )
+        layers = "; ".join(f"{shown_name(layer.name)}: {_why_not_taken(layer, strategy)}" for layer in analysis.layers[:6])
+        others = [shown_name(s.name) for s in analysis.skipped][:10]
+        raise ModelError(" ".join(
+            [f"No layer of the model can be compressed by {ops}: {why}."]
+            + ([f"Its weight layers and why: {layers}{' ...' if len(analysis.layers) > 6 else ''}."] if layers else [])
+            + ([f"Other modules left alone: {others}."] if others else [])
+        ))
     return SearchSpace(strategy, tuple(dimensions), fixed, tuple(recovery))
+
+
+def _why_not_taken(layer, strategy: Compose) -> str:
+    """Why no operator of ``strategy`` takes ``layer``: one's refusal, the ``layers`` patterns, the
+    operator's own reason, or its type."""
+    for op in strategy:
+        if layer.name in op.refused():
+            return f"{op.name}: {op.refused()[layer.name]}"
+    if any(op.supports(layer) for op in strategy):
+        return "left out by the operators' `layers` patterns"
+    for op in strategy:
+        if (why := op.why_not(layer)) is not None:
+            return f"{op.name}: {why}"
+    return f"{' / '.join(op.name for op in strategy)} does not compress a {layer.type} layer"
