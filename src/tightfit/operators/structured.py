@@ -14,7 +14,7 @@ import copy
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -331,21 +331,29 @@ def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str], ra
     with torch.no_grad():
         reference = _shapes(call_model(copy.deepcopy(model).eval(), example_input))
 
-    def clean(subset: list[str]) -> bool:
-        for at in sorted({0.0, ratio}):  # one channel (a grouped conv's count breaks), and the most searched
-            trial = copy.deepcopy(model)
-            try:
-                prune_groups(trial, {name: at for name in subset}, example_input, round_to, at_least_one=True)
-                with torch.no_grad():
-                    if _shapes(call_model(trial.eval(), example_input)) != reference:
-                        return False
-            except TraceTimeout:
-                raise
-            except Exception:  # any failure of the pruned model counts as "breaks"
-                return False
-        return True
+    def clean_at(subset: list[str], at: float) -> bool:
+        trial = copy.deepcopy(model)
+        prune_groups(trial, {name: at for name in subset}, example_input, round_to, at_least_one=True)
+        with torch.no_grad():
+            return _shapes(call_model(trial.eval(), example_input)) == reference
 
-    return failing_members(list(leaders), clean)
+    # one channel (a grouped conv's count breaks), and the most searched
+    return failing_members(list(leaders), lambda subset: _holds_at(ratio, lambda at: clean_at(subset, at)))
+
+
+def _holds_at(ratio: float, check: Callable[[float], bool]) -> bool:
+    """``check`` passes when pruning at one channel (``at_least_one``, ratio 0) and at ``ratio``;
+    any failure of the pruned model counts as not passing, except a trace timeout, which the
+    caller handles."""
+    for at in sorted({0.0, ratio}):
+        try:
+            if not check(at):
+                return False
+        except TraceTimeout:
+            raise
+        except Exception:
+            return False
+    return True
 
 
 def _shapes(output: Any) -> Any:
@@ -505,32 +513,23 @@ def pruning_unlike_zeroing(model: nn.Module, example_input: Any, leaders: list[s
     then halves of a failing set (:func:`breaking_groups`)."""
     from .heads import _close
 
-    def same(subset: list[str]) -> bool:
-        for at in sorted({0.0, ratio}):
-            trial = copy.deepcopy(model).eval()
-            try:
-                groups, dg = coupled_groups(trial, example_input)
-                modules = dict(trial.named_modules())
-                with torch.no_grad():
-                    periods = _periods(dg, trial, groups, subset)
-                    drops = {name: _planned_drop(dg, trial, groups, name, at, round_to, True, periods[name])
-                             for name in subset}
-                    for name, drop in drops.items():
-                        if drop:
-                            _zero_readers(dg, _pruning_group(dg, modules[name], drop, name))
-                    zeroed = call_model(trial, example_input)
-                    for name, drop in drops.items():
-                        if drop:
-                            _pruning_group(dg, modules[name], drop, name).prune()
-                    if not _close(zeroed, call_model(trial, example_input)):
-                        return False
-            except TraceTimeout:
-                raise
-            except Exception:  # any failure of the pruned model counts as "differs"
-                return False
-        return True
+    def same_at(subset: list[str], at: float) -> bool:
+        trial = copy.deepcopy(model).eval()
+        groups, dg = coupled_groups(trial, example_input)
+        modules = dict(trial.named_modules())
+        with torch.no_grad():
+            periods = _periods(dg, trial, groups, subset)
+            drops = {name: _planned_drop(dg, trial, groups, name, at, round_to, True, periods[name]) for name in subset}
+            for name, drop in drops.items():
+                if drop:
+                    _zero_readers(dg, _pruning_group(dg, modules[name], drop, name))
+            zeroed = call_model(trial, example_input)
+            for name, drop in drops.items():
+                if drop:
+                    _pruning_group(dg, modules[name], drop, name).prune()
+            return _close(zeroed, call_model(trial, example_input))
 
-    return failing_members(list(leaders), same)
+    return failing_members(list(leaders), lambda subset: _holds_at(ratio, lambda at: same_at(subset, at)))
 
 
 class StructuredPrune(Operator):
