@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EvaluationError
-from ..measure.analysis import call_model
+from ..measure.analysis import call_model, forward_takes
 
 LABEL_KEYS = ("labels", "label", "target", "targets", "y")
 
@@ -58,14 +58,8 @@ def _reference_inputs(model: nn.Module, batch: Any) -> Any:
     """What a label-free metric feeds the model: the batch without its labels, except that a dict's
     ``labels`` stay when the forward takes them (a Hugging Face sequence-to-sequence model builds
     its decoder inputs from them and fails without; other models only add a loss to the output)."""
-    if isinstance(batch, dict) and "labels" in batch:
-        import inspect
-
-        try:
-            if "labels" in inspect.signature(model.forward).parameters:
-                return batch
-        except (TypeError, ValueError):
-            pass
+    if isinstance(batch, dict) and "labels" in batch and forward_takes(model, "labels"):
+        return batch
     return _inputs_only(batch)
 
 

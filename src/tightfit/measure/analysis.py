@@ -158,6 +158,16 @@ def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any
     return split_arguments(inputs)
 
 
+def forward_takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward has a parameter ``name`` (False where no signature can be read)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _binds(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> bool:
     import inspect
 

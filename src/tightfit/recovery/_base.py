@@ -15,21 +15,12 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
 from ..evaluation.metrics import _logits, _split_batch, _to
-from ..measure.analysis import call_model
+from ..measure.analysis import call_model, forward_takes
 from ..operators.base import Hyperparameter, Projection
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-
-
-def _takes_labels(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return "labels" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _own_loss(output: Any) -> torch.Tensor | None:
@@ -45,7 +36,7 @@ def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     the model computes from them, when it returns one: a causal LM shifts its labels, a
     sequence-to-sequence model builds its decoder inputs from them."""
     inputs, labels = _split_batch(batch, "The default fine-tuning loss", "loss=callable(model, batch) -> scalar tensor")
-    if isinstance(batch, dict) and "labels" in batch and _takes_labels(model):
+    if isinstance(batch, dict) and "labels" in batch and forward_takes(model, "labels"):
         output = model(**batch)
         if (own := _own_loss(output)) is not None:
             return own
