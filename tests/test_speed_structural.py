@@ -350,3 +350,30 @@ def test_a_grouped_convolution_group_whose_pruning_is_not_zeroing_is_refused():
     op = StructuredPrune()
     op.prepare(GroupNormThenGrouped().eval(), torch.randn(2, 3, 5, 5))
     assert "does not compute what zeroing them does" in op.refused()["conv"] and set(op.groups) == {"grouped"}
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 16, 1), nn.GroupNorm(4, 16)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x)))).mean(dim=(2, 3))
+
+
+def test_a_groupnorm_keeps_as_many_channels_in_each_of_its_groups():
+    # the lowest-magnitude channels all sit in GroupNorm groups 1-3: chosen across the layer, the
+    # pruned norm's groups would mix channels that were normalized apart
+    from tightfit.operators.structured import prune_groups
+
+    torch.manual_seed(0)
+    model = GroupNormNet().eval()
+    with torch.no_grad():
+        model.conv.weight[4:] *= 0.01
+    original = model.conv.weight.detach().clone()
+    prune_groups(model, {"conv": 0.5}, torch.randn(2, 3, 5, 5))
+    assert model.norm.num_channels == 8 and model.norm.num_groups == 4
+    kept = [int(torch.nonzero((original == row).all(dim=(1, 2, 3)))[0]) for row in model.conv.weight.detach()]
+    assert [sum(1 for c in kept if c // 4 == g) for g in range(4)] == [2, 2, 2, 2], kept
+    assert model(torch.randn(2, 3, 5, 5)).shape == (2, 5)

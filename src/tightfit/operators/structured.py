@@ -453,7 +453,12 @@ def _planned_drop(dg, model: nn.Module, groups: Mapping[str, list[str]], name: s
         scores = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)(group)
     if scores is None or len(scores) != channels:
         raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
-    if period:
+    # A GroupNorm over all of the group's channels normalizes blocks of consecutive channels: each
+    # block loses as many, so every channel that stays is normalized with the same neighbours.
+    norms = [m.num_groups for m in (modules[n] for n in groups[name] if n in modules)
+             if isinstance(m, nn.GroupNorm) and m.num_channels == channels]
+    period = math.lcm(period or 1, *norms)
+    if period > 1:
         return _choose_periodic_drop(scores, period, channels - kept)
     return _choose_drop(dg, group, scores, channels - kept)
 
