@@ -229,3 +229,13 @@ def test_direction_check_reads_a_constant_metric_as_no_trend_without_a_warning()
         warnings.simplefilter("error")
         assert _spearman([(1.0, 0.5), (2.0, 0.5), (3.0, 0.5), (4.0, 0.5)]) == 0.0
         assert _spearman([(1.0, 0.4), (2.0, 0.3), (3.0, 0.2), (4.0, 0.1)]) == pytest.approx(-1.0)
+
+
+def test_a_compiled_model_is_compressed_through_what_it_wraps_and_a_scripted_one_is_refused(digits):
+    # a torch.compile wrapper gave a "compressed" file 3x the original's; a ScriptModule a raw RuntimeError
+    mlp = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    result = tightfit.compress(torch.compile(mlp), **_args(digits, budget=2, finetune=None))
+    assert isinstance(result.model, nn.Sequential) and result.compression_ratio > 1.0
+    assert any("torch.compile" in note for note in result.notes)
+    with pytest.raises(ConfigError, match="TorchScript module"):
+        tightfit.compress(torch.jit.script(mlp), **_args(digits, budget=2, finetune=None))

@@ -52,6 +52,12 @@ SETTINGS_ATTR = "tightfit.settings"
 def _validate(model, evaluate, objective, budget, example_input, finetune, seed) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(
+            "`model` is a TorchScript module (torch.jit.script / torch.jit.trace); compression adds "
+            "parametrizations to layers, which a ScriptModule cannot take. Pass the nn.Module it was made from, "
+            "and script the result (tightfit export --format torchscript)."
+        )
     if not callable(evaluate):
         raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
     primary = objective[0] if isinstance(objective, (tuple, list)) and len(objective) == 2 and objective[1] == "metric" else objective
@@ -68,6 +74,13 @@ def _validate(model, evaluate, objective, budget, example_input, finetune, seed)
         raise ConfigError("`finetune` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
     if not isinstance(seed, int):
         raise ConfigError(f"`seed` must be an int, but got {seed!r}.")
+
+
+def _compiled_original(model: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile(module)`` wrapper holds, or None for any other model."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return model._orig_mod if isinstance(model, OptimizedModule) else None
 
 
 def _check_evaluation(evaluation) -> None:
@@ -266,6 +279,9 @@ def _search(
     worker binds its keywords to it, see :func:`run_arguments`)."""
     _validate(model, evaluate, objective, budget, example_input, finetune, seed)
     _check_evaluation(evaluation)
+    compiled = _compiled_original(model)
+    if compiled is not None:  # torch.compile's wrapper: compress what it wraps (each copy would recompile)
+        model = compiled
     if pick not in PICKS:
         raise ConfigError(f"`pick` must be one of {PICKS}, but got {pick!r}.")
     # ("size", "metric"): a Pareto front of the first objective (minimized) and the metric
@@ -452,6 +468,9 @@ def _search(
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
         result.notes.extend(_partly_refused(space) + _following_note(analysis, space) + _direction_note(evaluate, trials, baseline))
+        if compiled is not None:
+            result.notes.append("The model was a torch.compile wrapper; the module it wraps was compressed, and "
+                                "result.model is an eager module: call torch.compile on it again.")
         if run is not None:
             report.write_run_files(result, run.path, settings)
         return result
