@@ -248,3 +248,17 @@ def test_config_turns_on_cheap_evaluation_with_its_options(project):
     config.write_text(config.read_text().replace("promote_probability = 0.6", "promote_probability = 1.5"))
     bad = runner.invoke(app, ["run", str(config)])
     assert bad.exit_code == 2 and "promote_probability" in bad.output
+
+
+def test_config_passes_an_accuracy_threshold_and_rejects_one_without_accuracy(project):
+    from tightfit.cli.config import build_arguments, load_config
+
+    config_path = project / "tightfit.toml"
+    text = config_path.read_text()
+    config_path.write_text(text.replace("[evaluate]\n", "[evaluate]\nthreshold = 0.0\n", 1))
+    config, base = load_config(config_path)
+    assert build_arguments(config, base, config_path)["evaluate"].threshold == 0.0
+    config_path.write_text(text.replace("[evaluate]\n", "[evaluate]\nthreshold = 0.5\nfunction = \"my_models:build\"\n", 1)
+                           .replace('accuracy = "', '# accuracy = "', 1))
+    result = runner.invoke(app, ["run", str(config_path)])
+    assert result.exit_code != 0 and "threshold" in result.output

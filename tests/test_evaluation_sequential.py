@@ -427,3 +427,31 @@ def test_fidelity_kl_is_per_position_over_the_class_axis():
         Fidelity([ids], reference=lm, kind="kl", class_dim=0)
     with pytest.raises(ConfigError, match=r"class_dim.*shape \(8, 12, 10\)"):
         Fidelity([ids], reference=lm, kind="kl", class_dim=3)(lm)
+
+
+def test_a_binary_model_with_one_score_needs_a_threshold_and_then_scores_right():
+    # argmax over one column is class 0 for every sample: Accuracy read the share of class 0, and
+    # Agreement 1.0 for any model
+    from tightfit.errors import ConfigError, EvaluationError
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 3)
+    y = (x[:, 0] > 0).long()
+    single = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        single.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]])), single.bias.zero_()
+    flat = torch.nn.Sequential(single, torch.nn.Flatten(0))  # (batch,) scores
+    with pytest.raises(EvaluationError, match=r"one score per sample .*threshold=0.0"):
+        tightfit.Accuracy([(x, y)])(single)
+    assert tightfit.Accuracy([(x, y)], threshold=0.0)(single) == 1.0
+    assert tightfit.Accuracy([(x, y.float().unsqueeze(1))], threshold=0.0)(single) == 1.0  # BCE-style targets
+    assert tightfit.Accuracy([(x, y)], threshold=0.0)(flat) == 1.0
+    flipped = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        flipped.weight.copy_(-single.weight), flipped.bias.zero_()
+    with pytest.raises(EvaluationError, match="Agreement"):
+        Agreement([x], reference=single)(flipped)
+    assert Agreement([x], reference=single, threshold=0.0)(flipped) == 0.0
+    assert Agreement([x], reference=single, threshold=0.0)(single) == 1.0
+    with pytest.raises(ConfigError, match="threshold"):
+        tightfit.Accuracy([(x, y)], threshold="0.5")

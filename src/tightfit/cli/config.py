@@ -57,6 +57,10 @@ class ModelSection(_Strict):
 class EvaluateSection(_Strict):
     accuracy: str | None = Field(default=None, description="import path of a function returning the validation loader")
     function: str | None = Field(default=None, description="import path of a metric: function(model) -> float")
+    threshold: float | None = Field(
+        default=None,
+        description="with `accuracy`, for a binary model with one score per sample: class 1 above it (0.0 logit, 0.5 probability)",
+    )
 
     @field_validator("accuracy", "function")
     @classmethod
@@ -67,6 +71,8 @@ class EvaluateSection(_Strict):
     def _exactly_one(self) -> EvaluateSection:
         if (self.accuracy is None) == (self.function is None):
             raise ValueError("set exactly one of `accuracy` (a validation-loader function) or `function` (a metric)")
+        if self.threshold is not None and self.accuracy is None:
+            raise ValueError("`threshold` goes with `accuracy`; a `function` metric decides its own classes")
         return self
 
 
@@ -339,7 +345,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
             raise ConfigError(f"model.weights: does not fit the model from model.factory ({exc}).") from None
 
     if config.evaluate.accuracy is not None:
-        evaluate = Accuracy(call("evaluate.accuracy", config.evaluate.accuracy))
+        evaluate = Accuracy(call("evaluate.accuracy", config.evaluate.accuracy), threshold=config.evaluate.threshold)
     else:
         evaluate = resolve_import(config.evaluate.function)
 

@@ -290,26 +290,54 @@ _ONE_PER_SAMPLE = (
 )
 
 
+def _check_threshold(name: str, threshold: float | None) -> float | None:
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not math.isfinite(threshold)):
+        raise ConfigError(f"{name}: `threshold` must be a number (0.0 for a logit, 0.5 for a probability) or None, "
+                          f"but got {threshold!r}.")
+    return None if threshold is None else float(threshold)
+
+
+def _predictions(scores: torch.Tensor, threshold: float | None, name: str) -> torch.Tensor:
+    """One class per sample: the top-1 class, or for a binary model with one score per sample
+    (shape ``(batch,)`` or ``(batch, 1)``) whether the score exceeds ``threshold``."""
+    if scores.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
+        raise EvaluationError(_ONE_PER_SAMPLE.format(name=name, shape=tuple(scores.shape)))
+    if scores.dim() == 1 or scores.shape[1] == 1:
+        if threshold is None:  # argmax over one column is always class 0: a silently wrong metric
+            raise EvaluationError(
+                f"{name}: the model gives one score per sample (output shape {tuple(scores.shape)}), so there is no "
+                f"top-1 class to take. For a binary classifier pass {name}(loader, threshold=0.0) when the score is a "
+                "logit, or threshold=0.5 when it is a probability."
+            )
+        return (scores.reshape(len(scores)) > threshold).long()
+    return scores.argmax(dim=-1)
+
+
 class Accuracy(PerSampleMetric):
     """Top-1 accuracy over ``loader`` (any iterable of ``(inputs, labels)`` batches).
 
     ``per_sample(model)`` gives the 0/1 correctness of each sample, the statistic the mean is made of.
+    A binary classifier with one score per sample needs ``threshold``: class 1 where the score is
+    above it (0.0 for a logit, 0.5 for a probability).
     """
 
     value_range = (0.0, 1.0)
     binary = True
 
-    def __init__(self, loader: Iterable, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, loader: Iterable, *, threshold: float | None = None, device: str | torch.device = "cpu") -> None:
         if loader is None or not hasattr(loader, "__iter__"):
             raise ConfigError(f"Accuracy: `loader` must be an iterable of (inputs, labels) batches, but got {loader!r}.")
         super().__init__(loader, device=device)
+        self.threshold = _check_threshold("Accuracy", threshold)
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         inputs, labels = _split_batch(batch)
-        logits = _logits(call_model(model, _to(inputs, self.device)))
-        if logits.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
-            raise EvaluationError(_ONE_PER_SAMPLE.format(name="Accuracy", shape=tuple(logits.shape)))
-        return logits.argmax(dim=-1).cpu() == labels.cpu()
+        predicted = _predictions(_logits(call_model(model, _to(inputs, self.device))), self.threshold, "Accuracy").cpu()
+        labels = labels.cpu()
+        if labels.numel() == len(predicted):  # (batch, 1) float targets of a binary loss too
+            labels = labels.reshape(len(predicted))
+        return predicted == labels
 
     def __repr__(self) -> str:
         return f"Accuracy({type(self.loader).__name__})"
@@ -362,16 +390,20 @@ class _ReferenceMetric(PerSampleMetric):
 
 class Agreement(_ReferenceMetric):
     """Fraction of samples on which the model's top-1 prediction equals the original model's.
-    Needs no labels: batches may be inputs alone or ``(inputs, labels)``."""
+    Needs no labels: batches may be inputs alone or ``(inputs, labels)``. A binary classifier with
+    one score per sample needs ``threshold``, as :class:`Accuracy` does."""
 
     value_range = (0.0, 1.0)
     binary = True
 
+    def __init__(self, loader: Iterable, reference: nn.Module | None = None, *, threshold: float | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__(loader, reference, device=device)
+        self.threshold = _check_threshold("Agreement", threshold)
+
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
-        out = self._outputs(model, batch)
-        if out.dim() > 2:  # argmax would give one prediction per token / pixel, not per sample
-            raise EvaluationError(_ONE_PER_SAMPLE.format(name="Agreement", shape=tuple(out.shape)))
-        return out.argmax(dim=-1) == self.reference_outputs(indices).argmax(dim=-1)
+        ours = _predictions(self._outputs(model, batch), self.threshold, "Agreement")
+        return ours == _predictions(self.reference_outputs(indices), self.threshold, "Agreement")
 
     def __repr__(self) -> str:
         return "Agreement()"
