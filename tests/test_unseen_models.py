@@ -576,6 +576,10 @@ def test_a_regression_model_fine_tuned_with_the_default_loss_fails_with_a_clear_
     assert not result.feasible and "every trial failed" in result.message
     soft = tightfit.FineTune([(x, torch.softmax(torch.randn(16, 3), dim=1))], epochs=1)  # class probabilities: fine
     soft(nn.Linear(8, 3))
+    # a binary classifier's one logit per sample: cross-entropy raised "Target 1 is out of bounds"
+    binary = tightfit.FineTune([(x, (y > 0).long())], epochs=1)
+    with pytest.raises(tightfit.errors.ConfigError, match=r"one score per sample \(shape \(16, 1\)\).*binary_cross_entropy_with_logits"):
+        binary(nn.Linear(8, 1))
 
 
 def test_low_rank_factorizes_a_transformer_layers_feed_forward(tmp_path):

@@ -43,6 +43,13 @@ def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     else:
         output = call_model(model, inputs)
     logits = _logits(output)
+    if logits.dim() == 2 and logits.shape[1] == 1:  # F.cross_entropy: "Target 1 is out of bounds"
+        raise ConfigError(
+            "The default fine-tuning loss is cross-entropy over one score per class, but the model gives one score "
+            f"per sample (shape {tuple(logits.shape)}), as a binary classifier trained with BCEWithLogitsLoss does. "
+            "Give `loss=lambda model, batch: F.binary_cross_entropy_with_logits(model(batch[0]).squeeze(1), "
+            "batch[1].float())` (or your own loss), in a config file [finetune] options = { loss = \"my_module:my_loss\" }."
+        )
     # F.cross_entropy also accepts one unbatched row of scores, or float targets as class
     # probabilities: a regression model's (batch,) output and float targets would train, on nonsense
     soft = labels.is_floating_point() and labels.shape == logits.shape
