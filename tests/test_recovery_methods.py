@@ -411,3 +411,11 @@ def test_the_default_fine_tuning_loss_is_the_models_own_when_it_takes_labels():
     before = float(model(**batch)["loss"])
     FineTune([batch] * 20, epochs=1, lr=1e-2)(model)
     assert float(model(**batch)["loss"]) < before
+
+
+def test_a_one_shot_iterator_as_training_loader_is_refused():
+    # a generator gave the first epoch its batches and every later epoch and trial none, silently
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    with pytest.raises(ConfigError, match=r"`loader` is an iterator \(generator\).*DataLoader"):
+        FineTune(((x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)), epochs=2)
+    FineTune([(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)], epochs=2)  # a list: read every epoch

@@ -85,6 +85,11 @@ class Recovery:
         cls = type(self).__name__
         if loader is None or not hasattr(loader, "__iter__"):
             raise ConfigError(f"{cls}: `loader` must be an iterable of training batches, but got {loader!r}.")
+        if iter(loader) is loader:  # an iterator: the second epoch, and every later trial, would get no batch
+            raise ConfigError(
+                f"{cls}: `loader` is an iterator ({type(loader).__name__}), which can be read only once; training reads "
+                "it every epoch of every trial. Pass a list of batches or a torch.utils.data.DataLoader."
+            )
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ConfigError(f"{cls}: `epochs` must be a whole number >= 0, but got {epochs!r}.")
         if not (isinstance(lr, (int, float)) and lr > 0):
