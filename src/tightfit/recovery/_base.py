@@ -218,12 +218,17 @@ class Site:
 
 
 def sites(model: nn.Module, where: Callable[[Site], bool] | None = None) -> list[Site]:
-    """Every parametrized tensor of ``model`` (optionally filtered)."""
+    """Every parametrized tensor of ``model`` (optionally filtered); a tied weight once, at the first
+    module that computes with it (the others share its original and its steps)."""
     found = []
+    originals: set[int] = set()
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name, chain in module.parametrizations.items():
+            if id(chain.original) in originals:
+                continue
+            originals.add(id(chain.original))
             site = Site(f"{module_name}.{tensor_name}" if module_name else tensor_name, module, tensor_name, chain)
             if where is None or where(site):
                 found.append(site)
