@@ -83,6 +83,15 @@ def test_prune_and_quantize_compress_the_shared_tensor_once_for_both_modules():
     assert sum(p.numel() for p in model.parameters()) == 50 * 16 + 2 * 16 * 32 + 32 + 16
 
 
+def test_sparse_flops_count_the_head_that_computes_with_the_pruned_tied_weight():
+    from tightfit.measure.analysis import layer_flops, sparse_flops
+
+    _, model = _compressed()
+    flops = layer_flops(model, TOKENS)
+    density = float((model.embed.weight != 0).float().mean())
+    assert sparse_flops(model, TOKENS, ["embed"]) == flops[""] - round(flops["head"] * (1 - density))
+
+
 def test_fine_tuning_holds_the_mask_and_trains_the_one_original_through_both_modules():
     _, model = _compressed()
     mask = model.embed.parametrizations.weight[0].mask
@@ -175,3 +184,20 @@ def test_a_plan_that_would_untie_or_doubly_compress_the_tied_weight_is_refused()
         tightfit.apply(Plan.from_strategy(strategy, {"head": {"prune": {"sparsity": 0.5}}}), _lm())
     with pytest.raises(ConfigError, match="int8 runs the layer as a quantized Linear"):
         tightfit.apply(Plan.from_strategy(strategy, {"embed": {"int8": {"int8": True}}}), _lm())
+
+
+def test_recovery_sees_the_tied_weight_once_and_swaps_its_steps_in_every_module():
+    from tightfit.recovery._base import sites, swapped_steps
+
+    _, model = _compressed()
+    (site,) = [s for s in sites(model) if s.module is model.embed]
+    assert [s.name for s in sites(model)] == ["embed.weight"]
+    assert site.tied_chains == [model.head.parametrizations.weight]
+    swaps = [swap for i in range(len(site.chain)) for swap in site.swap(i, nn.Identity())]
+    with swapped_steps(swaps):  # as learning-compression's L-step: both modules see the uncompressed weight
+        assert torch.equal(model.head.weight, site.original) and torch.equal(model.embed.weight, site.original)
+    _assert_tied_and_compressed(model)
+    lc = tightfit.LearningCompression([(TOKENS, (TOKENS + 1) % 50)] * 2, epochs=1, loss=_lm_loss)
+    lc(model)
+    _assert_tied_and_compressed(model)
+    assert model.head.parametrizations.weight.original is model.embed.parametrizations.weight.original
