@@ -201,3 +201,10 @@ def test_recovery_sees_the_tied_weight_once_and_swaps_its_steps_in_every_module(
     lc(model)
     _assert_tied_and_compressed(model)
     assert model.head.parametrizations.weight.original is model.embed.parametrizations.weight.original
+
+
+def test_a_layers_pattern_naming_the_head_reaches_the_weight_it_shares():
+    analysis = tightfit.analyze(_lm())
+    strategy = Compose([Prune(layers=["head"])])
+    assert [op.name for op in strategy.operators_for(analysis.layer("embed"))] == ["prune"]
+    assert strategy.operators_for(analysis.layer("up")) == []

@@ -395,7 +395,8 @@ def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
 
 def sparse_flops(model: nn.Module, example_input: Any, layer_names: Sequence[str]) -> int:
     """FLOPs counting only nonzero weights: each compressible layer's dense count times its weight
-    density (the modules a tied weight's leader shares it with included). This is the figure the pruning literature quotes; it is not a speed.
+    density (the modules a tied weight's leader shares it with included). This is the figure the
+    pruning literature quotes; it is not a speed.
     """
     per_module = layer_flops(model, example_input)
     total = per_module[""]
