@@ -62,19 +62,27 @@ def bake(model: nn.Module) -> nn.Module:
     the original model.
     """
     baked = copy.deepcopy(model)
+    # Modules that share one original (tied weights) get one baked tensor, so they stay tied.
+    # (The original is kept in the entry so that its id is not reused once its module lets go of it.)
+    baked_by_original: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in baked.modules():
         if not parametrize.is_parametrized(module):
             continue
         values = {}
         with torch.no_grad():
             for tensor_name, chain in module.parametrizations.items():
-                was_param = isinstance(chain.original, nn.Parameter)
-                values[tensor_name] = (getattr(module, tensor_name).detach().clone(), was_param, chain.original.requires_grad)
+                original = chain.original
+                if id(original) not in baked_by_original:
+                    value = getattr(module, tensor_name).detach().clone()
+                    if isinstance(original, nn.Parameter):
+                        value = nn.Parameter(value, requires_grad=original.requires_grad)
+                    baked_by_original[id(original)] = (original, value)
+                values[tensor_name] = baked_by_original[id(original)][1]
         del module._modules["parametrizations"]
         module.__class__ = module.__class__.__bases__[0]
-        for tensor_name, (value, was_param, requires_grad) in values.items():
-            if was_param:
-                module._parameters[tensor_name] = nn.Parameter(value, requires_grad=requires_grad)
+        for tensor_name, value in values.items():
+            if isinstance(value, nn.Parameter):
+                module._parameters[tensor_name] = value
             else:
                 module._buffers[tensor_name] = value
         _refresh_recurrent(module)

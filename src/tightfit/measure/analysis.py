@@ -94,6 +94,10 @@ class LayerInfo:
     weight_shape: tuple[int, ...]  # a recurrent layer's: its first matrix's (weight_ih_l0)
     params: int  # weight + bias
     weight_params: int  # all of a recurrent layer's weight matrices
+    #: Other modules whose weight is this very Parameter (tied weights, e.g. a language model's output
+    #: head and its input embedding). This layer leads them: its plan entry compresses the one
+    #: tensor, and every module of the group computes with the result (see :func:`tied_groups`).
+    tied: tuple[str, ...] = ()
 
 
 #: How the model's top-level module is shown where a name is expected: its dotted path is empty.
@@ -211,9 +215,52 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     return {pid for pid, count in owners.items() if count > 1}
 
 
+def _underlying_weight(module: nn.Module) -> torch.Tensor | None:
+    """A layer's ``weight`` as stored: the Parameter itself, or the original under its parametrization."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module._parameters.get("weight")
+
+
+def tied_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Layers whose ``weight`` is one Parameter shared with other layers, as leader -> followers.
+
+    The leader is the group's first module in the model's module order; the element-wise operators
+    compress the shared tensor once through the leader's plan entry, and the followers compute with
+    the leader's parametrized weight (:func:`~tightfit.operators.plan.apply_plan_inplace`). Only
+    groups whose every module is an element-wise layer of one ``weight`` (a Linear, a convolution, an
+    Embedding, a matrix layer; not a recurrent layer) count; :func:`analyze` leaves any other sharing
+    alone. Works before and after compression (a parametrized weight is grouped by its original).
+    """
+    members: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        weight = _underlying_weight(module)
+        if weight is not None:
+            members.setdefault(id(weight), []).append((name, module))
+    groups: dict[str, list[str]] = {}
+    for group in members.values():
+        if len(group) < 2:
+            continue
+        kinds = [layer_kind(module) for _, module in group]
+        if any(kind is None or kind in RECURRENT_KINDS for kind in kinds):
+            continue
+        weight = _underlying_weight(group[0][1])
+        in_group = {id(module) for _, module in group}
+        if any(  # the Parameter must be nobody's other tensor (a bias, a norm's scale) too
+            p is weight and not (key == "weight" and id(m) in in_group)
+            for m in model.modules() if not isinstance(m, parametrize.ParametrizationList)
+            for key, p in m._parameters.items()
+        ):
+            continue
+        groups[group[0][0]] = [name for name, _ in group[1:]]
+    return groups
+
+
 def analyze(model: nn.Module) -> ModelAnalysis:
     """List the compressible layers of ``model`` and the parameter-holding modules left alone."""
     shared = _shared_parameters(model)
+    tied = tied_groups(model)
+    following = {name for names in tied.values() for name in names}
     layers: list[LayerInfo] = []
     skipped: list[SkippedModule] = []
     for name, module in model.named_modules():
@@ -221,13 +268,13 @@ def analyze(model: nn.Module) -> ModelAnalysis:
         if parametrize.is_parametrized(module):
             skipped.append(SkippedModule(name, type(module).__name__, _count(module), "already parametrized"))
             continue
-        if not own:
+        if not own or name in following:  # a tied weight's follower is compressed through its leader
             continue
         n_params = sum(p.numel() for p in own.values())
         kind = layer_kind(module)
         weights = [own.get(w) for w in weight_names(module)] if kind is not None else []
         if weights and all(w is not None for w in weights):
-            if any(id(w) in shared for w in weights):
+            if any(id(w) in shared for w in weights) and name not in tied:
                 skipped.append(SkippedModule(name, type(module).__name__, n_params, "weight is shared with another module"))
                 continue
             if not all(w.is_floating_point() for w in weights):
@@ -241,6 +288,7 @@ def analyze(model: nn.Module) -> ModelAnalysis:
                     weight_shape=tuple(weights[0].shape),
                     params=n_params,
                     weight_params=sum(w.numel() for w in weights),
+                    tied=tuple(tied.get(name, ())),
                 )
             )
         elif isinstance(module, nn.Embedding) and module.sparse:
@@ -347,12 +395,16 @@ def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
 
 def sparse_flops(model: nn.Module, example_input: Any, layer_names: Sequence[str]) -> int:
     """FLOPs counting only nonzero weights: each compressible layer's dense count times its weight
-    density. This is the figure the pruning literature quotes; it is not a speed.
+    density (the modules a tied weight's leader shares it with included). This is the figure the
+    pruning literature quotes; it is not a speed.
     """
     per_module = layer_flops(model, example_input)
     total = per_module[""]
+    layers = _compressible_under(model, layer_names)
+    tied = tied_groups(model)  # a tied weight's followers compute with its compressed tensor too
+    layers += [(follower, model.get_submodule(follower)) for name, _ in layers for follower in tied.get(name, [])]
     with torch.no_grad():
-        for name, module in _compressible_under(model, layer_names):
+        for name, module in layers:
             weights = layer_weights(module)
             density = sum(float(torch.count_nonzero(w)) for w in weights) / max(1, sum(w.numel() for w in weights))
             total -= round(per_module.get(name, 0) * (1.0 - density))

@@ -86,6 +86,13 @@ class Operator(abc.ABC):
     #: operators run before the weight-level ones, and the artifact stores the changed architecture.
     structural: ClassVar[bool] = False
 
+    #: Whether the operator compresses a weight several modules share (tied weights: an output head
+    #: and its input embedding). Such an operator compresses the tensor on the group's leader by
+    #: parametrizations, which tightfit registers on every other module of the group too (see
+    #: :func:`~tightfit.measure.analysis.tied_groups`). Operators that change shapes or swap modules
+    #: would untie the group, so they leave it alone (:meth:`why_not_tied` says why).
+    compresses_tied: ClassVar[bool] = False
+
     def __init__(self, *, layers: list[str] | None = None) -> None:
         #: fnmatch patterns of layer names this operator may touch; None means every layer it supports.
         self.layers = list(layers) if layers is not None else None
@@ -135,6 +142,11 @@ class Operator(abc.ABC):
         """Why this operator does not take ``layer`` (one it does not :meth:`supports` and did not
         refuse), for the run's list of what was left alone; None: the layer's type says it."""
         return None
+
+    def why_not_tied(self, tied: list[str]) -> str:
+        """Why this operator leaves alone a layer whose weight the modules ``tied`` share with it."""
+        return (f"{self.name} does not compress a weight shared with {', '.join(tied)} (tied weights); "
+                "prune / quantize compress it once for every module that shares it")
 
     def follows(self) -> dict[str, list[str]]:
         """Modules, after :meth:`prepare`, that this operator compresses through other layers' plan

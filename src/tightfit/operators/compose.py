@@ -34,8 +34,16 @@ class Compose:
         return f"Compose({self.operators!r})"
 
     def operators_for(self, layer: LayerInfo) -> list[Operator]:
-        """The operators that will touch ``layer``: those that support it and whose patterns match."""
-        return [op for op in self.operators if op.supports(layer) and _matches(layer.name, op.layers)]
+        """The operators that will touch ``layer``: those that support it (a tied weight: those that
+        compress one, :attr:`Operator.compresses_tied`) and whose patterns match it, or match a module
+        that shares its weight (``layers=["lm_head"]`` reaches the embedding the head is tied to)."""
+        return [op for op in self.operators
+                if takes(op, layer) and any(_matches(name, op.layers) for name in (layer.name, *layer.tied))]
+
+
+def takes(operator: Operator, layer: LayerInfo) -> bool:
+    """Whether ``operator`` compresses ``layer``, its ``layers`` patterns aside."""
+    return operator.supports(layer) and (operator.compresses_tied or not layer.tied)
 
 
 def _matches(name: str, patterns: list[str] | None) -> bool:

@@ -97,6 +97,10 @@ class Int8(Operator):
         return ((layer.type == layer.kind == "Linear") or (layer.kind == MATRIX_KIND and layer.name in self._matrix)
                 or (layer.kind == "LSTM" and layer.name not in self._refused))
 
+    def why_not_tied(self, tied: list[str]) -> str:
+        return (f"int8 runs the layer as a quantized Linear holding its own int8 weight, which would untie it from "
+                f"{', '.join(tied)} (tied weights); prune / quantize compress the shared weight instead")
+
     def why_not(self, layer: LayerInfo) -> str | None:
         return NO_RECURRENT_KERNEL if layer.kind in RECURRENT_KINDS else None
 

@@ -153,6 +153,10 @@ class LowRank(Operator):
             return False
         return factor_rank(out_dim, in_dim, self.rank_ratio[0]) is not None
 
+    def why_not_tied(self, tied: list[str]) -> str:
+        return (f"low_rank would replace the layer by two factors, untying its weight from {', '.join(tied)} "
+                "(tied weights), which read the whole matrix; prune / quantize compress the shared weight instead")
+
     def why_not(self, layer: LayerInfo) -> str | None:
         if layer.kind in RECURRENT_KINDS:
             return ("low_rank does not factorize a recurrent layer's gate matrices (the layer's kernel takes them "

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from ..measure.analysis import tied_groups
 from .base import Operator
 from .compose import Compose
 from .matrix import swap_in_linears
@@ -90,13 +92,53 @@ def apply_plan_inplace(
         }
         for op in strategy
     }
+    tied = tied_groups(model)
+    _check_tied_entries(tied, strategy, entries)
     for op in strategy:
         linear = [name for name, settings in entries[op.name].items() if op.needs_linear(settings)]
         swap_in_linears(model, linear, f"Operator {op.name!r}")
     for op in strategy:
         if entries[op.name] and (op.structural or not structure_only):
             op.apply_to_model(model, entries[op.name])
+            if tied and not op.structural:
+                share_tied_parametrizations(model)
     return model
+
+
+def _check_tied_entries(tied: dict[str, list[str]], strategy: Compose, entries: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """A tied weight is compressed once, through its leader's entry, by operators that keep it tied."""
+    leader_of = {follower: leader for leader, followers in tied.items() for follower in followers}
+    for op in strategy:
+        for layer_name, settings in entries[op.name].items():
+            if layer_name in leader_of:
+                raise ConfigError(
+                    f"Plan entry {layer_name!r} -> {op.name!r}: {layer_name!r} shares its weight with "
+                    f"{leader_of[layer_name]!r} (tied weights), whose entry compresses it for both; move the "
+                    f"settings to {leader_of[layer_name]!r}."
+                )
+            if layer_name in tied and not op.compresses_tied and settings != op.identity():
+                raise ConfigError(f"Plan entry {layer_name!r} -> {op.name!r}: {op.why_not_tied(tied[layer_name])}.")
+
+
+def share_tied_parametrizations(model: nn.Module) -> None:
+    """Give every follower of a tied weight (:func:`~tightfit.measure.analysis.tied_groups`) the
+    parametrizations its leader has: the same step modules (one mask, one grid) registered on the
+    follower, whose ``original`` is then the very Parameter the leader's is. Both compute with the
+    compressed tensor, fine-tuning's gradients from both reach the one original, and saving stores
+    it once."""
+    for leader_name, followers in tied_groups(model).items():
+        leader = model.get_submodule(leader_name)
+        steps = list(leader.parametrizations.weight) if parametrize.is_parametrized(leader, "weight") else []
+        for follower_name in followers:
+            follower = model.get_submodule(follower_name)
+            own = list(follower.parametrizations.weight) if parametrize.is_parametrized(follower, "weight") else []
+            if len(own) > len(steps) or any(a is not b for a, b in zip(own, steps)):
+                raise ConfigError(
+                    f"{follower_name!r} shares its weight with {leader_name!r} (tied weights) but was compressed "
+                    f"on its own; compress the tied weight through {leader_name!r} only."
+                )
+            for step in steps[len(own):]:
+                parametrize.register_parametrization(follower, "weight", step)
 
 
 def apply(plan: Plan | dict | str, model: nn.Module) -> nn.Module:

@@ -69,6 +69,7 @@ class Prune(Operator):
     """
 
     name = "prune"
+    compresses_tied = True
 
     def __init__(self, sparsity: float | tuple[float, float] = (0.0, 0.99), *, layers: list[str] | None = None) -> None:
         super().__init__(layers=layers)

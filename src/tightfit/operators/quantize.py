@@ -87,6 +87,7 @@ class Quantize(Operator):
     """
 
     name = "quantize"
+    compresses_tied = True
 
     def __init__(self, bits: int | tuple[int, ...] = (4, 8), *, layers: list[str] | None = None) -> None:
         super().__init__(layers=layers)

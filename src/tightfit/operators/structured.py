@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from ..measure.analysis import RECURRENT_KINDS, LayerInfo, call_model, model_arguments, output_tensors
+from ..measure.analysis import RECURRENT_KINDS, LayerInfo, call_model, model_arguments, output_tensors, tied_groups
 from .base import Hyperparameter, Operator, parse_range
 from .group_test import failing_members
 from .heads import prunable_head_blocks, remove_heads
@@ -311,6 +311,22 @@ def grouped_conv_obstacles(model: nn.Module, dg, groups: Mapping[str, list[str]]
 def _has_grouped_conv(model: nn.Module, members: list[str]) -> bool:
     modules = dict(model.named_modules())
     return any(_is_grouped_conv(modules[m]) for m in members if m in modules)
+
+
+def _tied_obstacles(model: nn.Module, groups: Mapping[str, list[str]]) -> dict[str, str]:
+    """Groups that would remove channels of a tied weight (a head sharing its embedding's weight):
+    the modules sharing it read the whole tensor, so they would be untied. Leader -> reason."""
+    sharing: dict[str, list[str]] = {}
+    for leader, followers in tied_groups(model).items():
+        group = [leader, *followers]
+        sharing.update({name: [other for other in group if other != name] for name in group})
+    obstacles = {}
+    for leader, members in groups.items():
+        tied = [member for member in members if member in sharing]
+        if tied:
+            obstacles[leader] = (f"removing its channels would change the shape of {tied[0]}'s weight, which "
+                                 f"{', '.join(sharing[tied[0]])} share(s) (tied weights)")
+    return obstacles
 
 
 UNLIKE_ZEROING = ("removing its channels (the same positions from every group of the grouped convolution that takes "
@@ -619,6 +635,7 @@ class StructuredPrune(Operator):
             with _time_limit(self.trace_timeout):
                 self._groups, dg = coupled_groups(model, example)
                 self._refused = grouped_conv_obstacles(model, dg, self._groups)
+                self._refused.update(_tied_obstacles(model, self._groups))
                 candidates = [name for name in self._groups if name not in self._refused]
                 broken = breaking_groups(model, example, candidates, self.ratio[1], self.round_to)
                 self._refused.update({name: BREAKS_FORWARD for name in broken})
@@ -655,6 +672,10 @@ class StructuredPrune(Operator):
 
     def refused(self) -> dict[str, str]:
         return dict(self._refused)
+
+    def why_not_tied(self, tied: list[str]) -> str:
+        return (f"structured_prune would change the shape of a weight shared with {', '.join(tied)} (tied weights), "
+                "which read it whole; prune / quantize compress the shared weight instead")
 
     def why_not(self, layer: LayerInfo) -> str | None:
         if layer.kind in RECURRENT_KINDS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -220,6 +220,9 @@ class Site:
     module: nn.Module
     tensor: str
     chain: nn.ModuleList
+    #: The chains of the other modules that compute with the same original (tied weights): they hold
+    #: the very steps ``chain`` holds, so a step swapped for training is swapped in them too.
+    tied_chains: list[nn.ModuleList] = field(default_factory=list)
 
     @property
     def original(self) -> torch.Tensor:
@@ -228,18 +231,27 @@ class Site:
     def steps(self) -> list[nn.Module]:
         return list(self.chain)
 
+    def swap(self, index: int, new: nn.Module) -> list[tuple[nn.ModuleList, int, nn.Module]]:
+        """Entries for :class:`swapped_steps` that replace step ``index`` by ``new`` in every module
+        computing with this tensor."""
+        return [(chain, index, new) for chain in (self.chain, *self.tied_chains)]
+
 
 def sites(model: nn.Module, where: Callable[[Site], bool] | None = None) -> list[Site]:
-    """Every parametrized tensor of ``model`` (optionally filtered)."""
-    found = []
+    """Every parametrized tensor of ``model`` (optionally filtered); a tied weight once, at the first
+    module that computes with it (the others share its original and its steps)."""
+    by_original: dict[int, Site] = {}
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name, chain in module.parametrizations.items():
-            site = Site(f"{module_name}.{tensor_name}" if module_name else tensor_name, module, tensor_name, chain)
-            if where is None or where(site):
-                found.append(site)
-    return found
+            if id(chain.original) in by_original:
+                by_original[id(chain.original)].tied_chains.append(chain)
+                continue
+            by_original[id(chain.original)] = Site(
+                f"{module_name}.{tensor_name}" if module_name else tensor_name, module, tensor_name, chain
+            )
+    return [site for site in by_original.values() if where is None or where(site)]
 
 
 def projectable(site: Site) -> bool:

@@ -145,7 +145,7 @@ class LearningCompression(Recovery):
         self.history = []
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(self.optimizer, params, self.lr)
-        identity = [(s.chain, i, nn.Identity()) for s in lc_sites for i in range(len(s.chain))]
+        identity = [swap for s in lc_sites for i in range(len(s.chain)) for swap in s.swap(i, nn.Identity())]
         ws = [s.original for s in lc_sites]
         thetas = [project(s, w) for s, w in zip(lc_sites, ws)]  # lambda = 0 at the start
         lams = [torch.zeros_like(w) for w in ws]

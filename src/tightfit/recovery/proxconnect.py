@@ -141,7 +141,7 @@ class ProxConnect(Recovery):
             for i, step in enumerate(site.chain):
                 if isinstance(step, FakeQuantize) and step.bits < 16:
                     new = ProxQuantStep(self._grid_for(step.bits), step.bits)
-                    swaps.append((site.chain, i, new))
+                    swaps += site.swap(i, new)
                     targets.append((site, i, new))
         if not targets:
             raise ConfigError("ProxConnect: the model has no quantized layer below 16 bits; apply a plan with Quantize first.")

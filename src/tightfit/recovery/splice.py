@@ -130,7 +130,7 @@ class PruneSplice(Recovery):
                     c = self._c_for(site, step)
                     t = layer_threshold(site.original, c) if c != -float("inf") else 0.0
                     self.thresholds[site.name.rsplit(".", 1)[0]] = t
-                    swaps.append((site.chain, i, SpliceMask(step.mask)))
+                    swaps += site.swap(i, SpliceMask(step.mask))
                     watched.append((site, step.mask, t))
                     break  # one mask per tensor
         if not watched:
