@@ -28,7 +28,7 @@ from .export.artifact import load_model, to_bytes
 from .measure.analysis import SkippedModule, analyze, count_nonzeros, layer_kind, layer_weights, shown_name, sparse_flops
 from .measure.latency import Latency
 from .operators.base import Operator
-from .operators.compose import Compose, as_strategy, takes
+from .operators.compose import Compose, as_strategy, why_not_taken
 from .operators.plan import Plan, apply_plan_inplace
 from .operators.prune import Prune
 from .operators.quantize import Quantize
@@ -717,23 +717,8 @@ def _left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
 
 
 def _why_untouched(layer, strategy: Compose) -> str:
-    """Why no operator takes a layer that none refused: it does not handle the type, or the
-    ``layers`` patterns leave the layer out."""
-    for op in strategy:
-        leaders = op.follows().get(layer.name)
-        if leaders:
-            return (f"no operator of the strategy applies to it ({op.name} prunes it only with the group of "
-                    f"{', '.join(leaders)}, which the search leaves out: see the operators' `layers` patterns)")
-    if any(takes(op, layer) for op in strategy):
-        return "no operator of the strategy applies to it (left out by the operators' `layers` patterns)"
-    for op in strategy:  # a tied weight: said so even where the leader is a type the operator skips (the head a Linear)
-        if layer.tied and not op.compresses_tied:
-            return f"no operator of the strategy applies to it ({op.why_not_tied(list(layer.tied))})"
-    for op in strategy:
-        if (why := op.why_not(layer)) is not None:
-            return f"no operator of the strategy applies to it ({why})"
-    names = " / ".join(op.name for op in strategy)
-    return f"no operator of the strategy applies to it ({names} does not compress a {layer.type} layer)"
+    """Why no operator takes a layer that none refused (:func:`~tightfit.operators.compose.why_not_taken`)."""
+    return f"no operator of the strategy applies to it ({why_not_taken(layer, strategy)})"
 
 
 def _following_note(analysis, space: SearchSpace) -> list[str]:

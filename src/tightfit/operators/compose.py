@@ -46,6 +46,28 @@ def takes(operator: Operator, layer: LayerInfo) -> bool:
     return operator.supports(layer) and (operator.compresses_tied or not layer.tied)
 
 
+def why_not_taken(layer: LayerInfo, strategy: Compose) -> str:
+    """Why no operator of ``strategy`` takes ``layer``, in a user's terms: an operator's refusal,
+    the group it is pruned with only, the ``layers`` patterns, a tied weight the operators would
+    untie, an operator's own reason, or its type."""
+    for op in strategy:
+        if layer.name in (refused := op.refused()):
+            return f"{op.name}: {refused[layer.name]}"
+    for op in strategy:
+        if leaders := op.follows().get(layer.name):
+            return (f"{op.name} prunes it only with the group of {', '.join(leaders)}, which the search leaves out: "
+                    "see the operators' `layers` patterns")
+    if any(takes(op, layer) for op in strategy):
+        return "left out by the operators' `layers` patterns"
+    for op in strategy:  # a tied weight: said so even where the leader is a type the operator skips (the head a Linear)
+        if layer.tied and not op.compresses_tied:
+            return op.why_not_tied(list(layer.tied))
+    for op in strategy:
+        if (why := op.why_not(layer)) is not None:
+            return why
+    return f"{' / '.join(op.name for op in strategy)} does not compress a {layer.type} layer"
+
+
 def _matches(name: str, patterns: list[str] | None) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 

@@ -11,7 +11,7 @@ import optuna
 from ..errors import ModelError
 from ..measure.analysis import ModelAnalysis, shown_name
 from ..operators.base import Hyperparameter
-from ..operators.compose import Compose
+from ..operators.compose import Compose, why_not_taken
 from ..operators.plan import Plan
 
 
@@ -94,7 +94,7 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
                    "(see any warning above); prune and quantize work on every weight layer")
         else:
             why = "it has no Linear/Conv layer or other layer holding a weight matrix"
-        layers = "; ".join(f"{shown_name(layer.name)}: {_why_not_taken(layer, strategy)}" for layer in analysis.layers[:6])
+        layers = "; ".join(f"{shown_name(layer.name)}: {why_not_taken(layer, strategy)}" for layer in analysis.layers[:6])
         others = [shown_name(s.name) for s in analysis.skipped][:10]
         raise ModelError(" ".join(
             [f"No layer of the model can be compressed by {ops}: {why}."]
@@ -102,17 +102,3 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
             + ([f"Other modules left alone: {others}."] if others else [])
         ))
     return SearchSpace(strategy, tuple(dimensions), fixed, tuple(recovery))
-
-
-def _why_not_taken(layer, strategy: Compose) -> str:
-    """Why no operator of ``strategy`` takes ``layer``: one's refusal, the ``layers`` patterns, the
-    operator's own reason, or its type."""
-    for op in strategy:
-        if layer.name in op.refused():
-            return f"{op.name}: {op.refused()[layer.name]}"
-    if any(op.supports(layer) for op in strategy):
-        return "left out by the operators' `layers` patterns"
-    for op in strategy:
-        if (why := op.why_not(layer)) is not None:
-            return f"{op.name}: {why}"
-    return f"{' / '.join(op.name for op in strategy)} does not compress a {layer.type} layer"
