@@ -239,3 +239,34 @@ def test_a_compiled_model_is_compressed_through_what_it_wraps_and_a_scripted_one
     assert any("torch.compile" in note for note in result.notes)
     with pytest.raises(ConfigError, match="TorchScript module"):
         tightfit.compress(torch.jit.script(mlp), **_args(digits, budget=2, finetune=None))
+
+
+def test_a_weight_normed_layer_is_folded_and_compressed(digits, tmp_path):
+    # weight_norm's parametrization over two tensors crashed the analysis ("no attribute 'original'")
+    import copy
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from tightfit.operators.plan import fold_weight_norm
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    weight_norm(mlp[0])
+    plain = copy.deepcopy(mlp)
+    assert fold_weight_norm(plain) == ["0"] and not torch.nn.utils.parametrize.is_parametrized(plain[0])
+    with torch.no_grad():
+        assert torch.allclose(plain(digits.x_val), mlp(digits.x_val), atol=1e-6)  # it computes the same
+    result = tightfit.compress(mlp, **_args(digits, budget=2, finetune=None, run_dir=tmp_path / "run"))
+    assert result.compression_ratio > 1.0 and not any(s.name == "0" for s in result.left_alone)
+    assert any("Weight norm was folded" in note for note in result.notes)
+    assert torch.nn.utils.parametrize.is_parametrized(mlp[0])  # the user's model is unchanged
+    assert tightfit.apply(result.plan, mlp)(digits.x_val[:4]).shape == (4, 10)  # a plan replays on it too
+
+
+def test_a_device_this_machine_lacks_is_a_config_error(digits):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=r"Accuracy: `device` is 'cuda'.*device='cpu'"):
+        tightfit.Accuracy(digits.loader("val", 512), device="cuda")
+    with pytest.raises(ConfigError, match=r"FineTune: `device` must be a torch device"):
+        tightfit.FineTune(digits.loader("train"), device="gpu0")

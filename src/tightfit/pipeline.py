@@ -29,7 +29,7 @@ from .measure.analysis import SkippedModule, analyze, count_nonzeros, layer_kind
 from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy, why_not_taken
-from .operators.plan import Plan, apply_plan_inplace
+from .operators.plan import Plan, apply_plan_inplace, fold_weight_norm
 from .operators.prune import Prune
 from .operators.quantize import Quantize
 from .records import Measurement, Result, TrialRecord
@@ -307,10 +307,14 @@ def _search(
     try:
         original = copy.deepcopy(model).eval()
     except Exception as exc:
+        hint = ("it uses the old torch.nn.utils.weight_norm: switch to torch.nn.utils.parametrizations.weight_norm "
+                "(tightfit folds it into the weight) or call torch.nn.utils.remove_weight_norm first"
+                if "weight_norm" in str(exc) else "e.g. keep open files or locks out of its attributes")
         raise ModelError(
             f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
-            "changes your model. Make it deep-copyable (e.g. keep open files or locks out of its attributes)."
+            f"changes your model. Make it deep-copyable ({hint})."
         ) from exc
+    weight_normed = fold_weight_norm(original)
     for op in strategy:  # model-level operators (structured pruning) learn the model's structure
         op.prepare(original, example_input)
     analysis = analyze(original)
@@ -468,6 +472,10 @@ def _search(
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
         result.notes.extend(_partly_refused(space) + _following_note(analysis, space) + _direction_note(evaluate, trials, baseline))
+        if weight_normed:
+            shown = ", ".join(weight_normed[:6]) + (f" and {len(weight_normed) - 6} more" if len(weight_normed) > 6 else "")
+            result.notes.append(f"Weight norm was folded into the weights of {shown} before compression (they compute "
+                                "the same); result.model holds plain weights.")
         if compiled is not None:
             result.notes.append("The model was a torch.compile wrapper; the module it wraps was compressed, and "
                                 "result.model is an eager module: call torch.compile on it again.")

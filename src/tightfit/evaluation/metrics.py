@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._device import checked_device
 from ..errors import ConfigError, EvaluationError
 from ..measure.analysis import call_model, forward_takes
 
@@ -207,7 +208,7 @@ class PerSampleMetric:
         if loader is None or not hasattr(loader, "__iter__"):
             raise ConfigError(f"{type(self).__name__}: `loader` must be an iterable of batches, but got {loader!r}.")
         self.loader = loader
-        self.device = torch.device(device)
+        self.device = checked_device(type(self).__name__, device)
         self.samples = SampleView(loader, batch_size)
         self.samples_evaluated = 0
 

@@ -218,7 +218,8 @@ def _shared_parameters(model: nn.Module) -> set[int]:
 def _underlying_weight(module: nn.Module) -> torch.Tensor | None:
     """A layer's ``weight`` as stored: the Parameter itself, or the original under its parametrization."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
+        # a parametrization over several tensors (weight norm's original0/1) has no one original
+        return getattr(module.parametrizations.weight, "original", None)
     return module._parameters.get("weight")
 
 

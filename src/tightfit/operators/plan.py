@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -152,4 +153,36 @@ def apply(plan: Plan | dict | str, model: nn.Module) -> nn.Module:
     elif isinstance(plan, dict):
         plan = Plan.from_dict(plan)
     compressed = copy.deepcopy(model)
+    fold_weight_norm(compressed)
     return apply_plan_inplace(plan, compressed)
+
+
+def fold_weight_norm(model: nn.Module) -> list[str]:
+    """Replace every weight-normalized weight (``torch.nn.utils.parametrizations.weight_norm``)
+    by the plain weight it computes, in place, and return those layers' names. Weight norm is a
+    reparametrization for training; the layer computes the same with the folded weight, as models
+    are deployed (an audio vocoder's ``remove_weight_norm``), and the operators can then compress it.
+
+    Not by ``parametrize.remove_parametrizations``: it deletes the tensor's property from the
+    parametrized class, which a deep copy shares with the model it was copied from, and so would
+    break the user's model."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    folded = []
+    for name, module in list(model.named_modules()):
+        if not parametrize.is_parametrized(module) or not all(
+            len(chain) == 1 and isinstance(chain[0], _WeightNorm) for chain in module.parametrizations.values()
+        ):
+            continue
+        with torch.no_grad():
+            values = {tensor_name: getattr(module, tensor_name).detach().clone() for tensor_name in module.parametrizations}
+        del module._modules["parametrizations"]
+        module.__class__ = type(module).__bases__[0]  # parametrize's per-module class derives from the module's own
+        for tensor_name, value in values.items():
+            module.register_parameter(tensor_name, nn.Parameter(value))
+        # weight_norm's hook reading old weight_g/weight_v checkpoints: moot now, and unpicklable
+        hooks = module._load_state_dict_pre_hooks
+        for key in [k for k, h in hooks.items() if "_weight_norm_compat_hook" in getattr(getattr(h, "hook", h), "__name__", "")]:
+            del hooks[key]
+        folded.append(name)
+    return folded

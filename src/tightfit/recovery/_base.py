@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._device import checked_device
 from ..errors import ConfigError
 from ..evaluation.metrics import _logits, _split_batch, _to
 from ..measure.analysis import call_model, forward_takes
@@ -101,7 +102,7 @@ class Recovery:
         self.lr = float(lr)
         self.loss = loss or cross_entropy_loss
         self.max_steps = max_steps
-        self.device = torch.device(device)
+        self.device = checked_device(cls, device)
         self.steps_taken = 0
 
     # ------------------------------------------------------------------ tuning
