@@ -261,6 +261,9 @@ def test_a_weight_normed_layer_is_folded_and_compressed(digits, tmp_path):
     assert any("Weight norm was folded" in note for note in result.notes)
     assert torch.nn.utils.parametrize.is_parametrized(mlp[0])  # the user's model is unchanged
     assert tightfit.apply(result.plan, mlp)(digits.x_val[:4]).shape == (4, 10)  # a plan replays on it too
+    loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=mlp)  # and its file loads into it
+    with torch.no_grad():
+        assert torch.equal(loaded(digits.x_val[:4]), result.model(digits.x_val[:4]))
 
 
 def test_a_device_this_machine_lacks_is_a_config_error(digits):

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ArtifactError
-from ..operators.plan import Plan, apply_plan_inplace
+from ..operators.plan import Plan, apply_plan_inplace, fold_weight_norm
 from ..operators.quantize import FakeQuantize
 from . import codec
 
@@ -230,6 +230,7 @@ def load_model(path: PathOrBuffer, model: nn.Module | None = None) -> nn.Module:
             target = target.to_empty(device="cpu")
         else:
             target = copy.deepcopy(model)
+            fold_weight_norm(target)  # the file holds the plain weights weight norm computed
             plan = manifest.get("plan")
             if plan is not None:
                 _replay_structure(target, Plan.from_dict(plan))

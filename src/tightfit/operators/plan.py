@@ -79,6 +79,7 @@ def apply_plan_inplace(
     leaves the error to the caller; the model is then unusable, so callers apply to a copy (see
     :func:`apply`)."""
     strategy = strategy or plan.strategy()
+    fold_weight_norm(model)  # what the operators and a saved file's plain weights expect
     modules = dict(model.named_modules())
     unknown = sorted(set(plan.layers) - set(modules))
     if unknown:
@@ -153,7 +154,6 @@ def apply(plan: Plan | dict | str, model: nn.Module) -> nn.Module:
     elif isinstance(plan, dict):
         plan = Plan.from_dict(plan)
     compressed = copy.deepcopy(model)
-    fold_weight_norm(compressed)
     return apply_plan_inplace(plan, compressed)
 
 
