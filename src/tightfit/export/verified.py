@@ -102,8 +102,8 @@ class ExportReport:
 
 
 def _flat_inputs(example_input: Any) -> list[torch.Tensor]:
-    args, kwargs = split_arguments(example_input)
-    return [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    """The input's tensors in the order the exported model takes them (:func:`_argument_tensors`)."""
+    return _argument_tensors(*split_arguments(example_input))
 
 
 def _plain_outputs(output: Any) -> bool:
@@ -115,7 +115,7 @@ def _plain_outputs(output: Any) -> bool:
 
 def _argument_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
     """The tensors of a call's arguments, in order: positional ones (a dict argument's values in
-    its order), then keyword ones; the order of :func:`_flat_inputs` of the same input."""
+    its order), then keyword ones."""
     values = [v for a in args for v in (a.values() if isinstance(a, Mapping) else (a,))] + list(kwargs.values())
     return [v for v in values if isinstance(v, torch.Tensor)]
 
