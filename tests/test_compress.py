@@ -223,12 +223,12 @@ def test_direction_check_reads_a_constant_metric_as_no_trend_without_a_warning()
     # accuracy often does; that warning reached the user's run.
     import warnings
 
-    from tightfit.pipeline import _spearman
+    from tightfit.run.notes import spearman
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _spearman([(1.0, 0.5), (2.0, 0.5), (3.0, 0.5), (4.0, 0.5)]) == 0.0
-        assert _spearman([(1.0, 0.4), (2.0, 0.3), (3.0, 0.2), (4.0, 0.1)]) == pytest.approx(-1.0)
+        assert spearman([(1.0, 0.5), (2.0, 0.5), (3.0, 0.5), (4.0, 0.5)]) == 0.0
+        assert spearman([(1.0, 0.4), (2.0, 0.3), (3.0, 0.2), (4.0, 0.1)]) == pytest.approx(-1.0)
 
 
 def test_a_compiled_model_is_compressed_through_what_it_wraps_and_a_scripted_one_is_refused(digits):

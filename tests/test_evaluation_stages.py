@@ -217,10 +217,10 @@ def test_feasible_probability_from_the_curves_gains():
 
 
 def test_a_candidate_passed_over_is_told_as_infeasible():
-    from tightfit.evaluation.search_hook import _told_infeasible
+    from tightfit.run.sequential import told_infeasible
 
-    assert _told_infeasible((0.02, -0.01)) == (0.02, -0.01)  # already reads as infeasible
-    assert _told_infeasible((-0.03, -0.01)) == (-0.03, 1e-9)  # each met, together unlikely: the closest is broken
+    assert told_infeasible((0.02, -0.01)) == (0.02, -0.01)  # already reads as infeasible
+    assert told_infeasible((-0.03, -0.01)) == (-0.03, 1e-9)  # each met, together unlikely: the closest is broken
 
 
 @pytest.mark.parametrize("promote", [0.0, 0.9])

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
+from . import run_dir as keys
 from .measure.analysis import SkippedModule
 from .operators.plan import Plan
+
+#: the objectives a run may minimize, each a field of :class:`Measurement`
+OBJECTIVE_FIELDS = {"size": "size_bytes", "nonzeros": "nonzeros", "flops": "flops", "latency": "latency_ms"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,84 @@ class Measurement:
         return cls(**{k: data.get(k) for k in (
             "metric", "size_bytes", "nonzeros", "weight_params", "flops", "latency_ms", "latency_iqr_ms")})
 
+    def objective(self, name: str) -> float:
+        """The value of objective ``name`` ("size", "nonzeros", "flops", "latency"), as the search minimizes it."""
+        return float(getattr(self, OBJECTIVE_FIELDS[name]))
+
+
+class _Unset:
+    """A :class:`TrialAttrs` field that is not written (distinct from one written as None)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+def _key(name: str, encode: Any = None, decode: Any = None) -> Any:
+    return field(default=UNSET, metadata={"key": name, "encode": encode, "decode": decode})
+
+
+@dataclass
+class TrialAttrs:
+    """The user attributes of one trial: the one schema the evaluators write, the loop completes
+    and the reports read. Fields left :data:`UNSET` are not written; :meth:`from_trial` reads
+    absent keys as None. The keys are :mod:`tightfit.run_dir`'s; the field order is the order
+    they are written in."""
+
+    screen_constraints: list[float] | None = _key(keys.SCREEN_CONSTRAINTS_ATTR)
+    screen_prediction: list[float] | None = _key(keys.SCREEN_PREDICTION_ATTR)
+    plan: Plan | None = _key(keys.PLAN_ATTR, Plan.to_dict, Plan.from_dict)
+    measurement: Measurement | None = _key(keys.MEASUREMENT_ATTR, Measurement.to_dict, Measurement.from_dict)
+    finetune_steps: int | None = _key(keys.FINETUNE_STEPS_ATTR)
+    #: standard error of the metric estimate (the noise a GP model reads)
+    metric_se: float | None = _key(keys.METRIC_SE_ATTR)
+    #: the spread of predicted constraint values (screened / stopped trials; the final pick reads it)
+    prediction_se: float | None = _key(keys.PREDICTION_SE_ATTR)
+    val_samples: int | None = _key(keys.VAL_SAMPLES_ATTR)
+    fidelity: str | None = _key(keys.FIDELITY_ATTR)
+    stop_reason: str | None = _key(keys.STOP_REASON_ATTR)
+    stage_reached: float | None = _key(keys.STAGE_REACHED_ATTR)
+    sequential: dict[str, Any] | None = _key(keys.SEQUENTIAL_ATTR)
+    evaluations: list[dict[str, Any]] | None = _key(keys.EVALUATIONS_ATTR)
+    curve: dict[str, Any] | None = _key(keys.CURVE_ATTR)
+    recovery: dict[str, Any] | None = _key(keys.RECOVERY_ATTR)
+    probe_samples: int | None = _key(keys.PROBE_SAMPLES_ATTR)
+    probe_s: float | None = _key(keys.PROBE_S_ATTR)
+    error: str | None = _key(keys.ERROR_ATTR)
+    traceback: str | None = _key(keys.TRACEBACK_ATTR)
+    duration_s: float | None = _key(keys.DURATION_ATTR)
+    search_time_s: float | None = _key(keys.SEARCH_TIME_ATTR)
+    worker: str | None = _key(keys.WORKER_ATTR)
+    interrupted: bool | None = _key(keys.INTERRUPTED_ATTR)
+    retry_of: int | None = _key(keys.RETRY_OF_ATTR)
+
+    def to_user_attrs(self) -> dict[str, Any]:
+        """The JSON-ready attributes to store on the trial (UNSET fields left out)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is UNSET:
+                continue
+            encode = f.metadata["encode"]
+            out[f.metadata["key"]] = encode(value) if encode is not None and value is not None else value
+        return out
+
+    @classmethod
+    def from_user_attrs(cls, attrs: Mapping[str, Any]) -> TrialAttrs:
+        values = {}
+        for f in fields(cls):
+            value = attrs.get(f.metadata["key"])
+            decode = f.metadata["decode"]
+            values[f.name] = decode(value) if decode is not None and value is not None else value
+        return cls(**values)
+
+    @classmethod
+    def from_trial(cls, trial: Any) -> TrialAttrs:
+        """The attributes stored on ``trial`` (an Optuna trial or frozen trial)."""
+        return cls.from_user_attrs(trial.user_attrs)
+
 
 @dataclass(frozen=True)
 class TrialRecord:
@@ -80,6 +163,45 @@ class TrialRecord:
     def feasible(self) -> bool:
         # a screened candidate's constraint values may be predictions (cheap evaluation): not measured
         return self.state == "COMPLETE" and self.fidelity != "screen" and all(c <= 0 for c in self.constraints)
+
+
+def better(a: TrialRecord, b: TrialRecord | None) -> bool:
+    """Smaller objective wins; ties go to the higher metric, then the earlier trial."""
+    if b is None:
+        return True
+    if a.objective is None or b.objective is None:
+        return b.objective is None
+    if a.objective != b.objective:
+        return a.objective < b.objective
+    if a.measurement.metric != b.measurement.metric:
+        return a.measurement.metric > b.measurement.metric
+    return a.number < b.number
+
+
+def best_feasible(trials: Sequence[TrialRecord]) -> TrialRecord | None:
+    best = None
+    for t in trials:
+        # a candidate cheap evaluation only screened or stopped mid-fine-tune is never the answer
+        if t.feasible and t.measurement is not None and t.fidelity not in ("screen", "stopped") and better(t, best):
+            best = t
+    return best
+
+
+def pareto_front(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Completed trials not dominated in (metric up, size down), sorted by size."""
+    done = [t for t in trials if t.state == "COMPLETE" and t.measurement is not None]
+    front = []
+    for t in done:
+        m = t.measurement
+        dominated = any(
+            o.measurement.metric >= m.metric
+            and o.measurement.size_bytes <= m.size_bytes
+            and (o.measurement.metric > m.metric or o.measurement.size_bytes < m.size_bytes)
+            for o in done
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.measurement.size_bytes, -t.measurement.metric))
 
 
 @dataclass

@@ -23,6 +23,42 @@ MODEL_FILE = "model.tfz"
 SUMMARY_FILE = "summary.json"
 TRIALS_FILE = "trials.csv"
 PLOT_FILE = "trials.png"
+#: the run's example input (``torch.save``), which ``tightfit export`` checks the outputs on
+EXAMPLE_INPUT_FILE = "example_input.pt"
+
+# The keys tightfit stores on the study and its trials, all in one place. A trial's user
+# attributes are written and read by :class:`tightfit.records.TrialAttrs`.
+#: study user attributes: the original model's measurement and the run's settings (checked on resume)
+BASELINE_ATTR = "tightfit.baseline"
+SETTINGS_ATTR = "tightfit.settings"
+#: trial user attributes
+PLAN_ATTR = "plan"
+MEASUREMENT_ATTR = "measurement"
+FINETUNE_STEPS_ATTR = "finetune_steps"
+METRIC_SE_ATTR = "metric_se"
+PREDICTION_SE_ATTR = "prediction_se"
+VAL_SAMPLES_ATTR = "val_samples"
+FIDELITY_ATTR = "fidelity"
+STOP_REASON_ATTR = "stop_reason"
+STAGE_REACHED_ATTR = "stage_reached"
+SEQUENTIAL_ATTR = "sequential"
+EVALUATIONS_ATTR = "evaluations"
+CURVE_ATTR = "stage_curve"
+RECOVERY_ATTR = "recovery"
+SCREEN_CONSTRAINTS_ATTR = "screen_constraints"
+SCREEN_PREDICTION_ATTR = "screen_prediction"
+PROBE_SAMPLES_ATTR = "probe_samples"
+PROBE_S_ATTR = "probe_s"
+SEARCH_TIME_ATTR = "search_time_s"
+DURATION_ATTR = "duration_s"
+ERROR_ATTR = "error"
+TRACEBACK_ATTR = "traceback"
+INTERRUPTED_ATTR = "interrupted"
+RETRY_OF_ATTR = "retry_of"  # a queued retry: the number of the trial it replaces
+WORKER_ATTR = "worker"  # "host:pid" of the process evaluating a trial
+#: trial system attributes (samplers' state)
+INCUMBENT_ATTR = "tightfit.search.incumbent_objective"
+GP_ATTR = "tightfit.bo.gp"
 
 
 class RunDir:

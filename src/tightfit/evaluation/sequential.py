@@ -395,6 +395,11 @@ class SequentialSession:
         k = max(1, len(self._forms)) * max(1, len(self.config.stages))
         return z_value(2 * (1 - self.config.confidence) / k)
 
+    @property
+    def stages_calibratable(self) -> bool:
+        """Whether some constraint has a per-sample linear form the fine-tune's stages can look at."""
+        return bool(self._forms)
+
     def stage_values(self, model: nn.Module, seen: torch.Tensor | None = None) -> torch.Tensor:
         """``model``'s per-sample metric values on the stage samples (the first ``stage_size`` of the
         search order); ``seen``: its values on a prefix of that order, already read."""

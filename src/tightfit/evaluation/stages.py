@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from ..run_dir import CURVE_ATTR
 
-#: user attribute holding a trial's curve (see :func:`curve_attr`)
-CURVE_ATTR = "stage_curve"
+# CURVE_ATTR: the user attribute holding a trial's curve (see :func:`curve_attr`)
 
 
 class EarlyStop(Exception):

@@ -544,8 +544,7 @@ def export_run(
     Static int8 calibrates on that example input only. Writes ``<file>.json`` (the report, with
     the speedup over the baseline latency the search measured, when it measured one) next to it.
     """
-    from ..pipeline import EXAMPLE_INPUT_FILE
-    from ..run_dir import MODEL_FILE, SUMMARY_FILE
+    from ..run_dir import EXAMPLE_INPUT_FILE, MODEL_FILE, SUMMARY_FILE
     from .artifact import load_model
 
     root = Path(run_dir)

@@ -161,7 +161,7 @@ class LiveFiles:
         self._last_plot = float("-inf")
 
     def maybe_write(self, trials: list[TrialRecord]) -> None:
-        from ..pipeline import best_feasible, pareto_front
+        from ..records import best_feasible, pareto_front
 
         tmp = self.run_dir / (TRIALS_FILE + ".tmp")
         write_trials_csv(trials, tmp, self.baseline)

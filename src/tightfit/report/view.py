@@ -24,7 +24,7 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
     """Read a run from its directory (or any Optuna storage URL) without taking its lock."""
     import optuna
 
-    from ..pipeline import BASELINE_ATTR, SETTINGS_ATTR
+    from ..run_dir import BASELINE_ATTR, SETTINGS_ATTR
     from ..search.loop import trial_record
 
     summary = None

@@ -22,13 +22,15 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError
+from ..optuna_compat import is_heartbeat_storage, storage_backend, study_storage, trial_id
+from ..run_dir import RETRY_OF_ATTR as RETRY_OF, WORKER_ATTR
 
 log = logging.getLogger("tightfit")
 
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 60
-RETRY_OF = "retry_of"  # user attr of a queued retry: the number of the trial it replaces
-WORKER_ATTR = "worker"  # user attr "host:pid" of the process evaluating a trial, set after its first heartbeat
+# RETRY_OF: user attr of a queued retry, the number of the trial it replaces; WORKER_ATTR: user attr
+# "host:pid" of the process evaluating a trial, set after its first heartbeat
 
 
 class RetryStaleTrial:
@@ -166,12 +168,12 @@ def redact(url: str) -> str:
 
 
 def heartbeat_enabled(storage: BaseStorage) -> bool:
-    return isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+    return is_heartbeat_storage(storage) and storage.get_heartbeat_interval() is not None
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
     """Fail the trials of dead workers (and queue their retries); no-op without heartbeats."""
-    storage = study._storage
+    storage = study_storage(study)
     if not heartbeat_enabled(storage):
         return
     with warnings.catch_warnings():
@@ -185,21 +187,21 @@ def _fail_trials_without_heartbeat(study: optuna.Study) -> None:
     between creating it and its first heartbeat. Our loop writes the ``worker`` attribute right after
     that first heartbeat, so a trial without it, running for longer than the grace period, is one of
     those (compared with this machine's clock: keep the workers' clocks within the grace period)."""
-    storage = study._storage
+    storage = study_storage(study)
     interval = storage.get_heartbeat_interval()
-    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None) or 2 * interval
+    grace = getattr(storage_backend(storage), "grace_period", None) or 2 * interval
     cutoff = datetime.now() - timedelta(seconds=grace)
     callback = storage.get_heartbeat_stale_trial_callback()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if WORKER_ATTR in t.user_attrs or t.datetime_start is None or t.datetime_start > cutoff:
             continue
         try:
-            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            if not storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
         if callback is not None:
-            callback(study, copy.deepcopy(storage.get_trial(t._trial_id)))
+            callback(study, copy.deepcopy(storage.get_trial(trial_id(t))))
 
 
 @contextmanager
@@ -210,22 +212,22 @@ def trial_heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     retried at the next beat instead of ending the thread, so one network hiccup does not turn a
     healthy trial stale.
     """
-    storage = study._storage
+    storage = study_storage(study)
     if not heartbeat_enabled(storage):
         yield
         return
     interval = storage.get_heartbeat_interval()
-    trial_id = trial._trial_id  # Optuna's handle; FrozenTrial/Trial expose no public id
+    handle = trial_id(trial)  # Optuna's handle; FrozenTrial/Trial expose no public id
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(interval):
             try:
-                storage.record_heartbeat(trial_id)
+                storage.record_heartbeat(handle)
             except Exception as exc:  # keep beating; the grace period absorbs a few misses
                 log.warning("heartbeat of trial %d failed: %s", trial.number, exc)
 
-    storage.record_heartbeat(trial_id)
+    storage.record_heartbeat(handle)
     thread = threading.Thread(target=beat, name=f"tightfit-heartbeat-{trial.number}", daemon=True)
     thread.start()
     try:

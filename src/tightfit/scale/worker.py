@@ -16,8 +16,8 @@ def work(model: nn.Module, *, storage: Any, study_name: str = "tightfit", **argu
     if no one has yet. A worker never writes a run directory and does not pick the result: the
     process that runs ``compress`` (``tightfit run``) or ``tightfit report`` does.
     """
-    from ..pipeline import _search, run_arguments
+    from ..run import Run, Settings
 
     for local_only in ("run_dir", "progress", "on_start"):
         arguments.pop(local_only, None)
-    return _search(model, worker=True, **run_arguments(model, storage=storage, study_name=study_name, **arguments))
+    return Run(model, Settings.of(storage=storage, study_name=study_name, **arguments), worker=True).work()

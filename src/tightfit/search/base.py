@@ -15,15 +15,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .context import SearchContext
 from .encoding import UnitEncoding, distributions, in_space
+from ..run_dir import INCUMBENT_ATTR, METRIC_SE_ATTR
 
-#: User attribute with the standard error of a trial's metric estimate (set by cheap evaluation);
-#: GP models use its square as the observed noise of the constraint.
-METRIC_SE_ATTR = "metric_se"
-#: trial system attribute a sampler may set with its suggestion: the objective of the answer it is
-#: working from (``bo``: the best trial its constraint model also believes feasible, which is not the
-#: best observed one when that one met the constraint by luck). Cheap evaluation promotes the
-#: candidates that improve on it, so the search and the evaluation chase the same incumbent.
-INCUMBENT_ATTR = "tightfit.search.incumbent_objective"
+# METRIC_SE_ATTR: the standard error of a trial's metric estimate (set by cheap evaluation); GP
+# models use its square as the observed noise of the constraint. INCUMBENT_ATTR: trial system
+# attribute a sampler may set with its suggestion: the objective of the answer it is working from
+# (``bo``: the best trial its constraint model also believes feasible, which is not the best
+# observed one when that one met the constraint by luck). Cheap evaluation promotes the candidates
+# that improve on it, so the search and the evaluation chase the same incumbent.
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,16 @@ import warnings
 import numpy as np
 import optuna
 
+from ..optuna_compat import set_trial_system_attr
 from .base import INCUMBENT_ATTR, History, PlanSampler
 from .context import SearchContext
 from .levelset import knob_of, knob_table, next_knob, uniform_family
 from .sensitivity import probe_violation, sensitivity_scan
+from ..run_dir import GP_ATTR
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
 
-#: trial system attribute: the GP hyperparameters fitted for this trial's suggestion
-GP_ATTR = "tightfit.bo.gp"
+# GP_ATTR: trial system attribute, the GP hyperparameters fitted for this trial's suggestion
 #: every this many completed trials the GPs are fitted from their priors again: a warm start can
 #: stay in a worse local optimum of the likelihood for a few trials (measured: docs/benchmarks.md)
 COLD_EVERY = 5
@@ -153,8 +154,9 @@ class BOSampler(PlanSampler):
             obj_gp = fit_gp(history.x, y_obj, None, init=previous.get("objective"))
             con_gp = fit_gp(history.x, history.violation, se, init=previous.get("constraint"))
         if self._trial is not None:
-            study._storage.set_trial_system_attr(  # Optuna's own samplers keep their state this way
-                self._trial._trial_id,
+            set_trial_system_attr(  # Optuna's own samplers keep their state this way
+                study,
+                self._trial,
                 GP_ATTR,
                 {"objective": hyperparameters(obj_gp), "constraint": hyperparameters(con_gp)},
             )
@@ -162,7 +164,7 @@ class BOSampler(PlanSampler):
 
         best = _robust_best(history, con_gp)
         if best is not None and self._trial is not None:
-            study._storage.set_trial_system_attr(self._trial._trial_id, INCUMBENT_ATTR, float(history.objective[best]))
+            set_trial_system_attr(study, self._trial, INCUMBENT_ATTR, float(history.objective[best]))
         center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
         length = trust_region_length(history, self.n_init, d)
         ls = obj_gp.covar_module.lengthscale.detach().numpy().ravel() if hasattr(obj_gp.covar_module, "lengthscale") else np.ones(d)

@@ -18,15 +18,17 @@ import optuna
 from optuna.trial import TrialState
 
 from ..operators.plan import Plan
-from ..records import Measurement, TrialRecord
-from ..scale.storage import RETRY_OF, WORKER_ATTR, fail_stale_trials, heartbeat_enabled, trial_heartbeat
+from ..optuna_compat import cached_trials, live_trial, study_storage
+from ..records import TrialAttrs, TrialRecord
+from ..run_dir import ERROR_ATTR, INTERRUPTED_ATTR
+from ..scale.storage import RETRY_OF, fail_stale_trials, heartbeat_enabled, trial_heartbeat
 from .context import SearchContext
 from .samplers import make_sampler
 from .space import SearchSpace
 
 log = logging.getLogger("tightfit")
 
-INTERRUPTED = "interrupted"
+INTERRUPTED = INTERRUPTED_ATTR
 _STALE_CHECK_S = 1.0
 
 
@@ -37,13 +39,14 @@ def _worker_id() -> str:
 @dataclass
 class TrialOutcome:
     """What evaluating one plan produced: the objective to minimize, the constraint values
-    (<= 0 feasible) and JSON-ready attributes to store on the trial. ``pruned``: the plan was only
+    (<= 0 feasible) and the attributes to store on the trial (a :class:`~tightfit.records.TrialAttrs`,
+    or a plain JSON-ready dict from a caller with attributes of its own). ``pruned``: the plan was only
     screened at a low fidelity (cheap evaluation); it is told to Optuna as PRUNED with the objective
     as its intermediate value, so samplers treat it as "not worth a full evaluation"."""
 
     objective: float | list[float]  # one value, or one per study direction
     constraints: list[float]
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: TrialAttrs | dict[str, Any] = field(default_factory=dict)
     pruned: bool = False
 
 
@@ -68,7 +71,7 @@ def _counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Frozen
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)  # PRUNED: screened by cheap evaluation
         or (
             t.state == TrialState.FAIL
-            and "error" in t.user_attrs
+            and ERROR_ATTR in t.user_attrs
             and not t.user_attrs.get(INTERRUPTED)
             and t.number not in retried
         )
@@ -112,9 +115,8 @@ class PositionSeededSampler(optuna.samplers.BaseSampler):
         self._inner = make(derive_seed(seed, 0))
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        # Study._get_trials with use_cache is what Optuna's samplers read in the same ask: one
-        # storage query serves both.
-        position = trial_position(study._get_trials(deepcopy=False, use_cache=True), trial.number)
+        # the trials Optuna's samplers read in the same ask: one storage query serves both
+        position = trial_position(cached_trials(study), trial.number)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self._inner = self._make(derive_seed(self._seed, position))
@@ -142,11 +144,10 @@ def recover_interrupted(study: optuna.Study) -> int:
     shared storages rely on heartbeats instead (:mod:`tightfit.scale`)."""
     recovered = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # FrozenTrial exposes no public id; Trial(study, id) is Optuna's own handle for a live trial.
-        handle = optuna.trial.Trial(study, t._trial_id)
-        handle.set_user_attr(INTERRUPTED, True)
+        handle = live_trial(study, t)
+        _write(handle, TrialAttrs(interrupted=True))
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number})
+        study.enqueue_trial(dict(t.params), user_attrs=TrialAttrs(retry_of=t.number).to_user_attrs())
         recovered += 1
     return recovered
 
@@ -185,7 +186,7 @@ def run_trials(
         trials = study.get_trials(deepcopy=False)
         done = len(_counted(trials))
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        if done >= budget and (running == 0 or not drain or not heartbeat_enabled(study._storage)):
+        if done >= budget and (running == 0 or not drain or not heartbeat_enabled(study_storage(study))):
             return evaluated
         if done + running >= budget:
             time.sleep(poll_s)  # the last trials are running elsewhere; wait for them or their retries
@@ -199,31 +200,40 @@ def run_trials(
         started = time.perf_counter()
         try:
             with trial_heartbeat(study, trial):
-                trial.set_user_attr(WORKER_ATTR, _worker_id())  # which process ran it: for reports
+                _write(trial, TrialAttrs(worker=_worker_id()))  # which process ran it: for reports
                 suggest_started = time.perf_counter()
                 plan = space.suggest(trial)  # relative samplers do their work here, on first suggest
-                trial.set_user_attr("search_time_s", (started - asked) + (time.perf_counter() - suggest_started))
+                _write(trial, TrialAttrs(search_time_s=(started - asked) + (time.perf_counter() - suggest_started)))
                 outcome = evaluate_plan(plan, trial)
         except KeyboardInterrupt:
-            trial.set_user_attr(INTERRUPTED, True)
+            _write(trial, TrialAttrs(interrupted=True))
             study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number})
+            study.enqueue_trial(dict(trial.params), user_attrs=TrialAttrs(retry_of=trial.number).to_user_attrs())
             raise
         except Exception as exc:  # a failing trial is recorded and the search goes on
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
-            error = {
-                "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=8),
-                "duration_s": time.perf_counter() - started,
-            }
-            frozen = _record(study, trial, error, [], None)
+            error = TrialAttrs(
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(limit=8),
+                duration_s=time.perf_counter() - started,
+            )
+            frozen = _record(study, trial, error.to_user_attrs(), [], None)
         else:
-            attrs = {**outcome.attrs, "duration_s": time.perf_counter() - started}
+            attrs = {**_user_attrs(outcome.attrs), **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs()}
             values = outcome.objective
             values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
             frozen = _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
         if on_trial is not None and frozen is not None:
             on_trial(frozen)
+
+
+def _user_attrs(attrs: TrialAttrs | dict[str, Any]) -> dict[str, Any]:
+    return attrs.to_user_attrs() if isinstance(attrs, TrialAttrs) else dict(attrs)
+
+
+def _write(trial: optuna.Trial, attrs: TrialAttrs) -> None:
+    for key, value in attrs.to_user_attrs().items():
+        trial.set_user_attr(key, value)
 
 
 def _record(study, trial, attrs, constraints, objective, pruned: bool = False) -> optuna.trial.FrozenTrial | None:
@@ -254,24 +264,24 @@ def _record(study, trial, attrs, constraints, objective, pruned: bool = False) -
 
 def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
     """The plain record of a stored trial."""
-    attrs = t.user_attrs
+    attrs = TrialAttrs.from_trial(t)
     return TrialRecord(
         number=t.number,
         state=t.state.name,
-        plan=Plan.from_dict(attrs["plan"]) if "plan" in attrs else None,
-        measurement=Measurement.from_dict(attrs["measurement"]) if "measurement" in attrs else None,
+        plan=attrs.plan,
+        measurement=attrs.measurement,
         objective=(
             t.values[0] if t.state == TrialState.COMPLETE and t.values
             else t.intermediate_values.get(0) if t.state == TrialState.PRUNED else None
         ),
         constraints=tuple(trial_constraints(t)),
-        error=attrs.get("error") or ("interrupted" if attrs.get(INTERRUPTED) else None),
-        duration_s=attrs.get("duration_s"),
-        val_samples=attrs.get("val_samples"),
-        finetune_steps=attrs.get("finetune_steps"),
-        metric_se=attrs.get("metric_se"),
-        fidelity=attrs.get("fidelity"),
-        search_time_s=attrs.get("search_time_s"),
-        probe_samples=attrs.get("probe_samples"),
-        probe_s=attrs.get("probe_s"),
+        error=attrs.error or ("interrupted" if attrs.interrupted else None),
+        duration_s=attrs.duration_s,
+        val_samples=attrs.val_samples,
+        finetune_steps=attrs.finetune_steps,
+        metric_se=attrs.metric_se,
+        fidelity=attrs.fidelity,
+        search_time_s=attrs.search_time_s,
+        probe_samples=attrs.probe_samples,
+        probe_s=attrs.probe_s,
     )

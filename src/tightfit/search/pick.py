@@ -31,12 +31,12 @@ from optuna.trial import TrialState
 from .base import METRIC_SE_ATTR
 from .encoding import UnitEncoding, in_space
 from .space import SearchSpace
+from ..run_dir import FIDELITY_ATTR, MEASUREMENT_ATTR, PREDICTION_SE_ATTR
 
 #: cheap evaluation's fidelities whose constraint values are predictions, not measurements: such
 #: trials can never be the answer; they inform the model only when they carry the predictions'
 #: spread (user attribute ``PREDICTION_SE_ATTR``, stored by cheap evaluation), as observations that noisy
 NOT_MEASURED = ("screen", "stopped")
-PREDICTION_SE_ATTR = "prediction_se"
 #: below this many completed trials the best observed trial stands: with fewer points the model's
 #: learned mean and length scales leave even a well-supported edge uncertain, and the pick falls back
 #: to plans far inside the feasible region (measured: the level-set search at 10 evaluations
@@ -62,7 +62,7 @@ def _violation(t: optuna.trial.FrozenTrial) -> float:
 
 def _key(t: optuna.trial.FrozenTrial) -> tuple:
     """Smaller objective first; ties to the higher metric, then the earlier trial (as compress)."""
-    metric = (t.user_attrs.get("measurement") or {}).get("metric")
+    metric = (t.user_attrs.get(MEASUREMENT_ATTR) or {}).get("metric")
     return (float(t.values[0]), -(metric if metric is not None else -math.inf), t.number)
 
 
@@ -70,8 +70,8 @@ def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int =
     """The answer of a single-objective study (see the module docstring)."""
     enc = UnitEncoding(space)
     completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and in_space(t, enc.keys)]
-    measured = [t for t in completed if t.user_attrs.get("fidelity") not in NOT_MEASURED]
-    predicted = [t for t in completed if t.user_attrs.get("fidelity") in NOT_MEASURED and t.user_attrs.get(PREDICTION_SE_ATTR) is not None]
+    measured = [t for t in completed if t.user_attrs.get(FIDELITY_ATTR) not in NOT_MEASURED]
+    predicted = [t for t in completed if t.user_attrs.get(FIDELITY_ATTR) in NOT_MEASURED and t.user_attrs.get(PREDICTION_SE_ATTR) is not None]
     # predictions join the model only as noisy observations, and only when the measured points have a noise too
     with_se = all(t.user_attrs.get(METRIC_SE_ATTR) is not None for t in measured)
     done = measured + predicted if with_se else measured

@@ -1,0 +1,199 @@
+"""How a run evaluates one trial's plan: one contract (:class:`TrialEvaluator`), two
+implementations (:class:`FullEvaluator` here, :class:`~tightfit.run.sequential.SequentialEvaluator`
+for ``evaluation=Sequential(...)``) sharing the goal, the seeded recovery and the static
+measurement through :class:`TrialSetup`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import optuna
+import torch
+from torch import nn
+
+from ..evaluation.constraints import Constraint, MaxSize
+from ..evaluation.metrics import evaluate_metric
+from ..export.artifact import to_bytes
+from ..measure.analysis import count_nonzeros, layer_kind, sparse_flops
+from ..measure.latency import Latency
+from ..operators.compose import Compose
+from ..operators.plan import Plan, apply_plan_inplace
+from ..records import UNSET, Measurement, TrialAttrs, TrialRecord, better
+from ..run_dir import RunDir
+from ..search.context import ProbeResult, SearchContext
+from ..search.loop import TrialOutcome
+from ..search.space import SearchSpace
+from .measuring import ForwardPasses, StaticMeasure, full_metric, one_weight, timed
+
+
+class TrialEvaluator(Protocol):
+    """Evaluates one plan of the search: ``evaluator(plan, trial) -> TrialOutcome`` (the objective,
+    the constraint values and the trial's :class:`~tightfit.records.TrialAttrs`)."""
+
+    def __call__(self, plan: Plan, trial: optuna.Trial) -> TrialOutcome: ...
+
+
+class BestSoFar:
+    """The best feasible full-fidelity trial this process has evaluated, with its file's bytes (so
+    the answer is not evaluated twice); written to the run directory's ``best.tfz`` when kept."""
+
+    def __init__(self, record: TrialRecord | None, run: RunDir | None, keep: bool) -> None:
+        self.record = record
+        self.data: bytes | None = None
+        self.run = run
+        self.keep = keep
+
+    def offer(self, record: TrialRecord, data: bytes) -> None:
+        if self.keep and record.feasible and better(record, self.record):
+            self.record, self.data = record, data
+            if self.run is not None:
+                self.run.write_best(data)
+
+    def bytes_of(self, number: int) -> bytes | None:
+        """The kept file of trial ``number``: in memory, or the run directory's ``best.tfz``."""
+        if self.record is not None and self.record.number == number and self.data is not None:
+            return self.data
+        if self.run is not None:
+            return self.run.read_best(number)
+        return None
+
+
+@dataclass
+class TrialSetup:
+    """What both evaluators share: the original, how a plan is applied and recovered, the goal,
+    the constraints and the baseline they are measured against, and the static measurement."""
+
+    original: nn.Module
+    strategy: Compose
+    space: SearchSpace
+    finetune: Any
+    seed: int
+    objective: str
+    constraints: list[Constraint]
+    baseline: Measurement
+    static: StaticMeasure
+    counter: ForwardPasses
+    best: BestSoFar
+    latency: Latency | None = None
+
+    def recovery_for(self, trial: Any) -> tuple[Any, dict[str, Any]]:
+        """The trial's recovery and its tuned settings (tuned recovery searches its own settings)."""
+        tuned = self.space.recovery_settings(trial.params)
+        return (self.finetune.with_settings(**tuned) if tuned else self.finetune), tuned
+
+    def candidate(self, plan: Plan) -> nn.Module:
+        """The plan applied to a fresh copy of the original."""
+        return apply_plan_inplace(plan, copy.deepcopy(self.original), self.strategy)
+
+    def goal(self, measured: Measurement) -> float:
+        return measured.objective(self.objective)
+
+    def constraint_values(self, measured: Measurement) -> list[float]:
+        return [c.value(measured, self.baseline) for c in self.constraints]
+
+
+def recover_seeded(recover: Callable[[nn.Module], None], candidate: nn.Module, seed: int,
+                   around: AbstractContextManager | None = None) -> None:
+    """Fine-tune ``candidate`` with the run's seed (the global RNG is left as it was), then put it
+    in eval mode: it is measured as the original was, whatever mode a user's recovery left it in
+    (in train mode a metric that does not call eval() reads dropout noise and batch statistics, and
+    its passes would change the BatchNorm statistics saved next). ``around`` wraps the fine-tune
+    (cheap evaluation's stage checks)."""
+    with torch.random.fork_rng(), (around if around is not None else nullcontext()):
+        torch.manual_seed(seed)
+        recover(candidate)
+    candidate.eval()
+
+
+class FullEvaluator:
+    """Every candidate fine-tuned and measured on the full validation set."""
+
+    def __init__(self, setup: TrialSetup, evaluate: Any, multi: bool) -> None:
+        self.setup = setup
+        self.evaluate = evaluate
+        self.multi = multi
+
+    def __call__(self, plan: Plan, trial: optuna.Trial) -> TrialOutcome:
+        s = self.setup
+        s.counter.take()
+        candidate = s.candidate(plan)
+        steps = None
+        recover, tuned = s.recovery_for(trial)
+        if recover is not None:
+            recover_seeded(recover, candidate, s.seed)
+            steps = getattr(recover, "steps_taken", None)
+        metric, metric_se = full_metric(self.evaluate, candidate)
+        data, static = s.static(candidate, plan, trial.number)
+        measured = dataclasses.replace(static, metric=metric, **timed(s.latency, candidate))
+        values = s.constraint_values(measured)
+        goal = s.goal(measured)
+        s.best.offer(TrialRecord(trial.number, "COMPLETE", plan, measured, goal, tuple(values)), data)
+        return TrialOutcome(
+            objective=[goal, float(metric)] if self.multi else goal,
+            constraints=values,
+            attrs=TrialAttrs(plan=plan, measurement=measured, finetune_steps=steps, metric_se=metric_se,
+                             val_samples=s.counter.take(), fidelity="full", recovery=tuned or UNSET),
+        )
+
+
+def with_probe_cost(context: SearchContext, evaluate_plan: TrialEvaluator, counter: ForwardPasses):
+    """Charge each trial with what the optimizer's probes (plans measured without fine-tuning, made
+    while it prepared the suggestion) cost: validation samples and seconds, stored as the trial's
+    ``probe_samples`` and ``probe_s``."""
+    if context.probe is None:
+        return context, evaluate_plan
+    clock = {"s": 0.0}
+    probe = context.probe
+
+    def timed_probe(plan: Plan) -> ProbeResult:
+        started = time.perf_counter()
+        try:
+            return probe(plan)
+        finally:
+            clock["s"] += time.perf_counter() - started
+
+    def charged(plan: Plan, trial) -> TrialOutcome:
+        passes, seconds = counter.take(), clock["s"]
+        clock["s"] = 0.0
+        outcome = evaluate_plan(plan, trial)
+        outcome.attrs = dataclasses.replace(outcome.attrs, probe_samples=passes, probe_s=seconds)
+        return outcome
+
+    return dataclasses.replace(context, probe=timed_probe), charged
+
+
+def search_context(
+    setup: TrialSetup, evaluate, budget: int, layer_names, example_input, n_objectives: int = 1,
+) -> SearchContext:
+    """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
+    (the sensitivity scan and warm starts use it) and the original weights."""
+    s = setup
+    needs_bytes = s.objective == "size" or any(isinstance(c, MaxSize) for c in s.constraints)
+    # With a latency objective or constraint every probe is timed too: slower, but the only honest view.
+
+    def probe(plan: Plan) -> ProbeResult:
+        candidate = s.candidate(plan)
+        metric = evaluate_metric(evaluate, candidate)
+        nonzeros, _ = count_nonzeros(candidate, layer_names)
+        measured = Measurement(
+            metric=metric,
+            size_bytes=len(to_bytes(candidate, plan)) if needs_bytes else s.baseline.size_bytes,
+            nonzeros=nonzeros,
+            weight_params=s.baseline.weight_params,
+            flops=sparse_flops(candidate, example_input, layer_names) if s.objective == "flops" else None,
+            **timed(s.latency, candidate),
+        )
+        return ProbeResult(metric, tuple(s.constraint_values(measured)), s.goal(measured))
+
+    modules = dict(s.original.named_modules())
+    weights = {name: one_weight(modules[name]) for name in layer_names if layer_kind(modules[name]) is not None}
+    return SearchContext(
+        space=s.space, budget=budget, seed=s.seed, probe=probe, weights=weights, objective=s.objective,
+        n_objectives=n_objectives,
+    )
