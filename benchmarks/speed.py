@@ -296,7 +296,7 @@ def int8search(args) -> dict:
 
     from tightfit.demo import digits_split, lenet_300_100, train
     from tightfit.export import export_run
-    from tightfit.export.verified import _ort_session
+    from tightfit.export.onnx import ort_session as _ort_session
 
     split = digits_split(0)
     torch.manual_seed(0)

@@ -201,7 +201,7 @@ def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_p
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from tightfit.export.verified import _carried_over, onnx_nodes_for
+    from tightfit.export.onnx import carried_over as _carried_over, onnx_nodes_for
 
     def save(nodes, name):
         value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1])  # noqa: E731
@@ -337,7 +337,7 @@ def test_export_of_a_dict_output_with_a_cache_object_and_keyword_inputs(tmp_path
     # The TorchScript tracer refused the dict ("Encountering a dict at the output") and the ONNX
     # exporter the cache object; both now trace the output's tensors, checked against the model's.
     pytest.importorskip("onnxruntime")
-    from tightfit.export.verified import onnx_nodes_for
+    from tightfit.export.onnx import onnx_nodes_for
 
     torch.manual_seed(0)
     model = _DictOutputLM().eval()

@@ -136,24 +136,10 @@ def prune_and_adjust(
     every finished round on disk and resumes from it (module doc); a larger ``rounds`` on a later
     call continues a finished run.
     """
-    from . import MinMetric, compress
-    from .export.artifact import load_model, to_bytes
+    from .export.artifact import load_model
     from .measure.analysis import analyze, count_nonzeros
 
-    if rounds < 1:
-        raise ConfigError(f"prune_and_adjust: `rounds` must be >= 1, but got {rounds!r}.")
-    if not 0 < step:
-        raise ConfigError(f"prune_and_adjust: `step` must be > 0 (the metric an untrained plan may lose), but got {step!r}.")
-    if max_drop < 0:
-        raise ConfigError(f"prune_and_adjust: `max_drop` must be >= 0, but got {max_drop!r}.")
-    if not callable(adjust):
-        raise ConfigError("prune_and_adjust: `adjust` must be a recovery, e.g. GradualPrune(train_loader, epochs=30).")
-    strategy = strategy or Prune(sparsity=(0.0, 0.999))
-    operators = list(strategy) if isinstance(strategy, Compose) else [strategy]
-    if any(op.name != "prune" for op in operators):
-        raise ConfigError("prune_and_adjust: `strategy` may only prune (e.g. Prune(sparsity=(0, 0.999))); each round "
-                          "starts from the previous round's weights.")
-
+    strategy, operators = _checked(rounds, step, max_drop, adjust, strategy)
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)
     baseline = float(evaluate(model))
@@ -174,24 +160,15 @@ def prune_and_adjust(
                 break
             trained = saved.adjusted(number)  # an earlier call finished this round's adjust: not trained again
             if trained is None:
-                start = time.perf_counter()
-                found = compress(current, evaluate=evaluate, strategy=strategy, constraint=MinMetric(baseline - step),
-                                 objective="nonzeros", budget=search_budget, search=search, example_input=example_input,
-                                 seed=seed * 1000 + number, run_dir=saved.round_dir(number),
-                                 # the smallest plan that measured within the step: the adjusted model's own
-                                 # check against max_drop below is what guards the answer
-                                 pick="observed")
-                if not found.feasible:
+                trained = _search_and_adjust(
+                    current, evaluate=evaluate, adjust=adjust, strategy=strategy, min_metric=baseline - step,
+                    search=search, search_budget=search_budget, example_input=example_input, seed=seed * 1000 + number,
+                    run_dir=saved.round_dir(number),
+                )
+                if trained is None:
                     exhausted = True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
                     saved.write(history, exhausted, None)
                     break
-                candidate = apply(found.plan, current)
-                _keep_zeros(candidate)
-                with torch.random.fork_rng():  # the adjust's shuffling is seeded per round: reruns repeat
-                    torch.manual_seed(seed * 1000 + number)
-                    adjust(candidate)
-                trained = _Adjusted(found.plan, to_bytes(candidate, found.plan), getattr(adjust, "steps_taken", None),
-                                 time.perf_counter() - start)
                 saved.write_adjusted(number, trained)
             start = time.perf_counter()
             adjusted = load_model(io.BytesIO(trained.model))  # measured as it was saved
@@ -294,12 +271,56 @@ class _RoundsFile:
                 (last / ADJUSTED_FILE).unlink(missing_ok=True)
 
 
+def _checked(rounds, step, max_drop, adjust, strategy) -> tuple[Operator | Compose, list[Operator]]:
+    """prune_and_adjust's arguments checked; the strategy (default: magnitude pruning) and its operators."""
+    if rounds < 1:
+        raise ConfigError(f"prune_and_adjust: `rounds` must be >= 1, but got {rounds!r}.")
+    if not 0 < step:
+        raise ConfigError(f"prune_and_adjust: `step` must be > 0 (the metric an untrained plan may lose), but got {step!r}.")
+    if max_drop < 0:
+        raise ConfigError(f"prune_and_adjust: `max_drop` must be >= 0, but got {max_drop!r}.")
+    if not callable(adjust):
+        raise ConfigError("prune_and_adjust: `adjust` must be a recovery, e.g. GradualPrune(train_loader, epochs=30).")
+    strategy = strategy or Prune(sparsity=(0.0, 0.999))
+    operators = list(strategy) if isinstance(strategy, Compose) else [strategy]
+    if any(op.name != "prune" for op in operators):
+        raise ConfigError("prune_and_adjust: `strategy` may only prune (e.g. Prune(sparsity=(0, 0.999))); each round "
+                          "starts from the previous round's weights.")
+    return strategy, operators
+
+
+def _search_and_adjust(current, *, evaluate, adjust, strategy, min_metric, search, search_budget, example_input,
+                       seed, run_dir) -> _Adjusted | None:
+    """One round's search (a ``compress`` run, no training) and adjust (training, seeded per round:
+    reruns repeat); None when no plan keeps the metric within the step."""
+    from .evaluation.constraints import MinMetric
+    from .export.artifact import to_bytes
+    from .run import Run, Settings
+
+    start = time.perf_counter()
+    settings = Settings.of(evaluate=evaluate, strategy=strategy, constraint=MinMetric(min_metric), objective="nonzeros",
+                           budget=search_budget, search=search, example_input=example_input, seed=seed, run_dir=run_dir,
+                           # the smallest plan that measured within the step: the adjusted model's own
+                           # check against max_drop is what guards the answer
+                           pick="observed")
+    found = Run(current, settings).compress()
+    if not found.feasible:
+        return None
+    candidate = apply(found.plan, current)
+    _keep_zeros(candidate)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        adjust(candidate)
+    return _Adjusted(found.plan, to_bytes(candidate, found.plan), getattr(adjust, "steps_taken", None),
+                     time.perf_counter() - start)
+
+
 @torch.no_grad()
 def _keep_zeros(candidate: nn.Module) -> None:
     """Weights an earlier round pruned are exact zeros; a plan gentler than that round's on some
     layer would unmask them and training would grow them back. Mask them again."""
     from .operators.prune import WeightMask
-    from .recovery._base import sites
+    from .recovery import sites
 
     for site in sites(candidate):
         for step in site.chain:

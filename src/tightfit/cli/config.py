@@ -310,13 +310,49 @@ def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Call
         raise ConfigError(f"finetune.tune: {exc}") from None
 
 
+def _load_weights(model: Any, weights: Path, base: Path) -> None:
+    """``model.weights``: a state_dict (``torch.load(weights_only=True)``) loaded into the model."""
+    import torch
+
+    weights = weights if weights.is_absolute() else base / weights
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"model.weights: no such file {str(weights)!r}.") from None
+    except Exception as exc:
+        raise ConfigError(f"model.weights: {str(weights)!r} is not a loadable state_dict ({exc}).") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise ConfigError(f"model.weights: does not fit the model from model.factory ({exc}).") from None
+
+
+def _constraints(section: Any) -> list[Any]:
+    """The ``[constraint]`` section as tightfit constraints, in a fixed order."""
+    from ..evaluation import MaxDrop, MaxLatency, MaxSize, MinMetric
+
+    constraints: list[Any] = []
+    if section.max_drop is not None:
+        constraints.append(MaxDrop(section.max_drop))
+    if section.min_metric is not None:
+        constraints.append(MinMetric(section.min_metric))
+    if section.max_size_bytes is not None:
+        constraints.append(MaxSize(section.max_size_bytes))
+    if section.max_latency_ms is not None:
+        constraints.append(MaxLatency(section.max_latency_ms))
+    return constraints
+
+
 def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
     """Everything :func:`tightfit.compress` needs, built from a validated config."""
     import torch
 
-    from ..evaluation import Accuracy, MaxDrop, MaxLatency, MaxSize, MinMetric
+    from ..evaluation import Accuracy
     from ..measure import Latency
     from ..operators import OPERATOR_REGISTRY, Compose
+
     def call(field: str, import_path: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return resolve_import(import_path)(*args, **kwargs)
@@ -329,20 +365,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model.factory: {config.model.factory!r} returned a {type(model).__name__}, not an nn.Module.")
     if config.model.weights is not None:
-        weights = Path(config.model.weights)
-        weights = weights if weights.is_absolute() else base / weights
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"model.weights: no such file {str(weights)!r}.") from None
-        except Exception as exc:
-            raise ConfigError(f"model.weights: {str(weights)!r} is not a loadable state_dict ({exc}).") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except Exception as exc:
-            raise ConfigError(f"model.weights: does not fit the model from model.factory ({exc}).") from None
+        _load_weights(model, Path(config.model.weights), base)
 
     if config.evaluate.accuracy is not None:
         evaluate = Accuracy(call("evaluate.accuracy", config.evaluate.accuracy), threshold=config.evaluate.threshold)
@@ -358,15 +381,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         except TypeError as exc:
             raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}.") from None
 
-    constraints = []
-    if config.constraint.max_drop is not None:
-        constraints.append(MaxDrop(config.constraint.max_drop))
-    if config.constraint.min_metric is not None:
-        constraints.append(MinMetric(config.constraint.min_metric))
-    if config.constraint.max_size_bytes is not None:
-        constraints.append(MaxSize(config.constraint.max_size_bytes))
-    if config.constraint.max_latency_ms is not None:
-        constraints.append(MaxLatency(config.constraint.max_latency_ms))
+    constraints = _constraints(config.constraint)
 
     finetune: Callable | None = None
     if config.finetune is not None:

@@ -20,40 +20,7 @@ from torch import nn
 
 from .._device import checked_device
 from ..errors import ConfigError, EvaluationError
-from ..measure.analysis import call_model, forward_takes
-
-LABEL_KEYS = ("labels", "label", "target", "targets", "y")
-
-
-def _split_batch(
-    batch: Any, who: str = "Accuracy", instead: str = "evaluate=callable(model) -> float"
-) -> tuple[Any, torch.Tensor]:
-    """``(inputs, labels)`` of a batch; ``who`` reads it and ``instead`` is what the user can pass in
-    its place, both named in the error."""
-    if isinstance(batch, dict):
-        for key in LABEL_KEYS:
-            if key in batch:
-                inputs = {k: v for k, v in batch.items() if k != key}
-                return inputs, batch[key]
-        raise EvaluationError(f"{who}: a dict batch needs a label field (labels/label/target/y); got keys {sorted(batch)}.")
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    size = f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-    raise EvaluationError(
-        f"{who} expects batches of (inputs, labels) or dicts with a `labels` field; "
-        f"got a {type(batch).__name__}{size}. A model with several inputs takes ((x1, x2), labels). "
-        f"Or pass your own {instead}."
-    )
-
-
-def _inputs_only(batch: Any) -> Any:
-    """The model inputs of a batch that may or may not carry labels (labels are not needed)."""
-    if isinstance(batch, dict):
-        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0]
-    return batch
-
+from ..calling import call_model, forward_takes, inputs_only, logits, split_batch, to_device
 
 def _reference_inputs(model: nn.Module, batch: Any) -> Any:
     """What a label-free metric feeds the model: the batch without its labels, except that a dict's
@@ -61,32 +28,8 @@ def _reference_inputs(model: nn.Module, batch: Any) -> Any:
     its decoder inputs from them and fails without; other models only add a loss to the output)."""
     if isinstance(batch, dict) and "labels" in batch and forward_takes(model, "labels"):
         return batch
-    return _inputs_only(batch)
+    return inputs_only(batch)
 
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):  # model outputs of transformers-style libraries
-        return output.logits
-    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):  # the same as a plain dict
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise EvaluationError(
-        f"Cannot read class scores from a model output of type {type(output).__name__}: return a tensor, a tuple "
-        "starting with one, or a dict with a `logits` tensor; or pass your own evaluate=callable(model) -> float."
-    )
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: _to(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to(v, device) for v in inputs)
-    return inputs
 
 
 # --- index access to the samples of a loader -------------------------------------------------------
@@ -278,7 +221,7 @@ class PerSample(PerSampleMetric):
         self.value_range = (0.0, 1.0) if binary and value_range is None else value_range
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
-        return self.fn(model, _to(batch, self.device))
+        return self.fn(model, to_device(batch, self.device))
 
     def __repr__(self) -> str:
         return f"PerSample({getattr(self.fn, '__name__', 'fn')})"
@@ -333,8 +276,8 @@ class Accuracy(PerSampleMetric):
         self.threshold = _check_threshold("Accuracy", threshold)
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
-        inputs, labels = _split_batch(batch)
-        predicted = _predictions(_logits(call_model(model, _to(inputs, self.device))), self.threshold, "Accuracy").cpu()
+        inputs, labels = split_batch(batch)
+        predicted = _predictions(logits(call_model(model, to_device(inputs, self.device))), self.threshold, "Accuracy").cpu()
         labels = labels.cpu()
         if labels.numel() == len(predicted):  # (batch, 1) float targets of a binary loss too
             labels = labels.reshape(len(predicted))
@@ -378,7 +321,7 @@ class _ReferenceMetric(PerSampleMetric):
                 with torch.no_grad():
                     for batch, idx in self.samples.batches():
                         inputs = _reference_inputs(self.reference, batch)
-                        outs.append(_logits(call_model(self.reference, _to(inputs, self.device))).detach().cpu())
+                        outs.append(logits(call_model(self.reference, to_device(inputs, self.device))).detach().cpu())
                         self.samples_evaluated += int(idx.numel())
             finally:
                 self.reference.train(was_training)
@@ -386,7 +329,7 @@ class _ReferenceMetric(PerSampleMetric):
         return self._reference_outputs[indices]
 
     def _outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return _logits(call_model(model, _to(_reference_inputs(model, batch), self.device))).cpu()
+        return logits(call_model(model, to_device(_reference_inputs(model, batch), self.device))).cpu()
 
 
 class Agreement(_ReferenceMetric):

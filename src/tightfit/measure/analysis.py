@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from ..calling import call_model
 
 #: Layer types whose ``weight`` the built-in operators know how to compress. A transposed
 #: convolution (a decoder's upsampling) is pruned and quantized element-wise (its scales are per
@@ -140,69 +142,6 @@ class ModelAnalysis:
     @property
     def weight_params(self) -> int:
         return sum(layer.weight_params for layer in self.layers)
-
-
-def split_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
-    """Positional and keyword arguments of ``inputs`` read as a call: a tuple/list is the positional
-    arguments, a dict the keyword arguments, anything else the one argument."""
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
-def model_arguments(model: nn.Module, inputs: Any) -> tuple[tuple, dict[str, Any]]:
-    """The positional and keyword arguments ``model`` is called with for ``inputs``
-    (:func:`split_arguments`), except that a dict whose keys the forward does not take as keywords
-    but that fits its one positional parameter (``forward(self, batch)`` reading ``batch["image"]``)
-    is passed whole, as that parameter."""
-    if isinstance(inputs, Mapping) and not _binds(model, (), inputs) and _binds(model, (inputs,), {}):
-        return (inputs,), {}
-    return split_arguments(inputs)
-
-
-def forward_takes(model: nn.Module, name: str) -> bool:
-    """Whether ``model``'s forward has a parameter ``name`` (False where no signature can be read)."""
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _binds(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> bool:
-    import inspect
-
-    try:
-        inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to read (a builtin): assume it takes what it is given
-        return True
-    return True
-
-
-def call_model(model: nn.Module, example_input: Any) -> Any:
-    """Run ``model`` on an example input: a tensor, a tuple of positional args, or a dict of kwargs
-    (or one dict argument, see :func:`model_arguments`)."""
-    args, kwargs = model_arguments(model, example_input)
-    return model(*args, **kwargs)
-
-
-def output_tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output, in order, however it nests them (tuples, dicts, and
-    Hugging Face's ``ModelOutput``)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        return [t for v in output.values() for t in output_tensors(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in output_tensors(v)]
-    if hasattr(output, "to_tuple"):
-        return output_tensors(output.to_tuple())
-    return []
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .analysis import call_model
+from ..calling import call_model
 
 
 RUNTIMES = ("pytorch", "onnxruntime")
@@ -142,17 +142,17 @@ class Latency:
         import tempfile
         from pathlib import Path
 
-        from ..export.verified import _export_onnx, _ort_feed, _ort_session, _quantize_onnx
+        from ..export.onnx import export_onnx, ort_feed, ort_session, quantize_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
-            _export_onnx(model, self.example_input, path)
+            export_onnx(model, self.example_input, path)
             if int8_layers:
                 quantized = Path(tmp) / "model.int8.onnx"
-                _quantize_onnx(path, quantized, "dynamic", [], None, only=int8_layers)
+                quantize_onnx(path, quantized, "dynamic", [], None, only=int8_layers)
                 path = quantized
-            session = _ort_session(path, self.threads or torch.get_num_threads())
-        feed = _ort_feed(session, self.example_input)
+            session = ort_session(path, self.threads or torch.get_num_threads())
+        feed = ort_feed(session, self.example_input)
         return self.time(lambda: session.run(None, feed))
 
     def time(self, fn: Callable[[], Any]) -> LatencyResult:

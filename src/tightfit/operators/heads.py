@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from ..measure.analysis import call_model
+from ..calling import call_model
 from .group_test import failing_members
 
 #: Attributes that hold the number of heads of Hugging Face-style (and hand-written) attention.
@@ -240,9 +240,9 @@ def head_owner(model: nn.Module, qkv: list[str]) -> tuple[str, str] | None:
 
 
 def _torch_pruning():
-    from .structured import _torch_pruning as load
+    from .structured import torch_pruning_module
 
-    return load()
+    return torch_pruning_module()
 
 
 def _head_groups(model: nn.Module, dg, keys: list[str]) -> dict[str, tuple[nn.Module, Any, list[str], str, str]]:
@@ -283,7 +283,7 @@ def remove_heads(model: nn.Module, ratios: dict[str, float], example_input: Any)
     attention block recorded on layer ``key`` (an ``nn.MultiheadAttention``'s ``out_proj``, or the
     q/k/v group leader of a Hugging Face-style block), in place. The heads with the lowest mean L2
     weight magnitude over their coupled channels go (ties: lower index first)."""
-    from .structured import _dependency_graph, kept_channels
+    from .structured import dependency_graph, kept_channels
 
     tp = _torch_pruning()
     todo = {key: ratio for key, ratio in ratios.items() if ratio > 0.0}
@@ -297,7 +297,7 @@ def remove_heads(model: nn.Module, ratios: dict[str, float], example_input: Any)
                 split_multihead_attention(model, mha)
     if not todo:
         return {}
-    dg = _dependency_graph(model, example_input)
+    dg = dependency_graph(model, example_input)
     importance = tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
     removed: dict[str, RemovedHeads] = {}
     for key, (leader, group, qkv, owner_name, attr) in _head_groups(model, dg, list(todo)).items():
@@ -381,7 +381,7 @@ def prunable_head_blocks(model: nn.Module, example_input: Any, candidates: list[
                 return False
             mask_heads(masked, removed)
             with torch.no_grad(), _without_fast_paths():
-                return _close(call_model(pruned, example_input), call_model(masked, example_input))
+                return outputs_close(call_model(pruned, example_input), call_model(masked, example_input))
         except TraceTimeout:
             raise
         except Exception:  # any failure of the pruned model counts as "cannot"
@@ -409,14 +409,14 @@ def _without_fast_paths() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _close(a: Any, b: Any) -> bool:
+def outputs_close(a: Any, b: Any) -> bool:
     """Same nested structure, same shapes, floating-point tensors equal up to rounding."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape:
             return False
         return not a.is_floating_point() or bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(outputs_close(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(outputs_close(x, y) for x, y in zip(a, b))
     return type(a) is type(b)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure.analysis import MATRIX_KIND, call_model, layer_kind, output_tensors
+from ..calling import call_model, output_tensors
+from ..measure.analysis import MATRIX_KIND, layer_kind
 
 #: Why a matrix layer is left alone when it has no Linear equivalent.
 NOT_AFFINE = "holds a weight matrix but does not compute x @ W + b with it"

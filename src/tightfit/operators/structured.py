@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from ..measure.analysis import RECURRENT_KINDS, LayerInfo, call_model, model_arguments, output_tensors, tied_groups
+from ..calling import call_model, model_arguments, output_tensors
+from ..measure.analysis import RECURRENT_KINDS, LayerInfo, tied_groups
 from .base import Hyperparameter, Operator, parse_range
 from .group_test import failing_members
 from .heads import prunable_head_blocks, remove_heads
@@ -72,7 +73,7 @@ def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
 # -- the dependency graph ---------------------------------------------------------------------------
 
 
-def _torch_pruning():
+def torch_pruning_module():
     try:
         import torch_pruning
     except ImportError:
@@ -80,8 +81,8 @@ def _torch_pruning():
     return torch_pruning
 
 
-def _dependency_graph(model: nn.Module, example_input: Any):
-    tp = _torch_pruning()
+def dependency_graph(model: nn.Module, example_input: Any):
+    tp = torch_pruning_module()
 
     args, kwargs = model_arguments(model, example_input)  # Torch-Pruning calls model(**dict) or model(*tuple)
     if kwargs:
@@ -187,7 +188,7 @@ def _traced_tensors(output: Any) -> list[torch.Tensor]:
 def _terminal_layers(dg) -> list[nn.Module]:
     """Conv/Linear layers whose output channels reach the model's output without passing through
     another layer that absorbs channels: pruning them would change the output's shape."""
-    tp = _torch_pruning()
+    tp = torch_pruning_module()
 
     absorbing = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
     terminal = []
@@ -224,9 +225,9 @@ def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] |
 
     Layers whose output is the model's output are left out (their channels are the answer).
     """
-    tp = _torch_pruning()
+    tp = torch_pruning_module()
 
-    dg = _dependency_graph(model, example_input)
+    dg = dependency_graph(model, example_input)
     names = {m: n for n, m in model.named_modules()}
     groups: dict[str, list[str]] = {}
     ignored = _terminal_layers(dg) + list(skip or [])
@@ -450,7 +451,7 @@ def _planned_drop(dg, model: nn.Module, groups: Mapping[str, list[str]], name: s
                   round_to: int | None, at_least_one: bool, period: int | None) -> list[int]:
     """The output channels of group ``name`` that pruning it at ``ratio`` removes (none: ``[]``);
     ``period`` from :func:`_periods`."""
-    tp = _torch_pruning()
+    tp = torch_pruning_module()
 
     modules = dict(model.named_modules())
     leader = modules[name]
@@ -532,7 +533,7 @@ def pruning_unlike_zeroing(model: nn.Module, example_input: Any, leaders: list[s
     their channels computes, on ``example_input``: each pruned as a plan would, with one channel
     (one position of each block, for grouped convolutions) and at ``ratio``; all at once on a copy,
     then halves of a failing set (:func:`breaking_groups`)."""
-    from .heads import _close
+    from .heads import outputs_close
 
     def same_at(subset: list[str], at: float) -> bool:
         trial = copy.deepcopy(model).eval()
@@ -548,7 +549,7 @@ def pruning_unlike_zeroing(model: nn.Module, example_input: Any, leaders: list[s
             for name, drop in drops.items():
                 if drop:
                     _pruning_group(dg, modules[name], drop, name).prune()
-            return _close(zeroed, call_model(trial, example_input))
+            return outputs_close(zeroed, call_model(trial, example_input))
 
     return failing_members(list(leaders), lambda subset: _holds_at(ratio, lambda at: same_at(subset, at)))
 

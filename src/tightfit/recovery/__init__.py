@@ -10,6 +10,7 @@ Each recovery is a ``callable(model)`` usable as ``compress(finetune=...)`` or o
 - :class:`Tuned`: lets the search tune a recovery's own hyperparameters with the plan.
 """
 
+from ._base import Recovery, Site, check_optimizer, make_optimizer, sites
 from .finetune import FineTune, cross_entropy_loss
 from .gradual import GradualPrune
 from .lc import LearningCompression
@@ -28,12 +29,17 @@ __all__ = [
     "ProxConnect",
     "ProxSG",
     "PruneSplice",
+    "Recovery",
+    "Site",
     "SparseTraining",
     "Tuned",
+    "check_optimizer",
     "cross_entropy_loss",
     "grid_project",
     "l1_groups",
+    "make_optimizer",
     "neuron_groups",
     "remove_zero_neurons",
+    "sites",
     "sparsity_report",
 ]

@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize
 
 from .._device import checked_device
 from ..errors import ConfigError
-from ..evaluation.metrics import _logits, _split_batch, _to
-from ..measure.analysis import call_model, forward_takes
+from ..calling import call_model, forward_takes, split_batch, to_device
+from ..calling import logits as output_logits
 from ..operators.base import Hyperparameter, Projection
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -36,14 +36,14 @@ def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     A dict batch whose ``labels`` the model's forward takes (Hugging Face models) trains on the loss
     the model computes from them, when it returns one: a causal LM shifts its labels, a
     sequence-to-sequence model builds its decoder inputs from them."""
-    inputs, labels = _split_batch(batch, "The default fine-tuning loss", "loss=callable(model, batch) -> scalar tensor")
+    inputs, labels = split_batch(batch, "The default fine-tuning loss", "loss=callable(model, batch) -> scalar tensor")
     if isinstance(batch, dict) and "labels" in batch and forward_takes(model, "labels"):
         output = model(**batch)
         if (own := _own_loss(output)) is not None:
             return own
     else:
         output = call_model(model, inputs)
-    logits = _logits(output)
+    logits = output_logits(output)
     if logits.dim() == 2 and logits.shape[1] == 1:  # F.cross_entropy: "Target 1 is out of bounds"
         raise ConfigError(
             "The default fine-tuning loss is cross-entropy over one score per class, but the model gives one score "
@@ -140,7 +140,7 @@ class Recovery:
                 upcoming = next(iterator, None)
                 self.steps_taken += 1
                 last = upcoming is None or (self.max_steps is not None and self.steps_taken >= self.max_steps)
-                yield epoch, last, _to(batch, self.device)
+                yield epoch, last, to_device(batch, self.device)
                 batch = upcoming
 
     def fit(
