@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..calling import call_model
-from .group_test import failing_members
+from .group_search import failing_members
 
 #: Attributes that hold the number of heads of Hugging Face-style (and hand-written) attention.
 HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head")

@@ -25,7 +25,7 @@ from ..errors import ConfigError, ModelError
 from ..calling import call_model, model_arguments, output_tensors
 from ..measure.analysis import RECURRENT_KINDS, LayerInfo, tied_groups
 from .base import Hyperparameter, Operator, parse_range
-from .group_test import failing_members
+from .group_search import failing_members
 from .heads import prunable_head_blocks, remove_heads
 
 log = logging.getLogger("tightfit")
