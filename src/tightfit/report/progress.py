@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import optuna
 
-from ..records import Measurement
+from ..records import Measurement, TrialAttrs
 
 
 class _Progress:
@@ -29,10 +29,11 @@ class _Progress:
         self._refresh()
 
     def _count(self, trial: optuna.trial.FrozenTrial) -> None:
-        self.val_samples += (trial.user_attrs.get("val_samples") or 0) + (trial.user_attrs.get("probe_samples") or 0)
-        self.finetune_steps += trial.user_attrs.get("finetune_steps") or 0
-        self.screened += trial.user_attrs.get("fidelity") == "screen"
-        self.stopped = getattr(self, "stopped", 0) + (trial.user_attrs.get("fidelity") == "stopped")
+        attrs = TrialAttrs.from_trial(trial)
+        self.val_samples += (attrs.val_samples or 0) + (attrs.probe_samples or 0)
+        self.finetune_steps += attrs.finetune_steps or 0
+        self.screened += attrs.fidelity == "screen"
+        self.stopped = getattr(self, "stopped", 0) + (attrs.fidelity == "stopped")
 
     def _cost(self) -> str:
         screened = f", {self.screened} screened" if self.screened else ""
@@ -51,12 +52,13 @@ class _Progress:
         if trial.state == optuna.trial.TrialState.FAIL:
             self.failed += 1
         self._count(trial)
-        measured = trial.user_attrs.get("measurement")
+        attrs = TrialAttrs.from_trial(trial)
+        measured = attrs.measurement
         feasible = all(c <= 0 for c in trial.constraints.values())
-        screened = trial.user_attrs.get("fidelity") in ("screen", "stopped")  # never the answer
+        screened = attrs.fidelity in ("screen", "stopped")  # never the answer
         if measured and feasible and not screened and trial.state == optuna.trial.TrialState.COMPLETE:
-            if self.best_size is None or measured["size_bytes"] < self.best_size:
-                self.best_size = measured["size_bytes"]
+            if self.best_size is None or measured.size_bytes < self.best_size:
+                self.best_size = measured.size_bytes
         if self.bar is None:
             return
         best = "-"
@@ -64,7 +66,7 @@ class _Progress:
             best = f"{self.baseline.size_bytes / self.best_size:.1f}x ({self.best_size:,} B)"
         failed = f"  failed: {self.failed}" if self.failed else ""
         self.bar.update(
-            self.task, advance=1 if trial.user_attrs.get("interrupted") is None else 0, best=best + failed, cost=self._cost()
+            self.task, advance=1 if attrs.interrupted is None else 0, best=best + failed, cost=self._cost()
         )
 
 
