@@ -104,7 +104,9 @@ class StaticMeasure:
         self.example_input = example_input
         self.baseline = baseline
 
-    def __call__(self, candidate: nn.Module, plan: Plan, number: int, reuse: Measurement | None = None) -> tuple[bytes, Measurement]:
+    def __call__(
+        self, candidate: nn.Module, plan: Plan, number: int, reuse: Measurement | None = None
+    ) -> tuple[bytes, Measurement]:
         """With ``reuse`` (the same plan measured before fine-tuning, which holds masks), only the file is redone."""
         data = to_bytes(candidate, plan, {**(self.artifact_extra or {}), "trial": number})
         if reuse is not None:

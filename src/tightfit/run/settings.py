@@ -133,7 +133,8 @@ def check_arguments(model, evaluate, objective, budget, example_input, finetune,
         )
     if not callable(evaluate):
         raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
-    primary = objective[0] if isinstance(objective, (tuple, list)) and len(objective) == 2 and objective[1] == "metric" else objective
+    pareto = isinstance(objective, (tuple, list)) and len(objective) == 2 and objective[1] == "metric"
+    primary = objective[0] if pareto else objective
     if primary not in OBJECTIVES:
         raise ConfigError(
             f"`objective` must be one of {OBJECTIVES}, or a pair like ('size', 'metric') for a Pareto front, "
