@@ -8,8 +8,9 @@ evaluated sequentially until its constraints are decided. Any other candidate is
 fine-tune, first look only. It can never be the answer, and it costs a few dozen forward passes
 instead of a fine-tune and a full evaluation. Until the stages below are calibrated it is told
 to Optuna as PRUNED (its objective as the intermediate value, no constraint values), which TPE
-ranks after the completed feasible trials. Once they are, it is told as a completed trial whose constraint values are predicted: its
-untuned estimate minus the mean gain the whole fine-tune gave the calibration curves. Model-based
+ranks after the completed feasible trials. Once they are, it is told as a completed trial whose
+constraint values are predicted: its untuned estimate minus the mean gain the whole fine-tune gave
+the calibration curves. Model-based
 samplers (``bo``, the level-set warm start) read only completed trials; told as PRUNED, a
 screened plan stayed invisible to them and they kept proposing similar plans (measured: 22 of 30
 trials screened on digits, see docs/benchmarks.md).
