@@ -864,7 +864,7 @@ def _finish(
             candidate.eval()  # as in the trial
         data = to_bytes(candidate, best.plan, {"trial": best.number})
         notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
-    loaded = _load_bytes(data)
+    loaded = _load_bytes(data, original)
     metric = evaluate_metric(evaluate, loaded)
     if confirmed:
         notes.append(
@@ -916,8 +916,8 @@ def _best_artifact(best: TrialRecord, holder: dict[str, Any], run: RunDir | None
     return None
 
 
-def _load_bytes(data: bytes) -> nn.Module:
-    return load_model(io.BytesIO(data))
+def _load_bytes(data: bytes, model: nn.Module) -> nn.Module:
+    return load_model(io.BytesIO(data), model)  # into the model compress holds: the file unpickles nothing
 
 
 __all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES", "EXAMPLE_INPUT_FILE", "Sequential"]
