@@ -155,6 +155,8 @@ def to_bytes(model: nn.Module, plan: Plan | None = None, extra: dict[str, Any] |
         tree = json.dumps(architecture.describe(baked), separators=(",", ":")).encode()
     except architecture.NotExpressible as exc:  # a user's class: the file loads into a given model
         architecture_error = str(exc)
+    except Exception as exc:  # describing is best effort: saving never fails for it
+        architecture_error = f"the module tree could not be described ({type(exc).__name__}: {exc})"
 
     manifest = {
         "format": FORMAT,
@@ -249,9 +251,12 @@ def _given_model(model: nn.Module | None, factory: Factory | None) -> nn.Module 
         module_name, _, attr = factory.partition(":")
         if not module_name or not attr:
             raise ConfigError(f"tightfit.load: `factory` must be a callable or 'module:function', but got {factory!r}.")
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"tightfit.load: `factory` {factory!r} cannot be found ({type(exc).__name__}: {exc}).") from exc
         factory = target
     if not callable(factory):
         raise ConfigError(f"tightfit.load: `factory` must be a callable or 'module:function', but got {factory!r}.")
