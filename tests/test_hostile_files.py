@@ -295,7 +295,7 @@ def test_every_field_set_to_hostile_values_loads_or_is_refused(member, saved):
         for value in _HOSTILE_VALUES:
             crafted = _zip({**members, member: json.dumps(_replace(tree, path, value)).encode()})
             outcomes[_outcome_is_load_or_refusal(crafted, None)] += 1
-    assert outcomes["refused"] > outcomes["loaded"] > 0 or outcomes["loaded"] == 0, outcomes
+    assert outcomes["refused"] > 0, outcomes
 
 
 EDITED_ARCHITECTURES = {

@@ -300,15 +300,15 @@ def check_meta(meta: Any, where: str, version: int) -> tuple[int, ...]:
         raise ArtifactError(f"{where}.dtype is {dtype!r}, which values of kind {kind!r} cannot have; the file is damaged.")
     bits = _choice(meta, "bits", where, set(INT_BITS) if kind == "int" else {_KIND_BITS[kind]})
     _expect(where, "numel", _int(meta, "numel", where), numel, f"shape {list(shape)}")
-    values_len = length
+    prefix = 0  # bytes before the values: an int tensor's scales
     if kind == "int":
         scale_shape = _shape(meta, "scale_shape", where)
         scale_len = _int(meta, "scale_len", where)
         _expect(where, "scale_len", scale_len, 4 * math.prod(scale_shape), f"scale_shape {list(scale_shape)}")
         if not _broadcasts_to(scale_shape, shape):
             raise ArtifactError(f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)}; the file is damaged.")
-        values_len -= scale_len
-    _check_layout(meta, where, version, numel, _value_bits(kind, bits), values_len)
+        prefix = scale_len
+    _check_layout(meta, where, version, numel, _value_bits(kind, bits), length, prefix)
     return shape
 
 
@@ -318,21 +318,25 @@ def _broadcasts_to(small: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     return all(s in (1, d) for s, d in zip(small[::-1], shape[::-1]))
 
 
-def _check_layout(meta: dict[str, Any], where: str, version: int, numel: int, vbits: int, length: int) -> None:
+def _check_layout(meta: dict[str, Any], where: str, version: int, numel: int, vbits: int, length: int,
+                  prefix: int) -> None:
+    """The layout's own fields, and ``length`` = ``prefix`` bytes (scales) + what the layout takes."""
     layout = _choice(meta, "layout", where, set(_LAYOUTS))
+    scales = f"{prefix} bytes of scales and " if prefix else ""
     if layout == "dense":
-        _expect(where, "length", length, _packed_len(numel, vbits), f"{numel} values of {vbits} bits")
+        _expect(where, "length", length, prefix + _packed_len(numel, vbits), f"{scales}{numel} values of {vbits} bits")
     elif layout == "bitmask":
         mask_len = _int(meta, "mask_len", where)
         _expect(where, "mask_len", mask_len, _packed_len(numel, 1), f"numel {numel}")
         nnz = _int(meta, "nnz", where, 0, numel)
-        _expect(where, "length", length, mask_len + _packed_len(nnz, vbits), f"a mask and {nnz} values of {vbits} bits")
+        _expect(where, "length", length, prefix + mask_len + _packed_len(nnz, vbits),
+                f"{scales}a mask and {nnz} values of {vbits} bits")
     else:
         gap_bits = _choice(meta, "gap_bits", where, set(GAP_BITS))
         entries = _int(meta, "entries", where, 1, numel)
         gap_len = _int(meta, "gap_len", where)
         _expect(where, "gap_len", gap_len, _packed_len(entries, gap_bits), f"{entries} gaps of {gap_bits} bits")
-        _expect(where, "length", length, gap_len + _packed_len(entries, vbits), f"{entries} entries")
+        _expect(where, "length", length, prefix + gap_len + _packed_len(entries, vbits), f"{scales}{entries} entries")
         if version >= 2 and numel > (entries + 1) << gap_bits:
             # format 2 ends a gap layout with fillers: a few bytes cannot stand for a huge tensor
             raise ArtifactError(f"{where}.numel is {numel}, more than {entries} entries of {gap_bits}-bit gaps "

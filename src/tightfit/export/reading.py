@@ -67,10 +67,12 @@ def read_member(archive: zipfile.ZipFile, name: str, limit: int, *, exact: bool 
     size is above ``limit`` (or, ``exact``, not equal to it), and read with a bounded read (a
     member whose data inflates past its declared size fails its check instead of filling memory)."""
     info = archive.getinfo(name)
-    if info.file_size > limit or (exact and info.file_size != limit):
-        relation = "the" if exact else "at most the"
-        raise ArtifactError(f"{name} declares {info.file_size:,} bytes uncompressed, not {relation} {limit:,} bytes "
-                            "the manifest accounts for; the file is damaged or crafted.")
+    if exact and info.file_size != limit:
+        raise ArtifactError(f"{name} declares {info.file_size:,} bytes uncompressed, not the {limit:,} bytes the manifest "
+                            "accounts for; the file is damaged or crafted.")
+    if info.file_size > limit:
+        raise ArtifactError(f"{name} declares {info.file_size:,} bytes uncompressed, more than the {limit:,} a tightfit "
+                            "file's member may hold; the file is damaged or crafted.")
     try:
         with archive.open(info) as stream:
             data = stream.read(limit + 1)
