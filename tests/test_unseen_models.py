@@ -543,7 +543,7 @@ def test_a_model_whose_forward_takes_one_dict_is_evaluated_traced_and_compressed
     assert torch.equal(tightfit.load(tmp_path / "run" / "model.tfz", model=model)(inputs), result.model(inputs))
     from tightfit.export import export_run
 
-    report = export_run(tmp_path / "run", format="torchscript")  # traced with the dict as its one argument
+    report = export_run(tmp_path / "run", format="torchscript", model=model)  # traced with the dict as its one argument
     assert torch.allclose(torch.jit.load(report.path)(inputs), result.model(inputs), atol=1e-5)
 
 
