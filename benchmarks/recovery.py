@@ -95,9 +95,9 @@ def global_sparsities(model, names: list[str], sparsity: float) -> dict[str, flo
     return {n: float((w <= threshold).sum()) / w.numel() for n, w in weights.items()}
 
 
-def saved_model(model, plan):
+def saved_model(model, plan, fresh):
     data = to_bytes(model, plan)
-    return load_model(io.BytesIO(data)), len(data)
+    return load_model(io.BytesIO(data), fresh), len(data)  # into the original (LeNet5 is a user class)
 
 
 def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05, lrs: list[float] | None = None) -> dict:
@@ -158,7 +158,7 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
                             for p in candidate.parameters():
                                 p.fill_(float("nan"))
                     wall = time.perf_counter() - start
-                loaded, size = saved_model(candidate, plan)
+                loaded, size = saved_model(candidate, plan, model)
                 nz, total = count_nonzeros(loaded, names)
                 row = dict(seed=seed, level=level, method=method, val=val(loaded), test=test(loaded), cr=total / max(1, nz),
                            size_bytes=size, wall_s=wall, base_val=base["val"], base_test=base["test"])

@@ -264,7 +264,7 @@ def search(args) -> dict:
         # and the shipped files: model.tfz loaded back, and the ONNX export.
         fresh = Latency(x, batch_size=batch, threads=threads, min_run_time=args.min_run_time)
         original_ms = fresh(model).median_ms
-        shipped = tightfit.load(run_dir / "model.tfz")
+        shipped = tightfit.load(run_dir / "model.tfz", model=model)  # a user class: loaded into an instance
         shipped_ms = Latency(x, batch_size=batch, threads=threads, min_run_time=args.min_run_time)(shipped).median_ms
         onnx = export_run(run_dir, format="onnx", batch_size=batch, threads=threads)
         pt = export_run(run_dir, format="pt", batch_size=batch, threads=threads)

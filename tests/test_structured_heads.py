@@ -78,7 +78,7 @@ def test_transformer_layer_searches_a_head_ratio_and_removing_two_heads_of_four_
         assert not torch.allclose(out, reference, atol=1e-3)
 
     data = to_bytes(pruned, plan)
-    for loaded in (load_model(io.BytesIO(data)), load_model(io.BytesIO(data), model=TinyEncoder())):
+    for loaded in (load_model(io.BytesIO(data), model=TinyEncoder()),):
         assert loaded.enc.self_attn.num_heads == 2
         with torch.no_grad():
             assert torch.equal(loaded(**inputs), out)
@@ -107,7 +107,7 @@ def test_compress_searches_heads_and_the_run_directory_reloads(tmp_path):
     assert result.model.enc.self_attn.num_heads < 4
     assert "enc.self_attn" not in {s.name for s in result.left_alone}  # its heads were searched
     saved = tmp_path / "run" / "model.tfz"
-    for loaded in (tightfit.load(saved), tightfit.load(saved, model=TinyEncoder())):
+    for loaded in (tightfit.load(saved, model=TinyEncoder()),):
         with torch.no_grad():
             assert torch.equal(loaded(**inputs), result.model(**inputs))
 

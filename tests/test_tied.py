@@ -116,7 +116,7 @@ def test_save_stores_the_shared_tensor_once_and_load_keeps_it_tied(tmp_path):
     expected = model(TOKENS)
     path = tmp_path / "tied.tfz"
     size = tightfit.save(model, path, plan=plan)
-    for loaded in (tightfit.load(path), tightfit.load(path, model=_lm())):
+    for loaded in (tightfit.load(path, model=_lm()),):  # a user's class: loaded into a given instance
         assert loaded.head.weight is loaded.embed.weight
         assert torch.equal(loaded(TOKENS), expected)
         _assert_tied_and_compressed(loaded)

@@ -71,7 +71,7 @@ def test_cnn_with_batchnorm_and_skip_connections(tmp_path):
     assert compressed_layers == {"stem.0", "block.0", "block.3", "head"}
     assert {s.type for s in result.left_alone} == {"BatchNorm2d"}
     if result.feasible:
-        loaded = tightfit.load(tmp_path / "run" / "model.tfz")
+        loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=model)
         assert torch.equal(loaded(x), result.model(x))
 
 
@@ -97,7 +97,7 @@ def test_transformer_with_embedding_layernorm_attention_and_kwargs(tmp_path):
     assert left["norm"] == "LayerNorm" and "embed" not in left
     assert left["layer.self_attn"] == "MultiheadAttention"  # its packed in_proj_weight is not a Linear
     assert result.feasible
-    loaded = tightfit.load(tmp_path / "run" / "model.tfz")
+    loaded = tightfit.load(tmp_path / "run" / "model.tfz", model=model)
     assert torch.allclose(loaded(**inputs), result.model(**inputs))
 
 
@@ -299,7 +299,7 @@ def test_int8_runs_a_matrix_layer_that_checks_out_as_affine_as_a_linear(tmp_path
     stored = {t["name"]: t for t in manifest["tensors"]}
     assert stored["0.weight"]["kind"] == "int" and stored["0.weight"]["bits"] == 8
     fresh = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4))
-    for loaded in (tightfit.load(run_dir / "model.tfz", model=fresh), tightfit.load(run_dir / "model.tfz")):
+    for loaded in (tightfit.load(run_dir / "model.tfz", model=fresh),):
         assert type(loaded[0]) is nn.Linear and torch.equal(loaded(x), got)
     assert isinstance(fresh[0], TransposedLinear)  # the given model is copied, not changed
     # a parent that reads the weight in its stored layout would change: left alone, and why
@@ -540,10 +540,10 @@ def test_a_model_whose_forward_takes_one_dict_is_evaluated_traced_and_compressed
                                objective="flops", run_dir=tmp_path / "run")
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     assert result.feasible and result.model.head[0].out_features == 8  # traced through the dict, and pruned
-    assert torch.equal(tightfit.load(tmp_path / "run" / "model.tfz")(inputs), result.model(inputs))
+    assert torch.equal(tightfit.load(tmp_path / "run" / "model.tfz", model=model)(inputs), result.model(inputs))
     from tightfit.export import export_run
 
-    report = export_run(tmp_path / "run", format="torchscript")  # traced with the dict as its one argument
+    report = export_run(tmp_path / "run", format="torchscript", model=model)  # traced with the dict as its one argument
     assert torch.allclose(torch.jit.load(report.path)(inputs), result.model(inputs), atol=1e-5)
 
 
@@ -606,7 +606,7 @@ def test_low_rank_factorizes_a_transformer_layers_feed_forward(tmp_path):
     assert torch.allclose(fused, unfused, atol=1e-5)
     tightfit.save(factored, tmp_path / "m.tfz", plan=plan)
     with torch.no_grad():
-        assert torch.allclose(tightfit.load(tmp_path / "m.tfz")(x), fused, atol=1e-6)
+        assert torch.allclose(tightfit.load(tmp_path / "m.tfz", model=model)(x), fused, atol=1e-6)
 
 
 class TinyUNet(nn.Module):
@@ -639,7 +639,7 @@ def test_transposed_convolution_is_pruned_and_quantized_and_named_where_it_is_no
     codes = result.model.up.weight / result.model.up.weight.abs().amax(dim=(1, 2, 3), keepdim=True) * 7
     assert torch.allclose(codes, codes.round(), atol=1e-4)  # 4-bit grid, one scale per input channel
     tightfit.save(result, tmp_path / "unet.tfz")
-    assert torch.equal(tightfit.load(tmp_path / "unet.tfz")(x), result.model(x))
+    assert torch.equal(tightfit.load(tmp_path / "unet.tfz", model=model)(x), result.model(x))
     lowrank = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.5), budget=1,
                                 search="random", example_input=x[:1], constraint=tightfit.MaxDrop(10.0))
     assert "low_rank does not compress a ConvTranspose2d" in {s.name: s.reason for s in lowrank.left_alone}["up"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import ConfigError
-from .export.artifact import load_model, save_model
+from .export.artifact import Factory, load_model, save_model
 from .operators.plan import Plan
 from .records import Result
 
@@ -32,6 +32,21 @@ def save(obj: Result | nn.Module, path: str | os.PathLike, *, plan: Plan | None 
     raise ConfigError(f"tightfit.save takes a Result or an nn.Module, but got {type(obj).__name__}.")
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Read a ``.tfz`` file into a model in eval mode. See :func:`tightfit.export.load_model`."""
-    return load_model(path, model)
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, factory: Factory | None = None,
+         trust_code: bool = False) -> nn.Module:
+    """Read a ``.tfz`` file into a model in eval mode, unpickling nothing.
+
+    - ``tightfit.load(path)``: a model made of ``torch.nn`` layers and containers (``Sequential``,
+      ``ModuleList``, ``ModuleDict``; ``Linear``, ``Conv*``, norms, ``Embedding``, ``LSTM``, ...)
+      is rebuilt from the file's architecture, stored as data.
+    - ``tightfit.load(path, model=fresh)``: a model of your own classes; ``fresh`` is a new
+      instance of the original architecture (it is not changed: a copy is loaded), on which the
+      plan's structural steps (structured pruning, low rank) are replayed. ``factory=`` instead: a
+      zero-argument callable, or a ``"module:function"`` path, that builds one.
+    - ``trust_code=True``: also read a format-1 file's pickled architecture. Unpickling can run
+      any code: only for files you made yourself.
+
+    A damaged or crafted file raises :class:`tightfit.errors.ArtifactError` naming the part at
+    fault. See :func:`tightfit.export.load_model`.
+    """
+    return load_model(path, model, factory=factory, trust_code=trust_code)

@@ -150,7 +150,7 @@ def prune_and_adjust(
         current, data, plan, metric, ratio = model, None, None, baseline, 1.0
         if saved.model_bytes is not None:  # resume from the last accepted round
             data = saved.model_bytes
-            current = load_model(io.BytesIO(data))
+            current = load_model(io.BytesIO(data), model)
             last = next(r for r in reversed(history) if r.accepted)
             plan, metric, ratio = last.plan, last.metric, last.nonzero_ratio
         for r in history:
@@ -171,7 +171,7 @@ def prune_and_adjust(
                     break
                 saved.write_adjusted(number, trained)
             start = time.perf_counter()
-            adjusted = load_model(io.BytesIO(trained.model))  # measured as it was saved
+            adjusted = load_model(io.BytesIO(trained.model), model)  # measured as it was saved
             value = float(evaluate(adjusted))
             nonzeros, _ = count_nonzeros(adjusted, names)
             accepted = baseline - value <= max_drop + 1e-12

@@ -3,30 +3,38 @@
 A zip archive (deflated, with fixed timestamps so the same model gives the same bytes) holding
 - ``manifest.json``: format version, the plan, and how each tensor is encoded;
 - ``payload.bin``: every parameter and buffer, encoded by :mod:`tightfit.export.codec`;
-- ``architecture.pt``: the baked module with its tensors on the ``meta`` device (structure only,
-  no weights), so ``load(path)`` needs no code of the user's beyond importable classes.
+- ``architecture.json``: the module tree as data (:mod:`tightfit.export.architecture`), when every
+  module in it is a ``torch.nn`` layer or container; otherwise absent, with the reason in the
+  manifest, and the file loads into a model the caller gives (``model=`` / ``factory=``).
+
+Nothing in a file is unpickled: format 1's ``architecture.pt`` (a pickled module) is read only with
+``trust_code=True``. The weights are tightfit's own codec rather than safetensors: a quantized or
+pruned tensor is stored as k-bit codes and sparse indices (a 4-bit weight takes half a byte, a
+pruned one less), which safetensors' dense dtypes cannot hold; the codec's decoder checks every
+size against the manifest first (:func:`tightfit.export.codec.check_meta`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..operators.plan import Plan, apply_plan_inplace, fold_weight_norm
 from ..operators.quantize import FakeQuantize
-from . import codec
+from . import architecture, codec, reading
+from .reading import ARCHITECTURE, FORMAT, FORMAT_VERSION, MANIFEST, PAYLOAD, PICKLED_ARCHITECTURE, PathOrBuffer
 
-FORMAT = "tightfit-artifact"
-FORMAT_VERSION = 1
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
@@ -108,6 +116,19 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
     return out
 
 
+def _encode(tensor: torch.Tensor, hint: tuple[str, Any] | None) -> tuple[dict[str, Any], bytes]:
+    encoded = None
+    if hint and hint[0] == "int":
+        codes, scale, bits = hint[1]
+        encoded = codec.encode_quantized(tensor, codes, scale, bits)
+    elif hint and hint[0] == "f16":
+        encoded = codec.encode_float(tensor, half=True)
+    if encoded is None:
+        floating = tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        encoded = codec.encode_float(tensor) if floating else codec.encode_raw(tensor)
+    return encoded
+
+
 def to_bytes(model: nn.Module, plan: Plan | None = None, extra: dict[str, Any] | None = None) -> bytes:
     """Serialize a (possibly parametrized) compressed model to the ``.tfz`` format."""
     hints = _quantization_hints(model)
@@ -122,30 +143,20 @@ def to_bytes(model: nn.Module, plan: Plan | None = None, extra: dict[str, Any] |
             continue
         if key is not None:
             seen[key] = name
-        encoded = None
-        hint = hints.get(name)
-        if hint and hint[0] == "int":
-            codes, scale, bits = hint[1]
-            encoded = codec.encode_quantized(tensor, codes, scale, bits)
-        elif hint and hint[0] == "f16":
-            encoded = codec.encode_float(tensor, half=True)
-        if encoded is None:
-            encoded = codec.encode_float(tensor) if tensor.dtype == torch.float32 else codec.encode_raw(tensor)
-        meta, data = encoded
+        meta, data = _encode(tensor, hints.get(name))
         meta.update(name=name, parameter=is_param, offset=payload.tell(), length=len(data),
                     requires_grad=bool(getattr(tensor, "requires_grad", False)))
         payload.write(data)
         tensors_meta.append(meta)
 
-    architecture: bytes | None = None
+    tree: bytes | None = None
     architecture_error = None
     try:
-        skeleton = baked.to("meta")
-        buf = io.BytesIO()
-        torch.save(skeleton, buf)
-        architecture = buf.getvalue()
-    except Exception as exc:  # unpicklable user modules: the file still loads into a given model
-        architecture_error = f"{type(exc).__name__}: {exc}"
+        tree = json.dumps(architecture.describe(baked), separators=(",", ":")).encode()
+    except architecture.NotExpressible as exc:  # a user's class: the file loads into a given model
+        architecture_error = str(exc)
+    except Exception as exc:  # describing is best effort: saving never fails for it
+        architecture_error = f"the module tree could not be described ({type(exc).__name__}: {exc})"
 
     manifest = {
         "format": FORMAT,
@@ -153,16 +164,17 @@ def to_bytes(model: nn.Module, plan: Plan | None = None, extra: dict[str, Any] |
         "torch": torch.__version__.split("+")[0],
         "plan": plan.to_dict() if plan is not None else None,
         "tensors": tensors_meta,
-        "architecture": architecture is not None,
+        "payload_bytes": payload.tell(),
+        "architecture": ARCHITECTURE if tree is not None else None,
         "architecture_error": architecture_error,
         **(extra or {}),
     }
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        _write(archive, "manifest.json", json.dumps(manifest, separators=(",", ":")).encode())
-        _write(archive, "payload.bin", payload.getvalue())
-        if architecture is not None:
-            _write(archive, "architecture.pt", architecture)
+        _write(archive, MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
+        _write(archive, PAYLOAD, payload.getvalue())
+        if tree is not None:
+            _write(archive, ARCHITECTURE, tree)
     return out.getvalue()
 
 
@@ -186,67 +198,114 @@ def save_model(model: nn.Module, path: str | os.PathLike, plan: Plan | None = No
     return len(data)
 
 
-PathOrBuffer = str | os.PathLike | io.BytesIO
-
-
 def read_manifest(path: PathOrBuffer) -> dict[str, Any]:
-    with _open(path) as archive:
-        return json.loads(archive.read("manifest.json"))
+    """The file's manifest, checked (format, version, every tensor entry)."""
+    with reading.open_archive(path) as archive:
+        manifest = reading.read_json(archive, MANIFEST)
+        reading.check_tensors(manifest, reading.check_manifest(manifest, path))
+        return manifest
 
 
-def _open(path: PathOrBuffer) -> zipfile.ZipFile:
-    try:
-        archive = zipfile.ZipFile(path)
-        names = set(archive.namelist())
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"{path}: not a tightfit model file ({exc}).") from exc
-    if not {"manifest.json", "payload.bin"} <= names:
-        raise ArtifactError(f"{path}: not a tightfit model file (manifest.json or payload.bin missing).")
-    return archive
+Factory = Callable[[], nn.Module] | str
 
 
-def load_model(path: PathOrBuffer, model: nn.Module | None = None) -> nn.Module:
-    """Read a ``.tfz`` file back into a model, in eval mode.
+def load_model(path: PathOrBuffer, model: nn.Module | None = None, *, factory: Factory | None = None,
+               trust_code: bool = False) -> nn.Module:
+    """Read a ``.tfz`` file back into a model, in eval mode, its tensors in the dtypes they were saved in.
 
-    Without ``model``, the architecture stored in the file is unpickled (``torch.load`` with
-    ``weights_only=False``: load only files you trust, and the model's classes must be importable).
-    With ``model`` (a fresh instance of the original architecture), no code is unpickled: the plan's
-    structural steps are replayed on a copy of it, and the tensors are read from the payload.
+    Nothing is unpickled. Without ``model``/``factory`` the file's ``architecture.json`` is
+    rebuilt: it is there when the saved model was made of ``torch.nn`` layers and containers only.
+    A model of your own classes needs ``model=`` (a fresh instance of the original architecture, not
+    modified: a copy is loaded) or ``factory=`` (a zero-argument callable, or a ``"module:function"``
+    path, that builds one); the plan's structural steps (structured pruning, low rank) are replayed
+    on it and the tensors read from the payload. ``trust_code=True`` lets a format-1 file's pickled
+    ``architecture.pt`` be unpickled (it can run any code: only for files you made yourself).
+    A damaged or crafted file raises ArtifactError naming the part at fault, before the sizes it
+    declares are allocated.
     """
-    with _open(path) as archive:
-        manifest = json.loads(archive.read("manifest.json"))
-        if manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{path}: not a tightfit model file (format {manifest.get('format')!r}).")
-        if manifest.get("version", 0) > FORMAT_VERSION:
-            raise ArtifactError(f"{path}: written by a newer tightfit (format version {manifest['version']}); upgrade tightfit.")
-        payload = archive.read("payload.bin")
-        if model is None:
-            if not manifest.get("architecture"):
-                raise ArtifactError(
-                    f"{path}: the file holds no architecture ({manifest.get('architecture_error')}); "
-                    "pass a fresh instance of the original model: tightfit.load(path, model=...)."
-                )
-            target = torch.load(io.BytesIO(archive.read("architecture.pt")), weights_only=False)
-            target = target.to_empty(device="cpu")
+    given = _given_model(model, factory)
+    with reading.open_archive(path) as archive:
+        manifest = reading.read_json(archive, MANIFEST)
+        version = reading.check_manifest(manifest, path)
+        entries, shapes, payload_len = reading.check_tensors(manifest, version)
+        if given is not None:
+            target = _prepare_given(given, manifest.get("plan"), path)
         else:
-            target = copy.deepcopy(model)
-            fold_weight_norm(target)  # the file holds the plain weights weight norm computed
-            plan = manifest.get("plan")
-            if plan is not None:
-                _replay_structure(target, Plan.from_dict(plan))
-    assigned: dict[str, torch.Tensor] = {}
-    for meta in manifest["tensors"]:
-        if "alias_of" in meta:  # a tied tensor: the very same object again
-            _assign(target, meta["name"], assigned[meta["alias_of"]], meta.get("parameter", False))
-            continue
-        tensor = codec.decode_tensor(meta, payload[meta["offset"] : meta["offset"] + meta["length"]])
-        if meta.get("parameter", False):
-            tensor = nn.Parameter(tensor, requires_grad=meta.get("requires_grad", True))
-        _assign(target, meta["name"], tensor, meta.get("parameter", False))
-        assigned[meta["name"]] = tensor
+            target = _stored_architecture(archive, manifest, version, path, trust_code, len(entries))
+        _check_fits(target, shapes, entries, exhaustive=given is None and version >= 2)
+        payload = reading.read_member(archive, PAYLOAD, payload_len, exact=True)
+    _fill(target, entries, payload)
     for module in target.modules():
         _refresh_recurrent(module)
     return target.eval()
+
+
+def _given_model(model: nn.Module | None, factory: Factory | None) -> nn.Module | None:
+    if model is not None and factory is not None:
+        raise ConfigError("tightfit.load: pass `model=` or `factory=`, not both.")
+    if factory is None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"tightfit.load: `model` must be an nn.Module, but got {type(model).__name__}.")
+        return model
+    if isinstance(factory, str):
+        module_name, _, attr = factory.partition(":")
+        if not module_name or not attr:
+            raise ConfigError(f"tightfit.load: `factory` must be a callable or 'module:function', but got {factory!r}.")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"tightfit.load: `factory` {factory!r} cannot be found ({type(exc).__name__}: {exc}).") from exc
+        factory = target
+    if not callable(factory):
+        raise ConfigError(f"tightfit.load: `factory` must be a callable or 'module:function', but got {factory!r}.")
+    built = factory()
+    if not isinstance(built, nn.Module):
+        raise ConfigError(f"tightfit.load: `factory` must return an nn.Module, but it returned {type(built).__name__}.")
+    return built
+
+
+def _prepare_given(model: nn.Module, plan: dict[str, Any] | None, path: PathOrBuffer) -> nn.Module:
+    target = copy.deepcopy(model)
+    fold_weight_norm(target)  # the file holds the plain weights weight norm computed
+    if plan is not None:
+        try:
+            _replay_structure(target, Plan.from_dict(plan))
+        except Exception as exc:  # a plan from the file: whatever it names, the refusal is the file's
+            raise ArtifactError(f"{path}: the plan in {MANIFEST} does not apply to the given model "
+                                f"({type(exc).__name__}: {exc}); the file was made from another architecture.") from exc
+    return target
+
+
+def _stored_architecture(archive: zipfile.ZipFile, manifest: dict[str, Any], version: int, path: PathOrBuffer,
+                         trust_code: bool, tensor_count: int) -> nn.Module:
+    """The module tree the file describes: format 2's architecture.json; format 1's pickle only
+    with ``trust_code``."""
+    names = set(archive.namelist())
+    if version >= 2 and manifest.get("architecture") == ARCHITECTURE and ARCHITECTURE in names:
+        return architecture.build(reading.read_json(archive, ARCHITECTURE), max_tensors=tensor_count)
+    if version == 1 and PICKLED_ARCHITECTURE in names:
+        if not trust_code:
+            raise ArtifactError(
+                f"{path}: a format-1 tightfit file, whose architecture is a pickle ({PICKLED_ARCHITECTURE}) that can run "
+                "any code when loaded. Pass the model: tightfit.load(path, model=<a fresh instance of the original "
+                "architecture>), or, only for a file you made yourself, tightfit.load(path, trust_code=True)."
+            )
+        try:
+            data = reading.read_member(archive, PICKLED_ARCHITECTURE, reading.MAX_JSON_BYTES)
+            return torch.load(io.BytesIO(data), weights_only=False).to_empty(device="cpu")
+        except ArtifactError:
+            raise
+        except Exception as exc:
+            raise ArtifactError(f"{path}: {PICKLED_ARCHITECTURE} could not be loaded ({type(exc).__name__}: {exc}).") from exc
+    reason = manifest.get("architecture_error")
+    reason = f" ({str(reason)[:300]})" if reason else ""
+    raise ArtifactError(
+        f"{path}: the file holds no architecture as data{reason}. Pass the model: tightfit.load(path, model=<a fresh "
+        "instance of the original architecture>) or tightfit.load(path, factory=<a callable, or 'module:function', "
+        "that builds one>)."
+    )
 
 
 def _replay_structure(model: nn.Module, plan: Plan) -> None:
@@ -255,27 +314,62 @@ def _replay_structure(model: nn.Module, plan: Plan) -> None:
     apply_plan_inplace(plan, model, structure_only=True)
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, is_param: bool) -> None:
+def _slot(model: nn.Module, name: str, is_param: bool) -> tuple[nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(module_name) if module_name else model
     except AttributeError as exc:
-        raise ArtifactError(f"The model has no submodule {module_name!r} that the file stores {name!r} for.") from exc
-    if is_param:
-        if attr not in module._parameters:
-            raise ArtifactError(f"The model has no parameter {name!r}; the file does not fit this model.")
-        _check_shape(name, module._parameters[attr], tensor)
-        module._parameters[attr] = tensor
-    else:
-        if attr not in module._buffers:
-            raise ArtifactError(f"The model has no buffer {name!r}; the file does not fit this model.")
-        _check_shape(name, module._buffers[attr], tensor)
-        module._buffers[attr] = tensor
+        raise ArtifactError(f"The model has no submodule {module_name[:200]!r} that the file stores {name[:200]!r} for; "
+                            "the file does not fit this model.") from exc
+    slots = module._parameters if is_param else module._buffers
+    if attr not in slots:
+        kind = "parameter" if is_param else "buffer"
+        raise ArtifactError(f"The model has no {kind} {name[:200]!r}; the file does not fit this model.")
+    return module, attr
 
 
-def _check_shape(name: str, existing: torch.Tensor | None, tensor: torch.Tensor) -> None:
-    if existing is not None and tuple(existing.shape) != tuple(tensor.shape):
-        raise ArtifactError(
-            f"{name!r} has shape {tuple(existing.shape)} in the model but {tuple(tensor.shape)} in the file; "
-            "the file was made from a different architecture."
-        )
+def _check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], entries: list[dict[str, Any]],
+                exhaustive: bool) -> None:
+    """Every tensor the file stores has its slot in ``model``, of the declared shape (checked
+    before any is decoded); ``exhaustive``: and every tensor of ``model`` is in the file (a tree
+    built from the file's architecture has no values of its own)."""
+    for meta in entries:
+        name = meta["name"]
+        module, attr = _slot(model, name, meta.get("parameter", False))
+        existing = (module._parameters if meta.get("parameter", False) else module._buffers)[attr]
+        if existing is None and exhaustive:
+            raise ArtifactError(f"The file stores {name[:200]!r}, which its architecture does not have; the file is damaged.")
+        if existing is not None and tuple(existing.shape) != shapes[name]:
+            raise ArtifactError(
+                f"{name[:200]!r} has shape {tuple(existing.shape)} in the model but {list(shapes[name])} in the file; "
+                "the file was made from a different architecture."
+            )
+    if exhaustive:
+        held = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        held |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+        missing = sorted(held - set(shapes))
+        if missing:
+            raise ArtifactError(f"The file's architecture has tensors the file does not store ({missing[:5]}); the file is damaged.")
+
+
+def _fill(model: nn.Module, entries: list[dict[str, Any]], payload: bytes) -> None:
+    """Decode each tensor into its slot (aliases: the very same tensor object again)."""
+    assigned: dict[str, torch.Tensor] = {}
+    for meta in entries:
+        name, is_param = meta["name"], meta.get("parameter", False)
+        module, attr = _slot(model, name, is_param)
+        if "alias_of" in meta:
+            tensor = assigned[meta["alias_of"]]
+        else:
+            try:
+                tensor = codec.decode_tensor(meta, payload[meta["offset"] : meta["offset"] + meta["length"]])
+            except ArtifactError as exc:
+                raise ArtifactError(f"{MANIFEST} tensor {name[:200]!r}: {exc}") from exc
+            except (ValueError, RuntimeError, IndexError, MemoryError) as exc:
+                raise ArtifactError(f"{MANIFEST} tensor {name[:200]!r} cannot be decoded ({type(exc).__name__}: {exc}).") from exc
+            if is_param:
+                tensor = nn.Parameter(tensor, requires_grad=meta.get("requires_grad", True) and tensor.is_floating_point())
+            assigned[name] = tensor
+        if is_param and not isinstance(tensor, nn.Parameter):
+            raise ArtifactError(f"{MANIFEST} tensor {name[:200]!r} is a parameter aliasing a buffer; the file is damaged.")
+        (module._parameters if is_param else module._buffers)[attr] = tensor

@@ -1,19 +1,40 @@
 """Byte encodings of tensors: what compression removed is stored as removed.
 
-Values are float32, float16, or k-bit integer codes with one float32 scale per output channel.
-Their layout is dense, a bitmask of nonzeros, or relative indices of the nonzeros in k-bit gaps
-(as in Deep Compression, with zero "filler" entries where a gap overflows), whichever is smallest.
+Values are float32, float16, bfloat16 (its bits), or k-bit integer codes with one float32 scale per
+output channel. Their layout is dense, a bitmask of nonzeros, or relative indices of the nonzeros in
+k-bit gaps (as in Deep Compression, with zero "filler" entries where a gap overflows), whichever is
+smallest.
+
+Decoding trusts nothing: :func:`check_meta` checks every field of a tensor's entry against its shape
+and its byte length before anything is allocated, so a file's tensors decode to a bounded multiple
+of its payload's bytes (a dense or bitmask layout holds at least one bit per element; a gap layout
+of format 2 ends with fillers, so each of its entries stands for at most ``2**gap_bits`` elements).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import ArtifactError
+
 GAP_BITS = (2, 3, 4, 5, 6, 8)
+INT_BITS = (2, 3, 4, 5, 6, 7, 8)
+#: The dtypes a file may hold (never ``getattr(torch, name)`` on a file's string).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_RAW_NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<i2", "float64": "<f8", "int64": "<i8",
+              "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1"}
+_FLOATS = {"float32", "float16", "bfloat16", "float64"}
+#: bits per stored value of each kind ("int": the entry's own ``bits``)
+_KIND_BITS = {"f32": 32, "f16": 16, "bf16": 16}
+_LAYOUTS = ("dense", "bitmask", "gap")
 
 
 def pack_uint(values: np.ndarray, bits: int) -> bytes:
@@ -33,36 +54,38 @@ def unpack_uint(data: bytes, bits: int, count: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if bits == 8:
         return np.frombuffer(data, dtype=np.uint8, count=count).astype(np.int64)
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * bits].reshape(count, bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
-    return flat.astype(np.int64) @ weights
+    # One bit per byte, then accumulated column by column: about (bits + 16) bytes per value at the
+    # peak, rather than the int64 bit matrix's 8 * bits.
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=_packed_len(count, bits)))[: count * bits]
+    flat = flat.reshape(count, bits)
+    out = np.zeros(count, dtype=np.int64)
+    for column in range(bits):
+        out <<= 1
+        out |= flat[:, column]
+    return out
 
 
 def _packed_len(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
-@dataclass
-class EncodedTensor:
-    meta: dict[str, Any]
-    chunks: list[bytes]
-
-
 def _value_bytes(values: np.ndarray, kind: str, bits: int) -> bytes:
     if kind == "f32":
         return values.astype("<f4").tobytes()
-    if kind == "f16":
-        return values.astype("<f2").tobytes()
+    if kind in ("f16", "bf16"):  # bf16: the values are the bfloat16 bit patterns, as int16
+        return values.astype("<f2" if kind == "f16" else "<i2").tobytes()
     # Integer codes in [-qmax, qmax], stored offset by 2**(bits-1).
     return pack_uint(values.astype(np.int64) + (1 << (bits - 1)), bits)
 
 
 def _value_bits(kind: str, bits: int) -> int:
-    return {"f32": 32, "f16": 16}.get(kind, bits)
+    return _KIND_BITS.get(kind, bits)
 
 
-def _gap_entries(positions: np.ndarray, gap_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gaps between nonzero positions, split with fillers so each fits in ``gap_bits``.
+def _gap_entries(positions: np.ndarray, gap_bits: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaps between nonzero positions, split with fillers so each fits in ``gap_bits``, and
+    trailing fillers so that fewer than ``2**gap_bits`` elements follow the last entry (what bounds
+    a file's decoded size by its length).
 
     Returns (gaps, index of the real entry for each nonzero) over all entries.
     """
@@ -71,13 +94,15 @@ def _gap_entries(positions: np.ndarray, gap_bits: int) -> tuple[np.ndarray, np.n
     fillers = gaps // (limit + 1)
     counts = fillers + 1
     last = np.cumsum(counts) - 1
-    out = np.full(int(counts.sum()), limit, dtype=np.int64)
+    trailing = (n - 1 - int(positions[-1])) // (limit + 1)
+    out = np.full(int(counts.sum()) + trailing, limit, dtype=np.int64)
     out[last] = gaps - fillers * (limit + 1)
     return out, last
 
 
 def encode(values: np.ndarray, kind: str, bits: int = 32) -> tuple[dict[str, Any], bytes]:
-    """Encode a flat array of values (floats, or integer codes for kind "int") in its smallest layout."""
+    """Encode a flat array of values (floats, int16 bfloat16 bits for "bf16", or integer codes for
+    kind "int") in its smallest layout."""
     n = values.size
     vbits = _value_bits(kind, bits)
     positions = np.flatnonzero(values)
@@ -87,7 +112,7 @@ def encode(values: np.ndarray, kind: str, bits: int = 32) -> tuple[dict[str, Any
     gap_plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if nnz:
         for gb in GAP_BITS:
-            gaps, last = _gap_entries(positions, gb)
+            gaps, last = _gap_entries(positions, gb, n)
             gap_plans[gb] = (gaps, last)
             candidates[f"gap{gb}"] = _packed_len(gaps.size, gb) + _packed_len(gaps.size, vbits)
     layout = min(candidates, key=lambda k: candidates[k])
@@ -113,17 +138,23 @@ def _decode_values(data: bytes, kind: str, bits: int, count: int) -> np.ndarray:
         return np.frombuffer(data, dtype="<f4", count=count).astype(np.float32)
     if kind == "f16":
         return np.frombuffer(data, dtype="<f2", count=count).astype(np.float16)
+    if kind == "bf16":
+        return np.frombuffer(data, dtype="<i2", count=count).astype(np.int16)
     return unpack_uint(data, bits, count) - (1 << (bits - 1))
 
 
 def decode(meta: dict[str, Any], data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode`: the flat array of values (float32/float16, or int64 codes)."""
+    """Inverse of :func:`encode`: the flat array of values (float32/float16, int16 bfloat16 bits,
+    or int64 codes). ``meta`` is checked by :func:`check_meta` first when it comes from a file;
+    what only the data can tell (a mask's count, a gap past the end) is checked here."""
     kind, bits, n = meta["kind"], meta["bits"], meta["numel"]
     layout = meta["layout"]
     if layout == "dense":
         return _decode_values(data, kind, bits, n)
     if layout == "bitmask":
         mask = np.unpackbits(np.frombuffer(data[: meta["mask_len"]], dtype=np.uint8))[:n].astype(bool)
+        if int(mask.sum()) != meta["nnz"]:
+            raise ArtifactError(f"nnz is {meta['nnz']} but the mask holds {int(mask.sum())} nonzeros.")
         vals = _decode_values(data[meta["mask_len"] :], kind, bits, meta["nnz"])
         out = np.zeros(n, dtype=vals.dtype)
         out[mask] = vals
@@ -131,16 +162,27 @@ def decode(meta: dict[str, Any], data: bytes) -> np.ndarray:
     if layout == "gap":
         entries = meta["entries"]
         gaps = unpack_uint(data[: meta["gap_len"]], meta["gap_bits"], entries)
+        positions = np.cumsum(gaps + 1) - 1
+        if entries and int(positions[-1]) >= n:
+            raise ArtifactError(f"the gaps reach position {int(positions[-1])} of a tensor of numel {n}.")
         vals = _decode_values(data[meta["gap_len"] :], kind, bits, entries)
         out = np.zeros(n, dtype=vals.dtype)
-        out[np.cumsum(gaps + 1) - 1] = vals
+        out[positions] = vals
         return out
-    raise ValueError(f"unknown tensor layout {layout!r}")
+    raise ArtifactError(f"unknown tensor layout {layout!r}")
 
 
 def encode_float(tensor: torch.Tensor, half: bool = False) -> tuple[dict[str, Any], bytes]:
-    flat = tensor.detach().to(torch.float16 if half else torch.float32).cpu().numpy().reshape(-1)
-    meta, data = encode(flat, "f16" if half else "f32", 16 if half else 32)
+    """A floating tensor as float32 values, as float16 (``half``, or a float16 tensor), or as its
+    bfloat16 bits (a bfloat16 tensor); a float64 tensor is stored raw (:func:`encode_raw`)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16 and not half:
+        flat, kind, bits = tensor.contiguous().view(torch.int16).numpy().reshape(-1), "bf16", 16
+    elif half or tensor.dtype == torch.float16:
+        flat, kind, bits = tensor.to(torch.float16).numpy().reshape(-1), "f16", 16
+    else:
+        flat, kind, bits = tensor.to(torch.float32).numpy().reshape(-1), "f32", 32
+    meta, data = encode(flat, kind, bits)
     meta.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
     return meta, data
 
@@ -148,11 +190,12 @@ def encode_float(tensor: torch.Tensor, half: bool = False) -> tuple[dict[str, An
 def encode_quantized(
     tensor: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int
 ) -> tuple[dict[str, Any], bytes] | None:
-    """Encode a weight as integer codes and per-channel scales, if ``codes * scale`` reproduces it
-    exactly (it does for weights made by FakeQuantize); otherwise None."""
-    codes = codes.detach()
+    """Encode a weight as integer codes and per-channel float32 scales, if ``codes * scale`` (in
+    float32, then rounded to the weight's dtype, as :func:`decode_tensor` computes it) reproduces it
+    exactly (it does for weights made by FakeQuantize, in float32, float16 or bfloat16); otherwise None."""
+    codes = codes.detach().to(torch.float32)
     scale = scale.detach().to(torch.float32)
-    if not torch.equal(codes * scale, tensor.detach()):
+    if not torch.equal((codes * scale).to(tensor.dtype), tensor.detach()):
         return None
     flat = codes.cpu().numpy().reshape(-1).astype(np.int64)
     meta, data = encode(flat, "int", bits)
@@ -176,18 +219,125 @@ def encode_raw(tensor: torch.Tensor) -> tuple[dict[str, Any], bytes]:
 
 
 def decode_tensor(meta: dict[str, Any], data: bytes) -> torch.Tensor:
-    dtype = getattr(torch, meta["dtype"])
+    """The tensor an entry (checked by :func:`check_meta`) and its ``length`` bytes describe."""
+    dtype = DTYPES[meta["dtype"]]
     shape = tuple(meta["shape"])
     kind = meta["kind"]
     if kind == "raw":
-        if dtype == torch.bfloat16:
-            return torch.from_numpy(np.frombuffer(data, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape)
-        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(shape)
+        array = np.frombuffer(data, dtype=_RAW_NUMPY[meta["dtype"]]).copy()
+        if meta["dtype"] == "bool":
+            return torch.from_numpy(array != 0).reshape(shape)
+        tensor = torch.from_numpy(array)
+        return (tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor).reshape(shape)
     if kind == "int":
         scale_len = meta["scale_len"]
         scale = torch.from_numpy(np.frombuffer(data[:scale_len], dtype="<f4").copy()).reshape(meta["scale_shape"])
         codes = torch.from_numpy(decode(meta, data[scale_len:]).astype(np.float32)).reshape(shape)
         return (codes * scale).to(dtype)
     values = torch.from_numpy(decode(meta, data).copy()).reshape(shape)
+    if kind == "bf16":
+        return values.view(torch.bfloat16)
     return values.to(dtype)
+
+
+# ------------------------------------------------------------------------------------ checking entries
+
+#: Bounds on one entry's numbers (a shape's rank and dimensions), far beyond any real tensor.
+MAX_RANK = 16
+MAX_DIM = 2**40
+
+
+def _int(meta: dict[str, Any], key: str, where: str, low: int = 0, high: int | None = None) -> int:
+    value = meta.get(key)
+    if type(value) is not int:
+        raise ArtifactError(f"{where}.{key} must be an integer, but is {_show(value)}; the file is damaged.")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ArtifactError(f"{where}.{key} is {value}, but must be {bound}; the file is damaged.")
+    return value
+
+
+def _choice(meta: dict[str, Any], key: str, where: str, allowed: Any) -> Any:
+    value = meta.get(key)
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or value not in allowed:
+        raise ArtifactError(f"{where}.{key} is {_show(value)}, not one of {sorted(allowed)}; the file is damaged.")
+    return value
+
+
+def _shape(meta: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
+    value = meta.get(key)
+    if (not isinstance(value, list) or len(value) > MAX_RANK
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in value)):
+        raise ArtifactError(f"{where}.{key} must be a list of at most {MAX_RANK} sizes in [0, {MAX_DIM}], "
+                            f"but is {_show(value)}; the file is damaged.")
+    return tuple(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expect(where: str, field: str, actual: int, expected: int, why: str) -> None:
+    if actual != expected:
+        raise ArtifactError(f"{where}.{field} is {actual}, but {why} makes it {expected}; the file is damaged.")
+
+
+def check_meta(meta: Any, where: str, version: int) -> tuple[int, ...]:
+    """Check one stored tensor's entry against its own shape and byte ``length`` (nothing is read
+    or allocated); returns the shape. Raises ArtifactError naming the field at fault."""
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{where} must be an object, but is {_show(meta)}; the file is damaged.")
+    kind = _choice(meta, "kind", where, {"raw", "f32", "f16", "bf16", "int"})
+    dtype = _choice(meta, "dtype", where, set(DTYPES))
+    shape = _shape(meta, "shape", where)
+    length = _int(meta, "length", where)
+    numel = math.prod(shape)
+    if kind == "raw":
+        _expect(where, "length", length, numel * DTYPES[dtype].itemsize, f"shape {list(shape)} of {dtype}")
+        return shape
+    if dtype not in (("bfloat16",) if kind == "bf16" else _FLOATS):
+        raise ArtifactError(f"{where}.dtype is {dtype!r}, which values of kind {kind!r} cannot have; the file is damaged.")
+    bits = _choice(meta, "bits", where, set(INT_BITS) if kind == "int" else {_KIND_BITS[kind]})
+    _expect(where, "numel", _int(meta, "numel", where), numel, f"shape {list(shape)}")
+    prefix = 0  # bytes before the values: an int tensor's scales
+    if kind == "int":
+        scale_shape = _shape(meta, "scale_shape", where)
+        scale_len = _int(meta, "scale_len", where)
+        _expect(where, "scale_len", scale_len, 4 * math.prod(scale_shape), f"scale_shape {list(scale_shape)}")
+        if not _broadcasts_to(scale_shape, shape):
+            raise ArtifactError(f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)}; the file is damaged.")
+        prefix = scale_len
+    _check_layout(meta, where, version, numel, _value_bits(kind, bits), length, prefix)
+    return shape
+
+
+def _broadcasts_to(small: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    if len(small) > len(shape):
+        return False
+    return all(s in (1, d) for s, d in zip(small[::-1], shape[::-1]))
+
+
+def _check_layout(meta: dict[str, Any], where: str, version: int, numel: int, vbits: int, length: int,
+                  prefix: int) -> None:
+    """The layout's own fields, and ``length`` = ``prefix`` bytes (scales) + what the layout takes."""
+    layout = _choice(meta, "layout", where, set(_LAYOUTS))
+    scales = f"{prefix} bytes of scales and " if prefix else ""
+    if layout == "dense":
+        _expect(where, "length", length, prefix + _packed_len(numel, vbits), f"{scales}{numel} values of {vbits} bits")
+    elif layout == "bitmask":
+        mask_len = _int(meta, "mask_len", where)
+        _expect(where, "mask_len", mask_len, _packed_len(numel, 1), f"numel {numel}")
+        nnz = _int(meta, "nnz", where, 0, numel)
+        _expect(where, "length", length, prefix + mask_len + _packed_len(nnz, vbits),
+                f"{scales}a mask and {nnz} values of {vbits} bits")
+    else:
+        gap_bits = _choice(meta, "gap_bits", where, set(GAP_BITS))
+        entries = _int(meta, "entries", where, 1, numel)
+        gap_len = _int(meta, "gap_len", where)
+        _expect(where, "gap_len", gap_len, _packed_len(entries, gap_bits), f"{entries} gaps of {gap_bits} bits")
+        _expect(where, "length", length, prefix + gap_len + _packed_len(entries, vbits), f"{scales}{entries} entries")
+        if version >= 2 and numel > (entries + 1) << gap_bits:
+            # format 2 ends a gap layout with fillers: a few bytes cannot stand for a huge tensor
+            raise ArtifactError(f"{where}.numel is {numel}, more than {entries} entries of {gap_bits}-bit gaps "
+                                "can cover; the file is damaged.")

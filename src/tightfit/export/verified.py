@@ -291,8 +291,12 @@ def export_run(
     int8: str | None = None,
     keep_float: Sequence[str] | None = None,
     dtype: str | None = None,
+    model: nn.Module | None = None,
 ) -> ExportReport:
     """Export a finished run's model (``model.tfz``), checked on the run's stored example input.
+
+    ``model``: a fresh instance of the original architecture to load the file into (needed when the
+    model is of your own classes; see :func:`tightfit.load`).
 
     A plan with ``Int8`` layers exports those layers in int8 (ONNX). ``rtol`` defaults to 1e-3,
     0.05 when int8 is applied (activations are quantized at run time; the reference is float32),
@@ -315,7 +319,7 @@ def export_run(
     from ..operators.int8 import plan_int8_layers
     from .artifact import read_manifest
 
-    model = load_model(model_path)
+    model = load_model(model_path, model)
     example_input = torch.load(input_path, weights_only=False)
     planned = plan_int8_layers(read_manifest(model_path).get("plan"))
     if planned and format == "onnx" and int8 is None:

@@ -139,7 +139,7 @@ class Finish:
     def _answer(self, best: TrialRecord, common: dict[str, Any]) -> Result:
         baseline, notes = self.baseline, []
         data = self._bytes_of(best, notes)
-        loaded = load_model(io.BytesIO(data))
+        loaded = load_model(io.BytesIO(data), self.original)  # into the model compress holds: the file unpickles nothing
         metric = evaluate_metric(self.evaluate, loaded)
         if self.confirmed:
             notes.append(
