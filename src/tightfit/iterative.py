@@ -106,7 +106,7 @@ class PruneAdjustResult:
         """Write the answer as a ``.tfz`` file (``tightfit.load`` reads it); returns its bytes."""
         if self._file is None:
             raise ConfigError("PruneAdjustResult.save: no round was accepted, so there is no compressed model to save.")
-        Path(path).write_bytes(self._file)
+        write_atomic(path, self._file)
         return len(self._file)
 
 
@@ -164,7 +164,7 @@ def prune_and_adjust(
         current, data, plan, metric, ratio = model, None, None, baseline, 1.0
         if saved.model_bytes is not None:  # resume from the last accepted round
             data = saved.model_bytes
-            current = load_model(io.BytesIO(data))
+            current = load_model(io.BytesIO(data), model=copy.deepcopy(model))  # into the model at hand: unpickles nothing
             last = next(r for r in reversed(history) if r.accepted)
             plan, metric, ratio = last.plan, last.metric, last.nonzero_ratio
         for r in history:
@@ -194,7 +194,7 @@ def prune_and_adjust(
                                  time.perf_counter() - start)
                 saved.write_adjusted(number, trained)
             start = time.perf_counter()
-            adjusted = load_model(io.BytesIO(trained.model))  # measured as it was saved
+            adjusted = load_model(io.BytesIO(trained.model), model=copy.deepcopy(model))  # measured as it was saved
             value = float(evaluate(adjusted))
             nonzeros, _ = count_nonzeros(adjusted, names)
             accepted = baseline - value <= max_drop + 1e-12

@@ -33,7 +33,7 @@ from .operators.plan import Plan, apply_plan_inplace, fold_weight_norm
 from .operators.prune import Prune
 from .operators.quantize import Quantize
 from .records import Measurement, Result, TrialRecord
-from .run_dir import RunDir
+from .run_dir import EXAMPLE_INPUT_FILE, RunDir
 from .search.loop import TrialOutcome, counted_trials, recover_interrupted, run_trials, trial_record
 from .search.context import ProbeResult, SearchContext
 from .search.samplers import check_search
@@ -44,7 +44,6 @@ log = logging.getLogger("tightfit")
 OBJECTIVES = ("size", "nonzeros", "flops", "latency")
 #: how compress chooses its answer among the feasible trials (see _final_pick)
 PICKS = ("posterior", "observed")
-EXAMPLE_INPUT_FILE = "example_input.pt"
 BASELINE_ATTR = "tightfit.baseline"
 SETTINGS_ATTR = "tightfit.settings"
 
@@ -354,7 +353,7 @@ def _search(
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
 
         if run is not None and given_input is not None:
-            torch.save(given_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
+            run.write_example_input(given_input)  # `tightfit export` checks outputs on it
         if session is not None:
             full_metric = session.baseline(original)  # per-sample values, computed once and kept
             baseline = _baseline(study, original, lambda _model: full_metric, layer_names, original_flops, latency)
@@ -864,7 +863,7 @@ def _finish(
             candidate.eval()  # as in the trial
         data = to_bytes(candidate, best.plan, {"trial": best.number})
         notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
-    loaded = _load_bytes(data)
+    loaded = load_model(io.BytesIO(data), model=copy.deepcopy(original))  # into the model at hand: unpickles nothing
     metric = evaluate_metric(evaluate, loaded)
     if confirmed:
         notes.append(
@@ -914,10 +913,6 @@ def _best_artifact(best: TrialRecord, holder: dict[str, Any], run: RunDir | None
     if run is not None:
         return run.read_best(best.number)
     return None
-
-
-def _load_bytes(data: bytes) -> nn.Module:
-    return load_model(io.BytesIO(data))
 
 
 __all__ = ["compress", "best_feasible", "pareto_front", "float32_file_bytes", "OBJECTIVES", "EXAMPLE_INPUT_FILE", "Sequential"]
