@@ -108,6 +108,10 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def write_summary(result: Result, path: Path, settings: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(summary_dict(result, settings), indent=2))
+
+
 def plot_trials(result: Result, path: Path) -> None:
     """Draw :func:`plot_figure` into ``path`` (PNG), atomically."""
     buffer = io.BytesIO()
@@ -149,7 +153,7 @@ def plot_figure(result: Result, target: Any) -> None:
 
 def write_run_files(result: Result, run_dir: Path, settings: dict[str, Any]) -> None:
     write_trials_csv(result.trials, run_dir / TRIALS_FILE, result.baseline)
-    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary_dict(result, settings), indent=2))
+    write_summary(result, run_dir / SUMMARY_FILE, settings)
     plot_trials(result, run_dir / PLOT_FILE)
 
 

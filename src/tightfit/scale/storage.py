@@ -136,7 +136,7 @@ def check_sqlite_study(url: str) -> None:
     others = sorted(name for name in RUN_FILES if (path.parent / name).exists())
     if problem == "is empty (0 bytes)" and not others:
         return  # a run killed while SQLite created the file: nothing to lose, start the study
-    kept = f" next to {', '.join(others)}" if others else ""
+    kept = f" (the directory also holds {', '.join(others)})" if others else ""
     raise ConfigError(
         f"The study file {str(path)!r} {problem}{kept}; tightfit will not replace it, so nothing was changed. "
         f"Restore {path.name} from a backup, or move the directory {str(path.parent)!r} away (to keep its files) "
