@@ -54,7 +54,8 @@ def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -
     for note in result.notes:
         console.print("note: " + printable(note), markup=False, style="yellow")
     if result.run_dir:
-        console.print(f"run directory: {result.run_dir} (model.tfz, summary.json, trials.csv, trials.png, study.db)")
+        console.print(f"run directory: {printable(result.run_dir)} (model.tfz, summary.json, trials.csv, trials.png, study.db)",
+                      markup=False)
 
 
 @app.command()
@@ -109,7 +110,7 @@ def run(
     try:
         parsed, base = load_config(config)
         arguments = build_arguments(parsed, base, config)
-        console.print(f"run directory: {arguments['run_dir']}")
+        console.print(f"run directory: {arguments['run_dir']}", markup=False)
         # the run directory's lock before the storage: two runs started on a new directory must not
         # both create its study (compress takes the same lock again, re-entrantly)
         with RunDir.open(arguments["run_dir"]) as held:
@@ -146,7 +147,7 @@ def prune_adjust(
     try:
         parsed, base = load_config(config)
         arguments = prune_adjust_arguments(parsed, base, config)
-        console.print(f"run directory: {arguments['run_dir']}")
+        console.print(f"run directory: {arguments['run_dir']}", markup=False)
         result = run_rounds(**arguments, on_round=show)
     except TightfitError as exc:
         _fail(exc)
@@ -177,7 +178,7 @@ def _show_rounds_result(rounds, baseline_metric: float, run_dir: Path) -> None:
     console.print(summary_table(rows, title="result" if last else "result: no round was kept"))
     model = run_dir / "model.tfz"
     if last and model.exists():
-        console.print(f"model: {model} ({model.stat().st_size:,} bytes; rounds in rounds.json)")
+        console.print(f"model: {model} ({model.stat().st_size:,} bytes; rounds in rounds.json)", markup=False)
 
 
 @app.command()
@@ -244,6 +245,7 @@ def report(
         _fail(exc)
     console.print(trials_table(view.trials, view.baseline, limit=top))
     console.print(run_counts(view.trials))
+    _show_trial_errors(view.trials)
     if view.settings:  # stored text: printed as data, never as markup or terminal control
         settings = view.settings
         console.print(
@@ -261,6 +263,18 @@ def report(
         _fail(ValueError(f"summary.json in {run_dir} does not hold what tightfit writes ({type(exc).__name__}: {exc}); "
                          "the trials above are read from the study."))
     console.print(printable(s.get("message", "")), markup=False)
+
+
+def _show_trial_errors(trials, limit: int = 3) -> None:
+    """The first few distinct errors of failed trials, as stored (text, never markup)."""
+    from ..report.view import printable
+
+    shown: dict[str, int] = {}
+    for t in trials:
+        if t.state == "FAIL" and t.error and t.error not in shown and len(shown) < limit:
+            shown[t.error] = t.number
+    for error, number in shown.items():
+        console.print(f"failed trial {number}: {printable(error)}", markup=False, style="red")
 
 
 def _show_summary(s: dict, view) -> None:
