@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
 import os
 import random
@@ -136,7 +135,8 @@ def _check(folder: Path, expected, model, seen: dict) -> None:
     if (folder / "summary.json").exists():  # and each parses as what it is
         assert json.loads((folder / "summary.json").read_text())["settings"]["version"] in "AB"
     if (folder / "trials.csv").exists():
-        assert len(list(csv.DictReader(open(folder / "trials.csv")))) in (300, 200)
+        with open(folder / "trials.csv", newline="") as handle:
+            assert len(list(csv.DictReader(handle))) in (300, 200)
     if (folder / "example_input.pt").exists():
         assert torch.load(folder / "example_input.pt", weights_only=True).shape == (32, 128)
     if (folder / "model.tfz").exists():

@@ -10,6 +10,7 @@ import fcntl
 import io
 import json
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def test_a_poisoned_example_input_is_refused_without_running(run, tmp_path):
     assert not marker.exists()
 
 
-def test_export_on_the_command_line_builds_the_model_from_the_config(run, tmp_path):
+def test_export_on_the_command_line_builds_the_model_from_the_config(run, tmp_path, monkeypatch):
     run_dir, _, _ = run
     marker = tmp_path / "ran"
     _poison_tfz(run_dir / "model.tfz", marker)
@@ -138,6 +139,14 @@ def test_export_on_the_command_line_builds_the_model_from_the_config(run, tmp_pa
     shown = CliRunner().invoke(app, ["export", str(run_dir), "--config", str(project / "run.toml"), "--format", "pt"])
     assert shown.exit_code == 0, shown.output
     assert not marker.exists() and (run_dir / "export" / "model.pt").exists()
+    # a run made from Python: --factory names the function, importable from the current directory
+    (project / "trustfactory.py").write_text((project / "trustmods.py").read_text())
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # --factory makes the current directory importable
+    shown = CliRunner().invoke(app, ["export", str(run_dir), "--factory", "trustfactory:build", "--format", "pt",
+                                     "--out", str(tmp_path / "f.pt")])
+    assert shown.exit_code == 0, shown.output
+    assert not marker.exists() and (tmp_path / "f.pt").exists()
 
 
 def test_a_poisoned_adjusted_tfz_is_loaded_into_the_held_model_on_resume(tmp_path):
@@ -206,7 +215,8 @@ def test_a_second_holder_of_the_lock_is_refused_with_its_owner(tmp_path):
 def test_report_shows_the_compressed_flops_that_trials_csv_has(tmp_path):
     run_dir = tmp_path / "run"
     result = tightfit.compress(_model(), **_arguments(run_dir, objective="flops"))
-    rows = {int(r["number"]): r for r in csv.DictReader(open(run_dir / "trials.csv"))}
+    with open(run_dir / "trials.csv", newline="") as handle:
+        rows = {int(r["number"]): r for r in csv.DictReader(handle)}
     flops = int(rows[result.best_trial.number]["flops"])
     shown = CliRunner().invoke(app, ["report", str(run_dir)])
     assert shown.exit_code == 0, shown.output

@@ -300,6 +300,7 @@ def _show_summary(s: dict, view) -> None:
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (holds model.tfz and example_input.pt).")],
     config: Annotated[Optional[Path], typer.Option(help="The run's TOML config: its model.factory builds the model that model.tfz is loaded into.")] = None,
+    factory: Annotated[Optional[str], typer.Option(help="Instead of --config: import path of a function returning a fresh instance of the run's model, e.g. my_models:build (for runs made from Python).")] = None,
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or pt.")] = "onnx",
     out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/export/model.<ext>).")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance of the output check.")] = 1e-4,
@@ -321,7 +322,7 @@ def export(
     from ..export import export_run
 
     try:
-        model = _config_model(config, run_dir)
+        model = _config_model(config, factory, run_dir)
         rep = export_run(run_dir, model=model, format=format, out=out, atol=atol, rtol=rtol, batch_size=batch_size,
                          threads=threads, int8=int8, keep_float=keep_float, dtype=dtype)
     except TightfitError as exc:
@@ -342,26 +343,37 @@ def export(
     console.print(f"report written to {rep.path}.json")
 
 
-def _config_model(config: Path | None, run_dir: Path):
-    """The model a run's config builds (``model.factory`` with its ``kwargs``; the config's folder
-    on the import path, as for ``tightfit run``): what ``tightfit export`` loads model.tfz into."""
+def _config_model(config: Path | None, factory: str | None, run_dir: Path):
+    """The model that ``tightfit export`` loads model.tfz into: built by the run's config
+    (``model.factory`` with its ``kwargs``; the config's folder on the import path, as for
+    ``tightfit run``), or by ``--factory`` (an import path, the current directory importable)."""
+    import os
+    import sys
+
     import torch
 
     from ..cli.config import load_config, resolve_import
     from ..errors import ConfigError
 
-    if config is None:
+    if (config is None) == (factory is None):
         raise ConfigError(
-            f"export: pass --config CONFIG, the TOML config that made {str(run_dir)!r}: model.tfz is loaded into the "
-            "model its model.factory builds, so that no code stored in the run directory runs."
+            f"export: pass --config CONFIG (the TOML config that made {str(run_dir)!r}) or --factory module:function "
+            "(for a run made from Python): model.tfz is loaded into the model it builds, so that no code stored in "
+            "the run directory runs."
         )
-    parsed, _ = load_config(config)
+    if config is not None:
+        parsed, _ = load_config(config)
+        field, path, kwargs = "model.factory", parsed.model.factory, parsed.model.kwargs
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # last: a local file never shadows an installed package
+        field, path, kwargs = "--factory", factory, {}
     try:
-        model = resolve_import(parsed.model.factory)(**parsed.model.kwargs)
+        model = resolve_import(path)(**kwargs)
     except Exception as exc:
-        raise ConfigError(f"model.factory: calling {parsed.model.factory!r} failed ({type(exc).__name__}: {exc}).") from exc
+        raise ConfigError(f"{field}: calling {path!r} failed ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model.factory: {parsed.model.factory!r} returned a {type(model).__name__}, not an nn.Module.")
+        raise ConfigError(f"{field}: {path!r} returned a {type(model).__name__}, not an nn.Module.")
     return model
 
 
