@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def test_a_poisoned_best_tfz_is_loaded_as_data_on_resume(run, tmp_path):
 def test_a_poisoned_model_tfz_is_loaded_into_the_given_model_by_export(run, tmp_path):
     from tightfit.export import export_run
 
-    run_dir, model, result = run
+    run_dir, _, _ = run
     marker = tmp_path / "ran"
     _poison_tfz(run_dir / "model.tfz", marker)
     with pytest.raises(ConfigError, match="model="):  # nothing to load it into: refused, not unpickled
@@ -113,7 +114,7 @@ def test_a_poisoned_model_tfz_is_loaded_into_the_given_model_by_export(run, tmp_
 def test_a_poisoned_example_input_is_refused_without_running(run, tmp_path):
     from tightfit.export import export_run
 
-    run_dir, model, _ = run
+    run_dir, _, _ = run
     marker = tmp_path / "ran"
     (run_dir / "example_input.pt").write_bytes(_payload_bytes(marker))
     with pytest.raises(ConfigError, match="example_input.pt.*not an example input"):
@@ -192,6 +193,19 @@ def test_the_lock_file_goes_with_a_clean_finish_and_still_locks_while_held(tmp_p
         assert (run_dir / ".lock").exists()
         with open(run_dir / ".lock") as other, pytest.raises(BlockingIOError):  # another holder is refused
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = []
+
+        def another_thread():
+            try:
+                with RunDir.open(run_dir):
+                    pass
+            except ConfigError as exc:
+                refused.append(str(exc))
+
+        thread = threading.Thread(target=another_thread)
+        thread.start()
+        thread.join()
+        assert refused and "in use" in refused[0]  # re-entrant in its own thread only
     assert not (run_dir / ".lock").exists()
     # a killed run leaves its .lock behind, unlocked: the next run takes it
     (run_dir / ".lock").write_text("pid 999999")

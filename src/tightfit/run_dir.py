@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,9 +38,10 @@ LOCK_FILE = ".lock"
 #: Files a run writes besides its study; a run directory holding any of them has a study worth keeping.
 RUN_FILES = (BEST_FILE, MODEL_FILE, SUMMARY_FILE, TRIALS_FILE, PLOT_FILE, EXAMPLE_INPUT_FILE, ROUNDS_FILE)
 
-# Run directories whose lock this process holds (resolved path -> nesting depth): `tightfit run`
-# takes the lock before it opens the storage, and compress takes it again inside.
-_held: dict[Path, int] = {}
+# Run directories whose lock this thread holds ((resolved path, thread) -> nesting depth): `tightfit
+# run` takes the lock before it opens the storage, and compress takes it again inside. Another
+# thread of the process is refused, as another process is.
+_held: dict[tuple[Path, int], int] = {}
 
 
 class RunDir:
@@ -50,14 +52,14 @@ class RunDir:
     @contextmanager
     def open(cls, path: str | os.PathLike) -> Iterator[RunDir]:
         """Create the directory if needed and hold its lock while the search runs (re-entrant
-        within one process). The ``.lock`` file is removed when the block ends; a killed process
+        within one thread). The ``.lock`` file is removed when the block ends; a killed process
         leaves it behind, harmlessly: the kernel released its lock."""
         root = Path(path)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"`run_dir` {str(root)!r} cannot be created: {exc}.") from exc
-        key = root.resolve()
+        key = (root.resolve(), threading.get_ident())
         if key in _held:
             _held[key] += 1
             try:
