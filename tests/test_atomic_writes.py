@@ -189,3 +189,9 @@ def test_report_reads_a_run_whose_summary_was_cut_short(tmp_path):
     shown = CliRunner().invoke(app, ["report", str(run_dir)])
     assert shown.exit_code == 0, shown.output
     assert "2 trials" in shown.output and "no final summary" in shown.output
+
+
+def test_report_refuses_a_cut_short_rounds_file_without_a_traceback(tmp_path):
+    (tmp_path / "rounds.json").write_text('{"settings": {"max_drop"')
+    shown = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert shown.exit_code == 2 and "rounds.json does not hold what tightfit writes" in shown.output.replace("\n", "")

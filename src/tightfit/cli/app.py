@@ -234,7 +234,10 @@ def report(
     from ..report.view import as_markup, printable
 
     if run_dir is not None and storage is None and (run_dir / ROUNDS_FILE).exists():  # a prune-adjust run
-        settings, rounds, _ = load_rounds(run_dir)
+        try:
+            settings, rounds, _ = load_rounds(run_dir)
+        except (ValueError, KeyError, TypeError) as exc:  # JSON that is not tightfit's: say so, no traceback
+            _fail(ValueError(f"{run_dir / ROUNDS_FILE} does not hold what tightfit writes ({type(exc).__name__}: {exc})."))
         for r in rounds:
             _show_round(r)
         _show_rounds_result(rounds, settings["baseline_metric"], run_dir)
