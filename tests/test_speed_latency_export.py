@@ -97,6 +97,16 @@ def test_export_check_fails_when_outputs_differ(tmp_path):
 
 
 def test_latency_objective_run_records_speedup_and_exports(tmp_path):
+    # the model comes from a factory in a config's folder: `tightfit export --config` builds it
+    (tmp_path / "latmods.py").write_text(
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))\n"
+        "def metric(model):\n    return 1.0\n"
+    )
+    (tmp_path / "lat.toml").write_text(
+        '[model]\nfactory = "latmods:build"\n[evaluate]\nfunction = "latmods:metric"\n'
+        '[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 1.0\n'
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
     xs, ys = torch.randn(64, 16), torch.randint(0, 3, (64,))
@@ -124,6 +134,9 @@ def test_latency_objective_run_records_speedup_and_exports(tmp_path):
     assert shown.exit_code == 0 and "speed" in shown.output and "FLOPs" in shown.output, shown.output
     # the CLI export writes, reloads, checks and times the run's model
     out = CliRunner().invoke(cli_app, ["export", str(run_dir), "--format", "torchscript", "--threads", "1"])
+    assert out.exit_code == 2 and "--config" in out.output  # no model to load the file into: says how to give one
+    out = CliRunner().invoke(cli_app, ["export", str(run_dir), "--config", str(tmp_path / "lat.toml"),
+                                       "--format", "torchscript", "--threads", "1"])
     assert out.exit_code == 0, out.output
     record = json.loads((run_dir / "export" / "model.ts.json").read_text())
     assert record["size_bytes"] > 0 and record["latency_ms"] > 0 and "speedup_vs_baseline_in_search" in record
@@ -186,7 +199,7 @@ def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
                                constraint=tightfit.MaxDrop(1.0), objective="latency", example_input=x,
                                latency=meter, budget=1, run_dir=run_dir)
     assert plan_int8_layers(result.plan) == ["0", "2", "4"]
-    report = export_run(run_dir, format="onnx", threads=1)
+    report = export_run(run_dir, model=model, format="onnx", threads=1)
     assert report.int8 == "dynamic" and report.int8_layers == ["0", "2", "4"] and report.rtol == 0.05
     float_bytes = export_model(model, x, tmp_path / "f.onnx").size_bytes
     assert report.size_bytes < float_bytes / 3

@@ -328,7 +328,7 @@ def test_int8_matrix_layer_is_int8_in_the_onnx_export(tmp_path):
                                strategy=Int8(choices=(True,)), budget=1, example_input=x, objective="latency",
                                latency=latency, run_dir=tmp_path / "run")
     assert sorted(result.plan.layers) == ["0", "2"] and result.feasible
-    report = export_run(tmp_path / "run", format="onnx", threads=1)
+    report = export_run(tmp_path / "run", model=model, format="onnx", threads=1)
     assert report.int8 == "dynamic" and report.int8_layers == ["0", "2"]
     ops = [node.op_type for node in onnx.load(report.path).graph.node]
     assert ops.count("MatMulInteger") == 2, ops

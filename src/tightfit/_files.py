@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from torch import nn
 
+from ._io import write_atomic
 from .errors import ConfigError
 from .export.artifact import Factory, load_model, save_model
 from .operators.plan import Plan
@@ -23,9 +23,7 @@ def save(obj: Result | nn.Module, path: str | os.PathLike, *, plan: Plan | None 
     if isinstance(obj, Result):
         if obj.artifact is None:
             return save_model(obj.model, path, None)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(obj.artifact)
+        write_atomic(path, obj.artifact)
         return len(obj.artifact)
     if isinstance(obj, nn.Module):
         return save_model(obj, path, plan)

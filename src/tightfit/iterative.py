@@ -106,7 +106,7 @@ class PruneAdjustResult:
         """Write the answer as a ``.tfz`` file (``tightfit.load`` reads it); returns its bytes."""
         if self._file is None:
             raise ConfigError("PruneAdjustResult.save: no round was accepted, so there is no compressed model to save.")
-        Path(path).write_bytes(self._file)
+        write_atomic(path, self._file)
         return len(self._file)
 
 

@@ -2,16 +2,23 @@
 
 Layout: ``study.db`` (Optuna, SQLite), ``best.tfz`` (best feasible model so far, kept during the
 search so no trial is evaluated twice), ``model.tfz`` (the result), ``summary.json``,
-``trials.csv``, ``trials.png``, and ``.lock`` (held while a process runs the search).
+``trials.csv``, ``trials.png``, ``example_input.pt`` (for `tightfit export`) and ``.lock``
+(present while a process runs the search). Every file is written atomically (``_io.write_atomic``)
+and nothing read back from here runs code: models are loaded into the model the caller holds.
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ._io import write_atomic
 from .errors import ConfigError
@@ -59,6 +66,17 @@ WORKER_ATTR = "worker"  # "host:pid" of the process evaluating a trial
 #: trial system attributes (samplers' state)
 INCUMBENT_ATTR = "tightfit.search.incumbent_objective"
 GP_ATTR = "tightfit.bo.gp"
+ROUNDS_FILE = "rounds.json"  # prune-and-adjust's record of its rounds
+LOCK_FILE = ".lock"
+
+
+#: Files a run writes besides its study; a run directory holding any of them has a study worth keeping.
+RUN_FILES = (BEST_FILE, MODEL_FILE, SUMMARY_FILE, TRIALS_FILE, PLOT_FILE, EXAMPLE_INPUT_FILE, ROUNDS_FILE)
+
+# Run directories whose lock this thread holds ((resolved path, thread) -> nesting depth): `tightfit
+# run` takes the lock before it opens the storage, and compress takes it again inside. Another
+# thread of the process is refused, as another process is.
+_held: dict[tuple[Path, int], int] = {}
 
 
 class RunDir:
@@ -68,30 +86,34 @@ class RunDir:
     @classmethod
     @contextmanager
     def open(cls, path: str | os.PathLike) -> Iterator[RunDir]:
-        """Create the directory if needed and hold its lock while the search runs."""
+        """Create the directory if needed and hold its lock while the search runs (re-entrant
+        within one thread). The ``.lock`` file is removed when the block ends; a killed process
+        leaves it behind, harmlessly: the kernel released its lock."""
         root = Path(path)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"`run_dir` {str(root)!r} cannot be created: {exc}.") from exc
-        lock_path = root / ".lock"
-        with open(lock_path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                owner = handle.read().strip() or "another process"
-                raise ConfigError(
-                    f"`run_dir` {str(root)!r} is in use by {owner}; wait for it to finish or use another run_dir."
-                ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}")
-            handle.flush()
+        key = (root.resolve(), threading.get_ident())
+        if key in _held:
+            _held[key] += 1
             try:
                 yield cls(root)
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                _held[key] -= 1
+            return
+        lock_path = root / LOCK_FILE
+        handle = _acquire(root, lock_path)
+        _held[key] = 1
+        try:
+            yield cls(root)
+        finally:
+            del _held[key]
+            # unlink while still holding the lock: a process that opened the old file and waits for
+            # it sees, once it gets it, that the path no longer names that file, and opens it anew
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     @property
     def storage_url(self) -> str:
@@ -117,3 +139,52 @@ class RunDir:
 
     def write_model(self, data: bytes) -> None:
         self._write_atomic(MODEL_FILE, data)
+
+    def write_example_input(self, example_input: Any) -> None:
+        """Keep the example input for `tightfit export` (read back with ``weights_only=True``): a
+        copy of each tensor, so that a slice of a large tensor does not store all of it."""
+        buffer = io.BytesIO()
+        torch.save(own_storage(example_input), buffer)
+        self._write_atomic(EXAMPLE_INPUT_FILE, buffer.getvalue())
+
+
+def own_storage(value: Any) -> Any:
+    """``value`` with every tensor (in tuples, lists and dicts) replaced by a compact copy:
+    ``torch.save`` writes a tensor's whole storage (a 1x64 row sliced from the 1797x64 digits set
+    was 93 KB on disk)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone(memory_format=torch.contiguous_format)
+    if isinstance(value, tuple):
+        return tuple(own_storage(v) for v in value)
+    if isinstance(value, list):
+        return [own_storage(v) for v in value]
+    if isinstance(value, dict):
+        return {k: own_storage(v) for k, v in value.items()}
+    return value
+
+
+def _acquire(root: Path, lock_path: Path):
+    """Open and lock ``lock_path``; the open file, which holds the lock until it is closed."""
+    while True:
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open until the run ends: it is the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"`run_dir` {str(root)!r} is in use by {owner}; wait for it to finish or use another run_dir."
+            ) from None
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the holder removed this file as it finished: lock the current one
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle

@@ -19,15 +19,17 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> None:
-    from rich.markup import escape
+    from ..report.view import as_markup
 
-    # escape: messages quote user text and brackets (e.g. "tightfit[speed]") that are not markup
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    # escaped: messages quote user text and brackets (e.g. "tightfit[speed]") that are not markup,
+    # and text read from files, whose control characters must not reach the terminal
+    err_console.print(f"[bold red]error:[/] {as_markup(exc)}")
     raise typer.Exit(code=2)
 
 
 def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -> None:
     from ..report import left_alone_table, run_counts, summary_table, trials_table
+    from ..report.view import printable
 
     console.print(trials_table(result.trials, result.baseline, limit=8))
     if result.left_alone:
@@ -48,11 +50,12 @@ def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -
             f"{cost.get('finetune_steps', 0):,} fine-tuning steps, {cost.get('search_wall_s', 0.0):.1f} s searching",
             sep="",
         )
-    console.print(result.message, markup=False)
+    console.print(printable(result.message), markup=False)
     for note in result.notes:
-        console.print("note: " + note, markup=False, style="yellow")
+        console.print("note: " + printable(note), markup=False, style="yellow")
     if result.run_dir:
-        console.print(f"run directory: {result.run_dir} (model.tfz, summary.json, trials.csv, trials.png, study.db)")
+        console.print(f"run directory: {printable(result.run_dir)} (model.tfz, summary.json, trials.csv, trials.png, study.db)",
+                      markup=False)
 
 
 @app.command()
@@ -107,13 +110,13 @@ def run(
     try:
         parsed, base = load_config(config)
         arguments = build_arguments(parsed, base, config)
-        console.print(f"run directory: {arguments['run_dir']}")
-        url = arguments["storage"]
-        if url is None:
-            Path(arguments["run_dir"]).mkdir(parents=True, exist_ok=True)
-            url = RunDir(Path(arguments["run_dir"])).storage_url
-        arguments["storage"] = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-        result = compress(**arguments, progress=True, on_start=start_workers)
+        console.print(f"run directory: {arguments['run_dir']}", markup=False)
+        # the run directory's lock before the storage: two runs started on a new directory must not
+        # both create its study (compress takes the same lock again, re-entrantly)
+        with RunDir.open(arguments["run_dir"]) as held:
+            url = arguments["storage"] or held.storage_url
+            arguments["storage"] = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+            result = compress(**arguments, progress=True, on_start=start_workers)
     except TightfitError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -144,7 +147,7 @@ def prune_adjust(
     try:
         parsed, base = load_config(config)
         arguments = prune_adjust_arguments(parsed, base, config)
-        console.print(f"run directory: {arguments['run_dir']}")
+        console.print(f"run directory: {arguments['run_dir']}", markup=False)
         result = run_rounds(**arguments, on_round=show)
     except TightfitError as exc:
         _fail(exc)
@@ -175,7 +178,7 @@ def _show_rounds_result(rounds, baseline_metric: float, run_dir: Path) -> None:
     console.print(summary_table(rows, title="result" if last else "result: no round was kept"))
     model = run_dir / "model.tfz"
     if last and model.exists():
-        console.print(f"model: {model} ({model.stat().st_size:,} bytes; rounds in rounds.json)")
+        console.print(f"model: {model} ({model.stat().st_size:,} bytes; rounds in rounds.json)", markup=False)
 
 
 @app.command()
@@ -227,10 +230,14 @@ def report(
     """Summary and best trials of a finished or running run."""
     from ..errors import TightfitError
     from ..iterative import ROUNDS_FILE, load_rounds
-    from ..report import left_alone_table, load_run, run_counts, summary_table, trials_table
+    from ..report import load_run, run_counts, trials_table
+    from ..report.view import as_markup, printable
 
     if run_dir is not None and storage is None and (run_dir / ROUNDS_FILE).exists():  # a prune-adjust run
-        settings, rounds, _ = load_rounds(run_dir)
+        try:
+            settings, rounds, _ = load_rounds(run_dir)
+        except (ValueError, KeyError, TypeError) as exc:  # JSON that is not tightfit's: say so, no traceback
+            _fail(ValueError(f"{run_dir / ROUNDS_FILE} does not hold what tightfit writes ({type(exc).__name__}: {exc})."))
         for r in rounds:
             _show_round(r)
         _show_rounds_result(rounds, settings["baseline_metric"], run_dir)
@@ -241,15 +248,41 @@ def report(
         _fail(exc)
     console.print(trials_table(view.trials, view.baseline, limit=top))
     console.print(run_counts(view.trials))
-    if view.settings:
+    _show_trial_errors(view.trials)
+    if view.settings:  # stored text: printed as data, never as markup or terminal control
+        settings = view.settings
         console.print(
-            f"objective: {view.settings.get('objective')}  constraints: {', '.join(view.settings.get('constraints', []))}  "
-            f"search: {view.settings.get('search')}  seed: {view.settings.get('seed')}"
+            f"objective: {as_markup(settings.get('objective'))}  "
+            f"constraints: {as_markup(', '.join(map(str, settings.get('constraints', []))))}  "
+            f"search: {as_markup(settings.get('search'))}  seed: {as_markup(settings.get('seed'))}"
         )
     s = view.summary
     if s is None:
         console.print("[yellow]no final summary yet: the run is in progress or was interrupted[/]")
         return
+    try:
+        _show_summary(s, view)
+    except (KeyError, TypeError, ValueError) as exc:  # a summary.json edited or written by another tool
+        _fail(ValueError(f"summary.json in {run_dir} does not hold what tightfit writes ({type(exc).__name__}: {exc}); "
+                         "the trials above are read from the study."))
+    console.print(printable(s.get("message", "")), markup=False)
+
+
+def _show_trial_errors(trials, limit: int = 3) -> None:
+    """The first few distinct errors of failed trials, as stored (text, never markup)."""
+    from ..report.view import printable
+
+    shown: dict[str, int] = {}
+    for t in trials:
+        if t.state == "FAIL" and t.error and t.error not in shown and len(shown) < limit:
+            shown[t.error] = t.number
+    for error, number in shown.items():
+        console.print(f"failed trial {number}: {printable(error)}", markup=False, style="red")
+
+
+def _show_summary(s: dict, view) -> None:
+    from ..report import left_alone_table, summary_table
+
     if s.get("left_alone"):
         console.print(left_alone_table(s["left_alone"]))
     base = s["baseline"] or {}
@@ -260,14 +293,17 @@ def report(
         ("nonzero-weight ratio", "1.0x", f"{s['nonzero_ratio']:.1f}x"),
     ]
     if base.get("flops"):
-        rows.append(("FLOPs (nonzero weights)", f"{base['flops']:,}", "-"))
+        best = next((t for t in view.trials if t.number == s.get("best_trial")), None)
+        flops = best.measurement.flops if best is not None and best.measurement is not None else None
+        rows.append(("FLOPs (nonzero weights)", f"{base['flops']:,}", f"{flops:,}" if flops else "-"))
     console.print(summary_table(rows))
-    console.print(s["message"])
 
 
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (holds model.tfz and example_input.pt).")],
+    config: Annotated[Optional[Path], typer.Option(help="The run's TOML config: its model.factory builds the model that model.tfz is loaded into.")] = None,
+    factory: Annotated[Optional[str], typer.Option(help="Instead of --config: import path of a function returning a fresh instance of the run's model, e.g. my_models:build (for runs made from Python).")] = None,
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or pt.")] = "onnx",
     out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/export/model.<ext>).")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance of the output check.")] = 1e-4,
@@ -280,7 +316,8 @@ def export(
 ) -> None:
     """Write the run's model as ONNX/TorchScript/pt, reload it, check its outputs, time it.
 
-    A failed output check is an error (exit code 2), not a warning.
+    model.tfz is loaded into the model the run's config builds (--config), so no code stored in the
+    run directory runs. A failed output check is an error (exit code 2), not a warning.
     """
     from ..errors import TightfitError
     from rich.table import Table
@@ -288,7 +325,8 @@ def export(
     from ..export import export_run
 
     try:
-        rep = export_run(run_dir, format=format, out=out, atol=atol, rtol=rtol, batch_size=batch_size,
+        model = _config_model(config, factory, run_dir)
+        rep = export_run(run_dir, model=model, format=format, out=out, atol=atol, rtol=rtol, batch_size=batch_size,
                          threads=threads, int8=int8, keep_float=keep_float, dtype=dtype)
     except TightfitError as exc:
         _fail(exc)
@@ -306,6 +344,40 @@ def export(
         table.add_row(*row)
     console.print(table)
     console.print(f"report written to {rep.path}.json")
+
+
+def _config_model(config: Path | None, factory: str | None, run_dir: Path):
+    """The model that ``tightfit export`` loads model.tfz into: built by the run's config
+    (``model.factory`` with its ``kwargs``; the config's folder on the import path, as for
+    ``tightfit run``), or by ``--factory`` (an import path, the current directory importable)."""
+    import os
+    import sys
+
+    import torch
+
+    from ..cli.config import load_config, resolve_import
+    from ..errors import ConfigError
+
+    if (config is None) == (factory is None):
+        raise ConfigError(
+            f"export: pass --config CONFIG (the TOML config that made {str(run_dir)!r}) or --factory module:function "
+            "(for a run made from Python): model.tfz is loaded into the model it builds, so that no code stored in "
+            "the run directory runs."
+        )
+    if config is not None:
+        parsed, _ = load_config(config)
+        field, path, kwargs = "model.factory", parsed.model.factory, parsed.model.kwargs
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # last: a local file never shadows an installed package
+        field, path, kwargs = "--factory", factory, {}
+    try:
+        model = resolve_import(path)(**kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{field}: calling {path!r} failed ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{field}: {path!r} returned a {type(model).__name__}, not an nn.Module.")
+    return model
 
 
 def main() -> None:

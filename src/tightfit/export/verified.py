@@ -282,6 +282,7 @@ def export_model(
 def export_run(
     run_dir: str | os.PathLike,
     *,
+    model: nn.Module | None = None,
     format: str = "onnx",
     out: str | os.PathLike | None = None,
     atol: float = 1e-4,
@@ -295,8 +296,9 @@ def export_run(
 ) -> ExportReport:
     """Export a finished run's model (``model.tfz``), checked on the run's stored example input.
 
-    ``model``: a fresh instance of the original architecture to load the file into (needed when the
-    model is of your own classes; see :func:`tightfit.load`).
+    ``model`` is a fresh instance of the model the run compressed (``tightfit export RUN_DIR
+    --config CONFIG`` builds it from the run's config): the file's tensors are loaded into it, and
+    nothing in the run directory is unpickled, so a file in it that someone else made runs no code.
 
     A plan with ``Int8`` layers exports those layers in int8 (ONNX). ``rtol`` defaults to 1e-3,
     0.05 when int8 is applied (activations are quantized at run time; the reference is float32),
@@ -304,11 +306,18 @@ def export_run(
     Static int8 calibrates on that example input only. Writes ``<file>.json`` (the report, with
     the speedup over the baseline latency the search measured, when it measured one) next to it.
     """
+    from .._io import write_text_atomic
     from ..run_dir import EXAMPLE_INPUT_FILE, MODEL_FILE, SUMMARY_FILE
     from .artifact import load_model
 
     root = Path(run_dir)
     model_path, input_path = root / MODEL_FILE, root / EXAMPLE_INPUT_FILE
+    if model is None or not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"export_run: pass `model=`, a fresh instance of the model the run compressed (got {type(model).__name__}); "
+            f"{MODEL_FILE} is loaded into it, so that no code from the run directory runs. "
+            "On the command line: tightfit export RUN_DIR --config CONFIG (the run's config builds the model)."
+        )
     if not model_path.exists():
         raise ConfigError(f"{str(root)!r} holds no {MODEL_FILE}: the run has not finished or found no feasible model.")
     if not input_path.exists():
@@ -320,7 +329,7 @@ def export_run(
     from .artifact import read_manifest
 
     model = load_model(model_path, model)
-    example_input = torch.load(input_path, weights_only=False)
+    example_input = _read_example_input(input_path)
     planned = plan_int8_layers(read_manifest(model_path).get("plan"))
     if planned and format == "onnx" and int8 is None:
         int8 = "dynamic"
@@ -334,14 +343,36 @@ def export_run(
                           int8=int8, calibration=calibration, keep_float=keep_float,
                           int8_layers=planned if planned and int8 == "dynamic" else None, dtype=dtype)
     record = report.to_dict()
-    summary_path = root / SUMMARY_FILE
-    if summary_path.exists():
-        baseline = (json.loads(summary_path.read_text()).get("baseline") or {})
-        if baseline.get("latency_ms") and report.latency_ms:
+    summary = _read_json(root / SUMMARY_FILE)
+    if summary is not None:
+        baseline = summary.get("baseline") or {}
+        if isinstance(baseline, dict) and isinstance(baseline.get("latency_ms"), (int, float)) and report.latency_ms:
             record["baseline_latency_ms_in_search"] = baseline["latency_ms"]
             record["speedup_vs_baseline_in_search"] = baseline["latency_ms"] / report.latency_ms
-    target.with_name(target.name + ".json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(target.with_name(target.name + ".json"), json.dumps(record, indent=2))
     return report
+
+
+def _read_example_input(path: Path) -> Any:
+    """The run's example input: tensors (in tuples, lists, dicts), read as data only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - weights_only refuses all but tensors and containers, in many ways
+        # torch's own message advises weights_only=False; quote only what it refused
+        lines = [ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower() or "error:" in ln.lower()]
+        reason = lines[0][:200] if lines else type(exc).__name__
+        raise ConfigError(
+            f"{str(path)!r} is not an example input tightfit can read as data ({reason}); it was not written by "
+            "tightfit, or is damaged. Nothing in it was run. Delete it and run compress again with `example_input=`."
+        ) from None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 __all__ = ["ExportCheckError", "ExportReport", "FORMATS", "compare_outputs", "export_model", "export_run", "with_batch_size"]

@@ -1,6 +1,6 @@
 """What a run shows a person: live progress, files in the run directory, terminal tables."""
 
-from .files import LiveFiles, plot_trials, summary_dict, trial_row, write_run_files, write_trials_csv
+from .files import LiveFiles, plot_trials, summary_dict, trial_row, write_run_files, write_summary, write_trials_csv
 from .progress import live_progress
 from .view import RunView, left_alone_table, load_run, run_counts, summary_table, trials_table
 
@@ -17,5 +17,6 @@ __all__ = [
     "trial_row",
     "trials_table",
     "write_run_files",
+    "write_summary",
     "write_trials_csv",
 ]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import write_atomic, write_text_atomic
 from ..records import Measurement, Result, TrialRecord
 from ..run_dir import PLOT_FILE, SUMMARY_FILE, TRIALS_FILE
 
@@ -54,12 +55,18 @@ def trial_row(t: TrialRecord, baseline: Measurement | None = None) -> dict[str, 
     }
 
 
+def trials_csv(trials: list[TrialRecord], baseline: Measurement | None = None) -> str:
+    """The text of trials.csv."""
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=TRIAL_COLUMNS)
+    writer.writeheader()
+    for t in trials:
+        writer.writerow(trial_row(t, baseline))
+    return handle.getvalue()
+
+
 def write_trials_csv(trials: list[TrialRecord], path: Path, baseline: Measurement | None = None) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=TRIAL_COLUMNS)
-        writer.writeheader()
-        for t in trials:
-            writer.writerow(trial_row(t, baseline))
+    write_text_atomic(path, trials_csv(trials, baseline))
 
 
 def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +108,18 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def write_summary(result: Result, path: Path, settings: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(summary_dict(result, settings), indent=2))
+
+
 def plot_trials(result: Result, path: Path) -> None:
+    """Draw :func:`plot_figure` into ``path`` (PNG), atomically."""
+    buffer = io.BytesIO()
+    plot_figure(result, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def plot_figure(result: Result, target: Any) -> None:
     """Metric vs file size of every completed trial; feasible vs not; the Pareto front marked."""
     import matplotlib
 
@@ -129,13 +147,13 @@ def plot_trials(result: Result, path: Path) -> None:
     ax.set_title(f"{len(done)} evaluated trials")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(target, format="png")
     plt.close(fig)
 
 
 def write_run_files(result: Result, run_dir: Path, settings: dict[str, Any]) -> None:
     write_trials_csv(result.trials, run_dir / TRIALS_FILE, result.baseline)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary_dict(result, settings), indent=2))
+    write_summary(result, run_dir / SUMMARY_FILE, settings)
     plot_trials(result, run_dir / PLOT_FILE)
 
 
@@ -163,13 +181,9 @@ class LiveFiles:
     def maybe_write(self, trials: list[TrialRecord]) -> None:
         from ..records import best_feasible, pareto_front
 
-        tmp = self.run_dir / (TRIALS_FILE + ".tmp")
-        write_trials_csv(trials, tmp, self.baseline)
-        os.replace(tmp, self.run_dir / TRIALS_FILE)
+        write_trials_csv(trials, self.run_dir / TRIALS_FILE, self.baseline)
         now = time.monotonic()
         if now - self._last_plot >= self.plot_every_s:
             self._last_plot = now
             snapshot = _Snapshot(trials, pareto_front(trials), best_feasible(trials), self.baseline.metric)
-            tmp = self.run_dir / ("tmp-" + PLOT_FILE)
-            plot_trials(snapshot, tmp)
-            os.replace(tmp, self.run_dir / PLOT_FILE)
+            plot_trials(snapshot, self.run_dir / PLOT_FILE)

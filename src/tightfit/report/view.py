@@ -23,6 +23,7 @@ class RunView:
 def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, study_name: str = "tightfit") -> RunView:
     """Read a run from its directory (or any Optuna storage URL) without taking its lock."""
     import optuna
+    import sqlalchemy
 
     from ..run_dir import BASELINE_ATTR, SETTINGS_ATTR
     from ..search.loop import trial_record
@@ -34,10 +35,14 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
         root = Path(run_dir)
         if not (root / STUDY_FILE).exists():
             raise ConfigError(f"{str(root)!r} is not a tightfit run directory (no {STUDY_FILE}).")
+        if (root / STUDY_FILE).stat().st_size == 0:  # Optuna would write a new schema into it
+            raise ConfigError(f"{str(root / STUDY_FILE)!r} is empty (0 bytes): the run holds no study to show. "
+                              "Restore it from a backup if the run had trials.")
         storage = f"sqlite:///{(root / STUDY_FILE).resolve()}"
-        if (root / SUMMARY_FILE).exists():
-            summary = json.loads((root / SUMMARY_FILE).read_text())
-    from ..scale.storage import redact, with_installed_driver
+        summary = _read_summary(root / SUMMARY_FILE)
+    from ..scale.storage import check_sqlite_study, redact, with_installed_driver
+
+    check_sqlite_study(storage)  # a damaged study.db: say so and what to do, not a DatabaseError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -49,10 +54,13 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
             known = f" (it holds: {', '.join(names)})" if names else ""
             raise ConfigError(f"No study named {study_name!r} in {redact(storage)}{known}; pass --study NAME.")
         study = optuna.load_study(study_name=study_name, storage=url)
+        baseline = study.user_attrs.get(BASELINE_ATTR)
+        trials = [trial_record(t) for t in study.get_trials()]
     except ImportError as exc:
         raise ConfigError(f"storage {redact(storage)}: the database driver is missing ({exc}).") from None
-    baseline = study.user_attrs.get(BASELINE_ATTR)
-    trials = [trial_record(t) for t in study.get_trials()]
+    except sqlalchemy.exc.DatabaseError as exc:
+        raise ConfigError(f"storage {redact(storage)} cannot be read ({str(exc.orig or exc).splitlines()[0]}); "
+                          "restore the study file from a backup, or check the database server.") from None
     if summary is not None and summary.get("trials", {}).get("total") != len(trials):
         summary = None  # the summary is from an earlier stop; the study has moved on
     return RunView(
@@ -61,6 +69,39 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
         settings=study.user_attrs.get(SETTINGS_ATTR, {}),
         summary=summary,
     )
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """summary.json, or None if there is none or it cannot be parsed (tightfit writes it atomically,
+    but one written by an older version, or copied while it was written, may be cut short)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        import logging
+
+        logging.getLogger("tightfit").warning("%s is unreadable (%s); showing the study alone", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_CONTROL = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def printable(text: Any) -> str:
+    """Stored text made safe to print to a terminal: control characters (ESC starts escape
+    sequences that clear the screen, move the cursor, set the window title...) shown as their
+    Python escapes (``\\x1b``); newlines and tabs kept."""
+    return str(text).translate(_CONTROL)
+
+
+def as_markup(text: Any) -> str:
+    """Stored text for a Rich markup string: control characters neutralised and ``[`` escaped, so
+    a message that contains ``[/red]`` prints as written instead of raising ``MarkupError``."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def _fmt_metric(value: float | None) -> str:
@@ -116,7 +157,7 @@ def left_alone_table(entries: list[dict[str, Any]], *, limit: int = 10):
     for column, justify in (("name", "left"), ("type", "left"), ("params", "right"), ("reason", "left")):
         table.add_column(column, justify=justify)
     for e in shown:
-        table.add_row(*(Text(cell) for cell in (e["name"], e["type"], f"{e['params']:,}", e["reason"])))  # not markup
+        table.add_row(*(Text(printable(cell)) for cell in (e["name"], e["type"], f"{e['params']:,}", e["reason"])))  # not markup
     return table
 
 

@@ -23,7 +23,7 @@ from ..evaluation.sequential import SequentialSession
 from ..measure.analysis import ModelAnalysis, analyze
 from ..operators.plan import fold_weight_norm
 from ..records import Measurement, Result, TrialAttrs, best_feasible, pareto_front
-from ..run_dir import EXAMPLE_INPUT_FILE, RunDir
+from ..run_dir import RunDir
 from ..search.loop import counted_trials, recover_interrupted, run_trials, trial_record
 from ..search.space import SearchSpace, build_space
 from .evaluator import BestSoFar, FullEvaluator, TrialEvaluator, TrialSetup, search_context, with_probe_cost
@@ -146,7 +146,7 @@ class Run:
             if recovered:
                 log.warning("resuming: %d interrupted trial(s) will be evaluated again", recovered)
         if run is not None and p.given_input is not None:
-            torch.save(p.given_input, run.path / EXAMPLE_INPUT_FILE)  # `tightfit export` checks outputs on it
+            run.write_example_input(p.given_input)  # `tightfit export` checks outputs on it (a compact copy)
         if p.session is not None:
             full_metric = p.session.baseline(p.original)  # per-sample values, computed once and kept
             baseline = stored_baseline(study, p.original, lambda _model: full_metric, p.layer_names, p.flops, c.latency)

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
@@ -78,6 +79,7 @@ def open_storage(
             f"`grace_period` must be a whole number of seconds > heartbeat_interval ({heartbeat_interval}), "
             f"but got {grace_period!r}."
         )
+    check_sqlite_study(url)
     url = with_installed_driver(url)
     engine_kwargs: dict = {}
     if url.startswith("sqlite"):
@@ -107,6 +109,73 @@ def open_storage(
             ) from None
     _flush_only_when_it_matters(storage)
     return storage
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL (None for other URLs and in-memory databases)."""
+    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix):
+            rest = url[len(prefix):].split("?", 1)[0]
+            return Path(rest) if rest and rest != ":memory:" else None
+    return None
+
+
+def check_sqlite_study(url: str) -> None:
+    """Refuse a damaged SQLite study before Optuna opens it: Optuna takes a 0-byte file for a new,
+    empty study (a rerun would start over and overwrite the run's model and summary) and fails on
+    any other damage with an uncaught ``DatabaseError``. Reads only; changes nothing."""
+    path = sqlite_path(url)
+    if path is None or not path.exists():
+        return
+    problem = study_file_problem(path)
+    if problem is None:
+        return
+    from ..run_dir import RUN_FILES
+
+    others = sorted(name for name in RUN_FILES if (path.parent / name).exists())
+    if problem == "is empty (0 bytes)" and not others:
+        return  # a run killed while SQLite created the file: nothing to lose, start the study
+    kept = f" (the directory also holds {', '.join(others)})" if others else ""
+    raise ConfigError(
+        f"The study file {str(path)!r} {problem}{kept}; tightfit will not replace it, so nothing was changed. "
+        f"Restore {path.name} from a backup, or move the directory {str(path.parent)!r} away (to keep its files) "
+        "and run again to start a new search."
+    )
+
+
+def study_file_problem(path: Path) -> str | None:
+    """What is wrong with a SQLite study file, or None if SQLite can read all of it."""
+    import sqlite3
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not head:
+        return "is empty (0 bytes)"
+    if head != SQLITE_HEADER:
+        return "is not a SQLite database"
+    try:
+        # mode=rw: never creates the file; a hot journal (a writer killed mid-transaction) is rolled back
+        # as Optuna's own connection would. quick_check reads every page: a few ms for a study of MBs.
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return None  # another process is writing it: it is being used, not damaged
+        return f"cannot be read by SQLite ({exc})"
+    except sqlite3.DatabaseError as exc:
+        return f"is damaged ({exc})"
+    if rows != [("ok",)]:
+        return f"is damaged (SQLite's check: {'; '.join(str(r[0]) for r in rows[:3])})"
+    return None
 
 
 _durable = threading.local()
