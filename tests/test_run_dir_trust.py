@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import tightfit
 from tightfit.cli.app import app
-from tightfit.errors import ConfigError
+from tightfit.errors import ArtifactError, ConfigError
 from tightfit.export.artifact import read_manifest
 
 
@@ -43,12 +43,9 @@ def _payload_bytes(marker: Path) -> bytes:
 
 
 def _poison_tfz(path: Path, marker: Path) -> None:
-    """Keep the file's manifest and tensors; make its stored architecture the payload."""
+    """Keep the file's manifest and tensors; plant the payload as a (format-1) pickled architecture."""
     with zipfile.ZipFile(path) as archive:
         files = {name: archive.read(name) for name in archive.namelist()}
-    manifest = json.loads(files["manifest.json"])
-    manifest["architecture"] = True
-    files["manifest.json"] = json.dumps(manifest).encode()
     files["architecture.pt"] = _payload_bytes(marker)
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in files.items():
@@ -104,11 +101,29 @@ def test_a_poisoned_model_tfz_is_loaded_into_the_given_model_by_export(run, tmp_
     run_dir, _, _ = run
     marker = tmp_path / "ran"
     _poison_tfz(run_dir / "model.tfz", marker)
-    with pytest.raises(ConfigError, match="model="):  # nothing to load it into: refused, not unpickled
+    # A manifest that points at the pickled architecture is refused (it is not format 2's data), with or without model=.
+    _set_architecture(run_dir / "model.tfz", True)
+    with pytest.raises(ArtifactError, match="architecture"):
         export_run(run_dir, format="pt")
+    with pytest.raises(ArtifactError, match="architecture"):
+        export_run(run_dir, model=_model(), format="pt")
+    # A pickle planted beside an intact manifest is never read: the data-only architecture.json is rebuilt.
+    _set_architecture(run_dir / "model.tfz", "architecture.json")
+    plain = export_run(run_dir, format="pt", out=tmp_path / "plain.pt")
     report = export_run(run_dir, model=_model(), format="pt", out=tmp_path / "m.pt")  # checks outputs
     assert not marker.exists()
-    assert report.max_abs_diff <= 1e-5
+    assert report.max_abs_diff <= 1e-5 and plain.max_abs_diff <= 1e-5
+
+
+def _set_architecture(path: Path, value: object) -> None:
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(files["manifest.json"])
+    manifest["architecture"] = value
+    files["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
 
 
 def test_a_poisoned_example_input_is_refused_without_running(run, tmp_path):

@@ -292,13 +292,14 @@ def export_run(
     int8: str | None = None,
     keep_float: Sequence[str] | None = None,
     dtype: str | None = None,
-    model: nn.Module | None = None,
 ) -> ExportReport:
     """Export a finished run's model (``model.tfz``), checked on the run's stored example input.
 
     ``model`` is a fresh instance of the model the run compressed (``tightfit export RUN_DIR
-    --config CONFIG`` builds it from the run's config): the file's tensors are loaded into it, and
-    nothing in the run directory is unpickled, so a file in it that someone else made runs no code.
+    --config CONFIG`` builds it from the run's config): the file's tensors are loaded into it.
+    Without it, the file's data-only architecture is rebuilt (models of ``torch.nn`` layers only;
+    otherwise the ArtifactError says to pass ``model=``). Nothing in the run directory is unpickled,
+    so a file in it that someone else made runs no code.
 
     A plan with ``Int8`` layers exports those layers in int8 (ONNX). ``rtol`` defaults to 1e-3,
     0.05 when int8 is applied (activations are quantized at run time; the reference is float32),
@@ -312,11 +313,10 @@ def export_run(
 
     root = Path(run_dir)
     model_path, input_path = root / MODEL_FILE, root / EXAMPLE_INPUT_FILE
-    if model is None or not isinstance(model, nn.Module):
+    if model is not None and not isinstance(model, nn.Module):
         raise ConfigError(
-            f"export_run: pass `model=`, a fresh instance of the model the run compressed (got {type(model).__name__}); "
-            f"{MODEL_FILE} is loaded into it, so that no code from the run directory runs. "
-            "On the command line: tightfit export RUN_DIR --config CONFIG (the run's config builds the model)."
+            f"export_run: `model=` must be a fresh instance of the model the run compressed, not {type(model).__name__}; "
+            f"{MODEL_FILE} is loaded into it, so that no code from the run directory runs."
         )
     if not model_path.exists():
         raise ConfigError(f"{str(root)!r} holds no {MODEL_FILE}: the run has not finished or found no feasible model.")
