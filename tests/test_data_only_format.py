@@ -290,3 +290,18 @@ def test_unseen_hf_models_round_trip_with_model(name, tmp_path):
     loaded = tightfit.load(tmp_path / "m.tfz", model=fresh)
     with torch.no_grad():
         assert torch.equal(hf.logits(loaded, inputs), hf.logits(compressed, inputs))
+
+
+def test_a_file_written_by_format_1_tightfit(tmp_path):
+    """tests/data/format1_sequential.tfz: written by tightfit's format 1 (its architecture a pickle,
+    its gap layouts without trailing fillers): Sequential(Linear(8, 64), ReLU(), Linear(64, 3)),
+    layers 0 and 2 pruned (0.99, 0.95) and quantized to 4 bits; these are its outputs on ones(1, 8)."""
+    path = ROOT / "tests" / "data" / "format1_sequential.tfz"
+    expected = torch.tensor([[-0.07452454417943954, 0.0075545646250247955, 0.04099753499031067]])
+    assert read_manifest(path)["version"] == 1
+    with pytest.raises(ArtifactError, match="trust_code=True"):
+        tightfit.load(path)
+    fresh = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    with torch.no_grad():
+        assert torch.equal(tightfit.load(path, model=fresh)(torch.ones(1, 8)), expected)
+        assert torch.equal(tightfit.load(path, trust_code=True)(torch.ones(1, 8)), expected)

@@ -318,7 +318,7 @@ def _slot(model: nn.Module, name: str, is_param: bool) -> tuple[nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(module_name) if module_name else model
-    except AttributeError as exc:
+    except Exception as exc:  # AttributeError; or whatever a model's own property raises when looked up
         raise ArtifactError(f"The model has no submodule {module_name[:200]!r} that the file stores {name[:200]!r} for; "
                             "the file does not fit this model.") from exc
     slots = module._parameters if is_param else module._buffers
