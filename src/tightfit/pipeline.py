@@ -30,6 +30,7 @@ from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy, why_not_taken
 from .operators.plan import Plan, apply_plan_inplace, fold_weight_norm
+from .operators.calibrated import refuse_uncalibrated
 from .operators.prune import Prune
 from .operators.quantize import Quantize
 from .records import Measurement, Result, TrialRecord
@@ -294,6 +295,7 @@ def _search(
         )
     objective = objective[0] if multi else objective
     strategy = as_strategy(strategy if strategy is not None else Compose([Prune(), Quantize()]))
+    refuse_uncalibrated(strategy)  # GPTQ / Wanda / SparseGPT need calibration data, which compress() does not take yet
     constraints = _constraints(constraint)
     check_search(search)
 

@@ -1,6 +1,7 @@
 """Byte encodings of tensors: what compression removed is stored as removed.
 
-Values are float32, float16, or k-bit integer codes with one float32 scale per output channel.
+Values are float32, float16, or k-bit integer codes with one float32 scale per output channel, or
+per group of input columns with optional k-bit zero points and per-column factors (:func:`encode_grid`).
 Their layout is dense, a bitmask of nonzeros, or relative indices of the nonzeros in k-bit gaps
 (as in Deep Compression, with zero "filler" entries where a gap overflows), whichever is smallest.
 """
@@ -166,6 +167,65 @@ def encode_quantized(
     return meta, scale_bytes + data
 
 
+def encode_grid(tensor: torch.Tensor, grid: Any) -> tuple[dict[str, Any], bytes] | None:
+    """Encode a weight as k-bit codes with ``(rows, groups)`` float32 scales, optional k-bit zero
+    points and an optional float32 factor per input column (``tightfit.operators.grid.Grid``), if
+    they reproduce it exactly; otherwise None. Payload: scales, zero points, column factors, codes."""
+    codes = grid.codes.detach().to(torch.float32)
+    scale = grid.scale.detach().to(torch.float32)
+    zero = None if grid.zero is None else grid.zero.detach().to(torch.float32)
+    inverse = None if grid.column_inverse is None else grid.column_inverse.detach().to(torch.float32)
+    if not torch.equal(_grid_values(codes, scale, zero, inverse, grid.group_size).to(tensor.dtype), tensor.detach()):
+        return None
+    bits = int(grid.bits)
+    meta, data = encode(codes.cpu().numpy().reshape(-1).astype(np.int64), "int", bits)
+    parts = [scale.cpu().numpy().astype("<f4").tobytes()]
+    meta.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), scale_shape=list(scale.shape),
+                scale_len=len(parts[0]), group_size=int(grid.group_size))
+    if zero is not None:
+        parts.append(pack_uint(zero.cpu().numpy().reshape(-1).astype(np.int64) + (1 << (bits - 1)), bits))
+        meta["zero_len"] = len(parts[-1])
+    if inverse is not None:
+        parts.append(inverse.cpu().numpy().astype("<f4").tobytes())
+        meta["column_len"] = len(parts[-1])
+    return meta, b"".join(parts) + data
+
+
+def _grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, inverse: torch.Tensor | None,
+                 group_size: int) -> torch.Tensor:
+    """``((codes - zero) * scale) * inverse`` with scales spread over their groups of columns: the
+    operations, in order, that ``tightfit.operators.grid`` computes the weight with."""
+    shape = codes.shape
+    matrix = codes.reshape(shape[0], -1) if codes.dim() > 1 else codes.reshape(-1, 1)
+    columns = matrix.shape[1]
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        if group_size <= 0:
+            return values.expand(values.shape[0], columns) if values.shape[1] == 1 else values
+        return values.repeat_interleave(group_size, dim=1)[:, :columns]
+
+    matrix = (matrix - spread(zero)) * spread(scale) if zero is not None else matrix * spread(scale)
+    if inverse is not None:
+        matrix = matrix * inverse
+    return matrix.reshape(shape)
+
+
+def _decode_grid(meta: dict[str, Any], data: bytes) -> torch.Tensor:
+    bits, offset = meta["bits"], meta["scale_len"]
+    scale = torch.from_numpy(np.frombuffer(data[:offset], dtype="<f4").copy()).reshape(meta["scale_shape"])
+    zero = inverse = None
+    if "zero_len" in meta:
+        packed = data[offset:offset + meta["zero_len"]]
+        zero = torch.from_numpy((unpack_uint(packed, bits, scale.numel()) - (1 << (bits - 1))).astype(np.float32))
+        zero = zero.reshape(scale.shape)
+        offset += meta["zero_len"]
+    if "column_len" in meta:
+        inverse = torch.from_numpy(np.frombuffer(data[offset:offset + meta["column_len"]], dtype="<f4").copy())
+        offset += meta["column_len"]
+    codes = torch.from_numpy(decode(meta, data[offset:]).astype(np.float32)).reshape(meta["shape"])
+    return _grid_values(codes, scale, zero, inverse, meta["group_size"])
+
+
 def encode_raw(tensor: torch.Tensor) -> tuple[dict[str, Any], bytes]:
     """Any other tensor (integer buffers, float64, ...) stored as its own bytes."""
     array = tensor.detach().cpu().contiguous()
@@ -184,6 +244,8 @@ def decode_tensor(meta: dict[str, Any], data: bytes) -> torch.Tensor:
             return torch.from_numpy(np.frombuffer(data, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape)
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(shape)
+    if kind == "int" and "group_size" in meta:
+        return _decode_grid(meta, data).to(dtype)
     if kind == "int":
         scale_len = meta["scale_len"]
         scale = torch.from_numpy(np.frombuffer(data[:scale_len], dtype="<f4").copy()).reshape(meta["scale_shape"])
