@@ -229,3 +229,29 @@ def test_group_size_is_searchable_and_recorded_in_the_plan():
     assert again.group_sizes == op.group_sizes
     # plans made before group-wise scales are unchanged: only `bits`
     assert Quantize(bits=4).identity() == {"bits": 32}
+
+
+class _InputMajor(nn.Module):
+    """A matrix layer stored input-major, as Hugging Face GPT-2's Conv1D: ``x @ W + b``."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inputs, outputs) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def test_input_major_matrix_layers_run_as_linears_and_load_into_a_fresh_model(data):
+    cal, held_out = data
+    torch.manual_seed(0)
+    model = nn.Sequential(_InputMajor(128, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    rtn = _output_error(model, compress_once(model, Quantize(bits=3, group_size=32)).model, held_out)
+    result = compress_once(model, Quantize(bits=3, method="gptq", group_size=32), calibration=[cal])
+    assert isinstance(result.model[0], nn.Linear) and not result.uncalibrated
+    assert _output_error(model, result.model, held_out) < 0.8 * rtn
+    fresh = nn.Sequential(_InputMajor(128, 32), nn.ReLU(), nn.Linear(32, 8))
+    loaded = load_model(io.BytesIO(to_bytes(result.model, result.plan)), model=fresh)
+    with torch.no_grad():
+        assert torch.equal(loaded(held_out), result.model(held_out))
