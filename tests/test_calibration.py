@@ -255,3 +255,41 @@ def test_input_major_matrix_layers_run_as_linears_and_load_into_a_fresh_model(da
     loaded = load_model(io.BytesIO(to_bytes(result.model, result.plan)), model=fresh)
     with torch.no_grad():
         assert torch.equal(loaded(held_out), result.model(held_out))
+
+
+def test_gptq_layer_computes_exactly_the_solvers_codes(data):
+    from tightfit.operators.solvers import gptq
+
+    cal, _ = data
+    model = _layer()
+    result = compress_once(model, Quantize(bits=3, method="gptq", group_size=32), calibration=list(cal.split(128)))
+    hessian = (2 * cal.T @ cal / cal.shape[0])[None]
+    expected, _, _ = gptq(model[0].weight.detach()[None], hessian, 3, group_size=32)
+    assert torch.allclose(result.model[0].weight, expected[0], atol=1e-5)
+
+
+def test_each_layer_is_calibrated_on_the_outputs_of_the_compressed_layers_before_it(data, monkeypatch):
+    import tightfit.operators.calibrated as calibrated
+
+    cal, _ = data
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    seen = []
+    original = calibrated.collect_stats
+
+    def recording(model_, view, batches, **kwargs):
+        stats = original(model_, view, batches, **kwargs)
+        seen.append((view.module, stats))
+        return stats
+
+    monkeypatch.setattr(calibrated, "collect_stats", recording)
+    result = compress_once(model, Quantize(bits=2, method="gptq"), calibration=[cal])
+    assert [id(m) for m, _ in seen] == [id(result.model[0]), id(result.model[2])]
+    assert result.calibration_passes == 2
+    with torch.no_grad():  # what the last layer saw during calibration: the compressed first layer's outputs
+        compressed_inputs = torch.relu(result.model[0](cal))
+        float_inputs = torch.relu(model[0](cal))
+    last = seen[1][1]
+    assert torch.allclose(last.mean[0], compressed_inputs.mean(0), atol=1e-5)
+    assert not torch.allclose(last.mean[0], float_inputs.mean(0), atol=1e-3)
+    assert torch.allclose(last.hessian[0], 2 * compressed_inputs.T @ compressed_inputs / len(cal), rtol=1e-4, atol=1e-4)
