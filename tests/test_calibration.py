@@ -293,3 +293,11 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_compressed_layers_before
     assert torch.allclose(last.mean[0], compressed_inputs.mean(0), atol=1e-5)
     assert not torch.allclose(last.mean[0], float_inputs.mean(0), atol=1e-3)
     assert torch.allclose(last.hessian[0], 2 * compressed_inputs.T @ compressed_inputs / len(cal), rtol=1e-4, atol=1e-4)
+
+
+def test_layers_no_operator_takes_are_left_alone_with_the_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 30), nn.ReLU(), nn.Linear(30, 8)).eval()  # 30 inputs: no 4-groups
+    result = compress_once(model, Prune(pattern="2:4", method="sparsegpt"), calibration=[torch.randn(32, 64)])
+    assert set(result.left_alone) == {"2"} and "multiple of 4" in result.left_alone["2"]
+    assert "2" not in result.plan.layers

@@ -51,6 +51,7 @@ class Calibrated:
     model: nn.Module
     plan: Plan
     uncalibrated: dict[str, str] = field(default_factory=dict)  # layer -> why rounded / pruned by magnitude
+    left_alone: dict[str, str] = field(default_factory=dict)  # module -> why no operator compresses it
     repaired: dict[str, list[str]] = field(default_factory=dict)  # repair -> modules it changed
     not_repaired: dict[str, str] = field(default_factory=dict)  # layer -> why no bias correction
     calibration_passes: int = 0  # passes over the calibration batches (one per calibrated layer, + repairs)
@@ -279,21 +280,26 @@ def refuse_uncalibrated(strategy: Compose) -> None:
                           "or search with method='rtn' / 'magnitude'.")
 
 
-def one_shot_plan(model: nn.Module, strategy: Compose | Operator, example_input: Any = None) -> Plan:
+def one_shot_plan(model: nn.Module, strategy: Compose | Operator, example_input: Any = None) -> tuple[Plan, dict[str, str]]:
     """The plan that applies every operator of ``strategy`` at its fixed setting to every layer it
-    takes. Each searchable setting must be fixed (one value): a range or several choices is refused."""
+    takes, and the modules it leaves alone with the reason. Each searchable setting must be fixed
+    (one value): a range or several choices is refused."""
     from ..measure.analysis import analyze
     from ..search.space import build_space
+    from .compose import why_not_taken
 
     strategy = as_strategy(strategy)
     for op in strategy:
         op.prepare(model, example_input)
-    space = build_space(strategy, analyze(model))
+    analysis = analyze(model)
+    space = build_space(strategy, analysis)
+    left_alone = {s.name: s.reason for s in analysis.skipped}
+    left_alone.update({layer.name: why_not_taken(layer, strategy) for layer in analysis.layers if layer.name not in space.fixed})
     if space.dimensions:
         open_ = sorted({f"{d.operator}.{d.hyperparameter.name}" for d in space.dimensions})
         raise ConfigError(f"compress_once applies fixed settings, but {open_} are ranges or choices; give one value "
                           "each (e.g. Quantize(bits=4), Prune(sparsity=0.5)), or search them with tightfit.compress.")
-    return space.plan({})
+    return space.plan({}), left_alone
 
 
 def compress_once(model: nn.Module, strategy: Compose | Operator, calibration: Any = None, *,
@@ -311,9 +317,11 @@ def compress_once(model: nn.Module, strategy: Compose | Operator, calibration: A
     needs_data = any(op.needs_calibration() for op in strategy) or bool(repair)
     if needs_data:
         _batches(calibration, strategy)  # refused before any work
-    plan = one_shot_plan(model, strategy, example_input)
+    plan, left_alone = one_shot_plan(model, strategy, example_input)
     compressed = copy.deepcopy(model)
     if calibration is None:
         apply_plan_inplace(plan, compressed, strategy)
-        return Calibrated(compressed, plan)
-    return apply_plan_calibrated(plan, compressed, calibration, strategy, repair=repair)
+        return Calibrated(compressed, plan, left_alone=left_alone)
+    result = apply_plan_calibrated(plan, compressed, calibration, strategy, repair=repair)
+    result.left_alone = left_alone
+    return result
