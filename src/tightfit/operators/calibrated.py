@@ -316,7 +316,7 @@ def compress_once(model: nn.Module, strategy: Compose | Operator, calibration: A
     repair = _check_repairs(("batchnorm",) if repair is None and calibration is not None else repair or ())
     needs_data = any(op.needs_calibration() for op in strategy) or bool(repair)
     if needs_data:
-        _batches(calibration, strategy)  # refused before any work
+        calibration = _batches(calibration, strategy)  # refused before any work; a generator is read once
     plan, left_alone = one_shot_plan(model, strategy, example_input)
     compressed = copy.deepcopy(model)
     if calibration is None:
