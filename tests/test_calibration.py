@@ -104,7 +104,9 @@ def test_group_wise_4_bit_file_is_codes_plus_scales():
     float_bytes = len(to_bytes(model))
     result = compress_once(model, Quantize(bits=4, group_size=128))
     data = to_bytes(result.model, result.plan)
-    expected = 512 * 256 * 4 / 8 + 256 * (512 // 128) * 4  # 4-bit codes + one float32 scale per group
+    expected = 512 * 256 * 4 / 8 + 256 * (512 // 128) * 2  # 4-bit codes + one float16 scale per group
+    manifest = __import__("json").loads(__import__("zipfile").ZipFile(io.BytesIO(data)).read("manifest.json"))
+    assert [t.get("scale_kind") for t in manifest["tensors"] if t.get("kind") == "int"] == ["f16"]
     assert abs(len(data) - expected) < 0.03 * expected, (len(data), expected)
     assert len(data) < 0.15 * float_bytes
 
@@ -302,3 +304,16 @@ def test_layers_no_operator_takes_are_left_alone_with_the_reason():
     result = compress_once(model, Prune(pattern="2:4", method="sparsegpt"), calibration=[torch.randn(32, 64)])
     assert set(result.left_alone) == {"2"} and "multiple of 4" in result.left_alone["2"]
     assert "2" not in result.plan.layers
+
+
+def test_scales_below_float16_range_are_stored_as_float32_and_round_trip():
+    model = _layer(64, 16)
+    with torch.no_grad():
+        model[0].weight.mul_(1e-5)  # scales ~1e-6: below float16's normal range
+    result = compress_once(model, Quantize(bits=4, group_size=16))
+    blob = to_bytes(result.model, result.plan)
+    manifest = __import__("json").loads(__import__("zipfile").ZipFile(io.BytesIO(blob)).read("manifest.json"))
+    assert [t.get("scale_kind") for t in manifest["tensors"] if t.get("kind") == "int"] == ["f32"]
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(io.BytesIO(blob))(x), result.model(x))

@@ -168,7 +168,8 @@ def encode_quantized(
 
 
 def encode_grid(tensor: torch.Tensor, grid: Any) -> tuple[dict[str, Any], bytes] | None:
-    """Encode a weight as k-bit codes with ``(rows, groups)`` float32 scales, optional k-bit zero
+    """Encode a weight as k-bit codes with ``(rows, groups)`` scales (float16 when they all are
+    float16 values, as tightfit's grids make them; else float32), optional k-bit zero
     points and an optional float32 factor per input column (``tightfit.operators.grid.Grid``), if
     they reproduce it exactly; otherwise None. Payload: scales, zero points, column factors, codes."""
     codes = grid.codes.detach().to(torch.float32)
@@ -179,9 +180,10 @@ def encode_grid(tensor: torch.Tensor, grid: Any) -> tuple[dict[str, Any], bytes]
         return None
     bits = int(grid.bits)
     meta, data = encode(codes.cpu().numpy().reshape(-1).astype(np.int64), "int", bits)
-    parts = [scale.cpu().numpy().astype("<f4").tobytes()]
+    half = torch.equal(scale.to(torch.float16).to(torch.float32), scale)  # scales made float16-exact
+    parts = [scale.cpu().numpy().astype("<f2" if half else "<f4").tobytes()]
     meta.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), scale_shape=list(scale.shape),
-                scale_len=len(parts[0]), group_size=int(grid.group_size))
+                scale_len=len(parts[0]), group_size=int(grid.group_size), scale_kind="f16" if half else "f32")
     if zero is not None:
         parts.append(pack_uint(zero.cpu().numpy().reshape(-1).astype(np.int64) + (1 << (bits - 1)), bits))
         meta["zero_len"] = len(parts[-1])
@@ -212,7 +214,8 @@ def _grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
 
 def _decode_grid(meta: dict[str, Any], data: bytes) -> torch.Tensor:
     bits, offset = meta["bits"], meta["scale_len"]
-    scale = torch.from_numpy(np.frombuffer(data[:offset], dtype="<f4").copy()).reshape(meta["scale_shape"])
+    scale_dtype = "<f2" if meta.get("scale_kind") == "f16" else "<f4"
+    scale = torch.from_numpy(np.frombuffer(data[:offset], dtype=scale_dtype).astype(np.float32)).reshape(meta["scale_shape"])
     zero = inverse = None
     if "zero_len" in meta:
         packed = data[offset:offset + meta["zero_len"]]
