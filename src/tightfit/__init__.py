@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # running a search
     "compress": "tightfit.pipeline",
+    "compress_once": "tightfit.operators",
     "Result": "tightfit.records",
     "TrialRecord": "tightfit.records",
     "Measurement": "tightfit.records",
@@ -91,7 +92,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .export import export_model
     from .measure import Latency, analyze
     from .operators import (
-        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, register_operator,
+        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, compress_once,
+        register_operator,
     )
     from .iterative import prune_and_adjust
     from .records import Measurement, Result, TrialRecord

@@ -57,8 +57,11 @@ def _quantization_hints(model: nn.Module) -> dict[str, tuple[str, Any]]:
                     x = chain.original
                     for step in steps[:-1]:
                         x = step(x)
-                    codes, scale = last.quantize(x)
-                hints[key] = ("int", (codes, scale, last.bits))
+                    if last.per_channel:
+                        codes, scale = last.quantize(x)
+                        hints[key] = ("int", (codes, scale, last.bits))
+                    else:  # group-wise scales, zero points, a column scale: see operators.grid
+                        hints[key] = ("grid", last.grid(x))
     return hints
 
 
@@ -121,6 +124,8 @@ def _encode(tensor: torch.Tensor, hint: tuple[str, Any] | None) -> tuple[dict[st
     if hint and hint[0] == "int":
         codes, scale, bits = hint[1]
         encoded = codec.encode_quantized(tensor, codes, scale, bits)
+    elif hint and hint[0] == "grid":  # group-wise scales, zero points, column factors (calibrated operators)
+        encoded = codec.encode_grid(tensor, hint[1])
     elif hint and hint[0] == "f16":
         encoded = codec.encode_float(tensor, half=True)
     if encoded is None:

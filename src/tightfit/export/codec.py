@@ -1,7 +1,8 @@
 """Byte encodings of tensors: what compression removed is stored as removed.
 
 Values are float32, float16, bfloat16 (its bits), or k-bit integer codes with one float32 scale per
-output channel. Their layout is dense, a bitmask of nonzeros, or relative indices of the nonzeros in
+output channel, or per group of input columns with optional k-bit zero points and per-column factors
+(:func:`encode_grid`). Their layout is dense, a bitmask of nonzeros, or relative indices of the nonzeros in
 k-bit gaps (as in Deep Compression, with zero "filler" entries where a gap overflows), whichever is
 smallest.
 
@@ -209,6 +210,68 @@ def encode_quantized(
     return meta, scale_bytes + data
 
 
+def encode_grid(tensor: torch.Tensor, grid: Any) -> tuple[dict[str, Any], bytes] | None:
+    """Encode a weight as k-bit codes with ``(rows, groups)`` scales (float16 when they all are
+    float16 values, as tightfit's grids make them; else float32), optional k-bit zero
+    points and an optional float32 factor per input column (``tightfit.operators.grid.Grid``), if
+    they reproduce it exactly; otherwise None. Payload: scales, zero points, column factors, codes."""
+    codes = grid.codes.detach().to(torch.float32)
+    scale = grid.scale.detach().to(torch.float32)
+    zero = None if grid.zero is None else grid.zero.detach().to(torch.float32)
+    inverse = None if grid.column_inverse is None else grid.column_inverse.detach().to(torch.float32)
+    if not torch.equal(_grid_values(codes, scale, zero, inverse, grid.group_size).to(tensor.dtype), tensor.detach()):
+        return None
+    bits = int(grid.bits)
+    meta, data = encode(codes.cpu().numpy().reshape(-1).astype(np.int64), "int", bits)
+    half = torch.equal(scale.to(torch.float16).to(torch.float32), scale)  # scales made float16-exact
+    parts = [scale.cpu().numpy().astype("<f2" if half else "<f4").tobytes()]
+    meta.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), scale_shape=list(scale.shape),
+                scale_len=len(parts[0]), group_size=int(grid.group_size), scale_kind="f16" if half else "f32")
+    if zero is not None:
+        parts.append(pack_uint(zero.cpu().numpy().reshape(-1).astype(np.int64) + (1 << (bits - 1)), bits))
+        meta["zero_len"] = len(parts[-1])
+    if inverse is not None:
+        parts.append(inverse.cpu().numpy().astype("<f4").tobytes())
+        meta["column_len"] = len(parts[-1])
+    return meta, b"".join(parts) + data
+
+
+def _grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, inverse: torch.Tensor | None,
+                 group_size: int) -> torch.Tensor:
+    """``((codes - zero) * scale) * inverse`` with scales spread over their groups of columns: the
+    operations, in order, that ``tightfit.operators.grid`` computes the weight with."""
+    shape = codes.shape
+    matrix = codes.reshape(shape[0], -1) if codes.dim() > 1 else codes.reshape(-1, 1)
+    columns = matrix.shape[1]
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        if group_size <= 0:
+            return values.expand(values.shape[0], columns) if values.shape[1] == 1 else values
+        return values.repeat_interleave(group_size, dim=1)[:, :columns]
+
+    matrix = (matrix - spread(zero)) * spread(scale) if zero is not None else matrix * spread(scale)
+    if inverse is not None:
+        matrix = matrix * inverse
+    return matrix.reshape(shape)
+
+
+def _decode_grid(meta: dict[str, Any], data: bytes) -> torch.Tensor:
+    bits, offset = meta["bits"], meta["scale_len"]
+    scale_dtype = "<f2" if meta.get("scale_kind") == "f16" else "<f4"
+    scale = torch.from_numpy(np.frombuffer(data[:offset], dtype=scale_dtype).astype(np.float32)).reshape(meta["scale_shape"])
+    zero = inverse = None
+    if "zero_len" in meta:
+        packed = data[offset:offset + meta["zero_len"]]
+        zero = torch.from_numpy((unpack_uint(packed, bits, scale.numel()) - (1 << (bits - 1))).astype(np.float32))
+        zero = zero.reshape(scale.shape)
+        offset += meta["zero_len"]
+    if "column_len" in meta:
+        inverse = torch.from_numpy(np.frombuffer(data[offset:offset + meta["column_len"]], dtype="<f4").copy())
+        offset += meta["column_len"]
+    codes = torch.from_numpy(decode(meta, data[offset:]).astype(np.float32)).reshape(meta["shape"])
+    return _grid_values(codes, scale, zero, inverse, meta["group_size"])
+
+
 def encode_raw(tensor: torch.Tensor) -> tuple[dict[str, Any], bytes]:
     """Any other tensor (integer buffers, float64, ...) stored as its own bytes."""
     array = tensor.detach().cpu().contiguous()
@@ -229,6 +292,8 @@ def decode_tensor(meta: dict[str, Any], data: bytes) -> torch.Tensor:
             return torch.from_numpy(array != 0).reshape(shape)
         tensor = torch.from_numpy(array)
         return (tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor).reshape(shape)
+    if kind == "int" and "group_size" in meta:
+        return _decode_grid(meta, data).to(dtype)
     if kind == "int":
         scale_len = meta["scale_len"]
         scale = torch.from_numpy(np.frombuffer(data[:scale_len], dtype="<f4").copy()).reshape(meta["scale_shape"])
@@ -301,7 +366,9 @@ def check_meta(meta: Any, where: str, version: int) -> tuple[int, ...]:
     bits = _choice(meta, "bits", where, set(INT_BITS) if kind == "int" else {_KIND_BITS[kind]})
     _expect(where, "numel", _int(meta, "numel", where), numel, f"shape {list(shape)}")
     prefix = 0  # bytes before the values: an int tensor's scales
-    if kind == "int":
+    if kind == "int" and "group_size" in meta:
+        prefix = _grid_prefix(meta, where, shape, bits)
+    elif kind == "int":
         scale_shape = _shape(meta, "scale_shape", where)
         scale_len = _int(meta, "scale_len", where)
         _expect(where, "scale_len", scale_len, 4 * math.prod(scale_shape), f"scale_shape {list(scale_shape)}")
@@ -310,6 +377,31 @@ def check_meta(meta: Any, where: str, version: int) -> tuple[int, ...]:
         prefix = scale_len
     _check_layout(meta, where, version, numel, _value_bits(kind, bits), length, prefix)
     return shape
+
+
+def _grid_prefix(meta: dict[str, Any], where: str, shape: tuple[int, ...], bits: int) -> int:
+    """A group-wise entry's (:func:`encode_grid`) scales, zero points and column factors: their
+    shapes follow from the tensor's, and their byte lengths from those; returns their bytes."""
+    rows = shape[0] if shape else 1
+    columns = math.prod(shape[1:]) if len(shape) > 1 else 1
+    group_size = _int(meta, "group_size", where, 0, max(columns, 1))
+    groups = 1 if group_size == 0 else -(-columns // group_size)
+    scale_shape = _shape(meta, "scale_shape", where)
+    if list(scale_shape) != [rows, groups]:
+        raise ArtifactError(f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)} in groups of "
+                            f"{group_size}; the file is damaged.")
+    width = 2 if _choice(meta, "scale_kind", where, {"f16", "f32"}) == "f16" else 4
+    prefix = _int(meta, "scale_len", where)
+    _expect(where, "scale_len", prefix, width * rows * groups, f"scale_shape {list(scale_shape)}")
+    if "zero_len" in meta:
+        zero_len = _int(meta, "zero_len", where)
+        _expect(where, "zero_len", zero_len, _packed_len(rows * groups, bits), f"{rows * groups} zero points")
+        prefix += zero_len
+    if "column_len" in meta:
+        column_len = _int(meta, "column_len", where)
+        _expect(where, "column_len", column_len, 4 * columns, f"{columns} column factors")
+        prefix += column_len
+    return prefix
 
 
 def _broadcasts_to(small: tuple[int, ...], shape: tuple[int, ...]) -> bool:

@@ -127,6 +127,12 @@ class Operator(abc.ABC):
         into a fresh instance (see :func:`~tightfit.operators.apply_plan_inplace`)."""
         return False
 
+    def needs_calibration(self) -> bool:
+        """Whether this operator compresses from calibration data (GPTQ, Wanda, SparseGPT): it then
+        implements ``apply_calibrated(module, settings, view, stats)`` and ``apply_uncalibrated``
+        (its data-free method, for layers it cannot read), and :meth:`apply` refuses."""
+        return False
+
     def refused(self) -> dict[str, str]:
         """Layers this operator could have compressed but leaves alone after :meth:`prepare`, with
         the reason (shown in the run's list of what was left alone)."""

@@ -1,0 +1,327 @@
+"""Applying a plan with calibration data: layer by layer, each layer compressed from the inputs it
+sees once the layers before it are compressed (as GPTQ and SparseGPT do), then cheap repairs.
+
+For each layer a calibrated operator compresses, in the order the layers run, the calibration
+batches go through the partly compressed model with a hook on that layer summing its inputs
+(:mod:`tightfit.operators.calibration`; a pass ends at the layer when it runs once per forward);
+then the layer's operators apply, and its statistics are dropped. Cost: one pass over the
+calibration data per such layer (measured in docs/calibration.md); memory: one layer's statistics.
+
+Where the result lives: a calibrated quantizer writes its compensated weight (the exact values of
+its codes) under the layer's parametrizations and registers a :class:`FakeQuantize` whose grid
+(scales, zero points) is fixed to the one it found, so the layer computes exactly those codes and
+the file stores them; fine-tuning later trains the weight underneath and re-rounds it on that fixed
+grid (straight-through), as quantization-aware training does, rather than freezing it. SparseGPT
+likewise writes its updated weights under a fixed mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError
+from ..measure.analysis import layer_kind, tied_groups
+from .base import Operator
+from .calibration import LayerStats, LayerView, collect_stats, execution_order, run, why_not_calibrated
+from .compose import Compose, as_strategy
+from .grid import group_scales
+from .plan import Plan, apply_plan_inplace, share_tied_parametrizations
+from .prune import WeightMask
+from .quantize import FakeQuantize
+from .solvers import awq_column_scale, gptq, sparsegpt, wanda_mask
+
+#: Repairs :func:`apply_plan_calibrated` knows: BatchNorm statistics re-estimated on the calibration
+#: data, and bias correction (the mean output shift each compressed layer causes, added to its bias).
+REPAIRS = ("batchnorm", "bias")
+
+
+@dataclass
+class Calibrated:
+    """What calibrated compression did: the model, which layers fell back to the data-free method
+    and why, what was repaired, and what it cost."""
+
+    model: nn.Module
+    plan: Plan
+    uncalibrated: dict[str, str] = field(default_factory=dict)  # layer -> why rounded / pruned by magnitude
+    left_alone: dict[str, str] = field(default_factory=dict)  # module -> why no operator compresses it
+    repaired: dict[str, list[str]] = field(default_factory=dict)  # repair -> modules it changed
+    not_repaired: dict[str, str] = field(default_factory=dict)  # layer -> why no bias correction
+    calibration_passes: int = 0  # passes over the calibration batches (one per calibrated layer, + repairs)
+    seconds: float = 0.0
+
+
+def quantize_layer(op: Any, module: nn.Module, settings: dict[str, Any], view: LayerView, stats: LayerStats) -> None:
+    """GPTQ (or round-to-nearest with AWQ scaling) of one layer; see the module docstring."""
+    bits, group_size = int(settings["bits"]), int(settings.get("group_size", 0) or 0)
+    matrix, hessian = view.matrix(), stats.hessian
+    column_scale = None
+    if op.awq and view.groups == 1:  # one scale per input column: a grouped conv's groups see different inputs
+        column_scale = awq_column_scale(matrix, hessian, stats.abs_mean, bits, group_size, op.symmetric)
+        if op.method == "rtn":
+            parametrize.register_parametrization(module, "weight", FakeQuantize(bits, group_size, op.symmetric,
+                                                                               column_scale=column_scale))
+            return
+        matrix = matrix * column_scale
+        hessian = hessian / (column_scale[:, None] * column_scale[None, :])
+    keep = (matrix != 0).to(matrix.dtype) if parametrize.is_parametrized(module, "weight") else None
+    quantized, scale, zero = gptq(matrix, hessian, bits, group_size=group_size, symmetric=op.symmetric,
+                                  act_order=op.act_order, percdamp=op.percdamp, keep=keep)
+    if column_scale is not None:
+        quantized = quantized * (1.0 / column_scale)
+    view.write(quantized)
+    rows = module.weight.shape[0]
+    step = FakeQuantize(bits, group_size, op.symmetric, scale=scale.reshape(rows, -1),
+                        zero=None if zero is None else zero.reshape(rows, -1), column_scale=column_scale)
+    parametrize.register_parametrization(module, "weight", step)
+
+
+def prune_layer(op: Any, module: nn.Module, settings: dict[str, Any], view: LayerView, stats: LayerStats) -> None:
+    """Wanda or SparseGPT pruning of one layer."""
+    sparsity, matrix = float(settings["sparsity"]), view.matrix()
+    if op.method == "wanda":
+        mask = wanda_mask(matrix, stats.square_total, sparsity, op.pattern)
+    else:
+        pruned, mask = sparsegpt(matrix, stats.hessian, sparsity, pattern=op.pattern, percdamp=op.percdamp)
+        view.write(pruned)
+    parametrize.register_parametrization(module, "weight", WeightMask(view.to_weight(mask), op.pattern))
+
+
+def _batches(calibration: Any, strategy: Compose) -> list[Any]:
+    users = [op for op in strategy if op.needs_calibration()]
+    who = ", ".join(repr(op) for op in users) or "the repairs"
+    if calibration is None:
+        raise ConfigError(f"{who} need(s) `calibration`: an iterable of model inputs (each a tensor, a tuple of "
+                          "arguments or a dict of keyword arguments, as `example_input`), e.g. 128-512 samples.")
+    if isinstance(calibration, (torch.Tensor, dict)) or not isinstance(calibration, Iterable):
+        raise ConfigError(f"`calibration` must be an iterable of batches of model inputs (a list, a DataLoader "
+                          f"yielding inputs), but got {type(calibration).__name__}; wrap one batch as [batch].")
+    batches = list(calibration)
+    if not batches:
+        raise ConfigError("`calibration` holds no batch; give a few hundred samples of model inputs.")
+    return batches
+
+
+def _device_batches(batches: list[Any], device: torch.device) -> list[Any]:
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(move(v) for v in value)
+        return value
+    return [move(b) for b in batches]
+
+
+def _check_repairs(repair: Iterable[str]) -> tuple[str, ...]:
+    repair = (repair,) if isinstance(repair, str) else tuple(repair)
+    unknown = [r for r in repair if r not in REPAIRS]
+    if unknown:
+        raise ConfigError(f"`repair` items must be drawn from {REPAIRS}, but got {unknown}.")
+    return repair
+
+
+def _targets(model: nn.Module, layer_names: Iterable[str]) -> dict[str, tuple[str, nn.Module]]:
+    """Module name -> (plan layer it belongs to, module): the layer itself, or the compressible
+    layers inside it where a structural operator replaced it by a container (low rank)."""
+    out: dict[str, tuple[str, nn.Module]] = {}
+    for layer in layer_names:
+        module = model.get_submodule(layer) if layer else model
+        if layer_kind(module) is not None:
+            out[layer] = (layer, module)
+        else:
+            for sub_name, sub in module.named_modules():
+                if sub_name and layer_kind(sub) is not None:
+                    out[f"{layer}.{sub_name}"] = (layer, sub)
+    return out
+
+
+def apply_plan_calibrated(plan: Plan, model: nn.Module, calibration: Any, strategy: Compose | None = None, *,
+                          repair: Iterable[str] = ("batchnorm",)) -> Calibrated:
+    """Apply ``plan`` to ``model`` itself, its calibrated operators fed with ``calibration`` (see
+    the module docstring), then the ``repair`` steps (:data:`REPAIRS`). Bad input is refused before
+    any work. Returns what was done (:class:`Calibrated`)."""
+    start = time.perf_counter()
+    strategy = strategy or plan.strategy()
+    repair = _check_repairs(repair)
+    batches = _batches(calibration, strategy)
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device.type == "meta":
+        raise ConfigError("The model's weights are on the 'meta' device (not loaded); calibration needs real weights.")
+    batches = _device_batches(batches, parameter.device if parameter is not None else torch.device("cpu"))
+    apply_plan_inplace(plan, model, strategy, structure_only=True)
+    result = Calibrated(model, plan)
+    per_layer = _entries(plan, strategy)
+    calibrated = {name for name, ops in per_layer.items()
+                  if any((op.needs_calibration() or "bias" in repair) and s != op.identity() for op, s in ops)}
+    for name, ops in per_layer.items():  # data-free layers first: they need no pass
+        if name not in calibrated:
+            for op, settings in ops:
+                op.apply_to_model(model, {name: settings})
+    was_training = model.training
+    model.eval()
+    try:
+        _calibrate_layers(model, per_layer, calibrated, batches, repair, result)
+        share_tied_parametrizations(model)
+        if "batchnorm" in repair:
+            result.repaired["batchnorm"] = reestimate_batchnorm(model, batches)
+            result.calibration_passes += bool(result.repaired["batchnorm"])
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _entries(plan: Plan, strategy: Compose) -> dict[str, list[tuple[Operator, dict[str, Any]]]]:
+    """Layer -> its weight-level operators with validated settings, in strategy order."""
+    per_layer: dict[str, list[tuple[Operator, dict[str, Any]]]] = {}
+    for op in strategy:
+        if op.structural:
+            continue
+        for layer_name, per_op in plan.layers.items():
+            if op.name in per_op:
+                per_layer.setdefault(layer_name, []).append((op, op.validate_settings(layer_name, per_op[op.name])))
+    return per_layer
+
+
+def _calibrate_layers(model: nn.Module, per_layer: dict, calibrated: set[str], batches: list[Any],
+                      repair: tuple[str, ...], result: Calibrated) -> None:
+    targets = _targets(model, sorted(calibrated))
+    tied = {name for leader, followers in tied_groups(model).items() for name in (leader, *followers)}
+    order, calls = execution_order(model, {name: module for name, (_, module) in targets.items()}, batches[0])
+    for name in [n for n in targets if n not in order]:
+        order.append(name)  # never runs on the calibration data: compressed without it, below
+    for name in order:
+        layer, module = targets[name]
+        why = why_not_calibrated(module)
+        if why is None and name in tied:
+            why = "its weight is shared with other layers (tied); an update from one layer's inputs would change the others"
+        if why is None and calls[name] == 0:
+            why = "it does not run on the calibration data"
+        if why is not None and any(op.needs_calibration() for op, _ in per_layer[layer]):
+            result.uncalibrated[name] = why
+        elif why is not None:
+            result.not_repaired[name] = why
+        view = LayerView(module) if why is None else None
+        stats = None
+        if view is not None:
+            needs_gram = any(op.needs_calibration() and not getattr(op, "method", "") == "wanda" for op, _ in per_layer[layer])
+            stats = collect_stats(model, view, batches, gram=needs_gram, stop_early=calls[name] == 1)
+            result.calibration_passes += 1
+        before = module.weight.detach().clone() if view is not None and "bias" in repair else None
+        for op, settings in per_layer[layer]:
+            if not op.needs_calibration():
+                op.apply(module, settings)
+            elif view is None:
+                op.apply_uncalibrated(module, settings)
+            else:
+                op.apply_calibrated(module, settings, view, stats)
+        if before is not None:
+            _correct_bias(name, module, view, before, stats, result)
+
+
+def _correct_bias(name: str, module: nn.Module, view: LayerView, before: torch.Tensor, stats: LayerStats,
+                  result: Calibrated) -> None:
+    """Add ``(W - W_compressed) E[x]`` to the bias: the mean output shift compression caused, over
+    the calibration inputs the layer sees in the compressed model. Only where a bias exists: adding
+    one would change the model's architecture (a fresh model could not load the file)."""
+    bias = getattr(module, "bias", None)
+    if not isinstance(bias, torch.Tensor):
+        result.not_repaired[name] = "no bias to correct (a BatchNorm after it is re-estimated instead)"
+        return
+    delta = before.to(torch.float32).reshape(view.groups, -1, stats.mean.shape[-1]) - view.matrix()
+    shift = torch.einsum("grc,gc->gr", delta, stats.mean).reshape(-1)
+    with torch.no_grad():
+        bias.add_(shift.to(bias.dtype))
+    result.repaired.setdefault("bias", []).append(name)
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> list[str]:
+    """Re-estimate every BatchNorm's running statistics on ``batches``: reset, cumulative average
+    (momentum None), the model in eval mode except the BatchNorms, no gradients. Returns their
+    names. Compression shifts the activations the stored statistics describe; this re-centres them
+    without training."""
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    if not norms:
+        return []
+    modes = {name: (m.training, m.momentum) for name, m in norms.items()}
+    was_training = model.training
+    model.eval()
+    for m in norms.values():
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        run(model, batches)
+    finally:
+        for name, m in norms.items():
+            m.train(modes[name][0])
+            m.momentum = modes[name][1]
+        model.train(was_training)
+    return sorted(norms)
+
+
+def refuse_uncalibrated(strategy: Compose) -> None:
+    """Refuse, before any work, a strategy whose operators need calibration data where none can be
+    given (``tightfit.compress`` does not take it yet)."""
+    users = [op for op in strategy if op.needs_calibration()]
+    if users:
+        raise ConfigError(f"{', '.join(repr(op) for op in users)} need(s) calibration data, which tightfit.compress does not "
+                          "take yet: compress one-shot with tightfit.compress_once(model, strategy, calibration=batches), "
+                          "or search with method='rtn' / 'magnitude'.")
+
+
+def one_shot_plan(model: nn.Module, strategy: Compose | Operator, example_input: Any = None) -> tuple[Plan, dict[str, str]]:
+    """The plan that applies every operator of ``strategy`` at its fixed setting to every layer it
+    takes, and the modules it leaves alone with the reason. Each searchable setting must be fixed
+    (one value): a range or several choices is refused."""
+    from ..measure.analysis import analyze
+    from ..search.space import build_space
+    from .compose import why_not_taken
+
+    strategy = as_strategy(strategy)
+    for op in strategy:
+        op.prepare(model, example_input)
+    analysis = analyze(model)
+    space = build_space(strategy, analysis)
+    left_alone = {s.name: s.reason for s in analysis.skipped}
+    left_alone.update({layer.name: why_not_taken(layer, strategy) for layer in analysis.layers if layer.name not in space.fixed})
+    if space.dimensions:
+        open_ = sorted({f"{d.operator}.{d.hyperparameter.name}" for d in space.dimensions})
+        raise ConfigError(f"compress_once applies fixed settings, but {open_} are ranges or choices; give one value "
+                          "each (e.g. Quantize(bits=4), Prune(sparsity=0.5)), or search them with tightfit.compress.")
+    return space.plan({}), left_alone
+
+
+def compress_once(model: nn.Module, strategy: Compose | Operator, calibration: Any = None, *,
+                  example_input: Any = None, repair: Iterable[str] | None = None) -> Calibrated:
+    """Compress ``model`` in one shot, without a search: every layer ``strategy`` takes gets its
+    fixed setting (e.g. ``Quantize(bits=4, method="gptq", group_size=128)``), calibrated operators
+    learn from ``calibration`` (an iterable of model inputs; a labelled loader: ``[x for x, _ in
+    loader]``), then ``repair`` runs (:data:`REPAIRS`; default: BatchNorm re-estimation when
+    calibration is given, nothing otherwise). ``model`` is not changed; the result holds a
+    compressed copy (``result.model``, saved with ``tightfit.save(result.model, path, plan=result.plan)``)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
+    strategy = as_strategy(strategy)
+    repair = _check_repairs(("batchnorm",) if repair is None and calibration is not None else repair or ())
+    needs_data = any(op.needs_calibration() for op in strategy) or bool(repair)
+    if needs_data:
+        calibration = _batches(calibration, strategy)  # refused before any work; a generator is read once
+    plan, left_alone = one_shot_plan(model, strategy, example_input)
+    compressed = copy.deepcopy(model)
+    if calibration is None:
+        apply_plan_inplace(plan, compressed, strategy)
+        return Calibrated(compressed, plan, left_alone=left_alone)
+    result = apply_plan_calibrated(plan, compressed, calibration, strategy, repair=repair)
+    result.left_alone = left_alone
+    return result

@@ -1,0 +1,187 @@
+"""Input statistics of one layer on calibration data, gathered with a forward hook.
+
+A layer is read as G independent matrix problems (G = a convolution's ``groups``; 1 otherwise):
+its effective weight as ``(G, rows, columns)`` and its inputs as rows of ``(G, columns)`` (a
+convolution's inputs unfolded into the patches its kernel sees, zero padding included). Only one
+layer's statistics are held at a time: the Hessian ``H = 2 X^T X / n`` (``columns^2`` floats per
+group; a depthwise convolution's is ``k x k``), accumulated batch by batch on the model's device,
+and per-input sums (squares for Wanda, magnitudes for AWQ, plain sums for bias correction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..measure.analysis import call_model
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer it watches has seen its input."""
+
+
+@dataclass
+class LayerStats:
+    """Sums over the calibration inputs of one layer, per group: ``(G, C)`` vectors and the
+    ``(G, C, C)`` Gram matrix (None when not asked for)."""
+
+    count: int
+    total: torch.Tensor
+    square_total: torch.Tensor
+    abs_total: torch.Tensor
+    gram: torch.Tensor | None
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2 X^T X / n`` per group."""
+        return self.gram * (2.0 / max(1, self.count))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(1, self.count)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_total / max(1, self.count)
+
+
+class LayerView:
+    """How a Linear or convolution is read as ``(G, rows, columns)`` problems and written back."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.groups = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
+
+    def matrix(self) -> torch.Tensor:
+        """The effective weight (after the parametrizations so far), as float32 problems."""
+        weight = self.module.weight.detach().to(torch.float32)
+        return weight.reshape(self.groups, weight.shape[0] // self.groups, -1)
+
+    def to_weight(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Problems back in the weight's own layout and dtype."""
+        weight = self.module.weight
+        return matrix.reshape(weight.shape).to(weight.dtype)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of layer inputs as ``(n, G, columns)`` float32 rows."""
+        module = self.module
+        x = x.detach().to(torch.float32)
+        if isinstance(module, nn.Conv2d):
+            patches = F.unfold(x if x.dim() == 4 else x[None], module.kernel_size, module.dilation, module.padding,
+                               module.stride)
+        elif isinstance(module, nn.Conv1d):
+            x = x if x.dim() == 3 else x[None]
+            patches = F.unfold(x[:, :, None, :], (1, module.kernel_size[0]), (1, module.dilation[0]),
+                               (0, module.padding[0]), (1, module.stride[0]))
+        else:
+            return x.reshape(-1, 1, x.shape[-1])
+        return patches.transpose(1, 2).reshape(-1, self.groups, patches.shape[1] // self.groups)
+
+    def write(self, matrix: torch.Tensor) -> None:
+        """Make ``matrix`` the layer's weight underneath its parametrizations (each a mask, which
+        ``matrix`` already honours), so that the effective weight is ``matrix``."""
+        value = self.to_weight(matrix)
+        with torch.no_grad():
+            if parametrize.is_parametrized(self.module, "weight"):
+                self.module.parametrizations.weight.original.copy_(value)
+            else:
+                self.module.weight.copy_(value)
+
+
+def why_not_calibrated(module: nn.Module) -> str | None:
+    """Why the calibrated methods cannot read ``module`` (it is then rounded / pruned by magnitude
+    instead), or None when they can."""
+    kind = type(module).__name__
+    if isinstance(module, nn.Embedding):
+        return "an embedding has no input activations (it looks rows up), so it is rounded to nearest"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "a transposed convolution's inputs are not unfolded here, so it is rounded to nearest"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            return f"{kind}: only 1-D and 2-D convolutions are unfolded here, so it is rounded to nearest"
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return f"{kind} with padding {module.padding!r}/{module.padding_mode!r}: only explicit zero padding is unfolded"
+    elif not isinstance(module, nn.Linear):
+        return f"{kind}: the calibrated methods read Linear and convolution layers"
+    if parametrize.is_parametrized(module, "weight"):
+        from .prune import WeightMask
+
+        if not all(isinstance(step, WeightMask) for step in module.parametrizations.weight):
+            return "it is already compressed by a step other than a mask before this one"
+    if module.weight.dtype != torch.float32:
+        return f"its weight is {module.weight.dtype}; the calibrated methods run on float32 layers (call model.float())"
+    return None
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    value = args[0] if args else next(iter(kwargs.values()), None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def collect_stats(model: nn.Module, view: LayerView, batches: Sequence[Any], *, gram: bool, stop_early: bool) -> LayerStats:
+    """Run ``batches`` through ``model`` (no gradient) and sum the inputs ``view``'s layer sees.
+    ``stop_early`` ends each pass at the layer (right when it runs once per forward)."""
+    stats: LayerStats | None = None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        nonlocal stats
+        x = _first_tensor(args, kwargs)
+        if x is None:
+            raise _Stop
+        rows = view.rows(x)
+        if stats is None:
+            g, c = rows.shape[1], rows.shape[2]
+            zeros = torch.zeros(g, c, device=rows.device)
+            stats = LayerStats(0, zeros.clone(), zeros.clone(), zeros.clone(),
+                               torch.zeros(g, c, c, device=rows.device) if gram else None)
+        stats.count += rows.shape[0]
+        stats.total += rows.sum(0)
+        stats.square_total += (rows ** 2).sum(0)
+        stats.abs_total += rows.abs().sum(0)
+        if gram:
+            stats.gram += torch.einsum("ngc,ngd->gcd", rows, rows)
+        if stop_early:
+            raise _Stop
+
+    handle = view.module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run(model, batches)
+    finally:
+        handle.remove()
+    return stats
+
+
+def run(model: nn.Module, batches: Iterable[Any]) -> None:
+    """Every batch through ``model`` without gradients (a hook may end a pass early)."""
+    with torch.no_grad():
+        for batch in batches:
+            try:
+                call_model(model, batch)
+            except _Stop:
+                pass
+
+
+def execution_order(model: nn.Module, modules: dict[str, nn.Module], batch: Any) -> tuple[list[str], dict[str, int]]:
+    """Names of ``modules`` in the order they first run on ``batch``, and how often each runs in
+    one forward (those that never run are left out of the order)."""
+    order: list[str] = []
+    calls: dict[str, int] = dict.fromkeys(modules, 0)
+    handles = []
+    for name, module in modules.items():
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            if calls[name] == 0:
+                order.append(name)
+            calls[name] += 1
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run(model, [batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, calls
