@@ -18,6 +18,7 @@ from ..evaluation.constraints import Constraint, MaxDrop, MaxLatency
 from ..evaluation.sequential import Sequential
 from ..measure.latency import Latency
 from ..operators.base import Operator
+from ..operators.calibrated import refuse_uncalibrated
 from ..operators.compose import Compose, as_strategy
 from ..operators.prune import Prune
 from ..operators.quantize import Quantize
@@ -111,6 +112,7 @@ def check(model: nn.Module, settings: Settings) -> Checked:
         )
     objective = s.objective[0] if multi else s.objective
     strategy = as_strategy(s.strategy if s.strategy is not None else Compose([Prune(), Quantize()]))
+    refuse_uncalibrated(strategy)  # GPTQ / Wanda / SparseGPT need calibration data, which compress() does not take yet
     constraints = constraint_list(s.constraint)
     check_search(s.search)
     latency = latency_for(s.latency, objective, constraints, s.example_input)
