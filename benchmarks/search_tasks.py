@@ -22,7 +22,8 @@ from tightfit.demo.data import Split
 from tightfit.demo.models import LeNet5
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks.tasks` importable
-from benchmarks.tasks.mnist1d_task import mnist1d_mlp, mnist1d_split  # noqa: E402,F401  (moved there, issue 18)
+# mnist1d moved to benchmarks/tasks (issue 18)
+from benchmarks.tasks.mnist1d_task import mnist1d_mlp, mnist1d_split
 
 MAX_DROP = 0.005
 FT_EPOCHS, FT_LR, BATCH = 3, 3e-4, 64

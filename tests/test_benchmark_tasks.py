@@ -14,8 +14,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks.tasks import cache  # noqa: E402
-from benchmarks.tasks.fmnist import FILES, IdxError, load_fmnist, parse_idx, read_idx_gz, stratified_split  # noqa: E402
+from benchmarks.tasks import cache
+from benchmarks.tasks.fmnist import (
+    FILES,
+    IdxError,
+    load_fmnist,
+    parse_idx,
+    read_idx_gz,
+    stratified_split,
+)
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -81,7 +88,15 @@ def test_weights_cache_roundtrip_and_missing(tmp_path, monkeypatch):
 
 
 def test_tiny_lm_bytes_split_and_blocks(tmp_path):
-    from benchmarks.tasks.lm import EOS, TokenBlocks, decode, encode, split_files, stdlib_files, token_stream
+    from benchmarks.tasks.lm import (
+        EOS,
+        TokenBlocks,
+        decode,
+        encode,
+        split_files,
+        stdlib_files,
+        token_stream,
+    )
 
     for i in range(10):
         (tmp_path / f"m{i}.py").write_text(f"def f{i}():\n    return {i} * 'é'\n" * 3)
@@ -103,7 +118,7 @@ def test_tiny_lm_bytes_split_and_blocks(tmp_path):
 def test_tiny_lm_metric_is_per_sequence_negative_loss(tmp_path):
     pytest.importorskip("transformers")
     import tightfit
-    from benchmarks.tasks.lm import TokenBlocks, negative_loss, tiny_lm_model, VOCAB
+    from benchmarks.tasks.lm import VOCAB, TokenBlocks, negative_loss, tiny_lm_model
 
     torch.manual_seed(0)
     model = tiny_lm_model(seq_len=16, layers=1, width=32, heads=2).eval()

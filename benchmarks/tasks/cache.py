@@ -37,7 +37,7 @@ def save_weights(name: str, model: nn.Module, meta: dict[str, Any]) -> Path:
     path = weights_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     tmp_meta = meta_path(name).with_suffix(".json.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

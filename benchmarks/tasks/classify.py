@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, prep: Prep,
     ``prep`` turns a uint8 batch into the model's input. Returns the wall time in seconds."""
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(x) // batch
-    total = max(1, int(round(epochs * steps_per_epoch)))
+    total = max(1, round(epochs * steps_per_epoch))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)

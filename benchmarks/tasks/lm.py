@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import sysconfig
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +52,9 @@ def split_files(files: Sequence[Path], seed: int, val_frac: float = 0.1, test_fr
     if len(files) < 3:
         raise ValueError(f"split_files needs at least 3 files to split by file, got {len(files)}.")
     perm = np.random.default_rng(seed).permutation(len(files))
-    n_val = max(1, int(round(val_frac * len(files))))
-    n_test = max(1, int(round(test_frac * len(files))))
-    pick = lambda ids: sorted((files[i] for i in ids), key=str)  # noqa: E731
+    n_val = max(1, round(val_frac * len(files)))
+    n_test = max(1, round(test_frac * len(files)))
+    pick = lambda ids: sorted((files[i] for i in ids), key=str)
     return pick(perm[n_val + n_test:]), pick(perm[:n_val]), pick(perm[n_val:n_val + n_test])
 
 
@@ -139,7 +140,7 @@ def _lr_at(fraction: float, step: int, lr: float, warmup: int) -> float:
 def train_task(seed: int = 0, *, minutes: float = TRAIN_MINUTES, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train for a fixed wall time (the shared machine's speed varies, the deadline does not):
     AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), batch 16 x 128 tokens, random blocks."""
-    settings = dict(minutes=minutes, batch=16, seq_len=SEQ_LEN, lr=1e-3, weight_decay=0.1, warmup=30, seed=seed)
+    settings = {"minutes": minutes, "batch": 16, "seq_len": SEQ_LEN, "lr": 1e-3, "weight_decay": 0.1, "warmup": 30, "seed": seed}
     train, val, test = lm_datasets(seed)
     torch.manual_seed(seed)
     model = tiny_lm_model()
@@ -162,7 +163,7 @@ def train_task(seed: int = 0, *, minutes: float = TRAIN_MINUTES, log: Callable[[
     wall = time.time() - start
     val_loss, test_loss = mean_loss(model, val), mean_loss(model, test)
     log(f"done: {step} steps in {wall:.0f}s; validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}), test {test_loss:.4f}")
-    return dict(model=model, settings=settings, train_seconds=wall, steps=step, tokens_seen=step * settings["batch"] * SEQ_LEN,
-                val_metric=-val_loss, test_metric=-test_loss, val_perplexity=math.exp(val_loss),
-                test_perplexity=math.exp(test_loss), metric="negative mean token loss (nats/byte)",
-                train_sequences=len(train), files={"train": len(train.blocks)})
+    return {"model": model, "settings": settings, "train_seconds": wall, "steps": step, "tokens_seen": step * settings["batch"] * SEQ_LEN,
+                "val_metric": -val_loss, "test_metric": -test_loss, "val_perplexity": math.exp(val_loss),
+                "test_perplexity": math.exp(test_loss), "metric": "negative mean token loss (nats/byte)",
+                "train_sequences": len(train), "files": {"train": len(train.blocks)}}

@@ -51,6 +51,6 @@ def train_task(seed: int = 0) -> dict[str, Any]:
     start = time.time()
     model = train(mnist1d_mlp(), split, epochs=60, seed=seed)
     wall = time.time() - start
-    return dict(model=model, settings=dict(epochs=60, lr=1e-3, batch=64, seed=seed), train_seconds=wall,
-                val_metric=accuracy(model, split.x_val, split.y_val), test_metric=accuracy(model, split.x_test, split.y_test),
-                metric="accuracy")
+    return {"model": model, "settings": {"epochs": 60, "lr": 1e-3, "batch": 64, "seed": seed}, "train_seconds": wall,
+                "val_metric": accuracy(model, split.x_val, split.y_val), "test_metric": accuracy(model, split.x_test, split.y_test),
+                "metric": "accuracy"}
