@@ -8,9 +8,10 @@ the same shuffling every time); feasible when validation accuracy drops at most 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process, parallelize across processes
@@ -19,6 +20,10 @@ from torch import nn
 from tightfit.demo import digits_split, lenet_300_100, train
 from tightfit.demo.data import Split
 from tightfit.demo.models import LeNet5
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks.tasks` importable
+# mnist1d moved to benchmarks/tasks (issue 18)
+from benchmarks.tasks.mnist1d_task import mnist1d_mlp, mnist1d_split
 
 MAX_DROP = 0.005
 FT_EPOCHS, FT_LR, BATCH = 3, 3e-4, 64
@@ -29,26 +34,6 @@ class Task:
     name: str
     model: nn.Module
     split: Split
-
-
-def mnist1d_split(seed: int = 0) -> Split:
-    """mnist1d generated locally (``mnist1d.data.make_dataset``, no download), 4000 train samples
-    split 3000/1000 into train/validation; its 1000 test samples are the test split."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.num_samples = 5000
-    data = make_dataset(args)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(data["y"]))
-    x, y = data["x"][perm].astype(np.float32), data["y"][perm].astype(np.int64)
-    t = torch.from_numpy
-    return Split(t(x[:3000]), t(y[:3000]), t(x[3000:]), t(y[3000:]),
-                 t(data["x_test"].astype(np.float32)), t(data["y_test"].astype(np.int64)))
-
-
-def mnist1d_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(40, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10))
 
 
 _CACHE: dict[str, Task] = {}
