@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-torch.set_num_threads(1)  # 2 shared cores: one thread per process, parallelize across processes
 from torch import nn
 
 from tightfit.demo import digits_split, lenet_300_100, train
 from tightfit.demo.data import Split
 from tightfit.demo.models import LeNet5
+
+torch.set_num_threads(1)  # 2 shared cores: one thread per process, parallelize across processes
 
 MAX_DROP = 0.005
 FT_EPOCHS, FT_LR, BATCH = 3, 3e-4, 64

@@ -120,7 +120,7 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
     _set(config, budget=8)
     db = project / "runs" / "smallnet" / "study.db"
     command = [sys.executable, "-m", "tightfit.cli.app", "run", str(config)]
-    log = open(project / "first_run.log", "w")
+    log = open(project / "first_run.log", "w")  # noqa: SIM115 (the child process writes to it)
     proc = subprocess.Popen(command, cwd=project, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while _count_completed(db) < 3 and time.time() < deadline and proc.poll() is None:

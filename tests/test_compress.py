@@ -55,7 +55,8 @@ def test_short_search_end_to_end(mlp, digits, tmp_path):
         assert (run_dir / name).exists(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["size_bytes"] == result.size_bytes and summary["best_trial"] == result.best_trial.number
-    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    with open(run_dir / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 6
     # the Pareto front is non-dominated and sorted by size
     sizes = [t.measurement.size_bytes for t in result.pareto]

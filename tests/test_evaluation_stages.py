@@ -107,9 +107,8 @@ def test_staged_fine_tune_is_exact_when_not_stopped_and_stops_at_the_stage(mlp, 
         assert torch.equal(a, b)  # the looks changed nothing: same weights as an unstaged fine-tune
 
     stopped_model = copy.deepcopy(mlp)
-    with staged(stopped_model, at, lambda stage, steps: stage == 0) as count:
-        with pytest.raises(EarlyStop):
-            finetune(stopped_model)
+    with staged(stopped_model, at, lambda stage, steps: stage == 0) as count, pytest.raises(EarlyStop):
+        finetune(stopped_model)
     assert count.steps == at[0]  # the step that reached the stage was taken
 
     # another model's optimizer is not counted

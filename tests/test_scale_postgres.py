@@ -24,9 +24,12 @@ from tightfit.scale.storage import with_installed_driver
 from tightfit.search.loop import RETRY_OF, counted_trials
 
 URL = os.environ.get("TIGHTFIT_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(
-    not URL, reason="TIGHTFIT_TEST_POSTGRES_URL is not set (CI sets it: `.ci/postgres.sh` starts PostgreSQL)"
-)
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        not URL, reason="TIGHTFIT_TEST_POSTGRES_URL is not set (CI sets it: `.ci/postgres.sh` starts PostgreSQL)"
+    ),
+]
 PROJECT = Path(__file__).parent / "scale_project"
 SRC = Path(__file__).resolve().parents[1] / "src"
 BEATS = ["--heartbeat-interval", "1", "--grace-period", "2"]

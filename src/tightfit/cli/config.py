@@ -11,11 +11,14 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..evaluation.sequential import Sequential
 
 
 class _Strict(BaseModel):
@@ -244,7 +247,7 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "<top level>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check its spelling; see the README's config reference)"
+            msg = "unknown field (check its spelling; see the config reference in docs/cli.md)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         lines.append(f"  {where}: {msg}")
@@ -314,7 +317,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     """Everything :func:`tightfit.compress` needs, built from a validated config."""
     import torch
 
-    from ..evaluation import Accuracy, MaxDrop, MaxLatency, MaxSize, MinMetric
+    from ..evaluation import Accuracy, Constraint, MaxDrop, MaxLatency, MaxSize, MinMetric
     from ..measure import Latency
     from ..operators import OPERATOR_REGISTRY, Compose
     def call(field: str, import_path: str, *args: Any, **kwargs: Any) -> Any:
@@ -347,6 +350,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     if config.evaluate.accuracy is not None:
         evaluate = Accuracy(call("evaluate.accuracy", config.evaluate.accuracy), threshold=config.evaluate.threshold)
     else:
+        assert config.evaluate.function is not None  # EvaluateSection's validator requires one of the two
         evaluate = resolve_import(config.evaluate.function)
 
     operators = []
@@ -358,7 +362,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         except TypeError as exc:
             raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}.") from None
 
-    constraints = []
+    constraints: list[Constraint] = []
     if config.constraint.max_drop is not None:
         constraints.append(MaxDrop(config.constraint.max_drop))
     if config.constraint.min_metric is not None:
@@ -374,6 +378,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         if ft.function is not None:
             finetune = resolve_import(ft.function)
         else:
+            assert ft.data is not None  # FinetuneSection's validator requires `data` or `function`
             finetune = _recovery(ft, call("finetune.data", ft.data), evaluate)
 
     example_input = call("example_input", config.example_input) if config.example_input else None
@@ -431,7 +436,7 @@ def prune_adjust_arguments(config: RunConfig, base: Path, config_path: Path) -> 
     )
 
 
-def _evaluation(section: EvaluationSection | None):
+def _evaluation(section: EvaluationSection | None) -> Sequential | None:
     if section is None or section.method == "full":
         return None
     from ..evaluation.sequential import Sequential
