@@ -69,6 +69,7 @@ def _gone(pid: int, timeout_s: float = 15.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_workers_on_postgres_survive_sigkills(tmp_path):
     for name in ("scale_model.py", "scale.toml"):
         (tmp_path / name).write_text((PROJECT / name).read_text())
