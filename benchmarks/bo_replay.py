@@ -132,7 +132,7 @@ def main() -> None:
             torch.manual_seed(0)
             started = time.process_time()
             cand, value = optimize(acq, **{**kw, "num_restarts": s[0], "raw_samples": s[1], "options": {**kw["options"], "maxiter": s[2]}})
-            row["%d/%d/%d" % s] = (float(value), time.process_time() - started)
+            row["{}/{}/{}".format(*s)] = (float(value), time.process_time() - started)
         if type(acq).__name__ == "IndependentLogCEI":  # bo's acquisition vs BoTorch's own class
             from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
 
@@ -143,7 +143,7 @@ def main() -> None:
                 started = time.process_time()
                 c, v = optimize(a, **kw)
                 row[name] = (float(v), time.process_time() - started, c.detach().numpy().ravel().tolist())
-            row["own_setting"] = "%d/%d/%d" % own
+            row["own_setting"] = "{}/{}/{}".format(*own)
         acq_rows.append(row)
         return cand, value
 
@@ -184,9 +184,9 @@ def main() -> None:
             "cold_cpu_s_mean": statistics.mean(r[f"{name}_cold"][1] for r in fit_rows),
             "warm_cpu_s_mean": statistics.mean(r[f"{name}_warm"][1] for r in fit_rows),
         }
-    ref = "%d/%d/%d" % REFERENCE
+    ref = "{}/{}/{}".format(*REFERENCE)
     for s in [REFERENCE, *settings]:
-        key = "%d/%d/%d" % s
+        key = "{}/{}/{}".format(*s)
         gap = np.array([r[ref][0] - r[key][0] for r in acq_rows])
         summary["acquisition"][key] = {
             "gap_to_reference_median": float(np.median(gap)), "gap_to_reference_max": float(gap.max()),

@@ -228,7 +228,7 @@ def summarize(rows: list[dict]) -> None:
         r = [x for x in rows if x["mode"] == mode]
         if not r:
             continue
-        med = lambda key: statistics.median(x[key] for x in r if x[key] is not None)  # noqa: E731
+        med = lambda key, r=r: statistics.median(x[key] for x in r if x[key] is not None)  # noqa: E731
         print(
             f"{mode:10s} n={len(r)} median: val passes {med('val_forward_passes'):.0f}, wall {med('wall_s'):.1f} s, "
             f"to answer: passes {med('val_passes_to_answer'):.0f} wall {med('wall_s_to_answer'):.1f} s, "

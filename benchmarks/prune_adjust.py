@@ -106,7 +106,7 @@ def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: fl
         start = time.perf_counter()
         history = []
 
-        def record(r, seed=seed, test=test, base=base, history=history):
+        def record(r, seed=seed, test=test, base=base, history=history, start=start):
             history.append(r)
             row = dict(seed=seed, method="olmp prune-and-adjust", round=r.number, cr=r.nonzero_ratio, val=r.metric,
                        test=None, epochs=round_epochs * len(history), wall_s=time.perf_counter() - start, lr=lr,
@@ -138,7 +138,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| method | round / level | lr | epochs | CR (nonzeros) mean | test acc % mean | test drop pp mean | per-seed drop | val drop pp mean |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (method, step, lr), rs in groups.items():
-        m = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+        m = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
         drops = " / ".join(f"{100 * (r['base_test'] - r['test']):+.2f}" for r in rs)
         lines.append(f"| {method} | {step} | {lr if lr is not None else '1e-3'} | {m('epochs'):.0f} | {m('cr'):.1f} | {100 * m('test'):.2f} | "
                      f"{100 * (m('base_test') - m('test')):+.2f} | {drops} | {100 * (m('base_val') - m('val')):+.2f} |")

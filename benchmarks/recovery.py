@@ -267,7 +267,7 @@ def summarize(result: dict) -> str:
         for r in rows:
             groups.setdefault((r["method"], r[key]), []).append(r)
         for (method, level), rs in groups.items():
-            mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+            mean = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
             lines.append(f"| {method} | {level} | {mean('cr'):.1f} | {100 * mean('test'):.2f} | {100 * mean('val'):.2f} | "
                          f"{100 * (mean('base_test') - mean('test')):+.2f} | {mean('size_bytes'):,.0f} | {mean('wall_s'):.1f} |")
     elif result["kind"] == "sparse":
@@ -277,7 +277,7 @@ def summarize(result: dict) -> str:
         for r in rows:
             groups.setdefault((r["method"], r["lambda_"]), []).append(r)
         for (method, lam), rs in groups.items():
-            mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
+            mean = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
             lines.append(f"| {method} | {lam:g} | {mean('cr'):.1f} | {100 * mean('test'):.2f} | {100 * (mean('base_test') - mean('test')):+.2f} | "
                          f"{mean('zero_neurons'):.1f} | {mean('params_after_removal'):,.0f} of {mean('params_before'):,.0f} | {100 * mean('slim_test'):.2f} | {mean('wall_s'):.1f} |")
     else:

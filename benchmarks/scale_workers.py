@@ -153,7 +153,7 @@ def kills(args: argparse.Namespace) -> dict:
         config = _project(Path(tmp), args.trials, args.storage, study)
         env = {**ENV, "TIGHTFIT_TRIAL_SLEEP": str(args.sleep)}
         command = [*CLI, "worker", str(config), "--heartbeat-interval", "1", "--grace-period", str(args.grace)]
-        logs = open(Path(tmp) / "workers.log", "w")
+        logs = open(Path(tmp) / "workers.log", "w")  # noqa: SIM115 (the workers write to it until the end)
 
         def start():
             return subprocess.Popen(command, env=env, stdout=logs, stderr=subprocess.STDOUT)

@@ -76,9 +76,13 @@ def frontier_table(points: list[dict]) -> str:
 def targets(rows: list[dict], task: str) -> dict[str, float]:
     med = defaultdict(list)
     for r in rows:
-        if r["task"] == task and r.get("cr_nonzeros") and r["method"] in ("tpe", "global_bisect", "uniform_bisect"):
-            if r["method"] != "tpe" or r["budget"] == 30:
-                med[r["method"]].append(r["cr_nonzeros"])
+        if (
+            r["task"] == task
+            and r.get("cr_nonzeros")
+            and r["method"] in ("tpe", "global_bisect", "uniform_bisect")
+            and (r["method"] != "tpe" or r["budget"] == 30)
+        ):
+            med[r["method"]].append(r["cr_nonzeros"])
     out = {m: statistics.median(v) for m, v in med.items()}
     if out:
         out["target (1.5 x the largest)"] = 1.5 * max(out.values())

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-torch.set_num_threads(1)  # 2 shared cores: one thread per process, parallelize across processes
 from torch import nn
 
 from tightfit.demo import digits_split, lenet_300_100, train
 from tightfit.demo.data import Split
 from tightfit.demo.models import LeNet5
 
+torch.set_num_threads(1)  # 2 shared cores: one thread per process, parallelize across processes
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks.tasks` importable
 # mnist1d moved to benchmarks/tasks (issue 18)
 from benchmarks.tasks.mnist1d_task import mnist1d_mlp, mnist1d_split

@@ -96,8 +96,8 @@ for name, model, x in cases:
                 failed=[t.error for t in r.trials if t.state=="FAIL"]
                 rl=""
                 if r.feasible:
-                    l=tightfit.load(f"{d}/model.tfz", model=copy.deepcopy(model))
-                    rl=f" reload={'same' if abs(metric(l)-r.metric)<1e-5 else 'DIFF %.5f/%.5f'%(metric(l), r.metric)}"
+                    loaded=tightfit.load(f"{d}/model.tfz", model=copy.deepcopy(model))
+                    rl=f" reload={'same' if abs(metric(loaded)-r.metric)<1e-5 else f'DIFF {metric(loaded):.5f}/{r.metric:.5f}'}"
                 print(f"{name:12s} {sname:10s} ok feasible={r.feasible} ratio={r.compression_ratio:.2f} left={len(r.left_alone)} failed={len(failed)} {failed[:1]}{rl} {time.time()-t:.1f}s", flush=True)
             except tightfit.errors.TightfitError as e:
                 print(f"{name:12s} {sname:10s} refused {type(e).__name__}: {str(e)[:150]}", flush=True)

@@ -45,6 +45,7 @@ def _set(config: Path, **values):
     config.write_text(text)
 
 
+@pytest.mark.slow
 def test_run_on_a_user_model_outside_the_package(project):
     config = project / "tightfit.toml"
     _set(config, budget=4)
@@ -103,6 +104,7 @@ def _count_completed(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkilled_run_continues_with_its_completed_trials(project):
     # A slow metric so the kill lands mid-search.
     (project / "slow_metric.py").write_text(textwrap.dedent("""
@@ -120,7 +122,7 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
     _set(config, budget=8)
     db = project / "runs" / "smallnet" / "study.db"
     command = [sys.executable, "-m", "tightfit.cli.app", "run", str(config)]
-    log = open(project / "first_run.log", "w")
+    log = open(project / "first_run.log", "w")  # noqa: SIM115 (the child process writes to it)
     proc = subprocess.Popen(command, cwd=project, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while _count_completed(db) < 3 and time.time() < deadline and proc.poll() is None:
@@ -226,6 +228,7 @@ def test_prune_adjust_names_what_its_config_lacks(project):
     assert result.exit_code != 0 and "prune_adjust.search" in result.output
 
 
+@pytest.mark.slow
 def test_config_turns_on_cheap_evaluation_with_its_options(project):
     config = project / "tightfit.toml"
     _set(config, budget=6, search='"random"')

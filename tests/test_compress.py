@@ -55,7 +55,8 @@ def test_short_search_end_to_end(mlp, digits, tmp_path):
         assert (run_dir / name).exists(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["size_bytes"] == result.size_bytes and summary["best_trial"] == result.best_trial.number
-    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    with open(run_dir / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 6
     # the Pareto front is non-dominated and sorted by size
     sizes = [t.measurement.size_bytes for t in result.pareto]
@@ -65,6 +66,7 @@ def test_short_search_end_to_end(mlp, digits, tmp_path):
     assert result.best_trial.measurement.flops < result.baseline.flops
 
 
+@pytest.mark.slow
 def test_rerun_resumes_with_completed_trials_intact(mlp, digits, tmp_path):
     run_dir = tmp_path / "run"
     first = tightfit.compress(mlp, **_args(digits, budget=3), run_dir=run_dir)
@@ -74,6 +76,7 @@ def test_rerun_resumes_with_completed_trials_intact(mlp, digits, tmp_path):
         assert a.plan == b.plan and a.measurement == b.measurement
 
 
+@pytest.mark.slow
 def test_resumed_search_suggests_what_an_uninterrupted_one_would(mlp, digits, tmp_path):
     whole = tightfit.compress(mlp, **_args(digits, budget=5), run_dir=tmp_path / "whole")
     tightfit.compress(mlp, **_args(digits, budget=2), run_dir=tmp_path / "split")

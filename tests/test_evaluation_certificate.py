@@ -76,7 +76,6 @@ def test_clopper_pearson_lower_bound():
 
 def test_betting_bound_holds_for_bounded_continuous_values():
     # cosine-fidelity-like differences in [-2, 2], skewed, mean known
-    g = torch.Generator().manual_seed(5)
     beta = torch.distributions.Beta(torch.tensor(2.0), torch.tensor(8.0))
     true_mean = 2 * (2 / 10) - 1 + 0.5  # E[2 B - 1] + 0.5
     held = 0

@@ -348,6 +348,7 @@ def test_only_candidates_that_improve_enough_are_promoted(mlp, digits, min_impro
         assert all(t.fidelity == "screen" for t in result.trials if t.number > first)
 
 
+@pytest.mark.slow
 def test_promotion_follows_the_incumbent_bo_works_from(mlp, digits, tmp_path):
     """``bo`` states the objective of the answer it works from (its credible best) with each BO
     suggestion; cheap evaluation promotes exactly the candidates that improve on it."""

@@ -107,9 +107,8 @@ def test_staged_fine_tune_is_exact_when_not_stopped_and_stops_at_the_stage(mlp, 
         assert torch.equal(a, b)  # the looks changed nothing: same weights as an unstaged fine-tune
 
     stopped_model = copy.deepcopy(mlp)
-    with staged(stopped_model, at, lambda stage, steps: stage == 0) as count:
-        with pytest.raises(EarlyStop):
-            finetune(stopped_model)
+    with staged(stopped_model, at, lambda stage, steps: stage == 0) as count, pytest.raises(EarlyStop):
+        finetune(stopped_model)
     assert count.steps == at[0]  # the step that reached the stage was taken
 
     # another model's optimizer is not counted
@@ -124,6 +123,7 @@ def test_staged_fine_tune_is_exact_when_not_stopped_and_stops_at_the_stage(mlp, 
 # --- end to end: a hopeless candidate is stopped, and the stages are accounted --------------------------
 
 
+@pytest.mark.slow
 def test_search_stops_hopeless_candidates_and_accounts_the_stages(mlp, digits):
     evaluate = tightfit.Accuracy(digits.loader("val", 512))
     finetune = tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-4)  # recovers little
@@ -223,6 +223,7 @@ def test_a_candidate_passed_over_is_told_as_infeasible():
     assert told_infeasible((-0.03, -0.01)) == (-0.03, 1e-9)  # each met, together unlikely: the closest is broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("promote", [0.0, 0.9])
 def test_search_promotes_only_likely_candidates(mlp, digits, tmp_path, promote):
     finetune = tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3)

@@ -199,6 +199,7 @@ def test_what_is_not_built_for_recurrent_layers_is_left_alone_with_the_reason():
 
 
 @pytest.mark.parametrize("rnn_args", [{}, {"num_layers": 2, "bidirectional": True}])
+@pytest.mark.onnx
 def test_a_pruned_lstm_exports_to_onnx_and_runs_in_int8(rnn_args, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx

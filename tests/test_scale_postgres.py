@@ -24,9 +24,12 @@ from tightfit.scale.storage import with_installed_driver
 from tightfit.search.loop import RETRY_OF, counted_trials
 
 URL = os.environ.get("TIGHTFIT_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(
-    not URL, reason="TIGHTFIT_TEST_POSTGRES_URL is not set (CI sets it: `.ci/postgres.sh` starts PostgreSQL)"
-)
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        not URL, reason="TIGHTFIT_TEST_POSTGRES_URL is not set (CI sets it: `.ci/postgres.sh` starts PostgreSQL)"
+    ),
+]
 PROJECT = Path(__file__).parent / "scale_project"
 SRC = Path(__file__).resolve().parents[1] / "src"
 BEATS = ["--heartbeat-interval", "1", "--grace-period", "2"]
@@ -66,6 +69,7 @@ def _gone(pid: int, timeout_s: float = 15.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_workers_on_postgres_survive_sigkills(tmp_path):
     for name in ("scale_model.py", "scale.toml"):
         (tmp_path / name).write_text((PROJECT / name).read_text())

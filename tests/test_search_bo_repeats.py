@@ -2,6 +2,7 @@
 measured again gives the same result)."""
 
 import numpy as np
+import pytest
 import torch
 
 import tightfit
@@ -33,6 +34,7 @@ def test_the_best_unmeasured_point_of_the_box_replaces_a_measured_one():
     assert np.array_equal(_best_unmeasured(acq, peak - tiny, peak + tiny, peak[None], n=16, seed=0, fallback=peak), peak)
 
 
+@pytest.mark.slow
 def test_bo_suggests_no_plan_twice(mlp, digits, tmp_path):
     import optuna
 

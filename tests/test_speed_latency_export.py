@@ -45,6 +45,7 @@ def test_latency_is_cached_per_architecture():
         Latency(X, batch_size=0)
 
 
+@pytest.mark.onnx
 def test_export_formats_reload_and_match(tmp_path):
     model = _mlp()
     latency = Latency(X, threads=1, min_run_time=0.01)
@@ -55,6 +56,7 @@ def test_export_formats_reload_and_match(tmp_path):
         assert report.latency_ms > 0 and report.reference_latency_ms > 0
 
 
+@pytest.mark.onnx
 def test_int8_export_is_smaller_and_checked(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
@@ -85,6 +87,7 @@ class Noisy(nn.Module):
         return self.fc(x) + torch.randn(x.shape[0], 3)
 
 
+@pytest.mark.onnx
 def test_export_check_fails_when_outputs_differ(tmp_path):
     for fmt in ("onnx", "torchscript"):
         with pytest.raises(ExportCheckError, match="differ"):
@@ -126,7 +129,8 @@ def test_latency_objective_run_records_speedup_and_exports(tmp_path):
     assert result.feasible and result.best_trial.measurement.latency_ms > 0
     assert "Measured" in result.message and "ms per forward pass" in result.message
     assert (run_dir / "example_input.pt").exists()
-    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    with open(run_dir / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert {"latency_ms", "speedup", "flops_reduction"} <= set(rows[0])
     assert all(float(r["speedup"]) > 0 and float(r["flops_reduction"]) >= 1.0 for r in rows)
     # `tightfit report` shows the measured speedup next to the FLOPs reduction
@@ -177,6 +181,7 @@ def test_config_maps_latency_objective_and_structural_operators(tmp_path):
     assert any(isinstance(c, tightfit.MaxLatency) for c in args["constraint"])
 
 
+@pytest.mark.onnx
 def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
     from tightfit.export import export_run
     from tightfit.operators import Int8, int8_layers
@@ -207,6 +212,7 @@ def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
         Latency(x, runtime="tensorrt")
 
 
+@pytest.mark.onnx
 def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_path):
     # A model the TorchScript exporter cannot export (Hugging Face GPT-2) goes through the dynamo
     # exporter, whose node names carry no module path (the int8 layers were not found: an error);
@@ -234,6 +240,7 @@ def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_p
         "node_Gemm_7/MatMulAddFusion", "node_Gemm_7/MatMulAddFusion_MatMul"]
 
 
+@pytest.mark.onnx
 def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path):
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
     x = torch.randn(4, 64)
@@ -249,6 +256,7 @@ def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path)
         export_model(model, x, tmp_path / "h.onnx", format="onnx", dtype="bfloat16")
 
 
+@pytest.mark.onnx
 def test_static_int8_for_convolutions_needs_and_uses_calibration(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
@@ -280,6 +288,7 @@ def _one_dict(n: int) -> dict[str, torch.Tensor]:
     return {"image": torch.randn(n, 1, 4, 4, generator=g), "features": torch.randn(n, 6, generator=g)}
 
 
+@pytest.mark.onnx
 def test_a_model_whose_forward_takes_one_dict_exports_in_every_format(tmp_path):
     torch.manual_seed(0)
     model, x = TakesOneDict().eval(), _one_dict(4)
@@ -306,6 +315,7 @@ def test_a_model_whose_forward_takes_one_dict_exports_in_every_format(tmp_path):
     assert Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")(model).median_ms > 0
 
 
+@pytest.mark.onnx
 def test_a_one_dict_model_goes_through_the_dynamo_exporter_too(tmp_path, monkeypatch):
     # the fallback for models the TorchScript-based exporter cannot take (dynamic batch over the dict's tensors)
     real_export = torch.onnx.export
@@ -346,6 +356,7 @@ class _DictOutputLM(nn.Module):
         return {"logits": self.head(h), "past_key_values": _Cache([h]) if use_cache else None, "hidden": h}
 
 
+@pytest.mark.onnx
 def test_export_of_a_dict_output_with_a_cache_object_and_keyword_inputs(tmp_path):
     # The TorchScript tracer refused the dict ("Encountering a dict at the output") and the ONNX
     # exporter the cache object; both now trace the output's tensors, checked against the model's.

@@ -164,7 +164,10 @@ class BertLikeSelfAttention(nn.Module):
 
     def forward(self, x):
         b, n, _ = x.shape
-        split = lambda t: t.view(b, n, self.num_attention_heads, self.attention_head_size).transpose(1, 2)  # noqa: E731
+
+        def split(t):
+            return t.view(b, n, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         h = torch.softmax(q @ k.transpose(-1, -2) / self.attention_head_size**0.5, dim=-1) @ v
         return h.transpose(1, 2).reshape(b, n, self.all_head_size)
@@ -209,7 +212,10 @@ class HeadsFromInputWidth(nn.Module):
 
     def forward(self, x):
         b, n, d = x.shape
-        split = lambda t: t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731
+
+        def split(t):
+            return t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
         h = torch.softmax(split(self.q(x)) @ split(self.k(x)).transpose(-1, -2), dim=-1) @ split(self.v(x))
         return self.out(h.transpose(1, 2).reshape(b, n, d))
 

@@ -313,6 +313,7 @@ def test_int8_runs_a_matrix_layer_that_checks_out_as_affine_as_a_linear(tmp_path
     assert "changes from call to call" in op.refused()["proj"]
 
 
+@pytest.mark.onnx
 def test_int8_matrix_layer_is_int8_in_the_onnx_export(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx

@@ -11,11 +11,14 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..evaluation.sequential import Sequential
 
 
 class _Strict(BaseModel):
@@ -244,7 +247,7 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "<top level>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check its spelling; see the README's config reference)"
+            msg = "unknown field (check its spelling; see the config reference in docs/cli.md)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         lines.append(f"  {where}: {msg}")
@@ -370,6 +373,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     if config.evaluate.accuracy is not None:
         evaluate = Accuracy(call("evaluate.accuracy", config.evaluate.accuracy), threshold=config.evaluate.threshold)
     else:
+        assert config.evaluate.function is not None  # EvaluateSection's validator requires one of the two
         evaluate = resolve_import(config.evaluate.function)
 
     operators = []
@@ -389,6 +393,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         if ft.function is not None:
             finetune = resolve_import(ft.function)
         else:
+            assert ft.data is not None  # FinetuneSection's validator requires `data` or `function`
             finetune = _recovery(ft, call("finetune.data", ft.data), evaluate)
 
     example_input = call("example_input", config.example_input) if config.example_input else None
@@ -446,7 +451,7 @@ def prune_adjust_arguments(config: RunConfig, base: Path, config_path: Path) -> 
     )
 
 
-def _evaluation(section: EvaluationSection | None):
+def _evaluation(section: EvaluationSection | None) -> Sequential | None:
     if section is None or section.method == "full":
         return None
     from ..evaluation.sequential import Sequential

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -10,16 +11,19 @@ from ..pipeline import compress
 from ..evaluation import Accuracy, MaxDrop
 from ..operators import Compose, Prune, Quantize
 from ..recovery import FineTune, GradualPrune
-from .data import digits_split, train
+from .data import Split, digits_split, train
 from .models import lenet_300_100
+
+if TYPE_CHECKING:
+    from ..records import Result
 
 #: The demo's recipe, in one place so the README, the tests and the benchmark agree.
 DEMO_MAX_DROP = 0.005
 DEMO_BITS = (2, 4, 8)
-DEMO_FINETUNE = {"epochs": 6, "lr": 1e-3}
+DEMO_FINETUNE: dict[str, Any] = {"epochs": 6, "lr": 1e-3}
 #: "finetune" (masked fine-tuning) or "gradual" (GradualPrune: the planned sparsity reached while training).
 DEMO_RECOVERY = "finetune"
-DEMO_GRADUAL = {"epochs": 6, "lr": 1e-2}
+DEMO_GRADUAL: dict[str, Any] = {"epochs": 6, "lr": 1e-2}
 TRAIN_EPOCHS = 60
 #: TPE, not "auto": on this 360-sample validation set the constraint sits at the noise level, and
 #: "auto"'s BO finds larger ratios that are partly luck (test accuracy 1-3 points lower over seeds
@@ -31,10 +35,10 @@ DEMO_SEARCH = "tpe"
 DEMO_PICK = "observed"
 
 
-def demo_model(split, seed: int, run_dir: Path | None) -> torch.nn.Module:
+def demo_model(split: Split, seed: int, run_dir: Path | None) -> torch.nn.Module:
     """The trained original; cached in the run directory so a resumed run compresses the same model."""
     cached = run_dir / "original.pt" if run_dir is not None else None
-    model = lenet_300_100()
+    model: torch.nn.Module = lenet_300_100()
     if cached is not None and cached.exists():
         model.load_state_dict(torch.load(cached, weights_only=True))
         return model.eval()
@@ -48,7 +52,7 @@ def demo_model(split, seed: int, run_dir: Path | None) -> torch.nn.Module:
 
 
 def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("runs/demo"), search: str = DEMO_SEARCH,
-             recovery: str = DEMO_RECOVERY, console=None):
+             recovery: str = DEMO_RECOVERY, console: Any = None) -> tuple[Result, tuple[float, float]]:
     """Returns the result and the test accuracy of (original, compressed) on the held-out split."""
     split = digits_split(seed)
     if console is not None:

@@ -93,10 +93,12 @@ class PlanSampler(BaseSampler, abc.ABC):
         self.rng = np.random.default_rng(context.seed)
         self._fallback = RandomSampler(seed=context.seed)
 
-    def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         return distributions(self.context.space) if self.encoding.d else {}
 
-    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
         if not search_space:
             return {}
         from .gp import one_thread

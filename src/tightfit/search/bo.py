@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -33,6 +35,7 @@ import optuna
 from ..optuna_compat import set_trial_system_attr
 from .base import INCUMBENT_ATTR, History, PlanSampler
 from .context import SearchContext
+from .encoding import UnitEncoding
 from .levelset import knob_of, knob_table, next_knob, uniform_family
 from .sensitivity import probe_violation, sensitivity_scan
 from ..run_dir import GP_ATTR
@@ -179,7 +182,7 @@ class BOSampler(PlanSampler):
             acq = qLogNoisyExpectedImprovement(
                 model,
                 X_baseline=torch.as_tensor(history.x, dtype=torch.float64),
-                objective=GenericMCObjective(lambda Z, X=None: Z[..., 0]),
+                objective=GenericMCObjective(_first_output),
                 constraints=[lambda Z: Z[..., 1]],
                 X_pending=torch.as_tensor(history.pending, dtype=torch.float64),
                 prune_baseline=True,
@@ -218,9 +221,14 @@ def _already_measured(x: np.ndarray, seen: np.ndarray) -> bool:
     return bool(len(seen)) and bool((np.abs(seen - x).max(axis=1) < SAME_PLAN).any())
 
 
+def _first_output(Z: Any, X: Any = None) -> Any:
+    """The objective's column of the model outputs (BoTorch's MC objective signature)."""
+    return Z[..., 0]
+
+
 def _best_unmeasured(
-    acq, lo: np.ndarray, hi: np.ndarray, seen: np.ndarray, *, n: int, seed: int, fallback: np.ndarray,
-    plan_of=lambda u: u,
+    acq: Any, lo: np.ndarray, hi: np.ndarray, seen: np.ndarray, *, n: int, seed: int, fallback: np.ndarray,
+    plan_of: Callable[[np.ndarray], np.ndarray] = lambda u: u,
 ) -> np.ndarray:
     """The acquisition's best point among ``n`` scrambled-Sobol points of the box ``[lo, hi]`` whose
     plan (``plan_of``: the point as the plan it decodes to) is not one measured already or pending
@@ -253,14 +261,15 @@ def _independent_log_cei() -> type:
     from .gp import FastPosterior
 
     class IndependentLogCEI(LogConstrainedExpectedImprovement):
-        def __init__(self, model, *args, **kwargs) -> None:
+        def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
             super().__init__(model, *args, **kwargs)
             # made once per acquisition: the optimizer then evaluates it a few dozen times
             self._fast = [FastPosterior(gp) if FastPosterior.supports(gp) else None for gp in model.models]
 
-        def _mean_and_sigma(self, X, compute_sigma: bool = True, min_var: float = 1e-12):
+        def _mean_and_sigma(self, X: Any, compute_sigma: bool = True, min_var: float = 1e-12) -> tuple[Any, Any]:
             means, sigmas = [], []
-            for gp, fast in zip(self.model.models, self._fast):
+            models: Any = self.model.models  # a ModelListGP's
+            for gp, fast in zip(models, self._fast):
                 if fast is not None:
                     mean, var = fast(X.squeeze(-2))  # remove the q-batch dimension (q = 1)
                     mean, var = mean.unsqueeze(-1), var.unsqueeze(-1)
@@ -287,7 +296,7 @@ def _previous_fit(study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -
     return latest.system_attrs[GP_ATTR] if latest is not None else {}
 
 
-def _robust_best(history: History, con_gp) -> int | None:
+def _robust_best(history: History, con_gp: Any) -> int | None:
     """The best observed feasible trial that the constraint GP also believes feasible (posterior
     mean <= 0). With a constraint at the noise level, the best *observed* feasible point is often a
     lucky draw; centring the trust region and the improvement threshold on it makes the search
@@ -304,7 +313,7 @@ def _robust_best(history: History, con_gp) -> int | None:
     return int(ok[np.argmin(history.objective[ok])])
 
 
-def _probe_start(context: SearchContext, enc, family) -> float:
+def _probe_start(context: SearchContext, enc: UnitEncoding, family: Callable[[float], np.ndarray]) -> float:
     """Largest knob at which the probe (no fine-tune) meets the constraint; 0.5 without a probe."""
     if context.probe is None:
         return 0.5

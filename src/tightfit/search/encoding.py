@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from .space import Dimension, SearchSpace
+from .space import Dimension, SearchSpace, numeric_range
 
 
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
@@ -25,9 +25,10 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
         if hp.choices is not None:
             out[dim.key] = CategoricalDistribution(list(hp.choices))
         elif hp.integer:
-            out[dim.key] = IntDistribution(int(hp.low), int(hp.high), log=hp.log)
+            low, high = numeric_range(hp)
+            out[dim.key] = IntDistribution(int(low), int(high), log=hp.log)
         else:
-            out[dim.key] = FloatDistribution(hp.low, hp.high, log=hp.log)
+            out[dim.key] = FloatDistribution(*numeric_range(hp), log=hp.log)
     return out
 
 
@@ -56,7 +57,8 @@ class UnitEncoding:
                 flip = _numeric(ident) and _numeric(ordered[-1]) and abs(ordered[-1] - ident) < abs(ordered[0] - ident)
             else:
                 self._choices.append(None)
-                flip = _numeric(ident) and abs(hp.high - ident) < abs(hp.low - ident)
+                low, high = numeric_range(hp)
+                flip = _numeric(ident) and abs(high - ident) < abs(low - ident)
             self._flip.append(bool(flip))
 
     @property
@@ -74,11 +76,12 @@ class UnitEncoding:
             if choices is not None:
                 params[dim.key] = choices[min(int(u * len(choices)), len(choices) - 1)]
                 continue
-            if hp.log and hp.low > 0:
-                value = math.exp(math.log(hp.low) + u * (math.log(hp.high) - math.log(hp.low)))
+            low, high = numeric_range(hp)
+            if hp.log and low > 0:
+                value = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
             else:
-                value = hp.low + u * (hp.high - hp.low)
-            value = min(max(value, hp.low), hp.high)
+                value = low + u * (high - low)
+            value = min(max(value, low), high)
             params[dim.key] = int(round(value)) if hp.integer else float(value)
         return params
 
@@ -90,12 +93,15 @@ class UnitEncoding:
             choices = self._choices[i]
             if choices is not None:
                 u = (choices.index(value) + 0.5) / len(choices)
-            elif hp.high == hp.low:
+                x[i] = 1.0 - u if self._flip[i] else u
+                continue
+            low, high = numeric_range(hp)
+            if high == low:
                 u = 0.0
-            elif hp.log and hp.low > 0:
-                u = (math.log(value) - math.log(hp.low)) / (math.log(hp.high) - math.log(hp.low))
+            elif hp.log and low > 0:
+                u = (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
             else:
-                u = (value - hp.low) / (hp.high - hp.low)
+                u = (value - low) / (high - low)
             x[i] = 1.0 - u if self._flip[i] else u
         return np.clip(x, 0.0, 1.0)
 

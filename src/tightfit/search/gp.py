@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def fit_gp(
     *,
     init: Hyperparameters | None = None,
     maxiter: int | None = None,
-):
+) -> Any:  # botorch's SingleTaskGP
     """A SingleTaskGP on ``n x d`` inputs in the unit cube and ``n`` outputs (standardized inside).
 
     When every observation carries a standard error, its square is the fixed observation noise;
@@ -66,24 +67,22 @@ def fit_gp(
     model = SingleTaskGP(X, Y, train_Yvar=yvar, outcome_transform=Standardize(m=1))
     warm = init is not None and load_hyperparameters(model, init)
     mll = ExactMarginalLogLikelihood(model.likelihood, model)
-    with one_thread():
-        try:
-            fit_gpytorch_mll(
-                mll,
-                closure=exact_mll_closure(mll),  # None: BoTorch's own
-                optimizer_kwargs={"options": {"maxiter": maxiter or (WARM_MAXITER if warm else COLD_MAXITER), "ftol": FIT_FTOL}},
-            )
-        except Exception:  # a failed fit keeps the starting hyperparameters: still a usable model
-            pass
+    # a failed fit keeps the starting hyperparameters: still a usable model
+    with one_thread(), suppress(Exception):
+        fit_gpytorch_mll(
+            mll,
+            closure=exact_mll_closure(mll),  # None: BoTorch's own
+            optimizer_kwargs={"options": {"maxiter": maxiter or (WARM_MAXITER if warm else COLD_MAXITER), "ftol": FIT_FTOL}},
+        )
     return model.eval()
 
 
-def hyperparameters(model) -> Hyperparameters:
+def hyperparameters(model: Any) -> Hyperparameters:
     """The fitted (raw) hyperparameters of ``model``, JSON-ready, for :func:`fit_gp`'s ``init``."""
     return {name: p.detach().reshape(-1).tolist() for name, p in model.named_parameters()}
 
 
-def load_hyperparameters(model, values: Hyperparameters) -> bool:
+def load_hyperparameters(model: Any, values: Hyperparameters) -> bool:
     """Copy stored raw hyperparameters into ``model``; True only if every parameter had a stored,
     finite value of its shape (a model with another noise model or dimension, or after a fit that
     went wrong, starts from its prior)."""
@@ -102,7 +101,7 @@ def load_hyperparameters(model, values: Hyperparameters) -> bool:
     return True
 
 
-def marginal_log_likelihood(model) -> float:
+def marginal_log_likelihood(model: Any) -> float:
     """The exact marginal log likelihood per observation of a fitted GP on its training data (the
     quantity the fit maximizes; for comparing fits)."""
     import torch
@@ -132,7 +131,7 @@ def clip_violation(y: np.ndarray, se: np.ndarray | None) -> np.ndarray:
     return np.minimum(y, CLIP_SE * float(np.median(np.maximum(se, 1e-6))))
 
 
-def posterior(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def posterior(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     X = torch.as_tensor(x, dtype=torch.float64)
@@ -159,7 +158,7 @@ class FastPosterior:
     every call, about 2 ms of Python per evaluation at tens of points, which was most of an
     acquisition optimization's time (docs/search.md)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: Any) -> None:
         import torch
         from linear_operator.utils.cholesky import psd_safe_cholesky
 
@@ -178,7 +177,7 @@ class FastPosterior:
         self.y_std = transform.stdvs.reshape(())
 
     @staticmethod
-    def supports(model) -> bool:
+    def supports(model: Any) -> bool:
         from botorch.models import SingleTaskGP
         from botorch.models.transforms.outcome import Standardize
         from gpytorch.means import ConstantMean

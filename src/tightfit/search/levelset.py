@@ -17,6 +17,7 @@ import optuna
 
 from .base import History, PlanSampler
 from .context import SearchContext
+from .encoding import UnitEncoding
 from .gp import fit_gp, normal_cdf, posterior
 from .sensitivity import probe_violation, sensitivity_scan
 
@@ -25,7 +26,7 @@ GRID = np.linspace(0.0, 1.0, 1001)
 BISECT = 4
 
 
-def uniform_family(enc) -> Callable[[float], np.ndarray]:
+def uniform_family(enc: UnitEncoding) -> Callable[[float], np.ndarray]:
     cont = np.array([enc.is_continuous(i) for i in range(enc.d)], dtype=float)
 
     def plan(u: float) -> np.ndarray:
@@ -55,8 +56,8 @@ def next_knob(
     se: np.ndarray | None,
     *,
     start: float,
-    pending: np.ndarray = np.zeros(0),
-    failed: np.ndarray = np.zeros(0),
+    pending: np.ndarray | None = None,
+    failed: np.ndarray | None = None,
 ) -> float:
     """The level-set acquisition over the knob (larger knob = more compression)."""
     if len(u) == 0:
@@ -74,7 +75,7 @@ def next_knob(
     p_feas = normal_cdf(-mean / std)
     best = float(u[feasible].max()) if feasible.any() else 0.0
     gain = np.maximum(GRID - best, 0.0) * p_feas
-    taken = np.concatenate([u, pending, failed])
+    taken = np.concatenate([u, *(a for a in (pending, failed) if a is not None)])
     near = np.min(np.abs(GRID[:, None] - taken[None, :]), axis=1) < 0.004
     gain[near] = 0.0
     if gain.max() > 1e-3:
@@ -115,7 +116,7 @@ class LevelSetSampler(PlanSampler):
         return self.family(knob)
 
 
-def sensitivity_family(context: SearchContext):
+def sensitivity_family(context: SearchContext) -> Callable[[float], np.ndarray] | None:
     """The knob family from the sensitivity scan, or None without a probe."""
     scan = sensitivity_scan(context)
     return scan.family if scan is not None else None

@@ -24,6 +24,7 @@ from .base import PlanSampler
 from .context import SearchContext
 from .encoding import in_space
 from .sensitivity import warm_start_point
+from .space import numeric_range
 
 
 class MadsSampler(PlanSampler):
@@ -33,13 +34,18 @@ class MadsSampler(PlanSampler):
 
     # NOMAD's variables: floats and ints in their own ranges, categoricals as the choice index.
     def _bounds(self) -> tuple[list[float], list[float], list[str]]:
-        lb, ub, kinds = [], [], []
+        lb: list[float] = []
+        ub: list[float] = []
+        kinds: list[str] = []
         for dim in self.dims:
             hp = dim.hyperparameter
             if hp.choices is not None:
-                lb.append(0), ub.append(len(hp.choices) - 1), kinds.append("I")
+                low, high, kind = 0.0, float(len(hp.choices) - 1), "I"
             else:
-                lb.append(hp.low), ub.append(hp.high), kinds.append("I" if hp.integer else "R")
+                (low, high), kind = numeric_range(hp), "I" if hp.integer else "R"
+            lb.append(low)
+            ub.append(high)
+            kinds.append(kind)
         return lb, ub, kinds
 
     def _to_params(self, v: list[float]) -> dict[str, Any]:
@@ -51,13 +57,14 @@ class MadsSampler(PlanSampler):
             elif hp.integer:
                 params[dim.key] = int(round(value))
             else:
-                params[dim.key] = float(min(max(value, hp.low), hp.high))
+                low, high = numeric_range(hp)
+                params[dim.key] = float(min(max(value, low), high))
         return params
 
     def _key(self, params: dict[str, Any]) -> tuple:
         return tuple(round(float(params[d.key]), 9) if not isinstance(params[d.key], str) else params[d.key] for d in self.dims)
 
-    def _x0(self, lb, ub) -> list[float]:
+    def _x0(self, lb: list[float], ub: list[float]) -> list[float]:
         params = self.encoding.decode(warm_start_point(self.context, self.encoding))
         x0 = []
         for dim in self.dims:
@@ -66,7 +73,9 @@ class MadsSampler(PlanSampler):
             x0.append(float(hp.choices.index(value)) if hp.choices is not None else float(value))
         return x0
 
-    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
         if not search_space:
             return {}
         import PyNomad
@@ -88,16 +97,17 @@ class MadsSampler(PlanSampler):
         lb, ub, kinds = self._bounds()
         found: dict[str, Any] = {}
 
-        def blackbox(point) -> int:
+        def blackbox(point: Any) -> int:  # a PyNomad evaluation point
             if "params" in found:
                 return 0  # NOMAD keeps asking until MAX_BB_EVAL; the suggestion is already made
             v = [point.get_coord(i) for i in range(point.size())]
             params = self._to_params(v)
             key = self._key(params)
             if key in known:
-                if known[key] is None:
+                outputs = known[key]
+                if outputs is None:
                     return 0
-                point.setBBO(known[key].encode())
+                point.setBBO(outputs.encode())
                 return 1
             found["params"] = params
             return 0

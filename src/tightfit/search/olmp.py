@@ -25,6 +25,7 @@ from .base import PlanSampler
 from .context import SearchContext
 from .encoding import in_space
 from .sensitivity import warm_start_point
+from .space import numeric_range
 
 C_LOW, C_HIGH = -1.5, 4.0
 GENERATIONS_PER_ROUND = 3
@@ -56,8 +57,8 @@ class OLMPSampler(PlanSampler):
         params = self.encoding.decode(x)
         for i, dim in enumerate(self.dims):
             if i in self._mags:
-                hp = dim.hyperparameter
-                params[dim.key] = float(min(max(self.sparsity(i, self.coefficient(i, x[i])), hp.low), hp.high))
+                low, high = numeric_range(dim.hyperparameter)
+                params[dim.key] = float(min(max(self.sparsity(i, self.coefficient(i, x[i])), low), high))
         return params
 
     def to_z(self, params: dict[str, Any]) -> np.ndarray:
@@ -74,7 +75,7 @@ class OLMPSampler(PlanSampler):
     def _x0(self) -> np.ndarray:
         return self.to_z(self.encoding.decode(warm_start_point(self.context, self.encoding)))
 
-    def _new_es(self, x0: np.ndarray, sigma: float, round_index: int):
+    def _new_es(self, x0: np.ndarray, sigma: float, round_index: int) -> Any:  # cma.CMAEvolutionStrategy
         import cma
 
         opts = {
@@ -86,7 +87,9 @@ class OLMPSampler(PlanSampler):
         }
         return cma.CMAEvolutionStrategy(list(x0), sigma, opts)
 
-    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
         if not search_space:
             return {}
         keys = self.context.space.keys

@@ -84,7 +84,8 @@ def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int =
     x = np.array([enc.encode(t.params) for t in done]).reshape(len(done), enc.d)
     y = np.array([_violation(t) for t in done])
     se_raw = [t.user_attrs.get(PREDICTION_SE_ATTR, t.user_attrs.get(METRIC_SE_ATTR)) for t in done]
-    se = np.array([float(s) for s in se_raw]) if all(s is not None for s in se_raw) else None
+    known = [float(s) for s in se_raw if s is not None]
+    se = np.array(known) if len(known) == len(se_raw) else None
     mean = posterior_mean(x, y, se)
     if mean is None:
         return Pick(observed.number, observed.number)

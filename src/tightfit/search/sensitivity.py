@@ -76,6 +76,7 @@ def probe_violation(context: SearchContext, plan: Plan) -> float:
     cache = context.memo.setdefault("probe_violation", {})
     key = json.dumps(plan.to_dict(), sort_keys=True)
     if key not in cache:
+        assert context.probe is not None, "probe_violation needs a search context with a probe"
         cache[key] = context.probe(plan).violation
     return cache[key]
 

@@ -15,6 +15,14 @@ from ..operators.compose import Compose, why_not_taken
 from ..operators.plan import Plan
 
 
+def numeric_range(hp: Hyperparameter) -> tuple[float, float]:
+    """``(low, high)`` of a hyperparameter without ``choices``. Hyperparameter's own check sets both
+    then; this states it to the type checker and names the field should that ever break."""
+    if hp.low is None or hp.high is None:
+        raise ModelError(f"Hyperparameter {hp.name!r} needs `choices` or both `low` and `high`.")
+    return hp.low, hp.high
+
+
 @dataclass(frozen=True)
 class Dimension:
     """One searched hyperparameter of one operator on one layer; ``key`` is its Optuna name."""
@@ -53,9 +61,10 @@ class SearchSpace:
             if hp.choices is not None:
                 params[key] = trial.suggest_categorical(key, list(hp.choices))
             elif hp.integer:
-                params[key] = trial.suggest_int(key, int(hp.low), int(hp.high), log=hp.log)
+                low, high = numeric_range(hp)
+                params[key] = trial.suggest_int(key, int(low), int(high), log=hp.log)
             else:
-                params[key] = trial.suggest_float(key, hp.low, hp.high, log=hp.log)
+                params[key] = trial.suggest_float(key, *numeric_range(hp), log=hp.log)
         return self.plan(params)
 
     def plan(self, params: dict[str, Any]) -> Plan:
