@@ -3,7 +3,8 @@
 Only classes whose ``forward`` is torch's (or tightfit's) own code are written: an allow-list of
 ``torch.nn`` layers, rebuilt from constructor arguments read back from their attributes, and the
 containers ``Sequential``/``ModuleList``/``ModuleDict`` (and tightfit's ``Factorized``), rebuilt
-from their children. Nothing in the file names code to import: a ``type`` is a key of the
+from their children, and attention/transformer layers (and tightfit's ``SplitQKVAttention``), built
+from their arguments with their parts then replaced by the stored ones. Nothing in the file names code to import: a ``type`` is a key of the
 allow-list. A user's class cannot be rebuilt from data (its ``forward`` is code), so a tree holding
 one is not written, and loading then needs the model itself (``tightfit.load(path, model=...)``).
 
