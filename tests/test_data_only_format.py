@@ -305,3 +305,32 @@ def test_a_file_written_by_format_1_tightfit(tmp_path):
     with torch.no_grad():
         assert torch.equal(tightfit.load(path, model=fresh)(torch.ones(1, 8)), expected)
         assert torch.equal(tightfit.load(path, trust_code=True)(torch.ones(1, 8)), expected)
+
+
+def test_transformer_layers_load_without_the_model_after_heads_and_low_rank(tmp_path):
+    """nn.TransformerEncoder and its layers are rebuilt from data with the parts compression
+    changed: attention with fewer heads (tightfit's SplitQKVAttention), a low-rank feed-forward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0), 2,
+                                                norm=nn.LayerNorm(16), enable_nested_tensor=False),
+                          nn.Linear(16, 3)).eval()
+    heads = tightfit.StructuredPrune()
+    heads.prepare(model, x)
+    plan = Plan.from_strategy(Compose([heads, tightfit.LowRank()]), {
+        "0.layers.1.self_attn.out_proj": {"structured_prune": {"head_ratio": 0.5}},
+        "0.layers.0.linear1": {"low_rank": {"rank_ratio": 0.25}},
+    })
+    compressed = apply(plan, model).eval()
+    kinds = {type(m).__name__ for m in compressed.modules()}
+    assert {"SplitQKVAttention", "Factorized", "MultiheadAttention"} <= kinds
+    tightfit.save(compressed, tmp_path / "t.tfz", plan=plan)
+    assert read_manifest(tmp_path / "t.tfz")["architecture"] == "architecture.json"
+    with torch.no_grad():
+        for loaded in (tightfit.load(tmp_path / "t.tfz"), tightfit.load(tmp_path / "t.tfz", model=model)):
+            assert [type(m) for m in loaded.modules()] == [type(m) for m in compressed.modules()]
+            assert torch.equal(loaded(x), compressed(x))
+    # an activation that is a module of the user's choosing is code: not stored as data
+    custom = nn.TransformerEncoderLayer(16, 4, 32, activation=nn.Hardswish())
+    tightfit.save(custom, tmp_path / "c.tfz")
+    assert read_manifest(tmp_path / "c.tfz")["architecture"] is None

@@ -450,3 +450,20 @@ def test_truncated_and_flipped_files_load_correctly_or_are_refused(saved, tmp_pa
 def test_a_missing_file_says_so(tmp_path):
     with pytest.raises(ArtifactError, match="no such file"):
         load_model(tmp_path / "nothing.tfz")
+
+
+def test_edited_transformer_parts_are_refused():
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False)
+    members = _members(to_bytes(encoder))
+    tree = json.loads(members["architecture.json"])
+    edits = {
+        "num_layers": lambda t: t["root"]["args"].update(num_layers=10**9),
+        "state": lambda t: t["root"].setdefault("state", {}).update(__class__="x"),
+        "activation": lambda t: t["root"]["children"][0][1]["children"][0][1]["args"].update(activation="os.system"),
+        "children": lambda t: t["root"]["children"].append(["extra", {"type": "Identity", "args": {}}]),
+    }
+    for field, edit in edits.items():
+        edited = copy.deepcopy(tree)
+        edit(edited)
+        with pytest.raises(ArtifactError, match=field if field != "activation" else "cannot be built"):
+            _load(_zip({**members, "architecture.json": json.dumps(edited).encode()}))

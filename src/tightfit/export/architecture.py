@@ -3,7 +3,8 @@
 Only classes whose ``forward`` is torch's (or tightfit's) own code are written: an allow-list of
 ``torch.nn`` layers, rebuilt from constructor arguments read back from their attributes, and the
 containers ``Sequential``/``ModuleList``/``ModuleDict`` (and tightfit's ``Factorized``), rebuilt
-from their children. Nothing in the file names code to import: a ``type`` is a key of the
+from their children, and attention/transformer layers (and tightfit's ``SplitQKVAttention``), built
+from their arguments with their parts then replaced by the stored ones. Nothing in the file names code to import: a ``type`` is a key of the
 allow-list. A user's class cannot be rebuilt from data (its ``forward`` is code), so a tree holding
 one is not written, and loading then needs the model itself (``tightfit.load(path, model=...)``).
 
@@ -18,12 +19,16 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..errors import ArtifactError
+from ..operators.heads import SplitQKVAttention
 from ..operators.lowrank import Factorized
 
 ARCHITECTURE_FORMAT = "tightfit-architecture"
@@ -36,8 +41,8 @@ _LEAF_NAMES = (
     "Linear", "Bilinear", "Identity", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
     "ConvTranspose3d", "Embedding", "EmbeddingBag", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm",
     "GroupNorm", "RMSNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm",
-    # recurrent layers and attention
-    "RNN", "LSTM", "GRU", "MultiheadAttention",
+    # recurrent layers
+    "RNN", "LSTM", "GRU",
     # activations
     "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Tanh",
     "Sigmoid", "Hardtanh", "Hardswish", "Hardsigmoid", "Hardshrink", "Softshrink", "Tanhshrink", "Softsign",
@@ -52,11 +57,21 @@ _LEAF_NAMES = (
     "PixelUnshuffle", "ChannelShuffle", "CosineSimilarity", "PairwiseDistance",
 )
 LEAVES: dict[str, type[nn.Module]] = {name: getattr(nn, name) for name in _LEAF_NAMES if hasattr(nn, name)}
+LEAVES["NonDynamicallyQuantizableLinear"] = NonDynamicallyQuantizableLinear  # attention's out_proj: a Linear
 CONTAINERS: dict[str, type[nn.Module]] = {
     "Sequential": nn.Sequential, "ModuleList": nn.ModuleList, "ModuleDict": nn.ModuleDict,
     "tightfit.Factorized": Factorized,
 }
-_NAME_OF = {cls: name for name, cls in {**LEAVES, **CONTAINERS}.items()}
+#: Layers built from arguments whose submodules are then replaced by the file's own (compression
+#: may have changed them: a pruned Linear, a low-rank pair, attention with fewer heads); their own
+#: settings are checked like a leaf's. ``_STATE``: settings they keep beyond their arguments.
+COMPOSITES: dict[str, type[nn.Module]] = {
+    "MultiheadAttention": nn.MultiheadAttention, "TransformerEncoderLayer": nn.TransformerEncoderLayer,
+    "TransformerDecoderLayer": nn.TransformerDecoderLayer, "TransformerEncoder": nn.TransformerEncoder,
+    "tightfit.SplitQKVAttention": SplitQKVAttention,
+}
+_STATE = {"TransformerEncoder": ("use_nested_tensor",), "tightfit.SplitQKVAttention": ("kept_heads", "original_num_heads")}
+_NAME_OF = {cls: name for name, cls in {**LEAVES, **CONTAINERS, **COMPOSITES}.items()}
 
 # Recurrent layers take ``*args, **kwargs``; these are RNNBase's arguments (and RNN's nonlinearity).
 _RNN_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
@@ -99,6 +114,8 @@ def _describe(module: nn.Module, path: str) -> dict[str, Any]:
         if len(children) != len(module._modules):
             raise NotExpressible(f"{where} ({name}) has an empty (None) child")
         return {"type": name, "children": children}
+    if name in COMPOSITES:
+        return _describe_composite(module, name, path)
     args = _recover_args(module, name)
     args = _from_json_args(json.loads(json.dumps(args)))  # exactly what the loader will see
     try:
@@ -110,6 +127,41 @@ def _describe(module: nn.Module, path: str) -> dict[str, Any]:
     if difference:
         raise NotExpressible(f"{where} ({name}) is not what its constructor arguments build: {difference}")
     return {"type": name, "args": args}
+
+
+def _describe_composite(module: nn.Module, name: str, path: str) -> dict[str, Any]:
+    where = path or "the model"
+    children = [[key, None if child is None else _describe(child, f"{path}.{key}" if path else key)]
+                for key, child in module._modules.items()]
+    node: dict[str, Any] = {"type": name, "args": _composite_args(module, name, where), "children": children}
+    state = {key: getattr(module, key) for key in _STATE.get(name, ()) if hasattr(module, key)}
+    if not all(_is_simple(v) for v in state.values()):
+        raise NotExpressible(f"{where} ({name}) keeps settings that are not plain data")
+    if state:
+        node["state"] = state
+    try:  # the loader's own path, so what is checked is what will be loaded
+        with torch.device("meta"):
+            rebuilt = _build(json.loads(json.dumps(node)), where, 0, [0], max_tensors=10**9)
+    except ArtifactError as exc:
+        raise NotExpressible(f"{where} ({name}) cannot be rebuilt: {exc}") from exc
+    difference = _difference(module, rebuilt)
+    if difference:
+        raise NotExpressible(f"{where} ({name}) is not what its arguments and parts build: {difference}")
+    return node
+
+
+def _composite_args(module: nn.Module, name: str, where: str) -> dict[str, Any]:
+    if name == "TransformerEncoder":  # its layers and norm are its stored parts
+        return {k: v for k, v in _recover_args(module, name).items() if k != "norm"}
+    if name not in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+        return _recover_args(module, name)
+    activation = {F.relu: "relu", F.gelu: "gelu"}.get(getattr(module, "activation", None))
+    if activation is None:
+        raise NotExpressible(f"{where} ({name}) has an activation other than relu or gelu")
+    # the submodules (attention, feed-forward, norms) are replaced by the stored ones: the arguments
+    # only need to make the same own settings (d_model for shapes that are replaced, one head)
+    return {"d_model": int(module.norm1.normalized_shape[0]), "nhead": 1, "dim_feedforward": 1,
+            "activation": activation, "norm_first": bool(module.norm_first)}
 
 
 def _has_own_behaviour(module: nn.Module) -> bool:
@@ -227,13 +279,58 @@ def _build(node: Any, where: str, depth: int, counter: list[int], max_tensors: i
             child = _build(item[1], f"{where}.{item[0]}", depth + 1, counter, max_tensors)
             container.add_module(item[0], child)
         return container
+    if name in COMPOSITES:
+        return _build_composite(node, name, where, depth, counter, max_tensors)
     if name not in LEAVES:
         raise ArtifactError(f"architecture.json: {where} has type {name[:80]!r}, which is not an allowed torch.nn class.")
     return _build_leaf(name, node.get("args"), where, max_tensors)
 
 
-def _build_leaf(name: str, args: Any, where: str, max_tensors: int) -> nn.Module:
-    cls = LEAVES[name]
+def _build_composite(node: dict[str, Any], name: str, where: str, depth: int, counter: list[int],
+                     max_tensors: int) -> nn.Module:
+    children = node.get("children")
+    if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str)
+                                                 for c in children):
+        raise ArtifactError(f"architecture.json: {where}.children must be a list of [name, module or null] pairs.")
+    parts = {key: None if child is None else _build(child, f"{where}.{key}", depth + 1, counter, max_tensors)
+             for key, child in children}
+    args = node.get("args")
+    if name == "TransformerEncoder":  # its constructor copies a layer num_layers times: the stored layers
+        layers = parts.get("layers")
+        if (not isinstance(layers, nn.ModuleList) or not len(layers) or not isinstance(args, dict)
+                or args.get("num_layers") != len(layers)):
+            raise ArtifactError(f"architecture.json: {where} needs its layers, as many as its args.num_layers.")
+        if any(k not in ("num_layers", "enable_nested_tensor", "mask_check") or type(v) not in (int, bool)
+               for k, v in args.items()):
+            raise ArtifactError(f"architecture.json: {where}.args may hold num_layers, enable_nested_tensor, mask_check only.")
+        args = {**args, "encoder_layer": layers[0], "norm": parts.get("norm")}
+        built = _construct(nn.TransformerEncoder, name, args, where)
+    else:
+        built = _build_leaf(name, args, where, max_tensors, COMPOSITES)
+    if set(parts) != set(built._modules) or len(parts) != len(children):
+        raise ArtifactError(f"architecture.json: {where}.children are {sorted(parts)[:8]}, but a {name} has "
+                            f"{sorted(built._modules)}.")
+    for key, part in parts.items():
+        built._modules[key] = part
+    state = node.get("state", {})
+    allowed = _STATE.get(name, ())
+    if not isinstance(state, dict) or any(k not in allowed or not _is_simple(v) for k, v in state.items()):
+        raise ArtifactError(f"architecture.json: {where}.state may only hold {list(allowed)}, as plain values.")
+    for key, value in state.items():
+        setattr(built, key, value)
+    if isinstance(built, SplitQKVAttention) and not _heads_fit(built):
+        raise ArtifactError(f"architecture.json: {where}.state.kept_heads does not fit its {built.num_heads} heads.")
+    return built
+
+
+def _heads_fit(attention: SplitQKVAttention) -> bool:
+    kept, total = attention.kept_heads, attention.original_num_heads
+    return (isinstance(kept, list) and type(total) is int and len(kept) == attention.num_heads
+            and all(type(h) is int and 0 <= h < total for h in kept))
+
+
+def _build_leaf(name: str, args: Any, where: str, max_tensors: int, classes: dict[str, type[nn.Module]] = LEAVES) -> nn.Module:
+    cls = classes[name]
     allowed = set(_signature_args(cls, name))
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise ArtifactError(f"architecture.json: {where}.args must be an object of constructor arguments.")
@@ -246,7 +343,13 @@ def _build_leaf(name: str, args: Any, where: str, max_tensors: int) -> nn.Module
         layers = args.get("num_layers", 1)
         if not isinstance(layers, int) or not 0 < layers * (2 if args.get("bidirectional") else 1) <= max_tensors:
             raise ArtifactError(f"architecture.json: {where}.args.num_layers={layers!r} does not fit the file's {max_tensors} tensors.")
+    return _construct(cls, name, _from_json_args(args), where)
+
+
+def _construct(cls: type[nn.Module], name: str, args: dict[str, Any], where: str) -> nn.Module:
     try:
-        return cls(**_from_json_args(args))
+        with warnings.catch_warnings():  # e.g. TransformerEncoder on why it takes no nested-tensor path
+            warnings.simplefilter("ignore")
+            return cls(**args)
     except Exception as exc:
         raise ArtifactError(f"architecture.json: {where} ({name}) cannot be built from its args: {type(exc).__name__}: {exc}") from exc
