@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # running a search
     "compress": "tightfit.pipeline",
-    "compress_once": "tightfit.operators",
+    "compress_once": "tightfit.run",
     "Result": "tightfit.records",
     "TrialRecord": "tightfit.records",
     "Measurement": "tightfit.records",
@@ -85,6 +85,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from ._files import load, save
     from .pipeline import compress
+    from .run import compress_once
     from .errors import ArtifactError, ConfigError, EvaluationError, ModelError, TightfitError
     from .evaluation import (
         Accuracy, Agreement, Certificate, Constraint, Fidelity, MaxDrop, MaxLatency, MaxSize, MinMetric, PerSample, Sequential,
@@ -92,7 +93,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .export import export_model
     from .measure import Latency, analyze
     from .operators import (
-        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply, compress_once,
+        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply,
         register_operator,
     )
     from .iterative import prune_and_adjust

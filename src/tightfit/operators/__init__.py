@@ -8,7 +8,7 @@ from .quantize import FakeQuantize, Quantize
 from .int8 import Int8, Int8Weights, int8_layers
 from .lowrank import LowRank
 from .structured import StructuredPrune
-from .calibrated import REPAIRS, Calibrated, apply_plan_calibrated, compress_once, reestimate_batchnorm
+from .calibrated import REPAIRS, Calibrated, apply_plan_calibrated, reestimate_batchnorm
 
 register_operator(Prune)
 register_operator(Quantize)
@@ -20,7 +20,6 @@ __all__ = [
     "REPAIRS",
     "Calibrated",
     "apply_plan_calibrated",
-    "compress_once",
     "reestimate_batchnorm",
     "OPERATOR_REGISTRY",
     "Compose",

@@ -94,7 +94,7 @@ def prune_layer(op: Any, module: nn.Module, settings: dict[str, Any], view: Laye
     parametrize.register_parametrization(module, "weight", WeightMask(view.to_weight(mask), op.pattern))
 
 
-def _batches(calibration: Any, strategy: Compose) -> list[Any]:
+def calibration_batches(calibration: Any, strategy: Compose) -> list[Any]:
     users = [op for op in strategy if op.needs_calibration()]
     who = ", ".join(repr(op) for op in users) or "the repairs"
     if calibration is None:
@@ -121,7 +121,7 @@ def _device_batches(batches: list[Any], device: torch.device) -> list[Any]:
     return [move(b) for b in batches]
 
 
-def _check_repairs(repair: Iterable[str]) -> tuple[str, ...]:
+def check_repairs(repair: Iterable[str]) -> tuple[str, ...]:
     repair = (repair,) if isinstance(repair, str) else tuple(repair)
     unknown = [r for r in repair if r not in REPAIRS]
     if unknown:
@@ -151,8 +151,8 @@ def apply_plan_calibrated(plan: Plan, model: nn.Module, calibration: Any, strate
     any work. Returns what was done (:class:`Calibrated`)."""
     start = time.perf_counter()
     strategy = strategy or plan.strategy()
-    repair = _check_repairs(repair)
-    batches = _batches(calibration, strategy)
+    repair = check_repairs(repair)
+    batches = calibration_batches(calibration, strategy)
     parameter = next(model.parameters(), None)
     if parameter is not None and parameter.device.type == "meta":
         raise ConfigError("The model's weights are on the 'meta' device (not loaded); calibration needs real weights.")
@@ -278,50 +278,3 @@ def refuse_uncalibrated(strategy: Compose) -> None:
         raise ConfigError(f"{', '.join(repr(op) for op in users)} need(s) calibration data, which tightfit.compress does not "
                           "take yet: compress one-shot with tightfit.compress_once(model, strategy, calibration=batches), "
                           "or search with method='rtn' / 'magnitude'.")
-
-
-def one_shot_plan(model: nn.Module, strategy: Compose | Operator, example_input: Any = None) -> tuple[Plan, dict[str, str]]:
-    """The plan that applies every operator of ``strategy`` at its fixed setting to every layer it
-    takes, and the modules it leaves alone with the reason. Each searchable setting must be fixed
-    (one value): a range or several choices is refused."""
-    from ..measure.analysis import analyze
-    from ..search.space import build_space
-    from .compose import why_not_taken
-
-    strategy = as_strategy(strategy)
-    for op in strategy:
-        op.prepare(model, example_input)
-    analysis = analyze(model)
-    space = build_space(strategy, analysis)
-    left_alone = {s.name: s.reason for s in analysis.skipped}
-    left_alone.update({layer.name: why_not_taken(layer, strategy) for layer in analysis.layers if layer.name not in space.fixed})
-    if space.dimensions:
-        open_ = sorted({f"{d.operator}.{d.hyperparameter.name}" for d in space.dimensions})
-        raise ConfigError(f"compress_once applies fixed settings, but {open_} are ranges or choices; give one value "
-                          "each (e.g. Quantize(bits=4), Prune(sparsity=0.5)), or search them with tightfit.compress.")
-    return space.plan({}), left_alone
-
-
-def compress_once(model: nn.Module, strategy: Compose | Operator, calibration: Any = None, *,
-                  example_input: Any = None, repair: Iterable[str] | None = None) -> Calibrated:
-    """Compress ``model`` in one shot, without a search: every layer ``strategy`` takes gets its
-    fixed setting (e.g. ``Quantize(bits=4, method="gptq", group_size=128)``), calibrated operators
-    learn from ``calibration`` (an iterable of model inputs; a labelled loader: ``[x for x, _ in
-    loader]``), then ``repair`` runs (:data:`REPAIRS`; default: BatchNorm re-estimation when
-    calibration is given, nothing otherwise). ``model`` is not changed; the result holds a
-    compressed copy (``result.model``, saved with ``tightfit.save(result.model, path, plan=result.plan)``)."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
-    strategy = as_strategy(strategy)
-    repair = _check_repairs(("batchnorm",) if repair is None and calibration is not None else repair or ())
-    needs_data = any(op.needs_calibration() for op in strategy) or bool(repair)
-    if needs_data:
-        calibration = _batches(calibration, strategy)  # refused before any work; a generator is read once
-    plan, left_alone = one_shot_plan(model, strategy, example_input)
-    compressed = copy.deepcopy(model)
-    if calibration is None:
-        apply_plan_inplace(plan, compressed, strategy)
-        return Calibrated(compressed, plan, left_alone=left_alone)
-    result = apply_plan_calibrated(plan, compressed, calibration, strategy, repair=repair)
-    result.left_alone = left_alone
-    return result
