@@ -139,6 +139,7 @@ def prune_and_adjust(
     from . import MinMetric, compress
     from .export.artifact import load_model, to_bytes
     from .measure.analysis import analyze, count_nonzeros
+    from .search.requirements import check_requirements
 
     if rounds < 1:
         raise ConfigError(f"prune_and_adjust: `rounds` must be >= 1, but got {rounds!r}.")
@@ -153,6 +154,7 @@ def prune_and_adjust(
     if any(op.name != "prune" for op in operators):
         raise ConfigError("prune_and_adjust: `strategy` may only prune (e.g. Prune(sparsity=(0, 0.999))); each round "
                           "starts from the previous round's weights.")
+    check_requirements(search, strategy)  # before the baseline: olmp needs cma
 
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)

@@ -36,7 +36,7 @@ from .records import Measurement, Result, TrialRecord
 from .run_dir import RunDir
 from .search.loop import TrialOutcome, counted_trials, recover_interrupted, run_trials, trial_record
 from .search.context import ProbeResult, SearchContext
-from .search.samplers import check_search
+from .search.requirements import check_requirements
 from .search.space import SearchSpace, build_space
 
 log = logging.getLogger("tightfit")
@@ -295,7 +295,7 @@ def _search(
     objective = objective[0] if multi else objective
     strategy = as_strategy(strategy if strategy is not None else Compose([Prune(), Quantize()]))
     constraints = _constraints(constraint)
-    check_search(search)
+    check_requirements(search, strategy, latency)  # known method; optional packages installed
 
     latency = _latency_for(latency, objective, constraints, example_input)
     if evaluation is not None and latency is not None:

@@ -28,6 +28,7 @@ log = logging.getLogger("tightfit")
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 60
 RETRY_OF = "retry_of"  # user attr of a queued retry: the number of the trial it replaces
+SUGGESTED = "search_time_s"  # user attr set once a trial's whole plan was drawn (search/loop.py)
 WORKER_ATTR = "worker"  # user attr "host:pid" of the process evaluating a trial, set after its first heartbeat
 
 
@@ -48,11 +49,12 @@ class RetryStaleTrial:
             log.warning("trial %d went stale %d times; not retrying it again", trial.number, len(history))
             return
         log.warning("trial %d lost its worker (no heartbeat); queued again", trial.number)
+        drawn = SUGGESTED in trial.user_attrs  # stopped between two suggest calls: draw the whole plan again
         study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,
-                params=trial.params,
-                distributions=trial.distributions,
+                params=trial.params if drawn else {},
+                distributions=trial.distributions if drawn else {},
                 user_attrs={RETRY_OF: trial.number},
                 system_attrs={"failed_trial": history[0], "retry_history": history},
             )
