@@ -21,11 +21,11 @@ from torch import nn
 
 from . import report
 from .errors import ConfigError, ModelError
-from .evaluation.constraints import Constraint, MaxDrop, MaxLatency, MaxSize
-from .evaluation.metrics import bind_reference, evaluate_metric
+from .evaluation.constraints import Constraint, MaxDrop, MaxLatency, MaxSize, check_max_drop
+from .evaluation.metrics import bind_reference, evaluate_metric, evaluate_original
 from .evaluation.sequential import Sequential, SequentialSession
 from .export.artifact import load_model, to_bytes
-from .measure.analysis import SkippedModule, analyze, count_nonzeros, layer_kind, layer_weights, shown_name, sparse_flops
+from .measure.analysis import SkippedModule, analyze, count_nonzeros, zeroed_note, layer_kind, layer_weights, shown_name, sparse_flops
 from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy, why_not_taken
@@ -33,6 +33,7 @@ from .operators.plan import Plan, apply_plan_inplace, fold_weight_norm
 from .operators.prune import Prune
 from .operators.quantize import Quantize
 from .records import Measurement, Result, TrialRecord
+from .recovery import recovery_notes
 from .run_dir import RunDir
 from .search.loop import TrialOutcome, counted_trials, recover_interrupted, run_trials, trial_record
 from .search.context import ProbeResult, SearchContext
@@ -162,7 +163,7 @@ def _measure_baseline(original, evaluate, layer_names, flops: int | None, latenc
     nonzeros, total = count_nonzeros(original, layer_names)
     return Measurement(
         **_timed(latency, original),
-        metric=evaluate_metric(evaluate, copy.deepcopy(original)),
+        metric=evaluate_original(evaluate, copy.deepcopy(original)),  # says it was the original's evaluation
         size_bytes=float32_file_bytes(original),
         nonzeros=nonzeros,
         weight_params=total,
@@ -361,6 +362,7 @@ def _search(
         else:
             baseline = _baseline(study, original, evaluate, layer_names, original_flops, latency)
         baseline_passes = counter.take()
+        check_max_drop(constraints, evaluate, baseline.metric)  # warns of a drop no plan could break
         best_holder: dict[str, Any] = {"record": best_feasible([trial_record(t) for t in study.get_trials()]), "bytes": None}
 
         def evaluate_plan(plan: Plan, trial: optuna.Trial) -> TrialOutcome:
@@ -472,6 +474,8 @@ def _search(
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = _left_alone(analysis, space)
         result.notes.extend(_partly_refused(space) + _following_note(analysis, space) + _direction_note(evaluate, trials, baseline))
+        result.notes.extend(recovery_notes(finetune))  # e.g. an empty training loader trained nothing
+        result.notes.extend(zeroed_note(result.model, layer_names) if result.feasible else [])  # a layer pruned to nothing
         if weight_normed:
             shown = ", ".join(weight_normed[:6]) + (f" and {len(weight_normed) - 6} more" if len(weight_normed) > 6 else "")
             result.notes.append(f"Weight norm was folded into the weights of {shown} before compression (they compute "
@@ -887,8 +891,9 @@ def _finish(
         best_trial=best,
         message=(
             f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
-            f"({len(data):,} of {baseline.size_bytes:,} bytes), {baseline.weight_params / max(1, nonzeros):.1f}x fewer "
-            f"nonzero weights, metric {metric:.4f} vs {baseline.metric:.4f} originally."
+            f"({len(data):,} of {baseline.size_bytes:,} bytes), "
+            + (f"{baseline.weight_params / nonzeros:.1f}x fewer nonzero weights" if nonzeros else "no nonzero weight left")
+            + f", metric {metric:.4f} vs {baseline.metric:.4f} originally."
             + _speed_note(best.measurement, baseline)
         ),
         notes=notes,

@@ -10,6 +10,7 @@ Each recovery is a ``callable(model)`` usable as ``compress(finetune=...)`` or o
 - :class:`Tuned`: lets the search tune a recovery's own hyperparameters with the plan.
 """
 
+from ._base import recovery_notes
 from .finetune import FineTune, cross_entropy_loss
 from .gradual import GradualPrune
 from .lc import LearningCompression
@@ -34,6 +35,7 @@ __all__ = [
     "grid_project",
     "l1_groups",
     "neuron_groups",
+    "recovery_notes",
     "remove_zero_neurons",
     "sparsity_report",
 ]
