@@ -384,8 +384,8 @@ def zeroed_note(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
     shown = ", ".join(zeroed[:6]) + (f" and {len(zeroed) - 6} more" if len(zeroed) > 6 else "")
     figure = (f"{total / nonzero:.1f}x fewer nonzero weights ({nonzero:,} of {total:,} left)" if nonzero
               else f"no nonzero weight left of {total:,}")
-    return [f"Layer(s) {shown} have no nonzero weight left: each outputs its bias alone, whatever its input "
-            f"({figure}). If that is not meant, cap the sparsity below 1 - 1/(the layer's weight count)."]
+    return [f"Layer(s) {shown} have no nonzero weight left: their outputs no longer depend on their inputs (a "
+            f"bias at most) ({figure}). If that is not meant, cap the sparsity below 1 - 1/(the layer's weight count)."]
 
 
 def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
