@@ -25,7 +25,7 @@ from .evaluation.constraints import Constraint, MaxDrop, MaxLatency, MaxSize, ch
 from .evaluation.metrics import bind_reference, evaluate_metric, evaluate_original
 from .evaluation.sequential import Sequential, SequentialSession
 from .export.artifact import load_model, to_bytes
-from .measure.analysis import SkippedModule, analyze, count_nonzeros, zeroed_note, layer_kind, layer_weights, shown_name, sparse_flops
+from .measure.analysis import SkippedModule, analyze, count_nonzeros, layer_kind, layer_weights, shown_name, sparse_flops, zeroed_note
 from .measure.latency import Latency
 from .operators.base import Operator
 from .operators.compose import Compose, as_strategy, why_not_taken
