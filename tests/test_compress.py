@@ -114,8 +114,10 @@ def test_baseline_evaluation_failure_is_an_error_before_the_search(mlp, digits):
     def broken(model):
         raise ValueError("bad metric")
 
-    with pytest.raises(ValueError, match="bad metric"):
+    # said to be the original's evaluation (the CLI prints it without a traceback), the cause chained
+    with pytest.raises(tightfit.errors.EvaluationError, match="raised ValueError: bad metric.*original") as caught:
         tightfit.compress(mlp, **_args(digits, evaluate=broken))
+    assert isinstance(caught.value.__cause__, ValueError)
 
 
 def test_nothing_feasible_returns_the_original_and_says_so(mlp, digits):

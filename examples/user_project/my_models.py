@@ -49,4 +49,6 @@ def train_weights(path: str, epochs: int = 15) -> None:
 
 
 if __name__ == "__main__":
-    train_weights("weights.pt")
+    from pathlib import Path
+
+    train_weights(str(Path(__file__).with_name("weights.pt")))  # beside tightfit.toml, wherever it is run from

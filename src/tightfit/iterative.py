@@ -138,8 +138,10 @@ def prune_and_adjust(
     """
     from .export.artifact import load_model
     from .measure.analysis import analyze, count_nonzeros
+    from .search.requirements import check_requirements
 
     strategy, operators = _checked(rounds, step, max_drop, adjust, strategy)
+    check_requirements(search, strategy)  # before the baseline: olmp needs cma
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)
     baseline = float(evaluate(model))

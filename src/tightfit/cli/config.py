@@ -25,13 +25,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: folders of the configs loaded in this process (their modules are imported from there first)
+_CONFIG_DIRS: list[Path] = []
+
+
+def _import(module_name: str) -> Any:
+    """Import ``module_name``; a module a config's folder holds is taken from that folder, even when
+    an installed package has its name (the folder is otherwise last on ``sys.path``)."""
+    top = module_name.partition(".")[0]
+    local = next((d for d in reversed(_CONFIG_DIRS) if (d / f"{top}.py").is_file() or (d / top / "__init__.py").is_file()),
+                 None)
+    if local is None or top in sys.modules:
+        return importlib.import_module(module_name)
+    sys.path.insert(0, str(local))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(local))  # the first occurrence: the one just inserted
+
+
 def resolve_import(path: str) -> Any:
     """``package.module:attribute`` -> the object; ValueError with the reason otherwise."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{path!r} is not an import path of the form 'package.module:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except Exception as exc:
         raise ValueError(f"cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
     obj = module
@@ -264,8 +283,12 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}).") from None
     base = path.resolve().parent
+    _CONFIG_DIRS.append(base)
     if str(base) not in sys.path:
-        sys.path.insert(0, str(base))
+        # appended, not prepended: a file beside the config named like a dependency (matplotlib.py,
+        # which tightfit imports for trials.png) must not replace it; the config's own modules are
+        # still found there first (resolve_import)
+        sys.path.append(str(base))
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -321,7 +344,9 @@ def _load_weights(model: Any, weights: Path, base: Path) -> None:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConfigError(f"model.weights: no such file {str(weights)!r}.") from None
+        raise ConfigError(f"model.weights: no such file {str(weights)!r}. It is the trained model's state_dict "
+                          "(torch.save(model.state_dict(), path)); examples/user_project/README.md shows how "
+                          "to make one.") from None
     except Exception as exc:
         raise ConfigError(f"model.weights: {str(weights)!r} is not a loadable state_dict ({exc}).") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

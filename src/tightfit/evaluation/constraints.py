@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 
 from ..errors import ConfigError
 from ..records import Measurement
@@ -89,3 +90,33 @@ class MaxLatency(Constraint):
 
     def describe(self) -> str:
         return f"MaxLatency({self.max_ms:g})"
+
+
+def check_max_drop(constraints: list[Constraint], evaluate: object, baseline_metric: float) -> str | None:
+    """Warn about a ``MaxDrop`` no plan could break, once the original's metric is known, and return
+    the warning (for the result's notes); None when there is nothing to say.
+
+    With a metric whose range is known (``value_range``, e.g. ``Accuracy``'s [0, 1]): a drop that
+    takes the bound below the range's low end (``MaxDrop(2)`` where ``MaxDrop(0.02)`` was meant).
+    With a metric of unknown range whose original value lies in (0, 1]: a drop of 1 or more. A
+    warning, not an error: "any metric will do" (a size-only search) is a legitimate wish, and a
+    metric on another scale (a negative loss, a count) may mean it.
+    """
+    value_range = getattr(evaluate, "value_range", None)
+    for drop in (c for c in constraints if isinstance(c, MaxDrop)):
+        floor = baseline_metric - drop.max_drop
+        if value_range is not None and floor < float(value_range[0]):
+            low, high = (float(v) for v in value_range)
+            message = (f"MaxDrop({drop.max_drop:g}): `max_drop` lets the metric fall to {floor:.4g} from the original's "
+                       f"{baseline_metric:.4g}, below the lowest value it can take ({low:g}; range [{low:g}, {high:g}]), "
+                       "so no plan can break it. The drop is in the metric's units: MaxDrop(0.02) allows two points.")
+        elif value_range is None and 0.0 < baseline_metric <= 1.0 and drop.max_drop >= 1.0:  # 0: a loss, likely
+            message = (f"MaxDrop({drop.max_drop:g}): `max_drop` is {drop.max_drop:g} while the original's metric is "
+                       f"{baseline_metric:.4g}; if the metric is a fraction in [0, 1] (accuracy), no plan can break it. "
+                       "The drop is in the metric's units (MaxDrop(0.02) allows two points); ignore this if the "
+                       "metric's scale is wider.")
+        else:
+            continue
+        warnings.warn(message, UserWarning, stacklevel=3)
+        return message
+    return None

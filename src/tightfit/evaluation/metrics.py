@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -431,3 +432,21 @@ def evaluate_metric(evaluate: Callable[[nn.Module], Any], model: nn.Module) -> f
     if not math.isfinite(value):
         raise EvaluationError(f"evaluate returned {value}; it must return a finite number.")
     return value
+
+
+def evaluate_original(evaluate: Callable[[nn.Module], Any], model: nn.Module) -> float:
+    """:func:`evaluate_metric` on the original model, the first call of the user's ``evaluate``: an
+    exception it raises becomes an :class:`EvaluationError` that says so (with where it was
+    raised), instead of a traceback from inside tightfit."""
+    try:
+        return evaluate_metric(evaluate, model)
+    except EvaluationError:
+        raise
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
+        raise EvaluationError(
+            f"`evaluate` raised {type(exc).__name__}: {exc}{where} when evaluating the original, uncompressed model "
+            "(its metric is the baseline every plan is compared with). Nothing was compressed; fix `evaluate` and "
+            "run again."
+        ) from exc

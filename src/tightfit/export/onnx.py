@@ -236,6 +236,22 @@ def carried_over(onnx_path: Path, names: Sequence[str]) -> list[str]:
     return picked
 
 
+#: Weights on ONNX Runtime's reduced int8 range ([-64, 64], 7 bits), activations uint8: the settings
+#: that give the same answer on every x86-64 CPU. Without AVX-512 VNNI (or AVX-VNNI), ONNX Runtime's
+#: uint8 x int8 kernel adds pairs of products in int16 (VPMADDUBSW), which saturates once
+#: 255 * (|w1| + |w2|) > 32767; with |w| <= 64 it cannot (255 * 64 * 2 = 32640).
+#: `python benchmarks/int8_saturation.py` (the tests' int8 models, max |int8 - float| / tolerance):
+#: full-range weights on this AVX-512 VNNI CPU: Linear 0.0056 / 0.0237, LSTM 0.0042 / 0.0235; under
+#: `qemu-x86_64 -cpu Haswell` (AVX2 only): 0.1176 (the 0.117 an AMD EPYC with AVX2 reported) and
+#: 0.2286, both failing. reduce_range: 0.0066 and 0.0061 on both CPUs, identical outputs. uint8
+#: weights (U8U8) are exact for Linear but not for LSTM (ONNX Runtime quantizes LSTM weights to int8
+#: whatever weight_type says: 0.2286 again), and about 2.5x slower on a VNNI CPU (`--speed`: 5.03 ms
+#: against 1.79 full-range and 1.69 reduce_range; reduce_range keeps the fast kernel). The search puts Int8
+#: weights on this same grid (:class:`~tightfit.operators.Int8Weights`), so the export
+#: re-quantizes them exactly.
+PORTABLE_INT8 = {"reduce_range": True}
+
+
 def quantize_onnx(
     float_path: Path,
     out_path: Path,
@@ -262,7 +278,7 @@ def quantize_onnx(
             prepared = float_path
         if mode == "dynamic":
             quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=bool(only),
-                             nodes_to_exclude=exclude, nodes_to_quantize=include)
+                             nodes_to_exclude=exclude, nodes_to_quantize=include, **PORTABLE_INT8)
             _check_int8(out_path, mode, only)
             return
         if calibration is None:
@@ -271,7 +287,7 @@ def quantize_onnx(
         reader = _CalibrationReader([i.name for i in session.get_inputs()], calibration)
         quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                        nodes_to_quantize=include)
+                        nodes_to_quantize=include, **PORTABLE_INT8)
         _check_int8(out_path, mode, only)
 
 

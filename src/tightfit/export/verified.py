@@ -121,14 +121,7 @@ def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], 
 
 
 def _check_export_arguments(format, int8, dtype, example_input, atol, rtol) -> None:
-    if format not in FORMATS:
-        raise ConfigError(f"`format` must be one of {FORMATS}, but got {format!r}.")
-    if int8 is not None and int8 not in INT8_MODES:
-        raise ConfigError(f"`int8` must be one of {INT8_MODES} or None, but got {int8!r}.")
-    if int8 is not None and format != "onnx":
-        raise ConfigError(f"int8 export runs through ONNX Runtime: use format='onnx' (got {format!r}).")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"`dtype` must be one of {sorted(DTYPES)} or None, but got {dtype!r}.")
+    check_export_options(format, int8, dtype)
     if dtype is not None and format == "onnx":
         raise ConfigError("`dtype` applies to torchscript and pt exports; for ONNX use int8 (ONNX Runtime's CPU "
                           "kernels are not faster in 16-bit floats).")
@@ -195,6 +188,18 @@ def _pt_runner(model, path: Path, check_call) -> Any:
             return output_tensors(loaded(*check_args, **check_kwargs))
 
     return run
+
+
+def check_export_options(format: str, int8: str | None = None, dtype: str | None = None) -> None:
+    """Refuse an unknown format, int8 mode or dtype (and int8 outside ONNX) before any work."""
+    if format not in FORMATS:
+        raise ConfigError(f"`format` must be one of {', '.join(FORMATS)}, but got {format!r}.")
+    if int8 is not None and int8 not in INT8_MODES:
+        raise ConfigError(f"`int8` must be one of {', '.join(INT8_MODES)} or None, but got {int8!r}.")
+    if int8 is not None and format != "onnx":
+        raise ConfigError(f"int8 export runs through ONNX Runtime: use format='onnx' (got {format!r}).")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"`dtype` must be one of {', '.join(sorted(DTYPES))} or None, but got {dtype!r}.")
 
 
 def export_model(
@@ -307,6 +312,7 @@ def export_run(
     Static int8 calibrates on that example input only. Writes ``<file>.json`` (the report, with
     the speedup over the baseline latency the search measured, when it measured one) next to it.
     """
+    check_export_options(format, int8, dtype)  # before reading the run: `--format xyz` is an error, not a traceback
     from .._io import write_text_atomic
     from ..run_dir import EXAMPLE_INPUT_FILE, MODEL_FILE, SUMMARY_FILE
     from .artifact import load_model

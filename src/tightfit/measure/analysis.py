@@ -305,6 +305,28 @@ def count_nonzeros(model: nn.Module, layer_names: Sequence[str]) -> tuple[int, i
     return nonzero, total
 
 
+def zeroed_layers(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
+    """The compressible layers (at or below ``layer_names``) whose weights are all zero."""
+    with torch.no_grad():
+        return [name for name, module in _compressible_under(model, layer_names)
+                if all(int(torch.count_nonzero(w)) == 0 for w in layer_weights(module))]
+
+
+def zeroed_note(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
+    """A result's note when compression left a layer without a nonzero weight: the nonzero-weight
+    ratio then counts the whole layer as removed, and the layer's output no longer depends on its
+    input (a pruning of 0.99 rounds to every weight of a layer of 50 or fewer)."""
+    zeroed = zeroed_layers(model, layer_names)
+    if not zeroed:
+        return []
+    nonzero, total = count_nonzeros(model, layer_names)
+    shown = ", ".join(zeroed[:6]) + (f" and {len(zeroed) - 6} more" if len(zeroed) > 6 else "")
+    figure = (f"{total / nonzero:.1f}x fewer nonzero weights ({nonzero:,} of {total:,} left)" if nonzero
+              else f"no nonzero weight left of {total:,}")
+    return [f"Layer(s) {shown} have no nonzero weight left: their outputs no longer depend on their inputs (a "
+            f"bias at most) ({figure}). If that is not meant, cap the sparsity below 1 - 1/(the layer's weight count)."]
+
+
 def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:
     """Dense FLOPs of one forward pass per module name, counted by ``torch.utils.flop_counter``.
 

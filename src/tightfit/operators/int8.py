@@ -7,9 +7,11 @@ parent reads its weight directly, is left alone and named (:meth:`Int8.refused`)
 runs as ONNX Runtime's ``DynamicQuantizeLSTM`` (its input and recurrent matrices in int8, one scale
 per gate row); GRU and RNN layers have no such kernel and are left alone.
 
-In the search the layer's weight is put on the int8 grid ONNX Runtime's dynamic quantization
-uses (symmetric, per output channel, codes in [-127, 127]), so the metric sees the weight error
-and the ``.tfz`` stores 8-bit codes. The speed exists only in a runtime with int8 kernels:
+In the search the layer's weight is put on the int8 grid the export quantizes to (symmetric, per
+output channel, ONNX Runtime's reduced range: codes in [-64, 64]), so the metric sees the weight
+error, the ``.tfz`` stores 8-bit codes and the export re-quantizes them exactly. The reduced range
+is what keeps the int8 file's answer the same on CPUs without AVX-512 VNNI (see
+``tightfit.export.verified.PORTABLE_INT8``). The speed exists only in a runtime with int8 kernels:
 ``Latency(..., runtime="onnxruntime")`` times the trial as the int8 ONNX model it exports to,
 and ``tightfit export RUN_DIR --format onnx`` writes exactly those layers in int8. Activations are
 quantized per call at run time; that error is not in the search's metric, and the export's
@@ -42,10 +44,17 @@ LSTM_PROJECTION = "an LSTM with proj_size has no ONNX LSTM operator to run in in
 
 
 class Int8Weights(FakeQuantize):
-    """8-bit symmetric per-channel weight grid, marked as "run this layer in int8"."""
+    """Symmetric per-channel int8 weight grid with ONNX Runtime's reduced range (codes in [-64, 64],
+    stored in 8 bits), marked as "run this layer in int8"."""
 
     def __init__(self) -> None:
         super().__init__(8)
+
+    @property
+    def qmax(self) -> int:
+        # ONNX Runtime's reduce_range int8 range (-64, 64): |code| <= 64 cannot saturate the int16
+        # pair sums of its uint8 x int8 kernel on CPUs without VNNI (255 * 64 * 2 = 32640 <= 32767)
+        return 64
 
 
 class Int8(Operator):

@@ -10,7 +10,7 @@ Each recovery is a ``callable(model)`` usable as ``compress(finetune=...)`` or o
 - :class:`Tuned`: lets the search tune a recovery's own hyperparameters with the plan.
 """
 
-from ._base import Recovery, Site, check_optimizer, make_optimizer, sites
+from ._base import Recovery, Site, check_optimizer, make_optimizer, recovery_notes, sites
 from .finetune import FineTune, cross_entropy_loss
 from .gradual import GradualPrune
 from .lc import LearningCompression
@@ -39,6 +39,7 @@ __all__ = [
     "l1_groups",
     "make_optimizer",
     "neuron_groups",
+    "recovery_notes",
     "remove_zero_neurons",
     "sites",
     "sparsity_report",

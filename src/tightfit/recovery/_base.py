@@ -4,6 +4,7 @@ count, and the tunable hyperparameters a search may set per trial (see :mod:`.tu
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,32 @@ def _own_loss(output: Any) -> torch.Tensor | None:
     """The scalar loss a model returned (a Hugging Face output's ``loss``), or None."""
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+
+
+def loader_is_empty(loader: Iterable) -> bool:
+    """True when ``loader`` yields no batch: ``len(loader) == 0``, or (unsized) its first ``next``
+    comes back empty. A loader that cannot even be iterated counts as not empty (training says why)."""
+    try:
+        return len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    try:
+        return next(iter(loader), _NOTHING) is _NOTHING
+    except Exception:
+        return False
+
+
+_NOTHING = object()
+
+
+def recovery_notes(recovery: Any) -> list[str]:
+    """What a result should say about its recovery: that it trained nothing, when its loader was empty."""
+    inner = getattr(recovery, "recovery", recovery)  # Tuned wraps the recovery it tunes
+    if getattr(inner, "empty_loader", False) and getattr(inner, "epochs", 0):
+        name = type(inner).__name__
+        return [f"{name}'s training loader held no batch: no trial was fine-tuned (the metric is the untrained "
+                "compressed model's). Pass a loader with data, or finetune=None."]
+    return []
 
 
 def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -98,6 +125,10 @@ class Recovery:
         if max_steps is not None and max_steps < 0:
             raise ConfigError(f"{cls}: `max_steps` must be >= 0 or None, but got {max_steps!r}.")
         self.loader = loader
+        self.empty_loader = loader_is_empty(loader)
+        if self.empty_loader and epochs > 0:
+            warnings.warn(f"{cls}: `loader` holds no batch, so {cls} trains nothing (an empty dataset, or "
+                          "drop_last with fewer samples than a batch).", RuntimeWarning, stacklevel=3)
         self.epochs = epochs
         self.lr = float(lr)
         self.loss = loss or cross_entropy_loss

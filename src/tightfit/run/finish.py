@@ -153,13 +153,14 @@ class Finish:
             )
         nonzeros, _ = count_nonzeros(loaded, self.layer_names)
         ratio = baseline.weight_params / max(1, nonzeros)
+        fewer = f"{ratio:.1f}x fewer nonzero weights" if nonzeros else "no nonzero weight left"
         result = Result(
             model=loaded, plan=best.plan, metric=metric, size_bytes=len(data), nonzero_ratio=ratio, feasible=True,
             best_trial=best,
             message=(
                 f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
-                f"({len(data):,} of {baseline.size_bytes:,} bytes), {ratio:.1f}x fewer "
-                f"nonzero weights, metric {metric:.4f} vs {baseline.metric:.4f} originally."
+                f"({len(data):,} of {baseline.size_bytes:,} bytes), {fewer}, "
+                f"metric {metric:.4f} vs {baseline.metric:.4f} originally."
                 + speed_note(best.measurement, baseline)
             ),
             notes=notes,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..evaluation.metrics import evaluate_metric
+from ..evaluation.metrics import evaluate_metric, evaluate_original
 from ..export.artifact import to_bytes
 from ..measure.analysis import count_nonzeros, layer_weights, sparse_flops
 from ..measure.latency import Latency
@@ -57,7 +57,7 @@ def measure_baseline(original, evaluate, layer_names, flops: int | None, latency
     nonzeros, total = count_nonzeros(original, layer_names)
     return Measurement(
         **timed(latency, original),
-        metric=evaluate_metric(evaluate, copy.deepcopy(original)),
+        metric=evaluate_original(evaluate, copy.deepcopy(original)),  # says it was the original's evaluation
         size_bytes=float32_file_bytes(original),
         nonzeros=nonzeros,
         weight_params=total,

@@ -23,6 +23,9 @@ from ..evaluation.sequential import SequentialSession
 from ..measure.analysis import ModelAnalysis, analyze
 from ..operators.plan import fold_weight_norm
 from ..records import Measurement, Result, TrialAttrs, best_feasible, pareto_front
+from ..evaluation.constraints import check_max_drop
+from ..measure.analysis import zeroed_note
+from ..recovery import recovery_notes
 from ..run_dir import RunDir
 from ..search.loop import counted_trials, recover_interrupted, run_trials, trial_record
 from ..search.space import SearchSpace, build_space
@@ -153,6 +156,7 @@ class Run:
         else:
             baseline = stored_baseline(study, p.original, p.evaluate, p.layer_names, p.flops, c.latency)
         baseline_passes = p.counter.take()
+        check_max_drop(c.constraints, p.evaluate, baseline.metric)  # warns of a drop no plan could break
         best = BestSoFar(best_feasible([trial_record(t) for t in study.get_trials()]), run, keep=not self.worker)
         return Opened(run, study, url, baseline, baseline_passes, best)
 
@@ -231,6 +235,8 @@ class Run:
         result.left_alone = left_alone(p.analysis, p.space)
         result.notes.extend(partly_refused(p.space) + following_note(p.analysis, p.space)
                             + direction_note(p.evaluate, trials, o.baseline))
+        result.notes.extend(recovery_notes(s.finetune))  # e.g. an empty training loader trained nothing
+        result.notes.extend(zeroed_note(result.model, p.layer_names) if result.feasible else [])  # a layer pruned to nothing
         if p.weight_normed:
             result.notes.append(weight_norm_note(p.weight_normed))
         if c.compiled:

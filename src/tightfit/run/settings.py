@@ -22,7 +22,7 @@ from ..operators.calibrated import refuse_uncalibrated
 from ..operators.compose import Compose, as_strategy
 from ..operators.prune import Prune
 from ..operators.quantize import Quantize
-from ..search.samplers import check_search
+from ..search.requirements import check_requirements
 
 OBJECTIVES = ("size", "nonzeros", "flops", "latency")
 #: how compress chooses its answer among the feasible trials (see tightfit.run.finish.final_pick)
@@ -114,7 +114,7 @@ def check(model: nn.Module, settings: Settings) -> Checked:
     strategy = as_strategy(s.strategy if s.strategy is not None else Compose([Prune(), Quantize()]))
     refuse_uncalibrated(strategy)  # GPTQ / Wanda / SparseGPT need calibration data, which compress() does not take yet
     constraints = constraint_list(s.constraint)
-    check_search(s.search)
+    check_requirements(s.search, strategy, s.latency)  # known method; optional packages installed
     latency = latency_for(s.latency, objective, constraints, s.example_input)
     if s.evaluation is not None and latency is not None:
         raise ConfigError(

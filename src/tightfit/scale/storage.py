@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError
 from ..optuna_compat import is_heartbeat_storage, storage_backend, study_storage, trial_id
-from ..run_dir import RETRY_OF_ATTR as RETRY_OF, WORKER_ATTR
+from ..run_dir import RETRY_OF_ATTR as RETRY_OF, SEARCH_TIME_ATTR, WORKER_ATTR
 
 log = logging.getLogger("tightfit")
 
@@ -51,11 +51,12 @@ class RetryStaleTrial:
             log.warning("trial %d went stale %d times; not retrying it again", trial.number, len(history))
             return
         log.warning("trial %d lost its worker (no heartbeat); queued again", trial.number)
+        drawn = SEARCH_TIME_ATTR in trial.user_attrs  # stopped between two suggest calls: draw the whole plan again
         study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,
-                params=trial.params,
-                distributions=trial.distributions,
+                params=trial.params if drawn else {},
+                distributions=trial.distributions if drawn else {},
                 user_attrs={RETRY_OF: trial.number},
                 system_attrs={"failed_trial": history[0], "retry_history": history},
             )

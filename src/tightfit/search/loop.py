@@ -17,10 +17,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ..errors import EvaluationError
 from ..operators.plan import Plan
 from ..optuna_compat import cached_trials, live_trial, study_storage
 from ..records import TrialAttrs, TrialRecord
-from ..run_dir import ERROR_ATTR, INTERRUPTED_ATTR
+from ..run_dir import ERROR_ATTR, INTERRUPTED_ATTR, SEARCH_TIME_ATTR
 from ..scale.storage import RETRY_OF, fail_stale_trials, heartbeat_enabled, trial_heartbeat
 from .context import SearchContext
 from .samplers import make_sampler
@@ -30,6 +31,32 @@ log = logging.getLogger("tightfit")
 
 INTERRUPTED = INTERRUPTED_ATTR
 _STALE_CHECK_S = 1.0
+#: A run whose first trials (in this process) all fail with this many identical errors stops: a
+#: missing package or a broken evaluation fails every trial alike, and finishing the budget would
+#: only return the original model (30 trials of `ModuleNotFoundError: cma` did, before the check).
+SAME_FAILURE_STOP = 3
+
+
+class FirstFailures:
+    """Stops a run whose first :data:`SAME_FAILURE_STOP` trials failed with one and the same error."""
+
+    def __init__(self, limit: int = SAME_FAILURE_STOP) -> None:
+        self.limit = limit
+        self.errors: list[str] | None = []  # None once a trial succeeded: failures later are the search's own
+
+    def succeeded(self) -> None:
+        self.errors = None
+
+    def failed(self, error: str) -> None:
+        if self.errors is None:
+            return
+        self.errors.append(error)
+        if len(self.errors) >= self.limit and len(set(self.errors)) == 1:
+            raise EvaluationError(
+                f"The first {len(self.errors)} trials all failed with the same error, so the search stopped instead "
+                f"of spending its budget on it: {error}. Each trial's traceback is stored with it (trials.csv, "
+                "the study); fix the cause and run again."
+            )
 
 
 def _worker_id() -> str:
@@ -138,6 +165,16 @@ class PositionSeededSampler(optuna.samplers.BaseSampler):
         self._inner.reseed_rng()
 
 
+def retry_params(trial: optuna.trial.FrozenTrial | optuna.Trial) -> dict[str, Any]:
+    """The parameters a retry of an interrupted trial is queued with: all of them once the plan was
+    drawn; none when the trial was stopped between two ``suggest`` calls. A retry with only the
+    first few fixed drew different values for the rest (the sampler's random stream is consumed
+    per draw, and fixed values draw nothing); with none fixed it draws the whole plan again from
+    the same seed (the retry takes its original's position, :func:`trial_position`), as the
+    original did."""
+    return dict(trial.params) if SEARCH_TIME_ATTR in trial.user_attrs else {}
+
+
 def recover_interrupted(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a dead process as interrupted failures and enqueue their
     parameters again. Only safe when no other process works on the study (the run-dir lock);
@@ -147,7 +184,7 @@ def recover_interrupted(study: optuna.Study) -> int:
         handle = live_trial(study, t)
         _write(handle, TrialAttrs(interrupted=True))
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs=TrialAttrs(retry_of=t.number).to_user_attrs())
+        study.enqueue_trial(retry_params(t), user_attrs=TrialAttrs(retry_of=t.number).to_user_attrs())
         recovered += 1
     return recovered
 
@@ -178,6 +215,7 @@ def run_trials(
     optimizer's own time per suggestion is stored on each trial as ``search_time_s``."""
     study.sampler = PositionSeededSampler(lambda s: make_sampler(method, s, space, budget, context), seed)
     evaluated = 0
+    first_failures = FirstFailures()
     stale_checked = float("-inf")
     while True:
         if time.monotonic() - stale_checked >= _STALE_CHECK_S:  # a query; staleness takes seconds anyway
@@ -208,7 +246,7 @@ def run_trials(
         except KeyboardInterrupt:
             _write(trial, TrialAttrs(interrupted=True))
             study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(dict(trial.params), user_attrs=TrialAttrs(retry_of=trial.number).to_user_attrs())
+            study.enqueue_trial(retry_params(trial), user_attrs=TrialAttrs(retry_of=trial.number).to_user_attrs())
             raise
         except Exception as exc:  # a failing trial is recorded and the search goes on
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
@@ -219,12 +257,17 @@ def run_trials(
             )
             frozen = _record(study, trial, error.to_user_attrs(), [], None)
         else:
+            error = None
             attrs = {**_user_attrs(outcome.attrs), **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs()}
             values = outcome.objective
             values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
             frozen = _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
         if on_trial is not None and frozen is not None:
             on_trial(frozen)
+        if error is None:
+            first_failures.succeeded()
+        else:
+            first_failures.failed(error.error or "")
 
 
 def _user_attrs(attrs: TrialAttrs | dict[str, Any]) -> dict[str, Any]:
