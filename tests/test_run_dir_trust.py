@@ -150,8 +150,10 @@ def test_export_on_the_command_line_builds_the_model_from_the_config(run, tmp_pa
     )
     (project / "run.toml").write_text('[model]\nfactory = "trustmods:build"\n[evaluate]\nfunction = "trustmods:metric"\n'
                                       "[[strategy]]\noperator = \"prune\"\n[constraint]\nmax_drop = 1.0\n")
-    shown = CliRunner().invoke(app, ["export", str(run_dir), "--format", "pt"])
-    assert shown.exit_code == 2 and "--config" in shown.output and not marker.exists()
+    shown = CliRunner().invoke(app, ["export", str(run_dir), "--format", "pt", "--out", str(tmp_path / "plain.pt")])
+    assert shown.exit_code == 0 and not marker.exists(), shown.output  # rebuilt from architecture.json, pickle unread
+    shown = CliRunner().invoke(app, ["export", str(run_dir), "--config", "a.toml", "--factory", "m:f", "--format", "pt"])
+    assert shown.exit_code == 2 and "not both" in shown.output
     shown = CliRunner().invoke(app, ["export", str(run_dir), "--config", str(project / "run.toml"), "--format", "pt"])
     assert shown.exit_code == 0, shown.output
     assert not marker.exists() and (run_dir / "export" / "model.pt").exists()

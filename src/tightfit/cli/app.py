@@ -316,18 +316,27 @@ def export(
 ) -> None:
     """Write the run's model as ONNX/TorchScript/pt, reload it, check its outputs, time it.
 
-    model.tfz is loaded into the model the run's config builds (--config), so no code stored in the
-    run directory runs. A failed output check is an error (exit code 2), not a warning.
+    model.tfz is loaded into the model the run's config builds (--config) or --factory builds, or,
+    without either, rebuilt from its data-only architecture (torch.nn layers only); no code stored
+    in the run directory runs. A failed output check is an error (exit code 2), not a warning.
     """
-    from ..errors import TightfitError
     from rich.table import Table
 
+    from ..errors import ArtifactError, TightfitError
     from ..export import export_run
+    from ..export.verified import check_export_options
 
+    model = None
     try:
+        check_export_options(format, int8, dtype)  # `--format xyz` is an error before anything is read
         model = _config_model(config, factory, run_dir)
         rep = export_run(run_dir, model=model, format=format, out=out, atol=atol, rtol=rtol, batch_size=batch_size,
                          threads=threads, int8=int8, keep_float=keep_float, dtype=dtype)
+    except ArtifactError as exc:
+        if model is None and "model=" in str(exc):  # the file holds no architecture as data: a user class
+            exc = ArtifactError(f"{exc} On the command line: --config CONFIG (the run's config builds the model) "
+                                "or --factory module:function.")
+        _fail(exc)
     except TightfitError as exc:
         _fail(exc)
     rows = [
@@ -347,7 +356,7 @@ def export(
 
 
 def _config_model(config: Path | None, factory: str | None, run_dir: Path):
-    """The model that ``tightfit export`` loads model.tfz into: built by the run's config
+    """The model that ``tightfit export`` loads model.tfz into (None: the file's own architecture): built by the run's config
     (``model.factory`` with its ``kwargs``; the config's folder on the import path, as for
     ``tightfit run``), or by ``--factory`` (an import path, the current directory importable)."""
     import os
@@ -358,12 +367,10 @@ def _config_model(config: Path | None, factory: str | None, run_dir: Path):
     from ..cli.config import load_config, resolve_import
     from ..errors import ConfigError
 
-    if (config is None) == (factory is None):
-        raise ConfigError(
-            f"export: pass --config CONFIG (the TOML config that made {str(run_dir)!r}) or --factory module:function "
-            "(for a run made from Python): model.tfz is loaded into the model it builds, so that no code stored in "
-            "the run directory runs."
-        )
+    if config is not None and factory is not None:
+        raise ConfigError("export: pass --config CONFIG or --factory module:function, not both.")
+    if config is None and factory is None:
+        return None  # model.tfz's data-only architecture is rebuilt (torch.nn layers only; nothing is unpickled)
     if config is not None:
         parsed, _ = load_config(config)
         field, path, kwargs = "model.factory", parsed.model.factory, parsed.model.kwargs
