@@ -19,9 +19,9 @@ import json
 import tempfile
 from pathlib import Path
 
+import cheap_eval
 import optuna
 
-import cheap_eval
 import tightfit
 from tightfit.pipeline import compress
 
@@ -46,12 +46,28 @@ def main() -> None:
     split, model, recipe = cheap_eval.setup(args.task, 3 if args.task == "mnist1d" else None)
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            compress(copy.deepcopy(model), evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)), budget=30,
-                     search="auto", seed=seed, example_input=split.x_val[:1], run_dir=Path(tmp) / "run", progress=False,
-                     evaluation=tightfit.Sequential() if args.mode == "sequential" else None, **recipe)
+            compress(
+                copy.deepcopy(model),
+                evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+                budget=30,
+                search="auto",
+                seed=seed,
+                example_input=split.x_val[:1],
+                run_dir=Path(tmp) / "run",
+                progress=False,
+                evaluation=tightfit.Sequential() if args.mode == "sequential" else None,
+                **recipe,
+            )
             study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{Path(tmp) / 'run' / 'study.db'}")
             trials = study.get_trials()
-        row = {"task": args.task, "mode": args.mode, "seed": seed, "trials": len(trials), "repeats": repeats(trials), "label": args.label}
+        row = {
+            "task": args.task,
+            "mode": args.mode,
+            "seed": seed,
+            "trials": len(trials),
+            "repeats": repeats(trials),
+            "label": args.label,
+        }
         print(json.dumps(row), flush=True)
         RESULTS.mkdir(exist_ok=True)
         with open(RESULTS / "bo_repeats.jsonl", "a") as handle:

@@ -54,7 +54,11 @@ REFERENCE = (20, 1024, 200)
 def history_before(study: optuna.Study, trial, enc) -> History:
     """The completed trials the sampler saw when it made ``trial``'s suggestion (sequential run)."""
     h = collect_history(study, trial, enc)
-    n = sum(1 for u in study.get_trials(deepcopy=False) if u.number < trial.number and u.state == optuna.trial.TrialState.COMPLETE)
+    n = sum(
+        1
+        for u in study.get_trials(deepcopy=False)
+        if u.number < trial.number and u.state == optuna.trial.TrialState.COMPLETE
+    )
     return History(h.x[:n], h.objective[:n], h.violation[:n], h.se[:n], h.pending[:0], h.failed[:0])
 
 
@@ -82,9 +86,16 @@ def step_times(study: optuna.Study, space, args) -> dict:
                 sampler._bo_step(h, study)
             if timed:
                 times.append(time.process_time() - started)
-    row = {"task": args.task, "seed": args.seed, "study": args.study, "tag": args.tag, "bo_steps": len(times),
-           "step_cpu_s_mean": statistics.mean(times), "step_cpu_s_median": statistics.median(times),
-           "step_cpu_s_total": sum(times)}
+    row = {
+        "task": args.task,
+        "seed": args.seed,
+        "study": args.study,
+        "tag": args.tag,
+        "bo_steps": len(times),
+        "step_cpu_s_mean": statistics.mean(times),
+        "step_cpu_s_median": statistics.median(times),
+        "step_cpu_s_total": sum(times),
+    }
     with open(OUT.with_name("bo_step_time.jsonl"), "a") as handle:
         handle.write(json.dumps(row) + "\n")
     return row
@@ -95,7 +106,9 @@ def main() -> None:
     ap.add_argument("--task", default="digits", choices=["digits", "mnist1d"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warm-iters", type=int, default=G.WARM_MAXITER)
-    ap.add_argument("--acq", default="6/256/60,6/256/30,4/128/30,2/64/20", help="restarts/raw_samples/maxiter, comma-separated")
+    ap.add_argument(
+        "--acq", default="6/256/60,6/256/30,4/128/30,2/64/20", help="restarts/raw_samples/maxiter, comma-separated"
+    )
     ap.add_argument("--study", help="SQLite file: replay the search stored there (made and stored if missing)")
     ap.add_argument("--step-time", action="store_true", help="only time whole BO steps (bo_step_time.jsonl)")
     ap.add_argument("--tag", default="", help="a label stored with the row")
@@ -109,8 +122,17 @@ def main() -> None:
     if args.study and Path(args.study).exists():  # replay a search stored earlier (e.g. by another version)
         optuna.copy_study(from_study_name="replay", from_storage=f"sqlite:///{args.study}", to_storage=storage)
     else:
-        compress(model, evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)), budget=30, search="auto",
-                 seed=args.seed, example_input=split.x_val[:1], storage=storage, study_name="replay", **recipe)
+        compress(
+            model,
+            evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+            budget=30,
+            search="auto",
+            seed=args.seed,
+            example_input=split.x_val[:1],
+            storage=storage,
+            study_name="replay",
+            **recipe,
+        )
         if args.study:
             optuna.copy_study(from_study_name="replay", from_storage=storage, to_storage=f"sqlite:///{args.study}")
     study = optuna.load_study(storage=storage, study_name="replay")
@@ -131,14 +153,23 @@ def main() -> None:
         for s in [REFERENCE, *settings]:
             torch.manual_seed(0)
             started = time.process_time()
-            cand, value = optimize(acq, **{**kw, "num_restarts": s[0], "raw_samples": s[1], "options": {**kw["options"], "maxiter": s[2]}})
+            cand, value = optimize(
+                acq, **{**kw, "num_restarts": s[0], "raw_samples": s[1], "options": {**kw["options"], "maxiter": s[2]}}
+            )
             row["{}/{}/{}".format(*s)] = (float(value), time.process_time() - started)
         if type(acq).__name__ == "IndependentLogCEI":  # bo's acquisition vs BoTorch's own class
             from botorch.acquisition.analytic import LogConstrainedExpectedImprovement
 
             own = kw["num_restarts"], kw["raw_samples"], kw["options"]["maxiter"]
-            for name, a in (("independent", acq), ("botorch", LogConstrainedExpectedImprovement(
-                    acq.model, best_f=acq.best_f, objective_index=0, constraints={1: (None, 0.0)}))):
+            for name, a in (
+                ("independent", acq),
+                (
+                    "botorch",
+                    LogConstrainedExpectedImprovement(
+                        acq.model, best_f=acq.best_f, objective_index=0, constraints={1: (None, 0.0)}
+                    ),
+                ),
+            ):
                 torch.manual_seed(0)
                 started = time.process_time()
                 c, v = optimize(a, **kw)
@@ -173,7 +204,15 @@ def main() -> None:
         finally:
             botorch.optim.optimize_acqf = optimize
 
-    summary: dict = {"tag": args.tag, "task": args.task, "seed": args.seed, "bo_steps": len(acq_rows), "warm_iters": args.warm_iters, "fits": {}, "acquisition": {}}
+    summary: dict = {
+        "tag": args.tag,
+        "task": args.task,
+        "seed": args.seed,
+        "bo_steps": len(acq_rows),
+        "warm_iters": args.warm_iters,
+        "fits": {},
+        "acquisition": {},
+    }
     for name in ("objective", "constraint"):
         diff = np.array([r[f"{name}_warm"][0] - r[f"{name}_cold"][0] for r in fit_rows])
         summary["fits"][name] = {
@@ -189,7 +228,8 @@ def main() -> None:
         key = "{}/{}/{}".format(*s)
         gap = np.array([r[ref][0] - r[key][0] for r in acq_rows])
         summary["acquisition"][key] = {
-            "gap_to_reference_median": float(np.median(gap)), "gap_to_reference_max": float(gap.max()),
+            "gap_to_reference_median": float(np.median(gap)),
+            "gap_to_reference_max": float(gap.max()),
             "cpu_s_mean": statistics.mean(r[key][1] for r in acq_rows),
         }
     same = [r for r in acq_rows if "independent" in r]
@@ -199,7 +239,9 @@ def main() -> None:
             "botorch_cpu_s_mean": statistics.mean(r["botorch"][1] for r in same),
             "independent_cpu_s_mean": statistics.mean(r["independent"][1] for r in same),
             "max_abs_value_difference": max(abs(r["botorch"][0] - r["independent"][0]) for r in same),
-            "max_abs_candidate_difference": max(float(np.abs(np.subtract(r["botorch"][2], r["independent"][2])).max()) for r in same),
+            "max_abs_candidate_difference": max(
+                float(np.abs(np.subtract(r["botorch"][2], r["independent"][2])).max()) for r in same
+            ),
         }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT, "a") as handle:

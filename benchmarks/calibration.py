@@ -35,11 +35,17 @@ SETTINGS = [
     ("RTN per channel, 4 bit", lambda layers: Quantize(4, layers=layers)),
     ("RTN group 128, 4 bit", lambda layers: Quantize(4, group_size=128, layers=layers)),
     ("GPTQ group 128, 4 bit", lambda layers: Quantize(4, method="gptq", group_size=128, layers=layers)),
-    ("GPTQ group 128 act-order, 4 bit", lambda layers: Quantize(4, method="gptq", group_size=128, act_order=True, layers=layers)),
+    (
+        "GPTQ group 128 act-order, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, act_order=True, layers=layers),
+    ),
     ("RTN per channel, 3 bit", lambda layers: Quantize(3, layers=layers)),
     ("RTN group 128, 3 bit", lambda layers: Quantize(3, group_size=128, layers=layers)),
     ("GPTQ group 128, 3 bit", lambda layers: Quantize(3, method="gptq", group_size=128, layers=layers)),
-    ("GPTQ group 128 act-order, 3 bit", lambda layers: Quantize(3, method="gptq", group_size=128, act_order=True, layers=layers)),
+    (
+        "GPTQ group 128 act-order, 3 bit",
+        lambda layers: Quantize(3, method="gptq", group_size=128, act_order=True, layers=layers),
+    ),
     ("magnitude 50%", lambda layers: Prune(0.5, layers=layers)),
     ("Wanda 50%", lambda layers: Prune(0.5, method="wanda", layers=layers)),
     ("SparseGPT 50%", lambda layers: Prune(0.5, method="sparsegpt", layers=layers)),
@@ -70,14 +76,15 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=128, n_embd=128, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, use_cache=False)
+    config = GPT2Config(
+        vocab_size=128, n_embd=128, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, use_cache=False
+    )
     model = GPT2LMHeadModel(config)
     train_x = synthetic_language(8192, 64, 128, seed=1)
     test_x = synthetic_language(512, 64, 128, seed=2)
     optimizer = torch.optim.AdamW(model.parameters(), 3e-3)
     model.train()
-    for step, batch in enumerate(train_x.split(32)):  # one epoch, 256 steps
+    for batch in train_x.split(32):  # one epoch, 256 steps
         optimizer.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
@@ -103,18 +110,29 @@ def run(name: str) -> dict:
     start = time.perf_counter()
     model, metric, calibration, layers, what = {"mnist1d_mlp": mnist1d, "tiny_gpt2": tiny_gpt2}[name]()
     rows = [{"setting": "float32", "metric": metric(model), "bytes": size_bytes(model)}]
-    print(f"{name}: trained in {time.perf_counter() - start:.0f} s; float32 {what}: {rows[0]['metric']:.4f}", flush=True)
+    print(
+        f"{name}: trained in {time.perf_counter() - start:.0f} s; float32 {what}: {rows[0]['metric']:.4f}", flush=True
+    )
     for label, make in SETTINGS:
         strategy = make(layers)
         t0 = time.perf_counter()
-        result = tightfit.compress_once(model, strategy, calibration=calibration if strategy.needs_calibration() else None)
+        result = tightfit.compress_once(
+            model, strategy, calibration=calibration if strategy.needs_calibration() else None
+        )
         seconds = time.perf_counter() - t0
-        row = {"setting": label, "metric": metric(result.model), "bytes": size_bytes(result.model, result.plan),
-               "seconds": round(seconds, 2), "calibration_passes": result.calibration_passes,
-               "uncalibrated": result.uncalibrated}
+        row = {
+            "setting": label,
+            "metric": metric(result.model),
+            "bytes": size_bytes(result.model, result.plan),
+            "seconds": round(seconds, 2),
+            "calibration_passes": result.calibration_passes,
+            "uncalibrated": result.uncalibrated,
+        }
         rows.append(row)
-        print(f"  {label:34s} {row['metric']:.4f}  {row['bytes']:>8d} B  {seconds:6.2f} s  passes {row['calibration_passes']}",
-              flush=True)
+        print(
+            f"  {label:34s} {row['metric']:.4f}  {row['bytes']:>8d} B  {seconds:6.2f} s  passes {row['calibration_passes']}",
+            flush=True,
+        )
     return {"model": name, "metric": what, "rows": rows}
 
 
@@ -125,11 +143,17 @@ def markdown(records: list[dict]) -> str:
         rows = record["rows"]
         base = rows[0]["metric"]
         sign = 1 if "lower is better" in record["metric"] else -1
-        out += [f"**{record['model']}** ({record['metric']}; float32 {base:.4f}, {rows[0]['bytes']} B)", "",
-                "| setting | metric | loss vs float32 | file bytes | calibration s (passes) |", "|---|---|---|---|---|"]
+        out += [
+            f"**{record['model']}** ({record['metric']}; float32 {base:.4f}, {rows[0]['bytes']} B)",
+            "",
+            "| setting | metric | loss vs float32 | file bytes | calibration s (passes) |",
+            "|---|---|---|---|---|",
+        ]
         for row in rows[1:]:
             cost = f"{row['seconds']:.1f} ({row['calibration_passes']})" if row["calibration_passes"] else "-"
-            out.append(f"| {row['setting']} | {row['metric']:.4f} | {sign * (row['metric'] - base):+.4f} | {row['bytes']} | {cost} |")
+            out.append(
+                f"| {row['setting']} | {row['metric']:.4f} | {sign * (row['metric'] - base):+.4f} | {row['bytes']} | {cost} |"
+            )
         out.append("")
     return "\n".join(out)
 

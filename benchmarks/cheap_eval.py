@@ -28,26 +28,24 @@ Results are appended as JSON lines to benchmarks/results/cheap_eval_*.jsonl.
 from __future__ import annotations
 
 import argparse
-import math
 import copy
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from timing import timing_lock  # benchmarks/timing.py (this folder is the script's path)
+from torch import nn
 
 import tightfit
-from tightfit.pipeline import compress
 from tightfit.demo import digits_split, lenet_300_100, train
 from tightfit.demo.data import Split
 from tightfit.demo.run import DEMO_BITS, DEMO_FINETUNE, DEMO_MAX_DROP
 from tightfit.operators import Compose, Prune, Quantize
+from tightfit.pipeline import compress
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -102,7 +100,9 @@ def setup(task: str, finetune_epochs: int | None = None, max_drop: float | None 
             strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
             constraint=tightfit.MaxDrop(DEMO_MAX_DROP),
             finetune=tightfit.FineTune(
-                split.loader("train", shuffle=True), epochs=finetune_epochs or DEMO_FINETUNE["epochs"], lr=DEMO_FINETUNE["lr"]
+                split.loader("train", shuffle=True),
+                epochs=finetune_epochs or DEMO_FINETUNE["epochs"],
+                lr=DEMO_FINETUNE["lr"],
             ),
         )
     elif task == "mnist1d":
@@ -125,7 +125,9 @@ def setup(task: str, finetune_epochs: int | None = None, max_drop: float | None 
     return split, model, recipe
 
 
-def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, search: str = "auto", sequential: dict | None = None) -> dict:
+def one_search(
+    split, model, recipe, *, seed: int, budget: int, cheap: bool, search: str = "auto", sequential: dict | None = None
+) -> dict:
     evaluation = tightfit.Sequential(**(sequential or {})) if cheap else None
     with timing_lock():
         started = time.perf_counter()
@@ -180,10 +182,19 @@ def one_search(split, model, recipe, *, seed: int, budget: int, cheap: bool, sea
         "certificate": result.certificate.to_dict() if result.certificate else None,
         # per trial, for `oracle`: what each cost and how it ended (constraint values told)
         "trials": [
-            {"number": t.number, "state": t.state, "fidelity": t.fidelity, "objective": t.objective,
-             "constraints": list(t.constraints), "duration_s": t.duration_s, "search_time_s": t.search_time_s,
-             "probe_samples": t.probe_samples, "probe_s": t.probe_s,
-             "val_samples": t.val_samples, "finetune_steps": t.finetune_steps}
+            {
+                "number": t.number,
+                "state": t.state,
+                "fidelity": t.fidelity,
+                "objective": t.objective,
+                "constraints": list(t.constraints),
+                "duration_s": t.duration_s,
+                "search_time_s": t.search_time_s,
+                "probe_samples": t.probe_samples,
+                "probe_s": t.probe_s,
+                "val_samples": t.val_samples,
+                "finetune_steps": t.finetune_steps,
+            }
             for t in result.trials
         ],
     }
@@ -196,12 +207,41 @@ def compare(args) -> None:
     rows = []
     for seed in args.seeds:
         for cheap in (False, True):
-            row = {"task": args.task, "finetune_epochs": recipe["finetune"].epochs, "max_drop": recipe["constraint"].max_drop, **one_search(split, copy.deepcopy(model), recipe, seed=seed, budget=args.budget, cheap=cheap, sequential=args.sequential),
-                   "sequential_options": args.sequential}
+            row = {
+                "task": args.task,
+                "finetune_epochs": recipe["finetune"].epochs,
+                "max_drop": recipe["constraint"].max_drop,
+                **one_search(
+                    split,
+                    copy.deepcopy(model),
+                    recipe,
+                    seed=seed,
+                    budget=args.budget,
+                    cheap=cheap,
+                    sequential=args.sequential,
+                ),
+                "sequential_options": args.sequential,
+            }
             rows.append(row)
             with open(out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("mode", "seed", "val_forward_passes", "wall_s", "test_acc", "compression_ratio", "screened")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in (
+                            "mode",
+                            "seed",
+                            "val_forward_passes",
+                            "wall_s",
+                            "test_acc",
+                            "compression_ratio",
+                            "screened",
+                        )
+                    }
+                ),
+                flush=True,
+            )
     summarize(rows)
 
 
@@ -210,17 +250,27 @@ def trials(args) -> None:
     constraint values (predicted for stopped and screened trials), steps, told standard error."""
     split, model, recipe = setup(args.task, args.finetune_epochs)
     result = compress(
-        copy.deepcopy(model), evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)), budget=args.budget,
-        search="auto", seed=args.seed, example_input=split.x_val[:1], evaluation=None if args.full else tightfit.Sequential(), **recipe,
+        copy.deepcopy(model),
+        evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+        budget=args.budget,
+        search="auto",
+        seed=args.seed,
+        example_input=split.x_val[:1],
+        evaluation=None if args.full else tightfit.Sequential(),
+        **recipe,
     )
     print("| trial | fidelity | objective (bytes) | constraint values | fine-tune steps | s.e. told |")
     print("|---|---|---|---|---|---|")
     for t in result.trials:
-        print(f"| {t.number} | {t.fidelity} | {t.objective or 0:,.0f} | {', '.join(f'{c:+.4f}' for c in t.constraints)} | "
-              f"{t.finetune_steps} | {t.metric_se or 0:.4f} |")
+        print(
+            f"| {t.number} | {t.fidelity} | {t.objective or 0:,.0f} | {', '.join(f'{c:+.4f}' for c in t.constraints)} | "
+            f"{t.finetune_steps} | {t.metric_se or 0:.4f} |"
+        )
     test = tightfit.Accuracy(split.loader("test", batch_size=1024))
-    print(f"\nanswer: trial {result.best_trial.number if result.best_trial else None}, {result.compression_ratio:.2f}x, "
-          f"test accuracy {test(result.model):.4f} (original {test(model):.4f})")
+    print(
+        f"\nanswer: trial {result.best_trial.number if result.best_trial else None}, {result.compression_ratio:.2f}x, "
+        f"test accuracy {test(result.model):.4f} (original {test(model):.4f})"
+    )
 
 
 def summarize(rows: list[dict]) -> None:
@@ -250,14 +300,18 @@ def coverage(args) -> None:
     test_original = test(model)
     for run in range(args.first_run, args.first_run + args.runs):
         pick = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(1000 + run))[:400]
-        split = Split(base_split.x_train, base_split.y_train, pool_x[pick], pool_y[pick], base_split.x_test, base_split.y_test)
+        split = Split(
+            base_split.x_train, base_split.y_train, pool_x[pick], pool_y[pick], base_split.x_test, base_split.y_test
+        )
         evaluate = tightfit.Accuracy(split.loader("val", batch_size=512))
         result = compress(
             model,
             evaluate=evaluate,
             strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
             constraint=tightfit.MaxDrop(max_drop),
-            finetune=tightfit.FineTune(split.loader("train", shuffle=True), epochs=1, lr=1e-3, max_steps=args.finetune_steps),
+            finetune=tightfit.FineTune(
+                split.loader("train", shuffle=True), epochs=1, lr=1e-3, max_steps=args.finetune_steps
+            ),
             budget=args.budget,
             seed=run,
             evaluation=tightfit.Sequential(confidence=0.95),
@@ -280,7 +334,9 @@ def coverage(args) -> None:
                 "method": cert.method,
             }
             if args.raw:  # what any certificate needs, to recompute old and new ones on the same runs
-                session = SequentialSession(tightfit.Sequential(confidence=0.95), evaluate, [tightfit.MaxDrop(max_drop)], run)
+                session = SequentialSession(
+                    tightfit.Sequential(confidence=0.95), evaluate, [tightfit.MaxDrop(max_drop)], run
+                )
                 session.baseline(model)  # the same sample order as the search's session
                 answer = evaluate.per_sample(result.model).to(torch.int8)
                 original = session.baseline_values.to(torch.int8)
@@ -310,8 +366,16 @@ def stopcheck(args) -> None:
     for seed in args.seeds:
         evaluate = tightfit.Accuracy(split.loader("val", batch_size=512))
         config = tightfit.Sequential()
-        result = compress(model, evaluate=evaluate, budget=args.budget, search="auto", seed=seed,
-                          example_input=split.x_val[:1], evaluation=config, **recipe)
+        result = compress(
+            model,
+            evaluate=evaluate,
+            budget=args.budget,
+            search="auto",
+            seed=seed,
+            example_input=split.x_val[:1],
+            evaluation=config,
+            **recipe,
+        )
         session = SequentialSession(config, evaluate, [constraint], seed)  # the same sample order
         session.baseline(model)
         for t in result.trials:
@@ -323,9 +387,15 @@ def stopcheck(args) -> None:
                 recipe["finetune"](candidate)
             values = evaluate.per_sample(candidate, session.search_idx).to(torch.float64)
             drop = float((session.baseline_values[session.search_idx] - values).mean())
-            row = {"task": args.task, "seed": seed, "trial": t.number, "told_value": t.constraints[0],
-                   "finetune_steps_taken": t.finetune_steps, "value_after_full_finetune": drop - constraint.max_drop,
-                   "would_have_met": drop - constraint.max_drop <= 0}
+            row = {
+                "task": args.task,
+                "seed": seed,
+                "trial": t.number,
+                "told_value": t.constraints[0],
+                "finetune_steps_taken": t.finetune_steps,
+                "value_after_full_finetune": drop - constraint.max_drop,
+                "would_have_met": drop - constraint.max_drop <= 0,
+            }
             with open(out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
@@ -341,8 +411,12 @@ def report(args) -> None:
             _report_v2(path, rows)
             continue
         r0 = rows[0]
-        print(f"\n### {r0['task']}: budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n")
-        print("| seed | mode | val forward passes | to answer | wall s | wall s to answer | fine-tune steps | screened | val acc | test acc (orig) | size ratio | nonzero ratio | certificate P |")
+        print(
+            f"\n### {r0['task']}: budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n"
+        )
+        print(
+            "| seed | mode | val forward passes | to answer | wall s | wall s to answer | fine-tune steps | screened | val acc | test acc (orig) | size ratio | nonzero ratio | certificate P |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: (r["seed"], r["mode"])):
             cert = r["certificate"]
@@ -350,8 +424,9 @@ def report(args) -> None:
                 f"| {r['seed']} | {r['mode']} | {r['val_forward_passes']:,} | {r['val_passes_to_answer']:,} | {r['wall_s']:.1f} | "
                 f"{r['wall_s_to_answer']:.1f} | {r['finetune_steps']:,} | {r['screened']} | {r['val_acc']:.4f} | "
                 f"{r['test_acc']:.4f} ({r['test_acc_original']:.4f}) | {r['compression_ratio']:.1f}x | {r['nonzero_ratio']:.1f}x | "
-                f"{cert['probability']:.2f} |" if cert else
-                f"| {r['seed']} | {r['mode']} | {r['val_forward_passes']:,} | {r['val_passes_to_answer']:,} | {r['wall_s']:.1f} | "
+                f"{cert['probability']:.2f} |"
+                if cert
+                else f"| {r['seed']} | {r['mode']} | {r['val_forward_passes']:,} | {r['val_passes_to_answer']:,} | {r['wall_s']:.1f} | "
                 f"{r['wall_s_to_answer']:.1f} | {r['finetune_steps']:,} | {r['screened']} | {r['val_acc']:.4f} | "
                 f"{r['test_acc']:.4f} ({r['test_acc_original']:.4f}) | {r['compression_ratio']:.1f}x | {r['nonzero_ratio']:.1f}x | - |"
             )
@@ -363,14 +438,24 @@ def report(args) -> None:
             print(f"\nmedians over seeds {seeds}:\n")
             print("| | full | sequential | ratio (median of per-seed ratios) |")
             print("|---|---|---|---|")
-            for key, fmt in [("val_forward_passes", "{:,.0f}"), ("wall_s", "{:.1f}"), ("cpu_s", "{:.1f}"), ("val_passes_to_answer", "{:,.0f}"), ("wall_s_to_answer", "{:.1f}"),
-                             ("test_acc", "{:.4f}"), ("compression_ratio", "{:.2f}"), ("nonzero_ratio", "{:.2f}")]:
+            for key, fmt in [
+                ("val_forward_passes", "{:,.0f}"),
+                ("wall_s", "{:.1f}"),
+                ("cpu_s", "{:.1f}"),
+                ("val_passes_to_answer", "{:,.0f}"),
+                ("wall_s_to_answer", "{:.1f}"),
+                ("test_acc", "{:.4f}"),
+                ("compression_ratio", "{:.2f}"),
+                ("nonzero_ratio", "{:.2f}"),
+            ]:
                 a, b = med([full[s][key] for s in seeds]), med([cheap[s][key] for s in seeds])
                 ratio = med([cheap[s][key] / full[s][key] for s in seeds])
                 print(f"| {key} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f} |")
     for name in ("cheap_eval_coverage.jsonl", "cheap_eval_coverage_v1.jsonl"):
         _report_coverage(RESULTS / name)
-    for path in sorted(RESULTS.glob("cheap_eval_coverage_promote*.jsonl")) + sorted(RESULTS.glob("cheap_eval_coverage_stop*.jsonl")):
+    for path in sorted(RESULTS.glob("cheap_eval_coverage_promote*.jsonl")) + sorted(
+        RESULTS.glob("cheap_eval_coverage_stop*.jsonl")
+    ):
         _report_coverage(path)
     cert_rows = sorted(RESULTS.glob("cheap_eval_coverage_cert_*.jsonl"))
     if cert_rows:
@@ -380,9 +465,11 @@ def report(args) -> None:
         met = [r for r in rows if r["would_have_met"]]
         closest = min(r["value_after_full_finetune"] for r in rows) if rows else float("nan")
         print(f"\n### stops checked ({path.name})\n")
-        print(f"- {len(rows)} candidates stopped over seeds {sorted({r['seed'] for r in rows})}; fine-tuned in full afterwards, "
-              f"{len(met)} would have met the constraint on the search part; smallest constraint value after the full "
-              f"fine-tune {closest:+.4f} (<= 0 is met)")
+        print(
+            f"- {len(rows)} candidates stopped over seeds {sorted({r['seed'] for r in rows})}; fine-tuned in full afterwards, "
+            f"{len(met)} would have met the constraint on the search part; smallest constraint value after the full "
+            f"fine-tune {closest:+.4f} (<= 0 is met)"
+        )
 
 
 def _report_coverage(path: Path) -> None:
@@ -397,19 +484,29 @@ def _report_coverage(path: Path) -> None:
             certified = [r for r in done if r["certified"]]
             print(f"\n### coverage ({path.name}: {len(rows)} runs, {n} with a certificate)\n")
             lo, hi = _binomial_interval(holds, n)
-            print(f"- 95% upper bound on the constraint value held in {holds}/{n} = {holds / n:.1%} of runs (Clopper-Pearson 95%: {lo:.1%}-{hi:.1%})")
-            print(f"- constraint met on the 10,000-sample test set in {met}/{n} = {met / n:.1%} of runs; mean stated probability {mean_p:.3f}")
+            print(
+                f"- 95% upper bound on the constraint value held in {holds}/{n} = {holds / n:.1%} of runs (Clopper-Pearson 95%: {lo:.1%}-{hi:.1%})"
+            )
+            print(
+                f"- constraint met on the 10,000-sample test set in {met}/{n} = {met / n:.1%} of runs; mean stated probability {mean_p:.3f}"
+            )
             if certified:
                 ok = sum(r["met"] for r in certified)
-                print(f"- runs certified at 95% (bound <= 0): {len(certified)}; of these, met on the test set: {ok}/{len(certified)}")
+                print(
+                    f"- runs certified at 95% (bound <= 0): {len(certified)}; of these, met on the test set: {ok}/{len(certified)}"
+                )
             for lo, hi in [(0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.01)]:
                 b = [r for r in done if lo <= r["probability"] < hi]
                 if b:
-                    print(f"- stated P in [{lo:.2f}, {min(hi, 1):.2f}): {len(b)} runs, mean stated {statistics.mean(r['probability'] for r in b):.3f}, "
-                          f"met {sum(r['met'] for r in b)}/{len(b)}")
+                    print(
+                        f"- stated P in [{lo:.2f}, {min(hi, 1):.2f}): {len(b)} runs, mean stated {statistics.mean(r['probability'] for r in b):.3f}, "
+                        f"met {sum(r['met'] for r in b)}/{len(b)}"
+                    )
             naive = [r for r in done if r.get("val_value_full") is not None]
             if naive:
-                print(f"- for contrast, the full validation set (used by the search) said 'met' in {sum(r['val_value_full'] <= 0 for r in naive)}/{len(naive)} runs")
+                print(
+                    f"- for contrast, the full validation set (used by the search) said 'met' in {sum(r['val_value_full'] <= 0 for r in naive)}/{len(naive)} runs"
+                )
 
 
 def _old_certificate(held: torch.Tensor) -> tuple[float, float]:
@@ -425,7 +522,10 @@ def _binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, floa
     from scipy.stats import beta
 
     a = (1 - level) / 2
-    return (0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1)), 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k)))
+    return (
+        0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1)),
+        1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k)),
+    )
 
 
 def certcheck(args) -> None:
@@ -456,27 +556,39 @@ def certcheck(args) -> None:
         old_bound, old_p = _old_certificate(held[:, 0])
         # rows store the certificate of the code they ran with: check it is reproduced
         stored = (old_bound, old_p) if "Phi(-mean/se)" in r.get("method", "") else (new.bounds[0], new.probability)
-        assert abs(stored[0] - r["bound"]) < 2e-3 and abs(stored[1] - r["probability"]) < 1e-9, f"run {r['run']} not reproduced"
+        assert abs(stored[0] - r["bound"]) < 2e-3 and abs(stored[1] - r["probability"]) < 1e-9, (
+            f"run {r['run']} not reproduced"
+        )
         truth = r["true_value"]
         table["old"].append((old_bound, old_p, truth))
         table["new"].append((new.bounds[0], new.probability, truth))
         table["new bound, flat prior"].append((flat.bounds[0], flat.probability, truth))
     n = len(rows)
     met = sum(t <= 0 for _, _, t in table["new"])
-    print(f"\n### certificate check ({', '.join(Path(p).name for p in args.files)}): {runs} runs, {n} with a certificate, "
-          f"runs {rows[0]['run']}-{rows[-1]['run']}; constraint met (10,000 test samples) in {met}/{n}\n")
-    print("| certificate | 95% bound held | 95% interval | P(<= this many \\| exactly 95%) | certified (bound <= 0) | certified and met | mean stated P | Brier |")
+    print(
+        f"\n### certificate check ({', '.join(Path(p).name for p in args.files)}): {runs} runs, {n} with a certificate, "
+        f"runs {rows[0]['run']}-{rows[-1]['run']}; constraint met (10,000 test samples) in {met}/{n}\n"
+    )
+    print(
+        "| certificate | 95% bound held | 95% interval | P(<= this many \\| exactly 95%) | certified (bound <= 0) | certified and met | mean stated P | Brier |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, items in table.items():
         held_count = sum(t <= b for b, _, t in items)
         lo, hi = _binomial_interval(held_count, n)
         cert = [(b, p, t) for b, p, t in items if b <= 0]
         brier = statistics.mean((p - (t <= 0)) ** 2 for _, p, t in items)
-        print(f"| {name} | {held_count}/{n} = {held_count / n:.1%} | {lo:.1%}-{hi:.1%} | {binom.cdf(held_count, n, 0.95):.2f} | "
-              f"{len(cert)} | {sum(t <= 0 for _, _, t in cert)}/{len(cert)} | {statistics.mean(p for _, p, _ in items):.3f} | {brier:.3f} |")
+        print(
+            f"| {name} | {held_count}/{n} = {held_count / n:.1%} | {lo:.1%}-{hi:.1%} | {binom.cdf(held_count, n, 0.95):.2f} | "
+            f"{len(cert)} | {sum(t <= 0 for _, _, t in cert)}/{len(cert)} | {statistics.mean(p for _, p, _ in items):.3f} | {brier:.3f} |"
+        )
     print("\nstated probability by bin: runs, mean stated, fraction met (95% interval)\n")
     bins = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 0.95), (0.95, 1.01)]
-    print("| certificate | " + " | ".join(f"[{lo:.2f}, {min(hi, 1):.2f}{')' if hi < 1 else ']'}" for lo, hi in bins) + " |")
+    print(
+        "| certificate | "
+        + " | ".join(f"[{lo:.2f}, {min(hi, 1):.2f}{')' if hi < 1 else ']'}" for lo, hi in bins)
+        + " |"
+    )
     print("|---|" + "---|" * len(bins))
     for name, items in table.items():
         cells = []
@@ -494,9 +606,17 @@ def certcheck(args) -> None:
 def _report_v2(path: Path, rows: list[dict]) -> None:
     """Tables of the current rows: probes counted, optimizer time apart, stopped candidates."""
     r0 = rows[0]
-    options = f", Sequential({', '.join(f'{k}={v}' for k, v in r0['sequential_options'].items())})" if r0.get("sequential_options") else ""
-    print(f"\n### {r0['task']}: search={r0.get('search', 'auto')}{options}, budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n")
-    print("| seed | mode | val fwd passes (probes) | wall s | optimizer s | evaluation s | fine-tune steps | full / screened / stopped | val acc | test acc (orig) | size ratio | certificate P |")
+    options = (
+        f", Sequential({', '.join(f'{k}={v}' for k, v in r0['sequential_options'].items())})"
+        if r0.get("sequential_options")
+        else ""
+    )
+    print(
+        f"\n### {r0['task']}: search={r0.get('search', 'auto')}{options}, budget {r0['budget']}, fine-tune {r0.get('finetune_epochs', '?')} epoch(s) per candidate ({path.name})\n"
+    )
+    print(
+        "| seed | mode | val fwd passes (probes) | wall s | optimizer s | evaluation s | fine-tune steps | full / screened / stopped | val acc | test acc (orig) | size ratio | certificate P |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["seed"], r["mode"])):
         by = r["trials_by_fidelity"]
@@ -520,10 +640,20 @@ def _report_v2(path: Path, rows: list[dict]) -> None:
     print(f"\nmedians over seeds {seeds}:\n")
     print("| | full | sequential | ratio (median of per-seed ratios) |")
     print("|---|---|---|---|")
-    for key, fmt in [("val_forward_passes", "{:,.0f}"), ("val_passes_probes", "{:,.0f}"), ("val_passes_without_probes", "{:,.0f}"),
-                     ("wall_s", "{:.1f}"), ("optimizer_wall_s", "{:.1f}"), ("eval_wall_s", "{:.1f}"), ("cpu_s", "{:.1f}"),
-                     ("finetune_steps", "{:,.0f}"), ("test_acc", "{:.4f}"), ("val_acc", "{:.4f}"), ("compression_ratio", "{:.2f}"),
-                     ("nonzero_ratio", "{:.2f}")]:
+    for key, fmt in [
+        ("val_forward_passes", "{:,.0f}"),
+        ("val_passes_probes", "{:,.0f}"),
+        ("val_passes_without_probes", "{:,.0f}"),
+        ("wall_s", "{:.1f}"),
+        ("optimizer_wall_s", "{:.1f}"),
+        ("eval_wall_s", "{:.1f}"),
+        ("cpu_s", "{:.1f}"),
+        ("finetune_steps", "{:,.0f}"),
+        ("test_acc", "{:.4f}"),
+        ("val_acc", "{:.4f}"),
+        ("compression_ratio", "{:.2f}"),
+        ("nonzero_ratio", "{:.2f}"),
+    ]:
         a, b = med([full[s][key] for s in seeds]), med([cheap[s][key] for s in seeds])
         ratio = med([cheap[s][key] / full[s][key] for s in seeds])
         print(f"| {key} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f} |")
@@ -536,11 +666,13 @@ def _report_v2(path: Path, rows: list[dict]) -> None:
         logs = [math.log(cheap[s]["compression_ratio"] / full[s]["compression_ratio"]) for s in seeds]
         mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
         q = student.ppf(0.975, len(logs) - 1)
-        print(f"compression, sequential / full: geometric mean {math.exp(mean):.2f} (95% t interval "
-              f"{math.exp(mean - q * se):.2f}-{math.exp(mean + q * se):.2f}); "
-              f"test accuracy difference: mean {100 * statistics.mean(diffs):+.2f} points "
-              f"({100 * (statistics.mean(diffs) - q * statistics.stdev(diffs) / math.sqrt(len(diffs))):+.2f} to "
-              f"{100 * (statistics.mean(diffs) + q * statistics.stdev(diffs) / math.sqrt(len(diffs))):+.2f})")
+        print(
+            f"compression, sequential / full: geometric mean {math.exp(mean):.2f} (95% t interval "
+            f"{math.exp(mean - q * se):.2f}-{math.exp(mean + q * se):.2f}); "
+            f"test accuracy difference: mean {100 * statistics.mean(diffs):+.2f} points "
+            f"({100 * (statistics.mean(diffs) - q * statistics.stdev(diffs) / math.sqrt(len(diffs))):+.2f} to "
+            f"{100 * (statistics.mean(diffs) + q * statistics.stdev(diffs) / math.sqrt(len(diffs))):+.2f})"
+        )
 
 
 def oracle(args) -> None:
@@ -567,16 +699,22 @@ def oracle(args) -> None:
         trials = [t for s in seeds for t in cheap[s]["trials"] if t["fidelity"] == level and t["state"] == "COMPLETE"]
         if not trials:  # no such trial in these runs: the oracle column reads nan
             return {"duration_s": float("nan"), "val_samples": float("nan"), "finetune_steps": float("nan")}
-        return {"duration_s": med([evaluation_s(t) for t in trials]),
-                **{key: med([t[key] or 0 for t in trials]) for key in ("val_samples", "finetune_steps")}}
+        return {
+            "duration_s": med([evaluation_s(t) for t in trials]),
+            **{key: med([t[key] or 0 for t in trials]) for key in ("val_samples", "finetune_steps")},
+        }
 
     stopped, screened = typical("stopped"), typical("screen")
     print(f"\n### {args.task}: oracle bounds over seeds {seeds} ({path.name})\n")
-    print(f"median stopped trial (evaluation, without the optimizer's suggestion): {stopped['duration_s']:.3f} s, {stopped['val_samples']:.0f} samples, "
-          f"{stopped['finetune_steps']:.0f} steps; median screened trial: {screened['duration_s']:.3f} s, "
-          f"{screened['val_samples']:.0f} samples\n")
-    print("| seed | promoted (ended infeasible) | wall ratio: measured / perfect stage / perfect screen | "
-          "same, without the optimizer's time | passes ratio: measured / perfect stage / perfect screen |")
+    print(
+        f"median stopped trial (evaluation, without the optimizer's suggestion): {stopped['duration_s']:.3f} s, {stopped['val_samples']:.0f} samples, "
+        f"{stopped['finetune_steps']:.0f} steps; median screened trial: {screened['duration_s']:.3f} s, "
+        f"{screened['val_samples']:.0f} samples\n"
+    )
+    print(
+        "| seed | promoted (ended infeasible) | wall ratio: measured / perfect stage / perfect screen | "
+        "same, without the optimizer's time | passes ratio: measured / perfect stage / perfect screen |"
+    )
     print("|---|---|---|---|---|")
     columns: dict[str, list[float]] = {}
     for s in seeds:
@@ -585,9 +723,16 @@ def oracle(args) -> None:
         wasted = [t for t in promoted if any(v > 0 for v in t["constraints"])]
         spent = sum(evaluation_s(t) for t in wasted)  # each keeps its optimizer time
         read = sum(t["val_samples"] or 0 for t in wasted)
-        wall = [c["wall_s"], c["wall_s"] - spent + len(wasted) * stopped["duration_s"], c["wall_s"] - spent + len(wasted) * screened["duration_s"]]
-        passes = [c["val_forward_passes"], c["val_forward_passes"] - read + len(wasted) * stopped["val_samples"],
-                  c["val_forward_passes"] - read + len(wasted) * screened["val_samples"]]
+        wall = [
+            c["wall_s"],
+            c["wall_s"] - spent + len(wasted) * stopped["duration_s"],
+            c["wall_s"] - spent + len(wasted) * screened["duration_s"],
+        ]
+        passes = [
+            c["val_forward_passes"],
+            c["val_forward_passes"] - read + len(wasted) * stopped["val_samples"],
+            c["val_forward_passes"] - read + len(wasted) * screened["val_samples"],
+        ]
         ratios = {
             "wall": [w / f["wall_s"] for w in wall],
             "wall_no_opt": [(w - c["optimizer_wall_s"]) / (f["wall_s"] - f["optimizer_wall_s"]) for w in wall],
@@ -614,14 +759,21 @@ def main() -> None:
     c.add_argument("--finetune-epochs", type=int, default=None, help="default: the demo's 6 (digits), 1 (mnist1d)")
     c.add_argument("--tag", default="", help="suffix of the results file")
     c.add_argument("--max-drop", type=float, default=None, help="the constraint (default: 0.005 digits, 0.02 mnist1d)")
-    c.add_argument("--sequential", type=json.loads, default=None, help='options of tightfit.Sequential as JSON, e.g. \'{"probe_samples": 64}\'')
+    c.add_argument(
+        "--sequential",
+        type=json.loads,
+        default=None,
+        help="options of tightfit.Sequential as JSON, e.g. '{\"probe_samples\": 64}'",
+    )
     c.set_defaults(fn=compare)
     v = sub.add_parser("coverage")
     v.add_argument("--runs", type=int, default=60)
     v.add_argument("--budget", type=int, default=8)
     v.add_argument("--max-drop", type=float, default=0.02)
     v.add_argument("--finetune-steps", type=int, default=30)
-    v.add_argument("--first-run", type=int, default=0, help="runs first-run .. first-run + runs - 1 (seeds and validation draws)")
+    v.add_argument(
+        "--first-run", type=int, default=0, help="runs first-run .. first-run + runs - 1 (seeds and validation draws)"
+    )
     v.add_argument("--tag", default="", help="suffix of the results file")
     v.add_argument("--raw", action="store_true", help="store the answer's and the original's per-sample values")
     v.set_defaults(fn=coverage)

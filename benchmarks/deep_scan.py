@@ -24,18 +24,26 @@ def run(max_probes: int) -> str:
     torch.manual_seed(0)
     x = torch.randn(256, 16)
     y = (x[:, 0] > 0).long()
-    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
     layers: list[nn.Module] = []
     for _ in range(60):
         layers += [nn.Linear(16, 16), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(16, 2))
     started = time.perf_counter()
-    result = tightfit.compress(model, evaluate=tightfit.Accuracy(loader), budget=30, seed=0, example_input=x[:1],
-                               constraint=tightfit.MaxDrop(0.05))
+    result = tightfit.compress(
+        model,
+        evaluate=tightfit.Accuracy(loader),
+        budget=30,
+        seed=0,
+        example_input=x[:1],
+        constraint=tightfit.MaxDrop(0.05),
+    )
     wall = time.perf_counter() - started
     acc = result.accounting
-    return (f"| {max_probes:,} | {wall:.1f} | {acc.get('probe_wall_s', 0):.1f} | {acc.get('optimizer_wall_s', 0):.1f} | "
-            f"{acc.get('val_samples_probes', 0):,} | {result.compression_ratio:.2f}x |")
+    return (
+        f"| {max_probes:,} | {wall:.1f} | {acc.get('probe_wall_s', 0):.1f} | {acc.get('optimizer_wall_s', 0):.1f} | "
+        f"{acc.get('val_samples_probes', 0):,} | {result.compression_ratio:.2f}x |"
+    )
 
 
 def main() -> None:

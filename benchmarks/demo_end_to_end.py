@@ -32,15 +32,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             result, (test_original, test_compressed) = run_demo(
-                budget=args.budget, seed=seed, run_dir=Path(tmp) / "run", search=args.search,
+                budget=args.budget,
+                seed=seed,
+                run_dir=Path(tmp) / "run",
+                search=args.search,
                 recovery=args.recovery,
             )
             wall = time.perf_counter() - started
             file_bytes = (Path(tmp) / "run" / "model.tfz").stat().st_size if result.feasible else None
             reloaded = tightfit.load(Path(tmp) / "run" / "model.tfz") if result.feasible else None
-            reproduced = reloaded is not None and tightfit.Accuracy(
-                tightfit.demo.digits_split(seed).loader("val", 512)
-            )(reloaded) == result.metric
+            reproduced = (
+                reloaded is not None
+                and tightfit.Accuracy(tightfit.demo.digits_split(seed).loader("val", 512))(reloaded) == result.metric
+            )
         row = {
             "seed": seed,
             "feasible": result.feasible,

@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from timing import timing_lock  # benchmarks/timing.py (this folder is the script's path)
+from torch import nn
 
 import tightfit
 from tightfit.demo.data import digits_split, train
@@ -106,16 +105,23 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
-    say(f"original: val {val(model):.4f}, test {test(model):.4f}, {params(model):,} parameters"
-        + (f", trained in {train_s:.1f} s" if train_s else " (cached weights)"))
+    say(
+        f"original: val {val(model):.4f}, test {test(model):.4f}, {params(model):,} parameters"
+        + (f", trained in {train_s:.1f} s" if train_s else " (cached weights)")
+    )
     say()
     say(f"### (a) fixed plans: head_ratio on both blocks, fine-tune {args.finetune_epochs} epochs (Adam 1e-3)")
     say()
-    say("| head_ratio | heads per block | parameters | .tfz bytes | val acc | test acc | val acc, fine-tuned | test acc, fine-tuned | latency ms, 1 thread, batch 32 (IQR) |")
+    say(
+        "| head_ratio | heads per block | parameters | .tfz bytes | val acc | test acc | val acc, fine-tuned | test acc, fine-tuned | latency ms, 1 thread, batch 32 (IQR) |"
+    )
     say("|---|---|---|---|---|---|---|---|---|")
     op = StructuredPrune(example_input=example)
     for head_ratio in (0.0, 0.25, 0.5, 0.75):
-        layers = {f"enc.layers.{i}.self_attn.out_proj": {"structured_prune": {"head_ratio": head_ratio}} for i in range(BLOCKS)}
+        layers = {
+            f"enc.layers.{i}.self_attn.out_proj": {"structured_prune": {"head_ratio": head_ratio}}
+            for i in range(BLOCKS)
+        }
         plan = Plan.from_strategy(Compose([op]), layers)
         pruned = tightfit.apply(plan, model).eval()
         row = [val(pruned), test(pruned)]
@@ -126,8 +132,11 @@ def main() -> None:
         finetune()(tuned)
         tuned.eval()
         row += [val(tuned), test(tuned)]
-        say(f"| {head_ratio:g} | {'/'.join(map(str, heads_per_block(pruned)))} | {params(pruned):,} | {size_bytes(tuned, plan):,} | "
-            + " | ".join(f"{v:.4f}" for v in row) + f" | {measured.median_ms:.3f} ({measured.iqr_ms:.3f}) |")
+        say(
+            f"| {head_ratio:g} | {'/'.join(map(str, heads_per_block(pruned)))} | {params(pruned):,} | {size_bytes(tuned, plan):,} | "
+            + " | ".join(f"{v:.4f}" for v in row)
+            + f" | {measured.median_ms:.3f} ({measured.iqr_ms:.3f}) |"
+        )
     # what the split alone costs or saves: the original keeps PyTorch's fused attention path, a
     # pruned block cannot take it
     split_only = copy.deepcopy(model)
@@ -135,45 +144,68 @@ def main() -> None:
         split_multihead_attention(split_only, f"enc.layers.{i}.self_attn")
     with timing_lock():
         measured = latency(split_only.eval())
-    say(f"| 0, q/k/v split | 8/8 | {params(split_only):,} | | {val(split_only):.4f} | {test(split_only):.4f} | | | "
-        f"{measured.median_ms:.3f} ({measured.iqr_ms:.3f}) |")
+    say(
+        f"| 0, q/k/v split | 8/8 | {params(split_only):,} | | {val(split_only):.4f} | {test(split_only):.4f} | | | "
+        f"{measured.median_ms:.3f} ({measured.iqr_ms:.3f}) |"
+    )
     say()
     say(f"The original as `torch.save(state_dict)` (compress's baseline file): {float32_file_bytes(model):,} bytes.")
 
     say()
-    say(f"### (b) compress: StructuredPrune() (heads and channels searched), MaxDrop(0.01), budget {args.budget}, "
-        f"fine-tune {args.finetune_epochs} epochs per trial, seed 0")
+    say(
+        f"### (b) compress: StructuredPrune() (heads and channels searched), MaxDrop(0.01), budget {args.budget}, "
+        f"fine-tune {args.finetune_epochs} epochs per trial, seed 0"
+    )
     say()
     started = time.perf_counter()
     result = tightfit.compress(
-        model, evaluate=val, strategy=StructuredPrune(), constraint=tightfit.MaxDrop(0.01),
-        finetune=finetune(), budget=args.budget, example_input=example, seed=0,
+        model,
+        evaluate=val,
+        strategy=StructuredPrune(),
+        constraint=tightfit.MaxDrop(0.01),
+        finetune=finetune(),
+        budget=args.budget,
+        example_input=example,
+        seed=0,
     )
     wall = time.perf_counter() - started
-    say(f"feasible: {result.feasible}; val {result.metric:.4f} (original {result.baseline_metric:.4f}); "
+    say(
+        f"feasible: {result.feasible}; val {result.metric:.4f} (original {result.baseline_metric:.4f}); "
         f"test {test(result.model):.4f}; {params(result.model):,} parameters; .tfz {result.size_bytes:,} bytes "
-        f"(original {result.baseline_size_bytes:,}); {wall:.0f} s wall")
+        f"(original {result.baseline_size_bytes:,}); {wall:.0f} s wall"
+    )
     if result.plan is not None:
         with timing_lock():
             chosen, original = latency(result.model.eval()), latency(model)
-        say(f"latency ms (1 thread, batch 32): answer {chosen.median_ms:.3f} (IQR {chosen.iqr_ms:.3f}), "
-            f"original {original.median_ms:.3f} (IQR {original.iqr_ms:.3f})")
+        say(
+            f"latency ms (1 thread, batch 32): answer {chosen.median_ms:.3f} (IQR {chosen.iqr_ms:.3f}), "
+            f"original {original.median_ms:.3f} (IQR {original.iqr_ms:.3f})"
+        )
         say(f"heads per block: {'/'.join(map(str, heads_per_block(result.model)))}")
         say()
         say("| layer (plan entry) | chosen |")
         say("|---|---|")
         for name, ops in result.plan.layers.items():
-            say(f"| `{name}` | {', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for s in ops.values() for k, v in s.items())} |")
+            say(
+                f"| `{name}` | {', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for s in ops.values() for k, v in s.items())} |"
+            )
     feasible = [t for t in result.trials if t.feasible]
     say()
-    say(f"trials: {len(result.trials)}, feasible: {len(feasible)}; left alone: "
-        + (", ".join(s.name or f"the model's own {s.type}" for s in result.left_alone) or "none"))
+    say(
+        f"trials: {len(result.trials)}, feasible: {len(feasible)}; left alone: "
+        + (", ".join(s.name or f"the model's own {s.type}" for s in result.left_alone) or "none")
+    )
     if args.out:
-        header = ["# Whole attention heads on a trained transformer (digits)", "",
-                  "Written by (model, data and settings: the script's docstring; latencies taken holding "
-                  "/tmp/tightfit-timing.lock):", "",
-                  f"    PYTHONPATH=src nice -n 10 python benchmarks/heads_trained.py --finetune-epochs {args.finetune_epochs} "
-                  f"--budget {args.budget} --out {args.out}", ""]
+        header = [
+            "# Whole attention heads on a trained transformer (digits)",
+            "",
+            "Written by (model, data and settings: the script's docstring; latencies taken holding "
+            "/tmp/tightfit-timing.lock):",
+            "",
+            f"    PYTHONPATH=src nice -n 10 python benchmarks/heads_trained.py --finetune-epochs {args.finetune_epochs} "
+            f"--budget {args.budget} --out {args.out}",
+            "",
+        ]
         args.out.write_text("\n".join(header + lines) + "\n")
 
 

@@ -36,8 +36,16 @@ def main() -> None:  # noqa: D103
 
     torch.manual_seed(0)
     # use_cache=False: the cache object GPT-2 returns otherwise cannot be exported to ONNX
-    config = GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, use_cache=False)
+    config = GPT2Config(
+        vocab_size=1000,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+    )
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
     inputs = dict(input_ids=ids)
@@ -52,9 +60,18 @@ def main() -> None:  # noqa: D103
     latency = tightfit.Latency(inputs, threads=1, runtime="onnxruntime")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        result = tightfit.compress(model, evaluate=metric, strategy=tightfit.Int8(choices=(True,)),
-                                   objective="latency", constraint=tightfit.MaxDrop(0.05), latency=latency,
-                                   example_input=inputs, budget=1, seed=0, run_dir=run_dir)
+        result = tightfit.compress(
+            model,
+            evaluate=metric,
+            strategy=tightfit.Int8(choices=(True,)),
+            objective="latency",
+            constraint=tightfit.MaxDrop(0.05),
+            latency=latency,
+            example_input=inputs,
+            budget=1,
+            seed=0,
+            run_dir=run_dir,
+        )
         chosen = sorted(n for n, per_op in result.plan.layers.items() if per_op["int8"]["int8"])
         int8 = export_run(run_dir, format="onnx", threads=1)
         float32 = export_model(model, inputs, Path(tmp) / "float.onnx", latency=tightfit.Latency(inputs, threads=1))

@@ -32,13 +32,21 @@ def _run(folder: Path) -> None:
         y = session.run(None, {session.get_inputs()[0].name: x})[0]
         bound = 1e-4 + (0.1 if name == "conv" else 0.05) * float(np.abs(ref).max())
         worst = float(np.abs(y - ref).max())
-        print(f"  {name:5s} {setting:10s} max|diff| {worst:.4f}  tolerance {bound:.4f}  {'ok' if worst <= bound else 'FAIL'}")
+        print(
+            f"  {name:5s} {setting:10s} max|diff| {worst:.4f}  tolerance {bound:.4f}  {'ok' if worst <= bound else 'FAIL'}"
+        )
 
 
 def _write(folder: Path) -> None:
     import numpy as np
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from torch import nn
 
     from tightfit.export.verified import PORTABLE_INT8
@@ -64,19 +72,35 @@ def _write(folder: Path) -> None:
             if calibration is None:
                 quantize_dynamic(str(float_path), out, per_channel=True, **options)
             else:
-                quantize_static(str(float_path), out, Reader(calibration), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, **options)
+                quantize_static(
+                    str(float_path),
+                    out,
+                    Reader(calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    **options,
+                )
 
     torch.manual_seed(0)  # tests/test_speed_latency_export.py::test_int8_export_is_smaller_and_checked
     dump("mlp", nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval(), torch.randn(8, 64))
     torch.manual_seed(0)
-    dump("mlp5", nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)).eval(),
-         torch.randn(16, 64))
+    dump(
+        "mlp5",
+        nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)).eval(),
+        torch.randn(16, 64),
+    )
     torch.manual_seed(0)
     dump("lstm", nn.LSTM(16, 32, batch_first=True).eval(), torch.randn(4, 10, 16))
     torch.manual_seed(0)  # test_static_int8_for_convolutions_needs_and_uses_calibration
-    conv = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(32 * 8 * 8, 4)).eval()
+    conv = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 4),
+    ).eval()
     x = torch.randn(2, 3, 8, 8)
     dump("conv", conv, x, calibration=[torch.randn(4, 3, 8, 8) for _ in range(4)] + [x])
 
@@ -91,15 +115,21 @@ def _speed() -> None:
     from torch import nn
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
+    model = nn.Sequential(
+        nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512)
+    ).eval()
     x = torch.randn(64, 512)
     options = SessionOptions()
     options.intra_op_num_threads = 1
     with tempfile.TemporaryDirectory() as tmp:
         float_path = str(Path(tmp) / "float.onnx")
         torch.onnx.export(model, (x,), float_path, input_names=["x"], dynamo=False)
-        for setting, kw in {"full": {"weight_type": QuantType.QInt8}, "portable": {"weight_type": QuantType.QInt8,
-                            "reduce_range": True}, "u8u8": {"weight_type": QuantType.QUInt8}, "float": None}.items():
+        for setting, kw in {
+            "full": {"weight_type": QuantType.QInt8},
+            "portable": {"weight_type": QuantType.QInt8, "reduce_range": True},
+            "u8u8": {"weight_type": QuantType.QUInt8},
+            "float": None,
+        }.items():
             path = float_path if kw is None else str(Path(tmp) / f"{setting}.onnx")
             if kw is not None:
                 quantize_dynamic(float_path, path, per_channel=True, **kw)
@@ -131,8 +161,9 @@ def main() -> None:
             print("qemu-x86_64 not installed: no AVX2-only run (apt-get install -y qemu-user)")
             return
         print("qemu-x86_64 -cpu Haswell (AVX2, no AVX-512 / VNNI):")
-        done = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, __file__, "--run", tmp],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [qemu, "-cpu", "Haswell", sys.executable, __file__, "--run", tmp], capture_output=True, text=True
+        )
         print(done.stdout, end="")
         if done.returncode:
             print(done.stderr[-2000:])

@@ -41,10 +41,15 @@ def one_seed(seed: int) -> dict:
     # passes over a lucky evaluation: search/pick.py)
     spars = [v["prune"]["sparsity"] for v in row["observed_plan"].values()] if row.get("observed_plan") else [0.0]
     levelset_answer = float(np.mean(spars))
-    return dict(seed=seed, grid_answer=grid_answer, grid_feasible=[bool(f) for f in feasible],
-                levelset_answer=levelset_answer, levelset_evals=row["evals"],
-                within_002=abs(levelset_answer - grid_answer) <= 0.02 + 1e-9,
-                levelset_search_s_mean=row["search_s_mean"])
+    return dict(
+        seed=seed,
+        grid_answer=grid_answer,
+        grid_feasible=[bool(f) for f in feasible],
+        levelset_answer=levelset_answer,
+        levelset_evals=row["evals"],
+        within_002=abs(levelset_answer - grid_answer) <= 0.02 + 1e-9,
+        levelset_search_s_mean=row["search_s_mean"],
+    )
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ round by one global magnitude threshold, each round retrained ``--round-epochs``
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -31,7 +30,7 @@ from tightfit import load  # noqa: E402
 from tightfit.evaluation import Accuracy  # noqa: E402
 from tightfit.measure.analysis import count_nonzeros  # noqa: E402
 from tightfit.operators import Compose, Plan, Prune, apply  # noqa: E402
-from tightfit.recovery import FineTune, GradualPrune, PruneSplice  # noqa: E402
+from tightfit.recovery import FineTune, GradualPrune  # noqa: E402
 
 
 def _plan(names, per_layer) -> Plan:
@@ -41,8 +40,19 @@ def _plan(names, per_layer) -> Plan:
 def _row(seed, method, model, plan, names, val, test, base, epochs, wall, **extra):
     loaded, size = saved_model(model, plan)
     nz, total = count_nonzeros(loaded, names)
-    row = dict(seed=seed, method=method, cr=total / max(1, nz), val=val(loaded), test=test(loaded), size_bytes=size,
-               epochs=epochs, wall_s=wall, base_val=base["val"], base_test=base["test"], **extra)
+    row = dict(
+        seed=seed,
+        method=method,
+        cr=total / max(1, nz),
+        val=val(loaded),
+        test=test(loaded),
+        size_bytes=size,
+        epochs=epochs,
+        wall_s=wall,
+        base_val=base["val"],
+        base_test=base["test"],
+        **extra,
+    )
     print(json.dumps(row), flush=True)
     return row, loaded
 
@@ -52,7 +62,14 @@ def _task(seed: int):
     the original, and the training loader."""
     split, model = setup("lenet300", seed)
     val, test = Accuracy(split.loader("val", batch_size=512)), Accuracy(split.loader("test", batch_size=512))
-    return model, layer_names(model), val, test, {"val": val(model), "test": test(model)}, split.loader("train", shuffle=True)
+    return (
+        model,
+        layer_names(model),
+        val,
+        test,
+        {"val": val(model), "test": test(model)},
+        split.loader("train", shuffle=True),
+    )
 
 
 def run_imp(seeds, round_epochs: int, rounds: int, lr: float) -> list[dict]:
@@ -68,8 +85,20 @@ def run_imp(seeds, round_epochs: int, rounds: int, lr: float) -> list[dict]:
                 torch.manual_seed(seed * 1000 + r)
                 FineTune(loader, epochs=round_epochs, lr=lr)(candidate)
             epochs += round_epochs
-            row, current = _row(seed, "imp", candidate, plan, names, val, test, base, epochs, time.perf_counter() - start,
-                                round=r, density=density)
+            row, current = _row(
+                seed,
+                "imp",
+                candidate,
+                plan,
+                names,
+                val,
+                test,
+                base,
+                epochs,
+                time.perf_counter() - start,
+                round=r,
+                density=density,
+            )
             rows.append(row)
     return rows
 
@@ -81,19 +110,36 @@ def run_gradual(seeds, epochs: int, levels, lr: float, recovery: str) -> list[di
         for level in levels:
             plan = _plan(names, global_sparsities(model, names, level))
             candidate = apply(plan, model)
-            rec = (GradualPrune(loader, epochs=epochs, lr=lr) if recovery == "gradual"
-                   else FineTune(loader, epochs=epochs, lr=lr))
+            rec = (
+                GradualPrune(loader, epochs=epochs, lr=lr)
+                if recovery == "gradual"
+                else FineTune(loader, epochs=epochs, lr=lr)
+            )
             start = time.perf_counter()
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 rec(candidate)
-            row, _ = _row(seed, recovery, candidate, plan, names, val, test, base, epochs, time.perf_counter() - start,
-                          level=level, lr=lr)
+            row, _ = _row(
+                seed,
+                recovery,
+                candidate,
+                plan,
+                names,
+                val,
+                test,
+                base,
+                epochs,
+                time.perf_counter() - start,
+                level=level,
+                lr=lr,
+            )
             rows.append(row)
     return rows
 
 
-def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: float, lr: float, max_drop: float) -> list[dict]:
+def run_olmp(
+    seeds, rounds: int, round_epochs: int, budget: int, search_drop: float, lr: float, max_drop: float
+) -> list[dict]:
     """OLMP's iterative prune-and-adjust: :func:`tightfit.prune_and_adjust` with ``search="olmp"``
     (per-layer thresholds mean + c*std; no training inside the search) and :class:`GradualPrune`
     (``round_epochs``, Adam ``lr``) as the adjust step; a round more than ``max_drop`` below the
@@ -108,14 +154,35 @@ def run_olmp(seeds, rounds: int, round_epochs: int, budget: int, search_drop: fl
 
         def record(r, seed=seed, test=test, base=base, history=history, start=start):
             history.append(r)
-            row = dict(seed=seed, method="olmp prune-and-adjust", round=r.number, cr=r.nonzero_ratio, val=r.metric,
-                       test=None, epochs=round_epochs * len(history), wall_s=time.perf_counter() - start, lr=lr,
-                       search_drop=r.step, accepted=r.accepted, base_val=base["val"], base_test=base["test"])
+            row = dict(
+                seed=seed,
+                method="olmp prune-and-adjust",
+                round=r.number,
+                cr=r.nonzero_ratio,
+                val=r.metric,
+                test=None,
+                epochs=round_epochs * len(history),
+                wall_s=time.perf_counter() - start,
+                lr=lr,
+                search_drop=r.step,
+                accepted=r.accepted,
+                base_val=base["val"],
+                base_test=base["test"],
+            )
             rows.append(row)
 
-        result = prune_and_adjust(model, evaluate=val, adjust=GradualPrune(loader, epochs=round_epochs, lr=lr),
-                                  max_drop=max_drop, rounds=rounds, step=search_drop, search="olmp",
-                                  search_budget=budget, seed=seed, on_round=record)
+        result = prune_and_adjust(
+            model,
+            evaluate=val,
+            adjust=GradualPrune(loader, epochs=round_epochs, lr=lr),
+            max_drop=max_drop,
+            rounds=rounds,
+            step=search_drop,
+            search="olmp",
+            search_budget=budget,
+            seed=seed,
+            on_round=record,
+        )
         # only the answer (the last accepted round) is kept as a model, so only it has a test accuracy
         mine = [r for r in rows if r["seed"] == seed]
         if result.plan is not None:
@@ -135,21 +202,27 @@ def table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault(key(r), []).append(r)
-    lines = ["| method | round / level | lr | epochs | CR (nonzeros) mean | test acc % mean | test drop pp mean | per-seed drop | val drop pp mean |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | round / level | lr | epochs | CR (nonzeros) mean | test acc % mean | test drop pp mean | per-seed drop | val drop pp mean |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (method, step, lr), rs in groups.items():
         m = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
         drops = " / ".join(f"{100 * (r['base_test'] - r['test']):+.2f}" for r in rs)
-        lines.append(f"| {method} | {step} | {lr if lr is not None else '1e-3'} | {m('epochs'):.0f} | {m('cr'):.1f} | {100 * m('test'):.2f} | "
-                     f"{100 * (m('base_test') - m('test')):+.2f} | {drops} | {100 * (m('base_val') - m('val')):+.2f} |")
+        lines.append(
+            f"| {method} | {step} | {lr if lr is not None else '1e-3'} | {m('epochs'):.0f} | {m('cr'):.1f} | {100 * m('test'):.2f} | "
+            f"{100 * (m('base_test') - m('test')):+.2f} | {drops} | {100 * (m('base_val') - m('val')):+.2f} |"
+        )
     return "\n".join(lines)
 
 
 def answers(rows: list[dict]) -> str:
     """Per seed, the model the prune-and-adjust loop returns: its last round that stayed within
     the validation bound (test is only reported), and the epochs the whole run spent."""
-    lines = ["| seed | answer round | CR (nonzeros) | test drop pp | val drop pp | epochs spent (incl. rejected rounds) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| seed | answer round | CR (nonzeros) | test drop pp | val drop pp | epochs spent (incl. rejected rounds) |",
+        "|---|---|---|---|---|---|",
+    ]
     picked = []
     for seed in sorted({r["seed"] for r in rows}):
         mine = [r for r in rows if r["seed"] == seed]
@@ -160,12 +233,16 @@ def answers(rows: list[dict]) -> str:
             continue
         a = accepted[-1]
         picked.append(a)
-        lines.append(f"| {seed} | {a['round']} | {a['cr']:.1f} | {100 * (a['base_test'] - a['test']):+.2f} | "
-                     f"{100 * (a['base_val'] - a['val']):+.2f} | {spent} |")
+        lines.append(
+            f"| {seed} | {a['round']} | {a['cr']:.1f} | {100 * (a['base_test'] - a['test']):+.2f} | "
+            f"{100 * (a['base_val'] - a['val']):+.2f} | {spent} |"
+        )
     if picked:
         crs = sorted(r["cr"] for r in picked)
-        lines.append(f"| mean / median | | {statistics.mean(crs):.1f} / {statistics.median(crs):.1f} | "
-                     f"{100 * statistics.mean(r['base_test'] - r['test'] for r in picked):+.2f} | | |")
+        lines.append(
+            f"| mean / median | | {statistics.mean(crs):.1f} / {statistics.median(crs):.1f} | "
+            f"{100 * statistics.mean(r['base_test'] - r['test'] for r in picked):+.2f} | | |"
+        )
     return "\n".join(lines)
 
 
@@ -192,10 +269,16 @@ def main(argv=None) -> None:
     if args.kind == "imp":
         rows = run_imp(args.seeds, args.round_epochs, args.rounds, args.lr)
     elif args.kind == "olmp":
-        rows = run_olmp(args.seeds, args.rounds, args.round_epochs, args.budget, args.search_drop, args.lr, args.max_drop)
+        rows = run_olmp(
+            args.seeds, args.rounds, args.round_epochs, args.budget, args.search_drop, args.lr, args.max_drop
+        )
     else:
         rows = run_gradual(args.seeds, args.epochs, args.levels, args.lr, args.kind)
-    result = {"kind": args.kind, "rows": rows, "command": " ".join(["python", "benchmarks/prune_adjust.py", *(argv or sys.argv[1:])])}
+    result = {
+        "kind": args.kind,
+        "rows": rows,
+        "command": " ".join(["python", "benchmarks/prune_adjust.py", *(argv or sys.argv[1:])]),
+    }
     path = OUT / f"prune_adjust_{args.kind}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
     print(answers(rows) if args.kind == "olmp" else table(rows))

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from tightfit import compress
 from tightfit.demo import LeNet5, digits_split, lenet_300_100, train
@@ -108,14 +107,22 @@ def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05, lrs: li
             methods[f"finetune (masked), Adam {lr:g}"] = FineTune(loader, epochs=epochs, lr=lr)
             methods[f"gradual (cubic ramp 0.7), Adam {lr:g}"] = GradualPrune(loader, epochs=epochs, lr=lr)
             methods[f"prune-and-splice, Adam {lr:g}"] = PruneSplice(loader, epochs=epochs, lr=lr)
-        methods[f"L-C (ALM, SGD {lc_lr:g}, mu 1e-3 -> 10)"] = LearningCompression(loader, epochs=epochs, evaluate=val, lr=lc_lr)
+        methods[f"L-C (ALM, SGD {lc_lr:g}, mu 1e-3 -> 10)"] = LearningCompression(
+            loader, epochs=epochs, evaluate=val, lr=lc_lr
+        )
         return methods
     if kind == "prune":
         return {
             "finetune (masked)": FineTune(loader, epochs=epochs, lr=1e-3),
-            f"L-C (ALM, SGD {lc_lr:g}, mu 1e-3 -> 10)": LearningCompression(loader, epochs=epochs, evaluate=val, lr=lc_lr),
-            "L-C (ALM, Adam 1e-3)": LearningCompression(loader, epochs=epochs, evaluate=val, optimizer="adam", lr=1e-3, penalty_step=0.05),
-            "L-C (no multipliers)": LearningCompression(loader, epochs=epochs, evaluate=val, multipliers=False, lr=lc_lr),
+            f"L-C (ALM, SGD {lc_lr:g}, mu 1e-3 -> 10)": LearningCompression(
+                loader, epochs=epochs, evaluate=val, lr=lc_lr
+            ),
+            "L-C (ALM, Adam 1e-3)": LearningCompression(
+                loader, epochs=epochs, evaluate=val, optimizer="adam", lr=1e-3, penalty_step=0.05
+            ),
+            "L-C (no multipliers)": LearningCompression(
+                loader, epochs=epochs, evaluate=val, multipliers=False, lr=lc_lr
+            ),
             "prune-and-splice": PruneSplice(loader, epochs=epochs, lr=1e-3),
         }
     if kind == "quant":
@@ -124,13 +131,22 @@ def recoveries(kind: str, loader, val, epochs: int, lc_lr: float = 0.05, lrs: li
             "finetune (FakeQuantize 2-bit STE)": FineTune(loader, epochs=epochs, lr=1e-3),
             "STE on ternary grid (BinaryConnect-style)": ProxConnect(loader, epochs=epochs, sharpness=(inf, inf)),
             "ProxConnect ternary (default: sharpness 10..1e4)": ProxConnect(loader, epochs=epochs),
-            "ProxConnect ternary, sharpness 1..1e3 (the old default)": ProxConnect(loader, epochs=epochs, sharpness=(1.0, 1e3)),
+            "ProxConnect ternary, sharpness 1..1e3 (the old default)": ProxConnect(
+                loader, epochs=epochs, sharpness=(1.0, 1e3)
+            ),
         }
     raise ValueError(kind)
 
 
-def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[float], lc_lr: float = 0.05,
-                       lrs: list[float] | None = None, seeds=SEEDS) -> dict:
+def run_prune_or_quant(
+    kind: str,
+    model_name: str,
+    epochs: int,
+    levels: list[float],
+    lc_lr: float = 0.05,
+    lrs: list[float] | None = None,
+    seeds=SEEDS,
+) -> dict:
     rows = []
     for seed in seeds:
         split, model = setup(model_name, seed)
@@ -143,7 +159,9 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
                 per_layer = global_sparsities(model, names, level)
                 plan = Plan.from_strategy(Compose([Prune()]), {n: {"prune": {"sparsity": per_layer[n]}} for n in names})
             else:
-                plan = Plan.from_strategy(Compose([Quantize(bits=(2, 4, 8))]), {n: {"quantize": {"bits": int(level)}} for n in names})
+                plan = Plan.from_strategy(
+                    Compose([Quantize(bits=(2, 4, 8))]), {n: {"quantize": {"bits": int(level)}} for n in names}
+                )
             for method, rec in recoveries(kind, loader, val, epochs, lc_lr, lrs).items():
                 candidate = apply(plan, model)
                 with torch.random.fork_rng():
@@ -160,14 +178,26 @@ def run_prune_or_quant(kind: str, model_name: str, epochs: int, levels: list[flo
                     wall = time.perf_counter() - start
                 loaded, size = saved_model(candidate, plan, model)
                 nz, total = count_nonzeros(loaded, names)
-                row = dict(seed=seed, level=level, method=method, val=val(loaded), test=test(loaded), cr=total / max(1, nz),
-                           size_bytes=size, wall_s=wall, base_val=base["val"], base_test=base["test"])
+                row = dict(
+                    seed=seed,
+                    level=level,
+                    method=method,
+                    val=val(loaded),
+                    test=test(loaded),
+                    cr=total / max(1, nz),
+                    size_bytes=size,
+                    wall_s=wall,
+                    base_val=base["val"],
+                    base_test=base["test"],
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return {"kind": kind, "model": model_name, "epochs": epochs, "rows": rows}
 
 
-def run_sparse(model_name: str, epochs: int, lambdas: list[float], lr: float, seeds=SEEDS, methods=("proxsg", "obproxsg", "hspg")) -> dict:
+def run_sparse(
+    model_name: str, epochs: int, lambdas: list[float], lr: float, seeds=SEEDS, methods=("proxsg", "obproxsg", "hspg")
+) -> dict:
     rows = []
     for seed in seeds:
         split, model = setup(model_name, seed)
@@ -188,11 +218,22 @@ def run_sparse(model_name: str, epochs: int, lambdas: list[float], lr: float, se
                 report = sparsity_report(candidate)
                 zero_groups = sum(r["zero_groups"] for r in report.values())
                 slim, removed = remove_zero_neurons(candidate, example_input=x)
-                row = dict(seed=seed, lambda_=lam, method=method, val=val(candidate), test=test(candidate), cr=total / max(1, nz),
-                           nonzeros=nz, zero_neurons=zero_groups, removed=sum(removed.values()),
-                           params_after_removal=sum(p.numel() for p in slim.parameters()),
-                           params_before=sum(p.numel() for p in candidate.parameters()),
-                           slim_test=test(slim), wall_s=wall, base_test=test(model))
+                row = dict(
+                    seed=seed,
+                    lambda_=lam,
+                    method=method,
+                    val=val(candidate),
+                    test=test(candidate),
+                    cr=total / max(1, nz),
+                    nonzeros=nz,
+                    zero_neurons=zero_groups,
+                    removed=sum(removed.values()),
+                    params_after_removal=sum(p.numel() for p in slim.parameters()),
+                    params_before=sum(p.numel() for p in candidate.parameters()),
+                    slim_test=test(slim),
+                    wall_s=wall,
+                    base_test=test(model),
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return {"kind": "sparse", "model": model_name, "epochs": epochs, "lr": lr, "rows": rows}
@@ -209,7 +250,9 @@ def run_tuned(model_name: str, budget: int, epochs: int, recovery: str = "finetu
             default = LearningCompression(loader, epochs=epochs, evaluate=val)
             variants = {
                 "L-C, default settings": default,
-                "L-C, tuned (lr, mu_max, c_steps_per_epoch)": Tuned(default, lr=(0.005, 0.1), mu_max=(1.0, 100.0), c_steps_per_epoch=(1, 8)),
+                "L-C, tuned (lr, mu_max, c_steps_per_epoch)": Tuned(
+                    default, lr=(0.005, 0.1), mu_max=(1.0, 100.0), c_steps_per_epoch=(1, 8)
+                ),
             }
         else:
             default = FineTune(loader, epochs=epochs, lr=3e-4)
@@ -219,14 +262,31 @@ def run_tuned(model_name: str, budget: int, epochs: int, recovery: str = "finetu
             }
         for name, rec in variants.items():
             start = time.perf_counter()
-            result = compress(model, evaluate=val, strategy=Prune(sparsity=(0.0, 0.99)), constraint=MaxDrop(0.005),
-                              objective="nonzeros", finetune=rec, budget=budget, search="tpe", seed=seed)
+            result = compress(
+                model,
+                evaluate=val,
+                strategy=Prune(sparsity=(0.0, 0.99)),
+                constraint=MaxDrop(0.005),
+                objective="nonzeros",
+                finetune=rec,
+                budget=budget,
+                search="tpe",
+                seed=seed,
+            )
             wall = time.perf_counter() - start
             best = result.best_trial
-            row = dict(seed=seed, variant=name, feasible=result.feasible, cr=result.nonzero_ratio if result.feasible else 1.0,
-                       val=result.metric, test=test(result.model), base_test=test(model), wall_s=wall,
-                       n_feasible=sum(t.feasible for t in result.trials),
-                       best_trial=best.number if best is not None else None)
+            row = dict(
+                seed=seed,
+                variant=name,
+                feasible=result.feasible,
+                cr=result.nonzero_ratio if result.feasible else 1.0,
+                val=result.metric,
+                test=test(result.model),
+                base_test=test(model),
+                wall_s=wall,
+                n_feasible=sum(t.feasible for t in result.trials),
+                best_trial=best.number if best is not None else None,
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"kind": "tuned", "model": model_name, "budget": budget, "epochs": epochs, "rows": rows}
@@ -261,25 +321,33 @@ def summarize(result: dict) -> str:
     lines = []
     if result["kind"] in ("prune", "quant"):
         key = "level"
-        lines.append(f"| method | {'overall sparsity (global magnitude plan)' if result['kind'] == 'prune' else 'bits'} | CR (nonzeros) mean | test acc % (mean over seeds) | val acc % | test drop pp | file bytes | wall s |")
+        lines.append(
+            f"| method | {'overall sparsity (global magnitude plan)' if result['kind'] == 'prune' else 'bits'} | CR (nonzeros) mean | test acc % (mean over seeds) | val acc % | test drop pp | file bytes | wall s |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         groups = {}
         for r in rows:
             groups.setdefault((r["method"], r[key]), []).append(r)
         for (method, level), rs in groups.items():
             mean = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
-            lines.append(f"| {method} | {level} | {mean('cr'):.1f} | {100 * mean('test'):.2f} | {100 * mean('val'):.2f} | "
-                         f"{100 * (mean('base_test') - mean('test')):+.2f} | {mean('size_bytes'):,.0f} | {mean('wall_s'):.1f} |")
+            lines.append(
+                f"| {method} | {level} | {mean('cr'):.1f} | {100 * mean('test'):.2f} | {100 * mean('val'):.2f} | "
+                f"{100 * (mean('base_test') - mean('test')):+.2f} | {mean('size_bytes'):,.0f} | {mean('wall_s'):.1f} |"
+            )
     elif result["kind"] == "sparse":
-        lines.append("| optimizer | lambda | CR (nonzeros) mean | test acc % | test drop pp | zero neurons | params after removal | test after removal % | wall s |")
+        lines.append(
+            "| optimizer | lambda | CR (nonzeros) mean | test acc % | test drop pp | zero neurons | params after removal | test after removal % | wall s |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         groups = {}
         for r in rows:
             groups.setdefault((r["method"], r["lambda_"]), []).append(r)
         for (method, lam), rs in groups.items():
             mean = lambda k, rs=rs: statistics.mean(r[k] for r in rs)  # noqa: E731
-            lines.append(f"| {method} | {lam:g} | {mean('cr'):.1f} | {100 * mean('test'):.2f} | {100 * (mean('base_test') - mean('test')):+.2f} | "
-                         f"{mean('zero_neurons'):.1f} | {mean('params_after_removal'):,.0f} of {mean('params_before'):,.0f} | {100 * mean('slim_test'):.2f} | {mean('wall_s'):.1f} |")
+            lines.append(
+                f"| {method} | {lam:g} | {mean('cr'):.1f} | {100 * mean('test'):.2f} | {100 * (mean('base_test') - mean('test')):+.2f} | "
+                f"{mean('zero_neurons'):.1f} | {mean('params_after_removal'):,.0f} of {mean('params_before'):,.0f} | {100 * mean('slim_test'):.2f} | {mean('wall_s'):.1f} |"
+            )
     else:
         lines.append("| variant | CR per seed | median CR | test acc % per seed | feasible trials | wall s |")
         lines.append("|---|---|---|---|---|---|")
@@ -289,9 +357,11 @@ def summarize(result: dict) -> str:
         for name, rs in groups.items():
             crs = " / ".join(f"{r['cr']:.1f}" for r in rs)
             tests = " / ".join(f"{100 * r['test']:.2f}" for r in rs)
-            lines.append(f"| {name} | {crs} | {statistics.median(r['cr'] for r in rs):.1f} | "
-                         f"{tests} | {' / '.join(str(r['n_feasible']) for r in rs)} | "
-                         f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+            lines.append(
+                f"| {name} | {crs} | {statistics.median(r['cr'] for r in rs):.1f} | "
+                f"{tests} | {' / '.join(str(r['n_feasible']) for r in rs)} | "
+                f"{statistics.mean(r['wall_s'] for r in rs):.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -311,7 +381,9 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     p.add_argument("--pivot", action="store_true", help="table: prune results as method x sparsity")
     p.add_argument("--methods", default="proxsg,obproxsg,hspg", help="sparse: which optimizers")
-    p.add_argument("--lrs", type=float, nargs="*", help="prune: compare finetune / gradual / splice at each of these Adam lrs")
+    p.add_argument(
+        "--lrs", type=float, nargs="*", help="prune: compare finetune / gradual / splice at each of these Adam lrs"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     OUT.mkdir(exist_ok=True)
@@ -321,8 +393,15 @@ def main(argv=None) -> None:
         print(pivot(pooled) if args.pivot else summarize(pooled))
         return
     if args.kind == "prune":
-        result = run_prune_or_quant("prune", args.model, args.epochs, args.levels or [0.8, 0.9, 0.93, 0.95, 0.97], args.lc_lr,
-                                    args.lrs, args.seeds)
+        result = run_prune_or_quant(
+            "prune",
+            args.model,
+            args.epochs,
+            args.levels or [0.8, 0.9, 0.93, 0.95, 0.97],
+            args.lc_lr,
+            args.lrs,
+            args.seeds,
+        )
     elif args.kind == "quant":
         result = run_prune_or_quant("quant", args.model, args.epochs, args.levels or [2], seeds=args.seeds)
     elif args.kind == "sparse":

@@ -106,8 +106,10 @@ def main() -> None:
         if cell == "lstm":
             plain_bytes, plain_acc = onnx_int8(model, split)
             bytes_, acc = onnx_int8(result.model, split)
-            extra.append(f"- LSTM, ONNX with dynamic int8 (DynamicQuantizeLSTM): original {plain_bytes:,} bytes, "
-                         f"test accuracy {plain_acc:.4f}; the answer {bytes_:,} bytes, test accuracy {acc:.4f}.")
+            extra.append(
+                f"- LSTM, ONNX with dynamic int8 (DynamicQuantizeLSTM): original {plain_bytes:,} bytes, "
+                f"test accuracy {plain_acc:.4f}; the answer {bytes_:,} bytes, test accuracy {acc:.4f}."
+            )
             print(extra[-1], flush=True)
     text = "\n".join(lines + [""] + extra) + "\n"
     if args.out:

@@ -37,7 +37,9 @@ def _project(tmp: Path, budget: int, storage: str | None, study: str, search: st
     for name in ("scale_model.py", "scale.toml"):
         (tmp / name).write_text((PROJECT / name).read_text())
     text = (tmp / "scale.toml").read_text().replace("budget = 12", f"budget = {budget}")
-    text = text.replace('study_name = "scale"', f'study_name = "{study}"').replace('search = "tpe"', f'search = "{search}"')
+    text = text.replace('study_name = "scale"', f'study_name = "{study}"').replace(
+        'search = "tpe"', f'search = "{search}"'
+    )
     if storage:
         text = f'storage = "{storage}"\n' + text
     (tmp / "scale.toml").write_text(text)
@@ -59,10 +61,10 @@ def _timed_worker(args: argparse.Namespace) -> None:
     """A worker whose storage calls are timed: wall time spent in them on the trial's own thread
     (the heartbeat thread's writes run beside the evaluation and are counted apart)."""
     sys.path.insert(0, str(Path(args.config).parent))
+    from optuna.storages._cached_storage import _CachedStorage
+
     from tightfit.cli.config import build_arguments, load_config
     from tightfit.scale import open_storage, work
-
-    from optuna.storages._cached_storage import _CachedStorage
 
     # The study talks to Optuna's caching layer over the RDB storage; time that layer's calls.
     storage = _CachedStorage(open_storage(args.storage, heartbeat_interval=1, grace_period=5))
@@ -101,9 +103,18 @@ def _timed_worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     evaluated = work(**arguments)
     wall = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps({"evaluated": evaluated, "wall_s": wall, "storage_s": spent["main"],
-                                          "heartbeat_s": spent["heartbeat"], "storage_calls": spent["calls"],
-                                          "by_method": by_name}))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "evaluated": evaluated,
+                "wall_s": wall,
+                "storage_s": spent["main"],
+                "heartbeat_s": spent["heartbeat"],
+                "storage_calls": spent["calls"],
+                "by_method": by_name,
+            }
+        )
+    )
 
 
 def throughput(args: argparse.Namespace) -> dict:
@@ -114,8 +125,25 @@ def throughput(args: argparse.Namespace) -> dict:
             config = _project(Path(tmp), args.trials, args.storage, study, args.search)
             env = {**ENV, "TIGHTFIT_TRIAL_SLEEP": str(args.sleep)}
             outs = [Path(tmp) / f"w{i}.json" for i in range(n)]
-            procs = [subprocess.Popen([sys.executable, __file__, "_worker", "--config", str(config), "--storage", args.storage,
-                                       "--study", study, "--out", str(out)], env=env) for out in outs]
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "_worker",
+                        "--config",
+                        str(config),
+                        "--storage",
+                        args.storage,
+                        "--study",
+                        study,
+                        "--out",
+                        str(out),
+                    ],
+                    env=env,
+                )
+                for out in outs
+            ]
             for p in procs:
                 if p.wait(timeout=900) != 0:
                     raise SystemExit(f"worker exited with {p.returncode}")
@@ -129,16 +157,18 @@ def throughput(args: argparse.Namespace) -> dict:
             span = (last - first).total_seconds()
             evaluated = sum(s["evaluated"] for s in stats)
             durations = [t.user_attrs["duration_s"] for t in done]
-            rows.append({
-                "workers": n,
-                "completed": len(done),
-                "trials_per_s": len(done) / span,
-                "storage_ms_per_trial": 1000 * sum(s["storage_s"] for s in stats) / evaluated,
-                "storage_calls_per_trial": sum(s["storage_calls"] for s in stats) / evaluated,
-                "heartbeat_ms_per_trial": 1000 * sum(s["heartbeat_s"] for s in stats) / evaluated,
-                "evaluation_s_median": statistics.median(durations),
-                "span_s": span,
-            })
+            rows.append(
+                {
+                    "workers": n,
+                    "completed": len(done),
+                    "trials_per_s": len(done) / span,
+                    "storage_ms_per_trial": 1000 * sum(s["storage_s"] for s in stats) / evaluated,
+                    "storage_calls_per_trial": sum(s["storage_calls"] for s in stats) / evaluated,
+                    "heartbeat_ms_per_trial": 1000 * sum(s["heartbeat_s"] for s in stats) / evaluated,
+                    "evaluation_s_median": statistics.median(durations),
+                    "span_s": span,
+                }
+            )
             print(rows[-1], flush=True)
     return {"trials": args.trials, "sleep_s": args.sleep, "search": args.search, "rows": rows}
 
@@ -208,8 +238,14 @@ def kills(args: argparse.Namespace) -> dict:
     of_killed = [t for t in stale if pid(t) in killed_pids or pid(t) is None]
     false_stale = [t for t in stale if t not in of_killed]
     return {
-        "budget": args.trials, "workers": args.workers, "kill_every": args.every, "sleep_s": args.sleep,
-        "grace_period_s": args.grace, "wall_s": wall, "kills": len(killed), "killed": killed,
+        "budget": args.trials,
+        "workers": args.workers,
+        "kill_every": args.every,
+        "sleep_s": args.sleep,
+        "grace_period_s": args.grace,
+        "wall_s": wall,
+        "kills": len(killed),
+        "killed": killed,
         "stale_trials_detected": len(stale),
         "stale_trials_of_killed_workers": len(of_killed),
         # live workers whose heartbeat came later than the grace period (a starved machine): their
@@ -241,8 +277,17 @@ def restart(args: argparse.Namespace) -> dict:
                 study = f"restart-{uuid.uuid4().hex[:6]}"
                 config = _project(Path(tmp), args.trials, storage, study)
                 env = {**ENV, "TIGHTFIT_TRIAL_SLEEP": str(args.sleep)}
-                command = [*CLI, "run", str(config), "--workers", str(workers), "--heartbeat-interval", "1",
-                           "--grace-period", "3"]
+                command = [
+                    *CLI,
+                    "run",
+                    str(config),
+                    "--workers",
+                    str(workers),
+                    "--heartbeat-interval",
+                    "1",
+                    "--grace-period",
+                    "3",
+                ]
                 url = storage or f"sqlite:///{Path(tmp) / 'runs' / 'scale' / 'study.db'}"
                 kills = 0
                 if mode == "killed":
@@ -251,7 +296,9 @@ def restart(args: argparse.Namespace) -> dict:
                         target = args.trials * (kills + 1) // 3
                         while proc.poll() is None:
                             try:
-                                done = sum(t.state.name == "COMPLETE" for t in _study(url, study).get_trials(deepcopy=False))
+                                done = sum(
+                                    t.state.name == "COMPLETE" for t in _study(url, study).get_trials(deepcopy=False)
+                                )
                             except Exception:
                                 done = 0
                             if done >= target:

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from search_tasks import BATCH, FT_EPOCHS, FT_LR, MAX_DROP, accuracy, task  # noqa: E402
 
 import tightfit  # noqa: E402
-from tightfit.pipeline import compress, float32_file_bytes  # noqa: E402
 from tightfit.export.artifact import to_bytes  # noqa: E402
 from tightfit.measure.analysis import count_nonzeros  # noqa: E402
 from tightfit.operators import Prune  # noqa: E402
 from tightfit.operators.plan import Plan, apply_plan_inplace  # noqa: E402
+from tightfit.pipeline import compress, float32_file_bytes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "search_runs.jsonl"
 TRACES = Path(__file__).parent / "results" / "search_traces.jsonl"
@@ -72,11 +72,14 @@ class TracedFineTune:
             torch.manual_seed(10_000 + self.seed)
             self.inner(before)
             other = before
-        self.rows.append(dict(
-            test=accuracy(model, s.x_test, s.y_test),
-            val_bits=_bits(model, s.x_val, s.y_val),
-            val2=accuracy(other, s.x_val, s.y_val), test2=accuracy(other, s.x_test, s.y_test),
-        ))
+        self.rows.append(
+            dict(
+                test=accuracy(model, s.x_test, s.y_test),
+                val_bits=_bits(model, s.x_val, s.y_val),
+                val2=accuracy(other, s.x_val, s.y_val),
+                test2=accuracy(other, s.x_test, s.y_test),
+            )
+        )
 
 
 def t_total(t) -> int:
@@ -125,38 +128,61 @@ def run_search(task_name: str, method: str, budget: int, seed: int) -> dict:
         done = [tr for tr in result.trials if tr.state == "COMPLETE"]
         row["base_val_bits"] = _bits(t.model, split.x_val, split.y_val)
         row["trials"] = [
-            dict(number=tr.number, objective=tr.objective, val=tr.measurement.metric, violation=max(tr.constraints),
-                 plan=[v["prune"]["sparsity"] for v in tr.plan.to_dict()["layers"].values()], **extra)
+            dict(
+                number=tr.number,
+                objective=tr.objective,
+                val=tr.measurement.metric,
+                violation=max(tr.constraints),
+                plan=[v["prune"]["sparsity"] for v in tr.plan.to_dict()["layers"].values()],
+                **extra,
+            )
             for tr, extra in zip(done, traced.rows)
         ]
         row["best_trial"] = result.best_trial.number if result.best_trial else None
         # what the old final pick (best observed feasible trial) would have returned, from the same run
         if observed is not None:
             trace = {tr["number"]: tr for tr in row["trials"]}[observed.number]
-            row["observed_pick"] = dict(number=observed.number, cr_nonzeros=t_total(t) / observed.objective,
-                                        test_acc=trace["test"], val_acc=trace["val"])
+            row["observed_pick"] = dict(
+                number=observed.number,
+                cr_nonzeros=t_total(t) / observed.objective,
+                test_acc=trace["test"],
+                val_acc=trace["val"],
+            )
     return row
 
 
 def _row(task_name, method, budget, seed, t, model, artifact, wall) -> dict:
     layers = _layers(t.model)
     base_nz, total = count_nonzeros(t.model, layers)
-    row = dict(task=task_name, method=method, budget=budget, seed=seed, wall_s=wall,
-               base_test_acc=accuracy(t.model, t.split.x_test, t.split.y_test),
-               base_val_acc=accuracy(t.model, t.split.x_val, t.split.y_val))
+    row = dict(
+        task=task_name,
+        method=method,
+        budget=budget,
+        seed=seed,
+        wall_s=wall,
+        base_test_acc=accuracy(t.model, t.split.x_test, t.split.y_test),
+        base_val_acc=accuracy(t.model, t.split.x_val, t.split.y_val),
+    )
     if model is None:
         row.update(feasible=False, cr_nonzeros=1.0, cr_bytes=1.0, test_acc=row["base_test_acc"])
         return row
     nz, _ = count_nonzeros(model, layers)
-    row.update(feasible=True, cr_nonzeros=total / max(1, nz), cr_bytes=float32_file_bytes(t.model) / len(artifact),
-               test_acc=accuracy(model, t.split.x_test, t.split.y_test))
+    row.update(
+        feasible=True,
+        cr_nonzeros=total / max(1, nz),
+        cr_bytes=float32_file_bytes(t.model) / len(artifact),
+        test_acc=accuracy(model, t.split.x_test, t.split.y_test),
+    )
     return row
 
 
 # --- the three non-search baselines, on the same evaluation recipe ---------------------------
 
+
 def _evaluate_plan(t, plan: Plan, seed: int, base_model=None):
-    model = apply_plan_inplace(plan, copy.deepcopy(base_model or t.model), tightfit.Compose([Prune(sparsity=(0.0, 0.999))]))
+    model = apply_plan_inplace(
+        plan, copy.deepcopy(base_model or t.model), tightfit.Compose([Prune(sparsity=(0.0, 0.999))])
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         _finetune(t.split)(model)
@@ -164,8 +190,10 @@ def _evaluate_plan(t, plan: Plan, seed: int, base_model=None):
 
 
 def _plan(sparsities: dict[str, float]) -> Plan:
-    return Plan.from_strategy(tightfit.Compose([Prune(sparsity=(0.0, 0.999))]),
-                              {n: {"prune": {"sparsity": float(s)}} for n, s in sparsities.items()})
+    return Plan.from_strategy(
+        tightfit.Compose([Prune(sparsity=(0.0, 0.999))]),
+        {n: {"prune": {"sparsity": float(s)}} for n, s in sparsities.items()},
+    )
 
 
 def _global_sparsities(model, layers, s: float) -> dict[str, float]:
@@ -288,11 +316,21 @@ def main() -> None:
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trace", action="store_true", help="record every trial (to results/search_traces.jsonl)")
-    ap.add_argument("--out", default=None, help="results file (default: results/search_runs.jsonl, or search_traces.jsonl with --trace)")
-    ap.add_argument("--recipe", choices=("finetune", "gradual"), default="finetune",
-                    help="per-evaluation recovery for every method: the baselines' masked fine-tune (default) "
-                         "or GradualPrune over the same 3 epochs; use a separate --out")
-    ap.add_argument("--recipe-lr", type=float, default=FT_LR, help="the recipe's Adam learning rate (default: the baselines' 3e-4)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results file (default: results/search_runs.jsonl, or search_traces.jsonl with --trace)",
+    )
+    ap.add_argument(
+        "--recipe",
+        choices=("finetune", "gradual"),
+        default="finetune",
+        help="per-evaluation recovery for every method: the baselines' masked fine-tune (default) "
+        "or GradualPrune over the same 3 epochs; use a separate --out",
+    )
+    ap.add_argument(
+        "--recipe-lr", type=float, default=FT_LR, help="the recipe's Adam learning rate (default: the baselines' 3e-4)"
+    )
     args = ap.parse_args()
     global TRACE, RECIPE, RECIPE_LR
     TRACE, RECIPE, RECIPE_LR = args.trace, args.recipe, args.recipe_lr
@@ -301,7 +339,13 @@ def main() -> None:
     done = _done(out)
     for task_name in args.tasks.split(","):
         for method in args.methods.split(","):
-            budgets = [11] if method.endswith("bisect") else [0] if method == "imp" else [int(b) for b in args.budgets.split(",")]
+            budgets = (
+                [11]
+                if method.endswith("bisect")
+                else [0]
+                if method == "imp"
+                else [int(b) for b in args.budgets.split(",")]
+            )
             for budget in budgets:
                 for seed in _seeds(args.seeds):
                     if (task_name, method, budget, seed) not in done:
@@ -315,7 +359,15 @@ def main() -> None:
         for row in pool.imap_unordered(run_job, jobs):
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row.get(k) for k in ("task", "method", "budget", "seed", "cr_nonzeros", "test_acc", "wall_s", "error")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: row.get(k)
+                        for k in ("task", "method", "budget", "seed", "cr_nonzeros", "test_acc", "wall_s", "error")
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -64,12 +64,16 @@ def frontier_table(points: list[dict]) -> str:
         n = len(sel)
         val_ok = sum(p["val_drop"] <= MAX_DROP_PP + EPS for p in sel)
         test_ok = sum(p["test_drop"] <= MAX_DROP_PP + EPS for p in sel)
-        both = sum(p["test_drop"] <= MAX_DROP_PP + EPS and p["test2_drop"] is not None
-                   and p["test2_drop"] <= MAX_DROP_PP + EPS for p in sel)
+        both = sum(
+            p["test_drop"] <= MAX_DROP_PP + EPS and p["test2_drop"] is not None and p["test2_drop"] <= MAX_DROP_PP + EPS
+            for p in sel
+        )
         drops = [p["test_drop"] for p in sel]
         label = f"{lo:g}-{hi:g}" if hi < 1e8 else f">= {lo:g}"
-        lines.append(f"| {label} | {n} | {val_ok} ({val_ok / n:.0%}) | {test_ok} ({test_ok / n:.0%}) | {both} ({both / n:.0%}) "
-                     f"| {statistics.mean(drops):+.2f} | {statistics.median(drops):+.2f} |")
+        lines.append(
+            f"| {label} | {n} | {val_ok} ({val_ok / n:.0%}) | {test_ok} ({test_ok / n:.0%}) | {both} ({both / n:.0%}) "
+            f"| {statistics.mean(drops):+.2f} | {statistics.median(drops):+.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -91,9 +95,9 @@ def targets(rows: list[dict], task: str) -> dict[str, float]:
 
 def weights_total(task: str) -> int:
     """Prunable weights of the task's architecture (no training needed to count them)."""
+    from search_tasks import mnist1d_mlp  # noqa: PLC0415
     from torch import nn
 
-    from search_tasks import mnist1d_mlp  # noqa: PLC0415
     from tightfit.demo import lenet_300_100  # noqa: PLC0415
     from tightfit.demo.models import LeNet5  # noqa: PLC0415
 
@@ -117,7 +121,9 @@ def main(argv: list[str]) -> None:
             print(f"- budget-30 median CR, {name}: {value:.2f}x")
         if held:
             best = max(held, key=lambda p: p["cr"])
-            print(f"- largest CR any plan held on test: {best['cr']:.2f}x (validation drop {best['val_drop']:+.2f}, test drop {best['test_drop']:+.2f})")
+            print(
+                f"- largest CR any plan held on test: {best['cr']:.2f}x (validation drop {best['val_drop']:+.2f}, test drop {best['test_drop']:+.2f})"
+            )
         if both:
             best = max(both, key=lambda p: p["cr"])
             print(f"- largest CR held on test with both fine-tunes: {best['cr']:.2f}x")

@@ -53,16 +53,33 @@ def main(method: str = "bo", D: int = 50, N: int = 100, tag: str = "") -> None:
         cpu.append(now - last[0])
         last[0] = now
 
-    run_trials(study, space, evaluate, budget=N, method=method, seed=0, context=SearchContext(space=space, budget=N),
-               on_trial=on_trial)
+    run_trials(
+        study,
+        space,
+        evaluate,
+        budget=N,
+        method=method,
+        seed=0,
+        context=SearchContext(space=space, budget=N),
+        on_trial=on_trial,
+    )
     times = [t.user_attrs["search_time_s"] for t in study.get_trials()]
     # search quality on the synthetic problem: the smallest objective among feasible trials
     feasible = [t for t in study.get_trials() if t.value is not None and max(t.constraints.values()) <= 0]
-    row = dict(method=method, tag=tag, dims=D, trials=N, torch_threads=2,
-               last10_mean_s=statistics.mean(times[-10:]), last10_max_s=max(times[-10:]),
-               all_mean_s=statistics.mean(times), all_max_s=max(times),
-               last10_cpu_mean_s=statistics.mean(cpu[-10:]), last10_cpu_max_s=max(cpu[-10:]),
-               best_feasible_objective=min((t.value for t in feasible), default=None))
+    row = dict(
+        method=method,
+        tag=tag,
+        dims=D,
+        trials=N,
+        torch_threads=2,
+        last10_mean_s=statistics.mean(times[-10:]),
+        last10_max_s=max(times[-10:]),
+        all_mean_s=statistics.mean(times),
+        all_max_s=max(times),
+        last10_cpu_mean_s=statistics.mean(cpu[-10:]),
+        last10_cpu_max_s=max(cpu[-10:]),
+        best_feasible_objective=min((t.value for t in feasible), default=None),
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT, "a") as f:
         f.write(json.dumps(row) + "\n")

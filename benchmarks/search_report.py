@@ -31,9 +31,13 @@ def table(rows: list[dict]) -> str:
     out = []
     for task_name in sorted({k[0] for k in groups}):
         out.append(f"\n### {task_name}\n")
-        out.append("| method | budget | seeds | CR nonzeros median [min-max] | CR bytes median | feasible runs | test acc % mean | test drop pp mean | evals (feasible) median | wall s median | optimizer s/suggestion median (max) | old pick: CR median [min-max] | old pick: test drop pp mean |")
+        out.append(
+            "| method | budget | seeds | CR nonzeros median [min-max] | CR bytes median | feasible runs | test acc % mean | test drop pp mean | evals (feasible) median | wall s median | optimizer s/suggestion median (max) | old pick: CR median [min-max] | old pick: test drop pp mean |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        keys = sorted((k for k in groups if k[0] == task_name), key=lambda k: (ORDER.index(k[1]) if k[1] in ORDER else 99, k[2]))
+        keys = sorted(
+            (k for k in groups if k[0] == task_name), key=lambda k: (ORDER.index(k[1]) if k[1] in ORDER else 99, k[2])
+        )
         for key in keys:
             rs = groups[key]
             cr = [r["cr_nonzeros"] for r in rs]
@@ -47,7 +51,9 @@ def table(rows: list[dict]) -> str:
             if old and len(old) == len(rs):
                 ocr = [o["cr_nonzeros"] for o in old]
                 odrop = [100 * (r["base_test_acc"] - o["test_acc"]) for r, o in zip(rs, old)]
-                old_cols = f"{statistics.median(ocr):.2f} [{min(ocr):.2f}-{max(ocr):.2f}] | {statistics.mean(odrop):+.2f}"
+                old_cols = (
+                    f"{statistics.median(ocr):.2f} [{min(ocr):.2f}-{max(ocr):.2f}] | {statistics.mean(odrop):+.2f}"
+                )
             else:
                 old_cols = "- | -"
             out.append(

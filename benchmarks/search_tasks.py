@@ -22,7 +22,7 @@ from tightfit.demo.models import LeNet5
 torch.set_num_threads(1)  # 2 shared cores: one thread per process, parallelize across processes
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `benchmarks.tasks` importable
 # mnist1d moved to benchmarks/tasks (issue 18)
-from benchmarks.tasks.mnist1d_task import mnist1d_mlp, mnist1d_split
+from benchmarks.tasks.mnist1d_task import mnist1d_mlp, mnist1d_split  # noqa: E402
 
 MAX_DROP = 0.005
 FT_EPOCHS, FT_LR, BATCH = 3, 3e-4, 64

@@ -73,8 +73,13 @@ class ResNetBench(nn.Module):
 
 def mlp_bench() -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
-        nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 10),
+        nn.Linear(1024, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 10),
     )
 
 
@@ -125,19 +130,32 @@ def structured(args) -> dict:
                 row[f"batch{b}"] = {**lat, "speedup": round(base_lat[b]["median_ms"] / lat["median_ms"], 3)}
                 report = export_model(model, x1, Path(tmp) / f"r{ratio}_b{b}.onnx", latency=meter)
                 row[f"batch{b}"]["onnx_ms"] = round(report.latency_ms, 4)
-                row[f"batch{b}"]["onnx_speedup_vs_original_pytorch"] = round(base_lat[b]["median_ms"] / report.latency_ms, 3)
+                row[f"batch{b}"]["onnx_speedup_vs_original_pytorch"] = round(
+                    base_lat[b]["median_ms"] / report.latency_ms, 3
+                )
                 row[f"batch{b}"]["onnx_max_abs_diff"] = report.max_abs_diff
             row["speed_per_flops_reduction_batch32"] = round(row["batch32"]["speedup"] / row["flops_reduction"], 3)
             rows.append(row)
             print(json.dumps(row))
     # The machine drifts (shared host): time the original again, last, with fresh meters, and give
     # each speedup against both measurements of the baseline.
-    end_lat = {b: _lat(Latency(x1, batch_size=b, threads=THREADS, min_run_time=args.min_run_time), base) for b in (1, 32)}
+    end_lat = {
+        b: _lat(Latency(x1, batch_size=b, threads=THREADS, min_run_time=args.min_run_time), base) for b in (1, 32)
+    }
     for row in rows:
         for b in (1, 32):
-            row[f"batch{b}"]["speedup_vs_baseline_at_end"] = round(end_lat[b]["median_ms"] / row[f"batch{b}"]["median_ms"], 3)
-    return {"model": "ResNetBench (48/96/192), 3x32x32", "round_to": 8, "threads": THREADS, "base_flops": base_flops,
-            "baseline": base_lat, "baseline_at_end": end_lat, "rows": rows}
+            row[f"batch{b}"]["speedup_vs_baseline_at_end"] = round(
+                end_lat[b]["median_ms"] / row[f"batch{b}"]["median_ms"], 3
+            )
+    return {
+        "model": "ResNetBench (48/96/192), 3x32x32",
+        "round_to": 8,
+        "threads": THREADS,
+        "base_flops": base_flops,
+        "baseline": base_lat,
+        "baseline_at_end": end_lat,
+        "rows": rows,
+    }
 
 
 def int8(args) -> dict:
@@ -153,21 +171,29 @@ def int8(args) -> dict:
             ref = _lat(meter, mlp)
             f_onnx = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.onnx", latency=meter)
             q = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.int8.onnx", int8="dynamic", rtol=0.05, latency=meter)
-            bf16_file = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.bf16.pt", format="pt", dtype="bfloat16",
-                                     rtol=0.02, latency=meter)
+            bf16_file = export_model(
+                mlp, x, Path(tmp) / f"mlp_b{b}.bf16.pt", format="pt", dtype="bfloat16", rtol=0.02, latency=meter
+            )
             bf16 = copy.deepcopy(mlp).to(torch.bfloat16)
             bf16_meter = Latency(x.to(torch.bfloat16), batch_size=b, threads=THREADS, min_run_time=args.min_run_time)
             with torch.inference_mode():
-                bf16_err = float((bf16(meter.example_input.to(torch.bfloat16)).float() - mlp(meter.example_input)).abs().max())
+                bf16_err = float(
+                    (bf16(meter.example_input.to(torch.bfloat16)).float() - mlp(meter.example_input)).abs().max()
+                )
             mlp_rows[f"batch{b}"] = {
-                "pytorch_float32_ms": ref["median_ms"], "pytorch_float32_iqr_ms": ref["iqr_ms"],
+                "pytorch_float32_ms": ref["median_ms"],
+                "pytorch_float32_iqr_ms": ref["iqr_ms"],
                 "onnx_float32_ms": round(f_onnx.latency_ms, 4),
-                "onnx_int8_ms": round(q.latency_ms, 4), "onnx_int8_iqr_ms": round(q.latency_iqr_ms, 4),
+                "onnx_int8_ms": round(q.latency_ms, 4),
+                "onnx_int8_iqr_ms": round(q.latency_iqr_ms, 4),
                 "int8_speedup_vs_pytorch_float32": round(ref["median_ms"] / q.latency_ms, 3),
                 "int8_speedup_vs_onnx_float32": round(f_onnx.latency_ms / q.latency_ms, 3),
-                "int8_max_abs_diff": q.max_abs_diff, "int8_reference_max_abs": q.reference_max_abs,
-                "pytorch_bf16_ms": _lat(bf16_meter, bf16)["median_ms"], "bf16_max_abs_diff": bf16_err,
-                "export_pt_bf16_ms": round(bf16_file.latency_ms, 4), "export_pt_bf16_bytes": bf16_file.size_bytes,
+                "int8_max_abs_diff": q.max_abs_diff,
+                "int8_reference_max_abs": q.reference_max_abs,
+                "pytorch_bf16_ms": _lat(bf16_meter, bf16)["median_ms"],
+                "bf16_max_abs_diff": bf16_err,
+                "export_pt_bf16_ms": round(bf16_file.latency_ms, 4),
+                "export_pt_bf16_bytes": bf16_file.size_bytes,
                 "export_pt_bf16_max_abs_diff": bf16_file.max_abs_diff,
             }
             mlp_rows["onnx_float32_bytes"] = f_onnx.size_bytes
@@ -185,18 +211,29 @@ def int8(args) -> dict:
             meter = Latency(xc, batch_size=b, threads=THREADS, min_run_time=args.min_run_time)
             ref = _lat(meter, cnn)
             f_onnx = export_model(cnn, xc, Path(tmp) / f"cnn_b{b}.onnx", latency=meter)
-            q = export_model(cnn, xc, Path(tmp) / f"cnn_b{b}.int8.onnx", int8="static", calibration=calibration,
-                             rtol=0.1, latency=meter)
+            q = export_model(
+                cnn,
+                xc,
+                Path(tmp) / f"cnn_b{b}.int8.onnx",
+                int8="static",
+                calibration=calibration,
+                rtol=0.1,
+                latency=meter,
+            )
             cnn_rows[f"batch{b}"] = {
-                "pytorch_float32_ms": ref["median_ms"], "onnx_float32_ms": round(f_onnx.latency_ms, 4),
+                "pytorch_float32_ms": ref["median_ms"],
+                "onnx_float32_ms": round(f_onnx.latency_ms, 4),
                 "onnx_int8_ms": round(q.latency_ms, 4),
                 "int8_speedup_vs_pytorch_float32": round(ref["median_ms"] / q.latency_ms, 3),
                 "int8_speedup_vs_onnx_float32": round(f_onnx.latency_ms / q.latency_ms, 3),
-                "int8_max_abs_diff": q.max_abs_diff, "int8_reference_max_abs": q.reference_max_abs,
+                "int8_max_abs_diff": q.max_abs_diff,
+                "int8_reference_max_abs": q.reference_max_abs,
             }
             cnn_rows["onnx_int8_bytes"] = q.size_bytes
             print(json.dumps(cnn_rows[f"batch{b}"]))
-        cnn_rows["size_ratio_vs_state_dict"] = round(cnn_rows["float32_state_dict_bytes"] / cnn_rows["onnx_int8_bytes"], 3)
+        cnn_rows["size_ratio_vs_state_dict"] = round(
+            cnn_rows["float32_state_dict_bytes"] / cnn_rows["onnx_int8_bytes"], 3
+        )
         out["cnn"] = cnn_rows
     return out
 
@@ -214,20 +251,31 @@ def lowrank(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.rank_ratios:
             model = apply(space.plan({k: ratio for k in space.keys}), mlp)
-            row = {"rank_ratio": ratio, "flops_reduction": round(base_flops / _flops(model, x), 3),
-                   "state_dict_bytes": _state_dict_bytes(model)}
+            row = {
+                "rank_ratio": ratio,
+                "flops_reduction": round(base_flops / _flops(model, x), 3),
+                "state_dict_bytes": _state_dict_bytes(model),
+            }
             xb = meters[32].example_input
             with torch.inference_mode():
                 row["max_abs_diff_vs_original"] = float((model(xb) - mlp(xb)).abs().max())
             for b, meter in meters.items():
                 lat = _lat(meter, model)
                 report = export_model(model, x, Path(tmp) / f"lr{ratio}_{b}.onnx", latency=meter)
-                row[f"batch{b}"] = {**lat, "speedup": round(base_lat[b]["median_ms"] / lat["median_ms"], 3),
-                                    "onnx_ms": round(report.latency_ms, 4)}
+                row[f"batch{b}"] = {
+                    **lat,
+                    "speedup": round(base_lat[b]["median_ms"] / lat["median_ms"], 3),
+                    "onnx_ms": round(report.latency_ms, 4),
+                }
             rows.append(row)
             print(json.dumps(row))
-    return {"model": "MLPBench 1024-2048-2048-1024-10", "threads": THREADS, "baseline": base_lat,
-            "base_state_dict_bytes": _state_dict_bytes(mlp), "rows": rows}
+    return {
+        "model": "MLPBench 1024-2048-2048-1024-10",
+        "threads": THREADS,
+        "baseline": base_lat,
+        "base_state_dict_bytes": _state_dict_bytes(mlp),
+        "rows": rows,
+    }
 
 
 def search(args) -> dict:
@@ -272,15 +320,22 @@ def search(args) -> dict:
         return {
             "model": "tightfit.demo.LeNet5 on digits (trained 40 epochs, seed 0)",
             "latency": {"batch_size": batch, "threads": threads},
-            "budget": args.budget, "wall_s": round(wall, 1),
-            "feasible": result.feasible, "message": result.message,
-            "baseline_metric": result.baseline_metric, "metric": result.metric,
+            "budget": args.budget,
+            "wall_s": round(wall, 1),
+            "feasible": result.feasible,
+            "message": result.message,
+            "baseline_metric": result.baseline_metric,
+            "metric": result.metric,
             "plan": result.plan.to_dict() if result.plan else None,
             "architecture": repr(shipped),
             "reported_speedup": reported,
             "reported_ms": {"baseline": result.baseline.latency_ms, "best": best.latency_ms if best else None},
-            "remeasured_ms": {"original_pytorch": original_ms, "model_tfz_pytorch": shipped_ms,
-                              "export_pt": pt.latency_ms, "export_onnx": onnx.latency_ms},
+            "remeasured_ms": {
+                "original_pytorch": original_ms,
+                "model_tfz_pytorch": shipped_ms,
+                "export_pt": pt.latency_ms,
+                "export_onnx": onnx.latency_ms,
+            },
             "remeasured_speedup_pytorch": remeasured,
             "remeasured_speedup_export_pt": original_ms / pt.latency_ms,
             "relative_difference": abs(remeasured - reported) / reported if reported else None,
@@ -305,9 +360,18 @@ def int8search(args) -> dict:
     latency = Latency(x, batch_size=32, threads=THREADS, min_run_time=args.min_run_time, runtime="onnxruntime")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        result = tightfit.compress(model, evaluate=tightfit.Accuracy(split.loader("val", 512)), strategy=tightfit.Int8(),
-                                   constraint=tightfit.MaxDrop(0.01), objective="latency", example_input=x,
-                                   latency=latency, budget=args.budget, seed=0, run_dir=run_dir)
+        result = tightfit.compress(
+            model,
+            evaluate=tightfit.Accuracy(split.loader("val", 512)),
+            strategy=tightfit.Int8(),
+            constraint=tightfit.MaxDrop(0.01),
+            objective="latency",
+            example_input=x,
+            latency=latency,
+            budget=args.budget,
+            seed=0,
+            run_dir=run_dir,
+        )
         report = export_run(run_dir, format="onnx", batch_size=32, threads=THREADS)
         session = _ort_session(Path(report.path), THREADS)
         logits = session.run(None, {session.get_inputs()[0].name: split.x_test.numpy()})[0]
@@ -317,7 +381,9 @@ def int8search(args) -> dict:
         best = result.best_trial.measurement
         return {
             "model": "LeNet-300-100 on digits (trained 30 epochs, seed 0)",
-            "latency": latency.describe(), "budget": args.budget, "message": result.message,
+            "latency": latency.describe(),
+            "budget": args.budget,
+            "message": result.message,
             "plan_int8_layers": report.int8_layers,
             "reported_speedup": result.baseline.latency_ms / best.latency_ms,
             "export": report.to_dict(),
@@ -341,8 +407,12 @@ def main() -> None:
     started = time.perf_counter()
     parts = {"structured": structured, "int8": int8, "lowrank": lowrank, "search": search, "int8search": int8search}
     data = parts[args.part](args)
-    data["machine"] = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                       "threads": THREADS, "wall_s": round(time.perf_counter() - started, 1)}
+    data["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": THREADS,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
     text = json.dumps(data, indent=2)
     print(text)
     if args.out:

@@ -53,20 +53,35 @@ def collect(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             url = f"sqlite:///{os.path.join(tmp, 'study.db')}"
             result = compress(
-                copy.deepcopy(model), evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)), budget=30,
-                search="auto", seed=seed, example_input=split.x_val[:1], storage=url,
-                evaluation=tightfit.Sequential(stages=(1 / 6, 1 / 3, 1 / 2), promote_probability=0.0, stop_slack=1e6, max_curves=100),
+                copy.deepcopy(model),
+                evaluate=tightfit.Accuracy(split.loader("val", batch_size=512)),
+                budget=30,
+                search="auto",
+                seed=seed,
+                example_input=split.x_val[:1],
+                storage=url,
+                evaluation=tightfit.Sequential(
+                    stages=(1 / 6, 1 / 3, 1 / 2), promote_probability=0.0, stop_slack=1e6, max_curves=100
+                ),
                 **recipe,
             )
             study = optuna.load_study(study_name="tightfit", storage=url)
             with open(out, "a") as handle:
                 for t in study.trials:
                     attrs = t.user_attrs
-                    handle.write(json.dumps({
-                        "seed": seed, "number": t.number, "fidelity": attrs.get("fidelity"),
-                        "constraints": trial_constraints(t) if t.state.name == "COMPLETE" else None,
-                        "curve": attrs.get(CURVE_ATTR), "evals": attrs.get("evaluations"),
-                    }) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "seed": seed,
+                                "number": t.number,
+                                "fidelity": attrs.get("fidelity"),
+                                "constraints": trial_constraints(t) if t.state.name == "COMPLETE" else None,
+                                "curve": attrs.get(CURVE_ATTR),
+                                "evals": attrs.get("evaluations"),
+                            }
+                        )
+                        + "\n"
+                    )
         print(seed, f"{result.compression_ratio:.2f}x", flush=True)
 
 
@@ -82,7 +97,9 @@ def _mean_spread(gains: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var * (1 + 1 / k))
 
 
-def predictions(prev: list[dict], value: float, se: float, stage: int, max_drop: float) -> dict[str, tuple[float, float]]:
+def predictions(
+    prev: list[dict], value: float, se: float, stage: int, max_drop: float
+) -> dict[str, tuple[float, float]]:
     """(central prediction, spread) of the final constraint value by each predictor."""
     if len(prev) < 3:
         return {}
@@ -111,7 +128,11 @@ def predictions(prev: list[dict], value: float, se: float, stage: int, max_drop:
 
 
 def analyze(args) -> None:
-    rows = [json.loads(line) for line in (RESULTS / f"stage_curves_{args.task}.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (RESULTS / f"stage_curves_{args.task}.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     runs = defaultdict(list)
     for r in rows:
         runs[r["seed"]].append(r)
@@ -139,13 +160,17 @@ def analyze(args) -> None:
                     s["feasible"].append(feasible)
             prev.append(curve)
     print(f"{args.task}: {len(runs)} runs; candidates fine-tuned in full, predicted from >= 3 earlier curves\n")
-    print("| stage | predictor | candidates (feasible) | Brier | log loss | false stops | false promotions | z mean | z sd |")
+    print(
+        "| stage | predictor | candidates (feasible) | Brier | log loss | false stops | false promotions | z mean | z sd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for (stage, name), s in sorted(stats.items()):
         frac = fractions[stage] if fractions else stage
-        print(f"| {frac} | {name} | {len(s['feasible'])} ({sum(s['feasible'])}) | {statistics.mean(s['brier']):.3f} | "
-              f"{statistics.mean(s['logloss']):.3f} | {sum(s['false_stop'])} | {sum(s['false_promotion'])} | "
-              f"{statistics.mean(s['z']):+.2f} | {statistics.pstdev(s['z']):.2f} |")
+        print(
+            f"| {frac} | {name} | {len(s['feasible'])} ({sum(s['feasible'])}) | {statistics.mean(s['brier']):.3f} | "
+            f"{statistics.mean(s['logloss']):.3f} | {sum(s['false_stop'])} | {sum(s['false_promotion'])} | "
+            f"{statistics.mean(s['z']):+.2f} | {statistics.pstdev(s['z']):.2f} |"
+        )
 
 
 def main() -> None:

@@ -78,7 +78,9 @@ def test_loading_into_the_wrong_model_is_a_clear_error(mlp, tmp_path):
     compressed, plan = _compressed(mlp)
     path = tmp_path / "m.tfz"
     tightfit.save(compressed, path, plan=plan)
-    wrong = nn.Sequential(nn.Flatten(), nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 10))
+    wrong = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
     with pytest.raises(ArtifactError, match="shape"):
         tightfit.load(path, model=wrong)
 

@@ -76,8 +76,9 @@ def two_versions(tmp_path_factory):
     expected bytes of the 'A' and 'B' version of each file, and the arguments that write them."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4)).eval()
-    result = tightfit.compress(model, evaluate=lambda m: 1.0, constraint=tightfit.MaxDrop(1.0), budget=1,
-                               search="random", pick="observed")
+    result = tightfit.compress(
+        model, evaluate=lambda m: 1.0, constraint=tightfit.MaxDrop(1.0), budget=1, search="random", pick="observed"
+    )
     other = copy.deepcopy(model)
     with torch.no_grad():
         other[0].weight.mul_(-1)
@@ -182,8 +183,15 @@ def test_report_reads_a_run_whose_summary_was_cut_short(tmp_path):
     run_dir = tmp_path / "run"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    tightfit.compress(model, evaluate=lambda m: 1.0, constraint=tightfit.MaxDrop(1.0), budget=2, search="random",
-                      run_dir=run_dir, pick="observed")
+    tightfit.compress(
+        model,
+        evaluate=lambda m: 1.0,
+        constraint=tightfit.MaxDrop(1.0),
+        budget=2,
+        search="random",
+        run_dir=run_dir,
+        pick="observed",
+    )
     summary = (run_dir / "summary.json").read_bytes()
     (run_dir / "summary.json").write_bytes(summary[: len(summary) // 2])  # as a non-atomic writer killed midway left it
     shown = CliRunner().invoke(app, ["report", str(run_dir)])

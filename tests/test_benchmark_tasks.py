@@ -65,8 +65,12 @@ def test_stratified_split_is_seeded_balanced_and_disjoint():
 def test_load_fmnist_on_synthetic_files_and_missing_package(tmp_path):
     rng = np.random.default_rng(0)
     y_train, y_test = np.repeat(np.arange(10, dtype=np.uint8), 10), np.arange(10, dtype=np.uint8)
-    parts = {"train_images": rng.integers(0, 256, (100, 28, 28)), "train_labels": y_train,
-             "test_images": rng.integers(0, 256, (10, 28, 28)), "test_labels": y_test}
+    parts = {
+        "train_images": rng.integers(0, 256, (100, 28, 28)),
+        "train_labels": y_train,
+        "test_images": rng.integers(0, 256, (10, 28, 28)),
+        "test_labels": y_test,
+    }
     for key, arr in parts.items():
         write_gz(tmp_path / FILES[key], idx_bytes(np.asarray(arr)))
     d = load_fmnist(seed=3, directory=tmp_path, val_size=20)

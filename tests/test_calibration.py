@@ -18,7 +18,7 @@ from tightfit.operators.prune import WeightMask
 def _correlated_inputs(n: int, features: int, seed: int = 0) -> torch.Tensor:
     """Inputs whose features are correlated and of very different scales (as real activations are)."""
     g = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(features, features, generator=g) / features ** 0.5
+    mixing = torch.randn(features, features, generator=g) / features**0.5
     scales = torch.logspace(-1, 0.7, features)[torch.randperm(features, generator=g)]
     return (torch.randn(n, features, generator=g) @ (torch.eye(features) + 2 * mixing)) * scales
 
@@ -111,13 +111,16 @@ def test_group_wise_4_bit_file_is_codes_plus_scales():
     assert len(data) < 0.15 * float_bytes
 
 
-@pytest.mark.parametrize("strategy", [
-    Quantize(bits=4, method="gptq", group_size=32),
-    Quantize(bits=3, method="gptq", group_size=32, symmetric=False, act_order=True),
-    Quantize(bits=4, method="gptq", group_size=64, awq=True),
-    Quantize(bits=4, group_size=64, awq=True),
-    tightfit.Compose([Prune(0.5, method="sparsegpt"), Quantize(bits=4, method="gptq", group_size=32)]),
-])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        Quantize(bits=4, method="gptq", group_size=32),
+        Quantize(bits=3, method="gptq", group_size=32, symmetric=False, act_order=True),
+        Quantize(bits=4, method="gptq", group_size=64, awq=True),
+        Quantize(bits=4, group_size=64, awq=True),
+        tightfit.Compose([Prune(0.5, method="sparsegpt"), Quantize(bits=4, method="gptq", group_size=32)]),
+    ],
+)
 def test_file_round_trip_reproduces_the_calibrated_model(data, strategy):
     cal, held_out = data
     result = compress_once(_layer(bias=True), strategy, calibration=[cal])
@@ -125,15 +128,24 @@ def test_file_round_trip_reproduces_the_calibrated_model(data, strategy):
     loaded = load_model(io.BytesIO(blob))
     with torch.no_grad():
         assert torch.equal(loaded(held_out), result.model(held_out))
-    manifest_kinds = {t.get("kind") for t in __import__("json").loads(
-        __import__("zipfile").ZipFile(io.BytesIO(blob)).read("manifest.json"))["tensors"]}
+    manifest_kinds = {
+        t.get("kind")
+        for t in __import__("json").loads(__import__("zipfile").ZipFile(io.BytesIO(blob)).read("manifest.json"))[
+            "tensors"
+        ]
+    }
     assert "int" in manifest_kinds  # stored as codes, not floats
 
 
 def test_grouped_convolutions_are_calibrated_per_group():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
-                          nn.ReLU(), nn.Conv2d(16, 8, 1, groups=2)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1, groups=2),
+    ).eval()
     x = torch.randn(64, 8, 8, 8).cumsum(1)  # channels correlated
     rtn = _output_error(model, compress_once(model, Quantize(bits=3)).model, x)
     result = compress_once(model, Quantize(bits=3, method="gptq"), calibration=list(x.split(16)))
@@ -158,9 +170,18 @@ def test_bias_correction_removes_the_mean_output_shift():
 
 def test_batchnorm_reestimation_restores_accuracy_of_a_pruned_cnn(digits):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                          nn.Flatten(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
     optimizer = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(3):
         for xb, yb in zip(digits.x_train.split(128), digits.y_train.split(128)):
@@ -178,7 +199,11 @@ def test_batchnorm_reestimation_restores_accuracy_of_a_pruned_cnn(digits):
     repaired = compress_once(model, strategy, calibration=list(digits.x_train[:512].split(128)))
     assert repaired.repaired["batchnorm"] == ["2", "5"]
     print("accuracy float / pruned / BN re-estimated:", accuracy(model), accuracy(pruned), accuracy(repaired.model))
-    assert accuracy(repaired.model) > accuracy(pruned) + 0.03, (accuracy(pruned), accuracy(repaired.model), accuracy(model))
+    assert accuracy(repaired.model) > accuracy(pruned) + 0.03, (
+        accuracy(pruned),
+        accuracy(repaired.model),
+        accuracy(model),
+    )
 
 
 def test_calibrated_methods_are_refused_without_data():
@@ -192,8 +217,12 @@ def test_calibrated_methods_are_refused_without_data():
     with pytest.raises(ConfigError, match="compress_once"):
         tightfit.compress(mlp, evaluate=lambda m: 1.0, strategy=Quantize(bits=4, method="gptq"), budget=1)
     with pytest.raises(ConfigError, match="calibration data"):
-        tightfit.apply(tightfit.Plan.from_strategy(tightfit.Compose([Quantize(4, method="gptq")]),
-                                                   {"1": {"quantize": {"bits": 4}}}), mlp)
+        tightfit.apply(
+            tightfit.Plan.from_strategy(
+                tightfit.Compose([Quantize(4, method="gptq")]), {"1": {"quantize": {"bits": 4}}}
+            ),
+            mlp,
+        )
 
 
 def test_bad_settings_are_refused():

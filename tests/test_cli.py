@@ -25,7 +25,8 @@ def trained_project(tmp_path_factory):
     shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns("runs", "weights.pt", "__pycache__"))
     subprocess.run(
         [sys.executable, "-c", "import my_models; my_models.train_weights('weights.pt', epochs=5)"],
-        cwd=dest, check=True,
+        cwd=dest,
+        check=True,
     )
     return dest
 
@@ -107,7 +108,8 @@ def _count_completed(db: Path) -> int:
 @pytest.mark.slow
 def test_sigkilled_run_continues_with_its_completed_trials(project):
     # A slow metric so the kill lands mid-search.
-    (project / "slow_metric.py").write_text(textwrap.dedent("""
+    (project / "slow_metric.py").write_text(
+        textwrap.dedent("""
         import time
         import my_models
         from tightfit import Accuracy
@@ -115,7 +117,8 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
         def score(model):
             time.sleep(1.0)
             return _acc(model)
-    """))
+    """)
+    )
     config = project / "tightfit.toml"
     text = config.read_text().replace('accuracy = "my_models:val_loader"', 'function = "slow_metric:score"')
     config.write_text(text)
@@ -143,11 +146,17 @@ def test_sigkilled_run_continues_with_its_completed_trials(project):
 @pytest.mark.parametrize(
     "section,expect",
     [
-        ('method = "gradual"\nepochs = 2\nlr = 0.01\noptions = { ramp = 0.5 }', ("GradualPrune", {"ramp": 0.5, "lr": 0.01, "epochs": 2})),
+        (
+            'method = "gradual"\nepochs = 2\nlr = 0.01\noptions = { ramp = 0.5 }',
+            ("GradualPrune", {"ramp": 0.5, "lr": 0.01, "epochs": 2}),
+        ),
         ('method = "lc"', ("LearningCompression", {"lr": 0.05, "optimizer": "sgd"})),  # L-C's own defaults
         ('method = "splice"\noptimizer = "sgd"', ("PruneSplice", {"optimizer": "sgd"})),
         ('epochs = 3\ntune = { lr = [1e-4, 1e-2], optimizer = ["adam", "sgd"] }', ("Tuned", {})),
-        ('options = { loss = "torch.nn.functional:mse_loss" }', ("FineTune", {"loss": F.mse_loss})),  # code by import path
+        (
+            'options = { loss = "torch.nn.functional:mse_loss" }',
+            ("FineTune", {"loss": F.mse_loss}),
+        ),  # code by import path
     ],
 )
 def test_config_chooses_the_recovery_method(project, section, expect):
@@ -175,7 +184,7 @@ def test_config_chooses_the_recovery_method(project, section, expect):
         ('method = "gradual"\noptions = { ramp = 2.0 }', "ramp"),
         ('method = "gradual"\noptions = { bogus = 1 }', "bogus"),
         ('method = "sparse"\noptimizer = "adam"', "optimizer"),
-        ('tune = { lr = [1e-4] }', "finetune.tune"),
+        ("tune = { lr = [1e-4] }", "finetune.tune"),
         ('method = "lc"\nweight_decay = 0.1', "finetune.weight_decay"),
         ('options = { loss = "my_models:no_such_loss" }', "finetune.options.loss"),
     ],
@@ -193,7 +202,7 @@ def _prune_adjust_config(config: Path) -> None:
     text = config.read_text()
     text = text.replace('[[strategy]]\noperator = "quantize"\nbits = [4, 8]\n', "")  # rounds may only prune
     text = text.replace("epochs = 3", 'epochs = 1\nmethod = "gradual"')
-    config.write_text(text + "\n[prune_adjust]\nrounds = 2\nstep = 0.3\nsearch = \"random\"\nsearch_budget = 4\n")
+    config.write_text(text + '\n[prune_adjust]\nrounds = 2\nstep = 0.3\nsearch = "random"\nsearch_budget = 4\n')
 
 
 def test_prune_adjust_runs_rounds_from_the_config_and_resumes(project):
@@ -216,7 +225,7 @@ def test_prune_adjust_names_what_its_config_lacks(project):
     config = project / "tightfit.toml"
     _prune_adjust_config(config)
     text = config.read_text()
-    no_finetune = text[: text.index("[finetune]")] + text[text.index("[prune_adjust]"):]
+    no_finetune = text[: text.index("[finetune]")] + text[text.index("[prune_adjust]") :]
     config.write_text(no_finetune)
     result = runner.invoke(app, ["prune-adjust", str(config)])
     assert result.exit_code != 0 and "[finetune]" in result.output
@@ -232,19 +241,24 @@ def test_prune_adjust_names_what_its_config_lacks(project):
 def test_config_turns_on_cheap_evaluation_with_its_options(project):
     config = project / "tightfit.toml"
     _set(config, budget=6, search='"random"')
-    config.write_text(config.read_text() + textwrap.dedent("""
+    config.write_text(
+        config.read_text()
+        + textwrap.dedent("""
         [evaluation]
         method = "sequential"
         min_improvement = 0.05
         promote_probability = 0.6
         probe_samples = 32
-    """))
+    """)
+    )
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 0, result.output
     db = project / "runs" / "smallnet" / "study.db"
     trials = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}").get_trials()
     assert len(trials) == 6 and all("fidelity" in t.user_attrs for t in trials)  # evaluated sequentially
-    evaluation = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}").user_attrs["tightfit.settings"]["evaluation"]
+    evaluation = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{db}").user_attrs["tightfit.settings"][
+        "evaluation"
+    ]
     assert evaluation["method"] == "sequential" and evaluation["min_improvement"] == 0.05
     assert evaluation["promote_probability"] == 0.6 and evaluation["probe_samples"] == 32
     # an option out of range is refused before any work, naming the field
@@ -261,7 +275,10 @@ def test_config_passes_an_accuracy_threshold_and_rejects_one_without_accuracy(pr
     config_path.write_text(text.replace("[evaluate]\n", "[evaluate]\nthreshold = 0.0\n", 1))
     config, base = load_config(config_path)
     assert build_arguments(config, base, config_path)["evaluate"].threshold == 0.0
-    config_path.write_text(text.replace("[evaluate]\n", "[evaluate]\nthreshold = 0.5\nfunction = \"my_models:build\"\n", 1)
-                           .replace('accuracy = "', '# accuracy = "', 1))
+    config_path.write_text(
+        text.replace("[evaluate]\n", '[evaluate]\nthreshold = 0.5\nfunction = "my_models:build"\n', 1).replace(
+            'accuracy = "', '# accuracy = "', 1
+        )
+    )
     result = runner.invoke(app, ["run", str(config_path)])
     assert result.exit_code != 0 and "threshold" in result.output

@@ -93,9 +93,13 @@ def test_optuna_private_api_is_used_only_in_the_compatibility_module():
 def test_the_checks_catch_what_they_look_for(tmp_path):
     # the private-name rule on a made-up module: a helper of another module and a private module
     # of another package are caught; a private module of an enclosing package is not
-    tree = ast.parse("from ..evaluation.metrics import _logits\nfrom ..recovery._base import sites\nfrom .._io import write_atomic\n")
+    tree = ast.parse(
+        "from ..evaluation.metrics import _logits\nfrom ..recovery._base import sites\nfrom .._io import write_atomic\n"
+    )
     imports = _imports("tightfit.run.example", False, tree)
     assert [(t, n) for _, t, n in imports] == [
-        ("tightfit.evaluation.metrics", "_logits"), ("tightfit.recovery._base", "sites"), ("tightfit._io", "write_atomic"),
+        ("tightfit.evaluation.metrics", "_logits"),
+        ("tightfit.recovery._base", "sites"),
+        ("tightfit._io", "write_atomic"),
     ]
     assert _private("_logits") and not _private("__init__")

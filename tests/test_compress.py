@@ -123,7 +123,9 @@ def test_baseline_evaluation_failure_is_an_error_before_the_search(mlp, digits):
 def test_nothing_feasible_returns_the_original_and_says_so(mlp, digits):
     result = tightfit.compress(
         mlp,
-        **_args(digits, strategy=Compose([Prune(sparsity=0.999)]), constraint=tightfit.MaxDrop(0.0), finetune=None, budget=2),
+        **_args(
+            digits, strategy=Compose([Prune(sparsity=0.999)]), constraint=tightfit.MaxDrop(0.0), finetune=None, budget=2
+        ),
     )
     assert not result.feasible and result.plan is None
     assert "No feasible plan" in result.message
@@ -140,7 +142,9 @@ def test_a_strategy_that_takes_no_layer_says_why_for_each(digits):
     # the error used to end in "Left alone: []" when every weight layer was refused or left out
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2))
     x = torch.randn(2, 4, 8, 8)
-    with pytest.raises(ModelError, match=r"Its weight layers and why: 0: int8 does not compress a Conv2d layer; 2: ") as error:
+    with pytest.raises(
+        ModelError, match=r"Its weight layers and why: 0: int8 does not compress a Conv2d layer; 2: "
+    ) as error:
         tightfit.compress(model, evaluate=lambda m: 1.0, example_input=x, budget=1, strategy=tightfit.Int8())
     assert "Left alone" not in str(error.value)
     with pytest.raises(ModelError, match=r"0: left out by the operators' `layers` patterns"):

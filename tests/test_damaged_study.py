@@ -24,8 +24,15 @@ def _model() -> nn.Module:
 
 
 def _arguments(run_dir: Path) -> dict:
-    return dict(evaluate=lambda m: 1.0, constraint=tightfit.MaxDrop(1.0), budget=2, search="random",
-                run_dir=run_dir, pick="observed", example_input=torch.randn(2, 8))
+    return dict(
+        evaluate=lambda m: 1.0,
+        constraint=tightfit.MaxDrop(1.0),
+        budget=2,
+        search="random",
+        run_dir=run_dir,
+        pick="observed",
+        example_input=torch.randn(2, 8),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +84,10 @@ def test_the_run_command_takes_the_lock_before_it_opens_the_storage(tmp_path):
         "def metric(model):\n    return 1.0\n"
     )
     config = tmp_path / "lock.toml"
-    config.write_text('budget = 2\nrun_dir = "runs/lock"\n[model]\nfactory = "lockmods:build"\n[evaluate]\n'
-                      'function = "lockmods:metric"\n[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 1.0\n')
+    config.write_text(
+        'budget = 2\nrun_dir = "runs/lock"\n[model]\nfactory = "lockmods:build"\n[evaluate]\n'
+        'function = "lockmods:metric"\n[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 1.0\n'
+    )
     run_dir = tmp_path / "runs" / "lock"
     run_dir.mkdir(parents=True)
     with open(run_dir / ".lock", "a+") as other:  # another run holds the new directory

@@ -22,11 +22,15 @@ from tightfit.operators import Compose, Plan, Prune, Quantize, apply
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compressed(model, sparsity=0.6, bits=4, kinds=("Linear", "Conv2d", "Conv1d", "ConvTranspose2d", "Embedding", "LSTM")):
+def _compressed(
+    model, sparsity=0.6, bits=4, kinds=("Linear", "Conv2d", "Conv1d", "ConvTranspose2d", "Embedding", "LSTM")
+):
     """``model`` with some of its layers pruned and quantized, and the plan."""
     layers = [layer.name for layer in tightfit.analyze(model).layers if layer.kind in kinds][:4]
     strategy = Compose([Prune(), Quantize(bits=(bits,))])
-    plan = Plan.from_strategy(strategy, {n: {"prune": {"sparsity": sparsity}, "quantize": {"bits": bits}} for n in layers})
+    plan = Plan.from_strategy(
+        strategy, {n: {"prune": {"sparsity": sparsity}, "quantize": {"bits": bits}} for n in layers}
+    )
     return apply(plan, model).eval(), plan
 
 
@@ -36,20 +40,43 @@ def _first(out):
 
 def _nn_models():
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.GELU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(6, 3))
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.GELU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(6, 3),
+    )
     cnn.train()
     cnn(torch.randn(8, 1, 8, 8))  # running statistics that differ from the defaults
     return {
-        "mlp": (nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4)),
-                torch.randn(5, 8)),
+        "mlp": (
+            nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4)),
+            torch.randn(5, 8),
+        ),
         "cnn_batchnorm": (cnn, torch.randn(2, 1, 8, 8)),
-        "embedding_layernorm": (nn.Sequential(nn.Embedding(40, 16, padding_idx=0), nn.LayerNorm(16), nn.Linear(16, 16),
-                                              nn.SiLU(), nn.LayerNorm(16, eps=1e-6, bias=False), nn.Linear(16, 5)),
-                                torch.randint(0, 40, (3, 7))),
+        "embedding_layernorm": (
+            nn.Sequential(
+                nn.Embedding(40, 16, padding_idx=0),
+                nn.LayerNorm(16),
+                nn.Linear(16, 16),
+                nn.SiLU(),
+                nn.LayerNorm(16, eps=1e-6, bias=False),
+                nn.Linear(16, 5),
+            ),
+            torch.randint(0, 40, (3, 7)),
+        ),
         "lstm": (nn.LSTM(6, 12, num_layers=2, batch_first=True, bidirectional=True), torch.randn(2, 5, 6)),
-        "modules_containers": (nn.ModuleList([nn.Sequential(nn.Linear(4, 4)), nn.ModuleDict({"a": nn.GRU(4, 3)})]), None),
+        "modules_containers": (
+            nn.ModuleList([nn.Sequential(nn.Linear(4, 4)), nn.ModuleDict({"a": nn.GRU(4, 3)})]),
+            None,
+        ),
     }
 
 
@@ -131,8 +158,11 @@ def test_a_user_class_needs_model_or_factory(tmp_path):
     with pytest.raises(ArtifactError, match=r"model=.*factory="):
         tightfit.load(path)
     x = torch.randn(4, 8)
-    for loaded in (tightfit.load(path, model=make_user_net()), tightfit.load(path, factory=make_user_net),
-                   tightfit.load(path, factory=f"{__name__}:make_user_net")):
+    for loaded in (
+        tightfit.load(path, model=make_user_net()),
+        tightfit.load(path, factory=make_user_net),
+        tightfit.load(path, factory=f"{__name__}:make_user_net"),
+    ):
         assert torch.equal(loaded(x), model(x))
 
 
@@ -162,8 +192,9 @@ def test_structural_plans_load_from_data_and_into_a_given_model(tmp_path):
         space = build_space(Compose([op]), tightfit.analyze(model))
         plan = space.plan({k: 0.5 if op.name == "structured_prune" else 0.25 for k in space.keys})
         compressed = apply(plan, model).eval()
-        assert [type(m) for m in compressed.modules()] != [type(m) for m in model.modules()] or \
-            compressed[0].out_features < 32  # the structure changed
+        assert [type(m) for m in compressed.modules()] != [type(m) for m in model.modules()] or compressed[
+            0
+        ].out_features < 32  # the structure changed
         tightfit.save(compressed, tmp_path / "s.tfz", plan=plan)
         for loaded in (tightfit.load(tmp_path / "s.tfz"), tightfit.load(tmp_path / "s.tfz", model=model)):
             assert torch.equal(loaded(x), compressed(x))
@@ -230,8 +261,14 @@ def test_bfloat16_two_bit_search_trials_complete():
         with torch.no_grad():
             return -float((m(x).float() - reference).abs().mean())
 
-    result = tightfit.compress(model, evaluate=fidelity, strategy=Quantize(bits=2), constraint=tightfit.MaxDrop(10.0),
-                               budget=2, search="random")
+    result = tightfit.compress(
+        model,
+        evaluate=fidelity,
+        strategy=Quantize(bits=2),
+        constraint=tightfit.MaxDrop(10.0),
+        budget=2,
+        search="random",
+    )
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     assert result.feasible and result.model[0].weight.dtype == torch.bfloat16
 
@@ -249,17 +286,24 @@ def _load_module(name: str, path: Path, prefix: str | None = None):
     return namespace
 
 
-@pytest.mark.parametrize("name", ["MobileNetish", "UNetish", "LSTMClassifier", "Tied", "DictOut", "Conv1dNet",
-                                  "SmallTransformer"])
+@pytest.mark.parametrize(
+    "name", ["MobileNetish", "UNetish", "LSTMClassifier", "Tied", "DictOut", "Conv1dNet", "SmallTransformer"]
+)
 def test_unseen_torch_models_round_trip_with_model(name, tmp_path):
     classes = _load_module("torch_models_classes", ROOT / "benchmarks" / "torch_models.py", "\ncases = [")
     torch.manual_seed(0)
     model = classes[name]().eval()
     inputs = {
-        "MobileNetish": torch.randn(2, 3, 16, 16), "UNetish": torch.randn(2, 3, 16, 16),
-        "LSTMClassifier": torch.randint(0, 30, (2, 12)), "Tied": torch.randint(0, 30, (2, 12)),
-        "DictOut": torch.randn(2, 10), "Conv1dNet": torch.randn(2, 4, 32),
-        "SmallTransformer": {"input_ids": torch.randint(0, 30, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)},
+        "MobileNetish": torch.randn(2, 3, 16, 16),
+        "UNetish": torch.randn(2, 3, 16, 16),
+        "LSTMClassifier": torch.randint(0, 30, (2, 12)),
+        "Tied": torch.randint(0, 30, (2, 12)),
+        "DictOut": torch.randn(2, 10),
+        "Conv1dNet": torch.randn(2, 4, 32),
+        "SmallTransformer": {
+            "input_ids": torch.randint(0, 30, (2, 12)),
+            "attention_mask": torch.ones(2, 12, dtype=torch.long),
+        },
     }[name]
     compressed, plan = _compressed(model)
     tightfit.save(compressed, tmp_path / "m.tfz", plan=plan)
@@ -312,15 +356,24 @@ def test_transformer_layers_load_without_the_model_after_heads_and_low_rank(tmp_
     changed: attention with fewer heads (tightfit's SplitQKVAttention), a low-rank feed-forward."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)
-    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0), 2,
-                                                norm=nn.LayerNorm(16), enable_nested_tensor=False),
-                          nn.Linear(16, 3)).eval()
+    model = nn.Sequential(
+        nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0),
+            2,
+            norm=nn.LayerNorm(16),
+            enable_nested_tensor=False,
+        ),
+        nn.Linear(16, 3),
+    ).eval()
     heads = tightfit.StructuredPrune()
     heads.prepare(model, x)
-    plan = Plan.from_strategy(Compose([heads, tightfit.LowRank()]), {
-        "0.layers.1.self_attn.out_proj": {"structured_prune": {"head_ratio": 0.5}},
-        "0.layers.0.linear1": {"low_rank": {"rank_ratio": 0.25}},
-    })
+    plan = Plan.from_strategy(
+        Compose([heads, tightfit.LowRank()]),
+        {
+            "0.layers.1.self_attn.out_proj": {"structured_prune": {"head_ratio": 0.5}},
+            "0.layers.0.linear1": {"low_rank": {"rank_ratio": 0.25}},
+        },
+    )
     compressed = apply(plan, model).eval()
     kinds = {type(m).__name__ for m in compressed.modules()}
     assert {"SplitQKVAttention", "Factorized", "MultiheadAttention"} <= kinds

@@ -79,9 +79,7 @@ def test_slug_follows_github():
 
 def test_a_broken_link_is_found(tmp_path):
     page = tmp_path / "a.md"
-    page.write_text(
-        "# Top\n[ok](#top) [gone](b.md) [bad anchor](#nowhere)\n```\n[code](x.md)\n```\n"
-    )
+    page.write_text("# Top\n[ok](#top) [gone](b.md) [bad anchor](#nowhere)\n```\n[code](x.md)\n```\n")
     assert broken_links(page, root=tmp_path) == [
         "b.md: no file b.md",
         "#nowhere: no heading #nowhere in a.md",

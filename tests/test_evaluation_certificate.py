@@ -70,7 +70,9 @@ def test_clopper_pearson_lower_bound():
     assert clopper_pearson_lower(0, 20, 0.05) == 0.0
     assert clopper_pearson_lower(20, 20, 0.05) == pytest.approx(0.05 ** (1 / 20))  # all successes: alpha^(1/n)
     g = torch.Generator().manual_seed(2)
-    held = sum(0.9 >= clopper_pearson_lower(int((torch.rand(40, generator=g) < 0.9).sum()), 40, 0.05) for _ in range(400))
+    held = sum(
+        clopper_pearson_lower(int((torch.rand(40, generator=g) < 0.9).sum()), 40, 0.05) <= 0.9 for _ in range(400)
+    )
     assert held / 400 >= 0.94
 
 
@@ -96,7 +98,9 @@ def test_bounds_follow_the_statistic_form():
         "bounded": StatisticForm("bounded", -1.02, 0.98, prior_variance=1.0),
         "unbounded": StatisticForm("unbounded", prior_variance=1.0),
     }
-    names = {kind: certify(stats, [MaxDrop(0.02)], 0.95, [1.0], forms=[f]).bound_methods[0] for kind, f in forms.items()}
+    names = {
+        kind: certify(stats, [MaxDrop(0.02)], 0.95, [1.0], forms=[f]).bound_methods[0] for kind, f in forms.items()
+    }
     assert names == {
         "paired01": "exact trinomial",
         "bounded": "betting (bounded)",
@@ -104,7 +108,9 @@ def test_bounds_follow_the_statistic_form():
     }
     # a statistic declared 0/1 that is not falls back to a bound that does not assume it
     odd = stats + 0.3
-    assert certify(odd, [MaxDrop(0.02)], 0.95, [1.0], forms=[forms["paired01"]]).bound_methods[0].startswith("Student t")
+    assert (
+        certify(odd, [MaxDrop(0.02)], 0.95, [1.0], forms=[forms["paired01"]]).bound_methods[0].startswith("Student t")
+    )
     with pytest.raises(ValueError, match="kind"):
         StatisticForm("gaussian")
 
@@ -131,7 +137,9 @@ def _edge_runs(step: float, runs: int, seed: int):
         e_s = mean_estimate(search, prior_variance=1.0, prior_weight=2.0)
         e_h = mean_estimate(held, prior_variance=1.0, prior_weight=2.0)
         met = drop - 0.02 <= 0
-        out.append((posterior_met(e_h.mean, e_h.se, edge_prior(e_s.mean, e_s.se)), posterior_met(e_h.mean, e_h.se, None), met))
+        out.append(
+            (posterior_met(e_h.mean, e_h.se, edge_prior(e_s.mean, e_s.se)), posterior_met(e_h.mean, e_h.se, None), met)
+        )
     return out
 
 
@@ -199,10 +207,22 @@ def test_certificate_method_for_each_metric_kind():
     cases = [
         (Accuracy(loader), MaxDrop(0.05), "exact trinomial"),
         (Accuracy(loader), MinMetric(0.6), "Clopper-Pearson"),
-        (PerSample(lambda m, b: (m(b[0]).argmax(1) == b[1]).double(), loader, binary=True), MaxDrop(0.05), "exact trinomial"),
+        (
+            PerSample(lambda m, b: (m(b[0]).argmax(1) == b[1]).double(), loader, binary=True),
+            MaxDrop(0.05),
+            "exact trinomial",
+        ),
         (Fidelity(loader, original, kind="cosine"), MaxDrop(0.05), "betting (bounded)"),
-        (Fidelity(loader, original, kind="kl"), MaxDrop(0.05), "Student t, variance floor (approximate: no range known)"),
-        (PerSample(lambda m, b: m(b[0])[:, 1], loader), MinMetric(0.0), "Student t, variance floor (approximate: no range known)"),
+        (
+            Fidelity(loader, original, kind="kl"),
+            MaxDrop(0.05),
+            "Student t, variance floor (approximate: no range known)",
+        ),
+        (
+            PerSample(lambda m, b: m(b[0])[:, 1], loader),
+            MinMetric(0.0),
+            "Student t, variance floor (approximate: no range known)",
+        ),
     ]
     for metric, constraint, how in cases:
         cert = _certificate(metric, constraint)

@@ -335,8 +335,14 @@ def test_config_section_maps_onto_sequential():
 def test_only_candidates_that_improve_enough_are_promoted(mlp, digits, min_improvement):
     """A candidate is fine-tuned only when its objective is at least ``min_improvement`` below the
     best feasible trial's so far; any other is screened."""
-    result, _ = _compress(mlp, digits, budget=8, search="random", seed=2,
-                          evaluation=Sequential(first_look=24, min_improvement=min_improvement))
+    result, _ = _compress(
+        mlp,
+        digits,
+        budget=8,
+        search="random",
+        seed=2,
+        evaluation=Sequential(first_look=24, min_improvement=min_improvement),
+    )
     best = None  # the best feasible objective before each trial
     for t in sorted(result.trials, key=lambda t: t.number):
         enough = best is None or t.objective < best * (1 - min_improvement)
@@ -354,8 +360,15 @@ def test_promotion_follows_the_incumbent_bo_works_from(mlp, digits, tmp_path):
     suggestion; cheap evaluation promotes exactly the candidates that improve on it."""
     from tightfit.search.base import INCUMBENT_ATTR
 
-    _compress(mlp, digits, budget=9, search="bo", seed=1, run_dir=tmp_path / "run",
-              evaluation=Sequential(first_look=24, min_improvement=0.0))
+    _compress(
+        mlp,
+        digits,
+        budget=9,
+        search="bo",
+        seed=1,
+        run_dir=tmp_path / "run",
+        evaluation=Sequential(first_look=24, min_improvement=0.0),
+    )
     study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     stated = [t for t in study.get_trials() if INCUMBENT_ATTR in t.system_attrs]
     assert stated, "bo's model-based steps state their incumbent"
@@ -421,7 +434,9 @@ def test_fidelity_kl_is_per_position_over_the_class_axis():
         p, q = torch.log_softmax(mlp(x).double(), 1), torch.log_softmax(torch.zeros(6, 3, dtype=torch.float64), 1)
     zero = torch.nn.Linear(5, 3)
     torch.nn.init.zeros_(zero.weight), torch.nn.init.zeros_(zero.bias)
-    assert Fidelity([x], reference=mlp, kind="kl")(zero) == pytest.approx(-float((p.exp() * (p - q)).sum(1).mean()), rel=1e-9)
+    assert Fidelity([x], reference=mlp, kind="kl")(zero) == pytest.approx(
+        -float((p.exp() * (p - q)).sum(1).mean()), rel=1e-9
+    )
     from tightfit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="class_dim"):

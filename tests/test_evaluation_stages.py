@@ -11,7 +11,16 @@ from torch import nn
 import tightfit
 from tightfit.errors import ConfigError
 from tightfit.evaluation import Sequential
-from tightfit.evaluation.stages import CURVE_ATTR, Curve, EarlyStop, gain_bound, hopeless, planned_steps, stage_steps, staged
+from tightfit.evaluation.stages import (
+    CURVE_ATTR,
+    Curve,
+    EarlyStop,
+    gain_bound,
+    hopeless,
+    planned_steps,
+    stage_steps,
+    staged,
+)
 from tightfit.operators import Compose, Prune, Quantize
 
 # --- the stop rule on synthetic learning curves ----------------------------------------------------
@@ -43,8 +52,15 @@ def test_hopeless_candidate_is_stopped_and_a_recoverable_one_is_not():
     stop, _ = hopeless([bound + 0.01], [0.02], CURVES, 0, z=2.0, slack=0.5, min_curves=3)
     assert not stop
     # any one constraint surely broken is enough
-    stop, _ = hopeless([-0.5, 0.30], [0.02, 0.02], [Curve(90, 128, ((0.1, 0.06),), (0.05, 0.0), ((0.005, 0.005),))] * 3,
-                       0, z=2.0, slack=0.5, min_curves=3)
+    stop, _ = hopeless(
+        [-0.5, 0.30],
+        [0.02, 0.02],
+        [Curve(90, 128, ((0.1, 0.06),), (0.05, 0.0), ((0.005, 0.005),))] * 3,
+        0,
+        z=2.0,
+        slack=0.5,
+        min_curves=3,
+    )
     assert stop
 
 
@@ -182,8 +198,10 @@ def test_completed_candidates_store_their_curve(mlp, digits, tmp_path):
 def test_screened_candidates_get_a_calibrated_prediction():
     from tightfit.evaluation.stages import tuned_prediction
 
-    curves = [Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),), untuned=(0.3,)),
-              Curve(90, 64, ((0.1,),), (0.05,), ((0.01,),), untuned=(0.15,))]  # whole fine-tune gave 0.3 and 0.1
+    curves = [
+        Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),), untuned=(0.3,)),
+        Curve(90, 64, ((0.1,),), (0.05,), ((0.01,),), untuned=(0.15,)),
+    ]  # whole fine-tune gave 0.3 and 0.1
     assert tuned_prediction([0.25], curves, min_curves=2) == pytest.approx((0.05,))  # minus the mean gain
     assert tuned_prediction([0.25], curves, min_curves=3) is None
     assert tuned_prediction([0.25], [Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),))] * 3, min_curves=1) is None
@@ -200,7 +218,9 @@ def test_feasible_probability_from_the_curves_gains():
     assert at_mean.probability == pytest.approx(0.5) and at_mean.predicted == pytest.approx((0.0,), abs=1e-12)
     assert at_mean.sd == pytest.approx((0.02,))
     high = feasible_probability([0.10], [0.0], CURVES, 0, min_curves=3)
-    assert high.predicted == pytest.approx((0.06,)) and high.probability == pytest.approx(0.00135, abs=1e-4)  # three sds
+    assert high.predicted == pytest.approx((0.06,)) and high.probability == pytest.approx(
+        0.00135, abs=1e-4
+    )  # three sds
     # the candidate's own noise widens the prediction: a worse estimate keeps more chance
     noisy = feasible_probability([0.10], [0.05], CURVES, 0, min_curves=3)
     assert noisy.probability > 0.1 and noisy.sd[0] == pytest.approx((0.05**2 + 0.02**2) ** 0.5)
@@ -211,7 +231,10 @@ def test_feasible_probability_from_the_curves_gains():
     assert feasible_probability([0.04], [0.0], CURVES, 0, min_curves=4) is None
     assert feasible_probability([0.04], [0.0], CURVES[:1], 0, min_curves=1) is None
     # a screen's prediction spreads as the whole fine-tune's gains did (0.3 and 0.1)
-    screened = [Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),), untuned=(0.3,)), Curve(90, 64, ((0.1,),), (0.05,), ((0.01,),), untuned=(0.15,))]
+    screened = [
+        Curve(90, 64, ((0.1,),), (0.0,), ((0.01,),), untuned=(0.3,)),
+        Curve(90, 64, ((0.1,),), (0.05,), ((0.01,),), untuned=(0.15,)),
+    ]
     assert tuned_prediction_spread(screened) == pytest.approx((0.03**0.5,))  # sample variance 0.02, times 1 + 1/2
     assert tuned_prediction_spread(screened[:1]) is None
 
@@ -240,7 +263,11 @@ def test_search_promotes_only_likely_candidates(mlp, digits, tmp_path, promote):
         evaluation=Sequential(stages=(0.5,), min_curves=2, stage_samples=96, screen=False, promote_probability=promote),
     )
     study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
-    reasons = {t.number: t.user_attrs.get("stop_reason") for t in study.get_trials() if t.user_attrs.get("fidelity") == "stopped"}
+    reasons = {
+        t.number: t.user_attrs.get("stop_reason")
+        for t in study.get_trials()
+        if t.user_attrs.get("fidelity") == "stopped"
+    }
     if promote == 0.0:
         assert "unpromising" not in reasons.values()  # only the surely-infeasible rule stops
     else:

@@ -32,7 +32,10 @@ def _load(kind: str, registry_names: dict) -> types.ModuleType:
     blocks = _blocks()
     module = types.ModuleType(f"tightfit_example_{kind}")
     exec(compile(blocks[f"example:{kind}"], f"ARCHITECTURE.md example {kind}", "exec"), module.__dict__)
-    exec(compile(blocks[f"registry:{kind}"], f"ARCHITECTURE.md registry {kind}", "exec"), {**registry_names, **module.__dict__})
+    exec(
+        compile(blocks[f"registry:{kind}"], f"ARCHITECTURE.md registry {kind}", "exec"),
+        {**registry_names, **module.__dict__},
+    )
     return module
 
 
@@ -43,7 +46,7 @@ def task():
     x = torch.randn(256, 16)
     y = (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(30):
         for xb, yb in loader:
@@ -54,7 +57,9 @@ def task():
 
 
 def test_every_extension_point_has_an_example_and_a_registry_line():
-    assert set(_blocks()) == {f"{tag}:{kind}" for tag in ("example", "registry") for kind in ("operator", "sampler", "recovery")}
+    assert set(_blocks()) == {
+        f"{tag}:{kind}" for tag in ("example", "registry") for kind in ("operator", "sampler", "recovery")
+    }
 
 
 def test_the_operator_example(task, tmp_path):
@@ -70,8 +75,15 @@ def test_the_operator_example(task, tmp_path):
         pruned = apply(Plan.from_strategy(Compose([op]), {"0": {op.name: {"threshold": 0.3}}}), model)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
         assert (pruned[0].weight == 0).float().mean() > 0.2
-        result = tightfit.compress(model, evaluate=tightfit.Accuracy(loader), strategy=op, budget=3, seed=0,
-                                   constraint=tightfit.MaxDrop(1.0), search="random")
+        result = tightfit.compress(
+            model,
+            evaluate=tightfit.Accuracy(loader),
+            strategy=op,
+            budget=3,
+            seed=0,
+            constraint=tightfit.MaxDrop(1.0),
+            search="random",
+        )
         loaded = tightfit.load(_saved(result, tmp_path))  # the registry maps the plan back to the operator
         assert torch.allclose(loaded(x), result.model(x), atol=1e-5)
     finally:
@@ -89,8 +101,15 @@ def test_the_sampler_example(task):
     _load("sampler", {"register_search": register_search})
     try:
         runs = [
-            tightfit.compress(model, evaluate=tightfit.Accuracy(loader), strategy=Prune(), budget=4, seed=3,
-                              constraint=tightfit.MaxDrop(1.0), search="qmc")
+            tightfit.compress(
+                model,
+                evaluate=tightfit.Accuracy(loader),
+                strategy=Prune(),
+                budget=4,
+                seed=3,
+                constraint=tightfit.MaxDrop(1.0),
+                search="qmc",
+            )
             for _ in range(2)
         ]
         plans = [[t.plan.to_dict() for t in r.trials] for r in runs]
@@ -113,8 +132,16 @@ def test_the_recovery_example(task):
         recover(pruned)
         assert recover.steps_taken == 2 * len(loader)
         assert torch.all(pruned[0].weight[zeros] == 0)  # the plan's zeros held through training
-        result = tightfit.compress(model, evaluate=tightfit.Accuracy(loader), strategy=Prune(), budget=2, seed=0,
-                                   constraint=tightfit.MaxDrop(1.0), search="random", finetune=recover)
+        result = tightfit.compress(
+            model,
+            evaluate=tightfit.Accuracy(loader),
+            strategy=Prune(),
+            budget=2,
+            seed=0,
+            constraint=tightfit.MaxDrop(1.0),
+            search="random",
+            finetune=recover,
+        )
         assert result.feasible and all(t.finetune_steps == 2 * len(loader) for t in result.trials)
     finally:
         RECOVERY_METHODS.pop("cosine", None)

@@ -34,10 +34,13 @@ def _fresh() -> nn.Module:
 
 def _model() -> tuple[nn.Module, Plan]:
     model = _fresh()
-    plan = Plan.from_strategy(Compose([Prune(), Quantize(bits=(2, 4))]), {
-        "2": {"prune": {"sparsity": 0.95}, "quantize": {"bits": 4}},  # a sparse layout of 4-bit codes
-        "4": {"prune": {"sparsity": 0.5}, "quantize": {"bits": 2}},
-    })
+    plan = Plan.from_strategy(
+        Compose([Prune(), Quantize(bits=(2, 4))]),
+        {
+            "2": {"prune": {"sparsity": 0.95}, "quantize": {"bits": 4}},  # a sparse layout of 4-bit codes
+            "4": {"prune": {"sparsity": 0.5}, "quantize": {"bits": 2}},
+        },
+    )
     return apply(plan, model).eval(), plan
 
 
@@ -124,8 +127,11 @@ def test_a_crafted_pickle_in_every_place_runs_nothing(saved, tmp_path):
     members = _members(data)
     v1_manifest = json.loads(members["manifest.json"])
     v1_manifest.update(version=1, architecture=True)
-    format_1 = {"manifest.json": json.dumps(v1_manifest).encode(), "payload.bin": members["payload.bin"],
-                "architecture.pt": evil}
+    format_1 = {
+        "manifest.json": json.dumps(v1_manifest).encode(),
+        "payload.bin": members["payload.bin"],
+        "architecture.pt": evil,
+    }
     cases = {
         "format-1 architecture.pt": (_zip(format_1), "trust_code=True"),
         "manifest.json": (_zip({**members, "manifest.json": evil}), "manifest.json"),
@@ -151,8 +157,13 @@ def test_the_refusal_of_a_pickle_names_both_ways_out(saved):
     members = _members(data)
     manifest = json.loads(members["manifest.json"])
     manifest.update(version=1, architecture=True)
-    old = _zip({"manifest.json": json.dumps(manifest).encode(), "payload.bin": members["payload.bin"],
-                "architecture.pt": b"anything"})
+    old = _zip(
+        {
+            "manifest.json": json.dumps(manifest).encode(),
+            "payload.bin": members["payload.bin"],
+            "architecture.pt": b"anything",
+        }
+    )
     with pytest.raises(ArtifactError) as refused:
         _load(old)
     assert "trust_code=True" in str(refused.value) and "model=" in str(refused.value)
@@ -163,19 +174,24 @@ def test_the_refusal_of_a_pickle_names_both_ways_out(saved):
 
 def _first(kind):
     def pick(manifest):
-        return next(t for t in manifest["tensors"] if t.get("kind") == kind and (kind != "int" or t.get("layout") == "gap"))
+        return next(
+            t for t in manifest["tensors"] if t.get("kind") == kind and (kind != "int" or t.get("layout") == "gap")
+        )
+
     return pick
 
 
 def _set(pick, key, value):
     def edit(manifest):
         pick(manifest)[key] = value
+
     return edit
 
 
 def _drop(pick, key):
     def edit(manifest):
         del pick(manifest)[key]
+
     return edit
 
 
@@ -185,6 +201,7 @@ def _top(key, value=None, drop=False):
             del manifest[key]
         else:
             manifest[key] = value
+
     return edit
 
 
@@ -192,8 +209,10 @@ INT, F32, RAW = _first("int"), _first("f32"), _first("raw")
 EDITS = {
     # the one edit that took 11.7 GB: a shape (and numel) a gap layout's few bytes cannot cover
     "huge shape": (lambda m: INT(m).update(shape=[100_000, 100_000], numel=10**10), "does not fit|numel"),
-    "huge shape, numel and scales": (lambda m: INT(m).update(shape=[100_000, 100_000], numel=10**10, scale_shape=[100_000, 1],
-                                                             scale_len=400_000), "numel|length"),
+    "huge shape, numel and scales": (
+        lambda m: INT(m).update(shape=[100_000, 100_000], numel=10**10, scale_shape=[100_000, 1], scale_len=400_000),
+        "numel|length",
+    ),
     "huge shape, raw": (_set(RAW, "shape", [2**40]), "length"),
     "shape of a float": (_set(F32, "shape", [3, 1000]), "numel"),
     "negative dimension": (_set(F32, "shape", [-6, 4]), "shape"),
@@ -300,9 +319,15 @@ def test_every_field_set_to_hostile_values_loads_or_is_refused(member, saved):
 
 EDITED_ARCHITECTURES = {
     "a class outside the allow-list": (lambda a: a["root"]["children"][1][1].update(type="os.system"), "allowed"),
-    "an argument the class does not take": (lambda a: a["root"]["children"][0][1]["args"].update(eval="1"), "not an argument"),
+    "an argument the class does not take": (
+        lambda a: a["root"]["children"][0][1]["args"].update(eval="1"),
+        "not an argument",
+    ),
     "an argument of the wrong size": (lambda a: a["root"]["children"][0][1]["args"].update(in_features=40), "shape"),
-    "a huge layer": (lambda a: a["root"]["children"][2][1]["args"].update(in_features=10**6, out_features=10**6), "shape"),
+    "a huge layer": (
+        lambda a: a["root"]["children"][2][1]["args"].update(in_features=10**6, out_features=10**6),
+        "shape",
+    ),
     "an object as an argument": (lambda a: a["root"]["children"][0][1]["args"].update(bias={"x": 1}), "number, string"),
     "a child named with a dot": (lambda a: a["root"]["children"][0].__setitem__(0, "a.b"), "pair"),
     "a layer dropped": (lambda a: a["root"]["children"].pop(4), "submodule"),
@@ -362,8 +387,29 @@ def _raw_zip(members: list[tuple[str, bytes, int, int]]) -> bytes:
         offset, encoded = out.tell(), name.encode()
         out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, crc, len(data), size, len(encoded), 0))
         out.write(encoded + data)
-        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0x21, crc, len(data), size,
-                                   len(encoded), 0, 0, 0, 0, 0, offset) + encoded)
+        central.append(
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                20,
+                20,
+                0,
+                8,
+                0,
+                0x21,
+                crc,
+                len(data),
+                size,
+                len(encoded),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + encoded
+        )
     start, directory = out.tell(), b"".join(central)
     out.write(directory)
     out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), start, 0))
@@ -398,9 +444,11 @@ def test_a_zip_bomb_is_refused_in_bounded_memory(saved, bomb):
     members = _members(data)
     honest = {name: (_deflated(body), len(body), zlib.crc32(body)) for name, body in members.items()}
     assert len(bomb) < 2 * 2**20  # a 1 GiB member in about 1 MiB
-    for target, named in (("payload.bin", "payload.bin declares 1,073,741,824 bytes"),
-                          ("manifest.json", "manifest.json declares 1,073,741,824 bytes"),
-                          ("architecture.json", "architecture.json declares 1,073,741,824 bytes")):
+    for target, named in (
+        ("payload.bin", "payload.bin declares 1,073,741,824 bytes"),
+        ("manifest.json", "manifest.json declares 1,073,741,824 bytes"),
+        ("architecture.json", "architecture.json declares 1,073,741,824 bytes"),
+    ):
         crafted = _raw_zip([(name, *((bomb, GIB, 0) if name == target else honest[name])) for name in members])
 
         def load(crafted=crafted, named=named):
@@ -412,8 +460,12 @@ def test_a_zip_bomb_is_refused_in_bounded_memory(saved, bomb):
     # a member that declares the payload's true size but inflates far past it: read with a bounded
     # read, refused by its checksum
     payload_size = honest["payload.bin"][1]
-    lying = _raw_zip([(name, *((bomb, payload_size, honest[name][2]) if name == "payload.bin" else honest[name]))
-                      for name in members])
+    lying = _raw_zip(
+        [
+            (name, *((bomb, payload_size, honest[name][2]) if name == "payload.bin" else honest[name]))
+            for name in members
+        ]
+    )
 
     def load_lying():
         with pytest.raises(ArtifactError, match="payload.bin"):

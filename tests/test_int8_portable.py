@@ -57,8 +57,11 @@ def test_every_int8_export_writes_weights_that_cannot_saturate(tmp_path):
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 4)).eval()
     image = torch.randn(2, 3, 8, 8)
-    files.append(export_model(conv, image, tmp_path / "conv.onnx", int8="static", rtol=0.1,
-                              calibration=[torch.randn(4, 3, 8, 8), image]).path)
+    files.append(
+        export_model(
+            conv, image, tmp_path / "conv.onnx", int8="static", rtol=0.1, calibration=[torch.randn(4, 3, 8, 8), image]
+        ).path
+    )
     for path in files:
         weights = _int8_initializers(Path(path))
         assert weights, path
@@ -114,8 +117,13 @@ def test_int8_exports_pass_their_check_on_an_avx2_only_cpu(tmp_path):
     script = tmp_path / "haswell.py"
     script.write_text(textwrap.dedent(_ON_HASWELL.format(tmp=tmp_path)))
     src = str(Path(tightfit.__file__).parents[1])
-    done = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=900, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [qemu, "-cpu", "Haswell", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
     assert set(lines) == {"mlp", "lstm"}, done.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
@@ -37,9 +36,17 @@ def test_rounds_compress_further_and_undo_a_round_that_loses_too_much(tmp_path):
         return 1.0 if _nonzeros(m) > 120 else 0.7
 
     seen = []
-    result = tightfit.prune_and_adjust(model, evaluate=evaluate, adjust=GradualPrune(loader, epochs=1, lr=1e-2),
-                                       max_drop=0.0, rounds=3, step=0.4, search="random", search_budget=6,
-                                       on_round=seen.append)
+    result = tightfit.prune_and_adjust(
+        model,
+        evaluate=evaluate,
+        adjust=GradualPrune(loader, epochs=1, lr=1e-2),
+        max_drop=0.0,
+        rounds=3,
+        step=0.4,
+        search="random",
+        search_budget=6,
+        on_round=seen.append,
+    )
     assert [r.number for r in result.rounds] == [1, 2, 3] and seen == result.rounds
     first = result.rounds[0]
     # a step of 0.4 lets the untrained search go below the cliff: the adjusted model loses 0.3, undone
@@ -59,12 +66,15 @@ def test_rounds_compress_further_and_undo_a_round_that_loses_too_much(tmp_path):
 def test_the_original_model_is_not_modified_and_bad_arguments_are_clear():
     model, loader = _toy()
     before = [p.detach().clone() for p in model.parameters()]
-    result = tightfit.prune_and_adjust(model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader, epochs=1),
-                                       rounds=1, search="random", search_budget=2)
+    result = tightfit.prune_and_adjust(
+        model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader, epochs=1), rounds=1, search="random", search_budget=2
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert result.rounds[0].accepted
     with pytest.raises(ConfigError, match="only prune"):
-        tightfit.prune_and_adjust(model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader), strategy=tightfit.Quantize())
+        tightfit.prune_and_adjust(
+            model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader), strategy=tightfit.Quantize()
+        )
     with pytest.raises(ConfigError, match="rounds"):
         tightfit.prune_and_adjust(model, evaluate=lambda m: 1.0, adjust=GradualPrune(loader), rounds=0)
     with pytest.raises(ConfigError, match="no round was accepted"):
@@ -77,8 +87,9 @@ def test_a_gentler_plan_never_regrows_an_earlier_rounds_zeros():
     model, loader = _toy()
     with torch.no_grad():
         model[0].weight[:, :4] = 0.0  # an earlier round pruned half of the first layer
-    plan = tightfit.Plan.from_strategy(tightfit.Compose([tightfit.Prune()]),
-                                       {"0": {"prune": {"sparsity": 0.1}}, "2": {"prune": {"sparsity": 0.1}}})
+    plan = tightfit.Plan.from_strategy(
+        tightfit.Compose([tightfit.Prune()]), {"0": {"prune": {"sparsity": 0.1}}, "2": {"prune": {"sparsity": 0.1}}}
+    )
     candidate = tightfit.apply(plan, model)
     _keep_zeros(candidate)
     GradualPrune(loader, epochs=2, lr=1e-2)(candidate)
@@ -139,8 +150,9 @@ def uninterrupted():
 
 
 def _same_answer(resumed, whole, run) -> None:
-    assert [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.training_steps, r.plan.to_dict()) for r in resumed.rounds] == \
-        [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.training_steps, r.plan.to_dict()) for r in whole.rounds]
+    assert [
+        (r.step, r.accepted, r.metric, r.nonzero_ratio, r.training_steps, r.plan.to_dict()) for r in resumed.rounds
+    ] == [(r.step, r.accepted, r.metric, r.nonzero_ratio, r.training_steps, r.plan.to_dict()) for r in whole.rounds]
     x = torch.randn(4, 8)
     assert torch.equal(resumed.model(x), whole.model(x))
     assert (run / "model.tfz").read_bytes() == resumed._file
@@ -153,8 +165,9 @@ def test_a_run_directory_resumes_an_interrupted_run_to_the_uninterrupted_answer(
 
     run = tmp_path / "run"
     with pytest.raises(_Interrupt):  # killed in round 3's adjust: rounds 1-2 are on disk
-        tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1, lr=1e-2), 3),
-                                  run_dir=run, **arguments)
+        tightfit.prune_and_adjust(
+            model, adjust=_StopAt(GradualPrune(loader, epochs=1, lr=1e-2), 3), run_dir=run, **arguments
+        )
     stored = json.loads((run / "rounds.json").read_text())
     assert [r["number"] for r in stored["rounds"]] == [1, 2]
     assert (run / "round-03" / "study.db").exists()  # round 3's search finished before the adjust; it is not redone
@@ -167,12 +180,15 @@ def test_a_run_directory_resumes_an_interrupted_run_to_the_uninterrupted_answer(
     _same_answer(resumed, whole, run)
 
     # finished: calling again does no work; a larger `rounds` continues from round 4
-    again = tightfit.prune_and_adjust(model, adjust=_StopAt(GradualPrune(loader, epochs=1), 1), run_dir=run, **arguments)
+    again = tightfit.prune_and_adjust(
+        model, adjust=_StopAt(GradualPrune(loader, epochs=1), 1), run_dir=run, **arguments
+    )
     assert len(again.rounds) == 3 and again.nonzero_ratio == whole.nonzero_ratio
 
     with pytest.raises(ConfigError, match="other settings.*step"):
-        tightfit.prune_and_adjust(model, adjust=GradualPrune(loader, epochs=1), run_dir=run,
-                                  **{**arguments, "step": 0.3})
+        tightfit.prune_and_adjust(
+            model, adjust=GradualPrune(loader, epochs=1), run_dir=run, **{**arguments, "step": 0.3}
+        )
 
 
 def test_an_adjust_that_finished_is_not_trained_again_on_resume(tmp_path, uninterrupted):
@@ -200,16 +216,19 @@ def test_an_adjust_that_finished_is_not_trained_again_on_resume(tmp_path, uninte
     _same_answer(resumed, whole, run)
     # recorded rounds keep no separate adjust record, and an undone round no model
     assert not list(run.glob("round-*/adjusted.json"))
-    assert sorted(p.parent.name for p in run.glob("round-*/adjusted.tfz")) == \
-        [f"round-{r.number:02d}" for r in whole.rounds if r.accepted]
+    assert sorted(p.parent.name for p in run.glob("round-*/adjusted.tfz")) == [
+        f"round-{r.number:02d}" for r in whole.rounds if r.accepted
+    ]
 
 
 def test_settings_are_checked_before_the_first_round_is_recorded(tmp_path, uninterrupted):
     model, loader, _ = uninterrupted
     run, arguments = tmp_path / "run", {**_ARGUMENTS, "search_budget": 2}
     with pytest.raises(_Interrupt):  # killed in round 1's adjust: no round recorded yet
-        tightfit.prune_and_adjust(model, evaluate=_cliff, adjust=_StopAt(GradualPrune(loader, epochs=1), 1),
-                                  run_dir=run, **arguments)
+        tightfit.prune_and_adjust(
+            model, evaluate=_cliff, adjust=_StopAt(GradualPrune(loader, epochs=1), 1), run_dir=run, **arguments
+        )
     with pytest.raises(ConfigError, match="other settings.*max_drop"):
-        tightfit.prune_and_adjust(model, evaluate=_cliff, adjust=GradualPrune(loader, epochs=1), run_dir=run,
-                                  **{**arguments, "max_drop": 0.1})
+        tightfit.prune_and_adjust(
+            model, evaluate=_cliff, adjust=GradualPrune(loader, epochs=1), run_dir=run, **{**arguments, "max_drop": 0.1}
+        )

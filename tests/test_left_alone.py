@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -22,8 +21,15 @@ def _closeness(model, x):
 
 
 def _compress(model, x, strategy):
-    return tightfit.compress(model, evaluate=_closeness(model, x), strategy=strategy, constraint=tightfit.MaxDrop(100.0),
-                             budget=1, search="random", example_input=x)
+    return tightfit.compress(
+        model,
+        evaluate=_closeness(model, x),
+        strategy=strategy,
+        constraint=tightfit.MaxDrop(100.0),
+        budget=1,
+        search="random",
+        example_input=x,
+    )
 
 
 class EncoderClassifier(nn.Module):
@@ -56,7 +62,9 @@ def test_a_follower_of_a_group_outside_the_layers_patterns_is_still_left_alone_w
     assert set(result.plan.layers) == {"0"} and result.model[2].in_features == 8
     reasons = {s.name: s.reason for s in result.left_alone}
     assert "2" not in reasons  # its input channels follow group "0"
-    assert "group of 2" in reasons["4"] and "`layers` patterns" in reasons["4"]  # it follows only group "2", which the patterns leave out
+    assert (
+        "group of 2" in reasons["4"] and "`layers` patterns" in reasons["4"]
+    )  # it follows only group "2", which the patterns leave out
 
 
 def test_a_layer_no_operator_handles_says_which_operators_and_which_kind():
@@ -91,7 +99,9 @@ def test_a_group_with_a_group_norm_keeps_a_multiple_of_its_groups_at_every_ratio
     op.prepare(model, x)
     assert op.groups == {"conv": ["conv", "norm", "head"]} and not op.refused()
     for ratio in (0.2, 0.3, 0.55, 0.7):
-        pruned = tightfit.apply(Plan.from_strategy(Compose([op]), {"conv": {"structured_prune": {"ratio": ratio}}}), model)
+        pruned = tightfit.apply(
+            Plan.from_strategy(Compose([op]), {"conv": {"structured_prune": {"ratio": ratio}}}), model
+        )
         assert pruned.conv.out_channels % 4 == 0 and pruned.conv.out_channels < 16 and pruned(x).shape == (2, 3)
 
 
@@ -142,11 +152,22 @@ def test_parameters_the_model_holds_itself_are_named_after_themselves_in_result_
 
     torch.manual_seed(0)
     model, x = WithPositions().eval(), torch.randn(4, 5, 16)
-    result = tightfit.compress(model, evaluate=_closeness(model, x), strategy=tightfit.Prune(), budget=1,
-                               constraint=tightfit.MaxDrop(100.0), search="random", run_dir=tmp_path / "run")
+    result = tightfit.compress(
+        model,
+        evaluate=_closeness(model, x),
+        strategy=tightfit.Prune(),
+        budget=1,
+        constraint=tightfit.MaxDrop(100.0),
+        search="random",
+        run_dir=tmp_path / "run",
+    )
     left = {s.name: s for s in result.left_alone}
     assert set(left) == {"pos", "cls"}  # no entry with an empty name
-    assert left["pos"].type == "Parameter" and left["pos"].params == 80 and "top-level module (WithPositions)" in left["pos"].reason
+    assert (
+        left["pos"].type == "Parameter"
+        and left["pos"].params == 80
+        and "top-level module (WithPositions)" in left["pos"].reason
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {e["name"] for e in summary["left_alone"]} == {"pos", "cls"}
     shown = CliRunner().invoke(app, ["report", str(tmp_path / "run")], terminal_width=200)
@@ -155,10 +176,16 @@ def test_parameters_the_model_holds_itself_are_named_after_themselves_in_result_
     assert "left alone (2)" in shown.output and rows[0].split("│")[1].strip() == "pos" and "80" in rows[0]
     # a top-level module left alone as a whole is "<root>" (attention's packed q/k/v; its out_proj is pruned)
     attention, q = nn.MultiheadAttention(16, 2, batch_first=True).eval(), torch.randn(2, 5, 16)
-    bare = tightfit.compress(attention, evaluate=lambda m: -float(m(q, q, q)[0].abs().mean()), strategy=tightfit.Prune(),
-                             constraint=tightfit.MaxDrop(100.0), budget=1, search="random", example_input=(q, q, q))
+    bare = tightfit.compress(
+        attention,
+        evaluate=lambda m: -float(m(q, q, q)[0].abs().mean()),
+        strategy=tightfit.Prune(),
+        constraint=tightfit.MaxDrop(100.0),
+        budget=1,
+        search="random",
+        example_input=(q, q, q),
+    )
     assert [s.name for s in bare.left_alone] == ["<root>"] and "packed q/k/v" in bare.left_alone[0].reason
-
 
 
 def test_a_layer_leading_no_channel_group_is_named_as_such():

@@ -82,7 +82,9 @@ def test_a_run_whose_trials_all_fail_the_same_way_stops_and_says_so(tmp_path):
             raise RuntimeError("the validation set moved")
         return 1.0
 
-    with pytest.raises(EvaluationError, match=r"first 3 trials all failed with the same error.*the validation set moved"):
+    with pytest.raises(
+        EvaluationError, match=r"first 3 trials all failed with the same error.*the validation set moved"
+    ):
         tightfit.compress(model, evaluate=broken_after_baseline, budget=20, search="random", run_dir=tmp_path / "run")
     assert calls["n"] == 1 + 3  # the baseline, then three trials; not twenty
 

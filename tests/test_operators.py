@@ -51,7 +51,7 @@ def test_quantized_weights_lie_on_a_per_channel_grid(mlp, bits):
     compressed = apply(_uniform_plan(strategy, LAYERS, quantize={"bits": bits}), mlp)
     weight = compressed[1].weight.detach()
     for row in weight:
-        assert len(torch.unique(row)) <= 2 ** bits - 1
+        assert len(torch.unique(row)) <= 2**bits - 1
 
 
 def test_half_precision_is_float16_representable(mlp):
@@ -76,11 +76,14 @@ def test_pruned_zeros_survive_finetuning_and_weights_stay_on_grid(mlp, digits):
 
 def test_plan_round_trips_through_json_to_the_same_model(mlp, digits):
     strategy = Compose([Prune(), Quantize(bits=(4, 8))])
-    plan = Plan.from_strategy(strategy, {
-        "1": {"prune": {"sparsity": 0.7}, "quantize": {"bits": 4}},
-        "3": {"prune": {"sparsity": 0.5}, "quantize": {"bits": 8}},
-        "5": {"prune": {"sparsity": 0.1}, "quantize": {"bits": 4}},
-    })
+    plan = Plan.from_strategy(
+        strategy,
+        {
+            "1": {"prune": {"sparsity": 0.7}, "quantize": {"bits": 4}},
+            "3": {"prune": {"sparsity": 0.5}, "quantize": {"bits": 8}},
+            "5": {"prune": {"sparsity": 0.1}, "quantize": {"bits": 4}},
+        },
+    )
     text = plan.to_json()
     again = Plan.from_json(text)
     assert again == plan

@@ -110,9 +110,17 @@ def test_inside_compress_and_as_a_tuned_recovery():
     from tightfit.recovery import Tuned
 
     model, loader = _trained()
-    result = compress(copy.deepcopy(model), evaluate=lambda m: 1.0, strategy=Prune(sparsity=(0.5, 0.9)), constraint=MinMetric(0.0),
-                      objective="nonzeros", finetune=Tuned(GradualPrune(loader, epochs=1), ramp=(0.3, 0.9)), budget=2,
-                      search="random", seed=0)
+    result = compress(
+        copy.deepcopy(model),
+        evaluate=lambda m: 1.0,
+        strategy=Prune(sparsity=(0.5, 0.9)),
+        constraint=MinMetric(0.0),
+        objective="nonzeros",
+        finetune=Tuned(GradualPrune(loader, epochs=1), ramp=(0.3, 0.9)),
+        budget=2,
+        search="random",
+        seed=0,
+    )
     assert result.feasible and result.best_trial.measurement.nonzeros < 8 * 32 + 32 * 4
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from tightfit.errors import ConfigError
 from tightfit.export.artifact import load_model, to_bytes
-from tightfit.operators import Compose, FakeQuantize, Plan, Prune, Quantize, WeightMask, apply, magnitude_mask
+from tightfit.operators import Compose, FakeQuantize, Plan, Prune, Quantize, WeightMask, apply
 from tightfit.recovery import (
     HSPG,
     FineTune,
@@ -24,11 +24,12 @@ from tightfit.recovery import (
     PruneSplice,
     SparseTraining,
     grid_project,
+    lc,
     neuron_groups,
     remove_zero_neurons,
     sparsity_report,
+    splice,
 )
-from tightfit.recovery import lc, splice
 from tightfit.recovery.proximal import group_soft_threshold, half_space_project, orthant_project, soft_threshold
 
 
@@ -150,13 +151,16 @@ def _accuracy(loader):
     def evaluate(model):
         with torch.no_grad():
             return sum(int((model(x).argmax(1) == y).sum()) for x, y in loader) / sum(len(y) for _, y in loader)
+
     return evaluate
 
 
 def test_lc_returns_the_compressed_model_that_is_saved():
     model, loader = _toy()
-    plan = Plan.from_strategy(Compose([Prune(), Quantize(bits=(4,))]),
-                              {n: {"prune": {"sparsity": 0.6}, "quantize": {"bits": 4}} for n in ("0", "2")})
+    plan = Plan.from_strategy(
+        Compose([Prune(), Quantize(bits=(4,))]),
+        {n: {"prune": {"sparsity": 0.6}, "quantize": {"bits": 4}} for n in ("0", "2")},
+    )
     candidate = apply(plan, model)
     rec = LearningCompression(loader, epochs=3, evaluate=_accuracy(loader))
     rec(candidate)
@@ -208,7 +212,10 @@ def test_full_gradient_reaches_pruned_weights_and_masks_move():
     moved = (chain.original.detach() - original_before)[pruned].abs()
     assert moved.max() > 0  # pruned weights were trained (straight-through gradient)
     assert not torch.equal(chain[0].mask, mask_before)  # masks were recomputed
-    assert torch.equal(candidate[0].weight == 0, chain[0].mask == 0) or (candidate[0].weight[chain[0].mask == 0] == 0).all()
+    assert (
+        torch.equal(candidate[0].weight == 0, chain[0].mask == 0)
+        or (candidate[0].weight[chain[0].mask == 0] == 0).all()
+    )
 
 
 # ---------------------------------------------------------------------- proximal sparse training
@@ -266,7 +273,9 @@ def test_proxconnect_ends_on_the_grid_the_file_stores():
     x = torch.randn(4, 8)
     assert torch.allclose(loaded(x), candidate(x), atol=1e-5)
     with pytest.raises(ConfigError, match="bits=2"):
-        ProxConnect(loader, grid="ternary")(apply(Plan.from_strategy(Compose([Quantize(bits=(4,))]), {"0": {"quantize": {"bits": 4}}}), model))
+        ProxConnect(loader, grid="ternary")(
+            apply(Plan.from_strategy(Compose([Quantize(bits=(4,))]), {"0": {"quantize": {"bits": 4}}}), model)
+        )
 
 
 # ---------------------------------------------------------------------- tuned recovery in a search
@@ -279,7 +288,10 @@ def test_tuned_recovery_joins_the_search_space():
     base = FineTune(loader, epochs=1, lr=1e-3)
     tuned = Tuned(base, lr=(1e-4, 1e-1), epochs=(1, 2), optimizer=["adam", "sgd"])
     assert {hp.name: (hp.integer, hp.log, hp.choices) for hp in tuned.hyperparameters()} == {
-        "lr": (False, True, None), "epochs": (True, False, None), "optimizer": (False, False, ("adam", "sgd"))}
+        "lr": (False, True, None),
+        "epochs": (True, False, None),
+        "optimizer": (False, False, ("adam", "sgd")),
+    }
     configured = tuned.with_settings(lr=0.05, epochs=2, optimizer="sgd")
     assert (configured.lr, configured.epochs, configured.optimizer) == (0.05, 2, "sgd") and base.lr == 1e-3
     with pytest.raises(ConfigError, match="no hyperparameter"):
@@ -287,8 +299,15 @@ def test_tuned_recovery_joins_the_search_space():
     with pytest.raises(ConfigError, match="range"):
         Tuned(base, lr="fast")
 
-    result = compress(model, evaluate=_accuracy(loader), strategy=Prune(sparsity=(0.0, 0.9)), finetune=tuned,
-                      budget=4, search="random", seed=0)
+    result = compress(
+        model,
+        evaluate=_accuracy(loader),
+        strategy=Prune(sparsity=(0.0, 0.9)),
+        finetune=tuned,
+        budget=4,
+        search="random",
+        seed=0,
+    )
     assert len(result.trials) == 4 and all(t.state == "COMPLETE" for t in result.trials)
     lc_default = Tuned(LearningCompression(loader, epochs=2))
     assert "mu" in {hp.name for hp in lc_default.hyperparameters()}
@@ -303,8 +322,16 @@ def test_tuned_settings_are_stored_per_trial(tmp_path):
 
     model, loader = _toy()
     tuned = Tuned(FineTune(loader, epochs=1, lr=1e-3), lr=(1e-4, 1e-1), optimizer=["adam", "sgd"])
-    compress(model, evaluate=_accuracy(loader), strategy=Prune(sparsity=(0.0, 0.9)), finetune=tuned,
-             budget=3, search="random", seed=1, run_dir=tmp_path / "run")
+    compress(
+        model,
+        evaluate=_accuracy(loader),
+        strategy=Prune(sparsity=(0.0, 0.9)),
+        finetune=tuned,
+        budget=3,
+        search="random",
+        seed=1,
+        run_dir=tmp_path / "run",
+    )
     study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     for t in study.trials:
         assert set(t.user_attrs["recovery"]) == {"lr", "optimizer"}
@@ -335,8 +362,16 @@ def test_lc_inside_compress_saves_what_it_measured():
 
     model, loader = _toy()
     evaluate = _accuracy(loader)
-    result = compress(model, evaluate=evaluate, strategy=Prune(sparsity=(0.3, 0.6)), constraint=MinMetric(0.0),
-                      finetune=LearningCompression(loader, epochs=2, evaluate=evaluate), budget=2, search="random", seed=0)
+    result = compress(
+        model,
+        evaluate=evaluate,
+        strategy=Prune(sparsity=(0.3, 0.6)),
+        constraint=MinMetric(0.0),
+        finetune=LearningCompression(loader, epochs=2, evaluate=evaluate),
+        budget=2,
+        search="random",
+        seed=0,
+    )
     best = result.best_trial
     assert result.feasible and result.metric == best.measurement.metric  # the saved model is the one measured
 
@@ -350,17 +385,29 @@ def test_lc_divergence_is_a_clear_error():
         LearningCompression(loader, epochs=2, lr=1e30)(apply(plan, model))
 
 
-@pytest.mark.parametrize("make", [
-    lambda loader: SparseTraining(loader, method="obproxsg", epochs=2, lambda_=0.05),
-    lambda loader: SparseTraining(loader, method="hspg", epochs=2, lambda_=0.05),
-    lambda loader: PruneSplice(loader, epochs=2),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda loader: SparseTraining(loader, method="obproxsg", epochs=2, lambda_=0.05),
+        lambda loader: SparseTraining(loader, method="hspg", epochs=2, lambda_=0.05),
+        lambda loader: PruneSplice(loader, epochs=2),
+    ],
+)
 def test_sparse_recoveries_inside_compress_on_a_pruned_plan(make):
     from tightfit import MinMetric, compress
 
     model, loader = _toy()
-    result = compress(model, evaluate=_accuracy(loader), strategy=Prune(sparsity=0.5), constraint=MinMetric(0.0),
-                      objective="nonzeros", finetune=make(loader), budget=1, search="random", seed=0)
+    result = compress(
+        model,
+        evaluate=_accuracy(loader),
+        strategy=Prune(sparsity=0.5),
+        constraint=MinMetric(0.0),
+        objective="nonzeros",
+        finetune=make(loader),
+        budget=1,
+        search="random",
+        seed=0,
+    )
     assert result.feasible and result.metric == result.best_trial.measurement.metric
     assert result.best_trial.measurement.nonzeros < 192  # the plan's zeros (plus any the method adds) are in the file
 
@@ -417,5 +464,5 @@ def test_a_one_shot_iterator_as_training_loader_is_refused():
     # a generator gave the first epoch its batches and every later epoch and trial none, silently
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     with pytest.raises(ConfigError, match=r"`loader` is an iterator \(generator\).*DataLoader"):
-        FineTune(((x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)), epochs=2)
-    FineTune([(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)], epochs=2)  # a list: read every epoch
+        FineTune(((x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)), epochs=2)
+    FineTune([(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)], epochs=2)  # a list: read every epoch

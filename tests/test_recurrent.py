@@ -13,7 +13,6 @@ from torch import nn
 import tightfit
 from tightfit.operators import Compose, Int8, LowRank, Plan, Prune, Quantize, StructuredPrune, int8_layers
 
-
 HIDDEN = 32
 
 
@@ -73,8 +72,14 @@ def plan(**per_op) -> Plan:
     return Plan.from_strategy(Compose([ops[name] for name in per_op]), {"rnn": per_op})
 
 
-RECURRENT = [(nn.LSTM, {}), (nn.GRU, {}), (nn.RNN, {}), (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
-             (nn.GRU, {"num_layers": 2, "bidirectional": True}), (nn.LSTM, {"proj_size": 5})]
+RECURRENT = [
+    (nn.LSTM, {}),
+    (nn.GRU, {}),
+    (nn.RNN, {}),
+    (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
+    (nn.GRU, {"num_layers": 2, "bidirectional": True}),
+    (nn.LSTM, {"proj_size": 5}),
+]
 
 
 @pytest.mark.parametrize("cell, rnn_args", RECURRENT)
@@ -134,8 +139,9 @@ def test_recovery_that_refits_masks_and_grids_keeps_the_layer_computing_with_the
     recovery([(x, y)] * 2, epochs=2)(compressed)
     compressed.eval()
     with torch.no_grad():
-        assert torch.allclose(compressed(x), with_weights_of(compressed, nn.GRU, num_layers=2, bidirectional=True)(x),
-                              atol=1e-6)
+        assert torch.allclose(
+            compressed(x), with_weights_of(compressed, nn.GRU, num_layers=2, bidirectional=True)(x), atol=1e-6
+        )
         for name in compressed.rnn.parametrizations:
             weight = getattr(compressed.rnn, name)
             assert float((weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01), name
@@ -166,9 +172,16 @@ def test_compress_takes_a_recurrent_classifier(cell, tmp_path):
     x_train, y_train = sequences(64, seed=7)
     strategy = Compose([Prune(sparsity=0.5), Quantize(bits=(4, 8)), Int8()])
     result = tightfit.compress(
-        model, evaluate=tightfit.Accuracy([(x_val, y_val)]), strategy=strategy, constraint=tightfit.MaxDrop(1.0),
-        finetune=tightfit.FineTune([(x_train, y_train)], epochs=1, lr=1e-3), budget=3, search="random",
-        example_input=x_val[:2], seed=0, run_dir=tmp_path / "run",
+        model,
+        evaluate=tightfit.Accuracy([(x_val, y_val)]),
+        strategy=strategy,
+        constraint=tightfit.MaxDrop(1.0),
+        finetune=tightfit.FineTune([(x_train, y_train)], epochs=1, lr=1e-3),
+        budget=3,
+        search="random",
+        example_input=x_val[:2],
+        seed=0,
+        run_dir=tmp_path / "run",
     )
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     assert "prune" in result.plan.layers["rnn"] and "rnn" not in {s.name for s in result.left_alone}
@@ -184,8 +197,15 @@ def test_compress_takes_a_recurrent_classifier(cell, tmp_path):
 
 def _reasons(model, strategy) -> dict[str, str]:
     x, _ = sequences(4, seed=0)
-    result = tightfit.compress(model, evaluate=lambda m: 0.0, strategy=strategy, constraint=tightfit.MaxDrop(1.0),
-                               budget=1, search="random", example_input=x)
+    result = tightfit.compress(
+        model,
+        evaluate=lambda m: 0.0,
+        strategy=strategy,
+        constraint=tightfit.MaxDrop(1.0),
+        budget=1,
+        search="random",
+        example_input=x,
+    )
     return {s.name: s.reason for s in result.left_alone}
 
 

@@ -45,8 +45,9 @@ def failed_run(tmp_path_factory):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    result = tightfit.compress(model, evaluate=evaluate, constraint=tightfit.MaxDrop(1.0), budget=2, search="random",
-                               run_dir=run_dir)
+    result = tightfit.compress(
+        model, evaluate=evaluate, constraint=tightfit.MaxDrop(1.0), budget=2, search="random", run_dir=run_dir
+    )
     assert not result.feasible and all(t.state == "FAIL" for t in result.trials)
     assert "[/red]" in json.loads((run_dir / "summary.json").read_text())["message"]
     return run_dir

@@ -61,8 +61,15 @@ X = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
 
 def _arguments(run_dir: Path, **extra) -> dict:
-    return dict(evaluate=lambda m: 1.0, constraint=tightfit.MaxDrop(1.0), budget=2, example_input=X,
-                run_dir=run_dir, search="random", **extra)
+    return dict(
+        evaluate=lambda m: 1.0,
+        constraint=tightfit.MaxDrop(1.0),
+        budget=2,
+        example_input=X,
+        run_dir=run_dir,
+        search="random",
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +155,15 @@ def test_export_on_the_command_line_builds_the_model_from_the_config(run, tmp_pa
         "def build():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))\n"
         "def metric(model):\n    return 1.0\n"
     )
-    (project / "run.toml").write_text('[model]\nfactory = "trustmods:build"\n[evaluate]\nfunction = "trustmods:metric"\n'
-                                      "[[strategy]]\noperator = \"prune\"\n[constraint]\nmax_drop = 1.0\n")
+    (project / "run.toml").write_text(
+        '[model]\nfactory = "trustmods:build"\n[evaluate]\nfunction = "trustmods:metric"\n'
+        '[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 1.0\n'
+    )
     shown = CliRunner().invoke(app, ["export", str(run_dir), "--format", "pt", "--out", str(tmp_path / "plain.pt")])
     assert shown.exit_code == 0 and not marker.exists(), shown.output  # rebuilt from architecture.json, pickle unread
-    shown = CliRunner().invoke(app, ["export", str(run_dir), "--config", "a.toml", "--factory", "m:f", "--format", "pt"])
+    shown = CliRunner().invoke(
+        app, ["export", str(run_dir), "--config", "a.toml", "--factory", "m:f", "--format", "pt"]
+    )
     assert shown.exit_code == 2 and "not both" in shown.output
     shown = CliRunner().invoke(app, ["export", str(run_dir), "--config", str(project / "run.toml"), "--format", "pt"])
     assert shown.exit_code == 0, shown.output
@@ -161,8 +172,10 @@ def test_export_on_the_command_line_builds_the_model_from_the_config(run, tmp_pa
     (project / "trustfactory.py").write_text((project / "trustmods.py").read_text())
     monkeypatch.chdir(project)
     monkeypatch.setattr(sys, "path", list(sys.path))  # --factory makes the current directory importable
-    shown = CliRunner().invoke(app, ["export", str(run_dir), "--factory", "trustfactory:build", "--format", "pt",
-                                     "--out", str(tmp_path / "f.pt")])
+    shown = CliRunner().invoke(
+        app,
+        ["export", str(run_dir), "--factory", "trustfactory:build", "--format", "pt", "--out", str(tmp_path / "f.pt")],
+    )
     assert shown.exit_code == 0, shown.output
     assert not marker.exists() and (tmp_path / "f.pt").exists()
 
@@ -172,8 +185,14 @@ def test_a_poisoned_adjusted_tfz_is_loaded_into_the_held_model_on_resume(tmp_pat
     x = torch.randn(64, 8)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=32)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
-    arguments = dict(evaluate=lambda m: 1.0, adjust=tightfit.FineTune(loader, epochs=1), rounds=1, search="random",
-                     search_budget=2, run_dir=tmp_path / "pa")
+    arguments = dict(
+        evaluate=lambda m: 1.0,
+        adjust=tightfit.FineTune(loader, epochs=1),
+        rounds=1,
+        search="random",
+        search_budget=2,
+        run_dir=tmp_path / "pa",
+    )
     first = tightfit.prune_and_adjust(model, **arguments)
     assert first.rounds[0].accepted
     marker = tmp_path / "ran"
@@ -185,8 +204,15 @@ def test_a_poisoned_adjusted_tfz_is_loaded_into_the_held_model_on_resume(tmp_pat
 
 def test_example_input_keeps_only_its_own_values(tmp_path):
     big = torch.randn(1797, 64)  # the digits set; the example is one row of it
-    tightfit.compress(_model_64(), evaluate=lambda m: 1.0, constraint=tightfit.MaxDrop(1.0), budget=1,
-                      example_input=big[:1], run_dir=tmp_path / "run", search="random")
+    tightfit.compress(
+        _model_64(),
+        evaluate=lambda m: 1.0,
+        constraint=tightfit.MaxDrop(1.0),
+        budget=1,
+        example_input=big[:1],
+        run_dir=tmp_path / "run",
+        search="random",
+    )
     stored = tmp_path / "run" / "example_input.pt"
     assert stored.stat().st_size < 4096  # 1x64 float32 = 256 bytes of values (the whole set was 460 KB)
     assert torch.equal(torch.load(stored, weights_only=True), big[:1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -82,14 +81,25 @@ def test_workers_on_postgres_survive_sigkills(tmp_path):
     python = [sys.executable, "-m", "tightfit.cli.app"]
     run_command = [*python, "run", str(config), "--workers", "2", *BEATS]
     run = subprocess.Popen(run_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lone = subprocess.Popen([*python, "worker", str(config), *BEATS], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    lone = subprocess.Popen(
+        [*python, "worker", str(config), *BEATS], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     storage = optuna.storages.RDBStorage(with_installed_driver(URL))
 
     # 1. SIGKILL the separate worker in the middle of a trial: heartbeats stop, another retries it
-    killed = _wait_for(storage, study_name, lambda ts: next(
-        (t.number for t in ts if t.state == TrialState.RUNNING and _pid(t) == lone.pid and len(t.params) == N_PARAMS),
-        None), "the separate worker to evaluate a trial")
+    killed = _wait_for(
+        storage,
+        study_name,
+        lambda ts: next(
+            (
+                t.number
+                for t in ts
+                if t.state == TrialState.RUNNING and _pid(t) == lone.pid and len(t.params) == N_PARAMS
+            ),
+            None,
+        ),
+        "the separate worker to evaluate a trial",
+    )
     lone.kill()
     lone.wait()
 
@@ -99,8 +109,14 @@ def test_workers_on_postgres_survive_sigkills(tmp_path):
     assert "trials:" in shown.output and "running" in shown.output
 
     # 3. SIGKILL `tightfit run`: its local worker dies with it; starting it again finishes the budget
-    pids = _wait_for(storage, study_name, lambda ts: {_pid(t) for t in ts} - {None, lone.pid}
-                     if sum(t.state == TrialState.COMPLETE for t in ts) >= 4 else None, "4 completed trials")
+    pids = _wait_for(
+        storage,
+        study_name,
+        lambda ts: (
+            {_pid(t) for t in ts} - {None, lone.pid} if sum(t.state == TrialState.COMPLETE for t in ts) >= 4 else None
+        ),
+        "4 completed trials",
+    )
     run.kill()
     run.wait()
     for pid in pids - {run.pid}:

@@ -52,12 +52,17 @@ def test_budget_does_not_count_trials_that_were_retried(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, value=1.0))
-    broken = optuna.trial.create_trial(params={"x": 0.2}, distributions=dist, state=TrialState.FAIL, user_attrs={"error": "E"})
+    broken = optuna.trial.create_trial(
+        params={"x": 0.2}, distributions=dist, state=TrialState.FAIL, user_attrs={"error": "E"}
+    )
     study.add_trial(broken)
     # a trial whose worker died: FAIL without an error, and a retry queued for it
     study.add_trial(optuna.trial.create_trial(params={"x": 0.3}, distributions=dist, state=TrialState.FAIL))
-    study.add_trial(optuna.trial.create_trial(
-        params={"x": 0.3}, distributions=dist, state=TrialState.WAITING, user_attrs={RETRY_OF: 2}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 0.3}, distributions=dist, state=TrialState.WAITING, user_attrs={RETRY_OF: 2}
+        )
+    )
     assert [t.number for t in counted_trials(study)] == [0, 1]
     trials = study.get_trials()
     # the retry takes the dead trial's position; the next trial comes after both
@@ -112,7 +117,9 @@ def test_run_files_are_refreshed_while_the_search_runs(tmp_path):
         seen.append(csv.read_text().count("\n") - 1 if csv.exists() else None)  # data rows so far
         return scale_model.agreement(m)
 
-    compress(scale_model.build(), **{**_arguments(4), "evaluate": watching, "search": "random"}, run_dir=tmp_path / "run")
+    compress(
+        scale_model.build(), **{**_arguments(4), "evaluate": watching, "search": "random"}, run_dir=tmp_path / "run"
+    )
     # call 1 measures the baseline, trials 0..3 each see the rows of those before them, and the
     # last call re-measures the chosen model once all 4 rows are written
     assert seen == [None, None, 1, 2, 3, 4]

@@ -53,8 +53,9 @@ def test_mll_closure_equals_botorchs(se):
 
     x, y = _data(20)
     yvar = None if se is None else torch.full((20, 1), se**2, dtype=torch.float64)
-    model = SingleTaskGP(torch.as_tensor(x), torch.as_tensor(y).reshape(-1, 1), train_Yvar=yvar,
-                         outcome_transform=Standardize(m=1))
+    model = SingleTaskGP(
+        torch.as_tensor(x), torch.as_tensor(y).reshape(-1, 1), train_Yvar=yvar, outcome_transform=Standardize(m=1)
+    )
     mll = ExactMarginalLogLikelihood(model.likelihood, model).train()
     with torch.no_grad():  # away from the defaults, where terms could vanish
         model.covar_module.raw_lengthscale.add_(torch.linspace(0.1, 0.9, 4))

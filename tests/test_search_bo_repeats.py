@@ -31,7 +31,9 @@ def test_the_best_unmeasured_point_of_the_box_replaces_a_measured_one():
     assert np.array_equal(x, _best_unmeasured(acq, lo, hi, peak[None], n=256, seed=0, fallback=peak))
     # nothing unmeasured in a box smaller than one plan: keep the optimizer's answer
     tiny = np.array([SAME_PLAN / 4, SAME_PLAN / 4])
-    assert np.array_equal(_best_unmeasured(acq, peak - tiny, peak + tiny, peak[None], n=16, seed=0, fallback=peak), peak)
+    assert np.array_equal(
+        _best_unmeasured(acq, peak - tiny, peak + tiny, peak[None], n=16, seed=0, fallback=peak), peak
+    )
 
 
 @pytest.mark.slow
@@ -56,7 +58,9 @@ def test_bo_suggests_no_plan_twice(mlp, digits, tmp_path):
             continue  # the warm start's plans
         for earlier in trials[:i]:
             same = all(
-                abs(t.params[k] - earlier.params[k]) < SAME_PLAN if isinstance(t.params[k], float) else t.params[k] == earlier.params[k]
+                abs(t.params[k] - earlier.params[k]) < SAME_PLAN
+                if isinstance(t.params[k], float)
+                else t.params[k] == earlier.params[k]
                 for k in t.params
             )
             assert not same, (t.number, earlier.number)

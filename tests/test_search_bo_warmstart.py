@@ -8,6 +8,7 @@ import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_search_conformance import context, evaluate, synthetic_space
 
 from tightfit.search import run_trials
 from tightfit.search.bo import COLD_EVERY, GP_ATTR
@@ -18,8 +19,6 @@ from tightfit.search.gp import (
     load_hyperparameters,
     marginal_log_likelihood,
 )
-
-from test_search_conformance import context, evaluate, synthetic_space
 
 BUDGET = 12
 
@@ -137,7 +136,9 @@ def test_bo_acquisition_equals_botorchs_constrained_log_ei():
     rng = np.random.default_rng(1)
     model = ModelListGP(fit_gp(x, y), fit_gp(x, x.sum(1) - 1.5, np.full(20, 0.05)))
     ours = _independent_log_cei()(model, best_f=float(y.max()), objective_index=0, constraints={1: (None, 0.0)})
-    theirs = LogConstrainedExpectedImprovement(model, best_f=float(y.max()), objective_index=0, constraints={1: (None, 0.0)})
+    theirs = LogConstrainedExpectedImprovement(
+        model, best_f=float(y.max()), objective_index=0, constraints={1: (None, 0.0)}
+    )
     X = torch.as_tensor(rng.uniform(size=(64, 1, 3)))
     with torch.no_grad():
         assert torch.allclose(ours(X), theirs(X), rtol=1e-10, atol=1e-10)  # rounding: values reach -1e3

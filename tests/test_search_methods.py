@@ -6,15 +6,14 @@ import math
 
 import numpy as np
 import optuna
-import pytest
 import torch
 
 import tightfit
 from tightfit.operators import Compose, Prune
 from tightfit.operators.base import Hyperparameter
 from tightfit.search import SearchSpace, make_sampler, register_search
-from tightfit.search.bo import trust_region_length
 from tightfit.search.base import History
+from tightfit.search.bo import trust_region_length
 from tightfit.search.context import ProbeResult, SearchContext
 from tightfit.search.gp import fit_gp
 from tightfit.search.levelset import next_knob
@@ -64,8 +63,14 @@ def test_sensitivity_family_compresses_insensitive_dimensions_first():
 def test_trust_region_grows_on_successes_and_shrinks_on_failures():
     def history(objectives, violations):
         n = len(objectives)
-        return History(np.zeros((n, 2)), np.array(objectives, float), np.array(violations, float), np.full(n, np.nan),
-                       np.zeros((0, 2)), np.zeros((0, 2)))
+        return History(
+            np.zeros((n, 2)),
+            np.array(objectives, float),
+            np.array(violations, float),
+            np.full(n, np.nan),
+            np.zeros((0, 2)),
+            np.zeros((0, 2)),
+        )
 
     grow = trust_region_length(history([10, 9, 8, 7, 6], [0, 0, 0, 0, 0]), start=1, d=2)
     shrink = trust_region_length(history([10, 11, 12, 13, 14], [0, 1, 1, 1, 1]), start=1, d=2)

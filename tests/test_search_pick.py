@@ -31,8 +31,11 @@ def study_of(points, violations, se=SE) -> optuna.Study:
         params = {d.key: float(xi) for d, xi in zip(sp.dimensions, x)}
         study.add_trial(
             optuna.trial.create_trial(
-                params=params, distributions=dists, values=[float(np.sum(1 - np.asarray(x)))],
-                constraints={"0": float(v)}, user_attrs={"metric_se": se} if se is not None else {},
+                params=params,
+                distributions=dists,
+                values=[float(np.sum(1 - np.asarray(x)))],
+                constraints={"0": float(v)},
+                user_attrs={"metric_se": se} if se is not None else {},
             )
         )
     return study
@@ -77,8 +80,10 @@ def test_a_consistent_best_point_is_kept():
 
 def test_few_trials_or_no_noise_estimate_fall_back_sensibly():
     study, lucky = noisy_edge_study(0)
-    few = study_of([list(t.params.values()) for t in study.trials[: MIN_TRIALS - 1]],
-                   [t.constraints["0"] for t in study.trials[: MIN_TRIALS - 1]])
+    few = study_of(
+        [list(t.params.values()) for t in study.trials[: MIN_TRIALS - 1]],
+        [t.constraints["0"] for t in study.trials[: MIN_TRIALS - 1]],
+    )
     pick = posterior_pick(few, space())
     assert pick.number == pick.observed  # too few trials for a model
     # without metric_se the noise is learned; the answer is still an observed-feasible trial
@@ -102,8 +107,14 @@ def test_compress_returns_an_observed_feasible_trial_and_says_why_it_passed_one_
         opt.step()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=128)
     result = tightfit.compress(
-        model, evaluate=tightfit.Accuracy(loader), strategy=Prune(sparsity=(0.0, 0.99)),
-        constraint=tightfit.MaxDrop(0.01), objective="nonzeros", budget=12, search="random", seed=0,
+        model,
+        evaluate=tightfit.Accuracy(loader),
+        strategy=Prune(sparsity=(0.0, 0.99)),
+        constraint=tightfit.MaxDrop(0.01),
+        objective="nonzeros",
+        budget=12,
+        search="random",
+        seed=0,
     )
     assert result.feasible and result.best_trial.feasible
     observed = tightfit.pipeline.best_feasible(result.trials)
@@ -130,8 +141,15 @@ def test_pick_observed_returns_the_best_observed_trial_and_bad_values_are_refuse
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
-    kwargs = dict(evaluate=tightfit.Accuracy(loader), strategy=Prune(sparsity=(0.0, 0.99)), constraint=tightfit.MaxDrop(0.05),
-                  objective="nonzeros", budget=21, search="random", seed=1)
+    kwargs = dict(
+        evaluate=tightfit.Accuracy(loader),
+        strategy=Prune(sparsity=(0.0, 0.99)),
+        constraint=tightfit.MaxDrop(0.05),
+        objective="nonzeros",
+        budget=21,
+        search="random",
+        seed=1,
+    )
     result = tightfit.compress(model, pick="observed", **kwargs)
     assert result.best_trial.number == tightfit.pipeline.best_feasible(result.trials).number
     with pytest.raises(ConfigError, match="`pick` must be one of"):
@@ -143,10 +161,15 @@ def test_screened_or_stopped_trials_are_never_the_answer():
     sp = space()
     dists = distributions(sp)
     for fidelity in ("screen", "stopped"):  # predicted constraint values (cheap evaluation)
-        study.add_trial(optuna.trial.create_trial(
-            params={d.key: 0.3 for d in sp.dimensions}, distributions=dists, values=[0.01],
-            constraints={"0": -0.05}, user_attrs={"metric_se": SE, "fidelity": fidelity},
-        ))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={d.key: 0.3 for d in sp.dimensions},
+                distributions=dists,
+                values=[0.01],
+                constraints={"0": -0.05},
+                user_attrs={"metric_se": SE, "fidelity": fidelity},
+            )
+        )
     pick = posterior_pick(study, sp)
     assert study.trials[pick.number].user_attrs.get("fidelity") is None
     assert study.trials[pick.observed].user_attrs.get("fidelity") is None
@@ -161,12 +184,21 @@ def test_predicted_trials_inform_the_model_but_are_never_the_answer():
     dists = distributions(sp)
     predicted = optuna.create_study()
     for t in study.trials:
-            # most trials predicted (fewer than MIN_TRIALS measured), the lucky one measured
+        # most trials predicted (fewer than MIN_TRIALS measured), the lucky one measured
         fidelity = "full" if t.number == lucky or t.number % 3 == 0 else "stopped"
-        predicted.add_trial(optuna.trial.create_trial(
-            params=t.params, distributions=dists, values=t.values, constraints=t.constraints,
-            user_attrs={"metric_se": SE, "fidelity": fidelity, **({"prediction_se": SE} if fidelity != "full" else {})},
-        ))
+        predicted.add_trial(
+            optuna.trial.create_trial(
+                params=t.params,
+                distributions=dists,
+                values=t.values,
+                constraints=t.constraints,
+                user_attrs={
+                    "metric_se": SE,
+                    "fidelity": fidelity,
+                    **({"prediction_se": SE} if fidelity != "full" else {}),
+                },
+            )
+        )
     measured = sum(t.user_attrs["fidelity"] == "full" for t in predicted.trials)
     assert measured < MIN_TRIALS
     pick = posterior_pick(predicted, sp)

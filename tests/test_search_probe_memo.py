@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from test_search_conformance import measure, synthetic_space
 
 from tightfit.search.context import ProbeResult, SearchContext
 from tightfit.search.encoding import UnitEncoding
 from tightfit.search.sensitivity import LEVELS, sensitivity_scan, warm_start_point
-
-from test_search_conformance import measure, synthetic_space
 
 
 def counting_context():

@@ -59,16 +59,25 @@ def test_a_trial_killed_between_two_suggest_calls_is_retried_with_the_same_plan(
 
 def test_an_empty_training_loader_warns_and_the_result_says_so():
     model = _model()
-    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
+    empty = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+    )
     with pytest.warns(RuntimeWarning, match="holds no batch"):
         finetune = tightfit.FineTune(empty, epochs=1)
     with pytest.warns(RuntimeWarning, match="holds no batch"):
         tightfit.FineTune(iter_again(), epochs=1)  # unsized, and empty
-    result = tightfit.compress(model, evaluate=_fidelity(model), budget=1, finetune=finetune,
-                               constraint=tightfit.MaxDrop(1.0), search="random")
+    result = tightfit.compress(
+        model, evaluate=_fidelity(model), budget=1, finetune=finetune, constraint=tightfit.MaxDrop(1.0), search="random"
+    )
     assert any("held no batch" in note and "no trial was fine-tuned" in note for note in result.notes)
-    full = tightfit.compress(model, evaluate=_fidelity(model), budget=1, constraint=tightfit.MaxDrop(1.0), search="random",
-                             finetune=tightfit.FineTune([(X[:8], torch.zeros(8, dtype=torch.long))], epochs=1))
+    full = tightfit.compress(
+        model,
+        evaluate=_fidelity(model),
+        budget=1,
+        constraint=tightfit.MaxDrop(1.0),
+        search="random",
+        finetune=tightfit.FineTune([(X[:8], torch.zeros(8, dtype=torch.long))], epochs=1),
+    )
     assert not any("held no batch" in note for note in full.notes)
 
 
@@ -111,12 +120,12 @@ def test_export_with_an_unknown_format_is_a_clear_error(tmp_path):
 
 _PROJECT = {
     "proj.toml": 'budget = 1\nsearch = "random"\n[model]\nfactory = "proj_model:build"\n'
-                 '[evaluate]\nfunction = "proj_model:{metric}"\n[[strategy]]\noperator = "prune"\nsparsity = [0.0, 0.5]\n'
-                 '[constraint]\nmax_drop = 0.5\n',
+    '[evaluate]\nfunction = "proj_model:{metric}"\n[[strategy]]\noperator = "prune"\nsparsity = [0.0, 0.5]\n'
+    "[constraint]\nmax_drop = 0.5\n",
     "proj_model.py": "import torch\nfrom torch import nn\n\n"
-                     "def build():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n\n"
-                     "def broken(model):\n    raise KeyError('labels')\n\n"
-                     "def constant(model):\n    return 1.0\n",
+    "def build():\n    torch.manual_seed(0)\n    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n\n"
+    "def broken(model):\n    raise KeyError('labels')\n\n"
+    "def constant(model):\n    return 1.0\n",
 }
 
 
@@ -147,23 +156,45 @@ def test_a_file_beside_the_config_named_like_a_dependency_does_not_shadow_it(tmp
     config = _project(tmp_path, "constant")
     (tmp_path / "matplotlib.py").write_text("raise ImportError('the local matplotlib.py was imported')\n")
     src = str(Path(tightfit.__file__).parents[1])
-    code = ("import sys; from tightfit.cli.config import load_config, resolve_import; "
-            f"load_config({str(config)!r}); import matplotlib; print(matplotlib.__file__); "
-            "print(resolve_import('proj_model:build').__module__)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
-                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, timeout=120)
+    code = (
+        "import sys; from tightfit.cli.config import load_config, resolve_import; "
+        f"load_config({str(config)!r}); import matplotlib; print(matplotlib.__file__); "
+        "print(resolve_import('proj_model:build').__module__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     matplotlib_file, module = done.stdout.split()
-    assert Path(matplotlib_file).parent.name == "matplotlib" and module == "proj_model"  # the real one; the config's module
+    assert (
+        Path(matplotlib_file).parent.name == "matplotlib" and module == "proj_model"
+    )  # the real one; the config's module
 
 
 def test_a_layer_pruned_to_nothing_is_named_and_the_figure_is_honest():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2), nn.ReLU(), nn.Linear(2, 2)).eval()
-    result = tightfit.compress(model, evaluate=lambda m: 1.0, budget=1, strategy=tightfit.Prune(sparsity=0.99),
-                               constraint=tightfit.MaxDrop(1.0), search="random")
+    result = tightfit.compress(
+        model,
+        evaluate=lambda m: 1.0,
+        budget=1,
+        strategy=tightfit.Prune(sparsity=0.99),
+        constraint=tightfit.MaxDrop(1.0),
+        search="random",
+    )
     (note,) = [n for n in result.notes if "no nonzero weight left" in n]
     assert "Layer(s) 2, 4" in note and "164.0x fewer nonzero weights (1 of 164 left)" in note
     single = nn.Sequential(nn.Linear(8, 4)).eval()  # every weight zero: not "32.0x" (32 / max(1, 0))
-    result = tightfit.compress(single, evaluate=lambda m: 1.0, budget=1, strategy=tightfit.Prune(sparsity=0.99),
-                               constraint=tightfit.MaxDrop(1.0), search="random")
+    result = tightfit.compress(
+        single,
+        evaluate=lambda m: 1.0,
+        budget=1,
+        strategy=tightfit.Prune(sparsity=0.99),
+        constraint=tightfit.MaxDrop(1.0),
+        search="random",
+    )
     assert "no nonzero weight left" in result.message and "x fewer nonzero" not in result.message

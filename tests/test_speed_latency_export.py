@@ -10,9 +10,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from tightfit.cli.app import app as cli_app
-
 import tightfit
+from tightfit.cli.app import app as cli_app
 from tightfit.errors import ConfigError
 from tightfit.export import ExportCheckError, export_model
 from tightfit.export.verified import compare_outputs
@@ -22,7 +21,9 @@ from tightfit.operators import Compose, Plan, Prune, StructuredPrune, apply
 
 def _mlp(width: int = 32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)).eval()
+    return nn.Sequential(
+        nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)
+    ).eval()
 
 
 X = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
@@ -32,7 +33,9 @@ def test_latency_is_cached_per_architecture():
     latency = Latency(X, batch_size=8, threads=1, min_run_time=0.01)
     model = _mlp()
     first = latency(model)
-    assert first.median_ms > 0 and first.iqr_ms >= 0 and first.runs >= 1 and first.batch_size == 8 and first.threads == 1
+    assert (
+        first.median_ms > 0 and first.iqr_ms >= 0 and first.runs >= 1 and first.batch_size == 8 and first.threads == 1
+    )
     assert latency.example_input.shape == (8, 16)
     # same architecture, other values (a masked copy): answered from the cache, not timed again
     masked = apply(Plan.from_strategy(Compose([Prune()]), {"0": {"prune": {"sparsity": 0.5}}}), model)
@@ -137,11 +140,15 @@ def test_latency_objective_run_records_speedup_and_exports(tmp_path):
     shown = CliRunner().invoke(cli_app, ["report", str(run_dir)])
     assert shown.exit_code == 0 and "speed" in shown.output and "FLOPs" in shown.output, shown.output
     # the CLI export writes, reloads, checks and times the run's model
-    out = CliRunner().invoke(cli_app, ["export", str(run_dir), "--format", "torchscript", "--threads", "1",
-                                       "--out", str(tmp_path / "plain.ts")])
+    out = CliRunner().invoke(
+        cli_app,
+        ["export", str(run_dir), "--format", "torchscript", "--threads", "1", "--out", str(tmp_path / "plain.ts")],
+    )
     assert out.exit_code == 0, out.output  # torch.nn layers only: the file's data-only architecture is rebuilt
-    out = CliRunner().invoke(cli_app, ["export", str(run_dir), "--config", str(tmp_path / "lat.toml"),
-                                       "--format", "torchscript", "--threads", "1"])
+    out = CliRunner().invoke(
+        cli_app,
+        ["export", str(run_dir), "--config", str(tmp_path / "lat.toml"), "--format", "torchscript", "--threads", "1"],
+    )
     assert out.exit_code == 0, out.output
     record = json.loads((run_dir / "export" / "model.ts.json").read_text())
     assert record["size_bytes"] > 0 and record["latency_ms"] > 0 and "speedup_vs_baseline_in_search" in record
@@ -201,9 +208,17 @@ def test_int8_chosen_per_layer_in_the_search_is_what_the_export_ships(tmp_path):
     assert meter.misses == 2
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 4, (16,))), batch_size=8)
     run_dir = tmp_path / "run"
-    result = tightfit.compress(model, evaluate=tightfit.Accuracy(loader), strategy=Int8(choices=(True,)),
-                               constraint=tightfit.MaxDrop(1.0), objective="latency", example_input=x,
-                               latency=meter, budget=1, run_dir=run_dir)
+    result = tightfit.compress(
+        model,
+        evaluate=tightfit.Accuracy(loader),
+        strategy=Int8(choices=(True,)),
+        constraint=tightfit.MaxDrop(1.0),
+        objective="latency",
+        example_input=x,
+        latency=meter,
+        budget=1,
+        run_dir=run_dir,
+    )
     assert plan_int8_layers(result.plan) == ["0", "2", "4"]
     report = export_run(run_dir, model=model, format="onnx", threads=1)
     assert report.int8 == "dynamic" and report.int8_layers == ["0", "2", "4"] and report.rtol == 0.05
@@ -221,7 +236,8 @@ def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_p
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from tightfit.export.onnx import carried_over as _carried_over, onnx_nodes_for
+    from tightfit.export.onnx import carried_over as _carried_over
+    from tightfit.export.onnx import onnx_nodes_for
 
     def save(nodes, name):
         value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1])  # noqa: E731
@@ -230,15 +246,24 @@ def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_p
         return path
 
     gemm = helper.make_node("Gemm", ["x", "w"], ["h"], name="node_Gemm_7")
-    gemm.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'h.0', 'h.0.attn', 'h.0.attn.c_attn', 'addmm']")
+    gemm.metadata_props.add(
+        key="pkg.torch.onnx.name_scopes", value="['', 'h.0', 'h.0.attn', 'h.0.attn.c_attn', 'addmm']"
+    )
     relu = helper.make_node("Relu", ["h"], ["y"], name="node_Relu_8")
     exported = save([gemm, relu], "dynamo.onnx")
     assert onnx_nodes_for(exported, ["h.0.attn.c_attn"]) == ["node_Gemm_7", "node_Gemm_7_MatMul"]
     assert onnx_nodes_for(exported, ["h.0.attn"]) == ["node_Gemm_7", "node_Gemm_7_MatMul"]  # a module and all below it
-    fused = save([helper.make_node("Gemm", ["x", "w"], ["h"], name="node_Gemm_7/MatMulAddFusion"),
-                  helper.make_node("Gemm", ["h", "w"], ["y"], name="node_Gemm_70")], "prepared.onnx")
+    fused = save(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["h"], name="node_Gemm_7/MatMulAddFusion"),
+            helper.make_node("Gemm", ["h", "w"], ["y"], name="node_Gemm_70"),
+        ],
+        "prepared.onnx",
+    )
     assert _carried_over(fused, ["node_Gemm_7", "node_Gemm_7_MatMul"]) == [
-        "node_Gemm_7/MatMulAddFusion", "node_Gemm_7/MatMulAddFusion_MatMul"]
+        "node_Gemm_7/MatMulAddFusion",
+        "node_Gemm_7/MatMulAddFusion_MatMul",
+    ]
 
 
 @pytest.mark.onnx
@@ -260,14 +285,26 @@ def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path)
 @pytest.mark.onnx
 def test_static_int8_for_convolutions_needs_and_uses_calibration(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(32 * 8 * 8, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 4),
+    ).eval()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ConfigError, match="calibration"):
         export_model(model, x, tmp_path / "nocal.onnx", int8="static")
     f32 = export_model(model, x, tmp_path / "f.onnx")
-    q = export_model(model, x, tmp_path / "q.onnx", int8="static", calibration=[torch.randn(4, 3, 8, 8) for _ in range(4)] + [x],
-                     rtol=0.1)
+    q = export_model(
+        model,
+        x,
+        tmp_path / "q.onnx",
+        int8="static",
+        calibration=[torch.randn(4, 3, 8, 8) for _ in range(4)] + [x],
+        rtol=0.1,
+    )
     assert q.size_bytes < f32.size_bytes / 2.5 and q.int8 == "static"
 
 
@@ -310,9 +347,14 @@ def test_a_model_whose_forward_takes_one_dict_exports_in_every_format(tmp_path):
         assert torch.allclose(torch.jit.load(str(tmp_path / "m.torchscript"))(other), expected, atol=1e-5)
     # int8 (dynamic; static calibrated on dicts), a 16-bit dtype, and ONNX Runtime latency
     assert export_model(model, x, tmp_path / "d.onnx", int8="dynamic", rtol=0.05).int8_layers == []
-    assert export_model(model, x, tmp_path / "s.onnx", int8="static", calibration=[_one_dict(8), x], rtol=0.1).int8 == "static"
+    assert (
+        export_model(model, x, tmp_path / "s.onnx", int8="static", calibration=[_one_dict(8), x], rtol=0.1).int8
+        == "static"
+    )
     for fmt in ("pt", "torchscript"):
-        assert export_model(model, x, tmp_path / f"h.{fmt}", format=fmt, dtype="bfloat16", rtol=0.05).dtype == "bfloat16"
+        assert (
+            export_model(model, x, tmp_path / f"h.{fmt}", format=fmt, dtype="bfloat16", rtol=0.05).dtype == "bfloat16"
+        )
     assert Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")(model).median_ms > 0
 
 

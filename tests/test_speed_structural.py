@@ -91,7 +91,9 @@ def test_ratio_zero_keeps_function_and_half_ratio_keeps_output_shape():
     assert out.shape == model(X).shape and torch.isfinite(out).all()
     assert sum(p.numel() for p in half.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
     # coupled layers shrank together: the residual add still lines up
-    assert half.block1.conv2.out_channels == half.stem.out_channels == half.bn.num_features == half.depthwise.out_channels
+    assert (
+        half.block1.conv2.out_channels == half.stem.out_channels == half.bn.num_features == half.depthwise.out_channels
+    )
     assert half.block2.conv1.in_channels == half.depthwise.out_channels + half.side.out_channels
 
 
@@ -124,7 +126,10 @@ def test_a_group_that_would_lose_every_channel_is_refused():
 
 def test_layer_that_leads_no_group_is_a_clear_error():
     model, space = _space(StructuredPrune())
-    plan = Plan(layers={"fc": {"structured_prune": {"ratio": 0.5}}}, operators={"structured_prune": space.strategy.operators[0].config()})
+    plan = Plan(
+        layers={"fc": {"structured_prune": {"ratio": 0.5}}},
+        operators={"structured_prune": space.strategy.operators[0].config()},
+    )
     with pytest.raises(ConfigError, match="leads no prunable channel group"):
         apply(plan, model)
 
@@ -224,8 +229,9 @@ def test_compose_of_structural_and_weight_operators_searches_and_replays(tmp_pat
     targets = model(x).argmax(1)
     evaluate = lambda m: float((m(x).argmax(1) == targets).float().mean())  # noqa: E731
     strategy = Compose([StructuredPrune(ratio=(0.0, 0.5)), LowRank(rank_ratio=(0.3, 1.0)), Quantize((8, 32))])
-    result = tightfit.compress(model, evaluate=evaluate, strategy=strategy, constraint=tightfit.MaxDrop(1.0),
-                               example_input=x, budget=2, seed=0)
+    result = tightfit.compress(
+        model, evaluate=evaluate, strategy=strategy, constraint=tightfit.MaxDrop(1.0), example_input=x, budget=2, seed=0
+    )
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     keys = set(result.best_trial.plan.layers["block1.conv1"])
     assert keys == {"structured_prune", "low_rank", "quantize"}
@@ -274,10 +280,18 @@ def test_grouped_convolutions_are_pruned_keeping_equal_groups_and_pruning_equals
     op.prepare(model, x)
     assert {"reduce", "grouped"} <= set(op.groups) and not op.refused()
     for ratio in (0.3, 0.5, 0.75):
-        plan = Plan.from_strategy(Compose([op]), {name: {"structured_prune": {"ratio": ratio}} for name in ("reduce", "grouped")})
+        plan = Plan.from_strategy(
+            Compose([op]), {name: {"structured_prune": {"ratio": ratio}} for name in ("reduce", "grouped")}
+        )
         pruned = apply(plan, model)
         g = pruned.grouped
-        assert g.groups == 4 and g.in_channels % 4 == 0 and g.out_channels % 4 == 0 and g.in_channels < 16 and g.out_channels < 24
+        assert (
+            g.groups == 4
+            and g.in_channels % 4 == 0
+            and g.out_channels % 4 == 0
+            and g.in_channels < 16
+            and g.out_channels < 24
+        )
         gone_in = sorted(set(range(16)) - set(_kept(model.reduce.bias, pruned.reduce.bias)))
         gone_out = sorted(set(range(24)) - set(_kept(model.grouped.bias, pruned.grouped.bias)))
         assert len(gone_in) == 16 - g.in_channels and len(gone_out) == 24 - g.out_channels
@@ -286,7 +300,7 @@ def test_grouped_convolutions_are_pruned_keeping_equal_groups_and_pruning_equals
         zeroed = copy.deepcopy(model)
         with torch.no_grad():  # the readers ignore the removed channels: the grouped conv's columns, expand's
             for c in gone_in:
-                zeroed.grouped.weight[(c // 4) * 6:(c // 4 + 1) * 6, c % 4] = 0
+                zeroed.grouped.weight[(c // 4) * 6 : (c // 4 + 1) * 6, c % 4] = 0
             zeroed.expand.weight[:, gone_out] = 0
             assert torch.allclose(pruned(x), zeroed(x), atol=1e-5)
     # replayed on a fresh instance through the file, as any plan
@@ -300,7 +314,9 @@ def test_the_check_catches_grouped_convolutions_pruned_at_unequal_positions(monk
     model, x = _resnext(), torch.randn(2, 3, 6, 6)
     assert structured.pruning_unlike_zeroing(model, x, ["reduce", "grouped"], 0.5) == []
     # as Torch-Pruning's graph would do it left alone: the lowest channels wherever they are
-    monkeypatch.setattr(structured, "_choose_periodic_drop", lambda scores, period, n: list(range(n // period, n + n // period)))
+    monkeypatch.setattr(
+        structured, "_choose_periodic_drop", lambda scores, period, n: list(range(n // period, n + n // period))
+    )
     assert structured.pruning_unlike_zeroing(model, x, ["reduce", "grouped"], 0.5) == ["reduce", "grouped"]
 
 
@@ -320,7 +336,9 @@ class GroupedReaders(nn.Module):
 
     def forward(self, x):
         joined = self.cat_reader(torch.cat([self.a(x), self.b(x)], dim=1)).mean(dim=(2, 3))
-        return self.head(torch.cat([joined, self.narrow(self.c(x)).mean(dim=(2, 3)), self.up(self.d(x)).mean(dim=(2, 3))], 1))
+        return self.head(
+            torch.cat([joined, self.narrow(self.c(x)).mean(dim=(2, 3)), self.up(self.d(x)).mean(dim=(2, 3))], 1)
+        )
 
 
 def test_grouped_convolutions_torch_pruning_cannot_keep_equal_are_refused_with_the_reason():

@@ -38,7 +38,10 @@ class TinyEncoder(nn.Module):
 def _inputs():
     mask = torch.ones(4, 6, dtype=torch.long)
     mask[1, 4:] = 0  # a padded sequence, so the key padding mask matters
-    return {"input_ids": torch.randint(0, 30, (4, 6), generator=torch.Generator().manual_seed(1)), "attention_mask": mask}
+    return {
+        "input_ids": torch.randint(0, 30, (4, 6), generator=torch.Generator().manual_seed(1)),
+        "attention_mask": mask,
+    }
 
 
 def _model():
@@ -47,7 +50,9 @@ def _model():
 
 
 def _plan(op, head_ratio):
-    return Plan.from_strategy(Compose([op]), {"enc.self_attn.out_proj": {"structured_prune": {"head_ratio": head_ratio}}})
+    return Plan.from_strategy(
+        Compose([op]), {"enc.self_attn.out_proj": {"structured_prune": {"head_ratio": head_ratio}}}
+    )
 
 
 def test_transformer_layer_searches_a_head_ratio_and_removing_two_heads_of_four_works(tmp_path):
@@ -68,7 +73,9 @@ def test_transformer_layer_searches_a_head_ratio_and_removing_two_heads_of_four_
     attention = pruned.enc.self_attn
     assert isinstance(attention, SplitQKVAttention) and attention.num_heads == 2 and attention.head_dim == 4
     assert attention.q_proj.out_features == attention.v_proj.out_features == attention.out_proj.in_features == 8
-    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in model.parameters()) - 2 * 4 * (3 * 17 + 16)
+    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in model.parameters()) - 2 * 4 * (
+        3 * 17 + 16
+    )
     with torch.no_grad():
         out = pruned(**inputs)
         # exactly what the original computes with the two dropped heads' values zeroed
@@ -98,9 +105,14 @@ def test_compress_searches_heads_and_the_run_directory_reloads(tmp_path):
         return -float(((m(**inputs) - reference) ** 2).mean())
 
     result = tightfit.compress(
-        model, evaluate=evaluate, constraint=tightfit.MaxDrop(10.0),
+        model,
+        evaluate=evaluate,
+        constraint=tightfit.MaxDrop(10.0),
         strategy=Compose([StructuredPrune(ratio=0.0, head_ratio=(0.25, 0.75)), Quantize(bits=8)]),
-        budget=2, search="random", example_input=inputs, run_dir=tmp_path / "run",
+        budget=2,
+        search="random",
+        example_input=inputs,
+        run_dir=tmp_path / "run",
     )
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     assert result.plan.layers["enc.self_attn.out_proj"]["structured_prune"]["head_ratio"] >= 0.25
@@ -121,16 +133,22 @@ def test_split_attention_computes_what_multihead_attention_does():
         split = SplitQKVAttention.from_multihead_attention(mha)
         q = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
         kv = torch.randn(2, 7, 12) if batch_first else torch.randn(7, 2, 12)
-        for options in ({}, {"key_padding_mask": key_padding}, {"attn_mask": torch.randn(5, 7)},
-                        {"attn_mask": torch.rand(8, 5, 7) > 0.8, "need_weights": False},
-                        {"average_attn_weights": False}):
+        for options in (
+            {},
+            {"key_padding_mask": key_padding},
+            {"attn_mask": torch.randn(5, 7)},
+            {"attn_mask": torch.rand(8, 5, 7) > 0.8, "need_weights": False},
+            {"average_attn_weights": False},
+        ):
             expected, got = mha(q, kv, kv, **options), split(q, kv, kv, **options)
             assert torch.allclose(got[0], expected[0], atol=1e-5), options
             assert (got[1] is None) == (expected[1] is None)
             assert got[1] is None or torch.allclose(got[1], expected[1], atol=1e-5), options
     unbatched = nn.MultiheadAttention(16, 4).eval()
     x = torch.randn(5, 16)
-    assert torch.allclose(SplitQKVAttention.from_multihead_attention(unbatched)(x, x, x)[0], unbatched(x, x, x)[0], atol=1e-5)
+    assert torch.allclose(
+        SplitQKVAttention.from_multihead_attention(unbatched)(x, x, x)[0], unbatched(x, x, x)[0], atol=1e-5
+    )
 
 
 def test_a_stack_of_layers_with_a_padding_mask_runs_after_pruning_in_inference_mode():
@@ -244,9 +262,15 @@ def test_attention_whose_heads_cannot_be_removed_is_left_alone_and_named(tmp_pat
     assert "attention heads" in reasons[next(n for n in reasons if n.startswith("attn."))]
     with torch.no_grad():
         reference = model(x)
-    result = tightfit.compress(model, evaluate=lambda m: -float(((m(x) - reference) ** 2).mean()),
-                               constraint=tightfit.MaxDrop(10.0), strategy=StructuredPrune(),
-                               budget=1, search="random", example_input=x)
+    result = tightfit.compress(
+        model,
+        evaluate=lambda m: -float(((m(x) - reference) ** 2).mean()),
+        constraint=tightfit.MaxDrop(10.0),
+        strategy=StructuredPrune(),
+        budget=1,
+        search="random",
+        example_input=x,
+    )
     assert all(t.state == "COMPLETE" for t in result.trials)
     left = {s.name for s in result.left_alone}
     assert "biased.out_proj" in left and {"attn.q", "attn.k", "attn.v"} & left

@@ -152,23 +152,40 @@ def test_compress_searches_the_tied_weight_as_one_layer():
         with torch.no_grad():
             return -float(((candidate(TOKENS) - reference) ** 2).mean())
 
-    result = tightfit.compress(model, evaluate=closeness, strategy=Compose([Prune(), Quantize()]),
-                               constraint=tightfit.MaxDrop(100.0), budget=3, search="random", example_input=TOKENS)
+    result = tightfit.compress(
+        model,
+        evaluate=closeness,
+        strategy=Compose([Prune(), Quantize()]),
+        constraint=tightfit.MaxDrop(100.0),
+        budget=3,
+        search="random",
+        example_input=TOKENS,
+    )
     assert "embed" in result.plan.layers and "head" not in result.plan.layers
     assert not result.left_alone
     assert result.model.head.weight is result.model.embed.weight  # the saved model, read back
     assert result.plan.layers["embed"]["prune"]["sparsity"] > 0 or result.plan.layers["embed"]["quantize"]["bits"] < 32
 
 
-@pytest.mark.parametrize("strategy, words", [
-    (tightfit.Int8(), "int8 runs the layer as a quantized Linear"),
-    (tightfit.LowRank(), "low_rank would replace the layer by two factors"),
-    (tightfit.StructuredPrune(ratio=0.5), "structured_prune would change the shape of a weight shared with head"),
-])
+@pytest.mark.parametrize(
+    "strategy, words",
+    [
+        (tightfit.Int8(), "int8 runs the layer as a quantized Linear"),
+        (tightfit.LowRank(), "low_rank would replace the layer by two factors"),
+        (tightfit.StructuredPrune(ratio=0.5), "structured_prune would change the shape of a weight shared with head"),
+    ],
+)
 def test_shape_changing_and_module_swapping_operators_leave_the_tied_weight_alone_and_say_why(strategy, words):
     model = _lm()
-    result = tightfit.compress(model, evaluate=lambda m: 0.0, strategy=strategy, constraint=tightfit.MaxDrop(100.0),
-                               budget=1, search="random", example_input=TOKENS)
+    result = tightfit.compress(
+        model,
+        evaluate=lambda m: 0.0,
+        strategy=strategy,
+        constraint=tightfit.MaxDrop(100.0),
+        budget=1,
+        search="random",
+        example_input=TOKENS,
+    )
     assert "embed" not in result.plan.layers and "head" not in result.plan.layers
     reasons = {s.name: s.reason for s in result.left_alone}
     assert words in reasons["embed"] and "head" in reasons["embed"], reasons

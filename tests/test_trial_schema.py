@@ -34,8 +34,9 @@ def test_every_key_is_a_run_dir_constant_and_keys_are_distinct():
     assert len(set(keys)) == len(keys) and set(keys) <= constants
 
 
-@pytest.mark.parametrize("name, field", [("size", "size_bytes"), ("nonzeros", "nonzeros"), ("flops", "flops"),
-                                         ("latency", "latency_ms")])
+@pytest.mark.parametrize(
+    "name, field", [("size", "size_bytes"), ("nonzeros", "nonzeros"), ("flops", "flops"), ("latency", "latency_ms")]
+)
 def test_measurement_objective_reads_the_objectives_field(name, field):
     measured = Measurement(0.5, 1000, 40, 100, flops=300, latency_ms=2.5)
     assert measured.objective(name) == float(getattr(measured, field))

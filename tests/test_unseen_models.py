@@ -14,8 +14,11 @@ class TinyResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.block = nn.Sequential(
-            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
         )
         self.head = nn.Linear(8, 4)
 
@@ -106,9 +109,16 @@ class _DictBatches:
 
     def __init__(self, n=4, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.batches = [({"input_ids": torch.randint(0, 50, (8, 12), generator=g),
-                          "attention_mask": torch.ones(8, 12, dtype=torch.long)},
-                         torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+        self.batches = [
+            (
+                {
+                    "input_ids": torch.randint(0, 50, (8, 12), generator=g),
+                    "attention_mask": torch.ones(8, 12, dtype=torch.long),
+                },
+                torch.randint(0, 3, (8,), generator=g),
+            )
+            for _ in range(n)
+        ]
 
     def __iter__(self):
         return iter(self.batches)
@@ -124,10 +134,20 @@ def test_recoveries_train_unseen_models_inside_the_search(tmp_path):
     model = TinyTransformer().eval()
     inputs = {"input_ids": torch.randint(0, 50, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
     loader = _DictBatches()
-    for recovery in (GradualPrune(loader, epochs=1), PruneSplice(loader, epochs=1), LearningCompression(loader, epochs=1)):
+    for recovery in (
+        GradualPrune(loader, epochs=1),
+        PruneSplice(loader, epochs=1),
+        LearningCompression(loader, epochs=1),
+    ):
         result = tightfit.compress(
-            model, evaluate=_fidelity_metric(model, inputs), strategy=Prune(sparsity=(0.2, 0.6)),
-            constraint=tightfit.MaxDrop(10.0), finetune=recovery, budget=2, search="random", example_input=inputs,
+            model,
+            evaluate=_fidelity_metric(model, inputs),
+            strategy=Prune(sparsity=(0.2, 0.6)),
+            constraint=tightfit.MaxDrop(10.0),
+            finetune=recovery,
+            budget=2,
+            search="random",
+            example_input=inputs,
         )
         assert all(t.state == "COMPLETE" for t in result.trials), (recovery, [t.error for t in result.trials])
         assert result.feasible and result.nonzero_ratio > 1.2
@@ -136,8 +156,14 @@ def test_recoveries_train_unseen_models_inside_the_search(tmp_path):
     x = torch.randn(16, 3, 8, 8)
     images = [(x[:8], torch.randint(0, 4, (8,))), (x[8:], torch.randint(0, 4, (8,)))]
     result = tightfit.compress(
-        resnet, evaluate=_fidelity_metric(resnet, x), strategy=Prune(sparsity=(0.3, 0.6)), constraint=tightfit.MaxDrop(10.0),
-        finetune=GradualPrune(images, epochs=2), budget=2, search="random", example_input=x[:1],
+        resnet,
+        evaluate=_fidelity_metric(resnet, x),
+        strategy=Prune(sparsity=(0.3, 0.6)),
+        constraint=tightfit.MaxDrop(10.0),
+        finetune=GradualPrune(images, epochs=2),
+        budget=2,
+        search="random",
+        example_input=x[:1],
     )
     assert all(t.state == "COMPLETE" for t in result.trials) and result.feasible
 
@@ -190,9 +216,16 @@ def test_a_layer_that_only_holds_a_weight_matrix_is_pruned_and_quantized(tmp_pat
     x = torch.randn(8, 5, 16)
     kinds = {layer.name: layer.kind for layer in tightfit.measure.analyze(model).layers}
     assert kinds["proj"] == "MatrixLayer" and kinds["up"] == "Linear"
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(1.0),
-                               strategy=Compose([Prune(sparsity=(0.3, 0.6)), Quantize(bits=8)]),
-                               budget=2, search="random", example_input=x, run_dir=tmp_path / "run")
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(1.0),
+        strategy=Compose([Prune(sparsity=(0.3, 0.6)), Quantize(bits=8)]),
+        budget=2,
+        search="random",
+        example_input=x,
+        run_dir=tmp_path / "run",
+    )
     assert result.feasible and "proj" in result.plan.layers
     assert float((result.model.proj.weight == 0).float().mean()) >= 0.3
     fresh = HandWrittenBlock()
@@ -230,15 +263,25 @@ def test_low_rank_factorizes_a_matrix_layer_that_checks_out_as_affine(tmp_path):
     equivalent = linear_equivalent(model[0])  # Conv1D-style: used as x @ W, so the Linear holds W.T
     assert isinstance(equivalent, nn.Linear) and torch.allclose(equivalent(x), model[0](x), atol=1e-6)
     # factorized into two Linears: the best rank-r approximation of W.T
-    factored = tightfit.apply(Plan.from_strategy(Compose([tightfit.LowRank()]), {"0": {"low_rank": {"rank_ratio": 0.25}}}), model)
+    factored = tightfit.apply(
+        Plan.from_strategy(Compose([tightfit.LowRank()]), {"0": {"low_rank": {"rank_ratio": 0.25}}}), model
+    )
     first, second = factored[0]
     assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear) and first.out_features == 8
     u, s, vh = torch.linalg.svd(model[0].weight.detach().t().double())
     best = (u[:, :8] * s[:8]) @ vh[:8]
     assert torch.allclose((second.weight @ first.weight).double(), best, atol=1e-5)
     # a search, and the file reloaded into a fresh model (the factorization replayed on it)
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
-                               strategy=op, budget=2, search="random", example_input=x, run_dir=tmp_path / "run")
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(10.0),
+        strategy=op,
+        budget=2,
+        search="random",
+        example_input=x,
+        run_dir=tmp_path / "run",
+    )
     assert result.feasible and "0" in result.plan.layers and "2" not in result.plan.layers
     assert {s.name: s.reason for s in result.left_alone}["2"] == NOT_AFFINE  # named, with the reason
     fresh = nn.Sequential(TransposedLinear(32, 48), nn.ReLU(), ScaledByMatrix(48), nn.Linear(48, 4))
@@ -288,13 +331,22 @@ def test_int8_runs_a_matrix_layer_that_checks_out_as_affine_as_a_linear(tmp_path
     assert isinstance(float_only[0], TransposedLinear)  # a layer kept in float is not touched
     # the search: int8 for the matrix layer and the Linear; the other matrix layer left alone, named
     run_dir = tmp_path / "run"
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(1.0),
-                               strategy=Int8(choices=(True,)), budget=1, example_input=x, run_dir=run_dir)
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(1.0),
+        strategy=Int8(choices=(True,)),
+        budget=1,
+        example_input=x,
+        run_dir=run_dir,
+    )
     assert result.feasible and sorted(result.plan.layers) == ["0", "3"]
     assert {s.name: s.reason for s in result.left_alone}["2"] == NOT_AFFINE
     with torch.no_grad():
         reference, got = model(x), result.model(x)
-    assert 0 < float((got - reference).abs().max()) < 0.02 * float(reference.abs().max())  # int8 weights: close, not equal
+    assert (
+        0 < float((got - reference).abs().max()) < 0.02 * float(reference.abs().max())
+    )  # int8 weights: close, not equal
     manifest = read_manifest(run_dir / "model.tfz")
     stored = {t["name"]: t for t in manifest["tensors"]}
     assert stored["0.weight"]["kind"] == "int" and stored["0.weight"]["bits"] == 8
@@ -325,9 +377,17 @@ def test_int8_matrix_layer_is_int8_in_the_onnx_export(tmp_path):
     model = nn.Sequential(TransposedLinear(32, 64), nn.ReLU(), TransposedLinear(64, 4)).eval()
     x = torch.randn(16, 32)
     latency = tightfit.Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(1.0),
-                               strategy=Int8(choices=(True,)), budget=1, example_input=x, objective="latency",
-                               latency=latency, run_dir=tmp_path / "run")
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(1.0),
+        strategy=Int8(choices=(True,)),
+        budget=1,
+        example_input=x,
+        objective="latency",
+        latency=latency,
+        run_dir=tmp_path / "run",
+    )
     assert sorted(result.plan.layers) == ["0", "2"] and result.feasible
     report = export_run(tmp_path / "run", model=model, format="onnx", threads=1)
     assert report.int8 == "dynamic" and report.int8_layers == ["0", "2"]
@@ -339,9 +399,16 @@ def test_structured_pruning_leaves_attention_heads_alone_and_names_them(tmp_path
     torch.manual_seed(0)
     model = HandWrittenBlock().eval()
     x = torch.randn(8, 5, 16)
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
-                               strategy=tightfit.StructuredPrune(ratio=(0.25, 0.5)),
-                               budget=2, search="random", example_input=x, run_dir=tmp_path / "run")
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(10.0),
+        strategy=tightfit.StructuredPrune(ratio=(0.25, 0.5)),
+        budget=2,
+        search="random",
+        example_input=x,
+        run_dir=tmp_path / "run",
+    )
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     reasons = {s.name: s.reason for s in result.left_alone}
     assert "attention heads" in reasons["attn.q"]
@@ -376,13 +443,24 @@ def test_a_model_structured_pruning_cannot_trace_is_named_in_the_run_not_only_in
 
     monkeypatch.setattr(structured, "coupled_groups", _never_ends)
     model, x = HandWrittenBlock().eval(), torch.randn(2, 5, 16)
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
-                               strategy=Compose([tightfit.StructuredPrune(trace_timeout=0.3), Quantize(bits=8)]),
-                               budget=1, search="random", example_input=x)
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(10.0),
+        strategy=Compose([tightfit.StructuredPrune(trace_timeout=0.3), Quantize(bits=8)]),
+        budget=1,
+        search="random",
+        example_input=x,
+    )
     assert any("structured_prune left 6 layer(s)" in n and "cannot trace" in n for n in result.notes), result.notes
     with pytest.raises(ModelError, match="cannot trace the model's channel dependencies"):
-        tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.StructuredPrune(trace_timeout=0.3),
-                          budget=1, example_input=x)
+        tightfit.compress(
+            model,
+            evaluate=_fidelity_metric(model, x),
+            strategy=tightfit.StructuredPrune(trace_timeout=0.3),
+            budget=1,
+            example_input=x,
+        )
 
 
 def _in_a_thread(work):
@@ -476,9 +554,16 @@ def test_low_rank_keeps_a_float64_model_in_float64(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).double().eval()
     x = torch.randn(16, 64, dtype=torch.float64)
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
-                               strategy=tightfit.LowRank(rank_ratio=(0.1, 0.3)), budget=1, search="random",
-                               example_input=x, run_dir=tmp_path / "run")
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(10.0),
+        strategy=tightfit.LowRank(rank_ratio=(0.1, 0.3)),
+        budget=1,
+        search="random",
+        example_input=x,
+        run_dir=tmp_path / "run",
+    )
     assert result.feasible and "0" in result.plan.layers
     assert all(p.dtype == torch.float64 for p in result.model.parameters())
 
@@ -487,9 +572,15 @@ def test_a_refusal_under_a_composed_strategy_is_a_note(tmp_path):
     torch.manual_seed(0)
     model = HandWrittenBlock().eval()
     x = torch.randn(8, 5, 16)
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
-                               strategy=Compose([tightfit.StructuredPrune(ratio=(0.25, 0.5)), Prune()]),
-                               budget=1, search="random", example_input=x)
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(10.0),
+        strategy=Compose([tightfit.StructuredPrune(ratio=(0.25, 0.5)), Prune()]),
+        budget=1,
+        search="random",
+        example_input=x,
+    )
     assert "attn.q" not in {s.name for s in result.left_alone}  # Prune still compresses it
     note = next(n for n in result.notes if n.startswith("structured_prune left"))
     assert "attn.q" in note and "attention heads" in note
@@ -499,8 +590,9 @@ def test_embedding_tables_are_pruned_and_quantized_unless_sparse(tmp_path):
     torch.manual_seed(0)
     model = TinyTransformer().eval()
     inputs = {"input_ids": torch.randint(0, 50, (8, 12))}
-    plan = tightfit.Plan.from_strategy(Compose([Prune(), Quantize()]),
-                                       {"embed": {"prune": {"sparsity": 0.5}, "quantize": {"bits": 4}}})
+    plan = tightfit.Plan.from_strategy(
+        Compose([Prune(), Quantize()]), {"embed": {"prune": {"sparsity": 0.5}, "quantize": {"bits": 4}}}
+    )
     compressed = tightfit.apply(plan, model)
     assert float((compressed.embed.weight == 0).float().mean()) >= 0.5
     assert compressed.embed.weight[compressed.embed.weight != 0].abs().unique().numel() <= 8 * 50  # 4-bit per row
@@ -532,13 +624,23 @@ def test_a_model_whose_forward_takes_one_dict_is_evaluated_traced_and_compressed
     torch.manual_seed(0)
     model = TakesOneDict().eval()
     inputs = {"image": torch.randn(16, 1, 4, 4), "features": torch.randn(16, 6)}
-    batches = [({k: v[:8] for k, v in inputs.items()}, torch.randint(0, 3, (8,))),
-               ({k: v[8:] for k, v in inputs.items()}, torch.randint(0, 3, (8,)))]
+    batches = [
+        ({k: v[:8] for k, v in inputs.items()}, torch.randint(0, 3, (8,))),
+        ({k: v[8:] for k, v in inputs.items()}, torch.randint(0, 3, (8,))),
+    ]
     assert call_model(model, inputs).shape == (16, 3)  # the dict is the one argument, not keywords
-    result = tightfit.compress(model, evaluate=tightfit.Accuracy(batches), finetune=tightfit.FineTune(batches, epochs=1),
-                               strategy=Compose([tightfit.StructuredPrune(ratio=0.5), Quantize(bits=8)]),
-                               constraint=tightfit.MaxDrop(1.0), budget=2, search="random", example_input=inputs,
-                               objective="flops", run_dir=tmp_path / "run")
+    result = tightfit.compress(
+        model,
+        evaluate=tightfit.Accuracy(batches),
+        finetune=tightfit.FineTune(batches, epochs=1),
+        strategy=Compose([tightfit.StructuredPrune(ratio=0.5), Quantize(bits=8)]),
+        constraint=tightfit.MaxDrop(1.0),
+        budget=2,
+        search="random",
+        example_input=inputs,
+        objective="flops",
+        run_dir=tmp_path / "run",
+    )
     assert all(t.state == "COMPLETE" for t in result.trials), [t.error for t in result.trials]
     assert result.feasible and result.model.head[0].out_features == 8  # traced through the dict, and pruned
     assert torch.equal(tightfit.load(tmp_path / "run" / "model.tfz", model=model)(inputs), result.model(inputs))
@@ -561,8 +663,14 @@ def test_an_error_metric_given_as_is_gets_a_note_on_the_direction():
 
     result = tightfit.compress(model, evaluate=mse, strategy=Prune(sparsity=(0.5, 0.9)), budget=3, search="random")
     assert any("return its negative" in note for note in result.notes), result.notes
-    negative = tightfit.compress(model, evaluate=lambda m: -mse(m), strategy=Prune(sparsity=(0.5, 0.9)),
-                                 constraint=tightfit.MinMetric(-1.0), budget=3, search="random")
+    negative = tightfit.compress(
+        model,
+        evaluate=lambda m: -mse(m),
+        strategy=Prune(sparsity=(0.5, 0.9)),
+        constraint=tightfit.MinMetric(-1.0),
+        budget=3,
+        search="random",
+    )
     assert not any("return its negative" in note for note in negative.notes)
 
 
@@ -571,15 +679,23 @@ def test_a_regression_model_fine_tuned_with_the_default_loss_fails_with_a_clear_
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), nn.Flatten(0)).eval()
     x, y = torch.randn(16, 8), torch.randn(16)  # float targets, one output per sample
     # cross-entropy would accept these (as one unbatched row of class probabilities) and train on nonsense
-    result = tightfit.compress(model, evaluate=lambda m: -float(((m(x) - y) ** 2).mean()), strategy=Prune(),
-                               finetune=tightfit.FineTune([(x, y)], epochs=1), budget=2, search="random")
+    result = tightfit.compress(
+        model,
+        evaluate=lambda m: -float(((m(x) - y) ** 2).mean()),
+        strategy=Prune(),
+        finetune=tightfit.FineTune([(x, y)], epochs=1),
+        budget=2,
+        search="random",
+    )
     assert all(t.state == "FAIL" and "loss=callable(model, batch)" in t.error for t in result.trials)
     assert not result.feasible and "every trial failed" in result.message
     soft = tightfit.FineTune([(x, torch.softmax(torch.randn(16, 3), dim=1))], epochs=1)  # class probabilities: fine
     soft(nn.Linear(8, 3))
     # a binary classifier's one logit per sample: cross-entropy raised "Target 1 is out of bounds"
     binary = tightfit.FineTune([(x, (y > 0).long())], epochs=1)
-    with pytest.raises(tightfit.errors.ConfigError, match=r"one score per sample \(shape \(16, 1\)\).*binary_cross_entropy_with_logits"):
+    with pytest.raises(
+        tightfit.errors.ConfigError, match=r"one score per sample \(shape \(16, 1\)\).*binary_cross_entropy_with_logits"
+    ):
         binary(nn.Linear(8, 1))
 
 
@@ -593,8 +709,10 @@ def test_low_rank_factorizes_a_transformer_layers_feed_forward(tmp_path):
     op = tightfit.LowRank(rank_ratio=(0.25, 0.5))
     op.prepare(model, x)
     assert "0.linear1" not in op.refused() and "0.linear2" not in op.refused()
-    plan = tightfit.Plan.from_strategy(Compose([tightfit.LowRank()]),
-                                       {"0.linear1": {"low_rank": {"rank_ratio": 0.25}}, "0.linear2": {"low_rank": {"rank_ratio": 0.25}}})
+    plan = tightfit.Plan.from_strategy(
+        Compose([tightfit.LowRank()]),
+        {"0.linear1": {"low_rank": {"rank_ratio": 0.25}}, "0.linear2": {"low_rank": {"rank_ratio": 0.25}}},
+    )
     factored = tightfit.apply(plan, model)
     assert factored[0].linear1[0].weight.shape == (4, 16)  # rank 4 of 16
     with torch.no_grad():
@@ -632,17 +750,30 @@ def test_transposed_convolution_is_pruned_and_quantized_and_named_where_it_is_no
     model = TinyUNet().eval()
     x = torch.randn(8, 1, 8, 8)
     assert {layer.name: layer.kind for layer in tightfit.analyze(model).layers}["up"] == "ConvTranspose2d"
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), constraint=tightfit.MaxDrop(10.0),
-                               strategy=Compose([Prune(sparsity=0.5), Quantize(bits=4)]), budget=1, search="random",
-                               example_input=x[:1])
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        constraint=tightfit.MaxDrop(10.0),
+        strategy=Compose([Prune(sparsity=0.5), Quantize(bits=4)]),
+        budget=1,
+        search="random",
+        example_input=x[:1],
+    )
     assert result.feasible and {"up", "enc", "dec"} <= set(result.plan.layers) and not result.left_alone
     assert float((result.model.up.weight == 0).float().mean()) >= 0.5
     codes = result.model.up.weight / result.model.up.weight.abs().amax(dim=(1, 2, 3), keepdim=True) * 7
     assert torch.allclose(codes, codes.round(), atol=1e-4)  # 4-bit grid, one scale per input channel
     tightfit.save(result, tmp_path / "unet.tfz")
     assert torch.equal(tightfit.load(tmp_path / "unet.tfz", model=model)(x), result.model(x))
-    lowrank = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.5), budget=1,
-                                search="random", example_input=x[:1], constraint=tightfit.MaxDrop(10.0))
+    lowrank = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        strategy=tightfit.LowRank(0.5),
+        budget=1,
+        search="random",
+        example_input=x[:1],
+        constraint=tightfit.MaxDrop(10.0),
+    )
     assert "low_rank does not compress a ConvTranspose2d" in {s.name: s.reason for s in lowrank.left_alone}["up"]
 
 
@@ -664,8 +795,15 @@ def test_a_user_recovery_that_leaves_the_model_training_is_evaluated_and_saved_i
         with torch.no_grad():
             m(x)  # the loop's forward passes update BatchNorm statistics, as training does
 
-    result = tightfit.compress(model, evaluate=metric, finetune=recover, strategy=Prune(sparsity=0.2), budget=2,
-                               search="random", constraint=tightfit.MaxDrop(10.0))
+    result = tightfit.compress(
+        model,
+        evaluate=metric,
+        finetune=recover,
+        strategy=Prune(sparsity=0.2),
+        budget=2,
+        search="random",
+        constraint=tightfit.MaxDrop(10.0),
+    )
     assert modes and not any(modes)
     assert not any("Re-evaluating the saved model" in note for note in result.notes)
 
@@ -689,11 +827,19 @@ def test_a_norm_layer_of_any_library_is_named_as_one():
 
 def test_low_rank_says_why_it_leaves_a_convolution_whole():
     # a depthwise Conv1d and a layer too thin to factorize read "low_rank does not compress a Conv1d layer"
-    model = nn.Sequential(nn.Conv1d(1, 16, 9), nn.Conv1d(16, 16, 3, groups=16), nn.Conv1d(16, 16, 5),
-                          nn.Flatten(), nn.Linear(16 * 18, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv1d(1, 16, 9), nn.Conv1d(16, 16, 3, groups=16), nn.Conv1d(16, 16, 5), nn.Flatten(), nn.Linear(16 * 18, 1)
+    ).eval()
     x = torch.randn(4, 1, 32)
-    result = tightfit.compress(model, evaluate=_fidelity_metric(model, x), strategy=tightfit.LowRank(0.3), budget=1,
-                               search="random", example_input=x, constraint=tightfit.MaxDrop(10.0))
+    result = tightfit.compress(
+        model,
+        evaluate=_fidelity_metric(model, x),
+        strategy=tightfit.LowRank(0.3),
+        budget=1,
+        search="random",
+        example_input=x,
+        constraint=tightfit.MaxDrop(10.0),
+    )
     reasons = {s.name: s.reason for s in result.left_alone}
     assert {"0", "2"} <= set(result.plan.layers)
     assert "grouped or depthwise convolution" in reasons["1"]

@@ -48,8 +48,10 @@ def save_weights(name: str, model: nn.Module, meta: dict[str, Any]) -> Path:
 def load_weights(name: str, model: nn.Module) -> nn.Module:
     path = weights_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"No trained weights for task {name!r} at {path}. Train and cache them with: "
-                                f"python -m benchmarks.tasks.train {name}   (set TIGHTFIT_CACHE to use another cache folder)")
+        raise FileNotFoundError(
+            f"No trained weights for task {name!r} at {path}. Train and cache them with: "
+            f"python -m benchmarks.tasks.train {name}   (set TIGHTFIT_CACHE to use another cache folder)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()

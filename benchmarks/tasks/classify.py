@@ -12,9 +12,20 @@ from torch import nn
 Prep = Callable[[torch.Tensor], torch.Tensor]
 
 
-def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, prep: Prep, *, epochs: float, batch: int, lr: float,
-                     weight_decay: float, seed: int, log: Callable[[str], None] = print,
-                     on_epoch: Callable[[int], None] | None = None) -> float:
+def train_classifier(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    prep: Prep,
+    *,
+    epochs: float,
+    batch: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[int], None] | None = None,
+) -> float:
     """AdamW with a OneCycle schedule over ``epochs`` (may be fractional) of shuffled batches;
     ``prep`` turns a uint8 batch into the model's input. Returns the wall time in seconds."""
     g = torch.Generator().manual_seed(seed)
@@ -30,7 +41,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, prep: Prep,
         for b in range(steps_per_epoch):
             if step >= total:
                 break
-            idx = perm[b * batch:(b + 1) * batch]
+            idx = perm[b * batch : (b + 1) * batch]
             loss = nn.functional.cross_entropy(model(prep(xt[idx])), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -51,5 +62,7 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, prep: Prep, batch: 
     model.eval()
     hits = 0
     for i in range(0, len(x), batch):
-        hits += int((model(prep(torch.from_numpy(x[i:i + batch]))).argmax(-1) == torch.from_numpy(y[i:i + batch])).sum())
+        hits += int(
+            (model(prep(torch.from_numpy(x[i : i + batch]))).argmax(-1) == torch.from_numpy(y[i : i + batch])).sum()
+        )
     return hits / len(x)

@@ -65,22 +65,49 @@ class PreppedImages(Dataset):
         return [self.prep(torch.stack([a for a, _ in items])), torch.stack([b for _, b in items])]
 
 
-def _loaders(train: Dataset, val: Dataset, test: Dataset, *, batch: int, eval_batch: int, seed: int,
-             collate: Callable | None = None) -> tuple[DataLoader, DataLoader, DataLoader, DataLoader]:
+def _loaders(
+    train: Dataset,
+    val: Dataset,
+    test: Dataset,
+    *,
+    batch: int,
+    eval_batch: int,
+    seed: int,
+    collate: Callable | None = None,
+) -> tuple[DataLoader, DataLoader, DataLoader, DataLoader]:
     g = torch.Generator().manual_seed(seed)
-    calib_idx = np.sort(np.random.default_rng(seed).choice(len(train), size=min(CALIBRATION_SAMPLES, len(train)), replace=False))
+    calib_idx = np.sort(
+        np.random.default_rng(seed).choice(len(train), size=min(CALIBRATION_SAMPLES, len(train)), replace=False)
+    )
     kw = {} if collate is None else {"collate_fn": collate}
-    return (DataLoader(train, batch_size=batch, shuffle=True, generator=g, **kw),
-            DataLoader(val, batch_size=eval_batch, **kw), DataLoader(test, batch_size=eval_batch, **kw),
-            DataLoader(Subset(train, calib_idx.tolist()), batch_size=64, **kw))
+    return (
+        DataLoader(train, batch_size=batch, shuffle=True, generator=g, **kw),
+        DataLoader(val, batch_size=eval_batch, **kw),
+        DataLoader(test, batch_size=eval_batch, **kw),
+        DataLoader(Subset(train, calib_idx.tolist()), batch_size=64, **kw),
+    )
 
 
-def _accuracy_task(name: str, build: Callable[[], nn.Module], loaders: tuple, example: torch.Tensor, notes: dict) -> Task:
+def _accuracy_task(
+    name: str, build: Callable[[], nn.Module], loaders: tuple, example: torch.Tensor, notes: dict
+) -> Task:
     import tightfit
 
     train, val, test, calib = loaders
-    return Task(name, build, train, val, test, calib, tightfit.Accuracy(val), tightfit.Accuracy(test), example,
-                "accuracy", None, notes)
+    return Task(
+        name,
+        build,
+        train,
+        val,
+        test,
+        calib,
+        tightfit.Accuracy(val),
+        tightfit.Accuracy(test),
+        example,
+        "accuracy",
+        None,
+        notes,
+    )
 
 
 def fmnist_resnet_task(seed: int = 0) -> Task:
@@ -88,8 +115,10 @@ def fmnist_resnet_task(seed: int = 0) -> Task:
     from benchmarks.tasks.resnet import FMNISTResNet
 
     d = load_fmnist(seed)
-    sets = [TensorDataset(to_tensor(x), torch.from_numpy(y)) for x, y in
-            ((d.x_train, d.y_train), (d.x_val, d.y_val), (d.x_test, d.y_test))]
+    sets = [
+        TensorDataset(to_tensor(x), torch.from_numpy(y))
+        for x, y in ((d.x_train, d.y_train), (d.x_val, d.y_val), (d.x_test, d.y_test))
+    ]
     loaders = _loaders(*sets, batch=128, eval_batch=500, seed=seed)
     return _accuracy_task("fmnist-resnet", FMNISTResNet, loaders, sets[1].tensors[0][:1].clone(), {"input": "1x28x28"})
 
@@ -103,7 +132,9 @@ def fmnist_mobilenet_task(seed: int = 0) -> Task:
     sets = [PreppedImages(x, y, prep) for x, y in ((d.x_train, d.y_train), (d.x_val, d.y_val), (d.x_test, d.y_test))]
     loaders = _loaders(*sets, batch=64, eval_batch=250, seed=seed, collate=sets[0].collate)
     example = to_tensor(d.x_val[:1], size=MOBILENET_SIZE, channels=3)
-    return _accuracy_task("fmnist-mobilenet", fmnist_mobilenet_v2, loaders, example, {"input": f"3x{MOBILENET_SIZE}x{MOBILENET_SIZE}"})
+    return _accuracy_task(
+        "fmnist-mobilenet", fmnist_mobilenet_v2, loaders, example, {"input": f"3x{MOBILENET_SIZE}x{MOBILENET_SIZE}"}
+    )
 
 
 class _MobilenetPrep:
@@ -122,9 +153,20 @@ def tiny_lm_task(seed: int = 0) -> Task:
 
     train, val, test = lm_datasets(seed)
     tr, va, te, calib = _loaders(train, val, test, batch=16, eval_batch=32, seed=seed)
-    return Task("tiny-lm", tiny_lm_model, tr, va, te, calib, tightfit.PerSample(negative_loss, va),
-                tightfit.PerSample(negative_loss, te), val.blocks[:1].clone(), "negative mean token loss (nats/byte)",
-                None, {"report": "perplexity = exp(-metric)"})
+    return Task(
+        "tiny-lm",
+        tiny_lm_model,
+        tr,
+        va,
+        te,
+        calib,
+        tightfit.PerSample(negative_loss, va),
+        tightfit.PerSample(negative_loss, te),
+        val.blocks[:1].clone(),
+        "negative mean token loss (nats/byte)",
+        None,
+        {"report": "perplexity = exp(-metric)"},
+    )
 
 
 def mnist1d_task(seed: int = 0) -> Task:

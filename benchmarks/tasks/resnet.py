@@ -30,12 +30,18 @@ class FMNISTResNet(nn.Module):
     stride-2 block: a first stage kept at 28x28 took 2.9 s per batch of 128 on this shared 2-core
     machine (21 min an epoch), downsampling first about a quarter of that."""
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), blocks: tuple[int, int, int] = (1, 2, 1),
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        widths: tuple[int, int, int] = (32, 64, 128),
+        blocks: tuple[int, int, int] = (1, 2, 1),
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
         layers, cin = [], widths[0]
-        for i, (w, n) in enumerate(zip(widths, blocks)):
+        for w, n in zip(widths, blocks):
             for j in range(n):
                 layers.append(BasicBlock(cin, w, stride=2 if j == 0 else 1))
                 cin = w

@@ -38,9 +38,11 @@ def row(name: str) -> str | None:
     val, test = task.metric(model), task.test_metric(model)
     sizes = f"{len(task.train.dataset):,} / {len(task.val.dataset):,} / {len(task.test.dataset):,}"
     params = sum(p.numel() for p in model.parameters())
-    return (f"| {name} | {params:,} | {sizes} | `python -m benchmarks.tasks.train {name}` | "
-            f"{meta.get('train_seconds', float('nan')) / 60:.1f} min | {size:,} | {_fmt_metric(task.metric_name, val)} | "
-            f"{_fmt_metric(task.metric_name, test)} |")
+    return (
+        f"| {name} | {params:,} | {sizes} | `python -m benchmarks.tasks.train {name}` | "
+        f"{meta.get('train_seconds', float('nan')) / 60:.1f} min | {size:,} | {_fmt_metric(task.metric_name, val)} | "
+        f"{_fmt_metric(task.metric_name, test)} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", default=list(TASK_NAMES))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print("| task | parameters | train / val / test | training command | training wall time | float32 file bytes | validation | test |")
+    print(
+        "| task | parameters | train / val / test | training command | training wall time | float32 file bytes | validation | test |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.names:
         start = time.time()

@@ -27,9 +27,9 @@ def _log(msg: str) -> None:
 
 def train_fmnist_resnet(seed: int = 0) -> dict[str, Any]:
     """3 epochs of AdamW + OneCycle (max lr 3e-3, batch 128, no augmentation), channels-last
-(1.27 ms of CPU per training sample against 1.52 contiguous, measured with 1 thread). Sized to
-the shared machine: at load ~20 this process ran a step in about 3 s, so 5 epochs would not have
-finished in the time there was."""
+    (1.27 ms of CPU per training sample against 1.52 contiguous, measured with 1 thread). Sized to
+    the shared machine: at load ~20 this process ran a step in about 3 s, so 5 epochs would not have
+    finished in the time there was."""
     from benchmarks.tasks.classify import accuracy, train_classifier
     from benchmarks.tasks.fmnist import load_fmnist, to_tensor
     from benchmarks.tasks.resnet import FMNISTResNet
@@ -38,7 +38,9 @@ finished in the time there was."""
     data = load_fmnist(seed)
     torch.manual_seed(seed)
     model = FMNISTResNet().to(memory_format=torch.channels_last)
-    prep = lambda x: to_tensor(x).contiguous(memory_format=torch.channels_last)
+
+    def prep(x):
+        return to_tensor(x).contiguous(memory_format=torch.channels_last)
 
     def on_epoch(e: int) -> None:
         _log(f"epoch {e}: validation accuracy {accuracy(model, data.x_val, data.y_val, prep):.4f}")
@@ -48,7 +50,14 @@ finished in the time there was."""
     val = accuracy(model, data.x_val, data.y_val, prep)
     test = accuracy(model, data.x_test, data.y_test, prep)
     _log(f"done in {wall:.0f}s: validation {val:.4f} test {test:.4f}")
-    return {"model": model, "settings": settings, "train_seconds": wall, "val_metric": val, "test_metric": test, "metric": "accuracy"}
+    return {
+        "model": model,
+        "settings": settings,
+        "train_seconds": wall,
+        "val_metric": val,
+        "test_metric": test,
+        "metric": "accuracy",
+    }
 
 
 def train_fmnist_mobilenet(seed: int = 0) -> dict[str, Any]:
@@ -71,13 +80,22 @@ def train_fmnist_mobilenet(seed: int = 0) -> dict[str, Any]:
     model = fmnist_mobilenet_v2()
     pretrained = imagenet_mobilenet_v2().state_dict()
     model.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("classifier.")}, strict=False)
-    prep = lambda x: to_tensor(x, size=MOBILENET_SIZE, channels=3)
+
+    def prep(x):
+        return to_tensor(x, size=MOBILENET_SIZE, channels=3)
+
     wall = train_classifier(model, data.x_train, data.y_train, prep, log=_log, **settings)
     val = accuracy(model, data.x_val, data.y_val, prep)
     test = accuracy(model, data.x_test, data.y_test, prep)
     _log(f"done in {wall:.0f}s: validation {val:.4f} test {test:.4f}")
-    return {"model": model, "settings": dict(settings, size=MOBILENET_SIZE), "train_seconds": wall, "val_metric": val,
-                "test_metric": test, "metric": "accuracy"}
+    return {
+        "model": model,
+        "settings": dict(settings, size=MOBILENET_SIZE),
+        "train_seconds": wall,
+        "val_metric": val,
+        "test_metric": test,
+        "metric": "accuracy",
+    }
 
 
 def _lm(seed: int = 0) -> dict[str, Any]:
@@ -112,9 +130,18 @@ def train(name: str, *, force: bool = False, threads: int = 1) -> dict[str, Any]
     out = TRAINERS[name]()
     model = out.pop("model")
     # CPU seconds beside the wall time: on a shared machine the wall time says more about the load.
-    meta = dict(out, task=name, cpu_seconds=time.process_time() - cpu0, command=f"python -m benchmarks.tasks.train {name}", threads=threads,
-                torch=torch.__version__, machine=platform.processor() or platform.machine(),
-                parameters=sum(p.numel() for p in model.parameters()), load_average=os.getloadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    meta = dict(
+        out,
+        task=name,
+        cpu_seconds=time.process_time() - cpu0,
+        command=f"python -m benchmarks.tasks.train {name}",
+        threads=threads,
+        torch=torch.__version__,
+        machine=platform.processor() or platform.machine(),
+        parameters=sum(p.numel() for p in model.parameters()),
+        load_average=os.getloadavg(),
+        finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    )
     path = cache.save_weights(name, model, meta)
     _log(f"{name}: saved {path}")
     return meta

@@ -28,7 +28,9 @@ def main() -> int:
             x = torch.randn(4, 3, size, size)
             a, b = theirs(x), ours(x)
             worst = max(worst, float((a - b).abs().max()))
-            print(f"{size}x{size}: max |difference| {float((a - b).abs().max()):.3g}, same top-1 {bool((a.argmax(1) == b.argmax(1)).all())}")
+            print(
+                f"{size}x{size}: max |difference| {float((a - b).abs().max()):.3g}, same top-1 {bool((a.argmax(1) == b.argmax(1)).all())}"
+            )
     print(f"torchvision {torchvision.__version__}: {'identical' if worst < 1e-4 else 'DIFFERENT'} (worst {worst:.3g})")
     return 0 if worst < 1e-4 else 1
 

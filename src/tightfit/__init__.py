@@ -84,18 +84,37 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._files import load, save
-    from .pipeline import compress
-    from .run import compress_once
     from .errors import ArtifactError, ConfigError, EvaluationError, ModelError, TightfitError
     from .evaluation import (
-        Accuracy, Agreement, Certificate, Constraint, Fidelity, MaxDrop, MaxLatency, MaxSize, MinMetric, PerSample, Sequential,
+        Accuracy,
+        Agreement,
+        Certificate,
+        Constraint,
+        Fidelity,
+        MaxDrop,
+        MaxLatency,
+        MaxSize,
+        MinMetric,
+        PerSample,
+        Sequential,
     )
     from .export import export_model
+    from .iterative import prune_and_adjust
     from .measure import Latency, analyze
     from .operators import (
-        Compose, Hyperparameter, Int8, LowRank, Operator, Plan, Prune, Quantize, StructuredPrune, apply,
+        Compose,
+        Hyperparameter,
+        Int8,
+        LowRank,
+        Operator,
+        Plan,
+        Prune,
+        Quantize,
+        StructuredPrune,
+        apply,
         register_operator,
     )
-    from .iterative import prune_and_adjust
+    from .pipeline import compress
     from .records import Measurement, Result, TrialRecord
     from .recovery import FineTune, GradualPrune, LearningCompression, ProxConnect, PruneSplice, SparseTraining, Tuned
+    from .run import compress_once

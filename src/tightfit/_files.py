@@ -30,8 +30,9 @@ def save(obj: Result | nn.Module, path: str | os.PathLike, *, plan: Plan | None 
     raise ConfigError(f"tightfit.save takes a Result or an nn.Module, but got {type(obj).__name__}.")
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, factory: Factory | None = None,
-         trust_code: bool = False) -> nn.Module:
+def load(
+    path: str | os.PathLike, model: nn.Module | None = None, *, factory: Factory | None = None, trust_code: bool = False
+) -> nn.Module:
     """Read a ``.tfz`` file into a model in eval mode, unpickling nothing.
 
     - ``tightfit.load(path)``: a model made of ``torch.nn`` layers and containers (``Sequential``,

@@ -90,7 +90,9 @@ def split_batch(
             if key in batch:
                 inputs = {k: v for k, v in batch.items() if k != key}
                 return inputs, batch[key]
-        raise EvaluationError(f"{who}: a dict batch needs a label field (labels/label/target/y); got keys {sorted(batch)}.")
+        raise EvaluationError(
+            f"{who}: a dict batch needs a label field (labels/label/target/y); got keys {sorted(batch)}."
+        )
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     size = f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""

@@ -54,10 +54,17 @@ class AdjustRound:
     training_steps: int | None
     wall_s: float
 
-
     def to_dict(self) -> dict[str, Any]:
-        return dict(number=self.number, step=self.step, plan=self.plan.to_dict(), nonzero_ratio=self.nonzero_ratio,
-                    metric=self.metric, accepted=self.accepted, training_steps=self.training_steps, wall_s=self.wall_s)
+        return dict(
+            number=self.number,
+            step=self.step,
+            plan=self.plan.to_dict(),
+            nonzero_ratio=self.nonzero_ratio,
+            metric=self.metric,
+            accepted=self.accepted,
+            training_steps=self.training_steps,
+            wall_s=self.wall_s,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdjustRound:
@@ -145,8 +152,15 @@ def prune_and_adjust(
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)
     baseline = float(evaluate(model))
-    settings = dict(max_drop=max_drop, step=step, strategy=[op.config() | {"name": op.name} for op in operators],
-                    search=search, search_budget=search_budget, seed=seed, baseline_metric=baseline)
+    settings = dict(
+        max_drop=max_drop,
+        step=step,
+        strategy=[op.config() | {"name": op.name} for op in operators],
+        search=search,
+        search_budget=search_budget,
+        seed=seed,
+        baseline_metric=baseline,
+    )
     with _RoundsFile.open(run_dir, settings) as saved:
         history, exhausted = saved.rounds, saved.exhausted
         current, data, plan, metric, ratio = model, None, None, baseline, 1.0
@@ -163,12 +177,21 @@ def prune_and_adjust(
             trained = saved.adjusted(number)  # an earlier call finished this round's adjust: not trained again
             if trained is None:
                 trained = _search_and_adjust(
-                    current, evaluate=evaluate, adjust=adjust, strategy=strategy, min_metric=baseline - step,
-                    search=search, search_budget=search_budget, example_input=example_input, seed=seed * 1000 + number,
+                    current,
+                    evaluate=evaluate,
+                    adjust=adjust,
+                    strategy=strategy,
+                    min_metric=baseline - step,
+                    search=search,
+                    search_budget=search_budget,
+                    example_input=example_input,
+                    seed=seed * 1000 + number,
                     run_dir=saved.round_dir(number),
                 )
                 if trained is None:
-                    exhausted = True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
+                    exhausted = (
+                        True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
+                    )
                     saved.write(history, exhausted, None)
                     break
                 saved.write_adjusted(number, trained)
@@ -177,8 +200,16 @@ def prune_and_adjust(
             value = float(evaluate(adjusted))
             nonzeros, _ = count_nonzeros(adjusted, names)
             accepted = baseline - value <= max_drop + 1e-12
-            record = AdjustRound(number, step, trained.plan, total / max(1, nonzeros), value, accepted,
-                                 trained.training_steps, trained.wall_s + time.perf_counter() - start)
+            record = AdjustRound(
+                number,
+                step,
+                trained.plan,
+                total / max(1, nonzeros),
+                value,
+                accepted,
+                trained.training_steps,
+                trained.wall_s + time.perf_counter() - start,
+            )
             history.append(record)
             if accepted:
                 current, data, plan = adjusted, trained.model, trained.plan
@@ -262,7 +293,9 @@ class _RoundsFile:
         """Record ``rounds``; ``accepted_model`` (the last round's, already in its round directory) is the answer."""
         if self.root is None:
             return
-        text = json.dumps(dict(settings=self.settings, rounds=[r.to_dict() for r in rounds], exhausted=exhausted), indent=1)
+        text = json.dumps(
+            dict(settings=self.settings, rounds=[r.to_dict() for r in rounds], exhausted=exhausted), indent=1
+        )
         write_atomic(self.root / ROUNDS_FILE, text.encode())
         if accepted_model is not None:
             write_atomic(self.root / MODEL_FILE, accepted_model)
@@ -277,8 +310,10 @@ def _checked(rounds, step, max_drop, adjust, strategy) -> tuple[Operator | Compo
     """prune_and_adjust's arguments checked; the strategy (default: magnitude pruning) and its operators."""
     if rounds < 1:
         raise ConfigError(f"prune_and_adjust: `rounds` must be >= 1, but got {rounds!r}.")
-    if not 0 < step:
-        raise ConfigError(f"prune_and_adjust: `step` must be > 0 (the metric an untrained plan may lose), but got {step!r}.")
+    if not step > 0:
+        raise ConfigError(
+            f"prune_and_adjust: `step` must be > 0 (the metric an untrained plan may lose), but got {step!r}."
+        )
     if max_drop < 0:
         raise ConfigError(f"prune_and_adjust: `max_drop` must be >= 0, but got {max_drop!r}.")
     if not callable(adjust):
@@ -286,13 +321,16 @@ def _checked(rounds, step, max_drop, adjust, strategy) -> tuple[Operator | Compo
     strategy = strategy or Prune(sparsity=(0.0, 0.999))
     operators = list(strategy) if isinstance(strategy, Compose) else [strategy]
     if any(op.name != "prune" for op in operators):
-        raise ConfigError("prune_and_adjust: `strategy` may only prune (e.g. Prune(sparsity=(0, 0.999))); each round "
-                          "starts from the previous round's weights.")
+        raise ConfigError(
+            "prune_and_adjust: `strategy` may only prune (e.g. Prune(sparsity=(0, 0.999))); each round "
+            "starts from the previous round's weights."
+        )
     return strategy, operators
 
 
-def _search_and_adjust(current, *, evaluate, adjust, strategy, min_metric, search, search_budget, example_input,
-                       seed, run_dir) -> _Adjusted | None:
+def _search_and_adjust(
+    current, *, evaluate, adjust, strategy, min_metric, search, search_budget, example_input, seed, run_dir
+) -> _Adjusted | None:
     """One round's search (a ``compress`` run, no training) and adjust (training, seeded per round:
     reruns repeat); None when no plan keeps the metric within the step."""
     from .evaluation.constraints import MinMetric
@@ -300,11 +338,20 @@ def _search_and_adjust(current, *, evaluate, adjust, strategy, min_metric, searc
     from .run import Run, Settings
 
     start = time.perf_counter()
-    settings = Settings.of(evaluate=evaluate, strategy=strategy, constraint=MinMetric(min_metric), objective="nonzeros",
-                           budget=search_budget, search=search, example_input=example_input, seed=seed, run_dir=run_dir,
-                           # the smallest plan that measured within the step: the adjusted model's own
-                           # check against max_drop is what guards the answer
-                           pick="observed")
+    settings = Settings.of(
+        evaluate=evaluate,
+        strategy=strategy,
+        constraint=MinMetric(min_metric),
+        objective="nonzeros",
+        budget=search_budget,
+        search=search,
+        example_input=example_input,
+        seed=seed,
+        run_dir=run_dir,
+        # the smallest plan that measured within the step: the adjusted model's own
+        # check against max_drop is what guards the answer
+        pick="observed",
+    )
     found = Run(current, settings).compress()
     if not found.feasible:
         return None
@@ -313,8 +360,9 @@ def _search_and_adjust(current, *, evaluate, adjust, strategy, min_metric, searc
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         adjust(candidate)
-    return _Adjusted(found.plan, to_bytes(candidate, found.plan), getattr(adjust, "steps_taken", None),
-                     time.perf_counter() - start)
+    return _Adjusted(
+        found.plan, to_bytes(candidate, found.plan), getattr(adjust, "steps_taken", None), time.perf_counter() - start
+    )
 
 
 @torch.no_grad()

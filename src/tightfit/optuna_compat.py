@@ -41,7 +41,9 @@ def trial_system_attrs(trial: optuna.Trial) -> dict[str, Any]:
     return study_storage(trial.study).get_trial_system_attrs(trial_id(trial))
 
 
-def set_trial_system_attr(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial, key: str, value: Any) -> None:
+def set_trial_system_attr(
+    study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial, key: str, value: Any
+) -> None:
     """Store a sampler's per-trial state (as Optuna's own samplers do)."""
     study_storage(study).set_trial_system_attr(trial_id(trial), key, value)
 

@@ -58,6 +58,16 @@ def run_arguments(model: nn.Module, **keywords: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "compress", "best_feasible", "pareto_front", "float32_file_bytes", "run_arguments", "OBJECTIVES", "PICKS",
-    "EXAMPLE_INPUT_FILE", "BASELINE_ATTR", "SETTINGS_ATTR", "ConfigError", "Sequential",
+    "compress",
+    "best_feasible",
+    "pareto_front",
+    "float32_file_bytes",
+    "run_arguments",
+    "OBJECTIVES",
+    "PICKS",
+    "EXAMPLE_INPUT_FILE",
+    "BASELINE_ATTR",
+    "SETTINGS_ATTR",
+    "ConfigError",
+    "Sequential",
 ]

@@ -50,8 +50,12 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        return cls(**{k: data.get(k) for k in (
-            "metric", "size_bytes", "nonzeros", "weight_params", "flops", "latency_ms", "latency_iqr_ms")})
+        return cls(
+            **{
+                k: data.get(k)
+                for k in ("metric", "size_bytes", "nonzeros", "weight_params", "flops", "latency_ms", "latency_iqr_ms")
+            }
+        )
 
     def objective(self, name: str) -> float:
         """The value of objective ``name`` ("size", "nonzeros", "flops", "latency"), as the search minimizes it."""

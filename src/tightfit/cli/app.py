@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -40,7 +40,9 @@ def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -
         ("size ratio", "1.0x", f"{result.compression_ratio:.1f}x"),
         ("nonzero-weight ratio", "1.0x", f"{result.nonzero_ratio:.1f}x"),
     ]
-    console.print(summary_table(rows + (extra_rows or []), title="result" if result.feasible else "result: nothing feasible"))
+    console.print(
+        summary_table(rows + (extra_rows or []), title="result" if result.feasible else "result: nothing feasible")
+    )
     console.print(run_counts(result.trials))
     cost = getattr(result, "accounting", None) or {}
     if cost:
@@ -54,8 +56,10 @@ def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -
     for note in result.notes:
         console.print("note: " + printable(note), markup=False, style="yellow")
     if result.run_dir:
-        console.print(f"run directory: {printable(result.run_dir)} (model.tfz, summary.json, trials.csv, trials.png, study.db)",
-                      markup=False)
+        console.print(
+            f"run directory: {printable(result.run_dir)} (model.tfz, summary.json, trials.csv, trials.png, study.db)",
+            markup=False,
+        )
 
 
 @app.command()
@@ -63,7 +67,9 @@ def demo(
     budget: Annotated[int, typer.Option(help="Evaluations in the search.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed for data split, training and search.")] = 0,
     run_dir: Annotated[Path, typer.Option(help="Where the run is written (and resumed from).")] = Path("runs/demo"),
-    search: Annotated[str, typer.Option(help="Search method (the demo's default is explained in tightfit/demo/run.py).")] = "tpe",
+    search: Annotated[
+        str, typer.Option(help="Search method (the demo's default is explained in tightfit/demo/run.py).")
+    ] = "tpe",
 ) -> None:
     """Compress LeNet-300-100 trained on scikit-learn's digits (built-in data, no download)."""
     from ..demo.run import run_demo
@@ -75,7 +81,7 @@ def demo(
         _fail(exc)
     except KeyboardInterrupt:
         err_console.print("interrupted: run the same command again to resume the search.")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     _show_result(result, [("test accuracy (unseen split)", f"{test[0]:.4f}", f"{test[1]:.4f}")])
 
 
@@ -93,8 +99,8 @@ def run(
     """Compress your model as CONFIG says; run again to resume. With --workers N, N-1 `tightfit
     worker` processes join this one on the study (logs in RUN_DIR/workers/)."""
     from ..cli.config import build_arguments, load_config
-    from ..pipeline import compress
     from ..errors import TightfitError
+    from ..pipeline import compress
     from ..run_dir import RunDir
     from ..scale import open_storage, redact
     from ..scale.local import LocalWorkers
@@ -104,7 +110,9 @@ def run(
     def start_workers(url: str, study_name: str) -> None:
         if workers > 1:
             log_dir = Path(arguments["run_dir"]) / "workers"
-            started.append(LocalWorkers(config, workers - 1, url, study_name, log_dir, heartbeat_interval, grace_period))
+            started.append(
+                LocalWorkers(config, workers - 1, url, study_name, log_dir, heartbeat_interval, grace_period)
+            )
             console.print(f"started {workers - 1} worker(s) on {redact(url)}, study {study_name!r} (logs: {log_dir})")
 
     try:
@@ -121,7 +129,7 @@ def run(
         _fail(exc)
     except KeyboardInterrupt:
         err_console.print("interrupted: run the same command again to resume the search.")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     finally:
         for group in started:
             group.stop()
@@ -130,7 +138,9 @@ def run(
 
 @app.command("prune-adjust")
 def prune_adjust(
-    config: Annotated[Path, typer.Argument(help="The run's TOML config; [prune_adjust] sets the rounds (see docs/recovery.md).")],
+    config: Annotated[
+        Path, typer.Argument(help="The run's TOML config; [prune_adjust] sets the rounds (see docs/recovery.md).")
+    ],
 ) -> None:
     """OLMP's prune-and-adjust: rounds of threshold search without training, each trained by the
     [finetune] recovery, kept while the model stays within constraint.max_drop; run again to resume."""
@@ -152,8 +162,10 @@ def prune_adjust(
     except TightfitError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        err_console.print("interrupted: run the same command again to resume where it stopped (finished rounds and adjusts are kept).")
-        raise typer.Exit(code=130)
+        err_console.print(
+            "interrupted: run the same command again to resume where it stopped (finished rounds and adjusts are kept)."
+        )
+        raise typer.Exit(code=130) from None
     for r in result.rounds:
         if r.number not in shown:  # rounds of an earlier call, resumed from the run directory
             show(r)
@@ -162,8 +174,10 @@ def prune_adjust(
 
 def _show_round(r) -> None:
     verdict = "kept" if r.accepted else "undone"
-    console.print(f"round {r.number}: step {r.step:.4g}, {r.nonzero_ratio:.1f}x fewer nonzeros, "
-                  f"metric {r.metric:.4f}, {verdict} ({r.wall_s:.1f} s)")
+    console.print(
+        f"round {r.number}: step {r.step:.4g}, {r.nonzero_ratio:.1f}x fewer nonzeros, "
+        f"metric {r.metric:.4f}, {verdict} ({r.wall_s:.1f} s)"
+    )
 
 
 def _show_rounds_result(rounds, baseline_metric: float, run_dir: Path) -> None:
@@ -172,9 +186,11 @@ def _show_rounds_result(rounds, baseline_metric: float, run_dir: Path) -> None:
 
     kept = [r for r in rounds if r.accepted]
     last = kept[-1] if kept else None
-    rows = [("validation metric", f"{baseline_metric:.4f}", f"{(last.metric if last else baseline_metric):.4f}"),
-            ("nonzero-weight ratio", "1.0x", f"{(last.nonzero_ratio if last else 1.0):.1f}x"),
-            ("training steps", "", f"{sum(r.training_steps or 0 for r in rounds):,}")]
+    rows = [
+        ("validation metric", f"{baseline_metric:.4f}", f"{(last.metric if last else baseline_metric):.4f}"),
+        ("nonzero-weight ratio", "1.0x", f"{(last.nonzero_ratio if last else 1.0):.1f}x"),
+        ("training steps", "", f"{sum(r.training_steps or 0 for r in rounds):,}"),
+    ]
     console.print(summary_table(rows, title="result" if last else "result: no round was kept"))
     model = run_dir / "model.tfz"
     if last and model.exists():
@@ -184,8 +200,13 @@ def _show_rounds_result(rounds, baseline_metric: float, run_dir: Path) -> None:
 @app.command()
 def worker(
     config: Annotated[Path, typer.Argument(help="The same TOML config as the run's (model, data, strategy...).")],
-    storage: Annotated[Optional[str], typer.Option(help="Storage URL of the study, e.g. postgresql://user:pw@host/db (default: the config's `storage`, else its run directory's study.db).")] = None,
-    study: Annotated[Optional[str], typer.Option(help="Study name (default: the config's study_name).")] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Storage URL of the study, e.g. postgresql://user:pw@host/db (default: the config's `storage`, else its run directory's study.db)."
+        ),
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: the config's study_name).")] = None,
     heartbeat_interval: Annotated[int, typer.Option(min=1, help=_HEARTBEAT_HELP)] = 10,
     grace_period: Annotated[int, typer.Option(min=2, help=_GRACE_HELP)] = 60,
 ) -> None:
@@ -209,21 +230,23 @@ def worker(
         arguments = build_arguments(parsed, base, config)
         url = storage or arguments["storage"] or RunDir(Path(arguments["run_dir"])).storage_url
         name = study or arguments["study_name"]
-        arguments.update(storage=open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period), study_name=name)
+        arguments.update(
+            storage=open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period), study_name=name
+        )
         console.print(f"worker {os.getpid()}: study {name!r} on {redact(url)}")
         evaluated = work(**arguments)
     except TightfitError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         err_console.print(f"worker {os.getpid()} interrupted: its running trial is queued again.")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     console.print(f"worker {os.getpid()}: done, evaluated {evaluated} trial(s)")
 
 
 @app.command()
 def report(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="A run directory.")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="An Optuna storage URL instead of a run directory.")] = None,
+    run_dir: Annotated[Path | None, typer.Argument(help="A run directory.")] = None,
+    storage: Annotated[str | None, typer.Option(help="An Optuna storage URL instead of a run directory.")] = None,
     study: Annotated[str, typer.Option(help="Study name in the storage.")] = "tightfit",
     top: Annotated[int, typer.Option(help="How many trials to list.")] = 10,
 ) -> None:
@@ -237,7 +260,9 @@ def report(
         try:
             settings, rounds, _ = load_rounds(run_dir)
         except (ValueError, KeyError, TypeError) as exc:  # JSON that is not tightfit's: say so, no traceback
-            _fail(ValueError(f"{run_dir / ROUNDS_FILE} does not hold what tightfit writes ({type(exc).__name__}: {exc})."))
+            _fail(
+                ValueError(f"{run_dir / ROUNDS_FILE} does not hold what tightfit writes ({type(exc).__name__}: {exc}).")
+            )
         for r in rounds:
             _show_round(r)
         _show_rounds_result(rounds, settings["baseline_metric"], run_dir)
@@ -263,8 +288,12 @@ def report(
     try:
         _show_summary(s, view)
     except (KeyError, TypeError, ValueError) as exc:  # a summary.json edited or written by another tool
-        _fail(ValueError(f"summary.json in {run_dir} does not hold what tightfit writes ({type(exc).__name__}: {exc}); "
-                         "the trials above are read from the study."))
+        _fail(
+            ValueError(
+                f"summary.json in {run_dir} does not hold what tightfit writes ({type(exc).__name__}: {exc}); "
+                "the trials above are read from the study."
+            )
+        )
     console.print(printable(s.get("message", "")), markup=False)
 
 
@@ -302,17 +331,32 @@ def _show_summary(s: dict, view) -> None:
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (holds model.tfz and example_input.pt).")],
-    config: Annotated[Optional[Path], typer.Option(help="The run's TOML config: its model.factory builds the model that model.tfz is loaded into.")] = None,
-    factory: Annotated[Optional[str], typer.Option(help="Instead of --config: import path of a function returning a fresh instance of the run's model, e.g. my_models:build (for runs made from Python).")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="The run's TOML config: its model.factory builds the model that model.tfz is loaded into."),
+    ] = None,
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --config: import path of a function returning a fresh instance of the run's model, e.g. my_models:build (for runs made from Python)."
+        ),
+    ] = None,
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or pt.")] = "onnx",
-    out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/export/model.<ext>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/export/model.<ext>).")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance of the output check.")] = 1e-4,
-    rtol: Annotated[Optional[float], typer.Option(help="Tolerance relative to the largest reference output (default 1e-3; 0.05 with int8; 0.02 with --dtype).")] = None,
-    int8: Annotated[Optional[str], typer.Option(help="dynamic or static: int8 via ONNX Runtime (onnx only).")] = None,
-    keep_float: Annotated[Optional[list[str]], typer.Option(help="Layer-name pattern left in float (repeatable).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bfloat16 or float16 (torchscript/pt): run in 16-bit floats.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size the latency is measured at.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Threads the latency is measured with.")] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option(
+            help="Tolerance relative to the largest reference output (default 1e-3; 0.05 with int8; 0.02 with --dtype)."
+        ),
+    ] = None,
+    int8: Annotated[str | None, typer.Option(help="dynamic or static: int8 via ONNX Runtime (onnx only).")] = None,
+    keep_float: Annotated[list[str] | None, typer.Option(help="Layer-name pattern left in float (repeatable).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="bfloat16 or float16 (torchscript/pt): run in 16-bit floats.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size the latency is measured at.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads the latency is measured with.")] = None,
 ) -> None:
     """Write the run's model as ONNX/TorchScript/pt, reload it, check its outputs, time it.
 
@@ -330,23 +374,41 @@ def export(
     try:
         check_export_options(format, int8, dtype)  # `--format xyz` is an error before anything is read
         model = _config_model(config, factory, run_dir)
-        rep = export_run(run_dir, model=model, format=format, out=out, atol=atol, rtol=rtol, batch_size=batch_size,
-                         threads=threads, int8=int8, keep_float=keep_float, dtype=dtype)
+        rep = export_run(
+            run_dir,
+            model=model,
+            format=format,
+            out=out,
+            atol=atol,
+            rtol=rtol,
+            batch_size=batch_size,
+            threads=threads,
+            int8=int8,
+            keep_float=keep_float,
+            dtype=dtype,
+        )
     except ArtifactError as exc:
         if model is None and "model=" in str(exc):  # the file holds no architecture as data: a user class
-            exc = ArtifactError(f"{exc} On the command line: --config CONFIG (the run's config builds the model) "
-                                "or --factory module:function.")
+            exc = ArtifactError(
+                f"{exc} On the command line: --config CONFIG (the run's config builds the model) "
+                "or --factory module:function."
+            )
         _fail(exc)
     except TightfitError as exc:
         _fail(exc)
     rows = [
         ("file", rep.path, ""),
         ("file bytes", f"{rep.size_bytes:,}", ""),
-        ("max |exported - pytorch|", f"{rep.max_abs_diff:.3g}",
-         f"<= {rep.atol:g} + {rep.rtol:g}*{rep.reference_max_abs:.3g}: passed"),
+        (
+            "max |exported - pytorch|",
+            f"{rep.max_abs_diff:.3g}",
+            f"<= {rep.atol:g} + {rep.rtol:g}*{rep.reference_max_abs:.3g}: passed",
+        ),
         ("latency ms (pytorch / exported)", f"{rep.reference_latency_ms:.4g}", f"{rep.latency_ms:.4g}"),
     ]
-    table = Table(title=f"export: {rep.format}{' int8 ' + rep.int8 if rep.int8 else ''}{' ' + rep.dtype if rep.dtype else ''}")
+    table = Table(
+        title=f"export: {rep.format}{' int8 ' + rep.int8 if rep.int8 else ''}{' ' + rep.dtype if rep.dtype else ''}"
+    )
     for column in ("", "value", "check"):
         table.add_column(column)
     for row in rows:

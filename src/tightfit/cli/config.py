@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
@@ -33,8 +33,9 @@ def _import(module_name: str) -> Any:
     """Import ``module_name``; a module a config's folder holds is taken from that folder, even when
     an installed package has its name (the folder is otherwise last on ``sys.path``)."""
     top = module_name.partition(".")[0]
-    local = next((d for d in reversed(_CONFIG_DIRS) if (d / f"{top}.py").is_file() or (d / top / "__init__.py").is_file()),
-                 None)
+    local = next(
+        (d for d in reversed(_CONFIG_DIRS) if (d / f"{top}.py").is_file() or (d / top / "__init__.py").is_file()), None
+    )
     if local is None or top in sys.modules:
         return importlib.import_module(module_name)
     sys.path.insert(0, str(local))
@@ -113,7 +114,8 @@ class FinetuneSection(_Strict):
     data: str | None = Field(default=None, description="import path of a function returning the training loader")
     function: str | None = Field(default=None, description="import path of a recovery: function(model) -> None")
     method: Literal["finetune", "gradual", "splice", "lc", "proxconnect", "sparse"] = Field(
-        default="finetune", description="which recovery trains each candidate (see docs/recovery.md)")
+        default="finetune", description="which recovery trains each candidate (see docs/recovery.md)"
+    )
     # Unset keys keep the method's own defaults (FineTune: 2 epochs, Adam 3e-4; L-C: SGD 0.05; ...).
     epochs: int | None = Field(default=None, ge=0)
     lr: float | None = Field(default=None, gt=0)
@@ -123,7 +125,8 @@ class FinetuneSection(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="further constructor arguments of the method")
     tune: dict[str, list[Any]] = Field(
         default_factory=dict,
-        description="recovery hyperparameters the search tunes with the plan: [low, high] or a list of choices")
+        description="recovery hyperparameters the search tunes with the plan: [low, high] or a list of choices",
+    )
 
     @field_validator("tune")
     @classmethod
@@ -170,7 +173,9 @@ class ConstraintSection(_Strict):
     max_drop: float | None = Field(default=None, ge=0, description="MaxDrop: metric may fall at most this much")
     min_metric: float | None = Field(default=None, description="MinMetric: metric must be at least this")
     max_size_bytes: int | None = Field(default=None, gt=0, description="MaxSize: saved file at most this many bytes")
-    max_latency_ms: float | None = Field(default=None, gt=0, description="MaxLatency: measured forward time at most this")
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, description="MaxLatency: measured forward time at most this"
+    )
 
     @model_validator(mode="after")
     def _at_least_one(self) -> ConstraintSection:
@@ -182,20 +187,31 @@ class ConstraintSection(_Strict):
 class EvaluationSection(_Strict):
     """``[evaluation]``: how candidates are evaluated (maps onto ``tightfit.Sequential``)."""
 
-    method: Literal["full", "sequential"] = Field(default="sequential", description="full: every candidate on the whole validation set")
-    confidence: float = Field(default=0.95, description="probability that all early decisions are right; certificate level")
+    method: Literal["full", "sequential"] = Field(
+        default="sequential", description="full: every candidate on the whole validation set"
+    )
+    confidence: float = Field(
+        default=0.95, description="probability that all early decisions are right; certificate level"
+    )
     first_look: int = Field(default=32, description="validation samples at the first look")
     growth: float = Field(default=2.0, description="each look reads this many times more samples")
-    certify_fraction: float = Field(default=0.25, description="share of validation samples held out to certify the answer")
+    certify_fraction: float = Field(
+        default=0.25, description="share of validation samples held out to certify the answer"
+    )
     screen: bool = Field(default=True, description="only screen candidates that cannot improve the answer")
-    min_improvement: float = Field(default=0.01, description="promote a candidate only if its objective is this fraction below the answer's")
-    stages: list[float] = Field(default=[1 / 6], description="fractions of the fine-tune at which a candidate may be stopped ([] for none)")
+    min_improvement: float = Field(
+        default=0.01, description="promote a candidate only if its objective is this fraction below the answer's"
+    )
+    stages: list[float] = Field(
+        default=[1 / 6], description="fractions of the fine-tune at which a candidate may be stopped ([] for none)"
+    )
     stage_samples: int = Field(default=64, description="validation samples read at each stage")
     min_curves: int = Field(default=3, description="fully fine-tuned candidates needed before any stop")
     max_curves: int = Field(default=5, description="fully fine-tuned candidates whose learning curve is recorded")
     stop_slack: float = Field(default=0.5, description="inflation of the largest gain seen from a stage")
     promote_probability: float = Field(
-        default=0.5, description="fine-tune on past a stage only while this likely to meet the constraints (0: stop only hopeless ones)"
+        default=0.5,
+        description="fine-tune on past a stage only while this likely to meet the constraints (0: stop only hopeless ones)",
     )
     probe_samples: int | None = Field(default=64, description="most validation samples a search probe reads")
 
@@ -212,7 +228,9 @@ class PruneAdjustSection(_Strict):
     """``tightfit prune-adjust``: OLMP's rounds of search (no training) and adjust ([finetune])."""
 
     rounds: int = Field(default=7, ge=1)
-    step: float = Field(default=0.4, gt=0, description="metric an untrained round's plan may lose (halved after an undone round)")
+    step: float = Field(
+        default=0.4, gt=0, description="metric an untrained round's plan may lose (halved after an undone round)"
+    )
     search: str = "olmp"
     search_budget: int = Field(default=30, ge=1)
 
@@ -301,8 +319,13 @@ def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Call
     from .. import recovery
 
     cls = getattr(recovery, RECOVERY_METHODS[section.method])
-    given = {"epochs": section.epochs, "lr": section.lr, "optimizer": section.optimizer,
-             "weight_decay": section.weight_decay, "max_steps": section.max_steps}
+    given = {
+        "epochs": section.epochs,
+        "lr": section.lr,
+        "optimizer": section.optimizer,
+        "weight_decay": section.weight_decay,
+        "max_steps": section.max_steps,
+    }
     kwargs: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if "weight_decay" in kwargs and section.method != "finetune":
         raise ConfigError(f"finetune.weight_decay: method {section.method!r} has no weight decay; remove it.")
@@ -314,8 +337,10 @@ def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Call
     options = dict(section.options)
     if "loss" in options:  # code, named by its import path like every other function of a config
         if not isinstance(options["loss"], str):
-            raise ConfigError('finetune.options.loss: give the import path of a function(model, batch) -> scalar '
-                              f'tensor, e.g. "my_module:mse_loss", not {options["loss"]!r}.')
+            raise ConfigError(
+                "finetune.options.loss: give the import path of a function(model, batch) -> scalar "
+                f'tensor, e.g. "my_module:mse_loss", not {options["loss"]!r}.'
+            )
         try:
             options["loss"] = resolve_import(_callable_path(options["loss"]))
         except ValueError as exc:
@@ -325,8 +350,9 @@ def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Call
     except ConfigError as exc:
         raise ConfigError(f"finetune: {exc}") from None
     except TypeError as exc:
-        raise ConfigError(f"finetune: {exc} (method {section.method!r} builds {cls.__name__}; "
-                          "see its arguments in docs/recovery.md).") from None
+        raise ConfigError(
+            f"finetune: {exc} (method {section.method!r} builds {cls.__name__}; see its arguments in docs/recovery.md)."
+        ) from None
     if not section.tune:
         return built
     ranges = {name: tuple(spec) if not isinstance(spec[0], str) else list(spec) for name, spec in section.tune.items()}
@@ -344,9 +370,11 @@ def _load_weights(model: Any, weights: Path, base: Path) -> None:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConfigError(f"model.weights: no such file {str(weights)!r}. It is the trained model's state_dict "
-                          "(torch.save(model.state_dict(), path)); examples/user_project/README.md shows how "
-                          "to make one.") from None
+        raise ConfigError(
+            f"model.weights: no such file {str(weights)!r}. It is the trained model's state_dict "
+            "(torch.save(model.state_dict(), path)); examples/user_project/README.md shows how "
+            "to make one."
+        ) from None
     except Exception as exc:
         raise ConfigError(f"model.weights: {str(weights)!r} is not a loadable state_dict ({exc}).") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -391,7 +419,9 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
 
     model = call("model.factory", config.model.factory, **config.model.kwargs)
     if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model.factory: {config.model.factory!r} returned a {type(model).__name__}, not an nn.Module.")
+        raise ConfigError(
+            f"model.factory: {config.model.factory!r} returned a {type(model).__name__}, not an nn.Module."
+        )
     if config.model.weights is not None:
         _load_weights(model, Path(config.model.weights), base)
 
@@ -425,9 +455,15 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     latency = None
     if config.latency is not None:
         if example_input is None:
-            raise ConfigError("latency: measuring latency needs `example_input` (an import path of a function returning one).")
-        latency = Latency(example_input, batch_size=config.latency.batch_size, threads=config.latency.threads,
-                          min_run_time=config.latency.min_run_time)
+            raise ConfigError(
+                "latency: measuring latency needs `example_input` (an import path of a function returning one)."
+            )
+        latency = Latency(
+            example_input,
+            batch_size=config.latency.batch_size,
+            threads=config.latency.threads,
+            min_run_time=config.latency.min_run_time,
+        )
 
     run_dir = config.run_dir or f"runs/{config_path.stem}"
     run_dir_path = Path(run_dir)
@@ -459,18 +495,31 @@ def prune_adjust_arguments(config: RunConfig, base: Path, config_path: Path) -> 
     model, data and strategy as for ``run``, ``[finetune]`` as the adjust, ``constraint.max_drop``."""
     section = config.prune_adjust or PruneAdjustSection()
     if config.finetune is None:
-        raise ConfigError('prune_adjust: needs a [finetune] section, the recovery that trains each round\'s plan '
-                          '(e.g. method = "gradual", epochs = 30).')
-    others = [k for k in ("min_metric", "max_size_bytes", "max_latency_ms") if getattr(config.constraint, k) is not None]
+        raise ConfigError(
+            "prune_adjust: needs a [finetune] section, the recovery that trains each round's plan "
+            '(e.g. method = "gradual", epochs = 30).'
+        )
+    others = [
+        k for k in ("min_metric", "max_size_bytes", "max_latency_ms") if getattr(config.constraint, k) is not None
+    ]
     if config.constraint.max_drop is None or others:
-        raise ConfigError("constraint: prune-adjust takes only `max_drop` (how far below the original the answer may "
-                          f"fall){'; remove ' + ', '.join(others) if others else ''}.")
+        raise ConfigError(
+            "constraint: prune-adjust takes only `max_drop` (how far below the original the answer may "
+            f"fall){'; remove ' + ', '.join(others) if others else ''}."
+        )
     arguments = build_arguments(config, base, config_path)
     return dict(
-        model=arguments["model"], evaluate=arguments["evaluate"], adjust=arguments["finetune"],
-        max_drop=config.constraint.max_drop, rounds=section.rounds, step=section.step,
-        strategy=arguments["strategy"], search=section.search, search_budget=section.search_budget,
-        example_input=arguments["example_input"], seed=config.seed,
+        model=arguments["model"],
+        evaluate=arguments["evaluate"],
+        adjust=arguments["finetune"],
+        max_drop=config.constraint.max_drop,
+        rounds=section.rounds,
+        step=section.step,
+        strategy=arguments["strategy"],
+        search=section.search,
+        search_budget=section.search_budget,
+        example_input=arguments["example_input"],
+        seed=config.seed,
         # a folder of its own: `tightfit run` on the same config writes model.tfz at the top
         run_dir=str(Path(arguments["run_dir"]) / "prune-adjust"),
     )
@@ -483,11 +532,19 @@ def _evaluation(section: EvaluationSection | None) -> Sequential | None:
 
     try:
         return Sequential(
-            confidence=section.confidence, first_look=section.first_look, growth=section.growth,
-            certify_fraction=section.certify_fraction, screen=section.screen, min_improvement=section.min_improvement,
+            confidence=section.confidence,
+            first_look=section.first_look,
+            growth=section.growth,
+            certify_fraction=section.certify_fraction,
+            screen=section.screen,
+            min_improvement=section.min_improvement,
             stages=tuple(section.stages),
-            stage_samples=section.stage_samples, min_curves=section.min_curves, max_curves=section.max_curves, stop_slack=section.stop_slack,
-            promote_probability=section.promote_probability, probe_samples=section.probe_samples,
+            stage_samples=section.stage_samples,
+            min_curves=section.min_curves,
+            max_curves=section.max_curves,
+            stop_slack=section.stop_slack,
+            promote_probability=section.promote_probability,
+            probe_samples=section.probe_samples,
         )
     except ConfigError as exc:
         raise ConfigError(f"[evaluation]: {exc}") from None

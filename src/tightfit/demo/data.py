@@ -33,12 +33,16 @@ def digits_split(seed: int = 0) -> Split:
     y = digits.target.astype(np.int64)
     n_part = round(0.2 * len(y))  # 360 of 1797
     x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=n_part, stratify=y, random_state=seed)
-    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=n_part, stratify=y_rest, random_state=seed)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=n_part, stratify=y_rest, random_state=seed
+    )
     t = torch.from_numpy
     return Split(t(x_train), t(y_train), t(x_val), t(y_val), t(x_test), t(y_test))
 
 
-def train(model: torch.nn.Module, split: Split, *, epochs: int = 60, lr: float = 1e-3, seed: int = 0) -> torch.nn.Module:
+def train(
+    model: torch.nn.Module, split: Split, *, epochs: int = 60, lr: float = 1e-3, seed: int = 0
+) -> torch.nn.Module:
     """Train with Adam on the training part (the protocol of ../shared/baselines)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)

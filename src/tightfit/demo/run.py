@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..pipeline import compress
 from ..evaluation import Accuracy, MaxDrop
 from ..operators import Compose, Prune, Quantize
+from ..pipeline import compress
 from ..recovery import FineTune, GradualPrune
 from .data import Split, digits_split, train
 from .models import lenet_300_100
@@ -51,8 +51,15 @@ def demo_model(split: Split, seed: int, run_dir: Path | None) -> torch.nn.Module
     return model
 
 
-def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("runs/demo"), search: str = DEMO_SEARCH,
-             recovery: str = DEMO_RECOVERY, console: Any = None) -> tuple[Result, tuple[float, float]]:
+def run_demo(
+    *,
+    budget: int = 30,
+    seed: int = 0,
+    run_dir: Path | None = Path("runs/demo"),
+    search: str = DEMO_SEARCH,
+    recovery: str = DEMO_RECOVERY,
+    console: Any = None,
+) -> tuple[Result, tuple[float, float]]:
     """Returns the result and the test accuracy of (original, compressed) on the held-out split."""
     split = digits_split(seed)
     if console is not None:
@@ -67,8 +74,11 @@ def run_demo(*, budget: int = 30, seed: int = 0, run_dir: Path | None = Path("ru
         strategy=Compose([Prune(), Quantize(bits=DEMO_BITS)]),
         constraint=MaxDrop(DEMO_MAX_DROP),
         objective="size",
-        finetune=(GradualPrune(split.loader("train", shuffle=True), **DEMO_GRADUAL) if recovery == "gradual"
-                  else FineTune(split.loader("train", shuffle=True), **DEMO_FINETUNE)),
+        finetune=(
+            GradualPrune(split.loader("train", shuffle=True), **DEMO_GRADUAL)
+            if recovery == "gradual"
+            else FineTune(split.loader("train", shuffle=True), **DEMO_FINETUNE)
+        ),
         budget=budget,
         search=search,
         example_input=split.x_val[:1],

@@ -132,7 +132,7 @@ def paired01_upper(n_plus: int, n_minus: int, n: int, alpha: float, prior_varian
     """
     from scipy.special import gammaln
 
-    if not (0 <= n_plus and 0 <= n_minus and n_plus + n_minus <= n and n >= 1):
+    if not (n_plus >= 0 and n_minus >= 0 and n_plus + n_minus <= n and n >= 1):
         raise ValueError(f"counts ({n_plus}, {n_minus}) do not fit {n} samples.")
     a, b = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     keep = a + b <= n
@@ -241,7 +241,9 @@ def upper_bound(values: torch.Tensor, form: StatisticForm, alpha: float) -> tupl
         diff = _whole(x - form.offset)  # back to -1/0/+1
         if diff is not None and torch.all(diff.abs() <= 1):
             if n <= EXACT_MAX_SAMPLES:
-                bound = paired01_upper(int((diff > 0).sum()), int((diff < 0).sum()), n, alpha, form.prior_variance or 1.0)
+                bound = paired01_upper(
+                    int((diff > 0).sum()), int((diff < 0).sum()), n, alpha, form.prior_variance or 1.0
+                )
                 return bound + form.offset, "exact trinomial"
             return _normal_upper(x, alpha, form.prior_variance or 1.0), "normal, variance floor (n > 400)"
     if form.kind == "single01":
@@ -308,9 +310,13 @@ def certify(
     prior; without them the probability uses a flat prior (and says so).
     """
     n, k = int(statistics.shape[0]), int(statistics.shape[1])
-    forms = list(forms) if forms is not None else [StatisticForm("unbounded", prior_variance=v) for v in prior_variances]
+    forms = (
+        list(forms) if forms is not None else [StatisticForm("unbounded", prior_variance=v) for v in prior_variances]
+    )
     alpha = (1 - confidence) / max(1, k)
-    estimates = [mean_estimate(statistics[:, j], prior_variance=prior_variances[j], prior_weight=PRIOR_WEIGHT) for j in range(k)]
+    estimates = [
+        mean_estimate(statistics[:, j], prior_variance=prior_variances[j], prior_weight=PRIOR_WEIGHT) for j in range(k)
+    ]
     bounds, how = [], []
     for j in range(k):
         bound, name = upper_bound(statistics[:, j], forms[j], alpha)

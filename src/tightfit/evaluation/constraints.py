@@ -85,7 +85,9 @@ class MaxLatency(Constraint):
 
     def value(self, measured: Measurement, baseline: Measurement) -> float:
         if measured.latency_ms is None:
-            raise ConfigError("MaxLatency needs latency measurements: pass `example_input` (or `latency=`) to compress.")
+            raise ConfigError(
+                "MaxLatency needs latency measurements: pass `example_input` (or `latency=`) to compress."
+            )
         return (measured.latency_ms - self.max_ms) / self.max_ms
 
     def describe(self) -> str:
@@ -107,14 +109,18 @@ def check_max_drop(constraints: list[Constraint], evaluate: object, baseline_met
         floor = baseline_metric - drop.max_drop
         if value_range is not None and floor < float(value_range[0]):
             low, high = (float(v) for v in value_range)
-            message = (f"MaxDrop({drop.max_drop:g}): `max_drop` lets the metric fall to {floor:.4g} from the original's "
-                       f"{baseline_metric:.4g}, below the lowest value it can take ({low:g}; range [{low:g}, {high:g}]), "
-                       "so no plan can break it. The drop is in the metric's units: MaxDrop(0.02) allows two points.")
+            message = (
+                f"MaxDrop({drop.max_drop:g}): `max_drop` lets the metric fall to {floor:.4g} from the original's "
+                f"{baseline_metric:.4g}, below the lowest value it can take ({low:g}; range [{low:g}, {high:g}]), "
+                "so no plan can break it. The drop is in the metric's units: MaxDrop(0.02) allows two points."
+            )
         elif value_range is None and 0.0 < baseline_metric <= 1.0 and drop.max_drop >= 1.0:  # 0: a loss, likely
-            message = (f"MaxDrop({drop.max_drop:g}): `max_drop` is {drop.max_drop:g} while the original's metric is "
-                       f"{baseline_metric:.4g}; if the metric is a fraction in [0, 1] (accuracy), no plan can break it. "
-                       "The drop is in the metric's units (MaxDrop(0.02) allows two points); ignore this if the "
-                       "metric's scale is wider.")
+            message = (
+                f"MaxDrop({drop.max_drop:g}): `max_drop` is {drop.max_drop:g} while the original's metric is "
+                f"{baseline_metric:.4g}; if the metric is a fraction in [0, 1] (accuracy), no plan can break it. "
+                "The drop is in the metric's units (MaxDrop(0.02) allows two points); ignore this if the "
+                "metric's scale is wider."
+            )
         else:
             continue
         warnings.warn(message, UserWarning, stacklevel=3)

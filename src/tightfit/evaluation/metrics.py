@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._device import checked_device
-from ..errors import ConfigError, EvaluationError
 from ..calling import call_model, forward_takes, inputs_only, logits, split_batch, to_device
+from ..errors import ConfigError, EvaluationError
+
 
 def _reference_inputs(model: nn.Module, batch: Any) -> Any:
     """What a label-free metric feeds the model: the batch without its labels, except that a dict's
@@ -30,7 +31,6 @@ def _reference_inputs(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict) and "labels" in batch and forward_takes(model, "labels"):
         return batch
     return inputs_only(batch)
-
 
 
 # --- index access to the samples of a loader -------------------------------------------------------
@@ -85,7 +85,11 @@ class SampleView:
         self._stacked: Any = None
         self._n: int | None = None
         self.batch_size = batch_size
-        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and hasattr(loader.dataset, "__len__"):
+        if (
+            isinstance(loader, DataLoader)
+            and not isinstance(loader.dataset, IterableDataset)
+            and hasattr(loader.dataset, "__len__")
+        ):
             self._dataset = loader.dataset
             self._n = len(loader.dataset)
             self.batch_size = batch_size or loader.batch_size or 256
@@ -211,9 +215,13 @@ class PerSample(PerSampleMetric):
         if not callable(fn):
             raise ConfigError(f"PerSample: `fn` must be a callable(model, batch) -> per-sample tensor, but got {fn!r}.")
         if value_range is not None and not (
-            isinstance(value_range, (tuple, list)) and len(value_range) == 2 and float(value_range[0]) < float(value_range[1])
+            isinstance(value_range, (tuple, list))
+            and len(value_range) == 2
+            and float(value_range[0]) < float(value_range[1])
         ):
-            raise ConfigError(f"PerSample: `value_range` must be a pair (low, high) with low < high, or None, but got {value_range!r}.")
+            raise ConfigError(
+                f"PerSample: `value_range` must be a pair (low, high) with low < high, or None, but got {value_range!r}."
+            )
         if not isinstance(binary, bool):
             raise ConfigError(f"PerSample: `binary` must be True or False, but got {binary!r}.")
         super().__init__(loader, batch_size=batch_size, device=device)
@@ -236,10 +244,13 @@ _ONE_PER_SAMPLE = (
 
 
 def _check_threshold(name: str, threshold: float | None) -> float | None:
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not math.isfinite(threshold)):
-        raise ConfigError(f"{name}: `threshold` must be a number (0.0 for a logit, 0.5 for a probability) or None, "
-                          f"but got {threshold!r}.")
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+    ):
+        raise ConfigError(
+            f"{name}: `threshold` must be a number (0.0 for a logit, 0.5 for a probability) or None, "
+            f"but got {threshold!r}."
+        )
     return None if threshold is None else float(threshold)
 
 
@@ -272,13 +283,17 @@ class Accuracy(PerSampleMetric):
 
     def __init__(self, loader: Iterable, *, threshold: float | None = None, device: str | torch.device = "cpu") -> None:
         if loader is None or not hasattr(loader, "__iter__"):
-            raise ConfigError(f"Accuracy: `loader` must be an iterable of (inputs, labels) batches, but got {loader!r}.")
+            raise ConfigError(
+                f"Accuracy: `loader` must be an iterable of (inputs, labels) batches, but got {loader!r}."
+            )
         super().__init__(loader, device=device)
         self.threshold = _check_threshold("Accuracy", threshold)
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         inputs, labels = split_batch(batch)
-        predicted = _predictions(logits(call_model(model, to_device(inputs, self.device))), self.threshold, "Accuracy").cpu()
+        predicted = _predictions(
+            logits(call_model(model, to_device(inputs, self.device))), self.threshold, "Accuracy"
+        ).cpu()
         labels = labels.cpu()
         if labels.numel() == len(predicted):  # (batch, 1) float targets of a binary loss too
             labels = labels.reshape(len(predicted))
@@ -295,10 +310,14 @@ class _ReferenceMetric(PerSampleMetric):
 
     needs_reference = True
 
-    def __init__(self, loader: Iterable, reference: nn.Module | None = None, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, loader: Iterable, reference: nn.Module | None = None, *, device: str | torch.device = "cpu"
+    ) -> None:
         super().__init__(loader, device=device)
         if reference is not None and not isinstance(reference, nn.Module):
-            raise ConfigError(f"{type(self).__name__}: `reference` must be the original torch.nn.Module, but got {reference!r}.")
+            raise ConfigError(
+                f"{type(self).__name__}: `reference` must be the original torch.nn.Module, but got {reference!r}."
+            )
         self.reference = reference
         self._reference_outputs: torch.Tensor | None = None
 
@@ -341,8 +360,14 @@ class Agreement(_ReferenceMetric):
     value_range = (0.0, 1.0)
     binary = True
 
-    def __init__(self, loader: Iterable, reference: nn.Module | None = None, *, threshold: float | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        loader: Iterable,
+        reference: nn.Module | None = None,
+        *,
+        threshold: float | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         super().__init__(loader, reference, device=device)
         self.threshold = _check_threshold("Agreement", threshold)
 
@@ -385,8 +410,10 @@ class Fidelity(_ReferenceMetric):
             raise ConfigError(f"Fidelity: `temperature` must be a number > 0, but got {temperature!r}.")
         super().__init__(loader, reference, device=device)
         if isinstance(class_dim, bool) or not isinstance(class_dim, int) or class_dim == 0:
-            raise ConfigError(f"Fidelity: `class_dim` must be the class axis of the model's output (an int, not 0: "
-                              f"that is the batch), but got {class_dim!r}.")
+            raise ConfigError(
+                f"Fidelity: `class_dim` must be the class axis of the model's output (an int, not 0: "
+                f"that is the batch), but got {class_dim!r}."
+            )
         self.kind = kind
         self.temperature = float(temperature)
         self.class_dim = class_dim
@@ -398,16 +425,21 @@ class Fidelity(_ReferenceMetric):
         if self.kind == "cosine":
             return F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1)
         if out.dim() < 2 or not -out.dim() < self.class_dim < out.dim() or self.class_dim % out.dim() == 0:
-            raise ConfigError(f"Fidelity: `class_dim` {self.class_dim} is not a class axis of the model's output of "
-                              f"shape {tuple(out.shape)} (axis 0 is the batch); pass the axis its classes are on.")
+            raise ConfigError(
+                f"Fidelity: `class_dim` {self.class_dim} is not a class axis of the model's output of "
+                f"shape {tuple(out.shape)} (axis 0 is the batch); pass the axis its classes are on."
+            )
         log_p = F.log_softmax(ref / self.temperature, dim=self.class_dim)
         log_q = F.log_softmax(out / self.temperature, dim=self.class_dim)
         divergence = (log_p.exp() * (log_p - log_q)).sum(dim=self.class_dim)  # (batch, positions...)
         return -divergence.reshape(len(divergence), -1).mean(dim=1)
 
     def __repr__(self) -> str:
-        return f"Fidelity(kind={self.kind!r})" if self.kind == "cosine" or self.class_dim == 1 else \
-            f"Fidelity(kind={self.kind!r}, class_dim={self.class_dim})"
+        return (
+            f"Fidelity(kind={self.kind!r})"
+            if self.kind == "cosine" or self.class_dim == 1
+            else f"Fidelity(kind={self.kind!r}, class_dim={self.class_dim})"
+        )
 
 
 def bind_reference(evaluate: Any, original: nn.Module) -> Any:
@@ -423,7 +455,9 @@ def evaluate_metric(evaluate: Callable[[nn.Module], Any], model: nn.Module) -> f
     value = evaluate(model)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise EvaluationError(f"evaluate returned a tensor of shape {tuple(value.shape)}; it must return one number.")
+            raise EvaluationError(
+                f"evaluate returned a tensor of shape {tuple(value.shape)}; it must return one number."
+            )
         value = value.item()
     try:
         value = float(value)

@@ -96,26 +96,41 @@ class Sequential:
         if not (isinstance(self.confidence, (int, float)) and 0.5 <= self.confidence < 1):
             raise ConfigError(f"Sequential: `confidence` must be in [0.5, 1), but got {self.confidence!r}.")
         if not (isinstance(self.first_look, int) and self.first_look >= 2):
-            raise ConfigError(f"Sequential: `first_look` must be a whole number of samples >= 2, but got {self.first_look!r}.")
+            raise ConfigError(
+                f"Sequential: `first_look` must be a whole number of samples >= 2, but got {self.first_look!r}."
+            )
         if not (isinstance(self.growth, (int, float)) and self.growth > 1):
             raise ConfigError(f"Sequential: `growth` must be a number > 1, but got {self.growth!r}.")
         if not (isinstance(self.certify_fraction, (int, float)) and 0 <= self.certify_fraction < 0.9):
             raise ConfigError(f"Sequential: `certify_fraction` must be in [0, 0.9), but got {self.certify_fraction!r}.")
         if not (isinstance(self.min_improvement, (int, float)) and 0 <= self.min_improvement < 1):
-            raise ConfigError(f"Sequential: `min_improvement` must be a fraction in [0, 1), but got {self.min_improvement!r}.")
+            raise ConfigError(
+                f"Sequential: `min_improvement` must be a fraction in [0, 1), but got {self.min_improvement!r}."
+            )
         if self.seed is not None and not isinstance(self.seed, int):
             raise ConfigError(f"Sequential: `seed` must be an int or None, but got {self.seed!r}.")
-        if not (isinstance(self.stages, (tuple, list)) and all(isinstance(f, (int, float)) and 0 < f < 1 for f in self.stages)):
-            raise ConfigError(f"Sequential: `stages` must be a tuple of fractions in (0, 1) (or () for none), but got {self.stages!r}.")
+        if not (
+            isinstance(self.stages, (tuple, list))
+            and all(isinstance(f, (int, float)) and 0 < f < 1 for f in self.stages)
+        ):
+            raise ConfigError(
+                f"Sequential: `stages` must be a tuple of fractions in (0, 1) (or () for none), but got {self.stages!r}."
+            )
         object.__setattr__(self, "stages", tuple(sorted(float(f) for f in self.stages)))
         if not (isinstance(self.stage_samples, int) and self.stage_samples >= 2):
-            raise ConfigError(f"Sequential: `stage_samples` must be a whole number of samples >= 2, but got {self.stage_samples!r}.")
+            raise ConfigError(
+                f"Sequential: `stage_samples` must be a whole number of samples >= 2, but got {self.stage_samples!r}."
+            )
         if self.probe_samples is not None and not (isinstance(self.probe_samples, int) and self.probe_samples >= 2):
-            raise ConfigError(f"Sequential: `probe_samples` must be a whole number of samples >= 2 or None, but got {self.probe_samples!r}.")
+            raise ConfigError(
+                f"Sequential: `probe_samples` must be a whole number of samples >= 2 or None, but got {self.probe_samples!r}."
+            )
         if not (isinstance(self.min_curves, int) and self.min_curves >= 1):
             raise ConfigError(f"Sequential: `min_curves` must be a whole number >= 1, but got {self.min_curves!r}.")
         if not (isinstance(self.max_curves, int) and self.max_curves >= self.min_curves):
-            raise ConfigError(f"Sequential: `max_curves` must be a whole number >= min_curves ({self.min_curves}), but got {self.max_curves!r}.")
+            raise ConfigError(
+                f"Sequential: `max_curves` must be a whole number >= min_curves ({self.min_curves}), but got {self.max_curves!r}."
+            )
         if not (isinstance(self.promote_probability, (int, float)) and 0 <= self.promote_probability < 1):
             raise ConfigError(
                 f"Sequential: `promote_probability` must be in [0, 1) (0: stop only hopeless candidates), but got {self.promote_probability!r}."
@@ -187,7 +202,9 @@ class _Linear:
             if binary:
                 return StatisticForm("single01", offset=c.threshold, prior_variance=prior_variance)
             if value_range:
-                return StatisticForm("bounded", c.threshold - value_range[1], c.threshold - value_range[0], prior_variance=prior_variance)
+                return StatisticForm(
+                    "bounded", c.threshold - value_range[1], c.threshold - value_range[0], prior_variance=prior_variance
+                )
         return StatisticForm("unbounded", prior_variance=prior_variance)
 
     def prior_variance(self, width: float) -> float:
@@ -260,10 +277,16 @@ def sequential_test(
         seen.append(chunk.to(torch.float64))
         start = n
         values = torch.cat(seen)
-        estimates = tuple(
-            mean_estimate(values[:, j], population=population, prior_variance=prior_variances[j], prior_weight=PRIOR_WEIGHT)
-            for j in range(values.shape[1])
-        ) if k else ()
+        estimates = (
+            tuple(
+                mean_estimate(
+                    values[:, j], population=population, prior_variance=prior_variances[j], prior_weight=PRIOR_WEIGHT
+                )
+                for j in range(values.shape[1])
+            )
+            if k
+            else ()
+        )
         if any(e.mean - z * e.se > 0 for e in estimates):
             verdict = INFEASIBLE
         elif all(e.mean + z * e.se <= 0 for e in estimates):
@@ -312,7 +335,9 @@ class SequentialSession:
         n = int(metric.num_samples)
         n_cert = int(round(n * config.certify_fraction))
         if n - n_cert < 2:
-            raise ConfigError(f"Sequential: the validation set has {n} samples; too few to hold out {n_cert} and search on the rest.")
+            raise ConfigError(
+                f"Sequential: the validation set has {n} samples; too few to hold out {n_cert} and search on the rest."
+            )
         generator = torch.Generator().manual_seed(config.seed if config.seed is not None else seed)
         self.order = torch.randperm(n, generator=generator)
         self.search_idx = self.order[: n - n_cert]
@@ -362,7 +387,10 @@ class SequentialSession:
             return self._statistic(values, index)
 
         decision = sequential_test(
-            statistic, looks, confidence=self.config.confidence, prior_variances=self._prior,
+            statistic,
+            looks,
+            confidence=self.config.confidence,
+            prior_variances=self._prior,
             stop_after=stop_after,
         )
         values = torch.cat(collected)
@@ -423,7 +451,9 @@ class SequentialSession:
     def stage_estimates(self, statistics: torch.Tensor) -> tuple[Estimate, ...]:
         population = len(self.search_idx)
         return tuple(
-            mean_estimate(statistics[:, j], population=population, prior_variance=self._prior[j], prior_weight=PRIOR_WEIGHT)
+            mean_estimate(
+                statistics[:, j], population=population, prior_variance=self._prior[j], prior_weight=PRIOR_WEIGHT
+            )
             for j in range(statistics.shape[1])
         )
 

@@ -32,7 +32,6 @@ weights an unstaged fine-tune would give it.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from ..run_dir import CURVE_ATTR
 
 # CURVE_ATTR: the user attribute holding a trial's curve (see :func:`curve_attr`)
@@ -131,15 +131,26 @@ class Curve:
         return None if self.untuned is None else tuple(v - f for v, f in zip(self.untuned, self.final))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps, "samples": self.samples, "stages": [list(s) for s in self.stages],
-                "final": list(self.final), "gain_se": [list(s) for s in self.gain_se],
-                "untuned": list(self.untuned) if self.untuned is not None else None}
+        return {
+            "total_steps": self.total_steps,
+            "samples": self.samples,
+            "stages": [list(s) for s in self.stages],
+            "final": list(self.final),
+            "gain_se": [list(s) for s in self.gain_se],
+            "untuned": list(self.untuned) if self.untuned is not None else None,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Curve:
         untuned = data.get("untuned")
-        return cls(int(data["total_steps"]), int(data["samples"]), tuple(tuple(s) for s in data["stages"]),
-                   tuple(data["final"]), tuple(tuple(s) for s in data["gain_se"]), tuple(untuned) if untuned is not None else None)
+        return cls(
+            int(data["total_steps"]),
+            int(data["samples"]),
+            tuple(tuple(s) for s in data["stages"]),
+            tuple(data["final"]),
+            tuple(tuple(s) for s in data["gain_se"]),
+            tuple(untuned) if untuned is not None else None,
+        )
 
 
 def gain_bound(curves: Sequence[Curve], stage: int, constraint: int, slack: float) -> float:
@@ -151,7 +162,13 @@ def gain_bound(curves: Sequence[Curve], stage: int, constraint: int, slack: floa
 
 
 def hopeless(
-    values: Sequence[float], ses: Sequence[float], curves: Sequence[Curve], stage: int, *, z: float, slack: float,
+    values: Sequence[float],
+    ses: Sequence[float],
+    curves: Sequence[Curve],
+    stage: int,
+    *,
+    z: float,
+    slack: float,
     min_curves: int,
 ) -> tuple[bool, tuple[float, ...]]:
     """Whether a candidate with constraint estimates ``values`` (standard errors ``ses``) at stage
@@ -176,7 +193,12 @@ class Promotion:
 
 
 def feasible_probability(
-    values: Sequence[float], ses: Sequence[float], curves: Sequence[Curve], stage: int, *, min_curves: int,
+    values: Sequence[float],
+    ses: Sequence[float],
+    curves: Sequence[Curve],
+    stage: int,
+    *,
+    min_curves: int,
 ) -> Promotion | None:
     """The probability that a candidate with constraint estimates ``values`` (standard errors
     ``ses``) at stage ``stage`` meets every constraint once fine-tuned in full, with the central
@@ -246,6 +268,17 @@ def curves_of(trials: Sequence[Any], total_steps: int) -> list[Curve]:
 
 
 __all__ = [
-    "CURVE_ATTR", "Curve", "EarlyStop", "Promotion", "curves_of", "feasible_probability", "gain_bound", "hopeless", "planned_steps",
-    "stage_steps", "staged", "tuned_prediction", "tuned_prediction_spread",
+    "CURVE_ATTR",
+    "Curve",
+    "EarlyStop",
+    "Promotion",
+    "curves_of",
+    "feasible_probability",
+    "gain_bound",
+    "hopeless",
+    "planned_steps",
+    "stage_steps",
+    "staged",
+    "tuned_prediction",
+    "tuned_prediction_spread",
 ]

@@ -38,39 +38,123 @@ MAX_NODES = 100_000
 
 _LEAF_NAMES = (
     # matrix layers, embeddings, normalization
-    "Linear", "Bilinear", "Identity", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-    "ConvTranspose3d", "Embedding", "EmbeddingBag", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm",
-    "GroupNorm", "RMSNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm",
+    "Linear",
+    "Bilinear",
+    "Identity",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Embedding",
+    "EmbeddingBag",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "GroupNorm",
+    "RMSNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LocalResponseNorm",
     # recurrent layers
-    "RNN", "LSTM", "GRU",
+    "RNN",
+    "LSTM",
+    "GRU",
     # activations
-    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Tanh",
-    "Sigmoid", "Hardtanh", "Hardswish", "Hardsigmoid", "Hardshrink", "Softshrink", "Tanhshrink", "Softsign",
-    "Softplus", "LogSigmoid", "Threshold", "GLU", "Softmax", "LogSoftmax", "Softmin", "Softmax2d",
+    "ReLU",
+    "ReLU6",
+    "LeakyReLU",
+    "PReLU",
+    "RReLU",
+    "ELU",
+    "CELU",
+    "SELU",
+    "GELU",
+    "SiLU",
+    "Mish",
+    "Tanh",
+    "Sigmoid",
+    "Hardtanh",
+    "Hardswish",
+    "Hardsigmoid",
+    "Hardshrink",
+    "Softshrink",
+    "Tanhshrink",
+    "Softsign",
+    "Softplus",
+    "LogSigmoid",
+    "Threshold",
+    "GLU",
+    "Softmax",
+    "LogSoftmax",
+    "Softmin",
+    "Softmax2d",
     # shape, dropout, pooling, padding, resampling
-    "Flatten", "Unflatten", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
-    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
-    "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
-    "ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "ConstantPad2d", "ConstantPad3d",
-    "ReflectionPad1d", "ReflectionPad2d", "ReflectionPad3d", "ReplicationPad1d", "ReplicationPad2d",
-    "ReplicationPad3d", "Upsample", "UpsamplingNearest2d", "UpsamplingBilinear2d", "PixelShuffle",
-    "PixelUnshuffle", "ChannelShuffle", "CosineSimilarity", "PairwiseDistance",
+    "Flatten",
+    "Unflatten",
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "AlphaDropout",
+    "MaxPool1d",
+    "MaxPool2d",
+    "MaxPool3d",
+    "AvgPool1d",
+    "AvgPool2d",
+    "AvgPool3d",
+    "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d",
+    "AdaptiveMaxPool1d",
+    "AdaptiveMaxPool2d",
+    "AdaptiveMaxPool3d",
+    "ZeroPad1d",
+    "ZeroPad2d",
+    "ZeroPad3d",
+    "ConstantPad1d",
+    "ConstantPad2d",
+    "ConstantPad3d",
+    "ReflectionPad1d",
+    "ReflectionPad2d",
+    "ReflectionPad3d",
+    "ReplicationPad1d",
+    "ReplicationPad2d",
+    "ReplicationPad3d",
+    "Upsample",
+    "UpsamplingNearest2d",
+    "UpsamplingBilinear2d",
+    "PixelShuffle",
+    "PixelUnshuffle",
+    "ChannelShuffle",
+    "CosineSimilarity",
+    "PairwiseDistance",
 )
 LEAVES: dict[str, type[nn.Module]] = {name: getattr(nn, name) for name in _LEAF_NAMES if hasattr(nn, name)}
 LEAVES["NonDynamicallyQuantizableLinear"] = NonDynamicallyQuantizableLinear  # attention's out_proj: a Linear
 CONTAINERS: dict[str, type[nn.Module]] = {
-    "Sequential": nn.Sequential, "ModuleList": nn.ModuleList, "ModuleDict": nn.ModuleDict,
+    "Sequential": nn.Sequential,
+    "ModuleList": nn.ModuleList,
+    "ModuleDict": nn.ModuleDict,
     "tightfit.Factorized": Factorized,
 }
 #: Layers built from arguments whose submodules are then replaced by the file's own (compression
 #: may have changed them: a pruned Linear, a low-rank pair, attention with fewer heads); their own
 #: settings are checked like a leaf's. ``_STATE``: settings they keep beyond their arguments.
 COMPOSITES: dict[str, type[nn.Module]] = {
-    "MultiheadAttention": nn.MultiheadAttention, "TransformerEncoderLayer": nn.TransformerEncoderLayer,
-    "TransformerDecoderLayer": nn.TransformerDecoderLayer, "TransformerEncoder": nn.TransformerEncoder,
+    "MultiheadAttention": nn.MultiheadAttention,
+    "TransformerEncoderLayer": nn.TransformerEncoderLayer,
+    "TransformerDecoderLayer": nn.TransformerDecoderLayer,
+    "TransformerEncoder": nn.TransformerEncoder,
     "tightfit.SplitQKVAttention": SplitQKVAttention,
 }
-_STATE = {"TransformerEncoder": ("use_nested_tensor",), "tightfit.SplitQKVAttention": ("kept_heads", "original_num_heads")}
+_STATE = {
+    "TransformerEncoder": ("use_nested_tensor",),
+    "tightfit.SplitQKVAttention": ("kept_heads", "original_num_heads"),
+}
 _NAME_OF = {cls: name for name, cls in {**LEAVES, **CONTAINERS, **COMPOSITES}.items()}
 
 # Recurrent layers take ``*args, **kwargs``; these are RNNBase's arguments (and RNN's nonlinearity).
@@ -109,8 +193,11 @@ def _describe(module: nn.Module, path: str) -> dict[str, Any]:
     if name in CONTAINERS:
         if module._parameters or module._buffers:
             raise NotExpressible(f"{where} ({name}) holds tensors of its own")
-        children = [[key, _describe(child, f"{path}.{key}" if path else key)]
-                    for key, child in module._modules.items() if child is not None]
+        children = [
+            [key, _describe(child, f"{path}.{key}" if path else key)]
+            for key, child in module._modules.items()
+            if child is not None
+        ]
         if len(children) != len(module._modules):
             raise NotExpressible(f"{where} ({name}) has an empty (None) child")
         return {"type": name, "children": children}
@@ -131,8 +218,10 @@ def _describe(module: nn.Module, path: str) -> dict[str, Any]:
 
 def _describe_composite(module: nn.Module, name: str, path: str) -> dict[str, Any]:
     where = path or "the model"
-    children = [[key, None if child is None else _describe(child, f"{path}.{key}" if path else key)]
-                for key, child in module._modules.items()]
+    children = [
+        [key, None if child is None else _describe(child, f"{path}.{key}" if path else key)]
+        for key, child in module._modules.items()
+    ]
     node: dict[str, Any] = {"type": name, "args": _composite_args(module, name, where), "children": children}
     state = {key: getattr(module, key) for key in _STATE.get(name, ()) if hasattr(module, key)}
     if not all(_is_simple(v) for v in state.values()):
@@ -160,8 +249,13 @@ def _composite_args(module: nn.Module, name: str, where: str) -> dict[str, Any]:
         raise NotExpressible(f"{where} ({name}) has an activation other than relu or gelu")
     # the submodules (attention, feed-forward, norms) are replaced by the stored ones: the arguments
     # only need to make the same own settings (d_model for shapes that are replaced, one head)
-    return {"d_model": int(module.norm1.normalized_shape[0]), "nhead": 1, "dim_feedforward": 1,
-            "activation": activation, "norm_first": bool(module.norm_first)}
+    return {
+        "d_model": int(module.norm1.normalized_shape[0]),
+        "nhead": 1,
+        "dim_feedforward": 1,
+        "activation": activation,
+        "norm_first": bool(module.norm_first),
+    }
 
 
 def _has_own_behaviour(module: nn.Module) -> bool:
@@ -173,8 +267,13 @@ def _signature_args(cls: type[nn.Module], name: str) -> list[str]:
     if issubclass(cls, nn.RNNBase):
         return list(_RNN_ARGS) + {nn.RNN: ["nonlinearity"], nn.LSTM: ["proj_size"]}.get(cls, [])
     params = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in params if p.name not in ("self", "device", "dtype") and not p.name.startswith("_")
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [
+        p.name
+        for p in params
+        if p.name not in ("self", "device", "dtype")
+        and not p.name.startswith("_")
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
 
 
 def _recover_args(module: nn.Module, name: str) -> dict[str, Any]:
@@ -263,7 +362,9 @@ def _get(spec: Any, key: str) -> Any:
 def _build(node: Any, where: str, depth: int, counter: list[int], max_tensors: int) -> nn.Module:
     counter[0] += 1
     if depth > MAX_DEPTH or counter[0] > MAX_NODES:
-        raise ArtifactError(f"architecture.json: the tree is deeper than {MAX_DEPTH} or larger than {MAX_NODES} modules.")
+        raise ArtifactError(
+            f"architecture.json: the tree is deeper than {MAX_DEPTH} or larger than {MAX_NODES} modules."
+        )
     if not isinstance(node, dict) or not isinstance(node.get("type"), str):
         raise ArtifactError(f"architecture.json: {where} is not a module description (needs a string 'type').")
     name = node["type"]
@@ -273,43 +374,66 @@ def _build(node: Any, where: str, depth: int, counter: list[int], max_tensors: i
             raise ArtifactError(f"architecture.json: {where}.children must be a list of [name, module] pairs.")
         container = CONTAINERS[name]()
         for item in children:
-            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not item[0]
-                    or "." in item[0] or item[0] in container._modules):
-                raise ArtifactError(f"architecture.json: {where}.children holds {str(item)[:80]!r}, not a [unique name, module] pair.")
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not item[0]
+                or "." in item[0]
+                or item[0] in container._modules
+            ):
+                raise ArtifactError(
+                    f"architecture.json: {where}.children holds {str(item)[:80]!r}, not a [unique name, module] pair."
+                )
             child = _build(item[1], f"{where}.{item[0]}", depth + 1, counter, max_tensors)
             container.add_module(item[0], child)
         return container
     if name in COMPOSITES:
         return _build_composite(node, name, where, depth, counter, max_tensors)
     if name not in LEAVES:
-        raise ArtifactError(f"architecture.json: {where} has type {name[:80]!r}, which is not an allowed torch.nn class.")
+        raise ArtifactError(
+            f"architecture.json: {where} has type {name[:80]!r}, which is not an allowed torch.nn class."
+        )
     return _build_leaf(name, node.get("args"), where, max_tensors)
 
 
-def _build_composite(node: dict[str, Any], name: str, where: str, depth: int, counter: list[int],
-                     max_tensors: int) -> nn.Module:
+def _build_composite(
+    node: dict[str, Any], name: str, where: str, depth: int, counter: list[int], max_tensors: int
+) -> nn.Module:
     children = node.get("children")
-    if not isinstance(children, list) or not all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str)
-                                                 for c in children):
+    if not isinstance(children, list) or not all(
+        isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) for c in children
+    ):
         raise ArtifactError(f"architecture.json: {where}.children must be a list of [name, module or null] pairs.")
-    parts = {key: None if child is None else _build(child, f"{where}.{key}", depth + 1, counter, max_tensors)
-             for key, child in children}
+    parts = {
+        key: None if child is None else _build(child, f"{where}.{key}", depth + 1, counter, max_tensors)
+        for key, child in children
+    }
     args = node.get("args")
     if name == "TransformerEncoder":  # its constructor copies a layer num_layers times: the stored layers
         layers = parts.get("layers")
-        if (not isinstance(layers, nn.ModuleList) or not len(layers) or not isinstance(args, dict)
-                or args.get("num_layers") != len(layers)):
+        if (
+            not isinstance(layers, nn.ModuleList)
+            or not len(layers)
+            or not isinstance(args, dict)
+            or args.get("num_layers") != len(layers)
+        ):
             raise ArtifactError(f"architecture.json: {where} needs its layers, as many as its args.num_layers.")
-        if any(k not in ("num_layers", "enable_nested_tensor", "mask_check") or type(v) not in (int, bool)
-               for k, v in args.items()):
-            raise ArtifactError(f"architecture.json: {where}.args may hold num_layers, enable_nested_tensor, mask_check only.")
+        if any(
+            k not in ("num_layers", "enable_nested_tensor", "mask_check") or type(v) not in (int, bool)
+            for k, v in args.items()
+        ):
+            raise ArtifactError(
+                f"architecture.json: {where}.args may hold num_layers, enable_nested_tensor, mask_check only."
+            )
         args = {**args, "encoder_layer": layers[0], "norm": parts.get("norm")}
         built = _construct(nn.TransformerEncoder, name, args, where)
     else:
         built = _build_leaf(name, args, where, max_tensors, COMPOSITES)
     if set(parts) != set(built._modules) or len(parts) != len(children):
-        raise ArtifactError(f"architecture.json: {where}.children are {sorted(parts)[:8]}, but a {name} has "
-                            f"{sorted(built._modules)}.")
+        raise ArtifactError(
+            f"architecture.json: {where}.children are {sorted(parts)[:8]}, but a {name} has {sorted(built._modules)}."
+        )
     for key, part in parts.items():
         built._modules[key] = part
     state = node.get("state", {})
@@ -325,11 +449,17 @@ def _build_composite(node: dict[str, Any], name: str, where: str, depth: int, co
 
 def _heads_fit(attention: SplitQKVAttention) -> bool:
     kept, total = attention.kept_heads, attention.original_num_heads
-    return (isinstance(kept, list) and type(total) is int and len(kept) == attention.num_heads
-            and all(type(h) is int and 0 <= h < total for h in kept))
+    return (
+        isinstance(kept, list)
+        and type(total) is int
+        and len(kept) == attention.num_heads
+        and all(type(h) is int and 0 <= h < total for h in kept)
+    )
 
 
-def _build_leaf(name: str, args: Any, where: str, max_tensors: int, classes: dict[str, type[nn.Module]] = LEAVES) -> nn.Module:
+def _build_leaf(
+    name: str, args: Any, where: str, max_tensors: int, classes: dict[str, type[nn.Module]] = LEAVES
+) -> nn.Module:
     cls = classes[name]
     allowed = set(_signature_args(cls, name))
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
@@ -338,11 +468,15 @@ def _build_leaf(name: str, args: Any, where: str, max_tensors: int, classes: dic
         if key not in allowed:
             raise ArtifactError(f"architecture.json: {where}.args.{key[:40]} is not an argument of {name}.")
         if not _is_simple(value):
-            raise ArtifactError(f"architecture.json: {where}.args.{key} must be a number, string, bool, null or list of those.")
+            raise ArtifactError(
+                f"architecture.json: {where}.args.{key} must be a number, string, bool, null or list of those."
+            )
     if issubclass(cls, nn.RNNBase):
         layers = args.get("num_layers", 1)
         if not isinstance(layers, int) or not 0 < layers * (2 if args.get("bidirectional") else 1) <= max_tensors:
-            raise ArtifactError(f"architecture.json: {where}.args.num_layers={layers!r} does not fit the file's {max_tensors} tensors.")
+            raise ArtifactError(
+                f"architecture.json: {where}.args.num_layers={layers!r} does not fit the file's {max_tensors} tensors."
+            )
     return _construct(cls, name, _from_json_args(args), where)
 
 
@@ -352,4 +486,6 @@ def _construct(cls: type[nn.Module], name: str, args: dict[str, Any], where: str
             warnings.simplefilter("ignore")
             return cls(**args)
     except Exception as exc:
-        raise ArtifactError(f"architecture.json: {where} ({name}) cannot be built from its args: {type(exc).__name__}: {exc}") from exc
+        raise ArtifactError(
+            f"architecture.json: {where} ({name}) cannot be built from its args: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -149,8 +149,13 @@ def to_bytes(model: nn.Module, plan: Plan | None = None, extra: dict[str, Any] |
         if key is not None:
             seen[key] = name
         meta, data = _encode(tensor, hints.get(name))
-        meta.update(name=name, parameter=is_param, offset=payload.tell(), length=len(data),
-                    requires_grad=bool(getattr(tensor, "requires_grad", False)))
+        meta.update(
+            name=name,
+            parameter=is_param,
+            offset=payload.tell(),
+            length=len(data),
+            requires_grad=bool(getattr(tensor, "requires_grad", False)),
+        )
         payload.write(data)
         tensors_meta.append(meta)
 
@@ -194,7 +199,9 @@ def size_bytes(model: nn.Module, plan: Plan | None = None) -> int:
     return len(to_bytes(model, plan))
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, plan: Plan | None = None, extra: dict[str, Any] | None = None) -> int:
+def save_model(
+    model: nn.Module, path: str | os.PathLike, plan: Plan | None = None, extra: dict[str, Any] | None = None
+) -> int:
     """Write ``model`` to ``path`` atomically; returns the file's size in bytes."""
     from .._io import write_atomic
 
@@ -214,8 +221,9 @@ def read_manifest(path: PathOrBuffer) -> dict[str, Any]:
 Factory = Callable[[], nn.Module] | str
 
 
-def load_model(path: PathOrBuffer, model: nn.Module | None = None, *, factory: Factory | None = None,
-               trust_code: bool = False) -> nn.Module:
+def load_model(
+    path: PathOrBuffer, model: nn.Module | None = None, *, factory: Factory | None = None, trust_code: bool = False
+) -> nn.Module:
     """Read a ``.tfz`` file back into a model, in eval mode, its tensors in the dtypes they were saved in.
 
     Nothing is unpickled. Without ``model``/``factory`` the file's ``architecture.json`` is
@@ -261,7 +269,9 @@ def _given_model(model: nn.Module | None, factory: Factory | None) -> nn.Module 
             for part in attr.split("."):
                 target = getattr(target, part)
         except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"tightfit.load: `factory` {factory!r} cannot be found ({type(exc).__name__}: {exc}).") from exc
+            raise ConfigError(
+                f"tightfit.load: `factory` {factory!r} cannot be found ({type(exc).__name__}: {exc})."
+            ) from exc
         factory = target
     if not callable(factory):
         raise ConfigError(f"tightfit.load: `factory` must be a callable or 'module:function', but got {factory!r}.")
@@ -278,13 +288,21 @@ def _prepare_given(model: nn.Module, plan: dict[str, Any] | None, path: PathOrBu
         try:
             _replay_structure(target, Plan.from_dict(plan))
         except Exception as exc:  # a plan from the file: whatever it names, the refusal is the file's
-            raise ArtifactError(f"{path}: the plan in {MANIFEST} does not apply to the given model "
-                                f"({type(exc).__name__}: {exc}); the file was made from another architecture.") from exc
+            raise ArtifactError(
+                f"{path}: the plan in {MANIFEST} does not apply to the given model "
+                f"({type(exc).__name__}: {exc}); the file was made from another architecture."
+            ) from exc
     return target
 
 
-def _stored_architecture(archive: zipfile.ZipFile, manifest: dict[str, Any], version: int, path: PathOrBuffer,
-                         trust_code: bool, tensor_count: int) -> nn.Module:
+def _stored_architecture(
+    archive: zipfile.ZipFile,
+    manifest: dict[str, Any],
+    version: int,
+    path: PathOrBuffer,
+    trust_code: bool,
+    tensor_count: int,
+) -> nn.Module:
     """The module tree the file describes: format 2's architecture.json; format 1's pickle only
     with ``trust_code``."""
     names = set(archive.namelist())
@@ -303,7 +321,9 @@ def _stored_architecture(archive: zipfile.ZipFile, manifest: dict[str, Any], ver
         except ArtifactError:
             raise
         except Exception as exc:
-            raise ArtifactError(f"{path}: {PICKLED_ARCHITECTURE} could not be loaded ({type(exc).__name__}: {exc}).") from exc
+            raise ArtifactError(
+                f"{path}: {PICKLED_ARCHITECTURE} could not be loaded ({type(exc).__name__}: {exc})."
+            ) from exc
     reason = manifest.get("architecture_error")
     reason = f" ({str(reason)[:300]})" if reason else ""
     raise ArtifactError(
@@ -324,8 +344,10 @@ def _slot(model: nn.Module, name: str, is_param: bool) -> tuple[nn.Module, str]:
     try:
         module = model.get_submodule(module_name) if module_name else model
     except Exception as exc:  # AttributeError; or whatever a model's own property raises when looked up
-        raise ArtifactError(f"The model has no submodule {module_name[:200]!r} that the file stores {name[:200]!r} for; "
-                            "the file does not fit this model.") from exc
+        raise ArtifactError(
+            f"The model has no submodule {module_name[:200]!r} that the file stores {name[:200]!r} for; "
+            "the file does not fit this model."
+        ) from exc
     slots = module._parameters if is_param else module._buffers
     if attr not in slots:
         kind = "parameter" if is_param else "buffer"
@@ -333,8 +355,9 @@ def _slot(model: nn.Module, name: str, is_param: bool) -> tuple[nn.Module, str]:
     return module, attr
 
 
-def _check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], entries: list[dict[str, Any]],
-                exhaustive: bool) -> None:
+def _check_fits(
+    model: nn.Module, shapes: dict[str, tuple[int, ...]], entries: list[dict[str, Any]], exhaustive: bool
+) -> None:
     """Every tensor the file stores has its slot in ``model``, of the declared shape (checked
     before any is decoded); ``exhaustive``: and every tensor of ``model`` is in the file (a tree
     built from the file's architecture has no values of its own)."""
@@ -343,7 +366,9 @@ def _check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], entries: l
         module, attr = _slot(model, name, meta.get("parameter", False))
         existing = (module._parameters if meta.get("parameter", False) else module._buffers)[attr]
         if existing is None and exhaustive:
-            raise ArtifactError(f"The file stores {name[:200]!r}, which its architecture does not have; the file is damaged.")
+            raise ArtifactError(
+                f"The file stores {name[:200]!r}, which its architecture does not have; the file is damaged."
+            )
         if existing is not None and tuple(existing.shape) != shapes[name]:
             raise ArtifactError(
                 f"{name[:200]!r} has shape {tuple(existing.shape)} in the model but {list(shapes[name])} in the file; "
@@ -354,7 +379,9 @@ def _check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], entries: l
         held |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
         missing = sorted(held - set(shapes))
         if missing:
-            raise ArtifactError(f"The file's architecture has tensors the file does not store ({missing[:5]}); the file is damaged.")
+            raise ArtifactError(
+                f"The file's architecture has tensors the file does not store ({missing[:5]}); the file is damaged."
+            )
 
 
 def _fill(model: nn.Module, entries: list[dict[str, Any]], payload: bytes) -> None:
@@ -371,10 +398,16 @@ def _fill(model: nn.Module, entries: list[dict[str, Any]], payload: bytes) -> No
             except ArtifactError as exc:
                 raise ArtifactError(f"{MANIFEST} tensor {name[:200]!r}: {exc}") from exc
             except (ValueError, RuntimeError, IndexError, MemoryError) as exc:
-                raise ArtifactError(f"{MANIFEST} tensor {name[:200]!r} cannot be decoded ({type(exc).__name__}: {exc}).") from exc
+                raise ArtifactError(
+                    f"{MANIFEST} tensor {name[:200]!r} cannot be decoded ({type(exc).__name__}: {exc})."
+                ) from exc
             if is_param:
-                tensor = nn.Parameter(tensor, requires_grad=meta.get("requires_grad", True) and tensor.is_floating_point())
+                tensor = nn.Parameter(
+                    tensor, requires_grad=meta.get("requires_grad", True) and tensor.is_floating_point()
+                )
             assigned[name] = tensor
         if is_param and not isinstance(tensor, nn.Parameter):
-            raise ArtifactError(f"{MANIFEST} tensor {name[:200]!r} is a parameter aliasing a buffer; the file is damaged.")
+            raise ArtifactError(
+                f"{MANIFEST} tensor {name[:200]!r} is a parameter aliasing a buffer; the file is damaged."
+            )
         (module._parameters if is_param else module._buffers)[attr] = tensor

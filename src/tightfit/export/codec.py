@@ -26,12 +26,29 @@ GAP_BITS = (2, 3, 4, 5, 6, 8)
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: The dtypes a file may hold (never ``getattr(torch, name)`` on a file's string).
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_RAW_NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<i2", "float64": "<f8", "int64": "<i8",
-              "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1"}
+_RAW_NUMPY = {
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<i2",
+    "float64": "<f8",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "u1",
+}
 _FLOATS = {"float32", "float16", "bfloat16", "float64"}
 #: bits per stored value of each kind ("int": the entry's own ``bits``)
 _KIND_BITS = {"f32": 32, "f16": 16, "bf16": 16}
@@ -225,8 +242,14 @@ def encode_grid(tensor: torch.Tensor, grid: Any) -> tuple[dict[str, Any], bytes]
     meta, data = encode(codes.cpu().numpy().reshape(-1).astype(np.int64), "int", bits)
     half = torch.equal(scale.to(torch.float16).to(torch.float32), scale)  # scales made float16-exact
     parts = [scale.cpu().numpy().astype("<f2" if half else "<f4").tobytes()]
-    meta.update(shape=list(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), scale_shape=list(scale.shape),
-                scale_len=len(parts[0]), group_size=int(grid.group_size), scale_kind="f16" if half else "f32")
+    meta.update(
+        shape=list(tensor.shape),
+        dtype=str(tensor.dtype).removeprefix("torch."),
+        scale_shape=list(scale.shape),
+        scale_len=len(parts[0]),
+        group_size=int(grid.group_size),
+        scale_kind="f16" if half else "f32",
+    )
     if zero is not None:
         parts.append(pack_uint(zero.cpu().numpy().reshape(-1).astype(np.int64) + (1 << (bits - 1)), bits))
         meta["zero_len"] = len(parts[-1])
@@ -236,8 +259,9 @@ def encode_grid(tensor: torch.Tensor, grid: Any) -> tuple[dict[str, Any], bytes]
     return meta, b"".join(parts) + data
 
 
-def _grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, inverse: torch.Tensor | None,
-                 group_size: int) -> torch.Tensor:
+def _grid_values(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, inverse: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     """``((codes - zero) * scale) * inverse`` with scales spread over their groups of columns: the
     operations, in order, that ``tightfit.operators.grid`` computes the weight with."""
     shape = codes.shape
@@ -258,15 +282,17 @@ def _grid_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
 def _decode_grid(meta: dict[str, Any], data: bytes) -> torch.Tensor:
     bits, offset = meta["bits"], meta["scale_len"]
     scale_dtype = "<f2" if meta.get("scale_kind") == "f16" else "<f4"
-    scale = torch.from_numpy(np.frombuffer(data[:offset], dtype=scale_dtype).astype(np.float32)).reshape(meta["scale_shape"])
+    scale = torch.from_numpy(np.frombuffer(data[:offset], dtype=scale_dtype).astype(np.float32)).reshape(
+        meta["scale_shape"]
+    )
     zero = inverse = None
     if "zero_len" in meta:
-        packed = data[offset:offset + meta["zero_len"]]
+        packed = data[offset : offset + meta["zero_len"]]
         zero = torch.from_numpy((unpack_uint(packed, bits, scale.numel()) - (1 << (bits - 1))).astype(np.float32))
         zero = zero.reshape(scale.shape)
         offset += meta["zero_len"]
     if "column_len" in meta:
-        inverse = torch.from_numpy(np.frombuffer(data[offset:offset + meta["column_len"]], dtype="<f4").copy())
+        inverse = torch.from_numpy(np.frombuffer(data[offset : offset + meta["column_len"]], dtype="<f4").copy())
         offset += meta["column_len"]
     codes = torch.from_numpy(decode(meta, data[offset:]).astype(np.float32)).reshape(meta["shape"])
     return _grid_values(codes, scale, zero, inverse, meta["group_size"])
@@ -331,10 +357,15 @@ def _choice(meta: dict[str, Any], key: str, where: str, allowed: Any) -> Any:
 
 def _shape(meta: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
     value = meta.get(key)
-    if (not isinstance(value, list) or len(value) > MAX_RANK
-            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in value)):
-        raise ArtifactError(f"{where}.{key} must be a list of at most {MAX_RANK} sizes in [0, {MAX_DIM}], "
-                            f"but is {_show(value)}; the file is damaged.")
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_RANK
+        or not all(type(d) is int and 0 <= d <= MAX_DIM for d in value)
+    ):
+        raise ArtifactError(
+            f"{where}.{key} must be a list of at most {MAX_RANK} sizes in [0, {MAX_DIM}], "
+            f"but is {_show(value)}; the file is damaged."
+        )
     return tuple(value)
 
 
@@ -362,7 +393,9 @@ def check_meta(meta: Any, where: str, version: int) -> tuple[int, ...]:
         _expect(where, "length", length, numel * DTYPES[dtype].itemsize, f"shape {list(shape)} of {dtype}")
         return shape
     if dtype not in (("bfloat16",) if kind == "bf16" else _FLOATS):
-        raise ArtifactError(f"{where}.dtype is {dtype!r}, which values of kind {kind!r} cannot have; the file is damaged.")
+        raise ArtifactError(
+            f"{where}.dtype is {dtype!r}, which values of kind {kind!r} cannot have; the file is damaged."
+        )
     bits = _choice(meta, "bits", where, set(INT_BITS) if kind == "int" else {_KIND_BITS[kind]})
     _expect(where, "numel", _int(meta, "numel", where), numel, f"shape {list(shape)}")
     prefix = 0  # bytes before the values: an int tensor's scales
@@ -373,7 +406,9 @@ def check_meta(meta: Any, where: str, version: int) -> tuple[int, ...]:
         scale_len = _int(meta, "scale_len", where)
         _expect(where, "scale_len", scale_len, 4 * math.prod(scale_shape), f"scale_shape {list(scale_shape)}")
         if not _broadcasts_to(scale_shape, shape):
-            raise ArtifactError(f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)}; the file is damaged.")
+            raise ArtifactError(
+                f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)}; the file is damaged."
+            )
         prefix = scale_len
     _check_layout(meta, where, version, numel, _value_bits(kind, bits), length, prefix)
     return shape
@@ -388,8 +423,10 @@ def _grid_prefix(meta: dict[str, Any], where: str, shape: tuple[int, ...], bits:
     groups = 1 if group_size == 0 else -(-columns // group_size)
     scale_shape = _shape(meta, "scale_shape", where)
     if list(scale_shape) != [rows, groups]:
-        raise ArtifactError(f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)} in groups of "
-                            f"{group_size}; the file is damaged.")
+        raise ArtifactError(
+            f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)} in groups of "
+            f"{group_size}; the file is damaged."
+        )
     width = 2 if _choice(meta, "scale_kind", where, {"f16", "f32"}) == "f16" else 4
     prefix = _int(meta, "scale_len", where)
     _expect(where, "scale_len", prefix, width * rows * groups, f"scale_shape {list(scale_shape)}")
@@ -410,8 +447,9 @@ def _broadcasts_to(small: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     return all(s in (1, d) for s, d in zip(small[::-1], shape[::-1]))
 
 
-def _check_layout(meta: dict[str, Any], where: str, version: int, numel: int, vbits: int, length: int,
-                  prefix: int) -> None:
+def _check_layout(
+    meta: dict[str, Any], where: str, version: int, numel: int, vbits: int, length: int, prefix: int
+) -> None:
     """The layout's own fields, and ``length`` = ``prefix`` bytes (scales) + what the layout takes."""
     layout = _choice(meta, "layout", where, set(_LAYOUTS))
     scales = f"{prefix} bytes of scales and " if prefix else ""
@@ -421,8 +459,13 @@ def _check_layout(meta: dict[str, Any], where: str, version: int, numel: int, vb
         mask_len = _int(meta, "mask_len", where)
         _expect(where, "mask_len", mask_len, _packed_len(numel, 1), f"numel {numel}")
         nnz = _int(meta, "nnz", where, 0, numel)
-        _expect(where, "length", length, prefix + mask_len + _packed_len(nnz, vbits),
-                f"{scales}a mask and {nnz} values of {vbits} bits")
+        _expect(
+            where,
+            "length",
+            length,
+            prefix + mask_len + _packed_len(nnz, vbits),
+            f"{scales}a mask and {nnz} values of {vbits} bits",
+        )
     else:
         gap_bits = _choice(meta, "gap_bits", where, set(GAP_BITS))
         entries = _int(meta, "entries", where, 1, numel)
@@ -431,5 +474,7 @@ def _check_layout(meta: dict[str, Any], where: str, version: int, numel: int, vb
         _expect(where, "length", length, prefix + gap_len + _packed_len(entries, vbits), f"{scales}{entries} entries")
         if version >= 2 and numel > (entries + 1) << gap_bits:
             # format 2 ends a gap layout with fillers: a few bytes cannot stand for a huge tensor
-            raise ArtifactError(f"{where}.numel is {numel}, more than {entries} entries of {gap_bits}-bit gaps "
-                                "can cover; the file is damaged.")
+            raise ArtifactError(
+                f"{where}.numel is {numel}, more than {entries} entries of {gap_bits}-bit gaps "
+                "can cover; the file is damaged."
+            )

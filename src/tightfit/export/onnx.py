@@ -20,7 +20,6 @@ from torch import nn
 from ..calling import model_arguments, output_tensors, split_arguments
 from ..errors import ArtifactError, ConfigError
 
-
 # -- inputs and outputs as flat lists of tensors ------------------------------------------------------
 
 
@@ -33,7 +32,8 @@ def _plain_outputs(output: Any) -> bool:
     """Whether an output is what the ONNX and TorchScript tracers take as it is: a tensor, or a
     tuple/list of tensors."""
     return isinstance(output, torch.Tensor) or (
-        isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output))
+        isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output)
+    )
 
 
 def _argument_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -115,7 +115,9 @@ def _batch_dims(value: Any, batch: Any) -> Any:
     return None
 
 
-def export_onnx(model: nn.Module, example_input: Any, path: Path, call: tuple[tuple, dict[str, Any]] | None = None) -> None:
+def export_onnx(
+    model: nn.Module, example_input: Any, path: Path, call: tuple[tuple, dict[str, Any]] | None = None
+) -> None:
     """``call``: how the model is called on ``example_input``, when ``model`` cannot tell (a dtype
     wrapper takes anything); by default :func:`~tightfit.measure.analysis.model_arguments`."""
     require_onnx("onnx", "onnxruntime")
@@ -133,16 +135,25 @@ def export_onnx(model: nn.Module, example_input: Any, path: Path, call: tuple[tu
         try:
             # The TorchScript-based exporter names nodes after modules (/layer1/conv/Conv), which
             # is how `keep_float` finds a layer's nodes; the dynamo exporter is the fallback.
-            torch.onnx.export(traceable, export_args, str(path), dynamo=False, input_names=input_names,
-                              output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+            torch.onnx.export(
+                traceable,
+                export_args,
+                str(path),
+                dynamo=False,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
         except Exception as legacy_error:
             try:
                 batch = torch.export.Dim("batch")
                 shapes = tuple(_batch_dims(a, batch) for a in args) if args else None
                 if traceable is not model:  # forward(self, *tensors): the shapes of its one (variadic) parameter
                     shapes = (shapes,)
-                program = torch.onnx.export(traceable, export_args, dynamo=True, external_data=False,
-                                            dynamic_shapes=shapes)
+                program = torch.onnx.export(
+                    traceable, export_args, dynamo=True, external_data=False, dynamic_shapes=shapes
+                )
                 program.save(str(path))
             except Exception as dynamo_error:
                 raise ArtifactError(
@@ -169,7 +180,9 @@ def ort_feed(session, example_input: Any) -> dict[str, Any]:
     tensors = flat_inputs(example_input)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(tensors):
-        raise ArtifactError(f"The ONNX model takes {len(names)} input(s); the example input has {len(tensors)} tensor(s).")
+        raise ArtifactError(
+            f"The ONNX model takes {len(names)} input(s); the example input has {len(tensors)} tensor(s)."
+        )
     return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
 
 
@@ -277,17 +290,33 @@ def quantize_onnx(
         except Exception:  # pre-processing (shape inference, folding) is an optimisation only
             prepared = float_path
         if mode == "dynamic":
-            quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=bool(only),
-                             nodes_to_exclude=exclude, nodes_to_quantize=include, **PORTABLE_INT8)
+            quantize_dynamic(
+                str(prepared),
+                str(out_path),
+                weight_type=QuantType.QInt8,
+                per_channel=bool(only),
+                nodes_to_exclude=exclude,
+                nodes_to_quantize=include,
+                **PORTABLE_INT8,
+            )
             _check_int8(out_path, mode, only)
             return
         if calibration is None:
             raise ConfigError('int8="static" needs `calibration`: an iterable of example inputs (a few batches).')
         session = ort_session(prepared, None)
         reader = _CalibrationReader([i.name for i in session.get_inputs()], calibration)
-        quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                        nodes_to_quantize=include, **PORTABLE_INT8)
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            nodes_to_quantize=include,
+            **PORTABLE_INT8,
+        )
         _check_int8(out_path, mode, only)
 
 

@@ -28,8 +28,17 @@ MEMBERS = (MANIFEST, PAYLOAD, ARCHITECTURE, PICKLED_ARCHITECTURE)
 #: a manifest entry is ~200 bytes, so 16 MiB is ~80,000 tensors, far beyond real models.
 MAX_JSON_BYTES = 16 * 2**20
 #: The zip errors a damaged archive raises while it is read.
-_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, OSError, ValueError,
-               NotImplementedError, RuntimeError, KeyError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    zlib.error,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    KeyError,
+)
 
 PathOrBuffer = str | os.PathLike | io.BytesIO
 
@@ -68,18 +77,24 @@ def read_member(archive: zipfile.ZipFile, name: str, limit: int, *, exact: bool 
     member whose data inflates past its declared size fails its check instead of filling memory)."""
     info = archive.getinfo(name)
     if exact and info.file_size != limit:
-        raise ArtifactError(f"{name} declares {info.file_size:,} bytes uncompressed, not the {limit:,} bytes the manifest "
-                            "accounts for; the file is damaged or crafted.")
+        raise ArtifactError(
+            f"{name} declares {info.file_size:,} bytes uncompressed, not the {limit:,} bytes the manifest "
+            "accounts for; the file is damaged or crafted."
+        )
     if info.file_size > limit:
-        raise ArtifactError(f"{name} declares {info.file_size:,} bytes uncompressed, more than the {limit:,} a tightfit "
-                            "file's member may hold; the file is damaged or crafted.")
+        raise ArtifactError(
+            f"{name} declares {info.file_size:,} bytes uncompressed, more than the {limit:,} a tightfit "
+            "file's member may hold; the file is damaged or crafted."
+        )
     try:
         with archive.open(info) as stream:
             data = stream.read(limit + 1)
     except _ZIP_ERRORS as exc:
         raise ArtifactError(f"{name}: damaged ({type(exc).__name__}: {exc}).") from exc
     if len(data) != info.file_size:
-        raise ArtifactError(f"{name}: holds {len(data):,} bytes, not the {info.file_size:,} it declares; the file is damaged.")
+        raise ArtifactError(
+            f"{name}: holds {len(data):,} bytes, not the {info.file_size:,} it declares; the file is damaged."
+        )
     return data
 
 
@@ -88,7 +103,9 @@ def read_json(archive: zipfile.ZipFile, name: str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ArtifactError(f"{name}: not valid JSON ({type(exc).__name__}: {str(exc)[:100]}); the file is damaged.") from exc
+        raise ArtifactError(
+            f"{name}: not valid JSON ({type(exc).__name__}: {str(exc)[:100]}); the file is damaged."
+        ) from exc
 
 
 def check_manifest(manifest: Any, path: PathOrBuffer) -> int:
@@ -96,10 +113,14 @@ def check_manifest(manifest: Any, path: PathOrBuffer) -> int:
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: {MANIFEST} is not an object; not a tightfit model file.")
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a tightfit model file ({MANIFEST} format is {str(manifest.get('format'))[:60]!r}).")
+        raise ArtifactError(
+            f"{path}: not a tightfit model file ({MANIFEST} format is {str(manifest.get('format'))[:60]!r})."
+        )
     version = manifest.get("version")
     if type(version) is not int or version < 1:
-        raise ArtifactError(f"{path}: {MANIFEST} version is {str(version)[:60]!r}, not a format version; the file is damaged.")
+        raise ArtifactError(
+            f"{path}: {MANIFEST} version is {str(version)[:60]!r}, not a format version; the file is damaged."
+        )
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: written by a newer tightfit (format version {version}); upgrade tightfit.")
     if not isinstance(manifest.get("tensors"), list):
@@ -108,13 +129,17 @@ def check_manifest(manifest: Any, path: PathOrBuffer) -> int:
         raise ArtifactError(f"{path}: {MANIFEST} plan must be an object or null; the file is damaged.")
     if version >= 2:
         if manifest.get("architecture") not in (None, ARCHITECTURE):
-            raise ArtifactError(f"{path}: {MANIFEST} architecture must be {ARCHITECTURE!r} or null; the file is damaged.")
+            raise ArtifactError(
+                f"{path}: {MANIFEST} architecture must be {ARCHITECTURE!r} or null; the file is damaged."
+            )
         if type(manifest.get("payload_bytes")) is not int:
             raise ArtifactError(f"{path}: {MANIFEST} payload_bytes must be an integer; the file is damaged.")
     return version
 
 
-def check_tensors(manifest: dict[str, Any], version: int) -> tuple[list[dict[str, Any]], dict[str, tuple[int, ...]], int]:
+def check_tensors(
+    manifest: dict[str, Any], version: int
+) -> tuple[list[dict[str, Any]], dict[str, tuple[int, ...]], int]:
     """Check every tensor entry (see :func:`tightfit.export.codec.check_meta`): names unique,
     aliases naming an earlier tensor, stored tensors back to back in the payload. Returns the
     entries, each name's declared shape, and the payload's length."""
@@ -139,10 +164,14 @@ def check_tensors(manifest: dict[str, Any], version: int) -> tuple[list[dict[str
             continue
         shapes[name] = codec.check_meta(meta, where, version)
         if meta.get("offset") != offset or type(meta.get("offset")) is not int:
-            raise ArtifactError(f"{where}.offset is {str(meta.get('offset'))[:40]}, but the tensors before it end at {offset}; "
-                                "the file is damaged.")
+            raise ArtifactError(
+                f"{where}.offset is {str(meta.get('offset'))[:40]}, but the tensors before it end at {offset}; "
+                "the file is damaged."
+            )
         offset += meta["length"]
     if version >= 2 and manifest["payload_bytes"] != offset:
-        raise ArtifactError(f"{MANIFEST} payload_bytes is {manifest['payload_bytes']}, but its tensors take {offset}; "
-                            "the file is damaged.")
+        raise ArtifactError(
+            f"{MANIFEST} payload_bytes is {manifest['payload_bytes']}, but its tensors take {offset}; "
+            "the file is damaged."
+        )
     return entries, shapes, offset

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, ConfigError
 from ..calling import call_model, model_arguments, output_tensors
+from ..errors import ArtifactError, ConfigError
 from ..measure.latency import Latency, with_batch_size
 from .artifact import bake
 from .onnx import export_onnx, flat_inputs, ort_feed, ort_session, quantize_onnx, tensor_interface
@@ -97,10 +97,14 @@ class ExportReport:
         return {**asdict(self), "speedup_vs_pytorch": self.speedup_vs_pytorch}
 
 
-def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], atol: float, rtol: float) -> tuple[float, float]:
+def compare_outputs(
+    reference: Sequence[torch.Tensor], exported: Sequence[Any], atol: float, rtol: float
+) -> tuple[float, float]:
     """(max abs difference, max abs reference); raises ExportCheckError beyond the tolerance."""
     if len(reference) != len(exported):
-        raise ExportCheckError(f"The exported model returns {len(exported)} output(s); the PyTorch model returns {len(reference)}.")
+        raise ExportCheckError(
+            f"The exported model returns {len(exported)} output(s); the PyTorch model returns {len(reference)}."
+        )
     worst = ref_max = 0.0
     for i, (ref, got) in enumerate(zip(reference, exported)):
         got = torch.as_tensor(got)
@@ -123,8 +127,10 @@ def compare_outputs(reference: Sequence[torch.Tensor], exported: Sequence[Any], 
 def _check_export_arguments(format, int8, dtype, example_input, atol, rtol) -> None:
     check_export_options(format, int8, dtype)
     if dtype is not None and format == "onnx":
-        raise ConfigError("`dtype` applies to torchscript and pt exports; for ONNX use int8 (ONNX Runtime's CPU "
-                          "kernels are not faster in 16-bit floats).")
+        raise ConfigError(
+            "`dtype` applies to torchscript and pt exports; for ONNX use int8 (ONNX Runtime's CPU "
+            "kernels are not faster in 16-bit floats)."
+        )
     if example_input is None:
         raise ConfigError("export_model needs `example_input` to trace the model and check its outputs.")
     if not (atol >= 0 and rtol >= 0):
@@ -161,8 +167,10 @@ def _torchscript_runner(model, args, kwargs, path: Path, check_input, check_call
             else:
                 traced = torch.jit.trace(traceable, args, check_trace=False)
     except Exception as exc:
-        raise ArtifactError(f"TorchScript export failed: {type(exc).__name__}: {str(exc)[:500]} "
-                            "Export with format='onnx' or 'pt' instead.") from exc
+        raise ArtifactError(
+            f"TorchScript export failed: {type(exc).__name__}: {str(exc)[:500]} "
+            "Export with format='onnx' or 'pt' instead."
+        ) from exc
     torch.jit.save(traced, str(path))
     loaded = torch.jit.load(str(path)).eval()
 
@@ -345,9 +353,20 @@ def export_run(
     tag = ".int8" if int8 else f".{dtype}" if dtype else ""
     target = Path(out) if out is not None else root / "export" / f"model{tag}{SUFFIX[format]}"
     calibration = [example_input] if int8 == "static" else None
-    report = export_model(model, example_input, target, format=format, atol=atol, rtol=rtol, latency=latency,
-                          int8=int8, calibration=calibration, keep_float=keep_float,
-                          int8_layers=planned if planned and int8 == "dynamic" else None, dtype=dtype)
+    report = export_model(
+        model,
+        example_input,
+        target,
+        format=format,
+        atol=atol,
+        rtol=rtol,
+        latency=latency,
+        int8=int8,
+        calibration=calibration,
+        keep_float=keep_float,
+        int8_layers=planned if planned and int8 == "dynamic" else None,
+        dtype=dtype,
+    )
     record = report.to_dict()
     summary = _read_json(root / SUMMARY_FILE)
     if summary is not None:
@@ -381,4 +400,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-__all__ = ["ExportCheckError", "ExportReport", "FORMATS", "compare_outputs", "export_model", "export_run", "with_batch_size"]
+__all__ = [
+    "ExportCheckError",
+    "ExportReport",
+    "FORMATS",
+    "compare_outputs",
+    "export_model",
+    "export_run",
+    "with_batch_size",
+]

@@ -17,7 +17,13 @@ from ..calling import call_model
 #: input channel, the weight's first dimension); low rank, int8 and structured pruning's own
 #: settings are for the others.
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
 )
 
 #: The kind of a layer that is none of COMPRESSIBLE_TYPES but holds just a 2-D ``weight`` (and at
@@ -43,7 +49,9 @@ RECURRENT_TYPES: tuple[type[nn.Module], ...] = (
 RECURRENT_KINDS = frozenset(t.__name__ for t in RECURRENT_TYPES)
 
 #: Kinds whose weight(s) the element-wise operators compress.
-ELEMENTWISE_KINDS = frozenset({t.__name__ for t in COMPRESSIBLE_TYPES} | {MATRIX_KIND, EMBEDDING_KIND} | RECURRENT_KINDS)
+ELEMENTWISE_KINDS = frozenset(
+    {t.__name__ for t in COMPRESSIBLE_TYPES} | {MATRIX_KIND, EMBEDDING_KIND} | RECURRENT_KINDS
+)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -188,7 +196,8 @@ def tied_groups(model: nn.Module) -> dict[str, list[str]]:
         in_group = {id(module) for _, module in group}
         if any(  # the Parameter must be nobody's other tensor (a bias, a norm's scale) too
             p is weight and not (key == "weight" and id(m) in in_group)
-            for m in model.modules() if not isinstance(m, parametrize.ParametrizationList)
+            for m in model.modules()
+            if not isinstance(m, parametrize.ParametrizationList)
             for key, p in m._parameters.items()
         ):
             continue
@@ -215,7 +224,9 @@ def analyze(model: nn.Module) -> ModelAnalysis:
         weights = [own.get(w) for w in weight_names(module)] if kind is not None else []
         if weights and all(w is not None for w in weights):
             if any(id(w) in shared for w in weights) and name not in tied:
-                skipped.append(SkippedModule(name, type(module).__name__, n_params, "weight is shared with another module"))
+                skipped.append(
+                    SkippedModule(name, type(module).__name__, n_params, "weight is shared with another module")
+                )
                 continue
             if not all(w.is_floating_point() for w in weights):
                 skipped.append(SkippedModule(name, type(module).__name__, n_params, f"weight dtype {weights[0].dtype}"))
@@ -232,8 +243,14 @@ def analyze(model: nn.Module) -> ModelAnalysis:
                 )
             )
         elif isinstance(module, nn.Embedding) and module.sparse:
-            skipped.append(SkippedModule(name, type(module).__name__, n_params,
-                                         "sparse=True embedding: its sparse gradients cannot pass a parametrization"))
+            skipped.append(
+                SkippedModule(
+                    name,
+                    type(module).__name__,
+                    n_params,
+                    "sparse=True embedding: its sparse gradients cannot pass a parametrization",
+                )
+            )
         elif (reason := _why_left_alone(module)) is not None:
             skipped.append(SkippedModule(name, type(module).__name__, n_params, reason))
         else:
@@ -247,11 +264,15 @@ def _why_left_alone(module: nn.Module) -> str | None:
     """Why no built-in operator compresses a module's own parameters, in the user's terms; None for
     parameters a module holds itself beside its layers (see :func:`_own_parameters`)."""
     if isinstance(module, nn.RNNBase):
-        return ("recurrent layer other than nn.LSTM / nn.GRU / nn.RNN (or a torch whose recurrent layers do "
-                "not re-read parametrized weights): no built-in operator compresses it; left unchanged")
+        return (
+            "recurrent layer other than nn.LSTM / nn.GRU / nn.RNN (or a torch whose recurrent layers do "
+            "not re-read parametrized weights): no built-in operator compresses it; left unchanged"
+        )
     if isinstance(module, nn.MultiheadAttention):
-        return ("attention's packed q/k/v projection is not a Linear; left unchanged (its out_proj is a layer of its "
-                "own, and StructuredPrune removes whole heads)")
+        return (
+            "attention's packed q/k/v projection is not a Linear; left unchanged (its out_proj is a layer of its "
+            "own, and StructuredPrune removes whole heads)"
+        )
     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or (
         type(module).__name__.endswith("Norm") and all(p.dim() == 1 for p in module.parameters(recurse=False))
     ):  # also a library's own (Hugging Face's LlamaRMSNorm, T5LayerNorm)
@@ -265,13 +286,23 @@ def _own_parameters(name: str, module: nn.Module, own: dict[str, nn.Parameter]) 
     """Parameters a module holds itself beside its layers: one entry for the module, or for the
     top-level module (whose path is empty), one per parameter, named after it."""
     if name:
-        return [SkippedModule(name, type(module).__name__, sum(p.numel() for p in own.values()),
-                              f"parameter(s) held directly by this module, not by a layer ({', '.join(sorted(own))}); "
-                              "left unchanged")]
-    return [SkippedModule(key, "Parameter", param.numel(),
-                          f"held directly by the model's top-level module ({type(module).__name__}), not by a layer; "
-                          "left unchanged")
-            for key, param in own.items()]
+        return [
+            SkippedModule(
+                name,
+                type(module).__name__,
+                sum(p.numel() for p in own.values()),
+                f"parameter(s) held directly by this module, not by a layer ({', '.join(sorted(own))}); left unchanged",
+            )
+        ]
+    return [
+        SkippedModule(
+            key,
+            "Parameter",
+            param.numel(),
+            f"held directly by the model's top-level module ({type(module).__name__}), not by a layer; left unchanged",
+        )
+        for key, param in own.items()
+    ]
 
 
 def _count(module: nn.Module) -> int:
@@ -308,8 +339,11 @@ def count_nonzeros(model: nn.Module, layer_names: Sequence[str]) -> tuple[int, i
 def zeroed_layers(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
     """The compressible layers (at or below ``layer_names``) whose weights are all zero."""
     with torch.no_grad():
-        return [name for name, module in _compressible_under(model, layer_names)
-                if all(int(torch.count_nonzero(w)) == 0 for w in layer_weights(module))]
+        return [
+            name
+            for name, module in _compressible_under(model, layer_names)
+            if all(int(torch.count_nonzero(w)) == 0 for w in layer_weights(module))
+        ]
 
 
 def zeroed_note(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
@@ -321,10 +355,15 @@ def zeroed_note(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
         return []
     nonzero, total = count_nonzeros(model, layer_names)
     shown = ", ".join(zeroed[:6]) + (f" and {len(zeroed) - 6} more" if len(zeroed) > 6 else "")
-    figure = (f"{total / nonzero:.1f}x fewer nonzero weights ({nonzero:,} of {total:,} left)" if nonzero
-              else f"no nonzero weight left of {total:,}")
-    return [f"Layer(s) {shown} have no nonzero weight left: their outputs no longer depend on their inputs (a "
-            f"bias at most) ({figure}). If that is not meant, cap the sparsity below 1 - 1/(the layer's weight count)."]
+    figure = (
+        f"{total / nonzero:.1f}x fewer nonzero weights ({nonzero:,} of {total:,} left)"
+        if nonzero
+        else f"no nonzero weight left of {total:,}"
+    )
+    return [
+        f"Layer(s) {shown} have no nonzero weight left: their outputs no longer depend on their inputs (a "
+        f"bias at most) ({figure}). If that is not meant, cap the sparsity below 1 - 1/(the layer's weight count)."
+    ]
 
 
 def layer_flops(model: nn.Module, example_input: Any) -> dict[str, int]:

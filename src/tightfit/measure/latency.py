@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..calling import call_model
-
+from ..errors import ConfigError
 
 RUNTIMES = ("pytorch", "onnxruntime")
 

@@ -1,14 +1,14 @@
 """Compression operators, their composition, and plans (what was done to which layer)."""
 
 from .base import Hyperparameter, Operator, Projection
+from .calibrated import REPAIRS, Calibrated, apply_plan_calibrated, reestimate_batchnorm
 from .compose import Compose, as_strategy
+from .int8 import Int8, Int8Weights, int8_layers
+from .lowrank import LowRank
 from .plan import OPERATOR_REGISTRY, Plan, apply, apply_plan_inplace, register_operator
 from .prune import Prune, WeightMask, magnitude_mask
 from .quantize import FakeQuantize, Quantize
-from .int8 import Int8, Int8Weights, int8_layers
-from .lowrank import LowRank
 from .structured import StructuredPrune
-from .calibrated import REPAIRS, Calibrated, apply_plan_calibrated, reestimate_batchnorm
 
 register_operator(Prune)
 register_operator(Quantize)

@@ -57,9 +57,7 @@ class Hyperparameter:
         return self.choices[0] if self.choices is not None else self.low
 
 
-def parse_range(
-    owner: str, name: str, value: Any, inside: Callable[[float], bool], bounds: str
-) -> tuple[float, float]:
+def parse_range(owner: str, name: str, value: Any, inside: Callable[[float], bool], bounds: str) -> tuple[float, float]:
     """A searchable setting given as one number (fixed) or a ``(low, high)`` pair, checked once:
     each end must satisfy ``inside`` (described by ``bounds``, e.g. "[0, 1)") and low <= high."""
     if isinstance(value, (int, float)):
@@ -119,6 +117,7 @@ class Operator(abc.ABC):
         Most operators look at one layer at a time and need nothing; model-level operators
         (structured pruning finds coupled channel groups) override this.
         """
+        return None  # deliberately a no-op hook, not abstract: most operators need nothing here
 
     def needs_linear(self, settings: dict[str, Any]) -> bool:
         """Whether a layer with ``settings`` must run as an ``nn.Linear`` (int8 kernels do). A matrix
@@ -151,8 +150,10 @@ class Operator(abc.ABC):
 
     def why_not_tied(self, tied: list[str]) -> str:
         """Why this operator leaves alone a layer whose weight the modules ``tied`` share with it."""
-        return (f"{self.name} does not compress a weight shared with {', '.join(tied)} (tied weights); "
-                "prune / quantize compress it once for every module that shares it")
+        return (
+            f"{self.name} does not compress a weight shared with {', '.join(tied)} (tied weights); "
+            "prune / quantize compress it once for every module that shares it"
+        )
 
     def follows(self) -> dict[str, list[str]]:
         """Modules, after :meth:`prepare`, that this operator compresses through other layers' plan

@@ -17,7 +17,6 @@ likewise writes its updated weights under a fixed mask.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,8 +30,7 @@ from ..errors import ConfigError
 from ..measure.analysis import layer_kind, tied_groups
 from .base import Operator
 from .calibration import LayerStats, LayerView, collect_stats, execution_order, run, why_not_calibrated
-from .compose import Compose, as_strategy
-from .grid import group_scales
+from .compose import Compose
 from .plan import Plan, apply_plan_inplace, share_tied_parametrizations
 from .prune import WeightMask
 from .quantize import FakeQuantize
@@ -66,20 +64,35 @@ def quantize_layer(op: Any, module: nn.Module, settings: dict[str, Any], view: L
     if op.awq and view.groups == 1:  # one scale per input column: a grouped conv's groups see different inputs
         column_scale = awq_column_scale(matrix, hessian, stats.abs_mean, bits, group_size, op.symmetric)
         if op.method == "rtn":
-            parametrize.register_parametrization(module, "weight", FakeQuantize(bits, group_size, op.symmetric,
-                                                                               column_scale=column_scale))
+            parametrize.register_parametrization(
+                module, "weight", FakeQuantize(bits, group_size, op.symmetric, column_scale=column_scale)
+            )
             return
         matrix = matrix * column_scale
         hessian = hessian / (column_scale[:, None] * column_scale[None, :])
     keep = (matrix != 0).to(matrix.dtype) if parametrize.is_parametrized(module, "weight") else None
-    quantized, scale, zero = gptq(matrix, hessian, bits, group_size=group_size, symmetric=op.symmetric,
-                                  act_order=op.act_order, percdamp=op.percdamp, keep=keep)
+    quantized, scale, zero = gptq(
+        matrix,
+        hessian,
+        bits,
+        group_size=group_size,
+        symmetric=op.symmetric,
+        act_order=op.act_order,
+        percdamp=op.percdamp,
+        keep=keep,
+    )
     if column_scale is not None:
         quantized = quantized * (1.0 / column_scale)
     view.write(quantized)
     rows = module.weight.shape[0]
-    step = FakeQuantize(bits, group_size, op.symmetric, scale=scale.reshape(rows, -1),
-                        zero=None if zero is None else zero.reshape(rows, -1), column_scale=column_scale)
+    step = FakeQuantize(
+        bits,
+        group_size,
+        op.symmetric,
+        scale=scale.reshape(rows, -1),
+        zero=None if zero is None else zero.reshape(rows, -1),
+        column_scale=column_scale,
+    )
     parametrize.register_parametrization(module, "weight", step)
 
 
@@ -98,11 +111,15 @@ def calibration_batches(calibration: Any, strategy: Compose) -> list[Any]:
     users = [op for op in strategy if op.needs_calibration()]
     who = ", ".join(repr(op) for op in users) or "the repairs"
     if calibration is None:
-        raise ConfigError(f"{who} need(s) `calibration`: an iterable of model inputs (each a tensor, a tuple of "
-                          "arguments or a dict of keyword arguments, as `example_input`), e.g. 128-512 samples.")
+        raise ConfigError(
+            f"{who} need(s) `calibration`: an iterable of model inputs (each a tensor, a tuple of "
+            "arguments or a dict of keyword arguments, as `example_input`), e.g. 128-512 samples."
+        )
     if isinstance(calibration, (torch.Tensor, dict)) or not isinstance(calibration, Iterable):
-        raise ConfigError(f"`calibration` must be an iterable of batches of model inputs (a list, a DataLoader "
-                          f"yielding inputs), but got {type(calibration).__name__}; wrap one batch as [batch].")
+        raise ConfigError(
+            f"`calibration` must be an iterable of batches of model inputs (a list, a DataLoader "
+            f"yielding inputs), but got {type(calibration).__name__}; wrap one batch as [batch]."
+        )
     batches = list(calibration)
     if not batches:
         raise ConfigError("`calibration` holds no batch; give a few hundred samples of model inputs.")
@@ -118,6 +135,7 @@ def _device_batches(batches: list[Any], device: torch.device) -> list[Any]:
         if isinstance(value, (tuple, list)):
             return type(value)(move(v) for v in value)
         return value
+
     return [move(b) for b in batches]
 
 
@@ -144,8 +162,14 @@ def _targets(model: nn.Module, layer_names: Iterable[str]) -> dict[str, tuple[st
     return out
 
 
-def apply_plan_calibrated(plan: Plan, model: nn.Module, calibration: Any, strategy: Compose | None = None, *,
-                          repair: Iterable[str] = ("batchnorm",)) -> Calibrated:
+def apply_plan_calibrated(
+    plan: Plan,
+    model: nn.Module,
+    calibration: Any,
+    strategy: Compose | None = None,
+    *,
+    repair: Iterable[str] = ("batchnorm",),
+) -> Calibrated:
     """Apply ``plan`` to ``model`` itself, its calibrated operators fed with ``calibration`` (see
     the module docstring), then the ``repair`` steps (:data:`REPAIRS`). Bad input is refused before
     any work. Returns what was done (:class:`Calibrated`)."""
@@ -160,8 +184,11 @@ def apply_plan_calibrated(plan: Plan, model: nn.Module, calibration: Any, strate
     apply_plan_inplace(plan, model, strategy, structure_only=True)
     result = Calibrated(model, plan)
     per_layer = _entries(plan, strategy)
-    calibrated = {name for name, ops in per_layer.items()
-                  if any((op.needs_calibration() or "bias" in repair) and s != op.identity() for op, s in ops)}
+    calibrated = {
+        name
+        for name, ops in per_layer.items()
+        if any((op.needs_calibration() or "bias" in repair) and s != op.identity() for op, s in ops)
+    }
     for name, ops in per_layer.items():  # data-free layers first: they need no pass
         if name not in calibrated:
             for op, settings in ops:
@@ -192,8 +219,14 @@ def _entries(plan: Plan, strategy: Compose) -> dict[str, list[tuple[Operator, di
     return per_layer
 
 
-def _calibrate_layers(model: nn.Module, per_layer: dict, calibrated: set[str], batches: list[Any],
-                      repair: tuple[str, ...], result: Calibrated) -> None:
+def _calibrate_layers(
+    model: nn.Module,
+    per_layer: dict,
+    calibrated: set[str],
+    batches: list[Any],
+    repair: tuple[str, ...],
+    result: Calibrated,
+) -> None:
     targets = _targets(model, sorted(calibrated))
     tied = {name for leader, followers in tied_groups(model).items() for name in (leader, *followers)}
     order, calls = execution_order(model, {name: module for name, (_, module) in targets.items()}, batches[0])
@@ -213,7 +246,9 @@ def _calibrate_layers(model: nn.Module, per_layer: dict, calibrated: set[str], b
         view = LayerView(module) if why is None else None
         stats = None
         if view is not None:
-            needs_gram = any(op.needs_calibration() and not getattr(op, "method", "") == "wanda" for op, _ in per_layer[layer])
+            needs_gram = any(
+                op.needs_calibration() and getattr(op, "method", "") != "wanda" for op, _ in per_layer[layer]
+            )
             stats = collect_stats(model, view, batches, gram=needs_gram, stop_early=calls[name] == 1)
             result.calibration_passes += 1
         before = module.weight.detach().clone() if view is not None and "bias" in repair else None
@@ -228,8 +263,9 @@ def _calibrate_layers(model: nn.Module, per_layer: dict, calibrated: set[str], b
             _correct_bias(name, module, view, before, stats, result)
 
 
-def _correct_bias(name: str, module: nn.Module, view: LayerView, before: torch.Tensor, stats: LayerStats,
-                  result: Calibrated) -> None:
+def _correct_bias(
+    name: str, module: nn.Module, view: LayerView, before: torch.Tensor, stats: LayerStats, result: Calibrated
+) -> None:
     """Add ``(W - W_compressed) E[x]`` to the bias: the mean output shift compression caused, over
     the calibration inputs the layer sees in the compressed model. Only where a bias exists: adding
     one would change the model's architecture (a fresh model could not load the file)."""
@@ -249,8 +285,11 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> list[str]:
     (momentum None), the model in eval mode except the BatchNorms, no gradients. Returns their
     names. Compression shifts the activations the stored statistics describe; this re-centres them
     without training."""
-    norms = {name: m for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    norms = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
     if not norms:
         return []
     modes = {name: (m.training, m.momentum) for name, m in norms.items()}
@@ -275,6 +314,8 @@ def refuse_uncalibrated(strategy: Compose) -> None:
     given (``tightfit.compress`` does not take it yet)."""
     users = [op for op in strategy if op.needs_calibration()]
     if users:
-        raise ConfigError(f"{', '.join(repr(op) for op in users)} need(s) calibration data, which tightfit.compress does not "
-                          "take yet: compress one-shot with tightfit.compress_once(model, strategy, calibration=batches), "
-                          "or search with method='rtn' / 'magnitude'.")
+        raise ConfigError(
+            f"{', '.join(repr(op) for op in users)} need(s) calibration data, which tightfit.compress does not "
+            "take yet: compress one-shot with tightfit.compress_once(model, strategy, calibration=batches), "
+            "or search with method='rtn' / 'magnitude'."
+        )

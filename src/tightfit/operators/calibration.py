@@ -10,6 +10,7 @@ and per-input sums (squares for Wanda, magnitudes for AWQ, plain sums for bias c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,12 +74,18 @@ class LayerView:
         module = self.module
         x = x.detach().to(torch.float32)
         if isinstance(module, nn.Conv2d):
-            patches = F.unfold(x if x.dim() == 4 else x[None], module.kernel_size, module.dilation, module.padding,
-                               module.stride)
+            patches = F.unfold(
+                x if x.dim() == 4 else x[None], module.kernel_size, module.dilation, module.padding, module.stride
+            )
         elif isinstance(module, nn.Conv1d):
             x = x if x.dim() == 3 else x[None]
-            patches = F.unfold(x[:, :, None, :], (1, module.kernel_size[0]), (1, module.dilation[0]),
-                               (0, module.padding[0]), (1, module.stride[0]))
+            patches = F.unfold(
+                x[:, :, None, :],
+                (1, module.kernel_size[0]),
+                (1, module.dilation[0]),
+                (0, module.padding[0]),
+                (1, module.stride[0]),
+            )
         else:
             return x.reshape(-1, 1, x.shape[-1])
         return patches.transpose(1, 2).reshape(-1, self.groups, patches.shape[1] // self.groups)
@@ -124,7 +131,9 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def collect_stats(model: nn.Module, view: LayerView, batches: Sequence[Any], *, gram: bool, stop_early: bool) -> LayerStats:
+def collect_stats(
+    model: nn.Module, view: LayerView, batches: Sequence[Any], *, gram: bool, stop_early: bool
+) -> LayerStats:
     """Run ``batches`` through ``model`` (no gradient) and sum the inputs ``view``'s layer sees.
     ``stop_early`` ends each pass at the layer (right when it runs once per forward)."""
     stats: LayerStats | None = None
@@ -138,11 +147,16 @@ def collect_stats(model: nn.Module, view: LayerView, batches: Sequence[Any], *, 
         if stats is None:
             g, c = rows.shape[1], rows.shape[2]
             zeros = torch.zeros(g, c, device=rows.device)
-            stats = LayerStats(0, zeros.clone(), zeros.clone(), zeros.clone(),
-                               torch.zeros(g, c, c, device=rows.device) if gram else None)
+            stats = LayerStats(
+                0,
+                zeros.clone(),
+                zeros.clone(),
+                zeros.clone(),
+                torch.zeros(g, c, c, device=rows.device) if gram else None,
+            )
         stats.count += rows.shape[0]
         stats.total += rows.sum(0)
-        stats.square_total += (rows ** 2).sum(0)
+        stats.square_total += (rows**2).sum(0)
         stats.abs_total += rows.abs().sum(0)
         if gram:
             stats.gram += torch.einsum("ngc,ngd->gcd", rows, rows)
@@ -161,10 +175,8 @@ def run(model: nn.Module, batches: Iterable[Any]) -> None:
     """Every batch through ``model`` without gradients (a hook may end a pass early)."""
     with torch.no_grad():
         for batch in batches:
-            try:
+            with contextlib.suppress(_Stop):  # a hook ended the pass once its layer had run
                 call_model(model, batch)
-            except _Stop:
-                pass
 
 
 def execution_order(model: nn.Module, modules: dict[str, nn.Module], batch: Any) -> tuple[list[str], dict[str, int]]:
@@ -174,10 +186,12 @@ def execution_order(model: nn.Module, modules: dict[str, nn.Module], batch: Any)
     calls: dict[str, int] = dict.fromkeys(modules, 0)
     handles = []
     for name, module in modules.items():
+
         def hook(module: nn.Module, args: tuple, name: str = name) -> None:
             if calls[name] == 0:
                 order.append(name)
             calls[name] += 1
+
         handles.append(module.register_forward_pre_hook(hook))
     try:
         run(model, [batch])

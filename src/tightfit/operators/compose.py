@@ -37,8 +37,11 @@ class Compose:
         """The operators that will touch ``layer``: those that support it (a tied weight: those that
         compress one, :attr:`Operator.compresses_tied`) and whose patterns match it, or match a module
         that shares its weight (``layers=["lm_head"]`` reaches the embedding the head is tied to)."""
-        return [op for op in self.operators
-                if takes(op, layer) and any(_matches(name, op.layers) for name in (layer.name, *layer.tied))]
+        return [
+            op
+            for op in self.operators
+            if takes(op, layer) and any(_matches(name, op.layers) for name in (layer.name, *layer.tied))
+        ]
 
 
 def takes(operator: Operator, layer: LayerInfo) -> bool:
@@ -55,8 +58,10 @@ def why_not_taken(layer: LayerInfo, strategy: Compose) -> str:
             return f"{op.name}: {refused[layer.name]}"
     for op in strategy:
         if leaders := op.follows().get(layer.name):
-            return (f"{op.name} prunes it only with the group of {', '.join(leaders)}, which the search leaves out: "
-                    "see the operators' `layers` patterns")
+            return (
+                f"{op.name} prunes it only with the group of {', '.join(leaders)}, which the search leaves out: "
+                "see the operators' `layers` patterns"
+            )
     if any(takes(op, layer) for op in strategy):
         return "left out by the operators' `layers` patterns"
     for op in strategy:  # a tied weight: said so even where the leader is a type the operator skips (the head a Linear)

@@ -67,11 +67,13 @@ def half_exact(scale: torch.Tensor) -> torch.Tensor:
     """``scale`` rounded to the nearest float16 value where it lies in float16's normal range (the
     file then stores the scales in 2 bytes, :func:`tightfit.export.codec.encode_grid`); a relative
     change of at most 2^-11, far below a 2-8 bit grid's step. Values outside the range stay."""
-    normal = (scale >= 2.0 ** -14) & (scale <= 65504.0)
+    normal = (scale >= 2.0**-14) & (scale <= 65504.0)
     return torch.where(normal, scale.to(torch.float16).to(scale.dtype), scale)
 
 
-def group_scales(matrix: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_scales(
+    matrix: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(rows, groups)`` scales (and zero points) of a ``(rows, columns)`` matrix, the scales
     float16-exact where they can be (:func:`half_exact`)."""
     rows, columns = matrix.shape
@@ -80,7 +82,9 @@ def group_scales(matrix: torch.Tensor, bits: int, group_size: int, symmetric: bo
         if zero is not None:  # the zero point that goes with the rounded scale
             low, high = code_range(bits, symmetric)
             scale = half_exact(scale)
-            return scale, (low - torch.round(matrix.detach().amin(dim=1, keepdim=True).clamp(max=0) / scale)).clamp(low, high)
+            return scale, (low - torch.round(matrix.detach().amin(dim=1, keepdim=True).clamp(max=0) / scale)).clamp(
+                low, high
+            )
         return half_exact(scale), None
     groups = -(-columns // group_size)
     padded = torch.nn.functional.pad(matrix.detach(), (0, groups * group_size - columns))
@@ -90,8 +94,9 @@ def group_scales(matrix: torch.Tensor, bits: int, group_size: int, symmetric: bo
     return scale.reshape(rows, groups), None if zero is None else zero.reshape(rows, groups)
 
 
-def round_codes(matrix: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                rounder=torch.round) -> torch.Tensor:
+def round_codes(
+    matrix: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, rounder=torch.round
+) -> torch.Tensor:
     """Codes of ``matrix`` on the grid (``scale``/``zero`` already spread per column)."""
     low, high = code_range(bits, zero is None)
     scaled = rounder(matrix / scale)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
 from ..calling import call_model
+from ..errors import ModelError
 from .group_search import failing_members
 
 #: Attributes that hold the number of heads of Hugging Face-style (and hand-written) attention.
@@ -61,9 +61,19 @@ class SplitQKVAttention(nn.Module):
     add_zero_attn = False
     _qkv_same_embed_dim = False
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, kdim: int | None = None,
-                 vdim: int | None = None, bias: bool = True, out_bias: bool = True, dropout: float = 0.0,
-                 batch_first: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = False,
+    ) -> None:
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
@@ -81,9 +91,17 @@ class SplitQKVAttention(nn.Module):
     def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> SplitQKVAttention:
         """The same block, weights shared by value (copied), ready to lose heads."""
         ref = mha.out_proj.weight
-        split = cls(mha.embed_dim, mha.num_heads, mha.head_dim, kdim=mha.kdim, vdim=mha.vdim,
-                    bias=mha.in_proj_bias is not None, out_bias=mha.out_proj.bias is not None,
-                    dropout=mha.dropout, batch_first=mha.batch_first).to(device=ref.device, dtype=ref.dtype)
+        split = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            mha.head_dim,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            bias=mha.in_proj_bias is not None,
+            out_bias=mha.out_proj.bias is not None,
+            dropout=mha.dropout,
+            batch_first=mha.batch_first,
+        ).to(device=ref.device, dtype=ref.dtype)
         if mha._qkv_same_embed_dim:
             weights = mha.in_proj_weight.chunk(3)
         else:
@@ -104,10 +122,17 @@ class SplitQKVAttention(nn.Module):
         split.train(mha.training)
         return split
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batched = query.dim() == 3
         if not batched:  # (L, E): a batch of one, in the sequence-first layout
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
@@ -166,8 +191,10 @@ class SplitQKVAttention(nn.Module):
         return mask
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"kept_heads={self.kept_heads}, batch_first={self.batch_first}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"kept_heads={self.kept_heads}, batch_first={self.batch_first}"
+        )
 
 
 def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -259,8 +286,12 @@ def _head_groups(model: nn.Module, dg, keys: list[str]) -> dict[str, tuple[nn.Mo
         qkv: list[str] = []
         for item in group:
             module = item.dep.target.module
-            if (isinstance(module, tp.ops.TORCH_LINEAR) and dg.is_out_channel_pruning_fn(item.dep.handler)
-                    and module in names and names[module] not in qkv):
+            if (
+                isinstance(module, tp.ops.TORCH_LINEAR)
+                and dg.is_out_channel_pruning_fn(item.dep.handler)
+                and module in names
+                and names[module] not in qkv
+            ):
                 qkv.append(names[module])
         owner = (mha, "num_heads") if mha is not None else head_owner(model, qkv)
         if owner is None:
@@ -327,7 +358,9 @@ def remove_heads(model: nn.Module, ratios: dict[str, float], example_input: Any)
             owner.kept_heads = [h for i, h in enumerate(owner.kept_heads) if i not in drop]
         modules = dict(model.named_modules())
         if any(modules[name].out_features != kept * size for name in qkv):
-            raise ModelError(f"StructuredPrune: removing heads of {key!r} left its q/k/v layers {qkv} of unequal widths.")
+            raise ModelError(
+                f"StructuredPrune: removing heads of {key!r} left its q/k/v layers {qkv} of unequal widths."
+            )
         removed[key] = RemovedHeads(drop, size, qkv)
     return removed
 
@@ -341,12 +374,17 @@ def mask_heads(model: nn.Module, removed: dict[str, RemovedHeads]) -> None:
             mha = multihead_attention_of(model, key)
             block = modules[mha] if mha is not None else None
             if isinstance(block, nn.MultiheadAttention):
-                weights = (block.in_proj_weight.chunk(3) if block._qkv_same_embed_dim
-                           else (block.q_proj_weight, block.k_proj_weight, block.v_proj_weight))
+                weights = (
+                    block.in_proj_weight.chunk(3)
+                    if block._qkv_same_embed_dim
+                    else (block.q_proj_weight, block.k_proj_weight, block.v_proj_weight)
+                )
                 biases = block.in_proj_bias.chunk(3) if block.in_proj_bias is not None else ()
                 tensors = [*weights, *biases]
             else:
-                tensors = [t for name in gone.layers for t in (modules[name].weight, modules[name].bias) if t is not None]
+                tensors = [
+                    t for name in gone.layers for t in (modules[name].weight, modules[name].bias) if t is not None
+                ]
             for tensor in tensors:
                 for h in gone.heads:
                     tensor[h * gone.size : (h + 1) * gone.size] = 0
@@ -393,8 +431,10 @@ def prunable_head_blocks(model: nn.Module, example_input: Any, candidates: list[
     return verdict
 
 
-BREAKS_HEADS = ("attention whose heads cannot be removed safely (removing one changed its result, or no attribute "
-                f"holds its number of heads: {', '.join(HEAD_COUNT_ATTRIBUTES)}); left alone by structured pruning")
+BREAKS_HEADS = (
+    "attention whose heads cannot be removed safely (removing one changed its result, or no attribute "
+    f"holds its number of heads: {', '.join(HEAD_COUNT_ATTRIBUTES)}); left alone by structured pruning"
+)
 
 
 @contextmanager

@@ -36,8 +36,10 @@ from .recurrent import parametrize_weights
 NO_EXAMPLE_INPUT = "running it as an nn.Linear is checked on the model's example input: pass `example_input`"
 
 #: Why a GRU / RNN is left alone by Int8 (Prune and Quantize take it).
-NO_RECURRENT_KERNEL = ("int8 runs a recurrent layer through ONNX Runtime's DynamicQuantizeLSTM, which exists for LSTM "
-                       "only (no int8 GRU / RNN kernel)")
+NO_RECURRENT_KERNEL = (
+    "int8 runs a recurrent layer through ONNX Runtime's DynamicQuantizeLSTM, which exists for LSTM "
+    "only (no int8 GRU / RNN kernel)"
+)
 
 #: Why an LSTM with ``proj_size`` is left alone by Int8.
 LSTM_PROJECTION = "an LSTM with proj_size has no ONNX LSTM operator to run in int8 (ONNX's LSTM has no projection)"
@@ -103,12 +105,17 @@ class Int8(Operator):
     def supports(self, layer: LayerInfo) -> bool:
         # an nn.Linear itself (a subclass may be read by its parent: attention's out_proj), a checked
         # matrix layer, or an LSTM (ONNX Runtime's DynamicQuantizeLSTM)
-        return ((layer.type == layer.kind == "Linear") or (layer.kind == MATRIX_KIND and layer.name in self._matrix)
-                or (layer.kind == "LSTM" and layer.name not in self._refused))
+        return (
+            (layer.type == layer.kind == "Linear")
+            or (layer.kind == MATRIX_KIND and layer.name in self._matrix)
+            or (layer.kind == "LSTM" and layer.name not in self._refused)
+        )
 
     def why_not_tied(self, tied: list[str]) -> str:
-        return (f"int8 runs the layer as a quantized Linear holding its own int8 weight, which would untie it from "
-                f"{', '.join(tied)} (tied weights); prune / quantize compress the shared weight instead")
+        return (
+            f"int8 runs the layer as a quantized Linear holding its own int8 weight, which would untie it from "
+            f"{', '.join(tied)} (tied weights); prune / quantize compress the shared weight instead"
+        )
 
     def why_not(self, layer: LayerInfo) -> str | None:
         return NO_RECURRENT_KERNEL if layer.kind in RECURRENT_KINDS else None

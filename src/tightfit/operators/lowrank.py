@@ -65,10 +65,20 @@ def _pair(module: nn.Module, rank: int) -> Factorized:
         second = nn.Linear(rank, out_dim, bias=has_bias)
     else:
         conv = type(module)
-        first = conv(module.in_channels, rank, module.kernel_size, stride=module.stride, padding=module.padding,
-                     dilation=module.dilation, bias=False, padding_mode=module.padding_mode)
+        first = conv(
+            module.in_channels,
+            rank,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=False,
+            padding_mode=module.padding_mode,
+        )
         second = conv(rank, out_dim, 1, bias=has_bias)
-    pair = Factorized(first, second).to(device=module.weight.device, dtype=module.weight.dtype)  # a float64 / GPU model stays so
+    pair = Factorized(first, second).to(
+        device=module.weight.device, dtype=module.weight.dtype
+    )  # a float64 / GPU model stays so
     pair.train(module.training)
     return pair
 
@@ -109,7 +119,9 @@ class LowRank(Operator):
     name = "low_rank"
     structural = True
 
-    def __init__(self, rank_ratio: float | tuple[float, float] = (0.05, 1.0), *, layers: list[str] | None = None) -> None:
+    def __init__(
+        self, rank_ratio: float | tuple[float, float] = (0.05, 1.0), *, layers: list[str] | None = None
+    ) -> None:
         super().__init__(layers=layers)
         low, high = parse_range("LowRank", "rank_ratio", rank_ratio, lambda v: 0.0 < v <= 1.0, "(0, 1]")
         self.rank_ratio = (low, high)
@@ -124,7 +136,9 @@ class LowRank(Operator):
         factorizable = {name: f for name, m in model.named_modules() if name and (f := _as_factorizable(m)) is not None}
         # matrix layers (e.g. GPT-2's Conv1D) that are a plain affine map: (out, in) of their Linear equivalent
         self._matrix = {
-            name: (f.out_features, f.in_features) for name, f in factorizable.items() if f is not model.get_submodule(name)
+            name: (f.out_features, f.in_features)
+            for name, f in factorizable.items()
+            if f is not model.get_submodule(name)
         }
         # matrix layers that are no affine map, and layers whose parent reads their weight directly
         # (attention's output projection, fused fast paths): found by swapping in a rank-1 pair
@@ -154,18 +168,24 @@ class LowRank(Operator):
         return factor_rank(out_dim, in_dim, self.rank_ratio[0]) is not None
 
     def why_not_tied(self, tied: list[str]) -> str:
-        return (f"low_rank would replace the layer by two factors, untying its weight from {', '.join(tied)} "
-                "(tied weights), which read the whole matrix; prune / quantize compress the shared weight instead")
+        return (
+            f"low_rank would replace the layer by two factors, untying its weight from {', '.join(tied)} "
+            "(tied weights), which read the whole matrix; prune / quantize compress the shared weight instead"
+        )
 
     def why_not(self, layer: LayerInfo) -> str | None:
         if layer.kind in RECURRENT_KINDS:
-            return ("low_rank does not factorize a recurrent layer's gate matrices (the layer's kernel takes them "
-                    "whole); prune / quantize compress them")
+            return (
+                "low_rank does not factorize a recurrent layer's gate matrices (the layer's kernel takes them "
+                "whole); prune / quantize compress them"
+            )
         if layer.name in self._grouped and layer.name not in self._refused:
             return "low_rank leaves a grouped or depthwise convolution whole: its weight is not one matrix"
         if layer.type in _FACTORIZABLE or layer.name in self._matrix:
-            return (f"low_rank would not make it cheaper: two factors even at rank_ratio {self.rank_ratio[0]:g} hold "
-                    f"as many weights as its {'x'.join(map(str, layer.weight_shape))} weight")
+            return (
+                f"low_rank would not make it cheaper: two factors even at rank_ratio {self.rank_ratio[0]:g} hold "
+                f"as many weights as its {'x'.join(map(str, layer.weight_shape))} weight"
+            )
         return None
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:

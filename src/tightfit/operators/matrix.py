@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..calling import call_model, output_tensors
+from ..errors import ConfigError
 from ..measure.analysis import MATRIX_KIND, layer_kind
 
 #: Why a matrix layer is left alone when it has no Linear equivalent.
@@ -41,7 +41,9 @@ def linear_equivalent(module: nn.Module) -> nn.Linear | None:
         in_dim, out_dim = matrix.shape
         if bias is not None and bias.shape != (out_dim,):
             continue
-        x = torch.randn(3, in_dim, generator=generator, dtype=torch.float64).to(device=weight.device, dtype=weight.dtype)
+        x = torch.randn(3, in_dim, generator=generator, dtype=torch.float64).to(
+            device=weight.device, dtype=weight.dtype
+        )
         expected = x @ matrix + (bias if bias is not None else 0)
         was_training = module.training
         module.eval()
@@ -52,7 +54,11 @@ def linear_equivalent(module: nn.Module) -> nn.Linear | None:
             continue
         finally:
             module.train(was_training)
-        if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        if (
+            isinstance(got, torch.Tensor)
+            and got.shape == expected.shape
+            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+        ):
             linear = nn.Linear(in_dim, out_dim, bias=bias is not None).to(device=weight.device, dtype=weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(matrix.t())
@@ -107,14 +113,18 @@ def unswappable(
                 names_list = list(names)
                 parent = model.get_submodule(names_list[0].rpartition(".")[0]) if len(names_list) == 1 else None
                 who = f"its parent ({type(parent).__name__})" if parent is not None else "its parent"
-                return (f"{who} cannot run with another module in its place, e.g. it reads the layer's weight "
-                        f"itself ({type(exc).__name__}: {str(exc)[:80]})")
+                return (
+                    f"{who} cannot run with another module in its place, e.g. it reads the layer's weight "
+                    f"itself ({type(exc).__name__}: {str(exc)[:80]})"
+                )
             finally:
                 for name, module in originals.items():
                     swap_layer(model, name, module)
             if reference is not None and not _close(got, reference):
-                return ("its parent uses its weight other than through its forward: an equivalent module in its "
-                        "place changes the output")
+                return (
+                    "its parent uses its weight other than through its forward: an equivalent module in its "
+                    "place changes the output"
+                )
             return None
 
         if same_output and breaks(stand_ins) is None:

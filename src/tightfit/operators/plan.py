@@ -64,7 +64,9 @@ class Plan:
         ops = []
         for name, config in self.operators.items():
             if name not in OPERATOR_REGISTRY:
-                raise ConfigError(f"Plan uses operator {name!r}, which is not registered; known: {sorted(OPERATOR_REGISTRY)}.")
+                raise ConfigError(
+                    f"Plan uses operator {name!r}, which is not registered; known: {sorted(OPERATOR_REGISTRY)}."
+                )
             ops.append(OPERATOR_REGISTRY[name](**config))
         return Compose(ops)
 
@@ -107,7 +109,9 @@ def apply_plan_inplace(
     return model
 
 
-def _check_tied_entries(tied: dict[str, list[str]], strategy: Compose, entries: dict[str, dict[str, dict[str, Any]]]) -> None:
+def _check_tied_entries(
+    tied: dict[str, list[str]], strategy: Compose, entries: dict[str, dict[str, dict[str, Any]]]
+) -> None:
     """A tied weight is compressed once, through its leader's entry, by operators that keep it tied."""
     leader_of = {follower: leader for leader, followers in tied.items() for follower in followers}
     for op in strategy:
@@ -139,7 +143,7 @@ def share_tied_parametrizations(model: nn.Module) -> None:
                     f"{follower_name!r} shares its weight with {leader_name!r} (tied weights) but was compressed "
                     f"on its own; compress the tied weight through {leader_name!r} only."
                 )
-            for step in steps[len(own):]:
+            for step in steps[len(own) :]:
                 parametrize.register_parametrization(follower, "weight", step)
 
 
@@ -175,14 +179,18 @@ def fold_weight_norm(model: nn.Module) -> list[str]:
         ):
             continue
         with torch.no_grad():
-            values = {tensor_name: getattr(module, tensor_name).detach().clone() for tensor_name in module.parametrizations}
+            values = {
+                tensor_name: getattr(module, tensor_name).detach().clone() for tensor_name in module.parametrizations
+            }
         del module._modules["parametrizations"]
         module.__class__ = type(module).__bases__[0]  # parametrize's per-module class derives from the module's own
         for tensor_name, value in values.items():
             module.register_parameter(tensor_name, nn.Parameter(value))
         # weight_norm's hook reading old weight_g/weight_v checkpoints: moot now, and unpicklable
         hooks = module._load_state_dict_pre_hooks
-        for key in [k for k, h in hooks.items() if "_weight_norm_compat_hook" in getattr(getattr(h, "hook", h), "__name__", "")]:
+        for key in [
+            k for k, h in hooks.items() if "_weight_norm_compat_hook" in getattr(getattr(h, "hook", h), "__name__", "")
+        ]:
             del hooks[key]
         folded.append(name)
     return folded

@@ -12,10 +12,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..measure.analysis import ELEMENTWISE_KINDS, LayerInfo, weight_names
-from .base import Hyperparameter, Operator, parse_range, Projection
+from .base import Hyperparameter, Operator, Projection, parse_range
 from .grid import as_rows
-from .solvers import nm_mask
 from .recurrent import parametrize_weights
+from .solvers import nm_mask
 
 
 class WeightMask(Projection, nn.Module):
@@ -113,8 +113,15 @@ class Prune(Operator):
     name = "prune"
     compresses_tied = True
 
-    def __init__(self, sparsity: float | tuple[float, float] | None = None, *, method: str = "magnitude",
-                 pattern: str | None = None, percdamp: float = 0.01, layers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        sparsity: float | tuple[float, float] | None = None,
+        *,
+        method: str = "magnitude",
+        pattern: str | None = None,
+        percdamp: float = 0.01,
+        layers: list[str] | None = None,
+    ) -> None:
         super().__init__(layers=layers)
         if method not in PRUNE_METHODS:
             raise ConfigError(f"Prune: `method` must be one of {PRUNE_METHODS}, but got {method!r}.")
@@ -123,9 +130,13 @@ class Prune(Operator):
         self.method, self.percdamp, self.pattern = method, float(percdamp), parse_pattern(pattern)
         if self.pattern is not None:
             fixed = 1.0 - self.pattern[0] / self.pattern[1]
-            if sparsity is not None and parse_range("Prune", "sparsity", sparsity, lambda v: 0.0 <= v < 1.0, "[0, 1)") != (fixed, fixed):
-                raise ConfigError(f"Prune: `pattern={pattern!r}` sets the sparsity to {fixed:g}; leave `sparsity` out, "
-                                  f"but got sparsity={sparsity!r}.")
+            if sparsity is not None and parse_range(
+                "Prune", "sparsity", sparsity, lambda v: 0.0 <= v < 1.0, "[0, 1)"
+            ) != (fixed, fixed):
+                raise ConfigError(
+                    f"Prune: `pattern={pattern!r}` sets the sparsity to {fixed:g}; leave `sparsity` out, "
+                    f"but got sparsity={sparsity!r}."
+                )
             self.sparsity = (fixed, fixed)
         else:
             sparsity = (0.0, 0.99) if sparsity is None else sparsity
@@ -135,12 +146,16 @@ class Prune(Operator):
         return self.method != "magnitude"
 
     def supports(self, layer: LayerInfo) -> bool:
-        return layer.kind in ELEMENTWISE_KINDS and (self.pattern is None or _columns(layer.weight_shape) % self.pattern[1] == 0)
+        return layer.kind in ELEMENTWISE_KINDS and (
+            self.pattern is None or _columns(layer.weight_shape) % self.pattern[1] == 0
+        )
 
     def why_not(self, layer: LayerInfo) -> str | None:
         if layer.kind in ELEMENTWISE_KINDS and self.pattern is not None:
-            return (f"pattern {self.pattern[0]}:{self.pattern[1]} needs rows whose length ({_columns(layer.weight_shape)}) "
-                    f"is a multiple of {self.pattern[1]}")
+            return (
+                f"pattern {self.pattern[0]}:{self.pattern[1]} needs rows whose length ({_columns(layer.weight_shape)}) "
+                f"is a multiple of {self.pattern[1]}"
+            )
         return None
 
     def hyperparameters(self, layer: LayerInfo) -> list[Hyperparameter]:
@@ -156,8 +171,10 @@ class Prune(Operator):
 
     def apply(self, module: nn.Module, settings: dict[str, Any]) -> None:
         if self.needs_calibration() and float(settings["sparsity"]) > 0:
-            raise ConfigError(f"Prune(method={self.method!r}) needs calibration data: compress with "
-                              "tightfit.compress_once(model, strategy, calibration=batches), or use method='magnitude'.")
+            raise ConfigError(
+                f"Prune(method={self.method!r}) needs calibration data: compress with "
+                "tightfit.compress_once(model, strategy, calibration=batches), or use method='magnitude'."
+            )
         self.apply_uncalibrated(module, settings)
 
     def apply_uncalibrated(self, module: nn.Module, settings: dict[str, Any]) -> None:
@@ -168,9 +185,13 @@ class Prune(Operator):
             if sparsity > 0:
                 for name in weight_names(module):
                     if _columns(tuple(getattr(module, name).shape)) % self.pattern[1]:
-                        raise ConfigError(f"Prune: pattern {self.pattern} needs rows of {name!r} "
-                                          f"{tuple(getattr(module, name).shape)} whose length is a multiple of {self.pattern[1]}.")
-                parametrize_weights(module, lambda weight: WeightMask(pattern_mask(weight, *self.pattern), self.pattern))
+                        raise ConfigError(
+                            f"Prune: pattern {self.pattern} needs rows of {name!r} "
+                            f"{tuple(getattr(module, name).shape)} whose length is a multiple of {self.pattern[1]}."
+                        )
+                parametrize_weights(
+                    module, lambda weight: WeightMask(pattern_mask(weight, *self.pattern), self.pattern)
+                )
             return
         # Magnitudes of each weight as it is now (after any earlier parametrization); a recurrent
         # layer's matrices each lose the same fraction (their scales differ: input vs hidden state).

@@ -54,8 +54,16 @@ class FakeQuantize(Projection, nn.Module):
     :mod:`tightfit.operators.grid` for the layout the ``.tfz`` stores.
     """
 
-    def __init__(self, bits: int, group_size: int = 0, symmetric: bool = True, *, scale: torch.Tensor | None = None,
-                 zero: torch.Tensor | None = None, column_scale: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        bits: int,
+        group_size: int = 0,
+        symmetric: bool = True,
+        *,
+        scale: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+        column_scale: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.bits = int(bits)
         self.group_size = int(group_size or 0)
@@ -94,8 +102,13 @@ class FakeQuantize(Projection, nn.Module):
         else:
             scale, zero = group_scales(matrix, self.bits, self.group_size, self.symmetric)
         columns = matrix.shape[1]
-        codes = round_codes(matrix, per_column(scale, self.group_size, columns),
-                            None if zero is None else per_column(zero, self.group_size, columns), self.bits, _RoundSTE.apply)
+        codes = round_codes(
+            matrix,
+            per_column(scale, self.group_size, columns),
+            None if zero is None else per_column(zero, self.group_size, columns),
+            self.bits,
+            _RoundSTE.apply,
+        )
         return Grid(codes.reshape(weight.shape), scale, zero, self.group_size, self.bits, inverse)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -148,8 +161,10 @@ def _group_sizes(value: Any) -> tuple[int, ...]:
         elif isinstance(choice, int) and not isinstance(choice, bool) and choice >= 2:
             out.append(int(choice))
         else:
-            raise ConfigError(f"Quantize: `group_size` must be None (per channel), a whole number >= 2 (e.g. 32, 64, "
-                              f"128), or a tuple of those the search chooses from, but got {value!r}.")
+            raise ConfigError(
+                f"Quantize: `group_size` must be None (per channel), a whole number >= 2 (e.g. 32, 64, "
+                f"128), or a tuple of those the search chooses from, but got {value!r}."
+            )
     if not out:
         raise ConfigError("Quantize: `group_size` must not be an empty tuple.")
     return tuple(dict.fromkeys(out))
@@ -173,9 +188,18 @@ class Quantize(Operator):
     name = "quantize"
     compresses_tied = True
 
-    def __init__(self, bits: int | tuple[int, ...] = (4, 8), *, method: str = "rtn", group_size: Any = None,
-                 symmetric: bool = True, act_order: bool = False, percdamp: float = 0.01, awq: bool = False,
-                 layers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        bits: int | tuple[int, ...] = (4, 8),
+        *,
+        method: str = "rtn",
+        group_size: Any = None,
+        symmetric: bool = True,
+        act_order: bool = False,
+        percdamp: float = 0.01,
+        awq: bool = False,
+        layers: list[str] | None = None,
+    ) -> None:
         super().__init__(layers=layers)
         choices = (bits,) if isinstance(bits, int) else tuple(bits)
         bad = [b for b in choices if b not in SUPPORTED_BITS]
@@ -185,7 +209,9 @@ class Quantize(Operator):
         if method not in QUANTIZE_METHODS:
             raise ConfigError(f"Quantize: `method` must be one of {QUANTIZE_METHODS}, but got {method!r}.")
         if not isinstance(percdamp, (int, float)) or not 0 < percdamp <= 1:
-            raise ConfigError(f"Quantize: `percdamp` must lie in (0, 1] (0.01 is GPTQ's default), but got {percdamp!r}.")
+            raise ConfigError(
+                f"Quantize: `percdamp` must lie in (0, 1] (0.01 is GPTQ's default), but got {percdamp!r}."
+            )
         for flag, value in (("symmetric", symmetric), ("act_order", act_order), ("awq", awq)):
             if not isinstance(value, bool):
                 raise ConfigError(f"Quantize: `{flag}` must be True or False, but got {value!r}.")

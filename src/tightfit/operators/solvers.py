@@ -40,13 +40,15 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
     damp = percdamp * diag.mean(dim=-1, keepdim=True)
     for attempt in range(6):  # a nearly singular H (few samples, collinear inputs): damp harder
         try:
-            factor = torch.linalg.cholesky(h + torch.diag_embed(damp.expand_as(diag) * 10.0 ** attempt))
+            factor = torch.linalg.cholesky(h + torch.diag_embed(damp.expand_as(diag) * 10.0**attempt))
             inverse = torch.cholesky_inverse(factor)
             return torch.linalg.cholesky(inverse, upper=True), dead
         except torch.linalg.LinAlgError:
             continue
-    raise ConfigError("The layer's input Hessian is not positive definite even with 1e5 x `percdamp` damping; "
-                      "give more calibration samples or a larger `percdamp`.")
+    raise ConfigError(
+        "The layer's input Hessian is not positive definite even with 1e5 x `percdamp` damping; "
+        "give more calibration samples or a larger `percdamp`."
+    )
 
 
 def _block_size(step: int) -> int:
@@ -60,8 +62,17 @@ def _scales_for(weight: torch.Tensor, bits: int, group_size: int, symmetric: boo
     return scale.reshape(g, rows, -1), None if zero is None else zero.reshape(g, rows, -1)
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, group_size: int = 0, symmetric: bool = True,
-         act_order: bool = False, percdamp: float = 0.01, keep: torch.Tensor | None = None):
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    *,
+    group_size: int = 0,
+    symmetric: bool = True,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    keep: torch.Tensor | None = None,
+):
     """Quantized weights ``(G, rows, columns)`` with their grid ``(scale, zero)`` of shape
     ``(G, rows, groups)`` (zero None when symmetric). ``keep`` (bool, weight's shape): entries that
     may be nonzero (a mask pruning applied before): the others are quantized to exactly zero."""
@@ -75,7 +86,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, group_size: 
         perm = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True)  # (G, C)
         w = torch.gather(w, 2, perm[:, None, :].expand_as(w))
         keep = None if keep is None else torch.gather(keep, 2, perm[:, None, :].expand_as(keep))
-        h = torch.gather(torch.gather(hessian, 1, perm[:, :, None].expand_as(hessian)), 2, perm[:, None, :].expand_as(hessian))
+        h = torch.gather(
+            torch.gather(hessian, 1, perm[:, :, None].expand_as(hessian)), 2, perm[:, None, :].expand_as(hessian)
+        )
         upper, _ = inverse_hessian_factor(h.to(torch.float32), percdamp)
     else:
         perm = torch.arange(columns, device=w.device).expand(g, columns)
@@ -95,7 +108,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, group_size: 
                 # the group's range as it stands after the earlier blocks' updates, not this block's
                 # (as GPTQ's reference does): measured on correlated inputs at 3 bits, group 32, the
                 # in-block values gave an output error of 18.3 against 12.0 (round-to-nearest: 18.6)
-                s, z = _scales_for(w[..., col:col + group_size], bits, 0, symmetric)
+                s, z = _scales_for(w[..., col : col + group_size], bits, 0, symmetric)
                 scale[..., col // group_size] = s[..., 0]
                 if zero is not None:
                     zero[..., col // group_size] = z[..., 0]
@@ -118,8 +131,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, group_size: 
     return out, scale, zero
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *, pattern: tuple[int, int] | None = None,
-              percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    *,
+    pattern: tuple[int, int] | None = None,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pruned and compensated weights ``(G, rows, columns)`` and their 0/1 mask: ``sparsity`` of each
     block's entries removed (or, with ``pattern`` (N, M), all but N of every M consecutive inputs of
     a row)."""
@@ -135,7 +154,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *, p
         saliency_denominator = torch.diagonal(hinv1, dim1=-2, dim2=-1)[:, None, :] ** 2
         pruned = torch.zeros_like(w1, dtype=torch.bool)
         if pattern is None:
-            score = (w1 ** 2 / saliency_denominator).reshape(g, -1)
+            score = (w1**2 / saliency_denominator).reshape(g, -1)
             n_pruned = int(round(sparsity * score.shape[1]))
             if n_pruned:
                 idx = torch.topk(score, n_pruned, dim=1, largest=False).indices
@@ -143,9 +162,9 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *, p
         for i in range(i2 - i1):
             if pattern is not None and i % pattern[1] == 0:
                 n, m = pattern
-                score = w1[..., i:i + m] ** 2 / saliency_denominator[..., i:i + m]
+                score = w1[..., i : i + m] ** 2 / saliency_denominator[..., i : i + m]
                 idx = torch.topk(score, m - n, dim=2, largest=False).indices
-                pruned[..., i:i + m].scatter_(2, idx, True)
+                pruned[..., i : i + m].scatter_(2, idx, True)
             col_w = w1[..., i]
             q = col_w.masked_fill(pruned[..., i], 0.0)
             e = (col_w - q) / hinv1[:, i, i][:, None]
@@ -166,8 +185,9 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(grouped).scatter_(-1, idx, 1.0).reshape(score.shape)
 
 
-def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float,
-               pattern: tuple[int, int] | None = None) -> torch.Tensor:
+def wanda_mask(
+    weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None = None
+) -> torch.Tensor:
     """0/1 mask ``(G, rows, columns)`` from ``|w| * ||x_j||``, compared within each row (or by
     ``pattern`` (N, M)). ``input_sq_norm`` is ``(G, columns)``: the summed squares of each input."""
     score = weight.detach().abs() * input_sq_norm.sqrt()[:, None, :]
@@ -194,8 +214,14 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
 AWQ_ALPHAS = tuple(i / 20 for i in range(20))
 
 
-def awq_column_scale(weight: torch.Tensor, hessian: torch.Tensor, input_abs_mean: torch.Tensor, bits: int,
-                     group_size: int, symmetric: bool) -> torch.Tensor:
+def awq_column_scale(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    input_abs_mean: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+) -> torch.Tensor:
     """Per-input-column scale ``s`` ``(columns,)`` (one problem, G == 1) minimising the output error
     of ``Q(W * s) / s`` over :data:`AWQ_ALPHAS`."""
     w = weight[0].detach().to(torch.float32)

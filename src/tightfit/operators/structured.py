@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
 from ..calling import call_model, model_arguments, output_tensors
+from ..errors import ConfigError, ModelError
 from ..measure.analysis import RECURRENT_KINDS, LayerInfo, tied_groups
 from .base import Hyperparameter, Operator, parse_range
 from .group_search import failing_members
@@ -98,15 +98,20 @@ def dependency_graph(model: nn.Module, example_input: Any):
     hooks = {module: set(module._forward_hooks) for module in model.modules()}
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=args, verbose=False,
-                                                         output_transform=_traced_tensors)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=args, verbose=False, output_transform=_traced_tensors
+            )
     finally:
         model.train(was_training)
         for param in frozen:
             param.requires_grad_(False)
         for module, before in hooks.items():
             for key in set(module._forward_hooks) - before:
-                for table in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+                for table in (
+                    module._forward_hooks,
+                    module._forward_hooks_with_kwargs,
+                    module._forward_hooks_always_called,
+                ):
                     table.pop(key, None)
 
 
@@ -219,7 +224,9 @@ def _terminal_layers(dg) -> list[nn.Module]:
 _LEFT_ALONE = (nn.MultiheadAttention, nn.RNNBase)
 
 
-def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] | None = None) -> tuple[dict[str, list[str]], Any]:
+def coupled_groups(
+    model: nn.Module, example_input: Any, skip: list[nn.Module] | None = None
+) -> tuple[dict[str, list[str]], Any]:
     """Channel groups of ``model`` (leader layer name -> names of every layer the group touches) and
     the dependency graph they were found in.
 
@@ -244,19 +251,26 @@ def coupled_groups(model: nn.Module, example_input: Any, skip: list[nn.Module] |
     return groups, dg
 
 
-BREAKS_FORWARD = ("removing its channels breaks the model's forward pass (e.g. attention heads reshaped from them, "
-                  "or a flattened feature map joined to other features); "
-                  "left alone by structured pruning")
+BREAKS_FORWARD = (
+    "removing its channels breaks the model's forward pass (e.g. attention heads reshaped from them, "
+    "or a flattened feature map joined to other features); "
+    "left alone by structured pruning"
+)
 
 
 def _is_grouped_conv(module: nn.Module) -> bool:
     """A convolution whose channels split into several groups, other than a depthwise one (one
     channel per group on both sides, which Torch-Pruning prunes channel by channel, in and out together)."""
-    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-            and not module.groups == module.in_channels == module.out_channels)
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and not module.groups == module.in_channels == module.out_channels
+    )
 
 
-def _channel_period(dg, leader: nn.Module, channels: int, names: Mapping[nn.Module, str]) -> tuple[int | None, str | None]:
+def _channel_period(
+    dg, leader: nn.Module, channels: int, names: Mapping[nn.Module, str]
+) -> tuple[int | None, str | None]:
     """How a group's channels must be removed when grouped convolutions take them: ``(period,
     None)``, the group's channels split into ``period`` equal blocks and the same positions removed
     from every block, so that each group of those convolutions keeps as many channels as the others
@@ -279,19 +293,27 @@ def _channel_period(dg, leader: nn.Module, channels: int, names: Mapping[nn.Modu
         side = "output" if dg.is_out_channel_pruning_fn(item.dep.handler) else "input"
         width = module.out_channels if side == "output" else module.in_channels
         if module.transposed:
-            return None, (f"a grouped transposed convolution takes its channels ({name}): Torch-Pruning 1.6 removes "
-                          "its channels from the wrong weight dimension")
+            return None, (
+                f"a grouped transposed convolution takes its channels ({name}): Torch-Pruning 1.6 removes "
+                "its channels from the wrong weight dimension"
+            )
         if module.groups == module.out_channels:
-            return None, (f"a grouped convolution with one output channel per group takes its channels ({name}): "
-                          "Torch-Pruning 1.6 prunes it as a depthwise one, input and output channels together, "
-                          "which breaks its groups")
+            return None, (
+                f"a grouped convolution with one output channel per group takes its channels ({name}): "
+                "Torch-Pruning 1.6 prunes it as a depthwise one, input and output channels together, "
+                "which breaks its groups"
+            )
         identity = list(range(channels))
         if width != channels or list(item.idxs) != identity or list(getattr(item, "root_idxs", None) or []) != identity:
-            return None, (f"a grouped convolution takes only part of its {side} channels from this group, or in "
-                          f"another order ({name}; e.g. through a concatenation): its groups cannot be kept equal")
+            return None, (
+                f"a grouped convolution takes only part of its {side} channels from this group, or in "
+                f"another order ({name}; e.g. through a concatenation): its groups cannot be kept equal"
+            )
         if width == module.groups:
-            return None, (f"a grouped convolution has one {side} channel per group ({name}): removing any "
-                          "would remove a whole group")
+            return None, (
+                f"a grouped convolution has one {side} channel per group ({name}): removing any "
+                "would remove a whole group"
+            )
         period = math.lcm(period, module.groups)
     return (period if period > 1 else None), None
 
@@ -325,17 +347,22 @@ def _tied_obstacles(model: nn.Module, groups: Mapping[str, list[str]]) -> dict[s
     for leader, members in groups.items():
         tied = [member for member in members if member in sharing]
         if tied:
-            obstacles[leader] = (f"removing its channels would change the shape of {tied[0]}'s weight, which "
-                                 f"{', '.join(sharing[tied[0]])} share(s) (tied weights)")
+            obstacles[leader] = (
+                f"removing its channels would change the shape of {tied[0]}'s weight, which "
+                f"{', '.join(sharing[tied[0]])} share(s) (tied weights)"
+            )
     return obstacles
 
 
-UNLIKE_ZEROING = ("removing its channels (the same positions from every group of the grouped convolution that takes "
-                  "them) does not compute what zeroing them does; left alone by structured pruning")
+UNLIKE_ZEROING = (
+    "removing its channels (the same positions from every group of the grouped convolution that takes "
+    "them) does not compute what zeroing them does; left alone by structured pruning"
+)
 
 
-def breaking_groups(model: nn.Module, example_input: Any, leaders: list[str], ratio: float = 0.0,
-                    round_to: int | None = None) -> list[str]:
+def breaking_groups(
+    model: nn.Module, example_input: Any, leaders: list[str], ratio: float = 0.0, round_to: int | None = None
+) -> list[str]:
     """The groups (by leader) whose pruning makes the model fail or change its output's shapes.
 
     Torch-Pruning follows channels through reshapes it understands (a flatten before a Linear) but
@@ -440,15 +467,24 @@ def _periods(dg, model: nn.Module, groups: Mapping[str, list[str]], names: list[
                 f"(groups are led by {sorted(groups)[:8]})."
             )
         leader = modules[name]
-        periods[name], obstacle = _channel_period(dg, leader, dg.get_pruner_of_module(leader).get_out_channels(leader),
-                                                  by_module)
+        periods[name], obstacle = _channel_period(
+            dg, leader, dg.get_pruner_of_module(leader).get_out_channels(leader), by_module
+        )
         if obstacle:
             raise ModelError(f"StructuredPrune: group {name!r}: {obstacle}.")
     return periods
 
 
-def _planned_drop(dg, model: nn.Module, groups: Mapping[str, list[str]], name: str, ratio: float,
-                  round_to: int | None, at_least_one: bool, period: int | None) -> list[int]:
+def _planned_drop(
+    dg,
+    model: nn.Module,
+    groups: Mapping[str, list[str]],
+    name: str,
+    ratio: float,
+    round_to: int | None,
+    at_least_one: bool,
+    period: int | None,
+) -> list[int]:
     """The output channels of group ``name`` that pruning it at ``ratio`` removes (none: ``[]``);
     ``period`` from :func:`_periods`."""
     tp = torch_pruning_module()
@@ -472,8 +508,11 @@ def _planned_drop(dg, model: nn.Module, groups: Mapping[str, list[str]], name: s
         raise ModelError(f"StructuredPrune: could not score the channels of group {name!r}.")
     # A GroupNorm over all of the group's channels normalizes blocks of consecutive channels: each
     # block loses as many, so every channel that stays is normalized with the same neighbours.
-    norms = [m.num_groups for m in (modules[n] for n in groups[name] if n in modules)
-             if isinstance(m, nn.GroupNorm) and m.num_channels == channels]
+    norms = [
+        m.num_groups
+        for m in (modules[n] for n in groups[name] if n in modules)
+        if isinstance(m, nn.GroupNorm) and m.num_channels == channels
+    ]
     period = math.lcm(period or 1, *norms)
     if period > 1:
         return _choose_periodic_drop(scores, period, channels - kept)
@@ -491,8 +530,9 @@ def _pruning_group(dg, leader: nn.Module, drop: list[int], name: str):
     return group
 
 
-def prune_groups(model: nn.Module, todo: dict[str, float], example: Any, round_to: int | None = None,
-                 *, at_least_one: bool = False) -> None:
+def prune_groups(
+    model: nn.Module, todo: dict[str, float], example: Any, round_to: int | None = None, *, at_least_one: bool = False
+) -> None:
     """Remove the lowest-magnitude fraction ``todo[leader]`` of the output channels of each group, in
     place (``at_least_one``: one channel even where the ratio rounds to none, for checks)."""
     groups, dg = coupled_groups(model, example)
@@ -510,7 +550,9 @@ def _zero_readers(dg, group) -> None:
     model then ignores those channels, which is what removing them must compute too."""
     for item in group:
         module = item.dep.target.module
-        if not dg.is_in_channel_pruning_fn(item.dep.handler) or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        if not dg.is_in_channel_pruning_fn(item.dep.handler) or not isinstance(
+            module, (nn.Linear, nn.modules.conv._ConvNd)
+        ):
             continue
         idxs = list(item.idxs)
         weight = module.weight
@@ -524,11 +566,12 @@ def _zero_readers(dg, group) -> None:
             size_in, size_out = module.in_channels // module.groups, module.out_channels // module.groups
             for c in idxs:
                 g = c // size_in
-                weight[g * size_out:(g + 1) * size_out, c % size_in] = 0
+                weight[g * size_out : (g + 1) * size_out, c % size_in] = 0
 
 
-def pruning_unlike_zeroing(model: nn.Module, example_input: Any, leaders: list[str], ratio: float = 0.0,
-                           round_to: int | None = None) -> list[str]:
+def pruning_unlike_zeroing(
+    model: nn.Module, example_input: Any, leaders: list[str], ratio: float = 0.0, round_to: int | None = None
+) -> list[str]:
     """The groups (by leader) whose pruning does not compute what zeroing the weights that read
     their channels computes, on ``example_input``: each pruned as a plan would, with one channel
     (one position of each block, for grouped convolutions) and at ``ratio``; all at once on a copy,
@@ -598,7 +641,9 @@ class StructuredPrune(Operator):
             "StructuredPrune", "head_ratio", head_ratio, lambda v: 0.0 <= v < 1.0, "[0, 1) (1 would remove every head)"
         )
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-            raise ConfigError(f"StructuredPrune: `round_to` must be a whole number >= 1 (e.g. 8 or 16), but got {round_to!r}.")
+            raise ConfigError(
+                f"StructuredPrune: `round_to` must be a whole number >= 1 (e.g. 8 or 16), but got {round_to!r}."
+            )
         self.ratio = (low, high)
         self.round_to = round_to
         self.trace_timeout = trace_timeout
@@ -642,15 +687,23 @@ class StructuredPrune(Operator):
                 self._refused.update({name: BREAKS_FORWARD for name in broken})
                 values = example_input if example_input is not None else example  # real values where given
                 grouped = [n for n in candidates if n not in broken and _has_grouped_conv(model, self._groups[n])]
-                self._refused.update({name: UNLIKE_ZEROING for name in pruning_unlike_zeroing(
-                    model, values, grouped, self.ratio[1], self.round_to)})
+                self._refused.update(
+                    {
+                        name: UNLIKE_ZEROING
+                        for name in pruning_unlike_zeroing(model, values, grouped, self.ratio[1], self.round_to)
+                    }
+                )
                 if self.head_ratio[1] > 0.0:  # checked on real values too (zeros can mask every token)
                     heads = prunable_head_blocks(model, values, broken)
         except ConfigError:
             raise
         except Exception as exc:  # a model Torch-Pruning cannot trace is left alone, not a crash
-            log.warning("StructuredPrune: cannot trace the model's channel dependencies (%s: %s); "
-                        "no layer is pruned structurally.", type(exc).__name__, exc)
+            log.warning(
+                "StructuredPrune: cannot trace the model's channel dependencies (%s: %s); "
+                "no layer is pruned structurally.",
+                type(exc).__name__,
+                exc,
+            )
             self._groups, self._refused, heads = {}, {}, {}
             untraced = f"structured pruning cannot trace the model's channel dependencies ({type(exc).__name__}: {exc})"
         refused_groups = {name: self._groups.pop(name) for name in self._refused}
@@ -668,25 +721,34 @@ class StructuredPrune(Operator):
             if why and key not in kept:
                 self._refused.setdefault(key, why)
         if untraced:  # named in the run's notes / left_alone, not only in a log line
-            self._refused = {name: untraced for name, m in model.named_modules()
-                             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+            self._refused = {
+                name: untraced
+                for name, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+            }
 
     def refused(self) -> dict[str, str]:
         return dict(self._refused)
 
     def why_not_tied(self, tied: list[str]) -> str:
-        return (f"structured_prune would change the shape of a weight shared with {', '.join(tied)} (tied weights), "
-                "which read it whole; prune / quantize compress the shared weight instead")
+        return (
+            f"structured_prune would change the shape of a weight shared with {', '.join(tied)} (tied weights), "
+            "which read it whole; prune / quantize compress the shared weight instead"
+        )
 
     def why_not(self, layer: LayerInfo) -> str | None:
         if layer.kind in RECURRENT_KINDS:
-            return ("structured_prune does not remove a recurrent layer's hidden units: each one spans a row of every "
-                    "gate, a column of the recurrent matrices and the next layer's inputs; prune / quantize compress "
-                    "its weights")
+            return (
+                "structured_prune does not remove a recurrent layer's hidden units: each one spans a row of every "
+                "gate, a column of the recurrent matrices and the next layer's inputs; prune / quantize compress "
+                "its weights"
+            )
         if self._groups is None or layer.kind not in ("Linear", "Conv1d", "Conv2d", "Conv3d"):
             return None
-        return ("structured_prune finds no channel group this layer leads: its outputs are the model's output, or "
-                "are tied to channels that are (e.g. a residual stream the output reads)")
+        return (
+            "structured_prune finds no channel group this layer leads: its outputs are the model's output, or "
+            "are tied to channels that are (e.g. a residual stream the output reads)"
+        )
 
     def follows(self) -> dict[str, list[str]]:
         leaders: dict[str, list[str]] = {}
@@ -743,5 +805,10 @@ class StructuredPrune(Operator):
             remove_heads(model, heads, example)
 
     def config(self) -> dict[str, Any]:
-        return {"ratio": list(self.ratio), "head_ratio": list(self.head_ratio), "round_to": self.round_to,
-                "input_spec": self._spec, **super().config()}
+        return {
+            "ratio": list(self.ratio),
+            "head_ratio": list(self.head_ratio),
+            "round_to": self.round_to,
+            "input_spec": self._spec,
+            **super().config(),
+        }

@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._device import checked_device
-from ..errors import ConfigError
 from ..calling import call_model, forward_takes, split_batch, to_device
 from ..calling import logits as output_logits
+from ..errors import ConfigError
 from ..operators.base import Hyperparameter, Projection
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -52,8 +52,10 @@ def recovery_notes(recovery: Any) -> list[str]:
     inner = getattr(recovery, "recovery", recovery)  # Tuned wraps the recovery it tunes
     if getattr(inner, "empty_loader", False) and getattr(inner, "epochs", 0):
         name = type(inner).__name__
-        return [f"{name}'s training loader held no batch: no trial was fine-tuned (the metric is the untrained "
-                "compressed model's). Pass a loader with data, or finetune=None."]
+        return [
+            f"{name}'s training loader held no batch: no trial was fine-tuned (the metric is the untrained "
+            "compressed model's). Pass a loader with data, or finetune=None."
+        ]
     return []
 
 
@@ -76,7 +78,7 @@ def cross_entropy_loss(model: nn.Module, batch: Any) -> torch.Tensor:
             "The default fine-tuning loss is cross-entropy over one score per class, but the model gives one score "
             f"per sample (shape {tuple(logits.shape)}), as a binary classifier trained with BCEWithLogitsLoss does. "
             "Give `loss=lambda model, batch: F.binary_cross_entropy_with_logits(model(batch[0]).squeeze(1), "
-            "batch[1].float())` (or your own loss), in a config file [finetune] options = { loss = \"my_module:my_loss\" }."
+            'batch[1].float())` (or your own loss), in a config file [finetune] options = { loss = "my_module:my_loss" }.'
         )
     # F.cross_entropy also accepts one unbatched row of scores, or float targets as class
     # probabilities: a regression model's (batch,) output and float targets would train, on nonsense
@@ -127,8 +129,12 @@ class Recovery:
         self.loader = loader
         self.empty_loader = loader_is_empty(loader)
         if self.empty_loader and epochs > 0:
-            warnings.warn(f"{cls}: `loader` holds no batch, so {cls} trains nothing (an empty dataset, or "
-                          "drop_last with fewer samples than a batch).", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{cls}: `loader` holds no batch, so {cls} trains nothing (an empty dataset, or "
+                "drop_last with fewer samples than a batch).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.epochs = epochs
         self.lr = float(lr)
         self.loss = loss or cross_entropy_loss
@@ -141,7 +147,9 @@ class Recovery:
         """Default search ranges of this recovery's own hyperparameters (learning rate, epochs...)."""
         return {
             "lr": Hyperparameter("lr", low=self.lr / 10, high=self.lr * 10, log=True),
-            "epochs": Hyperparameter("epochs", low=max(1, self.epochs // 2), high=max(1, self.epochs * 2), integer=True),
+            "epochs": Hyperparameter(
+                "epochs", low=max(1, self.epochs // 2), high=max(1, self.epochs * 2), integer=True
+            ),
         }
 
     def with_settings(self, **settings: Any) -> Recovery:
@@ -234,7 +242,9 @@ def check_optimizer(name: str, owner: str | None = None) -> str:
     return name
 
 
-def make_optimizer(name: str, params: list, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, params: list, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     check_optimizer(name)
     kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if name == "sgd":

@@ -44,7 +44,10 @@ class FineTune(Recovery):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params or self.epochs == 0:
             return
-        self.fit(model, make_optimizer(self.optimizer, params, self.lr, momentum=self.momentum, weight_decay=self.weight_decay))
+        self.fit(
+            model,
+            make_optimizer(self.optimizer, params, self.lr, momentum=self.momentum, weight_decay=self.weight_decay),
+        )
 
     def __repr__(self) -> str:
         return f"FineTune(epochs={self.epochs}, lr={self.lr:g}, optimizer={self.optimizer!r})"

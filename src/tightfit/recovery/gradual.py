@@ -64,7 +64,9 @@ class GradualPrune(Recovery):
     ) -> None:
         super().__init__(loader, epochs=epochs, lr=lr, loss=loss, max_steps=max_steps, device=device)
         if not 0.0 < ramp <= 1.0:
-            raise ConfigError(f"GradualPrune: `ramp` must lie in (0, 1] (a fraction of the training steps), but got {ramp!r}.")
+            raise ConfigError(
+                f"GradualPrune: `ramp` must lie in (0, 1] (a fraction of the training steps), but got {ramp!r}."
+            )
         if not isinstance(update_every, int) or update_every < 1:
             raise ConfigError(f"GradualPrune: `update_every` must be a whole number >= 1, but got {update_every!r}.")
         if not 0.0 < final_lr <= 1.0:
@@ -88,7 +90,9 @@ class GradualPrune(Recovery):
                 already_zero = float((site.original == 0).float().mean())
                 targets.append((site, mask_step, mask_step.sparsity, min(already_zero, mask_step.sparsity)))
         if not targets:
-            raise ConfigError("GradualPrune: the model has no pruning masks; apply a plan with Prune first (compress() does this).")
+            raise ConfigError(
+                "GradualPrune: the model has no pruning masks; apply a plan with Prune first (compress() does this)."
+            )
         self.steps_taken = 0
         total = self.total_steps()
         if total == 0:

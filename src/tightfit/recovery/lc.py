@@ -109,7 +109,9 @@ class LearningCompression(Recovery):
         if mu_factor is not None and not mu_factor >= 1:
             raise ConfigError(f"LearningCompression: `mu_factor` must be >= 1, but got {mu_factor!r}.")
         if not isinstance(c_steps_per_epoch, int) or c_steps_per_epoch < 1:
-            raise ConfigError(f"LearningCompression: `c_steps_per_epoch` must be a whole number >= 1, but got {c_steps_per_epoch!r}.")
+            raise ConfigError(
+                f"LearningCompression: `c_steps_per_epoch` must be a whole number >= 1, but got {c_steps_per_epoch!r}."
+            )
         if evaluate is not None and not callable(evaluate):
             raise ConfigError("LearningCompression: `evaluate` must be a callable(model) -> float on validation data.")
         self.optimizer = check_optimizer(optimizer, "LearningCompression")
@@ -200,7 +202,10 @@ class LearningCompression(Recovery):
         self.history.append((epoch, mu, metric))
         if best is None or metric is None or metric >= best[0]:
             # Ties go to the later epoch: longer training, same validation score.
-            best = (metric if metric is not None else 0.0, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            best = (
+                metric if metric is not None else 0.0,
+                {k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
         with torch.no_grad():
             for w, s in zip(ws, saved):
                 w.copy_(s)

@@ -49,7 +49,11 @@ def grid_project(w: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
         delta = 0.7 * (mag.mean(dim=dims, keepdim=True) if dims else mag.mean())
         big = mag > delta
         count = big.sum(dim=dims, keepdim=True) if dims else big.sum()
-        a = (mag * big).sum(dim=dims, keepdim=True) / torch.clamp(count, min=1) if dims else (mag * big).sum() / max(1, int(count))
+        a = (
+            (mag * big).sum(dim=dims, keepdim=True) / torch.clamp(count, min=1)
+            if dims
+            else (mag * big).sum() / max(1, int(count))
+        )
         return torch.sign(w) * a * big
     return FakeQuantize(bits)(w)
 
@@ -120,7 +124,9 @@ class ProxConnect(Recovery):
             raise ConfigError(f"ProxConnect: `grid` must be one of {GRIDS}, but got {grid!r}.")
         start, end = (float(v) for v in sharpness)
         if not 0 <= start <= end:
-            raise ConfigError(f"ProxConnect: `sharpness` must be (start, end) with 0 <= start <= end, but got {sharpness!r}.")
+            raise ConfigError(
+                f"ProxConnect: `sharpness` must be (start, end) with 0 <= start <= end, but got {sharpness!r}."
+            )
         self.optimizer = check_optimizer(optimizer, "ProxConnect")
         self.grid = grid
         self.sharpness = (start, end)
@@ -131,7 +137,9 @@ class ProxConnect(Recovery):
     def _grid_for(self, bits: int) -> str:
         grid = self.grid if self.grid != "auto" else ("ternary" if bits == 2 else "kbit")
         if grid in ("binary", "ternary") and bits != 2:
-            raise ConfigError(f"ProxConnect: grid {grid!r} is stored as 2-bit codes; quantize those layers with bits=2, not {bits}.")
+            raise ConfigError(
+                f"ProxConnect: grid {grid!r} is stored as 2-bit codes; quantize those layers with bits=2, not {bits}."
+            )
         return grid
 
     def __call__(self, model: nn.Module) -> None:
@@ -144,7 +152,9 @@ class ProxConnect(Recovery):
                     swaps += site.swap(i, new)
                     targets.append((site, i, new))
         if not targets:
-            raise ConfigError("ProxConnect: the model has no quantized layer below 16 bits; apply a plan with Quantize first.")
+            raise ConfigError(
+                "ProxConnect: the model has no quantized layer below 16 bits; apply a plan with Quantize first."
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(self.optimizer, params, self.lr)
         total = max(1, self.total_steps())

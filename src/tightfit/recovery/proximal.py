@@ -131,7 +131,9 @@ class OBProxSG(_Staged):
     end, the authors' default). ``eps`` widens the projection (an entry survives when ``x*zeta > eps``).
     """
 
-    def __init__(self, params, lr: float = 0.1, lambda_: float = 1e-4, n_p: int = 100, n_o: float = math.inf, eps: float = 0.0) -> None:
+    def __init__(
+        self, params, lr: float = 0.1, lambda_: float = 1e-4, n_p: int = 100, n_o: float = math.inf, eps: float = 0.0
+    ) -> None:
         _check("OBProxSG: `lr`", lr, 1e-12)
         _check("OBProxSG: `lambda_`", lambda_)
         _check("OBProxSG: `eps`", eps)
@@ -166,7 +168,9 @@ class HSPG(_Staged):
     steps; ``momentum`` applies to the gradient as in the authors' code.
     """
 
-    def __init__(self, params, lr: float = 0.1, lambda_: float = 1e-3, n_p: int = 100, eps: float = 0.0, momentum: float = 0.0) -> None:
+    def __init__(
+        self, params, lr: float = 0.1, lambda_: float = 1e-3, n_p: int = 100, eps: float = 0.0, momentum: float = 0.0
+    ) -> None:
         _check("HSPG: `lr`", lr, 1e-12)
         _check("HSPG: `lambda_`", lambda_)
         if not 0 <= eps < 1:
@@ -189,7 +193,9 @@ class HSPG(_Staged):
                 continue
             sizes = {p.shape[0] for p in params}
             if len(sizes) != 1:
-                raise ConfigError(f"HSPG: tensors of one parameter group must share their dim-0 size (groups), but got {sorted(sizes)}.")
+                raise ConfigError(
+                    f"HSPG: tensors of one parameter group must share their dim-0 size (groups), but got {sorted(sizes)}."
+                )
             rows, grad_rows = group_rows(params), group_rows(grads)
             if prox:
                 new = group_soft_threshold(rows - lr * grad_rows, lr * lam)

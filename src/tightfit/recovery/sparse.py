@@ -71,8 +71,17 @@ class SparseTraining(Recovery):
         if self.method == "proxsg":
             return ProxSG(l1_groups(model, self.lambda_), lr=self.lr, lambda_=self.lambda_, momentum=self.momentum)
         if self.method == "obproxsg":
-            return OBProxSG(l1_groups(model, self.lambda_), lr=self.lr, lambda_=self.lambda_, n_p=n_p, n_o=math.inf, eps=self.eps)
-        return HSPG(neuron_groups(model, self.lambda_), lr=self.lr, lambda_=self.lambda_, n_p=n_p, eps=self.eps, momentum=self.momentum)
+            return OBProxSG(
+                l1_groups(model, self.lambda_), lr=self.lr, lambda_=self.lambda_, n_p=n_p, n_o=math.inf, eps=self.eps
+            )
+        return HSPG(
+            neuron_groups(model, self.lambda_),
+            lr=self.lr,
+            lambda_=self.lambda_,
+            n_p=n_p,
+            eps=self.eps,
+            momentum=self.momentum,
+        )
 
     def __call__(self, model: nn.Module) -> None:
         self.fit(model, self.make_optimizer(model))
@@ -81,7 +90,9 @@ class SparseTraining(Recovery):
         return {"method": self.method, **super()._repr_args(), "lambda_": self.lambda_}
 
 
-def remove_zero_neurons(model: nn.Sequential, example_input: torch.Tensor | None = None) -> tuple[nn.Sequential, dict[str, int]]:
+def remove_zero_neurons(
+    model: nn.Sequential, example_input: torch.Tensor | None = None
+) -> tuple[nn.Sequential, dict[str, int]]:
     """Physically remove the hidden neurons whose incoming weights and bias are all zero, from a
     ``Sequential`` MLP of Linear layers and element-wise activations (with ``f(0) = 0``: ReLU,
     Tanh, GELU...). Returns a smaller copy (baked, plain tensors) and ``{layer: neurons removed}``.
@@ -93,7 +104,9 @@ def remove_zero_neurons(model: nn.Sequential, example_input: torch.Tensor | None
     from ..export.artifact import bake
 
     if not isinstance(model, nn.Sequential):
-        raise ModelError(f"remove_zero_neurons handles nn.Sequential MLPs, but got {type(model).__name__}; use structured pruning.")
+        raise ModelError(
+            f"remove_zero_neurons handles nn.Sequential MLPs, but got {type(model).__name__}; use structured pruning."
+        )
     slim = bake(model)
     items = list(slim)
     linear_at = [i for i, m in enumerate(items) if isinstance(m, nn.Linear)]

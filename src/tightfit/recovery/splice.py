@@ -40,7 +40,9 @@ def c_for_sparsity(weight: torch.Tensor, sparsity: float) -> float:
 
 
 @torch.no_grad()
-def update_mask(mask: torch.Tensor, weight: torch.Tensor, threshold: float, low: float = 0.9, high: float = 1.1) -> torch.Tensor:
+def update_mask(
+    mask: torch.Tensor, weight: torch.Tensor, threshold: float, low: float = 0.9, high: float = 1.1
+) -> torch.Tensor:
     """Hysteresis: 0 where ``|w| < low*t``, 1 where ``|w| > high*t``, unchanged in between (in place)."""
     mag = weight.detach().abs()
     mask[mag < low * threshold] = 0.0
@@ -98,7 +100,9 @@ class PruneSplice(Recovery):
         super().__init__(loader, epochs=epochs, lr=lr, loss=loss, max_steps=max_steps, device=device)
         low, high = (float(v) for v in hysteresis)
         if not 0 < low <= 1 <= high:
-            raise ConfigError(f"PruneSplice: `hysteresis` must be (low <= 1 <= high) with low > 0, but got {hysteresis!r}.")
+            raise ConfigError(
+                f"PruneSplice: `hysteresis` must be (low <= 1 <= high) with low > 0, but got {hysteresis!r}."
+            )
         if not isinstance(update_every, int) or update_every < 1:
             raise ConfigError(f"PruneSplice: `update_every` must be a whole number >= 1, but got {update_every!r}.")
         self.optimizer = check_optimizer(optimizer, "PruneSplice")
@@ -117,7 +121,9 @@ class PruneSplice(Recovery):
             return c_for_sparsity(site.original, mask_step.sparsity)
         if isinstance(self.c, dict):
             if layer not in self.c:
-                raise ConfigError(f"PruneSplice: `c` has no entry for layer {layer!r}; give every pruned layer a value.")
+                raise ConfigError(
+                    f"PruneSplice: `c` has no entry for layer {layer!r}; give every pruned layer a value."
+                )
             return float(self.c[layer])
         return float(self.c)
 
@@ -134,7 +140,9 @@ class PruneSplice(Recovery):
                     watched.append((site, step.mask, t))
                     break  # one mask per tensor
         if not watched:
-            raise ConfigError("PruneSplice: the model has no pruning masks; apply a plan with Prune first (compress() does this).")
+            raise ConfigError(
+                "PruneSplice: the model has no pruning masks; apply a plan with Prune first (compress() does this)."
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(self.optimizer, params, self.lr)
         low, high = self.hysteresis

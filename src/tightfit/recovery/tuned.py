@@ -24,7 +24,11 @@ def _as_hyperparameter(name: str, spec: Any) -> Hyperparameter:
         return spec
     if isinstance(spec, list):
         return Hyperparameter(name, choices=tuple(spec))
-    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+    if (
+        isinstance(spec, tuple)
+        and len(spec) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
+    ):
         low, high = spec
         if all(isinstance(v, int) for v in spec):
             return Hyperparameter(name, low=low, high=high, integer=True)
@@ -47,7 +51,9 @@ class Tuned:
             raise ConfigError(f"Tuned: `recovery` must be a recovery callable(model), but got {recovery!r}.")
         if not ranges:
             if not hasattr(recovery, "tunable"):
-                raise ConfigError(f"Tuned: {type(recovery).__name__} declares no default ranges; name them, e.g. Tuned(r, lr=(1e-4, 1e-2)).")
+                raise ConfigError(
+                    f"Tuned: {type(recovery).__name__} declares no default ranges; name them, e.g. Tuned(r, lr=(1e-4, 1e-2))."
+                )
             specs = dict(recovery.tunable())
         else:
             specs = {name: _as_hyperparameter(name, spec) for name, spec in ranges.items()}
@@ -56,7 +62,9 @@ class Tuned:
             raise ConfigError(f"Tuned: {type(recovery).__name__} has no hyperparameter(s) {missing}.")
         self.recovery = recovery
         self._last: Any = None
-        self.specs = {name: Hyperparameter(name, hp.low, hp.high, hp.choices, hp.integer, hp.log) for name, hp in specs.items()}
+        self.specs = {
+            name: Hyperparameter(name, hp.low, hp.high, hp.choices, hp.integer, hp.log) for name, hp in specs.items()
+        }
 
     def hyperparameters(self) -> list[Hyperparameter]:
         return [hp for hp in self.specs.values() if not hp.fixed]

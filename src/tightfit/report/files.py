@@ -15,9 +15,27 @@ from ..records import Measurement, Result, TrialRecord
 from ..run_dir import PLOT_FILE, SUMMARY_FILE, TRIALS_FILE
 
 TRIAL_COLUMNS = [
-    "number", "state", "feasible", "objective", "metric", "size_bytes", "nonzeros", "nonzero_ratio",
-    "flops", "flops_reduction", "latency_ms", "latency_iqr_ms", "speedup", "constraints", "duration_s", "val_samples",
-    "finetune_steps", "metric_se", "fidelity", "error", "plan",
+    "number",
+    "state",
+    "feasible",
+    "objective",
+    "metric",
+    "size_bytes",
+    "nonzeros",
+    "nonzero_ratio",
+    "flops",
+    "flops_reduction",
+    "latency_ms",
+    "latency_iqr_ms",
+    "speedup",
+    "constraints",
+    "duration_s",
+    "val_samples",
+    "finetune_steps",
+    "metric_se",
+    "fidelity",
+    "error",
+    "plan",
 ]
 
 
@@ -94,7 +112,9 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
             "stopped": sum(t.fidelity == "stopped" for t in result.trials),
         },
         "pareto": [t.number for t in result.pareto],
-        "left_alone": [{"name": m.name, "type": m.type, "params": m.params, "reason": m.reason} for m in result.left_alone],
+        "left_alone": [
+            {"name": m.name, "type": m.type, "params": m.params, "reason": m.reason} for m in result.left_alone
+        ],
         "notes": result.notes,
         "accounting": result.accounting,
         "certificate": result.certificate.to_dict() if result.certificate is not None else None,
@@ -131,12 +151,23 @@ def plot_figure(result: Result, target: Any) -> None:
     for feasible, color, label in ((True, "tab:green", "feasible"), (False, "tab:red", "infeasible")):
         pts = [t for t in done if t.feasible == feasible]
         if pts:
-            ax.scatter([t.measurement.size_bytes for t in pts], [t.measurement.metric for t in pts],
-                       c=color, s=22, alpha=0.75, label=label)
+            ax.scatter(
+                [t.measurement.size_bytes for t in pts],
+                [t.measurement.metric for t in pts],
+                c=color,
+                s=22,
+                alpha=0.75,
+                label=label,
+            )
     front = [t for t in result.pareto if t.measurement is not None]
     if front:
-        ax.plot([t.measurement.size_bytes for t in front], [t.measurement.metric for t in front],
-                "k--", lw=1, label="Pareto front")
+        ax.plot(
+            [t.measurement.size_bytes for t in front],
+            [t.measurement.metric for t in front],
+            "k--",
+            lw=1,
+            label="Pareto front",
+        )
     if result.best_trial is not None:
         m = result.best_trial.measurement
         ax.scatter([m.size_bytes], [m.metric], marker="*", s=220, c="gold", edgecolors="k", zorder=5, label="chosen")
@@ -172,7 +203,9 @@ class LiveFiles:
     the plot at most every ``plot_every_s`` seconds (drawing costs ~0.1 s). Files are replaced
     atomically, so a reader never sees half of one."""
 
-    def __init__(self, run_dir: Path, baseline: Measurement, settings: dict[str, Any], plot_every_s: float = 5.0) -> None:
+    def __init__(
+        self, run_dir: Path, baseline: Measurement, settings: dict[str, Any], plot_every_s: float = 5.0
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.baseline = baseline
         self.plot_every_s = plot_every_s

@@ -56,18 +56,22 @@ class _Progress:
         measured = attrs.measurement
         feasible = all(c <= 0 for c in trial.constraints.values())
         screened = attrs.fidelity in ("screen", "stopped")  # never the answer
-        if measured and feasible and not screened and trial.state == optuna.trial.TrialState.COMPLETE:
-            if self.best_size is None or measured.size_bytes < self.best_size:
-                self.best_size = measured.size_bytes
+        complete = trial.state == optuna.trial.TrialState.COMPLETE
+        if (
+            measured
+            and feasible
+            and not screened
+            and complete
+            and (self.best_size is None or measured.size_bytes < self.best_size)
+        ):
+            self.best_size = measured.size_bytes
         if self.bar is None:
             return
         best = "-"
         if self.best_size is not None:
             best = f"{self.baseline.size_bytes / self.best_size:.1f}x ({self.best_size:,} B)"
         failed = f"  failed: {self.failed}" if self.failed else ""
-        self.bar.update(
-            self.task, advance=1 if attrs.interrupted is None else 0, best=best + failed, cost=self._cost()
-        )
+        self.bar.update(self.task, advance=1 if attrs.interrupted is None else 0, best=best + failed, cost=self._cost())
 
 
 @contextmanager

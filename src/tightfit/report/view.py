@@ -36,8 +36,10 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
         if not (root / STUDY_FILE).exists():
             raise ConfigError(f"{str(root)!r} is not a tightfit run directory (no {STUDY_FILE}).")
         if (root / STUDY_FILE).stat().st_size == 0:  # Optuna would write a new schema into it
-            raise ConfigError(f"{str(root / STUDY_FILE)!r} is empty (0 bytes): the run holds no study to show. "
-                              "Restore it from a backup if the run had trials.")
+            raise ConfigError(
+                f"{str(root / STUDY_FILE)!r} is empty (0 bytes): the run holds no study to show. "
+                "Restore it from a backup if the run had trials."
+            )
         storage = f"sqlite:///{(root / STUDY_FILE).resolve()}"
         summary = _read_summary(root / SUMMARY_FILE)
     from ..scale.storage import check_sqlite_study, redact, with_installed_driver
@@ -59,8 +61,10 @@ def load_run(run_dir: str | Path | None = None, *, storage: str | None = None, s
     except ImportError as exc:
         raise ConfigError(f"storage {redact(storage)}: the database driver is missing ({exc}).") from None
     except sqlalchemy.exc.DatabaseError as exc:
-        raise ConfigError(f"storage {redact(storage)} cannot be read ({str(exc.orig or exc).splitlines()[0]}); "
-                          "restore the study file from a backup, or check the database server.") from None
+        raise ConfigError(
+            f"storage {redact(storage)} cannot be read ({str(exc.orig or exc).splitlines()[0]}); "
+            "restore the study file from a backup, or check the database server."
+        ) from None
     if summary is not None and summary.get("trials", {}).get("total") != len(trials):
         summary = None  # the summary is from an earlier stop; the study has moved on
     return RunView(
@@ -108,7 +112,9 @@ def _fmt_metric(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def trials_table(trials: list[TrialRecord], baseline: Measurement | None, *, limit: int = 10, title: str = "best trials"):
+def trials_table(
+    trials: list[TrialRecord], baseline: Measurement | None, *, limit: int = 10, title: str = "best trials"
+):
     from rich.table import Table
 
     table = Table(title=title)
@@ -123,8 +129,14 @@ def trials_table(trials: list[TrialRecord], baseline: Measurement | None, *, lim
     for t in done[:limit]:
         m = t.measurement
         ratio = f"{baseline.size_bytes / m.size_bytes:.1f}x" if baseline else "-"
-        cells = [str(t.number), "yes" if t.feasible else "no", _fmt_metric(m.metric), f"{m.size_bytes:,}", ratio,
-                 f"{m.nonzero_ratio:.1f}x"]
+        cells = [
+            str(t.number),
+            "yes" if t.feasible else "no",
+            _fmt_metric(m.metric),
+            f"{m.size_bytes:,}",
+            ratio,
+            f"{m.nonzero_ratio:.1f}x",
+        ]
         if speed:
             cells.append(f"{baseline.flops / m.flops:.2f}x" if baseline.flops and m.flops else "-")
             cells.append(f"{baseline.latency_ms / m.latency_ms:.2f}x" if m.latency_ms else "-")
@@ -157,7 +169,9 @@ def left_alone_table(entries: list[dict[str, Any]], *, limit: int = 10):
     for column, justify in (("name", "left"), ("type", "left"), ("params", "right"), ("reason", "left")):
         table.add_column(column, justify=justify)
     for e in shown:
-        table.add_row(*(Text(printable(cell)) for cell in (e["name"], e["type"], f"{e['params']:,}", e["reason"])))  # not markup
+        table.add_row(
+            *(Text(printable(cell)) for cell in (e["name"], e["type"], f"{e['params']:,}", e["reason"]))
+        )  # not markup
     return table
 
 

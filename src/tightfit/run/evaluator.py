@@ -98,14 +98,15 @@ class TrialSetup:
         return [c.value(measured, self.baseline) for c in self.constraints]
 
 
-def recover_seeded(recover: Callable[[nn.Module], None], candidate: nn.Module, seed: int,
-                   around: AbstractContextManager | None = None) -> None:
+def recover_seeded(
+    recover: Callable[[nn.Module], None], candidate: nn.Module, seed: int, around: AbstractContextManager | None = None
+) -> None:
     """Fine-tune ``candidate`` with the run's seed (the global RNG is left as it was), then put it
     in eval mode: it is measured as the original was, whatever mode a user's recovery left it in
     (in train mode a metric that does not call eval() reads dropout noise and batch statistics, and
     its passes would change the BatchNorm statistics saved next). ``around`` wraps the fine-tune
     (cheap evaluation's stage checks)."""
-    with torch.random.fork_rng(), (around if around is not None else nullcontext()):
+    with torch.random.fork_rng(), around if around is not None else nullcontext():
         torch.manual_seed(seed)
         recover(candidate)
     candidate.eval()
@@ -137,8 +138,15 @@ class FullEvaluator:
         return TrialOutcome(
             objective=[goal, float(metric)] if self.multi else goal,
             constraints=values,
-            attrs=TrialAttrs(plan=plan, measurement=measured, finetune_steps=steps, metric_se=metric_se,
-                             val_samples=s.counter.take(), fidelity="full", recovery=tuned or UNSET),
+            attrs=TrialAttrs(
+                plan=plan,
+                measurement=measured,
+                finetune_steps=steps,
+                metric_se=metric_se,
+                val_samples=s.counter.take(),
+                fidelity="full",
+                recovery=tuned or UNSET,
+            ),
         )
 
 
@@ -169,7 +177,12 @@ def with_probe_cost(context: SearchContext, evaluate_plan: TrialEvaluator, count
 
 
 def search_context(
-    setup: TrialSetup, evaluate, budget: int, layer_names, example_input, n_objectives: int = 1,
+    setup: TrialSetup,
+    evaluate,
+    budget: int,
+    layer_names,
+    example_input,
+    n_objectives: int = 1,
 ) -> SearchContext:
     """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
     (the sensitivity scan and warm starts use it) and the original weights."""
@@ -194,6 +207,11 @@ def search_context(
     modules = dict(s.original.named_modules())
     weights = {name: one_weight(modules[name]) for name in layer_names if layer_kind(modules[name]) is not None}
     return SearchContext(
-        space=s.space, budget=budget, seed=s.seed, probe=probe, weights=weights, objective=s.objective,
+        space=s.space,
+        budget=budget,
+        seed=s.seed,
+        probe=probe,
+        weights=weights,
+        objective=s.objective,
         n_objectives=n_objectives,
     )

@@ -109,8 +109,10 @@ class Finish:
         n_ok = sum(t.state == "COMPLETE" for t in trials)
         errors = [t.error for t in trials if t.state == "FAIL" and t.error]
         if n_ok == 0 and errors:  # nothing was measured: the cause is the error, not the constraint
-            message = (f"No feasible plan in {len(trials)} trials: every trial failed, so the original model is returned "
-                       f"unchanged (each trial's error is in result.trials and trials.csv). The first: {errors[0]}")
+            message = (
+                f"No feasible plan in {len(trials)} trials: every trial failed, so the original model is returned "
+                f"unchanged (each trial's error is in result.trials and trials.csv). The first: {errors[0]}"
+            )
         else:
             message = (
                 f"No feasible plan in {len(trials)} trials ({n_ok} completed): every compressed model broke the "
@@ -118,9 +120,15 @@ class Finish:
                 "narrow the operators' ranges, or fine-tune longer."
             )
         result = Result(
-            model=copy.deepcopy(self.original), plan=None, metric=baseline.metric, size_bytes=baseline.size_bytes,
-            nonzero_ratio=baseline.weight_params / max(1, baseline.nonzeros), feasible=False, best_trial=None,
-            message=message, **common,
+            model=copy.deepcopy(self.original),
+            plan=None,
+            metric=baseline.metric,
+            size_bytes=baseline.size_bytes,
+            nonzero_ratio=baseline.weight_params / max(1, baseline.nonzeros),
+            feasible=False,
+            best_trial=None,
+            message=message,
+            **common,
         )
         result.artifact = None
         return result
@@ -139,7 +147,9 @@ class Finish:
     def _answer(self, best: TrialRecord, common: dict[str, Any]) -> Result:
         baseline, notes = self.baseline, []
         data = self._bytes_of(best, notes)
-        loaded = load_model(io.BytesIO(data), self.original)  # into the model compress holds: the file unpickles nothing
+        loaded = load_model(
+            io.BytesIO(data), self.original
+        )  # into the model compress holds: the file unpickles nothing
         metric = evaluate_metric(self.evaluate, loaded)
         if self.confirmed:
             notes.append(
@@ -155,13 +165,17 @@ class Finish:
         ratio = baseline.weight_params / max(1, nonzeros)
         fewer = f"{ratio:.1f}x fewer nonzero weights" if nonzeros else "no nonzero weight left"
         result = Result(
-            model=loaded, plan=best.plan, metric=metric, size_bytes=len(data), nonzero_ratio=ratio, feasible=True,
+            model=loaded,
+            plan=best.plan,
+            metric=metric,
+            size_bytes=len(data),
+            nonzero_ratio=ratio,
+            feasible=True,
             best_trial=best,
             message=(
                 f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
                 f"({len(data):,} of {baseline.size_bytes:,} bytes), {fewer}, "
-                f"metric {metric:.4f} vs {baseline.metric:.4f} originally."
-                + speed_note(best.measurement, baseline)
+                f"metric {metric:.4f} vs {baseline.metric:.4f} originally." + speed_note(best.measurement, baseline)
             ),
             notes=notes,
             **common,

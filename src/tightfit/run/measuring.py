@@ -112,9 +112,15 @@ class StaticMeasure:
         if reuse is not None:
             return data, Measurement(float("nan"), len(data), reuse.nonzeros, reuse.weight_params, reuse.flops)
         nonzeros, _ = count_nonzeros(candidate, self.layer_names)
-        flops = sparse_flops(candidate, self.example_input, self.layer_names) if self.example_input is not None else None
+        flops = (
+            sparse_flops(candidate, self.example_input, self.layer_names) if self.example_input is not None else None
+        )
         return data, Measurement(
-            metric=float("nan"), size_bytes=len(data), nonzeros=nonzeros, weight_params=self.baseline.weight_params, flops=flops
+            metric=float("nan"),
+            size_bytes=len(data),
+            nonzeros=nonzeros,
+            weight_params=self.baseline.weight_params,
+            flops=flops,
         )
 
 

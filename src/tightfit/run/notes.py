@@ -40,9 +40,15 @@ def direction_note(evaluate: Any, trials: Sequence[TrialRecord], baseline: Measu
     tightfit's own metrics (Accuracy, Agreement, Fidelity), whose direction is known."""
     if isinstance(evaluate, PerSampleMetric) and not isinstance(evaluate, PerSample):
         return []
-    done = [(t.objective, t.measurement.metric) for t in trials
-            if t.state == "COMPLETE" and t.measurement is not None and t.objective is not None
-            and math.isfinite(t.measurement.metric) and t.fidelity not in ("screen", "stopped")]
+    done = [
+        (t.objective, t.measurement.metric)
+        for t in trials
+        if t.state == "COMPLETE"
+        and t.measurement is not None
+        and t.objective is not None
+        and math.isfinite(t.measurement.metric)
+        and t.fidelity not in ("screen", "stopped")
+    ]
     if len(done) < 3:
         return []
     scored = sorted(metric for _, metric in done)
@@ -80,7 +86,9 @@ def partly_refused(space: SearchSpace) -> list[str]:
             if name in space.fixed:
                 by_reason.setdefault(reason, []).append(name)
         for reason, names in by_reason.items():
-            shown = ", ".join(shown_name(n) for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            shown = ", ".join(shown_name(n) for n in names[:6]) + (
+                f" and {len(names) - 6} more" if len(names) > 6 else ""
+            )
             notes.append(f"{operator.name} left {len(names)} layer(s) to the other operators: {shown} ({reason}).")
     return notes
 
@@ -104,13 +112,19 @@ def left_alone(analysis, space: SearchSpace) -> list[SkippedModule]:
         for name, reason in operator.refused().items():
             reasons.setdefault(name, reason)
     untouched = [
-        SkippedModule(layer.name, layer.type, layer.params, reasons.get(layer.name) or why_untouched(layer, space.strategy))
+        SkippedModule(
+            layer.name, layer.type, layer.params, reasons.get(layer.name) or why_untouched(layer, space.strategy)
+        )
         for layer in analysis.layers
         if layer.name not in space.fixed
     ]
     touched = {name for operator in space.strategy for name in operator.touches()} | set(followers(space))
     # matched on module paths first, then named for a person (a model that is one layer: "<root>")
-    return [dataclasses.replace(s, name=shown_name(s.name)) for s in analysis.skipped + tuple(untouched) if s.name not in touched]
+    return [
+        dataclasses.replace(s, name=shown_name(s.name))
+        for s in analysis.skipped + tuple(untouched)
+        if s.name not in touched
+    ]
 
 
 def why_untouched(layer, strategy: Compose) -> str:
@@ -144,9 +158,13 @@ def speed_note(measured: Measurement, baseline: Measurement) -> str:
 
 def weight_norm_note(weight_normed: list[str]) -> str:
     shown = ", ".join(weight_normed[:6]) + (f" and {len(weight_normed) - 6} more" if len(weight_normed) > 6 else "")
-    return (f"Weight norm was folded into the weights of {shown} before compression (they compute "
-            "the same); result.model holds plain weights.")
+    return (
+        f"Weight norm was folded into the weights of {shown} before compression (they compute "
+        "the same); result.model holds plain weights."
+    )
 
 
-COMPILED_NOTE = ("The model was a torch.compile wrapper; the module it wraps was compressed, and "
-                 "result.model is an eager module: call torch.compile on it again.")
+COMPILED_NOTE = (
+    "The model was a torch.compile wrapper; the module it wraps was compressed, and "
+    "result.model is an eager module: call torch.compile on it again."
+)

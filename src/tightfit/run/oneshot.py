@@ -19,7 +19,9 @@ from ..operators.plan import Plan, apply_plan_inplace
 from ..search.space import build_space
 
 
-def one_shot_plan(model: nn.Module, strategy: Compose | Operator, example_input: Any = None) -> tuple[Plan, dict[str, str]]:
+def one_shot_plan(
+    model: nn.Module, strategy: Compose | Operator, example_input: Any = None
+) -> tuple[Plan, dict[str, str]]:
     """The plan that applies every operator of ``strategy`` at its fixed setting to every layer it
     takes, and the modules it leaves alone with the reason. Each searchable setting must be fixed
     (one value): a range or several choices is refused."""
@@ -29,16 +31,26 @@ def one_shot_plan(model: nn.Module, strategy: Compose | Operator, example_input:
     analysis = analyze(model)
     space = build_space(strategy, analysis)
     left_alone = {s.name: s.reason for s in analysis.skipped}
-    left_alone.update({layer.name: why_not_taken(layer, strategy) for layer in analysis.layers if layer.name not in space.fixed})
+    left_alone.update(
+        {layer.name: why_not_taken(layer, strategy) for layer in analysis.layers if layer.name not in space.fixed}
+    )
     if space.dimensions:
         open_ = sorted({f"{d.operator}.{d.hyperparameter.name}" for d in space.dimensions})
-        raise ConfigError(f"compress_once applies fixed settings, but {open_} are ranges or choices; give one value "
-                          "each (e.g. Quantize(bits=4), Prune(sparsity=0.5)), or search them with tightfit.compress.")
+        raise ConfigError(
+            f"compress_once applies fixed settings, but {open_} are ranges or choices; give one value "
+            "each (e.g. Quantize(bits=4), Prune(sparsity=0.5)), or search them with tightfit.compress."
+        )
     return space.plan({}), left_alone
 
 
-def compress_once(model: nn.Module, strategy: Compose | Operator, calibration: Any = None, *,
-                  example_input: Any = None, repair: Iterable[str] | None = None) -> Calibrated:
+def compress_once(
+    model: nn.Module,
+    strategy: Compose | Operator,
+    calibration: Any = None,
+    *,
+    example_input: Any = None,
+    repair: Iterable[str] | None = None,
+) -> Calibrated:
     """Compress ``model`` in one shot, without a search: every layer ``strategy`` takes gets its
     fixed setting (e.g. ``Quantize(bits=4, method="gptq", group_size=128)``), calibrated operators
     learn from ``calibration`` (an iterable of model inputs; a labelled loader: ``[x for x, _ in

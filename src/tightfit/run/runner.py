@@ -13,18 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-import torch
 from torch import nn
 
 from .. import report
 from ..errors import ConfigError, ModelError
+from ..evaluation.constraints import check_max_drop
 from ..evaluation.metrics import bind_reference
 from ..evaluation.sequential import SequentialSession
-from ..measure.analysis import ModelAnalysis, analyze
+from ..measure.analysis import ModelAnalysis, analyze, zeroed_note
 from ..operators.plan import fold_weight_norm
 from ..records import Measurement, Result, TrialAttrs, best_feasible, pareto_front
-from ..evaluation.constraints import check_max_drop
-from ..measure.analysis import zeroed_note
 from ..recovery import recovery_notes
 from ..run_dir import RunDir
 from ..search.loop import counted_trials, recover_interrupted, run_trials, trial_record
@@ -33,7 +31,13 @@ from .evaluator import BestSoFar, FullEvaluator, TrialEvaluator, TrialSetup, sea
 from .finish import Finish, accounting, final_pick
 from .measuring import ForwardPasses, StaticMeasure, original_flops
 from .notes import (
-    COMPILED_NOTE, direction_note, following_note, left_alone, note_certificate, partly_refused, weight_norm_note,
+    COMPILED_NOTE,
+    direction_note,
+    following_note,
+    left_alone,
+    note_certificate,
+    partly_refused,
+    weight_norm_note,
 )
 from .sequential import SequentialEvaluator
 from .settings import Checked, Settings, check, tuned_hyperparameters
@@ -97,8 +101,9 @@ class Run:
             opened = self.open(prepared, stack)
             evaluator, context = self.evaluator(prepared, opened)
             s = self.settings
-            return run_trials(opened.study, prepared.space, evaluator, budget=s.budget, method=s.search, seed=s.seed,
-                              context=context)
+            return run_trials(
+                opened.study, prepared.space, evaluator, budget=s.budget, method=s.search, seed=s.seed, context=context
+            )
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -111,7 +116,9 @@ class Run:
         for op in c.strategy:  # model-level operators (structured pruning) learn the model's structure
             op.prepare(original, s.example_input)
         analysis = analyze(original)
-        space = build_space(c.strategy, analysis, tuned_hyperparameters(s.finetune))  # ModelError if nothing compressible
+        space = build_space(
+            c.strategy, analysis, tuned_hyperparameters(s.finetune)
+        )  # ModelError if nothing compressible
         layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
         flops = original_flops(original, s.example_input, layer_names, c.objective)
         recorded = {
@@ -129,8 +136,18 @@ class Run:
             recorded["evaluation"] = s.evaluation.describe()
             session = SequentialSession(s.evaluation, evaluate, c.constraints, s.seed)
         return Prepared(
-            original, weight_normed, analysis, space, layer_names, s.example_input,
-            s.example_input if flops is not None else None, flops, recorded, evaluate, session, ForwardPasses(evaluate),
+            original,
+            weight_normed,
+            analysis,
+            space,
+            layer_names,
+            s.example_input,
+            s.example_input if flops is not None else None,
+            flops,
+            recorded,
+            evaluate,
+            session,
+            ForwardPasses(evaluate),
         )
 
     def open(self, p: Prepared, stack: ExitStack) -> Opened:
@@ -165,10 +182,18 @@ class Run:
         samplers' context, each trial charged with its probes' cost."""
         s, c = self.settings, self.checked
         setup = TrialSetup(
-            original=p.original, strategy=c.strategy, space=p.space, finetune=s.finetune, seed=s.seed,
-            objective=c.objective, constraints=c.constraints, baseline=o.baseline,
+            original=p.original,
+            strategy=c.strategy,
+            space=p.space,
+            finetune=s.finetune,
+            seed=s.seed,
+            objective=c.objective,
+            constraints=c.constraints,
+            baseline=o.baseline,
             static=StaticMeasure(s.artifact_extra, p.layer_names, p.example_input, o.baseline),
-            counter=p.counter, best=o.best, latency=c.latency,
+            counter=p.counter,
+            best=o.best,
+            latency=c.latency,
         )
         if p.session is not None:
             evaluator: TrialEvaluator = SequentialEvaluator(setup, p.session)
@@ -176,8 +201,12 @@ class Run:
             evaluator = FullEvaluator(setup, p.evaluate, c.multi)
         context = search_context(
             # cheap evaluation: probes are sequential too, and never read the held-out samples
-            setup, p.session.estimate if p.session is not None else p.evaluate, s.budget, p.layer_names,
-            p.example_input, n_objectives=2 if c.multi else 1,
+            setup,
+            p.session.estimate if p.session is not None else p.evaluate,
+            s.budget,
+            p.layer_names,
+            p.example_input,
+            n_objectives=2 if c.multi else 1,
         )
         context, evaluator = with_probe_cost(context, evaluator, p.counter)
         return evaluator, context
@@ -204,7 +233,14 @@ class Run:
                     refresher.maybe_write([trial_record(t) for t in trials_now])
 
         run_trials(
-            o.study, p.space, evaluator, budget=s.budget, method=s.search, seed=s.seed, on_trial=on_trial, drain=True,
+            o.study,
+            p.space,
+            evaluator,
+            budget=s.budget,
+            method=s.search,
+            seed=s.seed,
+            on_trial=on_trial,
+            drain=True,
             context=context,
         )
         return started
@@ -221,8 +257,17 @@ class Run:
             finetune = finetune.with_settings(**(tuned or {}))
         p.counter.take()
         result = Finish(
-            p.original, p.session.confirm if p.session is not None else p.evaluate, o.baseline, c.objective, o.best, o.run,
-            finetune, c.strategy, s.seed, p.layer_names, confirmed=p.session is not None,
+            p.original,
+            p.session.confirm if p.session is not None else p.evaluate,
+            o.baseline,
+            c.objective,
+            o.best,
+            o.run,
+            finetune,
+            c.strategy,
+            s.seed,
+            p.layer_names,
+            confirmed=p.session is not None,
         ).result(trials, best_trial)
         if pick_note and result.feasible:
             result.notes.insert(0, pick_note)
@@ -233,10 +278,15 @@ class Run:
         if c.multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = left_alone(p.analysis, p.space)
-        result.notes.extend(partly_refused(p.space) + following_note(p.analysis, p.space)
-                            + direction_note(p.evaluate, trials, o.baseline))
+        result.notes.extend(
+            partly_refused(p.space)
+            + following_note(p.analysis, p.space)
+            + direction_note(p.evaluate, trials, o.baseline)
+        )
         result.notes.extend(recovery_notes(s.finetune))  # e.g. an empty training loader trained nothing
-        result.notes.extend(zeroed_note(result.model, p.layer_names) if result.feasible else [])  # a layer pruned to nothing
+        result.notes.extend(
+            zeroed_note(result.model, p.layer_names) if result.feasible else []
+        )  # a layer pruned to nothing
         if p.weight_normed:
             result.notes.append(weight_norm_note(p.weight_normed))
         if c.compiled:
@@ -251,9 +301,12 @@ def copy_model(model: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(model).eval()
     except Exception as exc:
-        hint = ("it uses the old torch.nn.utils.weight_norm: switch to torch.nn.utils.parametrizations.weight_norm "
-                "(tightfit folds it into the weight) or call torch.nn.utils.remove_weight_norm first"
-                if "weight_norm" in str(exc) else "e.g. keep open files or locks out of its attributes")
+        hint = (
+            "it uses the old torch.nn.utils.weight_norm: switch to torch.nn.utils.parametrizations.weight_norm "
+            "(tightfit folds it into the weight) or call torch.nn.utils.remove_weight_norm first"
+            if "weight_norm" in str(exc)
+            else "e.g. keep open files or locks out of its attributes"
+        )
         raise ModelError(
             f"The model cannot be copied ({type(exc).__name__}: {exc}); tightfit compresses copies and never "
             f"changes your model. Make it deep-copyable ({hint})."

@@ -29,6 +29,7 @@ candidates. Optuna's pruner interface is not used: its intermediate values are r
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,15 @@ from torch import nn
 
 from ..evaluation.sequential import SequentialSession
 from ..evaluation.stages import (
-    Curve, EarlyStop, curves_of, feasible_probability, hopeless, planned_steps, stage_steps, staged, tuned_prediction,
+    Curve,
+    EarlyStop,
+    curves_of,
+    feasible_probability,
+    hopeless,
+    planned_steps,
+    stage_steps,
+    staged,
+    tuned_prediction,
     tuned_prediction_spread,
 )
 from ..operators.plan import Plan
@@ -117,13 +126,17 @@ class SequentialEvaluator:
         if record_curve:
             looked = time.perf_counter()
             t.untuned = session.stage_statistics(session.stage_values(t.candidate))
-            t.evaluations.append({"level": "untuned", "val_samples": len(t.untuned), "seconds": time.perf_counter() - looked})
+            t.evaluations.append(
+                {"level": "untuned", "val_samples": len(t.untuned), "seconds": time.perf_counter() - looked}
+            )
         t.last = {"t": time.perf_counter(), "steps": 0}
-        try:
-            recover_seeded(t.finetune, t.candidate, self.setup.seed,
-                           around=staged(t.candidate, t.at_steps, lambda stage, taken: self._check(t, stage, taken)))
-        except EarlyStop:
-            pass
+        with contextlib.suppress(EarlyStop):  # a stage rule stopped the candidate: t.stop says why
+            recover_seeded(
+                t.finetune,
+                t.candidate,
+                self.setup.seed,
+                around=staged(t.candidate, t.at_steps, lambda stage, taken: self._check(t, stage, taken)),
+            )
         if t.stop:
             t.steps = t.stop["steps"]
             return
@@ -132,8 +145,13 @@ class SequentialEvaluator:
         t.data, t.measured = self.setup.static(t.candidate, t.plan, t.trial.number, t.measured)
         t.goal = self.setup.goal(t.measured)
         if t.at_steps:
-            t.evaluations.append({"level": "finetune", "finetune_steps": (t.steps or 0) - t.last["steps"],
-                                  "seconds": time.perf_counter() - t.last["t"]})
+            t.evaluations.append(
+                {
+                    "level": "finetune",
+                    "finetune_steps": (t.steps or 0) - t.last["steps"],
+                    "seconds": time.perf_counter() - t.last["t"],
+                }
+            )
 
     def _check(self, t: _Trial, stage: int, taken: int) -> bool:
         """The look at ``stage`` (``taken`` steps): True stops the fine-tune."""
@@ -143,7 +161,12 @@ class SequentialEvaluator:
         estimates = session.stage_estimates(stats)
         means, ses = [e.mean for e in estimates], [e.se for e in estimates]
         hopeless_now, predicted = hopeless(
-            means, ses, t.curves, stage, z=session.stage_z, slack=session.config.stop_slack,
+            means,
+            ses,
+            t.curves,
+            stage,
+            z=session.stage_z,
+            slack=session.config.stop_slack,
             min_curves=session.config.min_curves,
         )
         reason = "hopeless" if hopeless_now else None
@@ -151,19 +174,35 @@ class SequentialEvaluator:
         if not hopeless_now and promotion is not None and promotion.probability < session.config.promote_probability:
             hopeless_now, reason, predicted = True, "unpromising", told_infeasible(promotion.predicted)
         now = time.perf_counter()
-        t.evaluations.append({
-            "level": "stage", "stage": stage, "fraction": taken / t.total, "finetune_steps": taken - t.last["steps"],
-            "val_samples": len(values), "values": means, "se": ses,
-            "seconds": now - t.last["t"], "stop": hopeless_now, "stop_reason": reason,
-            "p_feasible": promotion.probability if promotion is not None else None,
-        })
+        t.evaluations.append(
+            {
+                "level": "stage",
+                "stage": stage,
+                "fraction": taken / t.total,
+                "finetune_steps": taken - t.last["steps"],
+                "val_samples": len(values),
+                "values": means,
+                "se": ses,
+                "seconds": now - t.last["t"],
+                "stop": hopeless_now,
+                "stop_reason": reason,
+                "p_feasible": promotion.probability if promotion is not None else None,
+            }
+        )
         t.last.update(t=now, steps=taken)
         t.passed.append(stats)
         if hopeless_now:
             # the prediction's uncertainty, which the final pick reads: its spread when it is central
             sd = max(promotion.sd) if reason == "unpromising" else max(ses)
-            t.stop.update(predicted=predicted, estimates=estimates, metric=session.paired_metric(values), steps=taken,
-                          reason=reason, sd=sd, look_se=max(ses))
+            t.stop.update(
+                predicted=predicted,
+                estimates=estimates,
+                metric=session.paired_metric(values),
+                steps=taken,
+                reason=reason,
+                sd=sd,
+                look_se=max(ses),
+            )
         return hopeless_now
 
     def _screen_prediction(self, t: _Trial, ev: Any, values: list[float]) -> tuple[list[float], Any, float | None]:
@@ -177,7 +216,9 @@ class SequentialEvaluator:
             return values, None, None
         # the screen's own look (an unbiased estimate of the untuned value, like the curves' one)
         predicted = tuned_prediction(
-            [float(v) for v in session.stage_statistics(ev.values).mean(0)], t.curves, min_curves=session.config.min_curves
+            [float(v) for v in session.stage_statistics(ev.values).mean(0)],
+            t.curves,
+            min_curves=session.config.min_curves,
         )
         if predicted is None:
             return values, None, None
@@ -197,7 +238,8 @@ class SequentialEvaluator:
         session = self.session
         final = session.stage_statistics(session.stage_values(t.candidate, ev.values))  # same samples, fully tuned
         curve = Curve(
-            total_steps=t.total, samples=len(final),
+            total_steps=t.total,
+            samples=len(final),
             stages=tuple(tuple(float(v) for v in stats.mean(0)) for stats in t.passed),
             final=tuple(float(v) for v in final.mean(0)),
             gain_se=tuple(session.gain_se(stats, final) for stats in t.passed),
@@ -212,17 +254,24 @@ class SequentialEvaluator:
         ev = session.evaluate(t.candidate, level=t.level)
         m = t.measured
         measured = Measurement(ev.metric, m.size_bytes, m.nonzeros, m.weight_params, m.flops)
-        values = [ev.constraint_values[i] if i in ev.constraint_values else c.value(measured, s.baseline)
-                  for i, c in enumerate(s.constraints)]
+        values = [
+            ev.constraint_values[i] if i in ev.constraint_values else c.value(measured, s.baseline)
+            for i, c in enumerate(s.constraints)
+        ]
         values, predicted, prediction_se = self._screen_prediction(t, ev, values)
         curve, extra = self._curve(t, ev)  # extra: samples read besides the sequential test's
         record = TrialRecord(t.trial.number, "COMPLETE", t.plan, measured, t.goal, tuple(values), fidelity=t.level)
         if t.level == "full":
             s.best.offer(record, t.data)
         passes = s.counter.take()
-        t.evaluations.append({"level": t.level, "val_samples": ev.samples + extra,
-                              "finetune_steps": 0 if t.at_steps else t.steps,
-                              "seconds": time.perf_counter() - eval_started})
+        t.evaluations.append(
+            {
+                "level": t.level,
+                "val_samples": ev.samples + extra,
+                "finetune_steps": 0 if t.at_steps else t.steps,
+                "seconds": time.perf_counter() - eval_started,
+            }
+        )
         return TrialOutcome(
             objective=t.goal,
             constraints=values,
@@ -230,7 +279,9 @@ class SequentialEvaluator:
             attrs=TrialAttrs(
                 screen_constraints=values if t.level == "screen" else None,
                 screen_prediction=list(predicted) if predicted is not None else None,
-                plan=t.plan, measurement=measured, finetune_steps=t.steps,
+                plan=t.plan,
+                measurement=measured,
+                finetune_steps=t.steps,
                 # the search's model reads a screen at the look's noise: it cannot improve the answer
                 # anyway, and read at its prediction's wide spread it taught ``bo`` nothing (in a
                 # digits run bo then proposed the same plan nine times in a row); the final pick
@@ -255,13 +306,17 @@ class SequentialEvaluator:
         m = t.measured
         measured = Measurement(stop["metric"], m.size_bytes, m.nonzeros, m.weight_params, m.flops)
         predicted_of = dict(zip(self.session.linear, stop["predicted"]))
-        values = [predicted_of[i] if i in predicted_of else c.value(measured, s.baseline) for i, c in enumerate(s.constraints)]
+        values = [
+            predicted_of[i] if i in predicted_of else c.value(measured, s.baseline) for i, c in enumerate(s.constraints)
+        ]
         passes = s.counter.take()
         return TrialOutcome(
             objective=t.goal,
             constraints=values,
             attrs=TrialAttrs(
-                plan=t.plan, measurement=measured, finetune_steps=stop["steps"],
+                plan=t.plan,
+                measurement=measured,
+                finetune_steps=stop["steps"],
                 # the search's model reads the prediction at the stage look's own noise, as a screen's:
                 # the prediction's spread overstates its error (replayed digits searches: errors of
                 # 0.4-0.6 spreads, benchmarks/stage_predictors.py), and at that spread ``bo`` learned
@@ -283,8 +338,12 @@ def _decision_attrs(decision: Any, session: SequentialSession) -> dict[str, Any]
     return {
         "verdict": decision.verdict,
         "looks": [
-            {"samples": look.samples, "values": [e.mean for e in look.estimates], "se": [e.se for e in look.estimates],
-             "verdict": look.verdict}
+            {
+                "samples": look.samples,
+                "values": [e.mean for e in look.estimates],
+                "se": [e.se for e in look.estimates],
+                "verdict": look.verdict,
+            }
             for look in decision.looks
         ],
         "search_samples": len(session.search_idx),

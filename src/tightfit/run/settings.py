@@ -65,7 +65,9 @@ class Settings:
                 f"{', '.join(sorted(names))})."
             )
         if "evaluate" not in keywords:
-            raise ConfigError("missing a required keyword-only argument: 'evaluate' (the arguments are tightfit.compress's).")
+            raise ConfigError(
+                "missing a required keyword-only argument: 'evaluate' (the arguments are tightfit.compress's)."
+            )
         return cls(**keywords)
 
     def replace(self, **changes: Any) -> Settings:
@@ -134,7 +136,9 @@ def check_arguments(model, evaluate, objective, budget, example_input, finetune,
             "and script the result (tightfit export --format torchscript)."
         )
     if not callable(evaluate):
-        raise ConfigError("`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader).")
+        raise ConfigError(
+            "`evaluate` must be a callable(model) -> float (higher is better), e.g. tightfit.Accuracy(val_loader)."
+        )
     pareto = isinstance(objective, (tuple, list)) and len(objective) == 2 and objective[1] == "metric"
     primary = objective[0] if pareto else objective
     if primary not in OBJECTIVES:
@@ -143,7 +147,9 @@ def check_arguments(model, evaluate, objective, budget, example_input, finetune,
             f"but got {objective!r}."
         )
     if primary in ("flops", "latency") and example_input is None:
-        raise ConfigError(f'`objective="{primary}"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).')
+        raise ConfigError(
+            f'`objective="{primary}"` needs `example_input` (an input tensor, tuple of args or dict of kwargs).'
+        )
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"`budget` must be a whole number of evaluations >= 1, but got {budget!r}.")
     if finetune is not None and not callable(finetune):
@@ -190,14 +196,20 @@ def constraint_list(constraint: Constraint | Sequence[Constraint] | None) -> lis
     return items
 
 
-def latency_for(latency: Latency | None, objective: str, constraints: list[Constraint], example_input: Any) -> Latency | None:
+def latency_for(
+    latency: Latency | None, objective: str, constraints: list[Constraint], example_input: Any
+) -> Latency | None:
     """The latency meter of this run: the one given, or a default one when latency is asked for."""
     if latency is not None:
         if not isinstance(latency, Latency):
-            raise ConfigError(f"`latency` must be tightfit.Latency(example_input, ...), but got {type(latency).__name__}.")
+            raise ConfigError(
+                f"`latency` must be tightfit.Latency(example_input, ...), but got {type(latency).__name__}."
+            )
         return latency
     if objective == "latency" or any(isinstance(c, MaxLatency) for c in constraints):
         if example_input is None:
-            raise ConfigError("Latency objectives and MaxLatency need `example_input` (or `latency=tightfit.Latency(...)`).")
+            raise ConfigError(
+                "Latency objectives and MaxLatency need `example_input` (or `latency=tightfit.Latency(...)`)."
+            )
         return Latency(example_input)
     return None

@@ -37,9 +37,19 @@ class LocalWorkers:
         for index in range(count):
             log_path = log_dir / f"worker-{index + 1}.log"
             command = [
-                sys.executable, "-m", "tightfit.cli.app", "worker", str(config),
-                "--storage", storage_url, "--study", study_name,
-                "--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period),
+                sys.executable,
+                "-m",
+                "tightfit.cli.app",
+                "worker",
+                str(config),
+                "--storage",
+                storage_url,
+                "--study",
+                study_name,
+                "--heartbeat-interval",
+                str(heartbeat_interval),
+                "--grace-period",
+                str(grace_period),
             ]
             with open(log_path, "ab") as log:
                 self.processes.append(

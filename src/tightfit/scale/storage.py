@@ -12,10 +12,10 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from datetime import datetime, timedelta
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -24,7 +24,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError
 from ..optuna_compat import is_heartbeat_storage, storage_backend, study_storage, trial_id
-from ..run_dir import RETRY_OF_ATTR as RETRY_OF, SEARCH_TIME_ATTR, WORKER_ATTR
+from ..run_dir import RETRY_OF_ATTR as RETRY_OF
+from ..run_dir import SEARCH_TIME_ATTR, WORKER_ATTR
 
 log = logging.getLogger("tightfit")
 
@@ -74,7 +75,9 @@ def open_storage(
     running trials and stale trials retried. ``grace_period`` should be several heartbeats long: a
     worker silent for longer is taken for dead and its trial is evaluated again elsewhere."""
     if not isinstance(heartbeat_interval, int) or heartbeat_interval < 1:
-        raise ConfigError(f"`heartbeat_interval` must be a whole number of seconds >= 1, but got {heartbeat_interval!r}.")
+        raise ConfigError(
+            f"`heartbeat_interval` must be a whole number of seconds >= 1, but got {heartbeat_interval!r}."
+        )
     if grace_period is not None and (not isinstance(grace_period, int) or grace_period <= heartbeat_interval):
         raise ConfigError(
             f"`grace_period` must be a whole number of seconds > heartbeat_interval ({heartbeat_interval}), "
@@ -119,7 +122,7 @@ def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///path`` URL (None for other URLs and in-memory databases)."""
     for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
         if url.startswith(prefix):
-            rest = url[len(prefix):].split("?", 1)[0]
+            rest = url[len(prefix) :].split("?", 1)[0]
             return Path(rest) if rest and rest != ":memory:" else None
     return None
 

@@ -13,9 +13,9 @@ import optuna
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from ..run_dir import INCUMBENT_ATTR, METRIC_SE_ATTR  # noqa: F401 (INCUMBENT_ATTR: named here for samplers)
 from .context import SearchContext
 from .encoding import UnitEncoding, distributions, in_space
-from ..run_dir import INCUMBENT_ATTR, METRIC_SE_ATTR  # noqa: F401 (INCUMBENT_ATTR: named here for samplers)
 
 # METRIC_SE_ATTR: the standard error of a trial's metric estimate (set by cheap evaluation); GP
 # models use its square as the observed noise of the constraint. INCUMBENT_ATTR: trial system

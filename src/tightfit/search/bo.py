@@ -33,12 +33,12 @@ import numpy as np
 import optuna
 
 from ..optuna_compat import set_trial_system_attr
+from ..run_dir import GP_ATTR
 from .base import INCUMBENT_ATTR, History, PlanSampler
 from .context import SearchContext
 from .encoding import UnitEncoding
 from .levelset import knob_of, knob_table, next_knob, uniform_family
 from .sensitivity import probe_violation, sensitivity_scan
-from ..run_dir import GP_ATTR
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
 
@@ -170,7 +170,11 @@ class BOSampler(PlanSampler):
             set_trial_system_attr(study, self._trial, INCUMBENT_ATTR, float(history.objective[best]))
         center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
         length = trust_region_length(history, self.n_init, d)
-        ls = obj_gp.covar_module.lengthscale.detach().numpy().ravel() if hasattr(obj_gp.covar_module, "lengthscale") else np.ones(d)
+        ls = (
+            obj_gp.covar_module.lengthscale.detach().numpy().ravel()
+            if hasattr(obj_gp.covar_module, "lengthscale")
+            else np.ones(d)
+        )
         if ls.size != d:
             ls = np.ones(d)
         weights = ls / np.exp(np.mean(np.log(ls)))
@@ -199,15 +203,23 @@ class BOSampler(PlanSampler):
                 q=1,
                 num_restarts=self.num_restarts,
                 raw_samples=self.raw_samples,
-                options={"maxiter": self.maxiter, "seed": self.context.seed % (2**31), "factr": ACQ_FTOL / np.finfo(float).eps},
+                options={
+                    "maxiter": self.maxiter,
+                    "seed": self.context.seed % (2**31),
+                    "factr": ACQ_FTOL / np.finfo(float).eps,
+                },
                 retry_on_optimization_warning=False,  # a failed local search keeps its best start
             )
         x = cand.detach().numpy().reshape(-1)
         # compared as plans: a bit-width coordinate anywhere in its choice's slice is the same plan
         plan_of = lambda u: self.encoding.encode(self.encoding.decode(u))  # noqa: E731
-        seen = np.array([plan_of(u) for u in (np.vstack([history.x, history.pending]) if len(history.pending) else history.x)])
+        seen = np.array(
+            [plan_of(u) for u in (np.vstack([history.x, history.pending]) if len(history.pending) else history.x)]
+        )
         if _already_measured(plan_of(x), seen):
-            x = _best_unmeasured(acq, lo, hi, seen, n=self.raw_samples, seed=self.context.seed + history.n, fallback=x, plan_of=plan_of)
+            x = _best_unmeasured(
+                acq, lo, hi, seen, n=self.raw_samples, seed=self.context.seed + history.n, fallback=x, plan_of=plan_of
+            )
         return x
 
 
@@ -227,7 +239,14 @@ def _first_output(Z: Any, X: Any = None) -> Any:
 
 
 def _best_unmeasured(
-    acq: Any, lo: np.ndarray, hi: np.ndarray, seen: np.ndarray, *, n: int, seed: int, fallback: np.ndarray,
+    acq: Any,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    seen: np.ndarray,
+    *,
+    n: int,
+    seed: int,
+    fallback: np.ndarray,
     plan_of: Callable[[np.ndarray], np.ndarray] = lambda u: u,
 ) -> np.ndarray:
     """The acquisition's best point among ``n`` scrambled-Sobol points of the box ``[lo, hi]`` whose

@@ -72,7 +72,9 @@ def fit_gp(
         fit_gpytorch_mll(
             mll,
             closure=exact_mll_closure(mll),  # None: BoTorch's own
-            optimizer_kwargs={"options": {"maxiter": maxiter or (WARM_MAXITER if warm else COLD_MAXITER), "ftol": FIT_FTOL}},
+            optimizer_kwargs={
+                "options": {"maxiter": maxiter or (WARM_MAXITER if warm else COLD_MAXITER), "ftol": FIT_FTOL}
+            },
         )
     return model.eval()
 

@@ -258,7 +258,10 @@ def run_trials(
             frozen = _record(study, trial, error.to_user_attrs(), [], None)
         else:
             error = None
-            attrs = {**_user_attrs(outcome.attrs), **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs()}
+            attrs = {
+                **_user_attrs(outcome.attrs),
+                **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs(),
+            }
             values = outcome.objective
             values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
             frozen = _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
@@ -300,7 +303,8 @@ def _record(study, trial, attrs, constraints, objective, pruned: bool = False) -
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning(
             "trial %d was declared stale by another worker (no heartbeat within the grace period); "
-            "its result is dropped and its retry is evaluated instead", trial.number
+            "its result is dropped and its retry is evaluated instead",
+            trial.number,
         )
         return None
 
@@ -314,8 +318,11 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         plan=attrs.plan,
         measurement=attrs.measurement,
         objective=(
-            t.values[0] if t.state == TrialState.COMPLETE and t.values
-            else t.intermediate_values.get(0) if t.state == TrialState.PRUNED else None
+            t.values[0]
+            if t.state == TrialState.COMPLETE and t.values
+            else t.intermediate_values.get(0)
+            if t.state == TrialState.PRUNED
+            else None
         ),
         constraints=tuple(trial_constraints(t)),
         error=attrs.error or ("interrupted" if attrs.interrupted else None),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -62,7 +61,9 @@ class MadsSampler(PlanSampler):
         return params
 
     def _key(self, params: dict[str, Any]) -> tuple:
-        return tuple(round(float(params[d.key]), 9) if not isinstance(params[d.key], str) else params[d.key] for d in self.dims)
+        return tuple(
+            round(float(params[d.key]), 9) if not isinstance(params[d.key], str) else params[d.key] for d in self.dims
+        )
 
     def _x0(self, lb: list[float], ub: list[float]) -> list[float]:
         params = self.encoding.decode(warm_start_point(self.context, self.encoding))

@@ -96,7 +96,9 @@ class OLMPSampler(PlanSampler):
         ordered = [
             t
             for t in study.get_trials(deepcopy=False)
-            if in_space(t, keys) and t.number != trial.number and t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
+            if in_space(t, keys)
+            and t.number != trial.number
+            and t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
         ]
         evaluated = [(self.to_z(t.params), _fitness(t)) for t in ordered]
         es = self._new_es(self._x0(), SIGMA0, 0)

@@ -28,10 +28,10 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from ..run_dir import FIDELITY_ATTR, MEASUREMENT_ATTR, PREDICTION_SE_ATTR
 from .base import METRIC_SE_ATTR
 from .encoding import UnitEncoding, in_space
 from .space import SearchSpace
-from ..run_dir import FIDELITY_ATTR, MEASUREMENT_ATTR, PREDICTION_SE_ATTR
 
 #: cheap evaluation's fidelities whose constraint values are predictions, not measurements: such
 #: trials can never be the answer; they inform the model only when they carry the predictions'
@@ -69,9 +69,15 @@ def _key(t: optuna.trial.FrozenTrial) -> tuple:
 def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int = MIN_TRIALS) -> Pick:
     """The answer of a single-objective study (see the module docstring)."""
     enc = UnitEncoding(space)
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and in_space(t, enc.keys)]
+    completed = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and in_space(t, enc.keys)
+    ]
     measured = [t for t in completed if t.user_attrs.get(FIDELITY_ATTR) not in NOT_MEASURED]
-    predicted = [t for t in completed if t.user_attrs.get(FIDELITY_ATTR) in NOT_MEASURED and t.user_attrs.get(PREDICTION_SE_ATTR) is not None]
+    predicted = [
+        t
+        for t in completed
+        if t.user_attrs.get(FIDELITY_ATTR) in NOT_MEASURED and t.user_attrs.get(PREDICTION_SE_ATTR) is not None
+    ]
     # predictions join the model only as noisy observations, and only when the measured points have a noise too
     with_se = all(t.user_attrs.get(METRIC_SE_ATTR) is not None for t in measured)
     done = measured + predicted if with_se else measured

@@ -33,7 +33,9 @@ SEARCH_REQUIREMENTS: dict[str, Requirement] = {
 
 #: operator name -> what it imports
 OPERATOR_REQUIREMENTS: dict[str, Requirement] = {
-    "structured_prune": Requirement(("torch_pruning",), "pip install 'tightfit[speed]'  (or: pip install torch-pruning)"),
+    "structured_prune": Requirement(
+        ("torch_pruning",), "pip install 'tightfit[speed]'  (or: pip install torch-pruning)"
+    ),
 }
 
 #: Latency(runtime=...) -> what timing in that runtime imports (it exports each trial to ONNX)

@@ -51,7 +51,9 @@ class SearchSpace:
 
     def recovery_settings(self, params: dict[str, Any]) -> dict[str, Any]:
         """The recovery hyperparameters a trial's parameters set (empty without tuned recovery)."""
-        return {hp.name: params[RECOVERY_PREFIX + hp.name] for hp in self.recovery if RECOVERY_PREFIX + hp.name in params}
+        return {
+            hp.name: params[RECOVERY_PREFIX + hp.name] for hp in self.recovery if RECOVERY_PREFIX + hp.name in params
+        }
 
     def suggest(self, trial: optuna.Trial) -> Plan:
         """Ask the trial for a value of every dimension and build the plan."""
@@ -99,15 +101,25 @@ def build_space(strategy: Compose, analysis: ModelAnalysis, recovery: Sequence[H
         ops = ", ".join(op.name for op in strategy)
         if analysis.layers:
             kinds = sorted({layer.kind for layer in analysis.layers})
-            why = (f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them "
-                   "(see any warning above); prune and quantize work on every weight layer")
+            why = (
+                f"it has {len(analysis.layers)} weight layer(s) ({', '.join(kinds)}) but {ops} takes none of them "
+                "(see any warning above); prune and quantize work on every weight layer"
+            )
         else:
             why = "it has no Linear/Conv layer or other layer holding a weight matrix"
-        layers = "; ".join(f"{shown_name(layer.name)}: {why_not_taken(layer, strategy)}" for layer in analysis.layers[:6])
+        layers = "; ".join(
+            f"{shown_name(layer.name)}: {why_not_taken(layer, strategy)}" for layer in analysis.layers[:6]
+        )
         others = [shown_name(s.name) for s in analysis.skipped][:10]
-        raise ModelError(" ".join(
-            [f"No layer of the model can be compressed by {ops}: {why}."]
-            + ([f"Its weight layers and why: {layers}{' ...' if len(analysis.layers) > 6 else ''}."] if layers else [])
-            + ([f"Other modules left alone: {others}."] if others else [])
-        ))
+        raise ModelError(
+            " ".join(
+                [f"No layer of the model can be compressed by {ops}: {why}."]
+                + (
+                    [f"Its weight layers and why: {layers}{' ...' if len(analysis.layers) > 6 else ''}."]
+                    if layers
+                    else []
+                )
+                + ([f"Other modules left alone: {others}."] if others else [])
+            )
+        )
     return SearchSpace(strategy, tuple(dimensions), fixed, tuple(recovery))
