@@ -2,6 +2,7 @@
 (per-sample statistics, sequential tests, certificates)."""
 
 from .constraints import Constraint, MaxDrop, MaxLatency, MaxSize, MinMetric
+from .data import loader_inputs
 from .metrics import Accuracy, Agreement, Fidelity, PerSample, PerSampleMetric, SampleMetric, evaluate_metric
 from .sequential import Certificate, Sequential
 from .statistics import Estimate, mean_estimate, u_statistic2
@@ -22,6 +23,7 @@ __all__ = [
     "SampleMetric",
     "Sequential",
     "evaluate_metric",
+    "loader_inputs",
     "mean_estimate",
     "u_statistic2",
 ]

@@ -15,11 +15,10 @@ from ..evaluation.metrics import evaluate_metric
 from ..export.artifact import load_model, to_bytes
 from ..measure.analysis import count_nonzeros
 from ..operators.compose import Compose
-from ..operators.plan import apply_plan_inplace
 from ..records import Measurement, Result, TrialRecord, best_feasible, pareto_front
 from ..run_dir import RunDir
 from ..search.pick import pick_note, posterior_pick
-from .evaluator import BestSoFar, recover_seeded
+from .evaluator import BestSoFar, apply_to_copy, recover_seeded
 from .notes import speed_note
 
 
@@ -88,6 +87,7 @@ class Finish:
     seed: int
     layer_names: list[str]
     confirmed: bool = False
+    calibration: list[Any] | None = None
 
     def result(self, trials: list[TrialRecord], best: TrialRecord | None = None) -> Result:
         best = best if best is not None else best_feasible(trials)
@@ -137,7 +137,7 @@ class Finish:
         data = self.best.bytes_of(best.number)
         if data is None:
             # The best trial's file is not at hand (e.g. it ran in another process): replay it.
-            candidate = apply_plan_inplace(best.plan, copy.deepcopy(self.original), self.strategy)
+            candidate = apply_to_copy(best.plan, self.original, self.strategy, self.calibration)
             if self.finetune is not None:
                 recover_seeded(self.finetune, candidate, self.seed)  # as in the trial
             data = to_bytes(candidate, best.plan, {"trial": best.number})

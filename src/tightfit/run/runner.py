@@ -40,7 +40,7 @@ from .notes import (
     weight_norm_note,
 )
 from .sequential import SequentialEvaluator
-from .settings import Checked, Settings, check, tuned_hyperparameters
+from .settings import Checked, Settings, check, describe_calibration, tuned_hyperparameters
 from .study import open_study, optuna_quiet, stored_baseline
 
 log = logging.getLogger("tightfit")
@@ -130,6 +130,8 @@ class Run:
         }
         if c.latency is not None:
             recorded["latency"] = c.latency.describe()
+        if c.calibration is not None:  # a resume with other calibration data would mix plans fitted on both
+            recorded["calibration"] = describe_calibration(c.calibration)
         evaluate = bind_reference(s.evaluate, original)  # Agreement / Fidelity compare with the original
         session = None
         if s.evaluation is not None:
@@ -194,6 +196,7 @@ class Run:
             counter=p.counter,
             best=o.best,
             latency=c.latency,
+            calibration=c.calibration,
         )
         if p.session is not None:
             evaluator: TrialEvaluator = SequentialEvaluator(setup, p.session)
@@ -268,6 +271,7 @@ class Run:
             s.seed,
             p.layer_names,
             confirmed=p.session is not None,
+            calibration=c.calibration,
         ).result(trials, best_trial)
         if pick_note and result.feasible:
             result.notes.insert(0, pick_note)

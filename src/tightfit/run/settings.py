@@ -4,6 +4,7 @@ before any work (a bad one is a ConfigError naming the argument and what to give
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from ..evaluation.constraints import Constraint, MaxDrop, MaxLatency
 from ..evaluation.sequential import Sequential
 from ..measure.latency import Latency
 from ..operators.base import Operator
-from ..operators.calibrated import refuse_uncalibrated
+from ..operators.calibrated import calibration_batches
 from ..operators.compose import Compose, as_strategy
 from ..operators.prune import Prune
 from ..operators.quantize import Quantize
@@ -53,6 +54,7 @@ class Settings:
     latency: Latency | None = None
     evaluation: Sequential | None = None
     pick: str = "posterior"
+    calibration: Any = None
 
     @classmethod
     def of(cls, **keywords: Any) -> Settings:
@@ -92,6 +94,8 @@ class Checked:
     strategy: Compose
     constraints: list[Constraint]
     latency: Latency | None
+    #: the calibration batches, read once in order (None when no operator of the strategy needs them)
+    calibration: list[Any] | None = None
 
 
 def check(model: nn.Module, settings: Settings) -> Checked:
@@ -114,7 +118,7 @@ def check(model: nn.Module, settings: Settings) -> Checked:
         )
     objective = s.objective[0] if multi else s.objective
     strategy = as_strategy(s.strategy if s.strategy is not None else Compose([Prune(), Quantize()]))
-    refuse_uncalibrated(strategy)  # GPTQ / Wanda / SparseGPT need calibration data, which compress() does not take yet
+    calibration = calibration_for(strategy, s.calibration)
     constraints = constraint_list(s.constraint)
     check_requirements(s.search, strategy, s.latency)  # known method; optional packages installed
     latency = latency_for(s.latency, objective, constraints, s.example_input)
@@ -123,7 +127,26 @@ def check(model: nn.Module, settings: Settings) -> Checked:
             "evaluation=Sequential(...) does not time candidates yet: drop the latency objective / MaxLatency / "
             "`latency`, or use evaluation=None."
         )
-    return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency)
+    return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration)
+
+
+def calibration_for(strategy: Compose, calibration: Any) -> list[Any] | None:
+    """The calibration batches of a strategy with calibrated operators (GPTQ, Wanda, SparseGPT), as a
+    list read once (a generator too), so every trial, a resumed run's replay and a worker feed the
+    same batches in the same order; None when no operator needs them. Calibrated operators without
+    ``calibration`` are refused: it is not taken from the evaluation's loader, because fitting the
+    compression to the samples that then judge it would flatter every plan's metric."""
+    users = [op for op in strategy if op.needs_calibration()]
+    if not users:
+        return None
+    if calibration is None:
+        raise ConfigError(
+            f"{', '.join(repr(op) for op in users)} need(s) `calibration=`: model inputs the operators learn from "
+            "(a few hundred samples, not the validation data that judges the plans), e.g. "
+            "calibration=tightfit.evaluation.loader_inputs(train_loader, max_samples=256); or search with "
+            "method='rtn' / 'magnitude'."
+        )
+    return calibration_batches(calibration, strategy)
 
 
 def check_arguments(model, evaluate, objective, budget, example_input, finetune, seed) -> None:
@@ -213,3 +236,27 @@ def latency_for(
             )
         return Latency(example_input)
     return None
+
+
+def describe_calibration(batches: list[Any]) -> str:
+    """A fingerprint of the calibration batches (count, and a digest of their tensors in order),
+    stored with the run's settings: a resume or a worker fed other batches is refused."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(str((value.dtype, tuple(value.shape))).encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                digest.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    for batch in batches:
+        feed(batch)
+    return f"{len(batches)} batches, sha256 {digest.hexdigest()[:16]}"
