@@ -17,7 +17,7 @@ import optuna
 import torch
 from torch import nn
 
-from ..evaluation.constraints import Constraint, MaxSize
+from ..evaluation.constraints import Constraint, MaxBits, MaxFlops, MaxSize
 from ..evaluation.metrics import evaluate_metric
 from ..export.artifact import to_bytes
 from ..measure.analysis import count_nonzeros, layer_kind, sparse_flops
@@ -199,7 +199,8 @@ def search_context(
     """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
     (the sensitivity scan and warm starts use it) and the original weights."""
     s = setup
-    needs_bytes = s.objective == "size" or any(isinstance(c, MaxSize) for c in s.constraints)
+    needs_bytes = s.objective == "size" or any(isinstance(c, (MaxSize, MaxBits)) for c in s.constraints)
+    needs_flops = s.objective == "flops" or any(isinstance(c, MaxFlops) for c in s.constraints)
     # With a latency objective or constraint every probe is timed too: slower, but the only honest view.
 
     def probe(plan: Plan) -> ProbeResult:
@@ -211,7 +212,7 @@ def search_context(
             size_bytes=len(to_bytes(candidate, plan)) if needs_bytes else s.baseline.size_bytes,
             nonzeros=nonzeros,
             weight_params=s.baseline.weight_params,
-            flops=sparse_flops(candidate, example_input, layer_names) if s.objective == "flops" else None,
+            flops=sparse_flops(candidate, example_input, layer_names) if needs_flops else None,
             **timed(s.latency, candidate),
         )
         return ProbeResult(metric, tuple(s.constraint_values(measured)), s.goal(measured))

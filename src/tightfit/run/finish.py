@@ -144,6 +144,12 @@ class Finish:
             notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
         return data
 
+    def _why_chosen(self, trials: list[TrialRecord]) -> str:
+        if self.objective != "metric":
+            return ""
+        feasible = sum(t.feasible for t in trials)
+        return f" (the best metric of {feasible} plan{'s' if feasible != 1 else ''} within the budget)"
+
     def _answer(self, best: TrialRecord, common: dict[str, Any]) -> Result:
         baseline, notes = self.baseline, []
         data = self._bytes_of(best, notes)
@@ -173,7 +179,8 @@ class Finish:
             feasible=True,
             best_trial=best,
             message=(
-                f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
+                f"Trial {best.number}{self._why_chosen(common['trials'])}: "
+                f"{baseline.size_bytes / len(data):.1f}x smaller file "
                 f"({len(data):,} of {baseline.size_bytes:,} bytes), {fewer}, "
                 f"metric {metric:.4f} vs {baseline.metric:.4f} originally." + speed_note(best.measurement, baseline)
             ),

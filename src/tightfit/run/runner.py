@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import report
 from ..errors import ConfigError, ModelError
-from ..evaluation.constraints import check_max_drop
+from ..evaluation.constraints import MaxFlops, check_max_drop
 from ..evaluation.metrics import bind_reference
 from ..evaluation.sequential import SequentialSession
 from ..measure.analysis import ModelAnalysis, analyze, zeroed_note
@@ -120,7 +120,8 @@ class Run:
             c.strategy, analysis, tuned_hyperparameters(s.finetune)
         )  # ModelError if nothing compressible
         layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
-        flops = original_flops(original, s.example_input, layer_names, c.objective)
+        counted = any(isinstance(con, MaxFlops) for con in c.constraints)  # then FLOPs must count, as for the objective
+        flops = original_flops(original, s.example_input, layer_names, "flops" if counted else c.objective)
         recorded = {
             "space": space.keys,
             "objective": [c.objective, "metric"] if c.multi else c.objective,
@@ -252,7 +253,9 @@ class Run:
         """Pick the answer, get its bytes, re-measure the saved model, add the notes, write the files."""
         s, c = self.settings, self.checked
         trials = [trial_record(t) for t in o.study.get_trials()]
-        best_trial, pick_note = final_pick(o.study, p.space, trials, c.multi or s.pick == "observed")
+        # objective="metric": the feasible trial with the best metric as measured (its constraints are resources)
+        observed = c.multi or s.pick == "observed" or c.objective == "metric"
+        best_trial, pick_note = final_pick(o.study, p.space, trials, observed)
         finetune = s.finetune
         if p.space.recovery and best_trial is not None:  # a replayed best trial trains with its own settings
             frozen = {t.number: t for t in o.study.get_trials(deepcopy=False)}[best_trial.number]
@@ -285,7 +288,7 @@ class Run:
         result.notes.extend(
             partly_refused(p.space)
             + following_note(p.analysis, p.space)
-            + direction_note(p.evaluate, trials, o.baseline)
+            + (direction_note(p.evaluate, trials, o.baseline) if c.objective != "metric" else [])
         )
         result.notes.extend(recovery_notes(s.finetune))  # e.g. an empty training loader trained nothing
         result.notes.extend(

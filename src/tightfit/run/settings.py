@@ -15,7 +15,7 @@ from optuna.storages import BaseStorage
 from torch import nn
 
 from ..errors import ConfigError
-from ..evaluation.constraints import Constraint, MaxDrop, MaxLatency
+from ..evaluation.constraints import RESOURCE_CONSTRAINTS, Constraint, MaxDrop, MaxFlops, MaxLatency
 from ..evaluation.sequential import Sequential
 from ..measure.latency import Latency
 from ..operators.base import Operator
@@ -25,7 +25,11 @@ from ..operators.prune import Prune
 from ..operators.quantize import Quantize
 from ..search.requirements import check_requirements
 
-OBJECTIVES = ("size", "nonzeros", "flops", "latency")
+OBJECTIVES = ("size", "nonzeros", "flops", "latency", "metric")
+#: what ``objective="metric"`` may search with: the other methods model a positive objective that
+#: falls as plans compress (BO fits its logarithm; the level-set and pattern searches walk toward
+#: smaller plans), which the metric is not
+METRIC_SEARCHES = ("auto", "tpe", "random", "gp", "cmaes", "nsga2")
 #: how compress chooses its answer among the feasible trials (see tightfit.run.finish.final_pick)
 PICKS = ("posterior", "observed")
 
@@ -120,6 +124,7 @@ def check(model: nn.Module, settings: Settings) -> Checked:
     strategy = as_strategy(s.strategy if s.strategy is not None else Compose([Prune(), Quantize()]))
     calibration = calibration_for(strategy, s.calibration)
     constraints = constraint_list(s.constraint)
+    check_resource_budget(s, objective, multi, constraints)
     check_requirements(s.search, strategy, s.latency)  # known method; optional packages installed
     latency = latency_for(s.latency, objective, constraints, s.example_input)
     if s.evaluation is not None and latency is not None:
@@ -128,6 +133,32 @@ def check(model: nn.Module, settings: Settings) -> Checked:
             "`latency`, or use evaluation=None."
         )
     return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration)
+
+
+def check_resource_budget(s: Settings, objective: str, multi: bool, constraints: list[Constraint]) -> None:
+    """``objective="metric"`` (the most accurate plan within a resource budget) needs a budget to
+    meet, a search that can maximize a metric, and full evaluations; MaxFlops needs an input."""
+    if any(isinstance(c, MaxFlops) for c in constraints) and s.example_input is None:
+        raise ConfigError("MaxFlops needs `example_input` (the input FLOPs are counted on).")
+    if objective != "metric":
+        return
+    if multi:
+        raise ConfigError(
+            "`objective=('metric', ...)` is not a Pareto pair; give objective='metric' or ('size', 'metric')."
+        )
+    if not any(isinstance(c, RESOURCE_CONSTRAINTS) for c in constraints):
+        raise ConfigError(
+            "`objective='metric'` maximizes the metric within a resource budget, but `constraint` holds none, so "
+            "the original would always win: give MaxSize(bytes), MaxBits(bits_per_weight), MaxFlops(flops) or "
+            "MaxLatency(ms), e.g. constraint=tightfit.MaxBits(4.5)."
+        )
+    if s.search not in METRIC_SEARCHES:
+        raise ConfigError(f"`objective='metric'` searches with one of {METRIC_SEARCHES}, but got search={s.search!r}.")
+    if s.evaluation is not None:
+        raise ConfigError(
+            "`evaluation=Sequential(...)` screens plans by an objective known before evaluation; with "
+            "objective='metric' give evaluation=None."
+        )
 
 
 def calibration_for(strategy: Compose, calibration: Any) -> list[Any] | None:
