@@ -252,6 +252,11 @@ class Result:
     accounting: dict[str, Any] = field(default_factory=dict)
     #: the bytes of the saved file (what ``tightfit.save`` writes); None when nothing was feasible
     artifact: bytes | None = field(default=None, repr=False)
+    #: with ``recover=``: the answer's metric in the search, before its recovery after the search
+    #: (``metric`` is after); None without it
+    metric_before_recovery: float | None = None
+    #: with ``recover=``: each recovered trial's metric before and after, and which was chosen
+    recovery: dict[str, Any] | None = None
 
     @property
     def compression_ratio(self) -> float:

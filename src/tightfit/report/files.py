@@ -95,6 +95,8 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
         "objective": result.objective,
         "settings": settings,
         "metric": result.metric,
+        "metric_before_recovery": result.metric_before_recovery,
+        "recovery": result.recovery,
         "baseline_metric": result.baseline_metric,
         "size_bytes": result.size_bytes,
         "baseline_size_bytes": result.baseline_size_bytes,

@@ -88,6 +88,8 @@ class Finish:
     layer_names: list[str]
     confirmed: bool = False
     calibration: list[Any] | None = None
+    #: the answer's file when it was recovered after the search (it is not the trial's kept file)
+    recovered: bytes | None = None
 
     def result(self, trials: list[TrialRecord], best: TrialRecord | None = None) -> Result:
         best = best if best is not None else best_feasible(trials)
@@ -134,7 +136,7 @@ class Finish:
         return result
 
     def _bytes_of(self, best: TrialRecord, notes: list[str]) -> bytes:
-        data = self.best.bytes_of(best.number)
+        data = self.recovered if self.recovered is not None else self.best.bytes_of(best.number)
         if data is None:
             # The best trial's file is not at hand (e.g. it ran in another process): replay it.
             candidate = apply_to_copy(best.plan, self.original, self.strategy, self.calibration)

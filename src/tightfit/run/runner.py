@@ -22,7 +22,7 @@ from ..evaluation.metrics import bind_reference
 from ..evaluation.sequential import SequentialSession
 from ..measure.analysis import ModelAnalysis, analyze, zeroed_note
 from ..operators.plan import fold_weight_norm
-from ..records import Measurement, Result, TrialAttrs, best_feasible, pareto_front
+from ..records import Measurement, Result, TrialAttrs, TrialRecord, best_feasible, pareto_front
 from ..recovery import recovery_notes
 from ..run_dir import RunDir
 from ..search.loop import counted_trials, recover_interrupted, run_trials, trial_record
@@ -39,6 +39,7 @@ from .notes import (
     partly_refused,
     weight_norm_note,
 )
+from .recover import AfterSearch, Recovered, recovery_note
 from .sequential import SequentialEvaluator
 from .settings import Checked, Settings, check, describe_calibration, tuned_hyperparameters
 from .study import open_study, optuna_quiet, stored_baseline
@@ -249,6 +250,30 @@ class Run:
         )
         return started
 
+    def recover_after_search(
+        self, p: Prepared, o: Opened, trials: list[TrialRecord], best: TrialRecord | None
+    ) -> tuple[TrialRecord | None, Recovered | None]:
+        """With ``recover=``: the chosen plan (and the next best, up to ``recover_top``) recovered
+        once and re-measured; the best of them after recovery, if any still meets the constraints."""
+        s, c = self.settings, self.checked
+        if s.recover is None or best is None:
+            return best, None
+        after = AfterSearch(
+            p.original,
+            c.strategy,
+            c.calibration,
+            s.recover,
+            s.seed,
+            p.evaluate,
+            StaticMeasure(s.artifact_extra, p.layer_names, p.example_input, o.baseline),
+            c.constraints,
+            o.baseline,
+            c.objective,
+            c.latency,
+        )
+        recovered = after.run(trials, s.recover_top, best)
+        return (recovered.chosen or best), recovered
+
     def finish(self, p: Prepared, o: Opened, started: float) -> Result:
         """Pick the answer, get its bytes, re-measure the saved model, add the notes, write the files."""
         s, c = self.settings, self.checked
@@ -262,6 +287,7 @@ class Run:
             tuned = TrialAttrs.from_trial(frozen).recovery
             finetune = finetune.with_settings(**(tuned or {}))
         p.counter.take()
+        best_trial, recovered = self.recover_after_search(p, o, trials, best_trial)
         result = Finish(
             p.original,
             p.session.confirm if p.session is not None else p.evaluate,
@@ -275,9 +301,12 @@ class Run:
             p.layer_names,
             confirmed=p.session is not None,
             calibration=c.calibration,
+            recovered=recovered.data if recovered is not None and recovered.chosen is not None else None,
         ).result(trials, best_trial)
         if pick_note and result.feasible:
             result.notes.insert(0, pick_note)
+        if recovered is not None:
+            note_recovery(result, recovered, s.recover_top)
         if p.session is not None and result.feasible:
             result.certificate = p.session.certify(result.model)
             note_certificate(result, c.constraints, o.baseline)
@@ -301,6 +330,15 @@ class Run:
         if o.run is not None:
             report.write_run_files(result, o.run.path, p.recorded)
         return result
+
+
+def note_recovery(result: Result, recovered: Recovered, k: int) -> None:
+    """The recovery after the search on the result: the metric before and after, and a note."""
+    result.recovery = recovered.to_dict()
+    result.notes.insert(0, recovery_note(recovered, k))
+    if recovered.chosen is not None and result.best_trial is not None:
+        result.metric_before_recovery = recovered.before[result.best_trial.number]
+        result.message += f" Before the recovery after the search: {result.metric_before_recovery:.4f}."
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -59,6 +59,8 @@ class Settings:
     evaluation: Sequential | None = None
     pick: str = "posterior"
     calibration: Any = None
+    recover: Callable[[nn.Module], None] | None = None
+    recover_top: int = 1
 
     @classmethod
     def of(cls, **keywords: Any) -> Settings:
@@ -125,6 +127,7 @@ def check(model: nn.Module, settings: Settings) -> Checked:
     calibration = calibration_for(strategy, s.calibration)
     constraints = constraint_list(s.constraint)
     check_resource_budget(s, objective, multi, constraints)
+    check_recover(s, multi)
     check_requirements(s.search, strategy, s.latency)  # known method; optional packages installed
     latency = latency_for(s.latency, objective, constraints, s.example_input)
     if s.evaluation is not None and latency is not None:
@@ -133,6 +136,22 @@ def check(model: nn.Module, settings: Settings) -> Checked:
             "`latency`, or use evaluation=None."
         )
     return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration)
+
+
+def check_recover(s: Settings, multi: bool) -> None:
+    if s.recover is None:
+        if s.recover_top != 1:
+            raise ConfigError("`recover_top` needs `recover=` (e.g. recover=tightfit.FineTune(train_loader)).")
+        return
+    if not callable(s.recover):
+        raise ConfigError("`recover` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
+    if not isinstance(s.recover_top, int) or isinstance(s.recover_top, bool) or s.recover_top < 1:
+        raise ConfigError(f"`recover_top` must be a whole number of plans >= 1, but got {s.recover_top!r}.")
+    if multi or s.evaluation is not None:
+        raise ConfigError(
+            "`recover=` recovers the chosen plan(s) after the search; it works with one objective and "
+            "evaluation=None (not a Pareto objective or evaluation=Sequential(...))."
+        )
 
 
 def check_resource_budget(s: Settings, objective: str, multi: bool, constraints: list[Constraint]) -> None:
