@@ -5,7 +5,8 @@ Each dimension of the search space (one operator setting of one layer) is measur
 of its levels, every other dimension at its gentle end (the setting nearest the operator's
 identity): the metric it loses and the resource it saves. Then, from all-gentle, the step with the
 least metric lost per unit of resource saved is taken, one level of one dimension at a time, until
-the whole plan meets the budget (measured, not summed). No fine-tuning anywhere.
+the whole plan meets the budget (measured, not summed); then steps that overshot are undone, the
+most costly first, while the plan still meets it. No fine-tuning anywhere.
 """
 
 from __future__ import annotations
@@ -144,6 +145,20 @@ def _next_step(loss: list[list[float]], violation: list[list[float]], at: list[i
     return best
 
 
+def _give_back(measurer: _Measurer, loss: list[list[float]], at: list[int], plan_at: Callable) -> None:
+    """Greedy steps overshoot (a step may save far more than was missing): undo the steps that
+    cost the most metric while the measured plan still meets the budget."""
+    while True:
+        undo = sorted((i for i, level in enumerate(at) if level > 0), key=lambda i: loss[i][at[i] - 1] - loss[i][at[i]])
+        for i in undo:
+            at[i] -= 1
+            if measurer.measure(plan_at(at), with_metric=False)[1] <= 0:
+                break
+            at[i] += 1
+        else:
+            return
+
+
 def greedy_allocation(
     model: nn.Module,
     strategy: Compose | Operator,
@@ -175,13 +190,19 @@ def greedy_allocation(
     base_metric = evaluate_metric(evaluate, original)
     loss, violation, table = _scan(measurer, space, encoding, base_metric)
     at = [0] * encoding.d
+
+    def plan_at(levels: list[int]) -> Plan:
+        x = np.array([_levels(encoding, i)[levels[i]] for i in range(encoding.d)])
+        return space.plan(encoding.decode(x))
+
     while True:
-        x = np.array([_levels(encoding, i)[at[i]] for i in range(encoding.d)])
-        plan = space.plan(encoding.decode(x))
-        _, v = measurer.measure(plan, with_metric=False)
+        _, v = measurer.measure(plan_at(at), with_metric=False)
         step = _next_step(loss, violation, at) if v > 0 else None
         if step is None:
             break
         at[step] += 1
+    if v <= 0:
+        _give_back(measurer, loss, at, plan_at)
+    plan = plan_at(at)
     final, v = measurer.measure(plan, with_metric=True)
     return GreedyResult(plan, final.metric, final, v <= 0, measurer.evaluations, measurer.measured, table)
