@@ -33,6 +33,8 @@ _EXPORTS = {
     "MaxDrop": "tightfit.evaluation",
     "MaxSize": "tightfit.evaluation",
     "MaxLatency": "tightfit.evaluation",
+    "MaxBits": "tightfit.evaluation",
+    "MaxFlops": "tightfit.evaluation",
     # speed: structural operators, latency, verified export
     "StructuredPrune": "tightfit.operators",
     "LowRank": "tightfit.operators",
@@ -91,7 +93,9 @@ if TYPE_CHECKING:  # pragma: no cover
         Certificate,
         Constraint,
         Fidelity,
+        MaxBits,
         MaxDrop,
+        MaxFlops,
         MaxLatency,
         MaxSize,
         MinMetric,

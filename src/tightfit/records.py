@@ -13,7 +13,13 @@ from .measure.analysis import SkippedModule
 from .operators.plan import Plan
 
 #: the objectives a run may minimize, each a field of :class:`Measurement`
-OBJECTIVE_FIELDS = {"size": "size_bytes", "nonzeros": "nonzeros", "flops": "flops", "latency": "latency_ms"}
+OBJECTIVE_FIELDS = {
+    "size": "size_bytes",
+    "nonzeros": "nonzeros",
+    "flops": "flops",
+    "latency": "latency_ms",
+    "metric": "metric",
+}
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,15 @@ class Measurement:
         )
 
     def objective(self, name: str) -> float:
-        """The value of objective ``name`` ("size", "nonzeros", "flops", "latency"), as the search minimizes it."""
-        return float(getattr(self, OBJECTIVE_FIELDS[name]))
+        """The value of objective ``name`` ("size", "nonzeros", "flops", "latency", "metric"), as the
+        search minimizes it: the metric (higher is better) negated."""
+        value = float(getattr(self, OBJECTIVE_FIELDS[name]))
+        return -value if name == "metric" else value
+
+    @property
+    def bits_per_weight(self) -> float:
+        """The file's bits per weight of the compressible layers (what ``MaxBits`` bounds)."""
+        return self.size_bytes * 8 / max(1, self.weight_params)
 
 
 class _Unset:
@@ -170,7 +183,7 @@ class TrialRecord:
 
 
 def better(a: TrialRecord, b: TrialRecord | None) -> bool:
-    """Smaller objective wins; ties go to the higher metric, then the earlier trial."""
+    """Smaller objective wins; ties go to the higher metric, then the smaller file, then the earlier trial."""
     if b is None:
         return True
     if a.objective is None or b.objective is None:
@@ -179,6 +192,8 @@ def better(a: TrialRecord, b: TrialRecord | None) -> bool:
         return a.objective < b.objective
     if a.measurement.metric != b.measurement.metric:
         return a.measurement.metric > b.measurement.metric
+    if a.measurement.size_bytes != b.measurement.size_bytes:
+        return a.measurement.size_bytes < b.measurement.size_bytes
     return a.number < b.number
 
 
@@ -237,6 +252,11 @@ class Result:
     accounting: dict[str, Any] = field(default_factory=dict)
     #: the bytes of the saved file (what ``tightfit.save`` writes); None when nothing was feasible
     artifact: bytes | None = field(default=None, repr=False)
+    #: with ``recover=``: the answer's metric in the search, before its recovery after the search
+    #: (``metric`` is after); None without it
+    metric_before_recovery: float | None = None
+    #: with ``recover=``: each recovered trial's metric before and after, and which was chosen
+    recovery: dict[str, Any] | None = None
 
     @property
     def compression_ratio(self) -> float:

@@ -94,6 +94,46 @@ class MaxLatency(Constraint):
         return f"MaxLatency({self.max_ms:g})"
 
 
+class MaxBits(Constraint):
+    """The saved file may hold at most ``bits_per_weight`` bits per weight of the compressible layers:
+    the file's bytes x 8 / the original's weight count (file overhead, scales, biases and the layers
+    left alone included, so it is the file's size in the units of a weight; what ModelOpt's
+    "effective bits" approximates). float32 is about 32 plus the rest of the model."""
+
+    def __init__(self, bits_per_weight: float) -> None:
+        self.bits = _check_number("MaxBits", "bits_per_weight", bits_per_weight)
+        if self.bits <= 0:
+            raise ConfigError(f"MaxBits: `bits_per_weight` must be > 0, but got {bits_per_weight!r}.")
+
+    def value(self, measured: Measurement, baseline: Measurement) -> float:
+        return (measured.bits_per_weight - self.bits) / self.bits
+
+    def describe(self) -> str:
+        return f"MaxBits({self.bits:g})"
+
+
+class MaxFlops(Constraint):
+    """At most ``max_flops`` FLOPs per forward pass of ``example_input``, counting nonzero weights
+    only (``tightfit.measure.analysis.sparse_flops``: what the trials' ``flops`` column holds)."""
+
+    def __init__(self, max_flops: float) -> None:
+        self.max_flops = _check_number("MaxFlops", "max_flops", max_flops)
+        if self.max_flops <= 0:
+            raise ConfigError(f"MaxFlops: `max_flops` must be > 0, but got {max_flops!r}.")
+
+    def value(self, measured: Measurement, baseline: Measurement) -> float:
+        if measured.flops is None:
+            raise ConfigError("MaxFlops needs FLOP counts: pass `example_input` to compress.")
+        return (measured.flops - self.max_flops) / self.max_flops
+
+    def describe(self) -> str:
+        return f"MaxFlops({self.max_flops:g})"
+
+
+#: constraints on a resource (not on the metric): what ``objective="metric"`` needs at least one of
+RESOURCE_CONSTRAINTS = (MaxSize, MaxLatency, MaxBits, MaxFlops)
+
+
 def check_max_drop(constraints: list[Constraint], evaluate: object, baseline_metric: float) -> str | None:
     """Warn about a ``MaxDrop`` no plan could break, once the original's metric is known, and return
     the warning (for the result's notes); None when there is nothing to say.

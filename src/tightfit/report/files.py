@@ -95,9 +95,15 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
         "objective": result.objective,
         "settings": settings,
         "metric": result.metric,
+        "metric_before_recovery": result.metric_before_recovery,
+        "recovery": result.recovery,
         "baseline_metric": result.baseline_metric,
         "size_bytes": result.size_bytes,
         "baseline_size_bytes": result.baseline_size_bytes,
+        # the file's bits per weight of the compressible layers (what MaxBits bounds)
+        "bits_per_weight": (
+            result.size_bytes * 8 / max(1, result.baseline.weight_params) if result.baseline is not None else None
+        ),
         "compression_ratio": result.compression_ratio,
         "nonzero_ratio": result.nonzero_ratio,
         "baseline": result.baseline.to_dict() if result.baseline else None,
@@ -120,6 +126,7 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
         "certificate": result.certificate.to_dict() if result.certificate is not None else None,
         "units": {
             "size_bytes": "bytes of model.tfz (compressed) / of torch.save(state_dict) (baseline)",
+            "bits_per_weight": "size_bytes x 8 / weights of the compressible layers",
             "nonzero_ratio": "compressible-layer weights / nonzero weights",
             "flops": "per forward pass of example_input, nonzero weights only",
             "latency_ms": "median wall time of one forward pass of the saved model (torch.utils.benchmark)",

@@ -17,11 +17,12 @@ import optuna
 import torch
 from torch import nn
 
-from ..evaluation.constraints import Constraint, MaxSize
+from ..evaluation.constraints import Constraint, MaxBits, MaxFlops, MaxSize
 from ..evaluation.metrics import evaluate_metric
 from ..export.artifact import to_bytes
 from ..measure.analysis import count_nonzeros, layer_kind, sparse_flops
 from ..measure.latency import Latency
+from ..operators.calibrated import apply_plan_calibrated
 from ..operators.compose import Compose
 from ..operators.plan import Plan, apply_plan_inplace
 from ..records import UNSET, Measurement, TrialAttrs, TrialRecord, better
@@ -81,6 +82,7 @@ class TrialSetup:
     counter: ForwardPasses
     best: BestSoFar
     latency: Latency | None = None
+    calibration: list[Any] | None = None
 
     def recovery_for(self, trial: Any) -> tuple[Any, dict[str, Any]]:
         """The trial's recovery and its tuned settings (tuned recovery searches its own settings)."""
@@ -89,13 +91,23 @@ class TrialSetup:
 
     def candidate(self, plan: Plan) -> nn.Module:
         """The plan applied to a fresh copy of the original."""
-        return apply_plan_inplace(plan, copy.deepcopy(self.original), self.strategy)
+        return apply_to_copy(plan, self.original, self.strategy, self.calibration)
 
     def goal(self, measured: Measurement) -> float:
         return measured.objective(self.objective)
 
     def constraint_values(self, measured: Measurement) -> list[float]:
         return [c.value(measured, self.baseline) for c in self.constraints]
+
+
+def apply_to_copy(plan: Plan, original: nn.Module, strategy: Compose, calibration: list[Any] | None) -> nn.Module:
+    """``plan`` applied to a fresh copy of ``original``: with ``calibration`` (a strategy with
+    calibrated operators), layer by layer from those batches in their order, then BatchNorm
+    statistics re-estimated on them (as ``compress_once`` does); deterministic, so a trial replayed
+    at the end of a run or on a worker gives the same weights."""
+    if calibration is None:
+        return apply_plan_inplace(plan, copy.deepcopy(original), strategy)
+    return apply_plan_calibrated(plan, copy.deepcopy(original), calibration, strategy, repair=("batchnorm",)).model
 
 
 def recover_seeded(
@@ -187,7 +199,8 @@ def search_context(
     """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
     (the sensitivity scan and warm starts use it) and the original weights."""
     s = setup
-    needs_bytes = s.objective == "size" or any(isinstance(c, MaxSize) for c in s.constraints)
+    needs_bytes = s.objective == "size" or any(isinstance(c, (MaxSize, MaxBits)) for c in s.constraints)
+    needs_flops = s.objective == "flops" or any(isinstance(c, MaxFlops) for c in s.constraints)
     # With a latency objective or constraint every probe is timed too: slower, but the only honest view.
 
     def probe(plan: Plan) -> ProbeResult:
@@ -199,7 +212,7 @@ def search_context(
             size_bytes=len(to_bytes(candidate, plan)) if needs_bytes else s.baseline.size_bytes,
             nonzeros=nonzeros,
             weight_params=s.baseline.weight_params,
-            flops=sparse_flops(candidate, example_input, layer_names) if s.objective == "flops" else None,
+            flops=sparse_flops(candidate, example_input, layer_names) if needs_flops else None,
             **timed(s.latency, candidate),
         )
         return ProbeResult(metric, tuple(s.constraint_values(measured)), s.goal(measured))

@@ -15,11 +15,10 @@ from ..evaluation.metrics import evaluate_metric
 from ..export.artifact import load_model, to_bytes
 from ..measure.analysis import count_nonzeros
 from ..operators.compose import Compose
-from ..operators.plan import apply_plan_inplace
 from ..records import Measurement, Result, TrialRecord, best_feasible, pareto_front
 from ..run_dir import RunDir
 from ..search.pick import pick_note, posterior_pick
-from .evaluator import BestSoFar, recover_seeded
+from .evaluator import BestSoFar, apply_to_copy, recover_seeded
 from .notes import speed_note
 
 
@@ -88,6 +87,9 @@ class Finish:
     seed: int
     layer_names: list[str]
     confirmed: bool = False
+    calibration: list[Any] | None = None
+    #: the answer's file when it was recovered after the search (it is not the trial's kept file)
+    recovered: bytes | None = None
 
     def result(self, trials: list[TrialRecord], best: TrialRecord | None = None) -> Result:
         best = best if best is not None else best_feasible(trials)
@@ -134,15 +136,21 @@ class Finish:
         return result
 
     def _bytes_of(self, best: TrialRecord, notes: list[str]) -> bytes:
-        data = self.best.bytes_of(best.number)
+        data = self.recovered if self.recovered is not None else self.best.bytes_of(best.number)
         if data is None:
             # The best trial's file is not at hand (e.g. it ran in another process): replay it.
-            candidate = apply_plan_inplace(best.plan, copy.deepcopy(self.original), self.strategy)
+            candidate = apply_to_copy(best.plan, self.original, self.strategy, self.calibration)
             if self.finetune is not None:
                 recover_seeded(self.finetune, candidate, self.seed)  # as in the trial
             data = to_bytes(candidate, best.plan, {"trial": best.number})
             notes.append(f"The model of trial {best.number} was rebuilt from its plan with the same seed.")
         return data
+
+    def _why_chosen(self, trials: list[TrialRecord]) -> str:
+        if self.objective != "metric":
+            return ""
+        feasible = sum(t.feasible for t in trials)
+        return f" (the best metric of {feasible} plan{'s' if feasible != 1 else ''} within the budget)"
 
     def _answer(self, best: TrialRecord, common: dict[str, Any]) -> Result:
         baseline, notes = self.baseline, []
@@ -173,7 +181,8 @@ class Finish:
             feasible=True,
             best_trial=best,
             message=(
-                f"Trial {best.number}: {baseline.size_bytes / len(data):.1f}x smaller file "
+                f"Trial {best.number}{self._why_chosen(common['trials'])}: "
+                f"{baseline.size_bytes / len(data):.1f}x smaller file "
                 f"({len(data):,} of {baseline.size_bytes:,} bytes), {fewer}, "
                 f"metric {metric:.4f} vs {baseline.metric:.4f} originally." + speed_note(best.measurement, baseline)
             ),

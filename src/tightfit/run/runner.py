@@ -17,12 +17,12 @@ from torch import nn
 
 from .. import report
 from ..errors import ConfigError, ModelError
-from ..evaluation.constraints import check_max_drop
+from ..evaluation.constraints import MaxFlops, check_max_drop
 from ..evaluation.metrics import bind_reference
 from ..evaluation.sequential import SequentialSession
 from ..measure.analysis import ModelAnalysis, analyze, zeroed_note
 from ..operators.plan import fold_weight_norm
-from ..records import Measurement, Result, TrialAttrs, best_feasible, pareto_front
+from ..records import Measurement, Result, TrialAttrs, TrialRecord, best_feasible, pareto_front
 from ..recovery import recovery_notes
 from ..run_dir import RunDir
 from ..search.loop import counted_trials, recover_interrupted, run_trials, trial_record
@@ -39,8 +39,9 @@ from .notes import (
     partly_refused,
     weight_norm_note,
 )
+from .recover import AfterSearch, Recovered, recovery_note
 from .sequential import SequentialEvaluator
-from .settings import Checked, Settings, check, tuned_hyperparameters
+from .settings import Checked, Settings, check, describe_calibration, tuned_hyperparameters
 from .study import open_study, optuna_quiet, stored_baseline
 
 log = logging.getLogger("tightfit")
@@ -120,7 +121,8 @@ class Run:
             c.strategy, analysis, tuned_hyperparameters(s.finetune)
         )  # ModelError if nothing compressible
         layer_names = [layer.name for layer in analysis.layers if layer.name in space.fixed]
-        flops = original_flops(original, s.example_input, layer_names, c.objective)
+        counted = any(isinstance(con, MaxFlops) for con in c.constraints)  # then FLOPs must count, as for the objective
+        flops = original_flops(original, s.example_input, layer_names, "flops" if counted else c.objective)
         recorded = {
             "space": space.keys,
             "objective": [c.objective, "metric"] if c.multi else c.objective,
@@ -130,6 +132,8 @@ class Run:
         }
         if c.latency is not None:
             recorded["latency"] = c.latency.describe()
+        if c.calibration is not None:  # a resume with other calibration data would mix plans fitted on both
+            recorded["calibration"] = describe_calibration(c.calibration)
         evaluate = bind_reference(s.evaluate, original)  # Agreement / Fidelity compare with the original
         session = None
         if s.evaluation is not None:
@@ -194,6 +198,7 @@ class Run:
             counter=p.counter,
             best=o.best,
             latency=c.latency,
+            calibration=c.calibration,
         )
         if p.session is not None:
             evaluator: TrialEvaluator = SequentialEvaluator(setup, p.session)
@@ -245,17 +250,44 @@ class Run:
         )
         return started
 
+    def recover_after_search(
+        self, p: Prepared, o: Opened, trials: list[TrialRecord], best: TrialRecord | None
+    ) -> tuple[TrialRecord | None, Recovered | None]:
+        """With ``recover=``: the chosen plan (and the next best, up to ``recover_top``) recovered
+        once and re-measured; the best of them after recovery, if any still meets the constraints."""
+        s, c = self.settings, self.checked
+        if s.recover is None or best is None:
+            return best, None
+        after = AfterSearch(
+            p.original,
+            c.strategy,
+            c.calibration,
+            s.recover,
+            s.seed,
+            p.evaluate,
+            StaticMeasure(s.artifact_extra, p.layer_names, p.example_input, o.baseline),
+            c.constraints,
+            o.baseline,
+            c.objective,
+            c.latency,
+        )
+        recovered = after.run(trials, s.recover_top, best)
+        return (recovered.chosen or best), recovered
+
     def finish(self, p: Prepared, o: Opened, started: float) -> Result:
         """Pick the answer, get its bytes, re-measure the saved model, add the notes, write the files."""
         s, c = self.settings, self.checked
         trials = [trial_record(t) for t in o.study.get_trials()]
-        best_trial, pick_note = final_pick(o.study, p.space, trials, c.multi or s.pick == "observed")
+        # objective="metric": the feasible trial with the best metric as measured (its constraints are resources)
+        observed = c.multi or s.pick == "observed" or c.objective == "metric"
+        best_trial, pick_note = final_pick(o.study, p.space, trials, observed)
         finetune = s.finetune
         if p.space.recovery and best_trial is not None:  # a replayed best trial trains with its own settings
             frozen = {t.number: t for t in o.study.get_trials(deepcopy=False)}[best_trial.number]
             tuned = TrialAttrs.from_trial(frozen).recovery
             finetune = finetune.with_settings(**(tuned or {}))
         p.counter.take()
+        best_trial, recovered = self.recover_after_search(p, o, trials, best_trial)
         result = Finish(
             p.original,
             p.session.confirm if p.session is not None else p.evaluate,
@@ -268,9 +300,13 @@ class Run:
             s.seed,
             p.layer_names,
             confirmed=p.session is not None,
+            calibration=c.calibration,
+            recovered=recovered.data if recovered is not None and recovered.chosen is not None else None,
         ).result(trials, best_trial)
         if pick_note and result.feasible:
             result.notes.insert(0, pick_note)
+        if recovered is not None:
+            note_recovery(result, recovered, s.recover_top)
         if p.session is not None and result.feasible:
             result.certificate = p.session.certify(result.model)
             note_certificate(result, c.constraints, o.baseline)
@@ -281,7 +317,7 @@ class Run:
         result.notes.extend(
             partly_refused(p.space)
             + following_note(p.analysis, p.space)
-            + direction_note(p.evaluate, trials, o.baseline)
+            + (direction_note(p.evaluate, trials, o.baseline) if c.objective != "metric" else [])
         )
         result.notes.extend(recovery_notes(s.finetune))  # e.g. an empty training loader trained nothing
         result.notes.extend(
@@ -294,6 +330,15 @@ class Run:
         if o.run is not None:
             report.write_run_files(result, o.run.path, p.recorded)
         return result
+
+
+def note_recovery(result: Result, recovered: Recovered, k: int) -> None:
+    """The recovery after the search on the result: the metric before and after, and a note."""
+    result.recovery = recovered.to_dict()
+    result.notes.insert(0, recovery_note(recovered, k))
+    if recovered.chosen is not None and result.best_trial is not None:
+        result.metric_before_recovery = recovered.before[result.best_trial.number]
+        result.message += f" Before the recovery after the search: {result.metric_before_recovery:.4f}."
 
 
 def copy_model(model: nn.Module) -> nn.Module:

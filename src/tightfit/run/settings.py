@@ -4,6 +4,7 @@ before any work (a bad one is a ConfigError naming the argument and what to give
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,17 +15,21 @@ from optuna.storages import BaseStorage
 from torch import nn
 
 from ..errors import ConfigError
-from ..evaluation.constraints import Constraint, MaxDrop, MaxLatency
+from ..evaluation.constraints import RESOURCE_CONSTRAINTS, Constraint, MaxDrop, MaxFlops, MaxLatency
 from ..evaluation.sequential import Sequential
 from ..measure.latency import Latency
 from ..operators.base import Operator
-from ..operators.calibrated import refuse_uncalibrated
+from ..operators.calibrated import calibration_batches
 from ..operators.compose import Compose, as_strategy
 from ..operators.prune import Prune
 from ..operators.quantize import Quantize
 from ..search.requirements import check_requirements
 
-OBJECTIVES = ("size", "nonzeros", "flops", "latency")
+OBJECTIVES = ("size", "nonzeros", "flops", "latency", "metric")
+#: what ``objective="metric"`` may search with: the other methods model a positive objective that
+#: falls as plans compress (BO fits its logarithm; the level-set and pattern searches walk toward
+#: smaller plans), which the metric is not
+METRIC_SEARCHES = ("auto", "tpe", "random", "gp", "cmaes", "nsga2")
 #: how compress chooses its answer among the feasible trials (see tightfit.run.finish.final_pick)
 PICKS = ("posterior", "observed")
 
@@ -53,6 +58,9 @@ class Settings:
     latency: Latency | None = None
     evaluation: Sequential | None = None
     pick: str = "posterior"
+    calibration: Any = None
+    recover: Callable[[nn.Module], None] | None = None
+    recover_top: int = 1
 
     @classmethod
     def of(cls, **keywords: Any) -> Settings:
@@ -92,6 +100,8 @@ class Checked:
     strategy: Compose
     constraints: list[Constraint]
     latency: Latency | None
+    #: the calibration batches, read once in order (None when no operator of the strategy needs them)
+    calibration: list[Any] | None = None
 
 
 def check(model: nn.Module, settings: Settings) -> Checked:
@@ -114,8 +124,10 @@ def check(model: nn.Module, settings: Settings) -> Checked:
         )
     objective = s.objective[0] if multi else s.objective
     strategy = as_strategy(s.strategy if s.strategy is not None else Compose([Prune(), Quantize()]))
-    refuse_uncalibrated(strategy)  # GPTQ / Wanda / SparseGPT need calibration data, which compress() does not take yet
+    calibration = calibration_for(strategy, s.calibration)
     constraints = constraint_list(s.constraint)
+    check_resource_budget(s, objective, multi, constraints)
+    check_recover(s, multi)
     check_requirements(s.search, strategy, s.latency)  # known method; optional packages installed
     latency = latency_for(s.latency, objective, constraints, s.example_input)
     if s.evaluation is not None and latency is not None:
@@ -123,7 +135,68 @@ def check(model: nn.Module, settings: Settings) -> Checked:
             "evaluation=Sequential(...) does not time candidates yet: drop the latency objective / MaxLatency / "
             "`latency`, or use evaluation=None."
         )
-    return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency)
+    return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration)
+
+
+def check_recover(s: Settings, multi: bool) -> None:
+    if s.recover is None:
+        if s.recover_top != 1:
+            raise ConfigError("`recover_top` needs `recover=` (e.g. recover=tightfit.FineTune(train_loader)).")
+        return
+    if not callable(s.recover):
+        raise ConfigError("`recover` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
+    if not isinstance(s.recover_top, int) or isinstance(s.recover_top, bool) or s.recover_top < 1:
+        raise ConfigError(f"`recover_top` must be a whole number of plans >= 1, but got {s.recover_top!r}.")
+    if multi or s.evaluation is not None:
+        raise ConfigError(
+            "`recover=` recovers the chosen plan(s) after the search; it works with one objective and "
+            "evaluation=None (not a Pareto objective or evaluation=Sequential(...))."
+        )
+
+
+def check_resource_budget(s: Settings, objective: str, multi: bool, constraints: list[Constraint]) -> None:
+    """``objective="metric"`` (the most accurate plan within a resource budget) needs a budget to
+    meet, a search that can maximize a metric, and full evaluations; MaxFlops needs an input."""
+    if any(isinstance(c, MaxFlops) for c in constraints) and s.example_input is None:
+        raise ConfigError("MaxFlops needs `example_input` (the input FLOPs are counted on).")
+    if objective != "metric":
+        return
+    if multi:
+        raise ConfigError(
+            "`objective=('metric', ...)` is not a Pareto pair; give objective='metric' or ('size', 'metric')."
+        )
+    if not any(isinstance(c, RESOURCE_CONSTRAINTS) for c in constraints):
+        raise ConfigError(
+            "`objective='metric'` maximizes the metric within a resource budget, but `constraint` holds none, so "
+            "the original would always win: give MaxSize(bytes), MaxBits(bits_per_weight), MaxFlops(flops) or "
+            "MaxLatency(ms), e.g. constraint=tightfit.MaxBits(4.5)."
+        )
+    if s.search not in METRIC_SEARCHES:
+        raise ConfigError(f"`objective='metric'` searches with one of {METRIC_SEARCHES}, but got search={s.search!r}.")
+    if s.evaluation is not None:
+        raise ConfigError(
+            "`evaluation=Sequential(...)` screens plans by an objective known before evaluation; with "
+            "objective='metric' give evaluation=None."
+        )
+
+
+def calibration_for(strategy: Compose, calibration: Any) -> list[Any] | None:
+    """The calibration batches of a strategy with calibrated operators (GPTQ, Wanda, SparseGPT), as a
+    list read once (a generator too), so every trial, a resumed run's replay and a worker feed the
+    same batches in the same order; None when no operator needs them. Calibrated operators without
+    ``calibration`` are refused: it is not taken from the evaluation's loader, because fitting the
+    compression to the samples that then judge it would flatter every plan's metric."""
+    users = [op for op in strategy if op.needs_calibration()]
+    if not users:
+        return None
+    if calibration is None:
+        raise ConfigError(
+            f"{', '.join(repr(op) for op in users)} need(s) `calibration=`: model inputs the operators learn from "
+            "(a few hundred samples, not the validation data that judges the plans), e.g. "
+            "calibration=tightfit.evaluation.loader_inputs(train_loader, max_samples=256); or search with "
+            "method='rtn' / 'magnitude'."
+        )
+    return calibration_batches(calibration, strategy)
 
 
 def check_arguments(model, evaluate, objective, budget, example_input, finetune, seed) -> None:
@@ -213,3 +286,27 @@ def latency_for(
             )
         return Latency(example_input)
     return None
+
+
+def describe_calibration(batches: list[Any]) -> str:
+    """A fingerprint of the calibration batches (count, and a digest of their tensors in order),
+    stored with the run's settings: a resume or a worker fed other batches is refused."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(str((value.dtype, tuple(value.shape))).encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                digest.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    for batch in batches:
+        feed(batch)
+    return f"{len(batches)} batches, sha256 {digest.hexdigest()[:16]}"

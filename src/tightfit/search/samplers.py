@@ -91,6 +91,8 @@ def auto_method(ctx: SearchContext) -> str:
         return "random"
     if ctx.n_objectives > 1:
         return "nsga2"
+    if ctx.objective == "metric":  # BO and the level-set search model a positive size-like objective
+        return "tpe"
     if ctx.budget <= 10:
         return "levelset"
     return "bo"
