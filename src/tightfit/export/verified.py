@@ -189,7 +189,11 @@ def _pt_runner(model, path: Path, check_call) -> Any:
     buffer = io.BytesIO()
     torch.save(copy.deepcopy(model), buffer)
     path.write_bytes(buffer.getvalue())
-    loaded = torch.load(str(path), weights_only=False).eval()
+    # format="pt" is a pickled module by definition (the user asked for one). The check unpickles the
+    # bytes this call just made, from memory, never the file on disk, which another process could
+    # have replaced in between; nothing tightfit reads back from a file is unpickled.
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
 
     def run() -> Any:
         with torch.inference_mode():
