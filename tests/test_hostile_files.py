@@ -519,3 +519,47 @@ def test_edited_transformer_parts_are_refused():
         edit(edited)
         with pytest.raises(ArtifactError, match=field if field != "activation" else "cannot be built"):
             _load(_zip({**members, "architecture.json": json.dumps(edited).encode()}))
+
+
+# ------------------------------------------------------------------ group-wise entries (GPTQ / group scales)
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    """A file whose Linear weights are group-wise asymmetric codes (scales, zero points per group of 8)."""
+    from tightfit import compress_once
+
+    model = _fresh()
+    result = compress_once(model, Quantize(bits=4, group_size=8, symmetric=False))
+    data = to_bytes(result.model, result.plan)
+    with torch.no_grad():
+        expected = result.model(X)
+    return data, expected
+
+
+def _grid_entry(manifest):
+    return next(t for t in manifest["tensors"] if "group_size" in t)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("group_size", 3),
+        ("group_size", -1),
+        ("scale_shape", [1, 1]),
+        ("scale_kind", "f64"),
+        ("scale_len", 2),
+        ("zero_len", 10**12),
+        ("column_len", 4),
+        ("group_size", "8"),
+    ],
+)
+def test_an_edited_group_wise_entry_is_refused_naming_the_field(grouped, field, value):
+    data, expected = grouped
+    assert _outcome_is_load_or_refusal(data, expected) == "loaded"
+
+    def edit(manifest):
+        _grid_entry(manifest)[field] = value
+
+    with pytest.raises(ArtifactError, match=field):
+        _load(_with_manifest(data, edit))

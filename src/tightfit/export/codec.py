@@ -419,12 +419,12 @@ def _grid_prefix(meta: dict[str, Any], where: str, shape: tuple[int, ...], bits:
     shapes follow from the tensor's, and their byte lengths from those; returns their bytes."""
     rows = shape[0] if shape else 1
     columns = math.prod(shape[1:]) if len(shape) > 1 else 1
-    group_size = _int(meta, "group_size", where, 0, max(columns, 1))
+    group_size = _int(meta, "group_size", where, 0, MAX_DIM)  # may exceed the columns: one group
     groups = 1 if group_size == 0 else -(-columns // group_size)
     scale_shape = _shape(meta, "scale_shape", where)
     if list(scale_shape) != [rows, groups]:
         raise ArtifactError(
-            f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)} in groups of "
+            f"{where}.scale_shape {list(scale_shape)} does not fit shape {list(shape)} with group_size "
             f"{group_size}; the file is damaged."
         )
     width = 2 if _choice(meta, "scale_kind", where, {"f16", "f32"}) == "f16" else 4
