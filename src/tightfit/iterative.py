@@ -143,7 +143,6 @@ def prune_and_adjust(
     every finished round on disk and resumes from it (module doc); a larger ``rounds`` on a later
     call continues a finished run.
     """
-    from .export.artifact import load_model
     from .measure.analysis import analyze, count_nonzeros
     from .search.requirements import check_requirements
 
@@ -152,25 +151,13 @@ def prune_and_adjust(
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)
     baseline = float(evaluate(model))
-    settings = dict(
-        max_drop=max_drop,
-        step=step,
-        strategy=[op.config() | {"name": op.name} for op in operators],
-        search=search,
-        search_budget=search_budget,
-        seed=seed,
-        baseline_metric=baseline,
+    settings = _settings(
+        operators, max_drop=max_drop, step=step, search=(search, search_budget, seed), baseline=baseline
     )
     with _RoundsFile.open(run_dir, settings) as saved:
         history, exhausted = saved.rounds, saved.exhausted
-        current, data, plan, metric, ratio = model, None, None, baseline, 1.0
-        if saved.model_bytes is not None:  # resume from the last accepted round
-            data = saved.model_bytes
-            current = load_model(io.BytesIO(data), model)
-            last = next(r for r in reversed(history) if r.accepted)
-            plan, metric, ratio = last.plan, last.metric, last.nonzero_ratio
-        for r in history:
-            step = r.step if r.accepted else r.step / 2
+        current, data, plan, metric, ratio = _resumed(saved, model, baseline)
+        step = _next_step(history, step)
         for number in range(len(history) + 1, rounds + 1):
             if exhausted:
                 break
@@ -189,38 +176,97 @@ def prune_and_adjust(
                     run_dir=saved.round_dir(number),
                 )
                 if trained is None:
-                    exhausted = (
-                        True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
-                    )
+                    # not even the gentlest plan keeps the metric within the step: nothing left to prune
+                    exhausted = True
                     saved.write(history, exhausted, None)
                     break
                 saved.write_adjusted(number, trained)
-            start = time.perf_counter()
-            adjusted = load_model(io.BytesIO(trained.model), model)  # measured as it was saved
-            value = float(evaluate(adjusted))
-            nonzeros, _ = count_nonzeros(adjusted, names)
-            accepted = baseline - value <= max_drop + 1e-12
-            record = AdjustRound(
-                number,
-                step,
-                trained.plan,
-                total / max(1, nonzeros),
-                value,
-                accepted,
-                trained.training_steps,
-                trained.wall_s + time.perf_counter() - start,
+            record, adjusted = _measured_round(
+                number, step, trained, model, evaluate, (names, total), baseline=baseline, max_drop=max_drop
             )
             history.append(record)
-            if accepted:
+            if record.accepted:
                 current, data, plan = adjusted, trained.model, trained.plan
-                metric, ratio = value, record.nonzero_ratio
+                metric, ratio = record.metric, record.nonzero_ratio
             else:
                 step /= 2  # undo the round: the next one takes a smaller step
-            saved.write(history, exhausted, trained.model if accepted else None)
+            saved.write(history, exhausted, trained.model if record.accepted else None)
             if on_round is not None:
                 on_round(record)
     answer = current if current is not model else copy.deepcopy(model)
     return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, data)
+
+
+def _resumed(
+    saved: _RoundsFile, model: nn.Module, baseline: float
+) -> tuple[nn.Module, bytes | None, Plan | None, float, float]:
+    """(model, its .tfz bytes, plan, metric, nonzero ratio) to continue from: the last accepted
+    round's when the run directory holds one, else the original's."""
+    from .export.artifact import load_model
+
+    if saved.model_bytes is None:
+        return model, None, None, baseline, 1.0
+    data = saved.model_bytes  # resume from the last accepted round
+    last = next(r for r in reversed(saved.rounds) if r.accepted)
+    return load_model(io.BytesIO(data), model), data, last.plan, last.metric, last.nonzero_ratio
+
+
+def _settings(
+    operators: list[Operator], *, max_drop: float, step: float, search: tuple[str, int, int], baseline: float
+) -> dict[str, Any]:
+    """The run's settings as rounds.json records them (a resumed run must have the same)."""
+    method, budget, seed = search
+    return dict(
+        max_drop=max_drop,
+        step=step,
+        strategy=[op.config() | {"name": op.name} for op in operators],
+        search=method,
+        search_budget=budget,
+        seed=seed,
+        baseline_metric=baseline,
+    )
+
+
+def _next_step(rounds: list[AdjustRound], step: float) -> float:
+    """The allowance of the round after ``rounds``: the last round's, halved if it was undone."""
+    for r in rounds:
+        step = r.step if r.accepted else r.step / 2
+    return step
+
+
+def _measured_round(
+    number: int,
+    step: float,
+    trained: _Adjusted,
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    layers: tuple[list[str], int],
+    *,
+    baseline: float,
+    max_drop: float,
+) -> tuple[AdjustRound, nn.Module]:
+    """The round's record (accepted when the metric stays within ``max_drop`` of the baseline) and
+    its model, reloaded from the saved bytes so that it is measured as it was saved."""
+    from .export.artifact import load_model
+    from .measure.analysis import count_nonzeros
+
+    names, total = layers
+    start = time.perf_counter()
+    adjusted = load_model(io.BytesIO(trained.model), model)  # measured as it was saved
+    value = float(evaluate(adjusted))
+    nonzeros, _ = count_nonzeros(adjusted, names)
+    accepted = baseline - value <= max_drop + 1e-12
+    record = AdjustRound(
+        number,
+        step,
+        trained.plan,
+        total / max(1, nonzeros),
+        value,
+        accepted,
+        trained.training_steps,
+        trained.wall_s + time.perf_counter() - start,
+    )
+    return record, adjusted
 
 
 def load_rounds(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[AdjustRound], bool]:

@@ -364,8 +364,6 @@ def export(
     without either, rebuilt from its data-only architecture (torch.nn layers only); no code stored
     in the run directory runs. A failed output check is an error (exit code 2), not a warning.
     """
-    from rich.table import Table
-
     from ..errors import ArtifactError, TightfitError
     from ..export import export_run
     from ..export.verified import check_export_options
@@ -396,6 +394,14 @@ def export(
         _fail(exc)
     except TightfitError as exc:
         _fail(exc)
+    _show_export(rep)
+    console.print(f"report written to {rep.path}.json")
+
+
+def _show_export(rep) -> None:
+    """The export report as a table: file, size, the output check and the two latencies."""
+    from rich.table import Table
+
     rows = [
         ("file", rep.path, ""),
         ("file bytes", f"{rep.size_bytes:,}", ""),
@@ -414,7 +420,6 @@ def export(
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"report written to {rep.path}.json")
 
 
 def _config_model(config: Path | None, factory: str | None, run_dir: Path):

@@ -229,11 +229,7 @@ def run_trials(
         if done + running >= budget:
             time.sleep(poll_s)  # the last trials are running elsewhere; wait for them or their retries
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-            asked = time.perf_counter()
-            trial = study.ask()
+        trial, asked = _ask(study)
         evaluated += 1
         started = time.perf_counter()
         try:
@@ -244,9 +240,7 @@ def run_trials(
                 _write(trial, TrialAttrs(search_time_s=(started - asked) + (time.perf_counter() - suggest_started)))
                 outcome = evaluate_plan(plan, trial)
         except KeyboardInterrupt:
-            _write(trial, TrialAttrs(interrupted=True))
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(retry_params(trial), user_attrs=TrialAttrs(retry_of=trial.number).to_user_attrs())
+            _requeue(study, trial)
             raise
         except Exception as exc:  # a failing trial is recorded and the search goes on
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
@@ -258,19 +252,42 @@ def run_trials(
             frozen = _record(study, trial, error.to_user_attrs(), [], None)
         else:
             error = None
-            attrs = {
-                **_user_attrs(outcome.attrs),
-                **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs(),
-            }
-            values = outcome.objective
-            values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
-            frozen = _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
+            frozen = _record_outcome(study, trial, outcome, started)
         if on_trial is not None and frozen is not None:
             on_trial(frozen)
         if error is None:
             first_failures.succeeded()
         else:
             first_failures.failed(error.error or "")
+
+
+def _ask(study: optuna.Study) -> tuple[optuna.Trial, float]:
+    """A new trial, and when it was asked for (the sampler's time counts from there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        asked = time.perf_counter()
+        return study.ask(), asked
+
+
+def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """An interrupted trial: marked so, failed, and its parameters enqueued again (:func:`retry_params`)."""
+    _write(trial, TrialAttrs(interrupted=True))
+    study.tell(trial, state=TrialState.FAIL)
+    study.enqueue_trial(retry_params(trial), user_attrs=TrialAttrs(retry_of=trial.number).to_user_attrs())
+
+
+def _record_outcome(
+    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, started: float
+) -> optuna.trial.FrozenTrial | None:
+    """Store an evaluated trial: its attributes and duration, constraints and objective value(s)."""
+    attrs = {
+        **_user_attrs(outcome.attrs),
+        **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs(),
+    }
+    values = outcome.objective
+    values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
+    return _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
 
 
 def _user_attrs(attrs: TrialAttrs | dict[str, Any]) -> dict[str, Any]:
