@@ -124,7 +124,9 @@ def compare_outputs(
     return worst, ref_max
 
 
-def _check_export_arguments(format, int8, dtype, example_input, atol, rtol) -> None:
+def _check_export_arguments(
+    format: str, int8: str | None, dtype: str | None, example_input: Any, atol: float, rtol: float
+) -> None:
     check_export_options(format, int8, dtype)
     if dtype is not None and format == "onnx":
         raise ConfigError(
@@ -154,7 +156,14 @@ def _checked(reference: list[torch.Tensor], run: Any, atol: float, rtol: float, 
         raise ExportCheckError(f"{exc} {path} was removed.") from None
 
 
-def _torchscript_runner(model, args, kwargs, path: Path, check_input, check_call) -> Any:
+def _torchscript_runner(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    path: Path,
+    check_input: Any,
+    check_call: tuple[tuple, dict[str, Any]],
+) -> Any:
     """Trace ``model`` to TorchScript at ``path``, load it back; a runner of the loaded model on the check input."""
     check_args, check_kwargs = check_call
     traceable, args, kwargs = tensor_interface(model, args, kwargs)
@@ -183,7 +192,7 @@ def _torchscript_runner(model, args, kwargs, path: Path, check_input, check_call
     return run
 
 
-def _pt_runner(model, path: Path, check_call) -> Any:
+def _pt_runner(model: nn.Module, path: Path, check_call: tuple[tuple, dict[str, Any]]) -> Any:
     """Save ``model`` whole at ``path`` (torch.save), load it back; a runner of the loaded model."""
     check_args, check_kwargs = check_call
     buffer = io.BytesIO()

@@ -10,7 +10,7 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,7 +158,13 @@ class PositionSeededSampler(optuna.samplers.BaseSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study, trial, state, values) -> None:
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
         self._inner.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
@@ -232,6 +238,7 @@ def run_trials(
         trial, asked = _ask(study)
         evaluated += 1
         started = time.perf_counter()
+        error: TrialAttrs | None
         try:
             with trial_heartbeat(study, trial):
                 _write(trial, TrialAttrs(worker=_worker_id()))  # which process ran it: for reports
@@ -299,14 +306,23 @@ def _write(trial: optuna.Trial, attrs: TrialAttrs) -> None:
         trial.set_user_attr(key, value)
 
 
-def _record(study, trial, attrs, constraints, objective, pruned: bool = False) -> optuna.trial.FrozenTrial | None:
+def _record(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    attrs: dict[str, Any],
+    constraints: Sequence[float],
+    objective: float | list[float] | None,
+    pruned: bool = False,
+) -> optuna.trial.FrozenTrial | None:
     """Store a finished trial; None if another worker already declared it stale (this process was
     silent for longer than the grace period), in which case its retry stands in for it."""
     try:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if pruned:  # screened at a low fidelity: the objective as its only intermediate value
-            trial.report(float(objective), step=0)
+            if not isinstance(objective, float):  # what float() would refuse, said plainly
+                raise TypeError(f"a screened (pruned) trial has one objective value, not {objective!r}")
+            trial.report(objective, step=0)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
                 return study.tell(trial, state=TrialState.PRUNED)
