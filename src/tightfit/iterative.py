@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -303,7 +303,7 @@ class _RoundsFile:
             )
         accepted = [r.number for r in self.rounds if r.accepted]
         if accepted:
-            self.model_bytes = (self.round_dir(accepted[-1]) / ADJUSTED_FILE).read_bytes()
+            self.model_bytes = (self._round_path(accepted[-1]) / ADJUSTED_FILE).read_bytes()
 
     @classmethod
     @contextmanager
@@ -317,23 +317,28 @@ class _RoundsFile:
             yield cls(held.path, settings)
 
     def round_dir(self, number: int) -> Path | None:
-        return None if self.root is None else self.root / f"round-{number:02d}"
+        return None if self.root is None else self._round_path(number)
+
+    def _round_path(self, number: int) -> Path:
+        """Round ``number``'s directory; only with a run directory (the callers check ``root``)."""
+        assert self.root is not None
+        return self.root / f"round-{number:02d}"
 
     def adjusted(self, number: int) -> _Adjusted | None:
         """Round ``number``'s adjust, if a call finished it but stopped before the round was recorded."""
-        if self.root is None or not (self.round_dir(number) / ADJUST_RECORD_FILE).exists():
+        if self.root is None or not (self._round_path(number) / ADJUST_RECORD_FILE).exists():
             return None
-        stored = json.loads((self.round_dir(number) / ADJUST_RECORD_FILE).read_text())
-        model = (self.round_dir(number) / ADJUSTED_FILE).read_bytes()
+        stored = json.loads((self._round_path(number) / ADJUST_RECORD_FILE).read_text())
+        model = (self._round_path(number) / ADJUSTED_FILE).read_bytes()
         return _Adjusted(Plan.from_dict(stored["plan"]), model, stored["training_steps"], stored["wall_s"])
 
     def write_adjusted(self, number: int, trained: _Adjusted) -> None:
         if self.root is None:
             return
         # the model first: the record never names a model not on disk
-        write_atomic(self.round_dir(number) / ADJUSTED_FILE, trained.model)
+        write_atomic(self._round_path(number) / ADJUSTED_FILE, trained.model)
         record = dict(plan=trained.plan.to_dict(), training_steps=trained.training_steps, wall_s=trained.wall_s)
-        write_atomic(self.round_dir(number) / ADJUST_RECORD_FILE, json.dumps(record, indent=1).encode())
+        write_atomic(self._round_path(number) / ADJUST_RECORD_FILE, json.dumps(record, indent=1).encode())
 
     def write(self, rounds: list[AdjustRound], exhausted: bool, accepted_model: bytes | None) -> None:
         """Record ``rounds``; ``accepted_model`` (the last round's, already in its round directory) is the answer."""
@@ -346,13 +351,15 @@ class _RoundsFile:
         if accepted_model is not None:
             write_atomic(self.root / MODEL_FILE, accepted_model)
         if rounds:  # recorded now: the round's own record goes, and an undone round's model with it
-            last = self.round_dir(rounds[-1].number)
+            last = self._round_path(rounds[-1].number)
             (last / ADJUST_RECORD_FILE).unlink(missing_ok=True)
             if not rounds[-1].accepted:
                 (last / ADJUSTED_FILE).unlink(missing_ok=True)
 
 
-def _checked(rounds, step, max_drop, adjust, strategy) -> tuple[Operator | Compose, list[Operator]]:
+def _checked(
+    rounds: int, step: float, max_drop: float, adjust: Any, strategy: Operator | Compose | None
+) -> tuple[Operator | Compose, list[Operator]]:
     """prune_and_adjust's arguments checked; the strategy (default: magnitude pruning) and its operators."""
     if rounds < 1:
         raise ConfigError(f"prune_and_adjust: `rounds` must be >= 1, but got {rounds!r}.")
@@ -375,7 +382,17 @@ def _checked(rounds, step, max_drop, adjust, strategy) -> tuple[Operator | Compo
 
 
 def _search_and_adjust(
-    current, *, evaluate, adjust, strategy, min_metric, search, search_budget, example_input, seed, run_dir
+    current: nn.Module,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    adjust: Callable[[nn.Module], None],
+    strategy: Operator | Compose,
+    min_metric: float,
+    search: str,
+    search_budget: int,
+    example_input: Any,
+    seed: int,
+    run_dir: Path | None,
 ) -> _Adjusted | None:
     """One round's search (a ``compress`` run, no training) and adjust (training, seeded per round:
     reruns repeat); None when no plan keeps the metric within the step."""
@@ -401,6 +418,7 @@ def _search_and_adjust(
     found = Run(current, settings).compress()
     if not found.feasible:
         return None
+    assert found.plan is not None  # a feasible result holds its plan
     candidate = apply(found.plan, current)
     _keep_zeros(candidate)
     with torch.random.fork_rng():
@@ -421,7 +439,8 @@ def _keep_zeros(candidate: nn.Module) -> None:
     for site in sites(candidate):
         for step in site.chain:
             if isinstance(step, WeightMask):
-                step.mask.mul_((site.original != 0).to(step.mask.dtype))
+                mask = cast(torch.Tensor, step.mask)  # a buffer: Module.__getattr__ says Tensor | Module
+                mask.mul_((site.original != 0).to(mask.dtype))
 
 
 __all__ = ["AdjustRound", "PruneAdjustResult", "load_rounds", "prune_and_adjust"]
