@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,7 +143,6 @@ def prune_and_adjust(
     every finished round on disk and resumes from it (module doc); a larger ``rounds`` on a later
     call continues a finished run.
     """
-    from .export.artifact import load_model
     from .measure.analysis import analyze, count_nonzeros
     from .search.requirements import check_requirements
 
@@ -152,25 +151,13 @@ def prune_and_adjust(
     names = [layer.name for layer in analyze(model).layers]
     _, total = count_nonzeros(model, names)
     baseline = float(evaluate(model))
-    settings = dict(
-        max_drop=max_drop,
-        step=step,
-        strategy=[op.config() | {"name": op.name} for op in operators],
-        search=search,
-        search_budget=search_budget,
-        seed=seed,
-        baseline_metric=baseline,
+    settings = _settings(
+        operators, max_drop=max_drop, step=step, search=(search, search_budget, seed), baseline=baseline
     )
     with _RoundsFile.open(run_dir, settings) as saved:
         history, exhausted = saved.rounds, saved.exhausted
-        current, data, plan, metric, ratio = model, None, None, baseline, 1.0
-        if saved.model_bytes is not None:  # resume from the last accepted round
-            data = saved.model_bytes
-            current = load_model(io.BytesIO(data), model)
-            last = next(r for r in reversed(history) if r.accepted)
-            plan, metric, ratio = last.plan, last.metric, last.nonzero_ratio
-        for r in history:
-            step = r.step if r.accepted else r.step / 2
+        current, data, plan, metric, ratio = _resumed(saved, model, baseline)
+        step = _next_step(history, step)
         for number in range(len(history) + 1, rounds + 1):
             if exhausted:
                 break
@@ -189,38 +176,97 @@ def prune_and_adjust(
                     run_dir=saved.round_dir(number),
                 )
                 if trained is None:
-                    exhausted = (
-                        True  # not even the gentlest plan keeps the metric within the step: nothing left to prune
-                    )
+                    # not even the gentlest plan keeps the metric within the step: nothing left to prune
+                    exhausted = True
                     saved.write(history, exhausted, None)
                     break
                 saved.write_adjusted(number, trained)
-            start = time.perf_counter()
-            adjusted = load_model(io.BytesIO(trained.model), model)  # measured as it was saved
-            value = float(evaluate(adjusted))
-            nonzeros, _ = count_nonzeros(adjusted, names)
-            accepted = baseline - value <= max_drop + 1e-12
-            record = AdjustRound(
-                number,
-                step,
-                trained.plan,
-                total / max(1, nonzeros),
-                value,
-                accepted,
-                trained.training_steps,
-                trained.wall_s + time.perf_counter() - start,
+            record, adjusted = _measured_round(
+                number, step, trained, model, evaluate, (names, total), baseline=baseline, max_drop=max_drop
             )
             history.append(record)
-            if accepted:
+            if record.accepted:
                 current, data, plan = adjusted, trained.model, trained.plan
-                metric, ratio = value, record.nonzero_ratio
+                metric, ratio = record.metric, record.nonzero_ratio
             else:
                 step /= 2  # undo the round: the next one takes a smaller step
-            saved.write(history, exhausted, trained.model if accepted else None)
+            saved.write(history, exhausted, trained.model if record.accepted else None)
             if on_round is not None:
                 on_round(record)
     answer = current if current is not model else copy.deepcopy(model)
     return PruneAdjustResult(answer, plan, baseline, metric, ratio, history, data)
+
+
+def _resumed(
+    saved: _RoundsFile, model: nn.Module, baseline: float
+) -> tuple[nn.Module, bytes | None, Plan | None, float, float]:
+    """(model, its .tfz bytes, plan, metric, nonzero ratio) to continue from: the last accepted
+    round's when the run directory holds one, else the original's."""
+    from .export.artifact import load_model
+
+    if saved.model_bytes is None:
+        return model, None, None, baseline, 1.0
+    data = saved.model_bytes  # resume from the last accepted round
+    last = next(r for r in reversed(saved.rounds) if r.accepted)
+    return load_model(io.BytesIO(data), model), data, last.plan, last.metric, last.nonzero_ratio
+
+
+def _settings(
+    operators: list[Operator], *, max_drop: float, step: float, search: tuple[str, int, int], baseline: float
+) -> dict[str, Any]:
+    """The run's settings as rounds.json records them (a resumed run must have the same)."""
+    method, budget, seed = search
+    return dict(
+        max_drop=max_drop,
+        step=step,
+        strategy=[op.config() | {"name": op.name} for op in operators],
+        search=method,
+        search_budget=budget,
+        seed=seed,
+        baseline_metric=baseline,
+    )
+
+
+def _next_step(rounds: list[AdjustRound], step: float) -> float:
+    """The allowance of the round after ``rounds``: the last round's, halved if it was undone."""
+    for r in rounds:
+        step = r.step if r.accepted else r.step / 2
+    return step
+
+
+def _measured_round(
+    number: int,
+    step: float,
+    trained: _Adjusted,
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    layers: tuple[list[str], int],
+    *,
+    baseline: float,
+    max_drop: float,
+) -> tuple[AdjustRound, nn.Module]:
+    """The round's record (accepted when the metric stays within ``max_drop`` of the baseline) and
+    its model, reloaded from the saved bytes so that it is measured as it was saved."""
+    from .export.artifact import load_model
+    from .measure.analysis import count_nonzeros
+
+    names, total = layers
+    start = time.perf_counter()
+    adjusted = load_model(io.BytesIO(trained.model), model)  # measured as it was saved
+    value = float(evaluate(adjusted))
+    nonzeros, _ = count_nonzeros(adjusted, names)
+    accepted = baseline - value <= max_drop + 1e-12
+    record = AdjustRound(
+        number,
+        step,
+        trained.plan,
+        total / max(1, nonzeros),
+        value,
+        accepted,
+        trained.training_steps,
+        trained.wall_s + time.perf_counter() - start,
+    )
+    return record, adjusted
 
 
 def load_rounds(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[AdjustRound], bool]:
@@ -257,7 +303,7 @@ class _RoundsFile:
             )
         accepted = [r.number for r in self.rounds if r.accepted]
         if accepted:
-            self.model_bytes = (self.round_dir(accepted[-1]) / ADJUSTED_FILE).read_bytes()
+            self.model_bytes = (self._round_path(accepted[-1]) / ADJUSTED_FILE).read_bytes()
 
     @classmethod
     @contextmanager
@@ -271,23 +317,28 @@ class _RoundsFile:
             yield cls(held.path, settings)
 
     def round_dir(self, number: int) -> Path | None:
-        return None if self.root is None else self.root / f"round-{number:02d}"
+        return None if self.root is None else self._round_path(number)
+
+    def _round_path(self, number: int) -> Path:
+        """Round ``number``'s directory; only with a run directory (the callers check ``root``)."""
+        assert self.root is not None
+        return self.root / f"round-{number:02d}"
 
     def adjusted(self, number: int) -> _Adjusted | None:
         """Round ``number``'s adjust, if a call finished it but stopped before the round was recorded."""
-        if self.root is None or not (self.round_dir(number) / ADJUST_RECORD_FILE).exists():
+        if self.root is None or not (self._round_path(number) / ADJUST_RECORD_FILE).exists():
             return None
-        stored = json.loads((self.round_dir(number) / ADJUST_RECORD_FILE).read_text())
-        model = (self.round_dir(number) / ADJUSTED_FILE).read_bytes()
+        stored = json.loads((self._round_path(number) / ADJUST_RECORD_FILE).read_text())
+        model = (self._round_path(number) / ADJUSTED_FILE).read_bytes()
         return _Adjusted(Plan.from_dict(stored["plan"]), model, stored["training_steps"], stored["wall_s"])
 
     def write_adjusted(self, number: int, trained: _Adjusted) -> None:
         if self.root is None:
             return
         # the model first: the record never names a model not on disk
-        write_atomic(self.round_dir(number) / ADJUSTED_FILE, trained.model)
+        write_atomic(self._round_path(number) / ADJUSTED_FILE, trained.model)
         record = dict(plan=trained.plan.to_dict(), training_steps=trained.training_steps, wall_s=trained.wall_s)
-        write_atomic(self.round_dir(number) / ADJUST_RECORD_FILE, json.dumps(record, indent=1).encode())
+        write_atomic(self._round_path(number) / ADJUST_RECORD_FILE, json.dumps(record, indent=1).encode())
 
     def write(self, rounds: list[AdjustRound], exhausted: bool, accepted_model: bytes | None) -> None:
         """Record ``rounds``; ``accepted_model`` (the last round's, already in its round directory) is the answer."""
@@ -300,13 +351,15 @@ class _RoundsFile:
         if accepted_model is not None:
             write_atomic(self.root / MODEL_FILE, accepted_model)
         if rounds:  # recorded now: the round's own record goes, and an undone round's model with it
-            last = self.round_dir(rounds[-1].number)
+            last = self._round_path(rounds[-1].number)
             (last / ADJUST_RECORD_FILE).unlink(missing_ok=True)
             if not rounds[-1].accepted:
                 (last / ADJUSTED_FILE).unlink(missing_ok=True)
 
 
-def _checked(rounds, step, max_drop, adjust, strategy) -> tuple[Operator | Compose, list[Operator]]:
+def _checked(
+    rounds: int, step: float, max_drop: float, adjust: Any, strategy: Operator | Compose | None
+) -> tuple[Operator | Compose, list[Operator]]:
     """prune_and_adjust's arguments checked; the strategy (default: magnitude pruning) and its operators."""
     if rounds < 1:
         raise ConfigError(f"prune_and_adjust: `rounds` must be >= 1, but got {rounds!r}.")
@@ -329,7 +382,17 @@ def _checked(rounds, step, max_drop, adjust, strategy) -> tuple[Operator | Compo
 
 
 def _search_and_adjust(
-    current, *, evaluate, adjust, strategy, min_metric, search, search_budget, example_input, seed, run_dir
+    current: nn.Module,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    adjust: Callable[[nn.Module], None],
+    strategy: Operator | Compose,
+    min_metric: float,
+    search: str,
+    search_budget: int,
+    example_input: Any,
+    seed: int,
+    run_dir: Path | None,
 ) -> _Adjusted | None:
     """One round's search (a ``compress`` run, no training) and adjust (training, seeded per round:
     reruns repeat); None when no plan keeps the metric within the step."""
@@ -355,6 +418,7 @@ def _search_and_adjust(
     found = Run(current, settings).compress()
     if not found.feasible:
         return None
+    assert found.plan is not None  # a feasible result holds its plan
     candidate = apply(found.plan, current)
     _keep_zeros(candidate)
     with torch.random.fork_rng():
@@ -375,7 +439,8 @@ def _keep_zeros(candidate: nn.Module) -> None:
     for site in sites(candidate):
         for step in site.chain:
             if isinstance(step, WeightMask):
-                step.mask.mul_((site.original != 0).to(step.mask.dtype))
+                mask = cast(torch.Tensor, step.mask)  # a buffer: Module.__getattr__ says Tensor | Module
+                mask.mul_((site.original != 0).to(mask.dtype))
 
 
 __all__ = ["AdjustRound", "PruneAdjustResult", "load_rounds", "prune_and_adjust"]

@@ -48,9 +48,14 @@ def set_trial_system_attr(
     study_storage(study).set_trial_system_attr(trial_id(trial), key, value)
 
 
+def heartbeat_of(storage: BaseStorage) -> optuna.storages._heartbeat.BaseHeartbeat | None:
+    """The storage as Optuna's heartbeat interface, or None if it does not implement it."""
+    return storage if isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat) else None
+
+
 def is_heartbeat_storage(storage: BaseStorage) -> bool:
     """Whether the storage implements Optuna's heartbeat interface."""
-    return isinstance(storage, optuna.storages._heartbeat.BaseHeartbeat)
+    return heartbeat_of(storage) is not None
 
 
 def storage_backend(storage: BaseStorage) -> BaseStorage:

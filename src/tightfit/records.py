@@ -56,12 +56,11 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        return cls(
-            **{
-                k: data.get(k)
-                for k in ("metric", "size_bytes", "nonzeros", "weight_params", "flops", "latency_ms", "latency_iqr_ms")
-            }
-        )
+        fields: dict[str, Any] = {
+            k: data.get(k)
+            for k in ("metric", "size_bytes", "nonzeros", "weight_params", "flops", "latency_ms", "latency_iqr_ms")
+        }
+        return cls(**fields)
 
     def objective(self, name: str) -> float:
         """The value of objective ``name`` ("size", "nonzeros", "flops", "latency", "metric"), as the
@@ -190,10 +189,12 @@ def better(a: TrialRecord, b: TrialRecord | None) -> bool:
         return b.objective is None
     if a.objective != b.objective:
         return a.objective < b.objective
-    if a.measurement.metric != b.measurement.metric:
-        return a.measurement.metric > b.measurement.metric
-    if a.measurement.size_bytes != b.measurement.size_bytes:
-        return a.measurement.size_bytes < b.measurement.size_bytes
+    # objectives are compared only between measured trials (best_feasible's candidates)
+    am, bm = a.measurement, b.measurement
+    if am is not None and bm is not None and am.metric != bm.metric:
+        return am.metric > bm.metric
+    if am is not None and bm is not None and am.size_bytes != bm.size_bytes:
+        return am.size_bytes < bm.size_bytes
     return a.number < b.number
 
 
@@ -208,19 +209,18 @@ def best_feasible(trials: Sequence[TrialRecord]) -> TrialRecord | None:
 
 def pareto_front(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Completed trials not dominated in (metric up, size down), sorted by size."""
-    done = [t for t in trials if t.state == "COMPLETE" and t.measurement is not None]
+    done = [(t, t.measurement) for t in trials if t.state == "COMPLETE" and t.measurement is not None]
     front = []
-    for t in done:
-        m = t.measurement
+    for t, m in done:
         dominated = any(
-            o.measurement.metric >= m.metric
-            and o.measurement.size_bytes <= m.size_bytes
-            and (o.measurement.metric > m.metric or o.measurement.size_bytes < m.size_bytes)
-            for o in done
+            o.metric >= m.metric
+            and o.size_bytes <= m.size_bytes
+            and (o.metric > m.metric or o.size_bytes < m.size_bytes)
+            for _, o in done
         )
         if not dominated:
-            front.append(t)
-    return sorted(front, key=lambda t: (t.measurement.size_bytes, -t.measurement.metric))
+            front.append((t, m))
+    return [t for t, _ in sorted(front, key=lambda pair: (pair[1].size_bytes, -pair[1].metric))]
 
 
 @dataclass

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -163,7 +163,7 @@ def own_storage(value: Any) -> Any:
     return value
 
 
-def _acquire(root: Path, lock_path: Path):
+def _acquire(root: Path, lock_path: Path) -> TextIO:
     """Open and lock ``lock_path``; the open file, which holds the lock until it is closed."""
     while True:
         handle = open(lock_path, "a+")  # noqa: SIM115 - held open until the run ends: it is the lock

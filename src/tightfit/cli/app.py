@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..export.verified import ExportReport
+    from ..iterative import AdjustRound
+    from ..records import Result, TrialRecord
+    from ..report.view import RunView
 
 app = typer.Typer(
     add_completion=False,
@@ -27,7 +35,7 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _show_result(result, extra_rows: list[tuple[str, str, str]] | None = None) -> None:
+def _show_result(result: Result, extra_rows: list[tuple[str, str, str]] | None = None) -> None:
     from ..report import left_alone_table, run_counts, summary_table, trials_table
     from ..report.view import printable
 
@@ -150,7 +158,7 @@ def prune_adjust(
 
     shown: set[int] = set()
 
-    def show(r) -> None:
+    def show(r: AdjustRound) -> None:
         shown.add(r.number)
         _show_round(r)
 
@@ -172,7 +180,7 @@ def prune_adjust(
     _show_rounds_result(result.rounds, result.baseline_metric, Path(arguments["run_dir"]))
 
 
-def _show_round(r) -> None:
+def _show_round(r: AdjustRound) -> None:
     verdict = "kept" if r.accepted else "undone"
     console.print(
         f"round {r.number}: step {r.step:.4g}, {r.nonzero_ratio:.1f}x fewer nonzeros, "
@@ -180,7 +188,7 @@ def _show_round(r) -> None:
     )
 
 
-def _show_rounds_result(rounds, baseline_metric: float, run_dir: Path) -> None:
+def _show_rounds_result(rounds: list[AdjustRound], baseline_metric: float, run_dir: Path) -> None:
     """The answer of a prune-and-adjust run: its last kept round."""
     from ..report import summary_table
 
@@ -297,7 +305,7 @@ def report(
     console.print(printable(s.get("message", "")), markup=False)
 
 
-def _show_trial_errors(trials, limit: int = 3) -> None:
+def _show_trial_errors(trials: list[TrialRecord], limit: int = 3) -> None:
     """The first few distinct errors of failed trials, as stored (text, never markup)."""
     from ..report.view import printable
 
@@ -309,7 +317,7 @@ def _show_trial_errors(trials, limit: int = 3) -> None:
         console.print(f"failed trial {number}: {printable(error)}", markup=False, style="red")
 
 
-def _show_summary(s: dict, view) -> None:
+def _show_summary(s: dict, view: RunView) -> None:
     from ..report import left_alone_table, summary_table
 
     if s.get("left_alone"):
@@ -364,8 +372,6 @@ def export(
     without either, rebuilt from its data-only architecture (torch.nn layers only); no code stored
     in the run directory runs. A failed output check is an error (exit code 2), not a warning.
     """
-    from rich.table import Table
-
     from ..errors import ArtifactError, TightfitError
     from ..export import export_run
     from ..export.verified import check_export_options
@@ -396,6 +402,14 @@ def export(
         _fail(exc)
     except TightfitError as exc:
         _fail(exc)
+    _show_export(rep)
+    console.print(f"report written to {rep.path}.json")
+
+
+def _show_export(rep: ExportReport) -> None:
+    """The export report as a table: file, size, the output check and the two latencies."""
+    from rich.table import Table
+
     rows = [
         ("file", rep.path, ""),
         ("file bytes", f"{rep.size_bytes:,}", ""),
@@ -414,10 +428,9 @@ def export(
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"report written to {rep.path}.json")
 
 
-def _config_model(config: Path | None, factory: str | None, run_dir: Path):
+def _config_model(config: Path | None, factory: str | None, run_dir: Path) -> nn.Module | None:
     """The model that ``tightfit export`` loads model.tfz into (None: the file's own architecture): built by the run's config
     (``model.factory`` with its ``kwargs``; the config's folder on the import path, as for
     ``tightfit run``), or by ``--factory`` (an import path, the current directory importable)."""
@@ -437,6 +450,7 @@ def _config_model(config: Path | None, factory: str | None, run_dir: Path):
         parsed, _ = load_config(config)
         field, path, kwargs = "model.factory", parsed.model.factory, parsed.model.kwargs
     else:
+        assert factory is not None  # one of the two, checked above
         if os.getcwd() not in sys.path:
             sys.path.append(os.getcwd())  # last: a local file never shadows an installed package
         field, path, kwargs = "--factory", factory, {}

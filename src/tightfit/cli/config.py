@@ -401,35 +401,42 @@ def _constraints(section: Any) -> list[Any]:
     return constraints
 
 
-def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
-    """Everything :func:`tightfit.compress` needs, built from a validated config."""
+def _call(field: str, import_path: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the function at ``import_path``; its failure is a ConfigError naming ``field``."""
+    try:
+        return resolve_import(import_path)(*args, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{field}: calling {import_path!r} failed ({type(exc).__name__}: {exc}).") from exc
+
+
+def _model(config: RunConfig, base: Path) -> Any:
+    """The model ``model.factory`` builds, with ``model.weights`` loaded when given."""
     import torch
 
-    from ..evaluation import Accuracy
-    from ..measure import Latency
-    from ..operators import OPERATOR_REGISTRY, Compose
-
-    def call(field: str, import_path: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return resolve_import(import_path)(*args, **kwargs)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"{field}: calling {import_path!r} failed ({type(exc).__name__}: {exc}).") from exc
-
-    model = call("model.factory", config.model.factory, **config.model.kwargs)
+    model = _call("model.factory", config.model.factory, **config.model.kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(
             f"model.factory: {config.model.factory!r} returned a {type(model).__name__}, not an nn.Module."
         )
     if config.model.weights is not None:
         _load_weights(model, Path(config.model.weights), base)
+    return model
+
+
+def _evaluate(config: RunConfig) -> Callable:
+    from ..evaluation import Accuracy
 
     if config.evaluate.accuracy is not None:
-        evaluate = Accuracy(call("evaluate.accuracy", config.evaluate.accuracy), threshold=config.evaluate.threshold)
-    else:
-        assert config.evaluate.function is not None  # EvaluateSection's validator requires one of the two
-        evaluate = resolve_import(config.evaluate.function)
+        return Accuracy(_call("evaluate.accuracy", config.evaluate.accuracy), threshold=config.evaluate.threshold)
+    assert config.evaluate.function is not None  # EvaluateSection's validator requires one of the two
+    return resolve_import(config.evaluate.function)
+
+
+def _operators(config: RunConfig) -> list[Any]:
+    """One operator per ``[[strategy]]`` entry; a bad argument names the entry's index and operator."""
+    from ..operators import OPERATOR_REGISTRY
 
     operators = []
     for index, section in enumerate(config.strategy):
@@ -439,36 +446,56 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
             raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}.") from None
+    return operators
 
-    constraints = _constraints(config.constraint)
 
-    finetune: Callable | None = None
-    if config.finetune is not None:
-        ft = config.finetune
-        if ft.function is not None:
-            finetune = resolve_import(ft.function)
-        else:
-            assert ft.data is not None  # FinetuneSection's validator requires `data` or `function`
-            finetune = _recovery(ft, call("finetune.data", ft.data), evaluate)
+def _finetune(config: RunConfig, evaluate: Callable) -> Callable | None:
+    if config.finetune is None:
+        return None
+    ft = config.finetune
+    if ft.function is not None:
+        return resolve_import(ft.function)
+    assert ft.data is not None  # FinetuneSection's validator requires `data` or `function`
+    return _recovery(ft, _call("finetune.data", ft.data), evaluate)
 
-    example_input = call("example_input", config.example_input) if config.example_input else None
-    latency = None
-    if config.latency is not None:
-        if example_input is None:
-            raise ConfigError(
-                "latency: measuring latency needs `example_input` (an import path of a function returning one)."
-            )
-        latency = Latency(
-            example_input,
-            batch_size=config.latency.batch_size,
-            threads=config.latency.threads,
-            min_run_time=config.latency.min_run_time,
+
+def _latency(config: RunConfig, example_input: Any) -> Any:
+    from ..measure import Latency
+
+    if config.latency is None:
+        return None
+    if example_input is None:
+        raise ConfigError(
+            "latency: measuring latency needs `example_input` (an import path of a function returning one)."
         )
+    return Latency(
+        example_input,
+        batch_size=config.latency.batch_size,
+        threads=config.latency.threads,
+        min_run_time=config.latency.min_run_time,
+    )
 
-    run_dir = config.run_dir or f"runs/{config_path.stem}"
-    run_dir_path = Path(run_dir)
+
+def _run_dir(config: RunConfig, base: Path, config_path: Path) -> Path:
+    """``run_dir`` (default runs/<config name>), relative to the config's folder."""
+    run_dir_path = Path(config.run_dir or f"runs/{config_path.stem}")
     if not run_dir_path.is_absolute():
         run_dir_path = base / run_dir_path
+    return run_dir_path
+
+
+def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
+    """Everything :func:`tightfit.compress` needs, built from a validated config."""
+    from ..operators import Compose
+
+    # built in this order so that the first bad section is the one reported
+    model = _model(config, base)
+    evaluate = _evaluate(config)
+    operators = _operators(config)
+    constraints = _constraints(config.constraint)
+    finetune = _finetune(config, evaluate)
+    example_input = _call("example_input", config.example_input) if config.example_input else None
+    latency = _latency(config, example_input)
     return dict(
         model=model,
         evaluate=evaluate,
@@ -482,7 +509,7 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         example_input=example_input,
         latency=latency,
         seed=config.seed,
-        run_dir=str(run_dir_path),
+        run_dir=str(_run_dir(config, base, config_path)),
         storage=config.storage,
         study_name=config.study_name,
         artifact_extra={"factory": config.model.factory, "factory_kwargs": config.model.kwargs},

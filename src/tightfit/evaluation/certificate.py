@@ -139,7 +139,9 @@ def paired01_upper(n_plus: int, n_minus: int, n: int, alpha: float, prior_varian
     a, b = a[keep].astype(np.float64), b[keep].astype(np.float64)
     log_coef = gammaln(n + 1) - gammaln(a + 1) - gammaln(b + 1) - gammaln(n - a - b + 1)
 
-    def studentized_parts(a_: np.ndarray, b_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def studentized_parts(
+        a_: np.ndarray | np.float64, b_: np.ndarray | np.float64
+    ) -> tuple[np.ndarray | np.float64, np.ndarray | np.float64]:
         mean = (a_ - b_) / n
         s2 = np.maximum((a_ + b_) / n - mean**2, 0.0) * (n / max(1, n - 1))
         s2 = (n * s2 + PRIOR_WEIGHT * prior_variance) / (n + PRIOR_WEIGHT)
@@ -331,7 +333,7 @@ def certify(
             priors.append(None)
     probs = [posterior_met(e.mean, e.se, p) for e, p in zip(estimates, priors)]
     probability = max(0.0, 1.0 - sum(1 - p for p in probs))
-    if all(p is not None for p in priors):
+    if search_statistics is not None and all(p is not None for p in priors):
         prior_text = (
             f"an edge prior from the answer's value on the {int(search_statistics.shape[0])} search samples (centred on the "
             "constraint's edge, or on the search estimate if above it; spread = the larger of that estimate's standard error "

@@ -13,7 +13,7 @@ import copy
 import math
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from torch import nn
 from .._device import checked_device
 from ..calling import call_model, forward_takes, inputs_only, logits, split_batch, to_device
 from ..errors import ConfigError, EvaluationError
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 
 def _reference_inputs(model: nn.Module, batch: Any) -> Any:
@@ -108,9 +111,10 @@ class SampleView:
     def __len__(self) -> int:
         if self._n is None:
             self._materialize()
+        assert self._n is not None  # _materialize sets it
         return int(self._n)
 
-    def batches(self, indices: torch.Tensor | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+    def batches(self, indices: Sequence[int] | torch.Tensor | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
         """Yield ``(batch, sample_indices)`` covering ``indices`` (all samples when None), in order."""
         n = len(self)
         idx = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long)
@@ -122,7 +126,8 @@ class SampleView:
             if self._tensors is not None:
                 yield list(t[chunk] for t in self._tensors), chunk
             elif self._dataset is not None:
-                yield self.loader.collate_fn([self._dataset[int(i)] for i in chunk]), chunk
+                # a dataset is held only for a DataLoader (__init__)
+                yield cast("DataLoader", self.loader).collate_fn([self._dataset[int(i)] for i in chunk]), chunk
             else:
                 yield _take(self._stacked, chunk), chunk
 

@@ -361,6 +361,7 @@ class SequentialSession:
         return float(self.baseline_values.mean())
 
     def _statistic(self, candidate: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        assert self.baseline_values is not None  # baseline() runs before any candidate
         base = self.baseline_values[index]
         if not self._forms:
             return torch.zeros(len(index), 0, dtype=torch.float64)
@@ -433,7 +434,7 @@ class SequentialSession:
         search order); ``seen``: its values on a prefix of that order, already read."""
         n = self.stage_size
         have = 0 if seen is None else min(n, len(seen))
-        parts = [seen[:have]] if have else []
+        parts = [seen[:have]] if seen is not None and have else []
         if have < n:
             parts.append(self.metric.per_sample(model, self.search_idx[have:n]).to(torch.float64))
         return torch.cat(parts)
@@ -445,6 +446,7 @@ class SequentialSession:
     def paired_metric(self, values: torch.Tensor) -> float:
         """The difference estimator of the metric on the whole validation set from the values on a
         prefix of the search order: the original's full-set value minus the paired drop."""
+        assert self.baseline_values is not None  # baseline() runs before any candidate
         base = self.baseline_values[self.search_idx[: len(values)]]
         return float(self.baseline_values.mean() - (base - values).mean())
 

@@ -240,7 +240,7 @@ def _new_gain(gains: Sequence[float]) -> tuple[float, float]:
 def tuned_prediction_spread(curves: Sequence[Curve]) -> tuple[float, ...] | None:
     """Predictive standard deviations of :func:`tuned_prediction`'s values (how much the whole
     fine-tune's gain varied over the curves); None without at least two curves with untuned values."""
-    usable = [c.untuned_gains for c in curves if c.untuned is not None]
+    usable = [g for c in curves if (g := c.untuned_gains) is not None]
     if len(usable) < 2:
         return None
     return tuple(_new_gain([g[j] for g in usable])[1] for j in range(len(usable[0])))
@@ -251,7 +251,7 @@ def tuned_prediction(untuned: Sequence[float], curves: Sequence[Curve], *, min_c
     leave them: its untuned values minus the *mean* gain the whole fine-tune gave the calibration
     curves (a central prediction, for the search's model, not a decision). None with fewer than
     ``min_curves`` curves."""
-    usable = [c.untuned_gains for c in curves if c.untuned is not None]
+    usable = [g for c in curves if (g := c.untuned_gains) is not None]
     if len(usable) < max(1, min_curves) or not untuned:
         return None
     return tuple(v - _new_gain([g[j] for g in usable])[0] for j, v in enumerate(untuned))

@@ -20,7 +20,7 @@ import inspect
 import json
 import math
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -244,17 +244,19 @@ def _composite_args(module: nn.Module, name: str, where: str) -> dict[str, Any]:
         return {k: v for k, v in _recover_args(module, name).items() if k != "norm"}
     if name not in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
         return _recover_args(module, name)
-    activation = {F.relu: "relu", F.gelu: "gelu"}.get(getattr(module, "activation", None))
+    names: dict[Any, str] = {F.relu: "relu", F.gelu: "gelu"}
+    activation = names.get(getattr(module, "activation", None))
     if activation is None:
         raise NotExpressible(f"{where} ({name}) has an activation other than relu or gelu")
     # the submodules (attention, feed-forward, norms) are replaced by the stored ones: the arguments
     # only need to make the same own settings (d_model for shapes that are replaced, one head)
+    layer = cast(nn.TransformerEncoderLayer, module)  # or a decoder layer: the same two attributes
     return {
-        "d_model": int(module.norm1.normalized_shape[0]),
+        "d_model": int(layer.norm1.normalized_shape[0]),
         "nhead": 1,
         "dim_feedforward": 1,
         "activation": activation,
-        "norm_first": bool(module.norm_first),
+        "norm_first": bool(layer.norm_first),
     }
 
 

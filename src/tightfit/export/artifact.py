@@ -23,7 +23,7 @@ import json
 import os
 import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -81,8 +81,9 @@ def bake(model: nn.Module) -> nn.Module:
             continue
         values = {}
         with torch.no_grad():
-            for tensor_name, chain in module.parametrizations.items():
-                original = chain.original
+            # parametrize's ModuleDict and ParametrizationList: Module.__getattr__ says Tensor | Module
+            for tensor_name, chain in cast(nn.ModuleDict, module.parametrizations).items():
+                original = cast(torch.Tensor, chain.original)
                 if id(original) not in baked_by_original:
                     value = getattr(module, tensor_name).detach().clone()
                     if isinstance(original, nn.Parameter):
@@ -140,7 +141,7 @@ def to_bytes(model: nn.Module, plan: Plan | None = None, extra: dict[str, Any] |
     baked = bake(model)
     tensors_meta: list[dict[str, Any]] = []
     payload = io.BytesIO()
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    seen: dict[tuple[int, int | torch.SymInt, tuple[int, ...]], str] = {}
     for name, tensor, is_param in _named_tensors(baked):
         key = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
         if key is not None and key in seen:  # tied weights are stored once
@@ -406,8 +407,11 @@ def _fill(model: nn.Module, entries: list[dict[str, Any]], payload: bytes) -> No
                     tensor, requires_grad=meta.get("requires_grad", True) and tensor.is_floating_point()
                 )
             assigned[name] = tensor
-        if is_param and not isinstance(tensor, nn.Parameter):
-            raise ArtifactError(
-                f"{MANIFEST} tensor {name[:200]!r} is a parameter aliasing a buffer; the file is damaged."
-            )
-        (module._parameters if is_param else module._buffers)[attr] = tensor
+        if is_param:
+            if not isinstance(tensor, nn.Parameter):
+                raise ArtifactError(
+                    f"{MANIFEST} tensor {name[:200]!r} is a parameter aliasing a buffer; the file is damaged."
+                )
+            module._parameters[attr] = tensor
+        else:
+            module._buffers[attr] = tensor

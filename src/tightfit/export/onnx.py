@@ -154,6 +154,7 @@ def export_onnx(
                 program = torch.onnx.export(
                     traceable, export_args, dynamo=True, external_data=False, dynamic_shapes=shapes
                 )
+                assert program is not None  # dynamo=True returns the program (None is the legacy exporter's)
                 program.save(str(path))
             except Exception as dynamo_error:
                 raise ArtifactError(
@@ -162,7 +163,7 @@ def export_onnx(
                 ) from dynamo_error
 
 
-def ort_session(path: Path, threads: int | None):
+def ort_session(path: Path, threads: int | None) -> Any:  # an onnxruntime.InferenceSession
     try:
         import onnxruntime as ort
     except ImportError:
@@ -176,7 +177,7 @@ def ort_session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def ort_feed(session, example_input: Any) -> dict[str, Any]:
+def ort_feed(session: Any, example_input: Any) -> dict[str, Any]:
     tensors = flat_inputs(example_input)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(tensors):

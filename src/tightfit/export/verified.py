@@ -124,7 +124,9 @@ def compare_outputs(
     return worst, ref_max
 
 
-def _check_export_arguments(format, int8, dtype, example_input, atol, rtol) -> None:
+def _check_export_arguments(
+    format: str, int8: str | None, dtype: str | None, example_input: Any, atol: float, rtol: float
+) -> None:
     check_export_options(format, int8, dtype)
     if dtype is not None and format == "onnx":
         raise ConfigError(
@@ -154,7 +156,14 @@ def _checked(reference: list[torch.Tensor], run: Any, atol: float, rtol: float, 
         raise ExportCheckError(f"{exc} {path} was removed.") from None
 
 
-def _torchscript_runner(model, args, kwargs, path: Path, check_input, check_call) -> Any:
+def _torchscript_runner(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    path: Path,
+    check_input: Any,
+    check_call: tuple[tuple, dict[str, Any]],
+) -> Any:
     """Trace ``model`` to TorchScript at ``path``, load it back; a runner of the loaded model on the check input."""
     check_args, check_kwargs = check_call
     traceable, args, kwargs = tensor_interface(model, args, kwargs)
@@ -183,7 +192,7 @@ def _torchscript_runner(model, args, kwargs, path: Path, check_input, check_call
     return run
 
 
-def _pt_runner(model, path: Path, check_call) -> Any:
+def _pt_runner(model: nn.Module, path: Path, check_call: tuple[tuple, dict[str, Any]]) -> Any:
     """Save ``model`` whole at ``path`` (torch.save), load it back; a runner of the loaded model."""
     check_args, check_kwargs = check_call
     buffer = io.BytesIO()
@@ -331,18 +340,7 @@ def export_run(
 
     root = Path(run_dir)
     model_path, input_path = root / MODEL_FILE, root / EXAMPLE_INPUT_FILE
-    if model is not None and not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"export_run: `model=` must be a fresh instance of the model the run compressed, not {type(model).__name__}; "
-            f"{MODEL_FILE} is loaded into it, so that no code from the run directory runs."
-        )
-    if not model_path.exists():
-        raise ConfigError(f"{str(root)!r} holds no {MODEL_FILE}: the run has not finished or found no feasible model.")
-    if not input_path.exists():
-        raise ConfigError(
-            f"{str(root)!r} holds no {EXAMPLE_INPUT_FILE}; export checks outputs on the example input. "
-            "Run compress with `example_input=` (the run directory then keeps it)."
-        )
+    _check_run_export(root, model)
     from ..operators.int8 import plan_int8_layers
     from .artifact import read_manifest
 
@@ -372,14 +370,42 @@ def export_run(
         dtype=dtype,
     )
     record = report.to_dict()
-    summary = _read_json(root / SUMMARY_FILE)
-    if summary is not None:
-        baseline = summary.get("baseline") or {}
-        if isinstance(baseline, dict) and isinstance(baseline.get("latency_ms"), (int, float)) and report.latency_ms:
-            record["baseline_latency_ms_in_search"] = baseline["latency_ms"]
-            record["speedup_vs_baseline_in_search"] = baseline["latency_ms"] / report.latency_ms
+    record.update(_speedup_in_search(_read_json(root / SUMMARY_FILE), report))
     write_text_atomic(target.with_name(target.name + ".json"), json.dumps(record, indent=2))
     return report
+
+
+def _check_run_export(root: Path, model: Any) -> None:
+    """What export_run needs, checked before anything is read: a module (if given), the model file
+    and the example input."""
+    from ..run_dir import EXAMPLE_INPUT_FILE, MODEL_FILE
+
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"export_run: `model=` must be a fresh instance of the model the run compressed, not {type(model).__name__}; "
+            f"{MODEL_FILE} is loaded into it, so that no code from the run directory runs."
+        )
+    if not (root / MODEL_FILE).exists():
+        raise ConfigError(f"{str(root)!r} holds no {MODEL_FILE}: the run has not finished or found no feasible model.")
+    if not (root / EXAMPLE_INPUT_FILE).exists():
+        raise ConfigError(
+            f"{str(root)!r} holds no {EXAMPLE_INPUT_FILE}; export checks outputs on the example input. "
+            "Run compress with `example_input=` (the run directory then keeps it)."
+        )
+
+
+def _speedup_in_search(summary: dict[str, Any] | None, report: ExportReport) -> dict[str, Any]:
+    """The baseline latency the search measured (summary.json) and the export's speedup over it,
+    when both are there."""
+    if summary is None:
+        return {}
+    baseline = summary.get("baseline") or {}
+    if isinstance(baseline, dict) and isinstance(baseline.get("latency_ms"), (int, float)) and report.latency_ms:
+        return {
+            "baseline_latency_ms_in_search": baseline["latency_ms"],
+            "speedup_vs_baseline_in_search": baseline["latency_ms"] / report.latency_ms,
+        }
+    return {}
 
 
 def _read_example_input(path: Path) -> Any:

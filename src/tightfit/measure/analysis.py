@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ EMBEDDING_KIND = "Embedding"
 #: them. The layer reads its weights through ``_flat_weights``, which its forward re-reads from the
 #: attributes when they changed (torch's ``RNNBase._update_flat_weights``), so a parametrized weight
 #: is what it computes with. A torch without that method leaves them alone.
-RECURRENT_TYPES: tuple[type[nn.Module], ...] = (
+RECURRENT_TYPES: tuple[type[nn.RNNBase], ...] = (
     (nn.LSTM, nn.GRU, nn.RNN) if hasattr(nn.RNNBase, "_update_flat_weights") else ()
 )
 RECURRENT_KINDS = frozenset(t.__name__ for t in RECURRENT_TYPES)
@@ -85,9 +85,10 @@ def _is_matrix_layer(module: nn.Module) -> bool:
         return False
     if any(name != "parametrizations" for name, _ in module.named_children()):
         return False
-    own = {k: p for k, p in module._parameters.items() if p is not None}
+    own: dict[str, Any] = {k: p for k, p in module._parameters.items() if p is not None}
     if parametrize.is_parametrized(module):  # compressed already: its weight lives in the parametrization
-        own.update({k: chain.original for k, chain in module.parametrizations.items()})
+        # parametrize's ModuleDict and ParametrizationList: Module.__getattr__ says Tensor | Module
+        own.update({k: chain.original for k, chain in cast(nn.ModuleDict, module.parametrizations).items()})
     weight, bias = own.get("weight"), own.get("bias")
     if weight is None or weight.dim() != 2 or set(own) - {"weight", "bias"}:
         return False
@@ -166,7 +167,7 @@ def _underlying_weight(module: nn.Module) -> torch.Tensor | None:
     """A layer's ``weight`` as stored: the Parameter itself, or the original under its parametrization."""
     if parametrize.is_parametrized(module, "weight"):
         # a parametrization over several tensors (weight norm's original0/1) has no one original
-        return getattr(module.parametrizations.weight, "original", None)
+        return getattr(cast(nn.ModuleDict, module.parametrizations).weight, "original", None)
     return module._parameters.get("weight")
 
 
@@ -221,8 +222,9 @@ def analyze(model: nn.Module) -> ModelAnalysis:
             continue
         n_params = sum(p.numel() for p in own.values())
         kind = layer_kind(module)
-        weights = [own.get(w) for w in weight_names(module)] if kind is not None else []
-        if weights and all(w is not None for w in weights):
+        found = [own.get(w) for w in weight_names(module)] if kind is not None else []
+        weights = [w for w in found if w is not None]
+        if kind is not None and found and len(weights) == len(found):  # every weight tensor is there
             if any(id(w) in shared for w in weights) and name not in tied:
                 skipped.append(
                     SkippedModule(name, type(module).__name__, n_params, "weight is shared with another module")

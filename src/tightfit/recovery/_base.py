@@ -7,7 +7,7 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -268,7 +268,8 @@ class Site:
 
     @property
     def original(self) -> torch.Tensor:
-        return self.chain.original
+        # a ParametrizationList attribute: nn.Module.__getattr__ is typed Tensor | Module
+        return cast(torch.Tensor, self.chain.original)
 
     def steps(self) -> list[nn.Module]:
         return list(self.chain)

@@ -18,7 +18,7 @@ steps. The model ends with exactly the plan's sparsity per layer, as ordinary ma
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..operators.base import Hyperparameter
 from ..operators.prune import WeightMask, magnitude_mask
-from ._base import Recovery, Site, check_optimizer, make_optimizer, sites
+from ._base import LossFn, Recovery, Site, check_optimizer, make_optimizer, sites
 
 
 def cubic_sparsity(target: float, progress: float, start: float = 0.0) -> float:
@@ -58,7 +58,7 @@ class GradualPrune(Recovery):
         update_every: int = 5,
         final_lr: float = 0.1,
         final_fraction: float = 0.15,
-        loss=None,
+        loss: LossFn | None = None,
         max_steps: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -120,14 +120,15 @@ class GradualPrune(Recovery):
     @torch.no_grad()
     def _set_masks(targets: list[tuple[Site, WeightMask, float, float]], progress: float) -> None:
         for site, mask_step, target, start in targets:
-            mask_step.mask.copy_(magnitude_mask(site.original, cubic_sparsity(target, progress, start)))
-            site.original.mul_(mask_step.mask)
+            mask = cast(torch.Tensor, mask_step.mask)  # a buffer: Module.__getattr__ says Tensor | Module
+            mask.copy_(magnitude_mask(site.original, cubic_sparsity(target, progress, start)))
+            site.original.mul_(mask)
 
     @staticmethod
     @torch.no_grad()
     def _zero_pruned(targets: list[tuple[Site, WeightMask, float, float]]) -> None:
         for site, mask_step, _, _ in targets:
-            site.original.mul_(mask_step.mask)
+            site.original.mul_(cast(torch.Tensor, mask_step.mask))
 
     def _repr_args(self) -> dict[str, Any]:
         return {**super()._repr_args(), "ramp": self.ramp, "update_every": self.update_every}

@@ -24,15 +24,15 @@ After each epoch the compressed model (originals set to ``theta``) is scored wit
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, EvaluationError
 from ..evaluation.metrics import evaluate_metric
-from ..operators.base import Hyperparameter
-from ._base import Recovery, Site, check_optimizer, make_optimizer, projectable, sites, swapped_steps
+from ..operators.base import Hyperparameter, Projection
+from ._base import LossFn, Recovery, Site, check_optimizer, make_optimizer, projectable, sites, swapped_steps
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def project(site: Site, weight: torch.Tensor) -> torch.Tensor:
     """The C-step for one site: the chain's projections applied in order (each re-fits itself)."""
     theta = weight.detach()
     for step in site.steps():
-        theta = step.project(theta)
+        theta = cast(Projection, step).project(theta)  # L-C keeps only projectable sites
     return theta
 
 
@@ -99,7 +99,7 @@ class LearningCompression(Recovery):
         multipliers: bool = True,
         penalty_step: float | None = None,
         evaluate: Callable[[nn.Module], float] | None = None,
-        loss=None,
+        loss: LossFn | None = None,
         max_steps: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:

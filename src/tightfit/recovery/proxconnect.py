@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..operators.base import Hyperparameter
 from ..operators.quantize import FakeQuantize
-from ._base import Recovery, Site, check_optimizer, make_optimizer, sites, swapped_steps
+from ._base import LossFn, Recovery, Site, check_optimizer, make_optimizer, sites, swapped_steps
 
 GRIDS = ("auto", "binary", "ternary", "kbit")
 
@@ -115,7 +115,7 @@ class ProxConnect(Recovery):
         optimizer: str = "adam",
         grid: str = "auto",
         sharpness: tuple[float, float] = (10.0, 1e4),
-        loss=None,
+        loss: LossFn | None = None,
         max_steps: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:

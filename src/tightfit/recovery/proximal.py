@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 from ..errors import ConfigError
 
@@ -74,7 +78,7 @@ def _check(name: str, value: float, low: float = 0.0) -> None:
 class _Staged(torch.optim.Optimizer):
     """Counts steps; the first ``n_p`` of every ``n_p + n_o`` cycle are proximal steps."""
 
-    def __init__(self, params, defaults, n_p: int, n_o: float) -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], n_p: int, n_o: float) -> None:
         _check("`n_p`", n_p)
         _check("`n_o`", n_o)
         super().__init__(params, defaults)
@@ -96,7 +100,7 @@ class _Staged(torch.optim.Optimizer):
             buf.mul_(momentum).add_(grad)
         return buf
 
-    def _closure(self, closure: Callable | None):
+    def _closure(self, closure: Callable[[], float] | None) -> float | None:
         if closure is None:
             return None
         with torch.enable_grad():
@@ -106,13 +110,14 @@ class _Staged(torch.optim.Optimizer):
 class ProxSG(_Staged):
     """Proximal SGD: ``x <- soft_threshold(x - lr*grad, lr*lambda_)``."""
 
-    def __init__(self, params, lr: float = 0.1, lambda_: float = 1e-4, momentum: float = 0.0) -> None:
+    def __init__(self, params: ParamsT, lr: float = 0.1, lambda_: float = 1e-4, momentum: float = 0.0) -> None:
         _check("ProxSG: `lr`", lr, 1e-12)
         _check("ProxSG: `lambda_`", lambda_)
         super().__init__(params, dict(lr=lr, lambda_=lambda_, momentum=momentum), n_p=1, n_o=0)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    # torch types step as two overloads (no closure -> None, closure -> float); one signature covers both
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = self._closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
@@ -132,7 +137,13 @@ class OBProxSG(_Staged):
     """
 
     def __init__(
-        self, params, lr: float = 0.1, lambda_: float = 1e-4, n_p: int = 100, n_o: float = math.inf, eps: float = 0.0
+        self,
+        params: ParamsT,
+        lr: float = 0.1,
+        lambda_: float = 1e-4,
+        n_p: int = 100,
+        n_o: float = math.inf,
+        eps: float = 0.0,
     ) -> None:
         _check("OBProxSG: `lr`", lr, 1e-12)
         _check("OBProxSG: `lambda_`", lambda_)
@@ -140,7 +151,8 @@ class OBProxSG(_Staged):
         super().__init__(params, dict(lr=lr, lambda_=lambda_, eps=eps), n_p=n_p, n_o=n_o)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    # torch types step as two overloads (no closure -> None, closure -> float); one signature covers both
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = self._closure(closure)
         prox = self.proximal_phase()
         for group in self.param_groups:
@@ -169,7 +181,13 @@ class HSPG(_Staged):
     """
 
     def __init__(
-        self, params, lr: float = 0.1, lambda_: float = 1e-3, n_p: int = 100, eps: float = 0.0, momentum: float = 0.0
+        self,
+        params: ParamsT,
+        lr: float = 0.1,
+        lambda_: float = 1e-3,
+        n_p: int = 100,
+        eps: float = 0.0,
+        momentum: float = 0.0,
     ) -> None:
         _check("HSPG: `lr`", lr, 1e-12)
         _check("HSPG: `lambda_`", lambda_)
@@ -178,7 +196,8 @@ class HSPG(_Staged):
         super().__init__(params, dict(lr=lr, lambda_=lambda_, eps=eps, momentum=momentum), n_p=n_p, n_o=math.inf)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    # torch types step as two overloads (no closure -> None, closure -> float); one signature covers both
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = self._closure(closure)
         prox = self.proximal_phase()
         for group in self.param_groups:
@@ -211,15 +230,23 @@ class HSPG(_Staged):
 
 
 # ---------------------------------------------------------------------- groups and read-off
-def _layer_weight(module: nn.Module) -> torch.Tensor:
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d  #: the layers these methods regularize
+
+
+def _layer_weight(module: Layer) -> torch.Tensor:
     """The trainable weight underneath any parametrization."""
-    if hasattr(module, "parametrizations") and "weight" in module.parametrizations:
-        return module.parametrizations.weight.original
+    if hasattr(module, "parametrizations"):
+        # parametrize's ModuleDict and ParametrizationList: Module.__getattr__ says Tensor | Module
+        parametrizations = cast(nn.ModuleDict, module.parametrizations)
+        if "weight" in parametrizations:
+            return cast(torch.Tensor, parametrizations["weight"].original)
     return module.weight
 
 
-def _prunable(model: nn.Module, exclude_last: bool) -> list[tuple[str, nn.Module]]:
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+def _prunable(model: nn.Module, exclude_last: bool) -> list[tuple[str, Layer]]:
+    layers: list[tuple[str, Layer]] = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
     return layers[:-1] if exclude_last and layers else layers
 
 
@@ -237,9 +264,10 @@ def neuron_groups(model: nn.Module, lambda_: float, *, exclude_last: bool = True
     """Parameter groups for :class:`HSPG`: one per Linear/Conv layer holding ``[weight, bias]``,
     so each group is an output neuron / channel; the last such layer (the model's outputs) is
     left unregularized unless ``exclude_last=False``; all other parameters get ``lambda_=0``."""
-    groups, used = [], set()
+    groups: list[dict] = []
+    used: set[int] = set()
     for _, m in _prunable(model, exclude_last):
-        tensors = [_layer_weight(m)] + ([m.bias] if getattr(m, "bias", None) is not None else [])
+        tensors = [_layer_weight(m)] + ([m.bias] if m.bias is not None else [])
         tensors = [t for t in tensors if t.requires_grad]
         if tensors:
             groups.append({"params": tensors, "lambda_": lambda_})
@@ -253,12 +281,12 @@ def neuron_groups(model: nn.Module, lambda_: float, *, exclude_last: bool = True
 def sparsity_report(model: nn.Module) -> dict[str, dict[str, float | int]]:
     """Per Linear/Conv layer, read off the (compressed) weights: zero entries, and zero output
     neurons / channels (weight row zero and bias zero)."""
-    report = {}
+    report: dict[str, dict[str, float | int]] = {}
     for name, m in _prunable(model, exclude_last=False):
         w = m.weight.detach()
         rows = w.reshape(w.shape[0], -1)
         zero_rows = (rows == 0).all(dim=1)
-        if getattr(m, "bias", None) is not None:
+        if m.bias is not None:
             zero_rows &= m.bias.detach() == 0
         report[name] = {
             "weights": w.numel(),

@@ -11,14 +11,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..operators.base import Hyperparameter
-from ._base import Recovery
+from ._base import LossFn, Recovery
 from .proximal import HSPG, OBProxSG, ProxSG, l1_groups, neuron_groups
 
 METHODS = ("proxsg", "obproxsg", "hspg")
@@ -44,7 +44,7 @@ class SparseTraining(Recovery):
         prox_fraction: float = 0.5,
         eps: float = 0.0,
         momentum: float = 0.0,
-        loss=None,
+        loss: LossFn | None = None,
         max_steps: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -107,7 +107,7 @@ def remove_zero_neurons(
         raise ModelError(
             f"remove_zero_neurons handles nn.Sequential MLPs, but got {type(model).__name__}; use structured pruning."
         )
-    slim = bake(model)
+    slim = cast(nn.Sequential, bake(model))  # a copy of the Sequential, masks folded in
     items = list(slim)
     linear_at = [i for i, m in enumerate(items) if isinstance(m, nn.Linear)]
     allowed = (nn.ReLU, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.Dropout, nn.Identity, nn.Flatten, nn.SiLU, nn.Hardtanh)
@@ -116,7 +116,7 @@ def remove_zero_neurons(
         between = items[a + 1 : b]
         if not all(isinstance(m, allowed) for m in between):
             continue  # something in between mixes neurons or maps 0 elsewhere: leave it
-        first, second = items[a], items[b]
+        first, second = cast(nn.Linear, items[a]), cast(nn.Linear, items[b])  # both in linear_at
         zero = (first.weight == 0).all(dim=1)
         if first.bias is not None:
             zero &= first.bias == 0

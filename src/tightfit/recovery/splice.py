@@ -10,7 +10,7 @@ weight, pruned ones included (straight-through), so a wrongly pruned weight can 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..operators.base import Hyperparameter
 from ..operators.prune import WeightMask
-from ._base import Recovery, Site, check_optimizer, make_optimizer, sites, swapped_steps
+from ._base import LossFn, Recovery, Site, check_optimizer, make_optimizer, sites, swapped_steps
 
 
 def layer_threshold(weight: torch.Tensor, c: float) -> float:
@@ -93,7 +93,7 @@ class PruneSplice(Recovery):
         c: float | dict[str, float] | None = None,
         hysteresis: tuple[float, float] = (0.9, 1.1),
         update_every: int = 1,
-        loss=None,
+        loss: LossFn | None = None,
         max_steps: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -136,8 +136,9 @@ class PruneSplice(Recovery):
                     c = self._c_for(site, step)
                     t = layer_threshold(site.original, c) if c != -float("inf") else 0.0
                     self.thresholds[site.name.rsplit(".", 1)[0]] = t
-                    swaps += site.swap(i, SpliceMask(step.mask))
-                    watched.append((site, step.mask, t))
+                    mask = cast(torch.Tensor, step.mask)  # a buffer: Module.__getattr__ says Tensor | Module
+                    swaps += site.swap(i, SpliceMask(mask))
+                    watched.append((site, mask, t))
                     break  # one mask per tensor
         if not watched:
             raise ConfigError(

@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .._io import write_atomic, write_text_atomic
 from ..records import Measurement, Result, TrialRecord
@@ -139,14 +139,27 @@ def write_summary(result: Result, path: Path, settings: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(summary_dict(result, settings), indent=2))
 
 
-def plot_trials(result: Result, path: Path) -> None:
+class PlotSource(Protocol):
+    """What :func:`plot_figure` reads: a :class:`~tightfit.records.Result`, or a running search's snapshot."""
+
+    @property
+    def trials(self) -> list[TrialRecord]: ...
+    @property
+    def pareto(self) -> list[TrialRecord]: ...
+    @property
+    def best_trial(self) -> TrialRecord | None: ...
+    @property
+    def baseline_metric(self) -> float: ...
+
+
+def plot_trials(result: PlotSource, path: Path) -> None:
     """Draw :func:`plot_figure` into ``path`` (PNG), atomically."""
     buffer = io.BytesIO()
     plot_figure(result, buffer)
     write_atomic(path, buffer.getvalue())
 
 
-def plot_figure(result: Result, target: Any) -> None:
+def plot_figure(result: PlotSource, target: Any) -> None:
     """Metric vs file size of every completed trial; feasible vs not; the Pareto front marked."""
     import matplotlib
 
@@ -156,28 +169,30 @@ def plot_figure(result: Result, target: Any) -> None:
     done = [t for t in result.trials if t.measurement is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for feasible, color, label in ((True, "tab:green", "feasible"), (False, "tab:red", "infeasible")):
-        pts = [t for t in done if t.feasible == feasible]
+        pts = [t.measurement for t in done if t.feasible == feasible and t.measurement is not None]
         if pts:
             ax.scatter(
-                [t.measurement.size_bytes for t in pts],
-                [t.measurement.metric for t in pts],
+                [m.size_bytes for m in pts],
+                [m.metric for m in pts],
                 c=color,
                 s=22,
                 alpha=0.75,
                 label=label,
             )
-    front = [t for t in result.pareto if t.measurement is not None]
+    front = [t.measurement for t in result.pareto if t.measurement is not None]
     if front:
         ax.plot(
-            [t.measurement.size_bytes for t in front],
-            [t.measurement.metric for t in front],
+            [m.size_bytes for m in front],
+            [m.metric for m in front],
             "k--",
             lw=1,
             label="Pareto front",
         )
-    if result.best_trial is not None:
-        m = result.best_trial.measurement
-        ax.scatter([m.size_bytes], [m.metric], marker="*", s=220, c="gold", edgecolors="k", zorder=5, label="chosen")
+    chosen = result.best_trial.measurement if result.best_trial is not None else None
+    if chosen is not None:  # the chosen trial is a measured one
+        ax.scatter(
+            [chosen.size_bytes], [chosen.metric], marker="*", s=220, c="gold", edgecolors="k", zorder=5, label="chosen"
+        )
     ax.axhline(result.baseline_metric, color="gray", lw=0.8, label="original metric")
     ax.set_xscale("log")
     ax.set_xlabel("saved model size (bytes, log scale)")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import optuna
 
 from ..records import Measurement, TrialAttrs
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 
 class _Progress:
-    def __init__(self, budget: int, baseline: Measurement, bar) -> None:
+    def __init__(self, budget: int, baseline: Measurement, bar: Progress | None) -> None:
         self.budget = budget
         self.baseline = baseline
         self.bar = bar
@@ -22,7 +26,7 @@ class _Progress:
         self.finetune_steps = 0
         self.screened = 0
 
-    def add_cost(self, trials) -> None:
+    def add_cost(self, trials: Iterable[optuna.trial.FrozenTrial]) -> None:
         """Count the cost of trials stored before this process started (a resumed run)."""
         for t in trials:
             self._count(t)
@@ -41,11 +45,11 @@ class _Progress:
         return f"val fwd: {self.val_samples:,}  ft steps: {self.finetune_steps:,}{screened}{stopped}"
 
     def _refresh(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:  # both or neither
             self.bar.update(self.task, cost=self._cost())
 
     def advance_to(self, done: int) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:  # both or neither
             self.bar.update(self.task, completed=done)
 
     def on_trial(self, trial: optuna.trial.FrozenTrial) -> None:
@@ -65,7 +69,7 @@ class _Progress:
             and (self.best_size is None or measured.size_bytes < self.best_size)
         ):
             self.best_size = measured.size_bytes
-        if self.bar is None:
+        if self.bar is None or self.task is None:  # both or neither
             return
         best = "-"
         if self.best_size is not None:

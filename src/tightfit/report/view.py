@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..records import Measurement, TrialRecord
 from ..run_dir import STUDY_FILE, SUMMARY_FILE
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+    from rich.table import Table
 
 
 @dataclass
@@ -114,20 +118,22 @@ def _fmt_metric(value: float | None) -> str:
 
 def trials_table(
     trials: list[TrialRecord], baseline: Measurement | None, *, limit: int = 10, title: str = "best trials"
-):
+) -> Table:
     from rich.table import Table
 
     table = Table(title=title)
     # Measured speedup next to the FLOPs reduction, when the run timed its trials.
-    speed = baseline is not None and baseline.latency_ms is not None
+    base_latency = baseline.latency_ms if baseline is not None else None
+    speed = base_latency is not None
     columns = ["trial", "feasible", "metric", "bytes", "size ratio", "nonzero ratio"]
     columns += ["FLOPs reduction", "speedup"] if speed else []
     for column in columns + ["time s"]:
         table.add_column(column, justify="right")
-    done = [t for t in trials if t.measurement is not None]
-    done.sort(key=lambda t: (not t.feasible, t.objective if t.objective is not None else float("inf")))
-    for t in done[:limit]:
-        m = t.measurement
+    done = [(t, t.measurement) for t in trials if t.measurement is not None]
+    done.sort(
+        key=lambda pair: (not pair[0].feasible, pair[0].objective if pair[0].objective is not None else float("inf"))
+    )
+    for t, m in done[:limit]:
         ratio = f"{baseline.size_bytes / m.size_bytes:.1f}x" if baseline else "-"
         cells = [
             str(t.number),
@@ -137,15 +143,15 @@ def trials_table(
             ratio,
             f"{m.nonzero_ratio:.1f}x",
         ]
-        if speed:
+        if baseline is not None and base_latency is not None:  # speed
             cells.append(f"{baseline.flops / m.flops:.2f}x" if baseline.flops and m.flops else "-")
-            cells.append(f"{baseline.latency_ms / m.latency_ms:.2f}x" if m.latency_ms else "-")
+            cells.append(f"{base_latency / m.latency_ms:.2f}x" if m.latency_ms else "-")
         cells.append(f"{t.duration_s:.1f}" if t.duration_s is not None else "-")
         table.add_row(*cells)
     return table
 
 
-def summary_table(rows: list[tuple[str, str, str]], title: str = "result"):
+def summary_table(rows: list[tuple[str, str, str]], title: str = "result") -> Table:
     from rich.table import Table
 
     table = Table(title=title)
@@ -157,7 +163,7 @@ def summary_table(rows: list[tuple[str, str, str]], title: str = "result"):
     return table
 
 
-def left_alone_table(entries: list[dict[str, Any]], *, limit: int = 10):
+def left_alone_table(entries: list[dict[str, Any]], *, limit: int = 10) -> Table:
     """What no operator compressed (``summary.json``'s ``left_alone``: name, type, params, reason),
     the largest first; ``limit`` rows, the rest counted in the title."""
     from rich.table import Table
@@ -166,7 +172,13 @@ def left_alone_table(entries: list[dict[str, Any]], *, limit: int = 10):
     shown = sorted(entries, key=lambda e: -e["params"])[:limit]
     more = f", {len(entries) - len(shown)} more in summary.json" if len(entries) > len(shown) else ""
     table = Table(title=f"left alone ({len(entries)}{more})")
-    for column, justify in (("name", "left"), ("type", "left"), ("params", "right"), ("reason", "left")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("name", "left"),
+        ("type", "left"),
+        ("params", "right"),
+        ("reason", "left"),
+    )
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for e in shown:
         table.add_row(

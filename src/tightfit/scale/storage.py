@@ -17,13 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError
-from ..optuna_compat import is_heartbeat_storage, storage_backend, study_storage, trial_id
+from ..optuna_compat import heartbeat_of, storage_backend, study_storage, trial_id
 from ..run_dir import RETRY_OF_ATTR as RETRY_OF
 from ..run_dir import SEARCH_TIME_ATTR, WORKER_ATTR
 
@@ -200,7 +201,7 @@ def _flush_only_when_it_matters(storage: RDBStorage) -> None:
         return
 
     @sqlalchemy.event.listens_for(storage.engine, "begin")
-    def _begin(connection) -> None:
+    def _begin(connection: Any) -> None:  # a SQLAlchemy Connection
         if getattr(_durable, "on", False):  # the session default is off (set when connecting)
             connection.exec_driver_sql("SET LOCAL synchronous_commit = on")
 
@@ -241,7 +242,8 @@ def redact(url: str) -> str:
 
 
 def heartbeat_enabled(storage: BaseStorage) -> bool:
-    return is_heartbeat_storage(storage) and storage.get_heartbeat_interval() is not None
+    heartbeat = heartbeat_of(storage)
+    return heartbeat is not None and heartbeat.get_heartbeat_interval() is not None
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -261,10 +263,13 @@ def _fail_trials_without_heartbeat(study: optuna.Study) -> None:
     that first heartbeat, so a trial without it, running for longer than the grace period, is one of
     those (compared with this machine's clock: keep the workers' clocks within the grace period)."""
     storage = study_storage(study)
-    interval = storage.get_heartbeat_interval()
+    heartbeat = heartbeat_of(storage)
+    interval = heartbeat.get_heartbeat_interval() if heartbeat is not None else None
+    if heartbeat is None or interval is None:  # called only with heartbeats enabled (fail_stale_trials)
+        return
     grace = getattr(storage_backend(storage), "grace_period", None) or 2 * interval
     cutoff = datetime.now() - timedelta(seconds=grace)
-    callback = storage.get_heartbeat_stale_trial_callback()
+    callback = heartbeat.get_heartbeat_stale_trial_callback()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if WORKER_ATTR in t.user_attrs or t.datetime_start is None or t.datetime_start > cutoff:
             continue
@@ -285,22 +290,22 @@ def trial_heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     retried at the next beat instead of ending the thread, so one network hiccup does not turn a
     healthy trial stale.
     """
-    storage = study_storage(study)
-    if not heartbeat_enabled(storage):
+    heartbeat = heartbeat_of(study_storage(study))
+    interval = heartbeat.get_heartbeat_interval() if heartbeat is not None else None
+    if heartbeat is None or interval is None:  # heartbeats not enabled
         yield
         return
-    interval = storage.get_heartbeat_interval()
     handle = trial_id(trial)  # Optuna's handle; FrozenTrial/Trial expose no public id
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(interval):
             try:
-                storage.record_heartbeat(handle)
+                heartbeat.record_heartbeat(handle)
             except Exception as exc:  # keep beating; the grace period absorbs a few misses
                 log.warning("heartbeat of trial %d failed: %s", trial.number, exc)
 
-    storage.record_heartbeat(handle)
+    heartbeat.record_heartbeat(handle)
     thread = threading.Thread(target=beat, name=f"tightfit-heartbeat-{trial.number}", daemon=True)
     thread.start()
     try:

@@ -138,16 +138,38 @@ class BOSampler(PlanSampler):
         return family(next_knob(u, history.violation, se, start=start, pending=pending))
 
     def _bo_step(self, history: History, study: optuna.Study) -> np.ndarray:
-        import torch
-        from botorch.acquisition.logei import qLogNoisyExpectedImprovement
-        from botorch.acquisition.objective import GenericMCObjective
         from botorch.models import ModelListGP
-        from botorch.optim import optimize_acqf
+
+        y_obj = -np.log(np.maximum(history.objective, 1e-12))
+        obj_gp, con_gp = self._fit_gps(history, study, y_obj)
+        model = ModelListGP(obj_gp, con_gp)
+
+        best = _robust_best(history, con_gp)
+        if best is not None and self._trial is not None:
+            set_trial_system_attr(study, self._trial, INCUMBENT_ATTR, float(history.objective[best]))
+        center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
+        length = trust_region_length(history, self.n_init, self.encoding.d)
+        lo, hi = _trust_region_box(center, length, obj_gp, self.encoding.d)
+        acq = _acquisition(model, history, y_obj, best)
+        x = self._maximize(acq, lo, hi)
+        # compared as plans: a bit-width coordinate anywhere in its choice's slice is the same plan
+        plan_of = lambda u: self.encoding.encode(self.encoding.decode(u))  # noqa: E731
+        seen = np.array(
+            [plan_of(u) for u in (np.vstack([history.x, history.pending]) if len(history.pending) else history.x)]
+        )
+        if _already_measured(plan_of(x), seen):
+            x = _best_unmeasured(
+                acq, lo, hi, seen, n=self.raw_samples, seed=self.context.seed + history.n, fallback=x, plan_of=plan_of
+            )
+        return x
+
+    def _fit_gps(self, history: History, study: optuna.Study, y_obj: np.ndarray) -> tuple[Any, Any]:
+        """GPs of the objective (``y_obj``) and of the constraint value, warm-started from the
+        previous step's hyperparameters (module doc), which are stored on the trial."""
+        import torch
 
         from .gp import fit_gp, hyperparameters
 
-        d = self.encoding.d
-        y_obj = -np.log(np.maximum(history.objective, 1e-12))
         se = history.se if not np.isnan(history.se).any() else None
         previous = {} if history.n % COLD_EVERY == 0 else _previous_fit(study, self._trial)
         with torch.random.fork_rng():
@@ -163,37 +185,14 @@ class BOSampler(PlanSampler):
                 GP_ATTR,
                 {"objective": hyperparameters(obj_gp), "constraint": hyperparameters(con_gp)},
             )
-        model = ModelListGP(obj_gp, con_gp)
+        return obj_gp, con_gp
 
-        best = _robust_best(history, con_gp)
-        if best is not None and self._trial is not None:
-            set_trial_system_attr(study, self._trial, INCUMBENT_ATTR, float(history.objective[best]))
-        center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
-        length = trust_region_length(history, self.n_init, d)
-        ls = (
-            obj_gp.covar_module.lengthscale.detach().numpy().ravel()
-            if hasattr(obj_gp.covar_module, "lengthscale")
-            else np.ones(d)
-        )
-        if ls.size != d:
-            ls = np.ones(d)
-        weights = ls / np.exp(np.mean(np.log(ls)))
-        half = np.clip(length * weights / 2, 0.01, 0.5)
-        lo, hi = np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
+    def _maximize(self, acq: Any, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The acquisition's maximizer in the box [lo, hi] (seeded: a resumed run finds the same)."""
+        import torch
+        from botorch.optim import optimize_acqf
+
         bounds = torch.tensor(np.stack([lo, hi]), dtype=torch.float64)
-
-        if len(history.pending):
-            acq = qLogNoisyExpectedImprovement(
-                model,
-                X_baseline=torch.as_tensor(history.x, dtype=torch.float64),
-                objective=GenericMCObjective(_first_output),
-                constraints=[lambda Z: Z[..., 1]],
-                X_pending=torch.as_tensor(history.pending, dtype=torch.float64),
-                prune_baseline=True,
-            )
-        else:
-            best_f = float(y_obj[best]) if best is not None else float(y_obj.min())
-            acq = _independent_log_cei()(model, best_f=best_f, objective_index=0, constraints={1: (None, 0.0)})
         with torch.random.fork_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BoTorch's optimizer warnings are not the user's business
             torch.manual_seed(self.context.seed % (2**31))
@@ -210,17 +209,42 @@ class BOSampler(PlanSampler):
                 },
                 retry_on_optimization_warning=False,  # a failed local search keeps its best start
             )
-        x = cand.detach().numpy().reshape(-1)
-        # compared as plans: a bit-width coordinate anywhere in its choice's slice is the same plan
-        plan_of = lambda u: self.encoding.encode(self.encoding.decode(u))  # noqa: E731
-        seen = np.array(
-            [plan_of(u) for u in (np.vstack([history.x, history.pending]) if len(history.pending) else history.x)]
+        return cand.detach().numpy().reshape(-1)
+
+
+def _trust_region_box(center: np.ndarray, length: float, obj_gp: Any, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of the trust region around ``center``: side ``length``, stretched along the
+    objective GP's long lengthscales (their geometric mean kept), clipped to the unit cube."""
+    ls = (
+        obj_gp.covar_module.lengthscale.detach().numpy().ravel()
+        if hasattr(obj_gp.covar_module, "lengthscale")
+        else np.ones(d)
+    )
+    if ls.size != d:
+        ls = np.ones(d)
+    weights = ls / np.exp(np.mean(np.log(ls)))
+    half = np.clip(length * weights / 2, 0.01, 0.5)
+    return np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
+
+
+def _acquisition(model: Any, history: History, y_obj: np.ndarray, best: int | None) -> Any:
+    """Noisy EI with the constraint and the running trials as ``X_pending`` when other workers'
+    trials are running, else log constrained EI over the best feasible value (module doc)."""
+    import torch
+    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+    from botorch.acquisition.objective import GenericMCObjective
+
+    if len(history.pending):
+        return qLogNoisyExpectedImprovement(
+            model,
+            X_baseline=torch.as_tensor(history.x, dtype=torch.float64),
+            objective=GenericMCObjective(_first_output),
+            constraints=[lambda Z: Z[..., 1]],
+            X_pending=torch.as_tensor(history.pending, dtype=torch.float64),
+            prune_baseline=True,
         )
-        if _already_measured(plan_of(x), seen):
-            x = _best_unmeasured(
-                acq, lo, hi, seen, n=self.raw_samples, seed=self.context.seed + history.n, fallback=x, plan_of=plan_of
-            )
-        return x
+    best_f = float(y_obj[best]) if best is not None else float(y_obj.min())
+    return _independent_log_cei()(model, best_f=best_f, objective_index=0, constraints={1: (None, 0.0)})
 
 
 #: two plans (as points of the unit cube) closer than this in every coordinate are the same plan: a

@@ -10,7 +10,7 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,7 +158,13 @@ class PositionSeededSampler(optuna.samplers.BaseSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study, trial, state, values) -> None:
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
         self._inner.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
@@ -229,13 +235,10 @@ def run_trials(
         if done + running >= budget:
             time.sleep(poll_s)  # the last trials are running elsewhere; wait for them or their retries
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-            asked = time.perf_counter()
-            trial = study.ask()
+        trial, asked = _ask(study)
         evaluated += 1
         started = time.perf_counter()
+        error: TrialAttrs | None
         try:
             with trial_heartbeat(study, trial):
                 _write(trial, TrialAttrs(worker=_worker_id()))  # which process ran it: for reports
@@ -244,9 +247,7 @@ def run_trials(
                 _write(trial, TrialAttrs(search_time_s=(started - asked) + (time.perf_counter() - suggest_started)))
                 outcome = evaluate_plan(plan, trial)
         except KeyboardInterrupt:
-            _write(trial, TrialAttrs(interrupted=True))
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(retry_params(trial), user_attrs=TrialAttrs(retry_of=trial.number).to_user_attrs())
+            _requeue(study, trial)
             raise
         except Exception as exc:  # a failing trial is recorded and the search goes on
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
@@ -258,19 +259,42 @@ def run_trials(
             frozen = _record(study, trial, error.to_user_attrs(), [], None)
         else:
             error = None
-            attrs = {
-                **_user_attrs(outcome.attrs),
-                **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs(),
-            }
-            values = outcome.objective
-            values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
-            frozen = _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
+            frozen = _record_outcome(study, trial, outcome, started)
         if on_trial is not None and frozen is not None:
             on_trial(frozen)
         if error is None:
             first_failures.succeeded()
         else:
             first_failures.failed(error.error or "")
+
+
+def _ask(study: optuna.Study) -> tuple[optuna.Trial, float]:
+    """A new trial, and when it was asked for (the sampler's time counts from there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        asked = time.perf_counter()
+        return study.ask(), asked
+
+
+def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """An interrupted trial: marked so, failed, and its parameters enqueued again (:func:`retry_params`)."""
+    _write(trial, TrialAttrs(interrupted=True))
+    study.tell(trial, state=TrialState.FAIL)
+    study.enqueue_trial(retry_params(trial), user_attrs=TrialAttrs(retry_of=trial.number).to_user_attrs())
+
+
+def _record_outcome(
+    study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, started: float
+) -> optuna.trial.FrozenTrial | None:
+    """Store an evaluated trial: its attributes and duration, constraints and objective value(s)."""
+    attrs = {
+        **_user_attrs(outcome.attrs),
+        **TrialAttrs(duration_s=time.perf_counter() - started).to_user_attrs(),
+    }
+    values = outcome.objective
+    values = [float(v) for v in values] if isinstance(values, (list, tuple)) else float(values)
+    return _record(study, trial, attrs, outcome.constraints, values, pruned=outcome.pruned)
 
 
 def _user_attrs(attrs: TrialAttrs | dict[str, Any]) -> dict[str, Any]:
@@ -282,14 +306,23 @@ def _write(trial: optuna.Trial, attrs: TrialAttrs) -> None:
         trial.set_user_attr(key, value)
 
 
-def _record(study, trial, attrs, constraints, objective, pruned: bool = False) -> optuna.trial.FrozenTrial | None:
+def _record(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    attrs: dict[str, Any],
+    constraints: Sequence[float],
+    objective: float | list[float] | None,
+    pruned: bool = False,
+) -> optuna.trial.FrozenTrial | None:
     """Store a finished trial; None if another worker already declared it stale (this process was
     silent for longer than the grace period), in which case its retry stands in for it."""
     try:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if pruned:  # screened at a low fidelity: the objective as its only intermediate value
-            trial.report(float(objective), step=0)
+            if not isinstance(objective, float):  # what float() would refuse, said plainly
+                raise TypeError(f"a screened (pruned) trial has one objective value, not {objective!r}")
+            trial.report(objective, step=0)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
                 return study.tell(trial, state=TrialState.PRUNED)
