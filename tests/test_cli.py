@@ -205,7 +205,6 @@ def _prune_adjust_config(config: Path) -> None:
     config.write_text(text + '\n[prune_adjust]\nrounds = 2\nstep = 0.3\nsearch = "random"\nsearch_budget = 4\n')
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 def test_prune_adjust_runs_rounds_from_the_config_and_resumes(project):
     config = project / "tightfit.toml"
     _prune_adjust_config(config)

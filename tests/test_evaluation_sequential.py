@@ -230,7 +230,6 @@ def _compress(mlp, digits, **overrides):
     return tightfit.compress(mlp, **args), evaluate
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 def test_cheap_search_records_noise_levels_and_accounting(mlp, digits, tmp_path):
     result, evaluate = _compress(mlp, digits, run_dir=tmp_path / "run")
     study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")

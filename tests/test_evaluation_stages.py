@@ -174,7 +174,6 @@ def test_search_stops_hopeless_candidates_and_accounts_the_stages(mlp, digits):
     assert acc["finetune_steps"] < total * len(result.trials)  # the stops saved fine-tuning
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 def test_completed_candidates_store_their_curve(mlp, digits, tmp_path):
     finetune = tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3)
     tightfit.compress(

@@ -159,7 +159,6 @@ def _same_answer(resumed, whole, run) -> None:
     assert torch.equal(tightfit.load(run / "model.tfz")(x), whole.model(x))
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 def test_a_run_directory_resumes_an_interrupted_run_to_the_uninterrupted_answer(tmp_path, uninterrupted):
     model, loader, whole = uninterrupted
     arguments = dict(evaluate=_cliff, **_ARGUMENTS)
@@ -192,7 +191,6 @@ def test_a_run_directory_resumes_an_interrupted_run_to_the_uninterrupted_answer(
         )
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 def test_an_adjust_that_finished_is_not_trained_again_on_resume(tmp_path, uninterrupted):
     model, loader, whole = uninterrupted
     adjust = _Counted(GradualPrune(loader, epochs=1, lr=1e-2))

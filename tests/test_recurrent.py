@@ -111,7 +111,6 @@ def test_a_pruned_lstm_computes_the_lstm_equations_with_the_zeros():
         assert torch.allclose(lstm(x)[0][:, -1], h, atol=1e-5)
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 def test_masks_hold_through_training_and_the_model_still_copies():
     model = untrained(nn.LSTM, num_layers=2, bidirectional=True)
     x, y = sequences(32, seed=4)
@@ -132,7 +131,6 @@ def test_masks_hold_through_training_and_the_model_still_copies():
         assert torch.allclose(pruned(x), expected, atol=1e-6) and torch.allclose(twin(x), expected, atol=1e-6)
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 @pytest.mark.parametrize("recovery", [tightfit.LearningCompression, tightfit.GradualPrune])
 def test_recovery_that_refits_masks_and_grids_keeps_the_layer_computing_with_them(recovery):
     model = untrained(nn.GRU, num_layers=2, bidirectional=True)
@@ -167,7 +165,6 @@ def test_the_saved_file_shrinks_and_reloads_the_same_outputs(cell, rnn_args, tmp
             assert float((loaded.rnn.weight_hh_l0 == 0).float().mean()) == pytest.approx(0.75, abs=0.01)
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
 def test_compress_takes_a_recurrent_classifier(cell, tmp_path):
     model = trained(cell)

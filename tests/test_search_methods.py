@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import optuna
-import pytest
 import torch
 
 import tightfit
@@ -157,7 +156,6 @@ def test_compress_gives_samplers_a_probe_and_records_search_time(mlp, digits):
     assert result.feasible and result.nonzero_ratio > 1.5
 
 
-@pytest.mark.slow  # 7-14 s each on the loaded 2-core machine: keeps the default tier under 5 min
 def test_pareto_search_of_size_and_metric_keeps_the_constraint(mlp, digits, tmp_path):
     result = tightfit.compress(
         mlp,
