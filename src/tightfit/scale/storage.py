@@ -36,6 +36,15 @@ GRACE_PERIOD_S = 60
 # "host:pid" of the process evaluating a trial, set after its first heartbeat
 
 
+def plan_drawn(trial: FrozenTrial | optuna.Trial) -> bool:
+    """Whether ``trial`` drew its whole plan (the loop stores ``search_time_s`` after the last
+    ``suggest``). A retry of one stopped earlier fixes none of its values: with only the first few
+    fixed it drew different values for the rest (the sampler's random stream is consumed per draw,
+    and fixed values draw nothing); with none fixed it draws the whole plan again from the same
+    seed, as the original did."""
+    return SEARCH_TIME_ATTR in trial.user_attrs
+
+
 class RetryStaleTrial:
     """Heartbeat-stale callback: queue the stale trial's parameters as a WAITING trial.
 
@@ -53,7 +62,7 @@ class RetryStaleTrial:
             log.warning("trial %d went stale %d times; not retrying it again", trial.number, len(history))
             return
         log.warning("trial %d lost its worker (no heartbeat); queued again", trial.number)
-        drawn = SEARCH_TIME_ATTR in trial.user_attrs  # stopped between two suggest calls: draw the whole plan again
+        drawn = plan_drawn(trial)
         study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,

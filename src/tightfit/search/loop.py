@@ -21,8 +21,8 @@ from ..errors import EvaluationError
 from ..operators.plan import Plan
 from ..optuna_compat import cached_trials, live_trial, study_storage
 from ..records import TrialAttrs, TrialRecord
-from ..run_dir import ERROR_ATTR, INTERRUPTED_ATTR, SEARCH_TIME_ATTR
-from ..scale.storage import RETRY_OF, fail_stale_trials, heartbeat_enabled, trial_heartbeat
+from ..run_dir import ERROR_ATTR, INTERRUPTED_ATTR
+from ..scale.storage import RETRY_OF, fail_stale_trials, heartbeat_enabled, plan_drawn, trial_heartbeat
 from .context import SearchContext
 from .samplers import make_sampler
 from .space import SearchSpace
@@ -173,12 +173,9 @@ class PositionSeededSampler(optuna.samplers.BaseSampler):
 
 def retry_params(trial: optuna.trial.FrozenTrial | optuna.Trial) -> dict[str, Any]:
     """The parameters a retry of an interrupted trial is queued with: all of them once the plan was
-    drawn; none when the trial was stopped between two ``suggest`` calls. A retry with only the
-    first few fixed drew different values for the rest (the sampler's random stream is consumed
-    per draw, and fixed values draw nothing); with none fixed it draws the whole plan again from
-    the same seed (the retry takes its original's position, :func:`trial_position`), as the
-    original did."""
-    return dict(trial.params) if SEARCH_TIME_ATTR in trial.user_attrs else {}
+    drawn (:func:`~tightfit.scale.storage.plan_drawn`), none otherwise (the retry takes its
+    original's position, :func:`trial_position`, so it draws the same plan)."""
+    return dict(trial.params) if plan_drawn(trial) else {}
 
 
 def recover_interrupted(study: optuna.Study) -> int:
