@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from rich.table import Table
     from torch import nn
 
     from ..export.verified import ExportReport
@@ -42,15 +43,19 @@ def _show_result(result: Result, extra_rows: list[tuple[str, str, str]] | None =
     console.print(trials_table(result.trials, result.baseline, limit=8))
     if result.left_alone:
         console.print(left_alone_table([dataclasses.asdict(m) for m in result.left_alone]))
-    rows = [
-        ("validation metric", f"{result.baseline_metric:.4f}", f"{result.metric:.4f}"),
+    base = result.baseline
+    rows = _metric_rows(result.baseline_metric, result.metric, result.metric_before_recovery, result.recovery) + [
         ("file bytes", f"{result.baseline_size_bytes:,}", f"{result.size_bytes:,}"),
         ("size ratio", "1.0x", f"{result.compression_ratio:.1f}x"),
         ("nonzero-weight ratio", "1.0x", f"{result.nonzero_ratio:.1f}x"),
     ]
+    if base is not None and result.objective == "metric":  # the budget is often MaxBits: say where it stands
+        rows.append(("bits per weight", "", f"{result.size_bytes * 8 / max(1, base.weight_params):.2f}"))
     console.print(
         summary_table(rows + (extra_rows or []), title="result" if result.feasible else "result: nothing feasible")
     )
+    if result.recovery:
+        console.print(_recovery_table(result.recovery))
     console.print(run_counts(result.trials))
     cost = getattr(result, "accounting", None) or {}
     if cost:
@@ -68,6 +73,43 @@ def _show_result(result: Result, extra_rows: list[tuple[str, str, str]] | None =
             f"run directory: {printable(result.run_dir)} (model.tfz, summary.json, trials.csv, trials.png, study.db)",
             markup=False,
         )
+
+
+def _metric_rows(
+    baseline_metric: float, metric: float, before: float | None, recovery: dict | None
+) -> list[tuple[str, str, str]]:
+    """The validation metric; with ``recover=``, the answer's metric in the search (before its
+    recovery after the search) and after it."""
+    if before is None:
+        return [("validation metric", f"{baseline_metric:.4f}", f"{metric:.4f}")]
+    seconds = (recovery or {}).get("seconds")
+    took = f" ({seconds:.1f} s)" if isinstance(seconds, (int, float)) else ""
+    return [
+        ("validation metric, before recovery", f"{baseline_metric:.4f}", f"{before:.4f}"),
+        ("validation metric, after recovery" + took, "", f"{metric:.4f}"),
+    ]
+
+
+def _recovery_table(recovery: dict) -> Table:
+    """Each plan recovered after the search: its metric before and after, whether it still met the
+    constraints, and which one is the answer (read from a result or summary.json: shown as data)."""
+    from rich.table import Table
+
+    from ..report.view import printable
+
+    table = Table(title="recovery after the search")
+    for column in ("trial", "metric before", "metric after", "constraints after", ""):
+        table.add_column(column)
+    for row in recovery.get("trials", []):
+        chosen = "answer" if row.get("trial") == recovery.get("chosen") else ""
+        table.add_row(
+            printable(str(row.get("trial"))),
+            f"{row['metric_before']:.4f}",
+            f"{row['metric_after']:.4f}",
+            "met" if row.get("feasible") else "broken",
+            chosen,
+        )
+    return table
 
 
 @app.command()
@@ -106,7 +148,7 @@ def run(
 ) -> None:
     """Compress your model as CONFIG says; run again to resume. With --workers N, N-1 `tightfit
     worker` processes join this one on the study (logs in RUN_DIR/workers/)."""
-    from ..cli.config import build_arguments, load_config
+    from ..cli.config import build_arguments, check_run, load_config
     from ..errors import TightfitError
     from ..pipeline import compress
     from ..run_dir import RunDir
@@ -126,6 +168,7 @@ def run(
     try:
         parsed, base = load_config(config)
         arguments = build_arguments(parsed, base, config)
+        check_run(arguments)  # compress's own checks, before the run directory and the study are made
         console.print(f"run directory: {arguments['run_dir']}", markup=False)
         # the run directory's lock before the storage: two runs started on a new directory must not
         # both create its study (compress takes the same lock again, re-entrantly)
@@ -178,6 +221,68 @@ def prune_adjust(
         if r.number not in shown:  # rounds of an earlier call, resumed from the run directory
             show(r)
     _show_rounds_result(result.rounds, result.baseline_metric, Path(arguments["run_dir"]))
+
+
+@app.command("compress-once")
+def compress_once(
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="A TOML config whose [[strategy]] gives fixed settings; [calibration] and [compress_once] repair."
+        ),
+    ],
+) -> None:
+    """Compress once, no search and no training (tightfit.compress_once): GPTQ / AWQ / Wanda /
+    SparseGPT learn from [calibration]; the model is evaluated before and after, checked against
+    [constraint] if the config has one, and written to RUN_DIR/compress-once/."""
+    from ..cli.config import load_config, once_arguments
+    from ..cli.once import compress_once_run
+    from ..errors import TightfitError
+
+    try:
+        parsed, base = load_config(config)
+        arguments = once_arguments(parsed, base, config)
+        console.print(f"run directory: {arguments['run_dir']}", markup=False)
+        report = compress_once_run(arguments)
+    except TightfitError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written; run the same command again.")
+        raise typer.Exit(code=130) from None
+    _show_once(report.to_dict())
+
+
+def _show_once(r: dict) -> None:
+    """A compress-once result (from the run, or ``once.json`` read back: shown as data)."""
+    from ..report import summary_table
+    from ..report.view import printable
+
+    rows = [
+        ("validation metric", f"{r['baseline_metric']:.4f}", f"{r['metric']:.4f}"),
+        ("file bytes", f"{r['baseline_size_bytes']:,}", f"{r['size_bytes']:,}"),
+        ("size ratio", "1.0x", f"{r['baseline_size_bytes'] / max(1, r['size_bytes']):.1f}x"),
+        ("nonzero-weight ratio", "1.0x", f"{r['weight_params'] / max(1, r['nonzeros']):.1f}x"),
+        ("bits per weight", "", f"{r['bits_per_weight']:.2f}"),
+    ]
+    if r.get("flops") is not None:
+        rows.append(("FLOPs (nonzero weights)", f"{r['baseline_flops']:,}", f"{r['flops']:,}"))
+    met = all(ok for _, _, ok in r.get("constraints", []))
+    console.print(summary_table(rows, title="compressed once" + ("" if met else ": constraints not met")))
+    for text, value, ok in r.get("constraints", []):
+        console.print(f"constraint {printable(text)}: {'met' if ok else 'not met'} (value {value:+.4g})", markup=False)
+    if r.get("calibration"):
+        repairs = ", ".join(
+            f"{name} ({len(mods)} module(s) changed)" for name, mods in (r.get("repaired") or {}).items()
+        )
+        console.print(
+            f"calibration: {printable(r['calibration'])}, {r.get('calibration_passes', 0)} pass(es), "
+            f"{r.get('seconds', 0.0):.1f} s; repairs: {printable(repairs or 'none')}",
+            markup=False,
+        )
+    for layer, why in (r.get("uncalibrated") or {}).items():
+        console.print(f"uncalibrated {printable(layer)}: {printable(why)}", markup=False, style="yellow")
+    if r.get("run_dir"):
+        console.print(f"run directory: {printable(r['run_dir'])} (model.tfz, once.json)", markup=False)
 
 
 def _show_round(r: AdjustRound) -> None:
@@ -258,12 +363,21 @@ def report(
     study: Annotated[str, typer.Option(help="Study name in the storage.")] = "tightfit",
     top: Annotated[int, typer.Option(help="How many trials to list.")] = 10,
 ) -> None:
-    """Summary and best trials of a finished or running run."""
+    """Summary and best trials of a finished or running run (or a prune-adjust / compress-once one)."""
+    from ..cli.once import ONCE_FILE, load_once
     from ..errors import TightfitError
     from ..iterative import ROUNDS_FILE, load_rounds
     from ..report import load_run, run_counts, trials_table
     from ..report.view import as_markup, printable
 
+    if run_dir is not None and storage is None and (run_dir / ONCE_FILE).exists():  # a compress-once run
+        try:
+            _show_once(load_once(run_dir))
+        except (TightfitError, KeyError, TypeError, ValueError) as exc:
+            _fail(
+                ValueError(f"{run_dir / ONCE_FILE} does not hold what tightfit writes ({type(exc).__name__}: {exc}).")
+            )
+        return
     if run_dir is not None and storage is None and (run_dir / ROUNDS_FILE).exists():  # a prune-adjust run
         try:
             settings, rounds, _ = load_rounds(run_dir)
@@ -289,6 +403,8 @@ def report(
             f"constraints: {as_markup(', '.join(map(str, settings.get('constraints', []))))}  "
             f"search: {as_markup(settings.get('search'))}  seed: {as_markup(settings.get('seed'))}"
         )
+        if settings.get("calibration"):
+            console.print(f"calibration: {as_markup(settings['calibration'])}")
     s = view.summary
     if s is None:
         console.print("[yellow]no final summary yet: the run is in progress or was interrupted[/]")
@@ -323,8 +439,7 @@ def _show_summary(s: dict, view: RunView) -> None:
     if s.get("left_alone"):
         console.print(left_alone_table(s["left_alone"]))
     base = s["baseline"] or {}
-    rows = [
-        ("validation metric", f"{s['baseline_metric']:.4f}", f"{s['metric']:.4f}"),
+    rows = _metric_rows(s["baseline_metric"], s["metric"], s.get("metric_before_recovery"), s.get("recovery")) + [
         ("file bytes", f"{s['baseline_size_bytes']:,}", f"{s['size_bytes']:,}"),
         ("size ratio", "1.0x", f"{s['compression_ratio']:.1f}x"),
         ("nonzero-weight ratio", "1.0x", f"{s['nonzero_ratio']:.1f}x"),
@@ -333,7 +448,11 @@ def _show_summary(s: dict, view: RunView) -> None:
         best = next((t for t in view.trials if t.number == s.get("best_trial")), None)
         flops = best.measurement.flops if best is not None and best.measurement is not None else None
         rows.append(("FLOPs (nonzero weights)", f"{base['flops']:,}", f"{flops:,}" if flops else "-"))
+    if s.get("objective") == "metric" and isinstance(s.get("bits_per_weight"), (int, float)):
+        rows.append(("bits per weight", "", f"{s['bits_per_weight']:.2f}"))
     console.print(summary_table(rows))
+    if s.get("recovery"):
+        console.print(_recovery_table(s["recovery"]))
 
 
 @app.command()

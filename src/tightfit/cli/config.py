@@ -7,6 +7,7 @@ code (the model factory, data, metric, fine-tuning) are ``package.module:functio
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -149,6 +150,67 @@ class FinetuneSection(_Strict):
         return self
 
 
+class RecoverSection(FinetuneSection):
+    """``[recover]``: one recovery after the search (``compress(recover=..., recover_top=top)``): the
+    same keys as ``[finetune]`` (the data or function, the method and its settings) and ``top``."""
+
+    top: int = Field(default=1, ge=1, description="the chosen plan and the next best feasible ones, this many in all")
+
+    @field_validator("tune")
+    @classmethod
+    def _no_tune(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if value:
+            raise ValueError(
+                "the recovery after the search trains each plan once with fixed settings; remove `tune` "
+                "(tune a recovery's settings with the search in [finetune])"
+            )
+        return value
+
+
+#: samples a loader gives the calibrated operators when `samples` is not set: what the measurements
+#: in docs/calibration.md used (256 training images / sequences)
+CALIBRATION_SAMPLES = 256
+
+
+class CalibrationSection(_Strict):
+    """``[calibration]``: the model inputs calibrated operators (GPTQ, AWQ, Wanda, SparseGPT) and the
+    one-shot repairs learn from: ``inputs`` (batches of model inputs as they are), ``loader`` (a
+    labelled loader, labels stripped), or neither: the training data of ``[finetune]`` / ``[recover]``."""
+
+    inputs: str | None = Field(default=None, description="import path of a function returning batches of model inputs")
+    loader: str | None = Field(
+        default=None, description="import path of a function returning a loader; its inputs are taken, labels stripped"
+    )
+    samples: int | None = Field(
+        default=None, ge=1, description=f"samples taken from the loader (default {CALIBRATION_SAMPLES})"
+    )
+
+    @field_validator("inputs", "loader")
+    @classmethod
+    def _resolve(cls, value: str | None) -> str | None:
+        return None if value is None else _callable_path(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationSection:
+        if self.inputs is not None and self.loader is not None:
+            raise ValueError("set one of `inputs` (batches of model inputs) or `loader` (a labelled loader), not both")
+        if self.inputs is not None and self.samples is not None:
+            raise ValueError("`samples` goes with a loader; `inputs` are used as they are (return fewer batches)")
+        return self
+
+
+#: the folder of a config's run directory `tightfit compress-once` writes to (`run` writes model.tfz at the top)
+ONCE_DIR = "compress-once"
+
+
+class CompressOnceSection(_Strict):
+    """``tightfit compress-once``: the repairs after one-shot compression (``compress_once(repair=)``)."""
+
+    repair: list[Literal["batchnorm", "bias"]] | None = Field(
+        default=None, description='default: ["batchnorm"] with calibration data, none without'
+    )
+
+
 class OperatorSection(BaseModel):
     """One operator: ``operator`` names it; the other keys are its constructor arguments."""
 
@@ -169,6 +231,12 @@ class OperatorSection(BaseModel):
         return {k: tuple(v) if isinstance(v, list) and k != "layers" else v for k, v in args.items()}
 
 
+#: ``[constraint]`` keys -> tightfit constraints, in the order they are built
+CONSTRAINT_FIELDS = ("max_drop", "min_metric", "max_size_bytes", "max_latency_ms", "max_bits", "max_flops")
+#: the resource budgets among them (``objective = "metric"`` needs one)
+RESOURCE_FIELDS = ("max_size_bytes", "max_bits", "max_flops", "max_latency_ms")
+
+
 class ConstraintSection(_Strict):
     max_drop: float | None = Field(default=None, ge=0, description="MaxDrop: metric may fall at most this much")
     min_metric: float | None = Field(default=None, description="MinMetric: metric must be at least this")
@@ -176,12 +244,22 @@ class ConstraintSection(_Strict):
     max_latency_ms: float | None = Field(
         default=None, gt=0, description="MaxLatency: measured forward time at most this"
     )
+    max_bits: float | None = Field(
+        default=None, gt=0, description="MaxBits: saved file's bits per weight of the compressible layers"
+    )
+    max_flops: float | None = Field(
+        default=None, gt=0, description="MaxFlops: FLOPs of example_input, nonzero weights only"
+    )
 
     @model_validator(mode="after")
     def _at_least_one(self) -> ConstraintSection:
-        if all(v is None for v in (self.max_drop, self.min_metric, self.max_size_bytes, self.max_latency_ms)):
-            raise ValueError("set at least one of `max_drop`, `min_metric`, `max_size_bytes`, `max_latency_ms`")
+        if all(getattr(self, name) is None for name in CONSTRAINT_FIELDS):
+            raise ValueError(f"set at least one of {', '.join(f'`{n}`' for n in CONSTRAINT_FIELDS)}")
         return self
+
+    def resources(self) -> list[str]:
+        """The resource budgets set (what ``objective = "metric"`` maximizes the metric within)."""
+        return [name for name in RESOURCE_FIELDS if getattr(self, name) is not None]
 
 
 class EvaluationSection(_Strict):
@@ -252,10 +330,12 @@ class RunConfig(_Strict):
     model: ModelSection
     evaluate: EvaluateSection
     strategy: list[OperatorSection] = Field(min_length=1)
-    constraint: ConstraintSection
+    constraint: ConstraintSection | None = None  # required by `run`, `worker`, `prune-adjust`
     finetune: FinetuneSection | None = None
+    recover: RecoverSection | None = None
+    calibration: CalibrationSection | None = None
     evaluation: EvaluationSection | None = None
-    objective: Literal["size", "nonzeros", "flops", "latency"] = "size"
+    objective: Literal["size", "nonzeros", "flops", "latency", "metric"] = "size"
     latency: LatencySection | None = None
     budget: int = Field(default=30, ge=1)
     search: str = "auto"
@@ -266,6 +346,7 @@ class RunConfig(_Strict):
     storage: str | None = None
     study_name: str = "tightfit"
     prune_adjust: PruneAdjustSection | None = None
+    compress_once: CompressOnceSection | None = None
 
     @field_validator("example_input")
     @classmethod
@@ -311,11 +392,56 @@ def load_config(path: str | Path) -> tuple[RunConfig, Path]:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
+    problems = _cross_checks(config)
+    if problems:
+        lines = [f"{path}: invalid config ({len(problems)} problem(s)):"] + [f"  {p}" for p in problems]
+        raise ConfigError("\n".join(lines))
     return config, base
 
 
-def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Callable:
-    """The recovery a ``[finetune]`` section describes (wrapped in ``Tuned`` when it has ``tune``)."""
+def _cross_checks(config: RunConfig) -> list[str]:
+    """What one section cannot check alone: keys that need another section (``field: what to do``)."""
+    from ..run.settings import METRIC_SEARCHES
+
+    problems = []
+    c = config.constraint
+    if config.objective == "metric":
+        if c is not None and not c.resources():
+            problems.append(
+                'objective: "metric" maximizes the metric within a resource budget, but [constraint] sets none, '
+                f"so the original would always win; set one of {', '.join('constraint.' + n for n in RESOURCE_FIELDS)} "
+                "(e.g. max_bits = 4.5)"
+            )
+        if config.search not in METRIC_SEARCHES:
+            problems.append(
+                f'search: objective "metric" searches with one of {list(METRIC_SEARCHES)}, not {config.search!r}'
+            )
+        if config.evaluation is not None and config.evaluation.method != "full":
+            problems.append('evaluation.method: objective "metric" needs every plan measured in full; set "full"')
+    if c is not None and c.max_flops is not None and config.example_input is None:
+        problems.append("constraint.max_flops: FLOPs are counted on `example_input`; set it (module:function)")
+    if config.recover is not None and config.evaluation is not None and config.evaluation.method != "full":
+        problems.append('recover: the recovery after the search works with [evaluation] method = "full"')
+    cal = config.calibration
+    if cal is not None and cal.inputs is None and cal.loader is None and _training_data(config) is None:
+        problems.append(
+            "calibration: give `inputs` (a function returning batches of model inputs) or `loader` (a labelled "
+            "loader), or a [finetune] / [recover] `data` loader to take `samples` of the training data from"
+        )
+    return problems
+
+
+def _training_data(config: RunConfig) -> tuple[str, str] | None:
+    """(field, import path) of the training loader ``[calibration]`` falls back to, if any."""
+    for name, section in (("finetune.data", config.finetune), ("recover.data", config.recover)):
+        if section is not None and section.data is not None:
+            return name, section.data
+    return None
+
+
+def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable, name: str = "finetune") -> Callable:
+    """The recovery a ``[finetune]`` (or ``[recover]``, ``name``) section describes (wrapped in
+    ``Tuned`` when it has ``tune``)."""
     from .. import recovery
 
     cls = getattr(recovery, RECOVERY_METHODS[section.method])
@@ -328,38 +454,38 @@ def _recovery(section: FinetuneSection, loader: Any, evaluate: Callable) -> Call
     }
     kwargs: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if "weight_decay" in kwargs and section.method != "finetune":
-        raise ConfigError(f"finetune.weight_decay: method {section.method!r} has no weight decay; remove it.")
+        raise ConfigError(f"{name}.weight_decay: method {section.method!r} has no weight decay; remove it.")
     if section.method == "lc":
         kwargs["evaluate"] = evaluate  # L-C keeps the best of its epochs by the validation metric
     clashing = sorted(set(section.options) & set(kwargs))
     if clashing:
-        raise ConfigError(f"finetune.options: {clashing} are set as [finetune] keys already; give each once.")
+        raise ConfigError(f"{name}.options: {clashing} are set as [{name}] keys already; give each once.")
     options = dict(section.options)
     if "loss" in options:  # code, named by its import path like every other function of a config
         if not isinstance(options["loss"], str):
             raise ConfigError(
-                "finetune.options.loss: give the import path of a function(model, batch) -> scalar "
+                f"{name}.options.loss: give the import path of a function(model, batch) -> scalar "
                 f'tensor, e.g. "my_module:mse_loss", not {options["loss"]!r}.'
             )
         try:
             options["loss"] = resolve_import(_callable_path(options["loss"]))
         except ValueError as exc:
-            raise ConfigError(f"finetune.options.loss: {exc}.") from None
+            raise ConfigError(f"{name}.options.loss: {exc}.") from None
     try:
         built = cls(loader, **kwargs, **options)
     except ConfigError as exc:
-        raise ConfigError(f"finetune: {exc}") from None
+        raise ConfigError(f"{name}: {exc}") from None
     except TypeError as exc:
         raise ConfigError(
-            f"finetune: {exc} (method {section.method!r} builds {cls.__name__}; see its arguments in docs/recovery.md)."
+            f"{name}: {exc} (method {section.method!r} builds {cls.__name__}; see its arguments in docs/recovery.md)."
         ) from None
     if not section.tune:
         return built
-    ranges = {name: tuple(spec) if not isinstance(spec[0], str) else list(spec) for name, spec in section.tune.items()}
+    ranges = {key: tuple(spec) if not isinstance(spec[0], str) else list(spec) for key, spec in section.tune.items()}
     try:
         return recovery.Tuned(built, **ranges)
     except ConfigError as exc:
-        raise ConfigError(f"finetune.tune: {exc}") from None
+        raise ConfigError(f"{name}.tune: {exc}") from None
 
 
 def _load_weights(model: Any, weights: Path, base: Path) -> None:
@@ -387,7 +513,7 @@ def _load_weights(model: Any, weights: Path, base: Path) -> None:
 
 def _constraints(section: Any) -> list[Any]:
     """The ``[constraint]`` section as tightfit constraints, in a fixed order."""
-    from ..evaluation import MaxDrop, MaxLatency, MaxSize, MinMetric
+    from ..evaluation import MaxBits, MaxDrop, MaxFlops, MaxLatency, MaxSize, MinMetric
 
     constraints: list[Any] = []
     if section.max_drop is not None:
@@ -398,6 +524,10 @@ def _constraints(section: Any) -> list[Any]:
         constraints.append(MaxSize(section.max_size_bytes))
     if section.max_latency_ms is not None:
         constraints.append(MaxLatency(section.max_latency_ms))
+    if section.max_bits is not None:
+        constraints.append(MaxBits(section.max_bits))
+    if section.max_flops is not None:
+        constraints.append(MaxFlops(section.max_flops))
     return constraints
 
 
@@ -440,10 +570,14 @@ def _operators(config: RunConfig) -> list[Any]:
 
     operators = []
     for index, section in enumerate(config.strategy):
+        arguments = section.arguments()
         try:
-            operators.append(OPERATOR_REGISTRY[section.operator](**section.arguments()))
+            operators.append(OPERATOR_REGISTRY[section.operator](**arguments))
         except ConfigError as exc:
-            raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}") from None
+            # "Quantize: `group_size` must be ..." -> strategy[1].group_size: the key to change
+            named = re.search(r"`(\w+)", str(exc))
+            key = f".{named.group(1)}" if named and named.group(1) in arguments else ""
+            raise ConfigError(f"strategy[{index}]{key} ({section.operator}): {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}.") from None
     return operators
@@ -457,6 +591,74 @@ def _finetune(config: RunConfig, evaluate: Callable) -> Callable | None:
         return resolve_import(ft.function)
     assert ft.data is not None  # FinetuneSection's validator requires `data` or `function`
     return _recovery(ft, _call("finetune.data", ft.data), evaluate)
+
+
+def _recover(config: RunConfig, evaluate: Callable) -> Callable | None:
+    """``[recover]``: the recovery after the search (``compress(recover=...)``)."""
+    section = config.recover
+    if section is None:
+        return None
+    if section.function is not None:
+        return resolve_import(section.function)
+    assert section.data is not None  # the section's validator requires `data` or `function`
+    return _recovery(section, _call("recover.data", section.data), evaluate, name="recover")
+
+
+def calibration_users(operators: list[Any]) -> list[Any]:
+    """The operators that learn from calibration data (GPTQ, AWQ, Wanda, SparseGPT)."""
+    return [op for op in operators if op.needs_calibration()]
+
+
+def _calibration(config: RunConfig) -> list[Any] | None:
+    """``[calibration]`` read once into a list of batches of model inputs (None without the section).
+    A loader is read with the run's seed, so a shuffled training loader gives the same samples to a
+    resumed run and to every worker (their digest is compared with the study's)."""
+    import torch
+
+    from ..evaluation import loader_inputs
+
+    section = config.calibration
+    if section is None:
+        return None
+    if section.inputs is not None:
+        field, batches = "calibration.inputs", _call("calibration.inputs", section.inputs)
+        if isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
+            raise ConfigError(
+                f"calibration.inputs: {section.inputs!r} returned a {type(batches).__name__}, not an iterable of "
+                "batches of model inputs; return a list ([batch] for one batch)."
+            )
+        batches = list(batches)
+    else:
+        given = ("calibration.loader", section.loader) if section.loader is not None else _training_data(config)
+        assert given is not None  # _cross_checks requires a source
+        field, path = given
+        loader = _call(field, path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            try:
+                batches = loader_inputs(loader, max_samples=section.samples or CALIBRATION_SAMPLES)
+            except ConfigError as exc:
+                raise ConfigError(f"{field}: {exc}") from None
+    if not batches:
+        raise ConfigError(f"{field}: gave no batch; calibration needs a few hundred samples of model inputs.")
+    return batches
+
+
+def _check_calibration(config: RunConfig, operators: list[Any], used_by: str) -> None:
+    """Calibrated operators need ``[calibration]``; a ``[calibration]`` nothing uses is refused (``used_by``:
+    what else would use it in this command, or empty)."""
+    users = calibration_users(operators)
+    if users and config.calibration is None:
+        raise ConfigError(
+            f"calibration: {', '.join(repr(op) for op in users)} learn(s) from calibration data; add a [calibration] "
+            'section (e.g. `samples = 256` of the [finetune] training data, or `loader = "my_models:train_loader"`), '
+            'or use method = "rtn" / "magnitude". The validation data is not used: it judges the plans.'
+        )
+    if config.calibration is not None and not users and not used_by:
+        raise ConfigError(
+            'calibration: no [[strategy]] operator learns from calibration data (Quantize with method = "gptq" or '
+            'awq = true, Prune with method = "wanda" / "sparsegpt"); remove [calibration] or set such a method.'
+        )
 
 
 def _latency(config: RunConfig, example_input: Any) -> Any:
@@ -488,12 +690,20 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
     """Everything :func:`tightfit.compress` needs, built from a validated config."""
     from ..operators import Compose
 
+    if config.constraint is None:
+        raise ConfigError(
+            "constraint: required field is missing: a search needs a [constraint] section (e.g. max_drop = 0.01); "
+            "only `tightfit compress-once` goes without."
+        )
     # built in this order so that the first bad section is the one reported
     model = _model(config, base)
     evaluate = _evaluate(config)
     operators = _operators(config)
+    _check_calibration(config, operators, used_by="")
     constraints = _constraints(config.constraint)
     finetune = _finetune(config, evaluate)
+    recover = _recover(config, evaluate)
+    calibration = _calibration(config)
     example_input = _call("example_input", config.example_input) if config.example_input else None
     latency = _latency(config, example_input)
     return dict(
@@ -514,7 +724,18 @@ def build_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[st
         study_name=config.study_name,
         artifact_extra={"factory": config.model.factory, "factory_kwargs": config.model.kwargs},
         evaluation=_evaluation(config.evaluation),
+        calibration=calibration,
+        recover=recover,
+        recover_top=config.recover.top if config.recover is not None else 1,
     )
+
+
+def check_run(arguments: dict[str, Any]) -> None:
+    """``tightfit.compress``'s own checks of the built arguments (the pairs a config cannot see, e.g.
+    a calibrated operator's needs), run before the run directory or the study is touched."""
+    from ..run.settings import Settings, check
+
+    check(arguments["model"], Settings.of(**{k: v for k, v in arguments.items() if k != "model"}))
 
 
 def prune_adjust_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
@@ -526,14 +747,18 @@ def prune_adjust_arguments(config: RunConfig, base: Path, config_path: Path) -> 
             "prune_adjust: needs a [finetune] section, the recovery that trains each round's plan "
             '(e.g. method = "gradual", epochs = 30).'
         )
-    others = [
-        k for k in ("min_metric", "max_size_bytes", "max_latency_ms") if getattr(config.constraint, k) is not None
-    ]
-    if config.constraint.max_drop is None or others:
+    others = [k for k in CONSTRAINT_FIELDS if k != "max_drop" and getattr(config.constraint, k, None) is not None]
+    if config.constraint is None or config.constraint.max_drop is None or others:
         raise ConfigError(
             "constraint: prune-adjust takes only `max_drop` (how far below the original the answer may "
             f"fall){'; remove ' + ', '.join(others) if others else ''}."
         )
+    for unused in ("recover", "calibration"):
+        if getattr(config, unused) is not None:
+            raise ConfigError(
+                f"{unused}: prune-adjust trains every round with [finetune] and prunes by magnitude; "
+                f"remove [{unused}] (it is for `tightfit run` and `tightfit compress-once`)."
+            )
     arguments = build_arguments(config, base, config_path)
     return dict(
         model=arguments["model"],
@@ -549,6 +774,41 @@ def prune_adjust_arguments(config: RunConfig, base: Path, config_path: Path) -> 
         seed=config.seed,
         # a folder of its own: `tightfit run` on the same config writes model.tfz at the top
         run_dir=str(Path(arguments["run_dir"]) / "prune-adjust"),
+    )
+
+
+def once_arguments(config: RunConfig, base: Path, config_path: Path) -> dict[str, Any]:
+    """Everything one-shot compression needs, built (and checked) from a validated config."""
+    from ..operators import Compose
+
+    c = config.constraint
+    if c is not None and c.max_latency_ms is not None:
+        raise ConfigError(
+            "constraint.max_latency_ms: compress-once does not time the model; remove it and time the result "
+            "with `tightfit export RUN_DIR/compress-once --config CONFIG`."
+        )
+    repair = config.compress_once.repair if config.compress_once is not None else None
+    model = _model(config, base)
+    evaluate = _evaluate(config)
+    operators = _operators(config)
+    _check_calibration(config, operators, used_by="the repairs" if repair is None or repair else "")
+    if repair and config.calibration is None:
+        raise ConfigError(
+            f"compress_once.repair: {repair} learn(s) from calibration data; add a [calibration] section or "
+            "set repair = []."
+        )
+    example_input = _call("example_input", config.example_input) if config.example_input else None
+    if c is not None and c.max_flops is not None and example_input is None:
+        raise ConfigError("constraint.max_flops: FLOPs are counted on `example_input`; set it (module:function).")
+    return dict(
+        model=model,
+        evaluate=evaluate,
+        strategy=Compose(operators),
+        calibration=_calibration(config),
+        example_input=example_input,
+        repair=repair,
+        constraints=_constraints(c) if c is not None else [],
+        run_dir=_run_dir(config, base, config_path) / ONCE_DIR,
     )
 
 
