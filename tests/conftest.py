@@ -25,3 +25,23 @@ def mlp(trained_mlp):
     import copy
 
     return copy.deepcopy(trained_mlp)
+
+
+@pytest.fixture(scope="session")
+def trained_user_project(tmp_path_factory):
+    """examples/user_project with trained weights, outside the tightfit package (trained once per
+    session for the command-line tests; copy it before changing it)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "user_project"
+    dest = tmp_path_factory.mktemp("template") / "proj"
+    shutil.copytree(example, dest, ignore=shutil.ignore_patterns("runs", "weights.pt", "__pycache__"))
+    subprocess.run(
+        [sys.executable, "-c", "import my_models; my_models.train_weights('weights.pt', epochs=5)"],
+        cwd=dest,
+        check=True,
+    )
+    return dest

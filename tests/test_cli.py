@@ -19,16 +19,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained_project(tmp_path_factory):
-    """The example user project with trained weights, outside the tightfit package (trained once)."""
-    dest = tmp_path_factory.mktemp("template") / "proj"
-    shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns("runs", "weights.pt", "__pycache__"))
-    subprocess.run(
-        [sys.executable, "-c", "import my_models; my_models.train_weights('weights.pt', epochs=5)"],
-        cwd=dest,
-        check=True,
-    )
-    return dest
+def trained_project(trained_user_project):
+    """The example user project with trained weights (conftest.py: trained once per session)."""
+    return trained_user_project
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -14,7 +12,6 @@ from typer.testing import CliRunner
 
 from tightfit.cli.app import app
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "user_project"
 runner = CliRunner()
 
 HEAD = """seed = 0
@@ -30,22 +27,10 @@ accuracy = "my_models:val_loader"
 """
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("calibrated") / "proj"
-    shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns("runs", "weights.pt", "__pycache__"))
-    subprocess.run(
-        [sys.executable, "-c", "import my_models; my_models.train_weights('weights.pt', epochs=2)"],
-        cwd=dest,
-        check=True,
-    )
-    return dest
-
-
 @pytest.fixture
-def project(trained, tmp_path):
+def project(trained_user_project, tmp_path):
     dest = tmp_path / "proj"
-    shutil.copytree(trained, dest)
+    shutil.copytree(trained_user_project, dest)
     return dest
 
 
@@ -149,6 +134,16 @@ def test_max_flops_needs_an_example_input(project):
         app, ["run", str(_write(project, body, HEAD.replace("example_input =", "# example_input =")))]
     )
     assert result.exit_code == 2 and "constraint.max_flops" in result.output, result.output
+
+
+def test_compress_checks_its_arguments_before_the_run_directory_is_made(project):
+    # what only tightfit.compress's own checks see (here: a FLOPs objective without an example input)
+    # is refused before `run` makes the run directory and its study
+    body = 'objective = "flops"\n[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 0.01\n'
+    config = _write(project, body, HEAD.replace("example_input =", "# example_input ="))
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 2 and "example_input" in result.output, result.output
+    assert not (project / "runs").exists()
 
 
 def test_config_builds_the_new_constraints_recovery_and_calibration(project):

@@ -577,7 +577,8 @@ def _operators(config: RunConfig) -> list[Any]:
             # "Quantize: `group_size` must be ..." -> strategy[1].group_size: the key to change
             named = re.search(r"`(\w+)", str(exc))
             key = f".{named.group(1)}" if named and named.group(1) in arguments else ""
-            raise ConfigError(f"strategy[{index}]{key} ({section.operator}): {exc}") from None
+            hint = " (TOML has no None: write 0 for one scale per channel)" if key == ".group_size" else ""
+            raise ConfigError(f"strategy[{index}]{key} ({section.operator}): {exc}{hint}") from None
         except TypeError as exc:
             raise ConfigError(f"strategy[{index}] ({section.operator}): {exc}.") from None
     return operators
