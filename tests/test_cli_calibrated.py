@@ -257,3 +257,30 @@ def test_compress_once_refuses_bad_settings_naming_them(project, edit, field):
     result = runner.invoke(app, ["compress-once", str(_write(project, edit(ONCE)))])
     assert result.exit_code == 2 and field in result.output, result.output
     assert not (project / "runs" / "cal" / "compress-once" / "model.tfz").exists()
+
+
+def test_report_of_a_compress_once_directory_shows_stored_text_as_data(tmp_path):
+    from tightfit.cli.once import ONCE_FILE
+
+    run_dir = tmp_path / "compress-once"
+    run_dir.mkdir()
+    once = {
+        "baseline_metric": 0.9,
+        "metric": 0.85,
+        "baseline_size_bytes": 1000,
+        "size_bytes": 200,
+        "weight_params": 400,
+        "nonzeros": 400,
+        "bits_per_weight": 4.0,
+        "constraints": [["MaxBits([red]5)", 0.1, False]],
+        "calibration": "[bold]x\x1b[31m",
+        "uncalibrated": {},
+    }
+    (run_dir / ONCE_FILE).write_text(json.dumps(once))
+    shown = runner.invoke(app, ["report", str(run_dir)])
+    assert shown.exit_code == 0, shown.output
+    assert "[bold]x" in shown.output and "\x1b" not in shown.output  # no markup, no terminal control
+    assert "MaxBits([red]5): not met" in shown.output and "constraints not met" in shown.output
+    (run_dir / ONCE_FILE).write_text('{"metric": "high"}')
+    broken = runner.invoke(app, ["report", str(run_dir)])
+    assert broken.exit_code == 2 and ONCE_FILE in broken.output, broken.output

@@ -190,11 +190,12 @@ def run(
 @app.command("prune-adjust")
 def prune_adjust(
     config: Annotated[
-        Path, typer.Argument(help="The run's TOML config; [prune_adjust] sets the rounds (see docs/recovery.md).")
+        Path,
+        typer.Argument(help="The run's TOML config; its prune_adjust section sets the rounds (see docs/recovery.md)."),
     ],
 ) -> None:
     """OLMP's prune-and-adjust: rounds of threshold search without training, each trained by the
-    [finetune] recovery, kept while the model stays within constraint.max_drop; run again to resume."""
+    finetune section's recovery, kept while the model stays within constraint.max_drop; run again to resume."""
     from ..cli.config import load_config, prune_adjust_arguments
     from ..errors import TightfitError
     from ..iterative import prune_and_adjust as run_rounds
@@ -228,13 +229,13 @@ def compress_once(
     config: Annotated[
         Path,
         typer.Argument(
-            help="A TOML config whose [[strategy]] gives fixed settings; [calibration] and [compress_once] repair."
+            help="A TOML config whose strategy gives fixed settings (docs/cli.md); calibration and compress_once sections."
         ),
     ],
 ) -> None:
     """Compress once, no search and no training (tightfit.compress_once): GPTQ / AWQ / Wanda /
-    SparseGPT learn from [calibration]; the model is evaluated before and after, checked against
-    [constraint] if the config has one, and written to RUN_DIR/compress-once/."""
+    SparseGPT learn from the config's calibration section; the model is evaluated before and after,
+    checked against its constraint section if it has one, and written to RUN_DIR/compress-once/."""
     from ..cli.config import load_config, once_arguments
     from ..cli.once import compress_once_run
     from ..errors import TightfitError
