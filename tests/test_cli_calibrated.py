@@ -284,3 +284,22 @@ def test_report_of_a_compress_once_directory_shows_stored_text_as_data(tmp_path)
     (run_dir / ONCE_FILE).write_text('{"metric": "high"}')
     broken = runner.invoke(app, ["report", str(run_dir)])
     assert broken.exit_code == 2 and ONCE_FILE in broken.output, broken.output
+
+
+def test_calibration_inputs_are_used_as_given_and_a_lone_tensor_is_refused(project):
+    from tightfit.cli.config import build_arguments, load_config
+
+    (project / "calib_data.py").write_text(
+        "import torch\n"
+        "def batches():\n    return [torch.ones(3, 64), torch.zeros(2, 64)]\n"
+        "def one_tensor():\n    return torch.ones(3, 64)\n"
+    )
+    body = GPTQ_METRIC.replace("samples = 64", 'inputs = "calib_data:batches"')
+    config_path = _write(project, body)
+    config, base = load_config(config_path)
+    batches = build_arguments(config, base, config_path)["calibration"]
+    assert [b.sum().item() for b in batches] == [192.0, 0.0]  # in order, untouched
+    config_path.write_text(config_path.read_text().replace("calib_data:batches", "calib_data:one_tensor"))
+    result = runner.invoke(app, ["run", str(config_path)])
+    assert result.exit_code == 2 and "calibration.inputs" in result.output, result.output
+    assert not (project / "runs").exists()
