@@ -1,7 +1,8 @@
 """Why Wanda loses to magnitude pruning on the CNN tasks (docs/calibration.md, issue 17): the same
 50% pruning with the score and the comparison group varied one at a time, no repair.
 
-Scores: ``magnitude`` |w|; ``wanda`` |w| x ||x_j|| (x_j: an unfolded input column, its root summed
+Scores: ``magnitude`` |w|; ``wanda-std`` |w| x the standard deviation of x_j (its norm about its
+mean); ``wanda`` |w| x ||x_j|| (x_j: an unfolded input column, its root summed
 square over the calibration images and positions, as tightfit's Wanda); ``+bn``: either times the
 |gamma / sqrt(var + eps)| of the BatchNorm that follows the convolution (the weight's scale in the
 block's output). Groups: ``row`` (each output channel loses half its weights, Wanda's) or
@@ -40,6 +41,7 @@ ARMS = [
     ("wanda", "layer"),
     ("magnitude+bn", "layer"),
     ("wanda+bn", "layer"),
+    ("wanda-std", "row"),
 ]
 
 
@@ -67,12 +69,19 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def input_square_sums(model: nn.Module, module: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+def input_square_sums(
+    model: nn.Module, module: nn.Module, batches: list[torch.Tensor], centred: bool = False
+) -> torch.Tensor:
+    """Summed squares of each input column; ``centred``: about the column's mean (n x variance)."""
     total: list[torch.Tensor] = []
+    sums: list[torch.Tensor] = []
+    count = [0]
 
     def hook(_m, args, _out):
-        sq = input_columns(module, args[0]).double().pow(2).sum(0)
-        total.append(sq)
+        cols = input_columns(module, args[0]).double()
+        total.append(cols.pow(2).sum(0))
+        sums.append(cols.sum(0))
+        count[0] += cols.shape[0]
 
     handle = module.register_forward_hook(hook)
     try:
@@ -80,7 +89,10 @@ def input_square_sums(model: nn.Module, module: nn.Module, batches: list[torch.T
             model(b)
     finally:
         handle.remove()
-    return torch.stack(total).sum(0).float()
+    sq = torch.stack(total).sum(0)
+    if centred:
+        sq = sq - torch.stack(sums).sum(0).pow(2) / count[0]
+    return sq.clamp(min=0).float()
 
 
 def mask(score: torch.Tensor, group: str, sparsity: float = 0.5) -> torch.Tensor:
@@ -139,7 +151,8 @@ def prune(
         w = m.weight.reshape(m.weight.shape[0], -1)
         score = w.abs()
         if score_name.startswith("wanda"):
-            score = score * input_square_sums(model, m, batches).sqrt()[None, :]
+            centred = score_name.startswith("wanda-std")
+            score = score * input_square_sums(model, m, batches, centred).sqrt()[None, :]
         if score_name.endswith("+bn") and name in scales:
             score = score * scales[name][:, None]
         keep = mask(score, group).view_as(m.weight)
@@ -147,6 +160,38 @@ def prune(
             errors[name] = output_error(model, m, (m.weight * (1 - keep)).reshape(w.shape), batches)
         m.weight.mul_(keep)
     return model
+
+
+@torch.no_grad()
+def channel_errors(model: nn.Module, pruned: nn.Module, name: str, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Per output channel of layer ``name``: the pruned layer's output error on the calibration
+    inputs in units of the following BatchNorm's running std (what the network sees after BN),
+    and the fraction of the channel's weights removed."""
+    m, p = dict(model.named_modules())[name], dict(pruned.named_modules())[name]
+    x = torch.cat([input_columns(m, _layer_input(model, m, b)) for b in batches]).double()
+    delta = (m.weight - p.weight).reshape(m.weight.shape[0], -1).double()
+    err = (x @ delta.T).pow(2).mean(0).sqrt()
+    bn = {n: b for (n0, _), (n, b) in zip(list(model.named_modules()), list(model.named_modules())[1:]) if n0 == name}
+    sigma = next(iter(bn.values())).running_var.double().add(1e-5).sqrt() if bn else torch.ones_like(err)
+    rel = (err / sigma).float()
+    removed = (p.weight == 0).reshape(p.weight.shape[0], -1).float().mean(1)
+    return {
+        "error_in_bn_sigma": [round(float(v), 4) for v in rel],
+        "removed_fraction": [round(float(v), 4) for v in removed],
+        "median": float(rel.median()),
+        "max": float(rel.max()),
+        "channels_over_1_sigma": int((rel > 1).sum()),
+    }
+
+
+def _layer_input(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    got: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, args, _o: got.append(args[0]))
+    try:
+        model(batch)
+    finally:
+        handle.remove()
+    return got[0]
 
 
 def accuracy(model: nn.Module, loader: Any, limit: int | None) -> float:
@@ -169,12 +214,27 @@ def main() -> None:  # noqa: D103
     ap.add_argument("--errors", action="store_true", help="record each layer's output error (calibration inputs)")
     ap.add_argument("--skip", nargs="+", default=[], help="leave these layers dense (e.g. stem.0)")
     ap.add_argument("--arms", nargs="+", help="only these arms, as score/group (e.g. wanda/row)")
+    ap.add_argument("--channels", help="only print per-channel errors of this layer for each arm (no test)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
     task = load_task(args.task)
     model = task.model().eval()
     batches = model_inputs(task.calibration, args.calibration)
+    if args.channels:
+        out = {}
+        for arm in [a for a in ARMS if not args.arms or f"{a[0]}/{a[1]}" in args.arms]:
+            e = channel_errors(model, prune(model, arm, batches, only=args.channels), args.channels, batches)
+            out[f"{arm[0]}/{arm[1]}"] = e
+            print(
+                f"  {arm[0]}/{arm[1]}: {args.channels} error in BN sigma: median {e['median']:.3f}, max "
+                f"{e['max']:.3f}, channels over 1 sigma {e['channels_over_1_sigma']}; removed per channel "
+                f"{sorted(e['removed_fraction'])}",
+                flush=True,
+            )
+        if args.out:
+            args.out.write_text(json.dumps({"task": args.task, "layer": args.channels, "arms": out}, indent=1))
+        return
     base = accuracy(model, task.test, None)
     record: dict[str, Any] = {"task": args.task, "float32_test": base, "skip": args.skip, "arms": [], "one_layer": []}
     print(f"{args.task}: float32 test {base:.4f}", flush=True)
