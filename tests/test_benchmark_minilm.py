@@ -126,3 +126,19 @@ def test_packaged_model_ranks_a_paraphrase_above_an_unrelated_sentence():
         for t in ("A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today.")
     )
     assert float(g @ p) > 0.6 and float(g @ s) < 0.2, (float(g @ p), float(g @ s))
+
+
+def test_calibrated_tasks_merge_joins_runs_of_one_task_and_refuses_others():
+    from benchmarks.calibrated_tasks import markdown, merge
+
+    def record(rows, task="minilm", load=(1.0, 1.0, 1.0)):
+        base = {"setting": "float32", "test": 1.0, "val": None, "bytes": 10}
+        return {"task": task, "calibration_samples": 256, "repair": [], "load_average": load, "rows": [base, *rows]}
+
+    a = record([{"setting": "RTN", "test": 0.9, "val": None, "bytes": 5, "compress_s": 1.0, "calibration_passes": 0}])
+    b = record([{"setting": "Wanda", "test": 0.8, "val": None, "bytes": 6, "compress_s": 2.0, "calibration_passes": 3}])
+    joined = merge([a, b])
+    assert [r["setting"] for r in joined["rows"]] == ["float32", "RTN", "Wanda"] and len(joined["load_average"]) == 2
+    assert "| Wanda | 0.80000 | +0.20000 | - | 6 | 2.0 (3) |" in markdown(joined)
+    with pytest.raises(SystemExit, match="differ"):
+        merge([a, record([], task="tiny-lm")])
