@@ -13,6 +13,9 @@ compare the operators alone; ``--repair batchnorm`` re-estimates BatchNorm stati
 samples after every setting (calibrated or not), which changes the CNN verdicts (docs/calibration.md).
 tiny-lm: only the blocks are compressed (``transformer.h.*``); its embedding is tied with the head
 (such a layer is rounded to nearest anyway, so it would add the same error to every row).
+minilm: only the encoder's 36 Linear layers (``bert.encoder.*``); the embeddings (word, position,
+token type, 11.9 M of the 22.6 M parameters) are left as they are, as in tiny-lm. Its metric is the
+cosine fidelity of the sentence embeddings to the float32 model's (1 = unchanged).
 
     nice -n 10 env PYTHONPATH=src /work/venv/bin/python benchmarks/calibrated_tasks.py --task tiny-lm \\
         --out docs/results/calibrated_tiny-lm.json
@@ -51,19 +54,19 @@ SETTINGS: list[tuple[str, Any]] = [
     ("Wanda 2:4", lambda layers: Prune(pattern="2:4", method="wanda", layers=layers)),
     ("SparseGPT 2:4", lambda layers: Prune(pattern="2:4", method="sparsegpt", layers=layers)),
 ]
-LAYERS = {"tiny-lm": ["transformer.h.*"]}  # other tasks: every layer an operator takes
+LAYERS = {"tiny-lm": ["transformer.h.*"], "minilm": ["bert.encoder.*"]}  # other tasks: every layer an operator takes
 
 
 def model_inputs(loader: Any, samples: int) -> list[Any]:
     """The first ``samples`` inputs of a labelled loader, as model inputs: an image batch is
     ``[x, y]``, a language-model batch ``{"input_ids", "labels"}`` (labels would make the forward
-    compute a loss the hooks do not need)."""
+    compute a loss the hooks do not need; other keys, e.g. an attention mask, stay)."""
     out, seen = [], 0
     for batch in loader:
-        x = {"input_ids": batch["input_ids"]} if isinstance(batch, dict) else batch[0]
+        x = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, dict) else batch[0]
         n = len(x["input_ids"] if isinstance(x, dict) else x)
         take = min(n, samples - seen)
-        out.append({"input_ids": x["input_ids"][:take]} if isinstance(x, dict) else x[:take])
+        out.append({k: v[:take] for k, v in x.items()} if isinstance(x, dict) else x[:take])
         seen += take
         if seen >= samples:
             return out
@@ -146,9 +149,12 @@ def run(task_name: str, samples: int, only: list[str] | None, repair: tuple[str,
 def markdown(record: dict[str, Any]) -> str:
     """One table: test and validation metric, the loss against float32 (positive: worse), bytes."""
     lm = record["task"] == "tiny-lm"
+    fidelity = record["task"] == "minilm"
     rows, base = record["rows"], record["rows"][0]
     head = "| setting | test loss (ppl) | test loss vs float32 (nats) | val loss vs float32 |"
-    if not lm:
+    if fidelity:
+        head = "| setting | test fidelity (cosine) | test loss vs float32 (1 - cosine) | val loss vs float32 |"
+    elif not lm:
         head = "| setting | test accuracy | test loss vs float32 (points) | val loss vs float32 |"
     out = [head + " file bytes | compress s (passes) |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -157,6 +163,8 @@ def markdown(record: dict[str, Any]) -> str:
         if lm:
             cells = [f"{-row['test']:.4f} ({math.exp(-row['test']):.3f})", f"{d_test:+.4f}"]
             cells.append("-" if d_val is None else f"{d_val:+.4f}")
+        elif fidelity:
+            cells = [f"{row['test']:.5f}", f"{d_test:+.5f}", "-" if d_val is None else f"{d_val:+.5f}"]
         else:
             cells = [
                 f"{100 * row['test']:.2f}%",
@@ -168,9 +176,29 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from runs of the same task split by ``--only`` (run side by side): the first
+    run's float32 row and every run's other rows; the load averages of all runs."""
+    first = records[0]
+    for r in records[1:]:
+        if (r["task"], r["calibration_samples"], r["repair"]) != (
+            first["task"],
+            first["calibration_samples"],
+            first["repair"],
+        ):
+            raise SystemExit("--merge: the records differ in task, calibration samples or repair")
+        if r["rows"][0]["test"] != first["rows"][0]["test"]:
+            raise SystemExit("--merge: the records' float32 rows differ")
+    return {
+        **first,
+        "load_average": [r["load_average"] for r in records],
+        "rows": first["rows"][:1] + [row for r in records for row in r["rows"][1:]],
+    }
+
+
 def main() -> None:  # noqa: D103
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="tiny-lm", help="tiny-lm, fmnist-mobilenet, fmnist-resnet")
+    parser.add_argument("--task", default="tiny-lm", help="tiny-lm, fmnist-mobilenet, fmnist-resnet, minilm")
     parser.add_argument("--out", type=Path, help="JSON record (default docs/results/calibrated_<task>.json)")
     parser.add_argument("--calibration", type=int, default=256, help="calibration samples (of the task's 512)")
     parser.add_argument("--only", nargs="+", help="run only these settings (labels as in SETTINGS)")
@@ -179,9 +207,17 @@ def main() -> None:  # noqa: D103
     )
     parser.add_argument("--no-val", action="store_true", help="score the test split only")
     parser.add_argument("--table", type=Path, help="only print the table of this JSON record")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="join these records of one task into --out (rows in order)"
+    )
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(args.table.read_text())))
+        return
+    if args.merge:
+        record = merge([json.loads(p.read_text()) for p in args.merge])
+        (args.out or Path(f"docs/results/calibrated_{record['task']}.json")).write_text(json.dumps(record, indent=1))
+        print(markdown(record))
         return
     torch.set_num_threads(1)  # one thread: on the shared 2-core machine two spin-wait (docs/tasks.md)
     record = run(args.task, args.calibration, args.only, tuple(args.repair), not args.no_val)

