@@ -29,6 +29,7 @@ from ..records import UNSET, Measurement, TrialAttrs, TrialRecord, better
 from ..run_dir import RunDir
 from ..search.context import ProbeResult, SearchContext
 from ..search.loop import TrialOutcome
+from ..search.sensitivity import probe_allowance
 from ..search.space import SearchSpace
 from .measuring import ForwardPasses, StaticMeasure, full_metric, one_weight, timed
 
@@ -224,6 +225,8 @@ def search_context(
         budget=budget,
         seed=s.seed,
         probe=probe,
+        # without fine-tuning a probe costs a trial's evaluation: bounded by the budget (issue 18)
+        max_probes=probe_allowance(budget) if s.finetune is None else None,
         weights=weights,
         objective=s.objective,
         n_objectives=n_objectives,
