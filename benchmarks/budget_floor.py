@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--max-drop", type=float, default=0.02)
     p.add_argument("--budget", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commit", default="", help="the code's commit when it runs from a copy")
     p.add_argument("--out", type=Path)
     p.add_argument("--table", type=Path)
     args = p.parse_args()

@@ -137,11 +137,12 @@ class FullEvaluator:
         s = self.setup
         s.counter.take()
         candidate = s.candidate(plan)
-        steps = None
+        steps = tune_s = None
         recover, tuned = s.recovery_for(trial)
         if recover is not None:
+            tune_started = time.perf_counter()
             recover_seeded(recover, candidate, s.seed)
-            steps = getattr(recover, "steps_taken", None)
+            steps, tune_s = getattr(recover, "steps_taken", None), time.perf_counter() - tune_started
         metric, metric_se = full_metric(self.evaluate, candidate)
         data, static = s.static(candidate, plan, trial.number)
         measured = dataclasses.replace(static, metric=metric, **timed(s.latency, candidate))
@@ -155,6 +156,7 @@ class FullEvaluator:
                 plan=plan,
                 measurement=measured,
                 finetune_steps=steps,
+                finetune_s=tune_s,
                 metric_se=metric_se,
                 val_samples=s.counter.take(),
                 fidelity="full",

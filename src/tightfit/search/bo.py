@@ -75,7 +75,7 @@ UNIFORM_TRIALS = 5
 
 
 def uniform_trials(budget: int) -> int:
-    return int(min(UNIFORM_TRIALS, max(2, budget // 6)))
+    return int(min(UNIFORM_TRIALS, max(3, budget // 6)))
 
 
 def trust_region_length(history: History, start: int, d: int) -> float:
