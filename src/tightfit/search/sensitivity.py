@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,7 +204,7 @@ def _gentle_probed(context: SearchContext, enc: UnitEncoding) -> bool:
     return _key(context.space.plan(enc.decode(np.zeros(enc.d)))) in context.memo.get("probe_violation", {})
 
 
-def largest_feasible_knob(context: SearchContext, plan_at, memo_key: str) -> float:
+def largest_feasible_knob(context: SearchContext, plan_at: Callable[[float], np.ndarray], memo_key: str) -> float:
     """The largest knob of ``np.linspace(0.05, 1, 20)`` whose probe (no fine-tune) meets the
     constraint, found by bisection (at most 5 probes; the knob's plans compress more as it rises),
     within the run's probe allowance; 0.5 without a probe or an allowance left, 0.0 if none meets it.
