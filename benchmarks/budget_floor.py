@@ -8,11 +8,11 @@ uniform setting? One ``tightfit.compress`` per arm on a benchmark task, ``finetu
 - the run's time breakdown (``Result.accounting["time"]`` where the code has it).
 
 Each arm is one process (``--arm``); the same script runs against main's code (``PYTHONPATH=/work/main/src:.``)
-for the "before" arm. Results are appended to ``--out`` as JSON lines.
+for the "before" arm. Each run appends its row to the JSON list in ``--out``.
 
     nice -n 10 env PYTHONPATH=src:. /work/venv/bin/python benchmarks/budget_floor.py --task tiny-lm \\
-        --search auto --arm after --val-batches 2 --out docs/results/budget_floor_tiny-lm.jsonl
-    PYTHONPATH=src:. /work/venv/bin/python benchmarks/budget_floor.py --table docs/results/budget_floor_tiny-lm.jsonl
+        --search auto --arm after --val-batches 2 --out docs/results/budget_floor_tiny-lm.json
+    PYTHONPATH=src:. /work/venv/bin/python benchmarks/budget_floor.py --table docs/results/budget_floor_tiny-lm.json
 """
 
 from __future__ import annotations
@@ -118,17 +118,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(path: Path) -> None:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The arms as a markdown table. Probes = metric calls - budget - 2 (the original and the
+    answer's re-measurement); probe and optimizer seconds are the run's own accounting."""
+    rows = json.loads(path.read_text())
     print(
-        "| arm | search | wall s | evaluations | one evaluation s | wall / (budget x evaluation) | answer bytes | "
-        "compression | val metric | test metric | load |"
+        "| arm | search | wall s | metric calls | probes | one evaluation s | wall / (budget x evaluation) | "
+        "probes s | optimizer s | answer bytes | compression | bits | val metric | test metric | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        acc = r["accounting"]
         print(
-            f"| {r['arm']} | {r['search']} | {r['wall_s']:.0f} | {r['evaluations']} | {r['one_evaluation_s']:.1f} | "
-            f"{r['wall_over_budget_evaluations']:.2f} | {r['size_bytes']:,} | {r['compression']:.2f}x | "
-            f"{r['val_metric']:.4f} | {r['test_metric']:.4f} | {r['load'][0]:.1f} |"
+            f"| {r['arm']} ({r['commit']}) | {r['search']} | {r['wall_s']:.0f} | {r['evaluations']} | "
+            f"{r['evaluations'] - r['budget'] - 2} | {r['one_evaluation_s']:.2f} | "
+            f"{r['wall_over_budget_evaluations']:.2f} | {acc.get('probe_wall_s', 0):.0f} | "
+            f"{acc.get('optimizer_wall_s', 0):.0f} | {r['size_bytes']:,} | {r['compression']:.2f}x | "
+            f"{r['plan_bits']} | {r['val_metric']:.4f} | {r['test_metric']:.4f} | {r['load'][0]:.0f} |"
         )
 
 
@@ -152,9 +157,9 @@ def main() -> None:
     torch.set_num_threads(1)
     row = run(args)
     print(json.dumps(row))
-    if args.out is not None:
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    if args.out is not None:  # a JSON list, one row per arm
+        rows = json.loads(args.out.read_text()) if args.out.exists() else []
+        args.out.write_text(json.dumps(rows + [row], indent=1) + "\n")
 
 
 if __name__ == "__main__":
