@@ -1,7 +1,7 @@
 """Quick looks behind benchmarks/structured_latency.py (issue 18), on one benchmark task:
 
     PYTHONPATH=src:. python benchmarks/structured_latency_probes.py groups fmnist-mobilenet
-    PYTHONPATH=src:. python benchmarks/structured_latency_probes.py recipe fmnist-resnet --steps 150 --lr 1e-3 0 0.4 0.6
+    PYTHONPATH=src:. python benchmarks/structured_latency_probes.py recipe fmnist-resnet 0 0.4 0.6 --steps 150 --lr 1e-3
     PYTHONPATH=src:. python benchmarks/structured_latency_probes.py roundto fmnist-resnet --rounds 15
 
 ``groups``: the channel groups StructuredPrune finds (and refuses), with the layers each touches.
