@@ -5,9 +5,10 @@
     PYTHONPATH=src:. python benchmarks/structured_latency_probes.py roundto fmnist-resnet --rounds 15
 
 ``groups``: the channel groups StructuredPrune finds (and refuses), with the layers each touches.
-``recipe``: every group at each given ratio, fine-tuned (FineTune, Adam, ``--steps`` batches), and
-the validation accuracy (0: the original fine-tuned alike; ``--schedule cosine`` decays the lr to 0). ``roundto``: uniform ratios with and
-without ``round_to=8``, timed at batch 32 against the original in interleaved rounds.
+``recipe``: every group at each given ratio, fine-tuned (FineTune, ``--steps`` batches; ``--schedule
+cosine`` decays the lr to 0), and the validation accuracy (ratio 0: the original fine-tuned alike).
+``roundto``: uniform ratios with and without ``round_to=8``, timed at batch 32 against the
+original in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--round-to", type=int, default=None)
     parser.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -69,13 +71,17 @@ def main() -> None:
             candidate, _ = pruned(model, task, ratio, args.round_to)
             torch.manual_seed(0)
             started = time.perf_counter()
-            tightfit.FineTune(task.train, epochs=1, max_steps=args.steps, lr=args.lr, schedule=args.schedule)(candidate)
+            tightfit.FineTune(
+                task.train, epochs=1, max_steps=args.steps, lr=args.lr, schedule=args.schedule, optimizer=args.optimizer
+            )(candidate)
             train_s = time.perf_counter() - started
             candidate.eval()
             row = {
                 "ratio": ratio,
                 "steps": args.steps,
                 "lr": args.lr,
+                "schedule": args.schedule,
+                "optimizer": args.optimizer,
                 "round_to": args.round_to,
                 "params": params(candidate),
                 "val": task.metric(candidate),
