@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..calling import call_model
 from ..errors import ConfigError
@@ -160,7 +161,10 @@ class Latency:
             from ..operators.int8 import int8_layers
 
             marked = int8_layers(model)
-        baked = bake(model).eval()
+        # the run's original, unparametrized and in eval mode, is timed as it is: no second copy of
+        # a large model held for the whole run
+        plain = not model.training and not any(parametrize.is_parametrized(m) for m in model.modules())
+        baked = model if plain else bake(model).eval()
         key = architecture_key(baked) + f"|{self.runtime}|int8:" + ",".join(marked)
         fn = self._session(baked, marked)
         self._reference = None
