@@ -213,10 +213,32 @@ def measure(task, original, base_val: float, args) -> None:
     print(json.dumps({k: {f: row[k].get(f) for f in keys} for k in ("original", *arms)}, indent=1))
 
 
+def timing_only(task, original, args) -> None:
+    """Saved answers (``--answers``) timed together with the original, more rounds, no accuracy."""
+    models = {"original": original}
+    for path in args.answers:
+        models[str(path)] = tightfit.load(str(path), model=task.build())
+    timed = interleaved(models, task.example_input, args.rounds, args.calls)
+    rows = {name: {"params": params(models[name]), **row} for name, row in timed.items()}
+    result = {
+        "task": args.task,
+        "rounds": args.rounds,
+        "calls": args.calls,
+        "batch": BATCH,
+        "threads": 1,
+        "load": os.getloadavg(),
+        "models": rows,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"structured_latency_{args.task}{args.tag}_timing.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("task")
-    parser.add_argument("--arm", choices=("uniform", "search", "measure"), required=True)
+    parser.add_argument("--arm", choices=("uniform", "search", "measure", "time"), required=True)
+    parser.add_argument("--answers", type=Path, nargs="*", default=[], help="--arm time: saved .tfz answers")
     parser.add_argument("--work", type=Path, required=True, help="folder for the arms' saved answers")
     parser.add_argument("--budget", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100)
@@ -235,9 +257,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     task = load_task(args.task)
     original = task.model()
-    base_val = task.meta.get("val_metric") if args.arm == "measure" else task.metric(original)
+    base_val = task.meta.get("val_metric") if args.arm in ("measure", "time") else task.metric(original)
     if args.arm == "measure":
         measure(task, original, base_val, args)
+    elif args.arm == "time":
+        timing_only(task, original, args)
     else:
         run_arm(task, original, base_val, args)
 
