@@ -4,11 +4,18 @@ Timed with ``torch.utils.benchmark`` (which sets the thread count and synchroniz
 warm-up calls, as the median of several blocks of runs. Dense kernels take the same time whatever
 the weights' values, so a result is cached per *architecture* (module types, shapes and dtypes):
 two trials that only mask or round weights cost one measurement.
+
+With a *reference* (:meth:`Latency.set_reference`; a run sets the original model), every later
+model is timed in alternating blocks with the reference, and its latency is the reference's time
+times the median of the per-round ratios: a load that comes and goes on a shared machine slows
+both sides of a round alike, so the ratio stays where a lone timing drifts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -16,11 +23,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..calling import call_model
 from ..errors import ConfigError
 
 RUNTIMES = ("pytorch", "onnxruntime")
+
+#: the wall clock of warm-up and paired timing (a test replaces it to simulate a changing load)
+clock = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ class Latency:
         self.min_run_time = float(min_run_time)
         self.warmup = int(warmup)
         self._cache: dict[str, LatencyResult] = {}
+        self._reference: tuple[str, Callable[[], Any], LatencyResult] | None = None
         #: how many calls were answered from the cache / by timing
         self.hits = 0
         self.misses = 0
@@ -124,20 +136,59 @@ class Latency:
             self.hits += 1
             return self._cache[key]
         self.misses += 1
-        example = self.example_input
-        if self.runtime == "onnxruntime":
-            result = self._time_onnxruntime(baked, marked)
+        fn = self._session(baked, marked)
+        if self._reference is not None and key != self._reference[0]:
+            result = self.time_against(fn, self._reference[1], self._reference[2])
         else:
-
-            def forward() -> Any:
-                with torch.inference_mode():
-                    return call_model(baked, example)
-
-            result = self.time(forward)
+            result = self.time(fn)
         self._cache[key] = result
         return result
 
-    def _time_onnxruntime(self, model: nn.Module, int8_layers: list[str]) -> LatencyResult:
+    @property
+    def reference(self) -> LatencyResult | None:
+        """The reference's measurement (:meth:`set_reference`), None without one."""
+        return None if self._reference is None else self._reference[2]
+
+    def set_reference(self, model: nn.Module, median_ms: float | None = None) -> LatencyResult:
+        """Time ``model`` and make it the reference every later, uncached model is timed against
+        (alternating blocks, :meth:`time_against`). Returns the reference's own measurement, with
+        ``median_ms`` in place of the one timed when given (a resumed run keeps its baseline's, so
+        its earlier and later trials are on one scale)."""
+        from ..export.artifact import bake
+
+        marked: list[str] = []
+        if self.runtime == "onnxruntime":
+            from ..operators.int8 import int8_layers
+
+            marked = int8_layers(model)
+        # the run's original, unparametrized and in eval mode, is timed as it is: no second copy of
+        # a large model held for the whole run
+        plain = not model.training and not any(parametrize.is_parametrized(m) for m in model.modules())
+        baked = model if plain else bake(model).eval()
+        key = architecture_key(baked) + f"|{self.runtime}|int8:" + ",".join(marked)
+        fn = self._session(baked, marked)
+        self._reference = None
+        self._cache.pop(key, None)
+        result = self.time(fn)
+        if median_ms is not None:
+            result = dataclasses.replace(result, median_ms=float(median_ms))
+        self._cache[key] = result
+        self._reference = (key, fn, result)
+        return result
+
+    def _session(self, baked: nn.Module, marked: list[str]) -> Callable[[], Any]:
+        """A zero-argument callable running one forward pass of ``baked`` in this meter's runtime."""
+        if self.runtime == "onnxruntime":
+            return self._onnxruntime_call(baked, marked)
+        example = self.example_input
+
+        def forward() -> Any:
+            with torch.inference_mode():
+                return call_model(baked, example)
+
+        return forward
+
+    def _onnxruntime_call(self, model: nn.Module, int8_layers: list[str]) -> Callable[[], Any]:
         import tempfile
         from pathlib import Path
 
@@ -152,24 +203,31 @@ class Latency:
                 path = quantized
             session = ort_session(path, self.threads or torch.get_num_threads())
         feed = ort_feed(session, self.example_input)
-        return self.time(lambda: session.run(None, feed))
+        return lambda: session.run(None, feed)
+
+    def _warm(self, fn: Callable[[], Any], threads: int) -> float:
+        """Warm-up calls of ``fn``; returns the seconds of its last call."""
+        previous = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            # At least `warmup` calls and a fraction of the timing budget: the first large calls of a
+            # process are slower (allocator, caches), and a baseline timed first would look slow.
+            started, calls, last = clock(), 0, 0.0
+            while calls < self.warmup or clock() - started < self.min_run_time / 3:
+                before = clock()
+                fn()
+                last = clock() - before
+                calls += 1
+        finally:
+            torch.set_num_threads(previous)
+        return last
 
     def time(self, fn: Callable[[], Any]) -> LatencyResult:
         """Time any zero-argument callable (e.g. an onnxruntime session run) the same way, uncached."""
         from torch.utils import benchmark
 
         threads = self.threads or torch.get_num_threads()
-        previous = torch.get_num_threads()
-        try:
-            torch.set_num_threads(threads)
-            # At least `warmup` calls and a fraction of the timing budget: the first large calls of a
-            # process are slower (allocator, caches), and a baseline timed first would look slow.
-            started, calls = time.perf_counter(), 0
-            while calls < self.warmup or time.perf_counter() - started < self.min_run_time / 3:
-                fn()
-                calls += 1
-        finally:
-            torch.set_num_threads(previous)
+        self._warm(fn, threads)
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
         measured = timer.blocked_autorange(min_run_time=self.min_run_time)
         return LatencyResult(
@@ -180,3 +238,50 @@ class Latency:
             batch_size=self.batch_size,
             threads=threads,
         )
+
+    def time_against(
+        self, fn: Callable[[], Any], reference: Callable[[], Any], reference_result: LatencyResult
+    ) -> LatencyResult:
+        """Time ``fn`` in rounds that also time ``reference`` (which measured ``reference_result``),
+        alternating which goes first; the result is ``reference_result.median_ms`` times the median
+        per-round ratio (its interquartile range likewise), uncached."""
+        threads = self.threads or torch.get_num_threads()
+        per_call = max(self._warm(fn, threads), 1e-6)
+        reference_call = max(self._warm(reference, threads), 1e-6)
+        # each side gets the timing budget a lone measurement has, in PAIRED_ROUNDS rounds of at
+        # least one call each (so a paired measurement costs about twice a lone one)
+        calls = max(1, int(self.min_run_time / PAIRED_ROUNDS / per_call))
+        reference_calls = max(1, int(self.min_run_time / PAIRED_ROUNDS / reference_call))
+        ratios = []
+        previous = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            for i in range(PAIRED_ROUNDS):
+                sides = [(fn, calls), (reference, reference_calls)]
+                spent = [_block(*side) for side in (sides if i % 2 == 0 else sides[::-1])]
+                own, ref = spent if i % 2 == 0 else spent[::-1]
+                ratios.append(own / ref)
+        finally:
+            torch.set_num_threads(previous)
+        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        return LatencyResult(
+            median_ms=reference_result.median_ms * median,
+            iqr_ms=reference_result.median_ms * (q3 - q1),
+            runs=calls * PAIRED_ROUNDS,
+            blocks=PAIRED_ROUNDS,
+            batch_size=self.batch_size,
+            threads=threads,
+        )
+
+
+#: rounds of a paired timing (:meth:`Latency.time_against`): each round times the model and the
+#: reference once, so a load spike spoils a round, not the median of them
+PAIRED_ROUNDS = 11
+
+
+def _block(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds per call of ``calls`` calls of ``fn``."""
+    started = clock()
+    for _ in range(calls):
+        fn()
+    return (clock() - started) / calls

@@ -3,12 +3,17 @@ pruned weights stay zero and quantized weights stay on their grid (straight-thro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ._base import LossFn, Recovery, check_optimizer, cross_entropy_loss, make_optimizer
+
+#: learning-rate schedules of FineTune
+SCHEDULES = ("constant", "cosine")
 
 
 class FineTune(Recovery):
@@ -16,7 +21,10 @@ class FineTune(Recovery):
 
     ``loss(model, batch) -> scalar tensor`` defaults to cross-entropy on ``(inputs, labels)``.
     ``max_steps`` caps the optimizer steps (useful for large data). ``steps_taken`` records the
-    steps of the last call, for accounting.
+    steps of the last call, for accounting. ``schedule="cosine"`` lowers the learning rate from
+    ``lr`` to 0 along a half cosine over the planned steps, so the weights settle at the end as they
+    did when a model trained with a decaying schedule (OneCycle, cosine) was made; ``"constant"``
+    keeps ``lr`` throughout.
     """
 
     name = "finetune"
@@ -33,8 +41,12 @@ class FineTune(Recovery):
         loss: LossFn | None = None,
         max_steps: int | None = None,
         device: str | torch.device = "cpu",
+        schedule: str = "constant",
     ) -> None:
         super().__init__(loader, epochs=epochs, lr=lr, loss=loss, max_steps=max_steps, device=device)
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"FineTune: `schedule` must be one of {SCHEDULES}, but got {schedule!r}.")
+        self.schedule = schedule
         self.optimizer = check_optimizer(optimizer, "FineTune")
         self.weight_decay = weight_decay
         self.momentum = momentum
@@ -44,13 +56,20 @@ class FineTune(Recovery):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params or self.epochs == 0:
             return
-        self.fit(
-            model,
-            make_optimizer(self.optimizer, params, self.lr, momentum=self.momentum, weight_decay=self.weight_decay),
+        optimizer = make_optimizer(
+            self.optimizer, params, self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
+        total = max(1, self.total_steps())
+
+        def cosine(step: int) -> None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+        self.fit(model, optimizer, before=cosine if self.schedule == "cosine" else None)
 
     def __repr__(self) -> str:
-        return f"FineTune(epochs={self.epochs}, lr={self.lr:g}, optimizer={self.optimizer!r})"
+        schedule = "" if self.schedule == "constant" else f", schedule={self.schedule!r}"
+        return f"FineTune(epochs={self.epochs}, lr={self.lr:g}, optimizer={self.optimizer!r}{schedule})"
 
 
 __all__ = ["FineTune", "cross_entropy_loss"]

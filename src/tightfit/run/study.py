@@ -58,6 +58,8 @@ def open_study(
 def stored_baseline(study, original, evaluate, layer_names, flops: int | None, latency=None) -> Measurement:
     """The original's measurement: stored on the study the first time, read back on resume."""
     stored = study.user_attrs.get(BASELINE_ATTR)
+    if latency is not None:  # trials are timed against the original, round by round (measure/latency.py)
+        latency.set_reference(original, None if stored is None else stored.get("latency_ms"))
     if stored is not None:
         return Measurement.from_dict(stored)
     baseline = measure_baseline(original, evaluate, layer_names, flops, latency)
