@@ -123,11 +123,11 @@ def in_blocks(module: nn.Module, name: str) -> bool:
 Arm = Callable[[nn.Module, list[Any], Path], tuple[nn.Module, Path]]
 
 
-def tightfit_arm(bits: int, method: str, group: int) -> Arm:
+def tightfit_arm(bits: int, method: str, group: int, symmetric: bool = True) -> Arm:
     def arm(model: nn.Module, calibration: list[Any], out: Path) -> tuple[nn.Module, Path]:
         import tightfit
 
-        strategy = tightfit.Quantize(bits, method=method, group_size=group, layers=[BLOCKS + "*"])
+        strategy = tightfit.Quantize(bits, method=method, group_size=group, symmetric=symmetric, layers=[BLOCKS + "*"])
         result = tightfit.compress_once(model, strategy, calibration=calibration if method == "gptq" else None)
         tightfit.save(result.model, out / "model.tfz", plan=result.plan)
         return result.model, out / "model.tfz"
@@ -152,7 +152,11 @@ def hqq_arm(bits: int, group: int) -> Arm:
         from hqq.core.quantize import BaseQuantizeConfig
         from hqq.models.hf.base import AutoHQQHFModel
 
-        blocks = {f"{BLOCKS}{i}": "cpu" for i in range(len(model.transformer.h))}  # GPT-2 is not in HQQ's block map
+        # GPT-2 is not in HQQ's block map: every top-level leaf and block named, all on the CPU
+        blocks = {f"{BLOCKS}{i}": "cpu" for i in range(len(model.transformer.h))}
+        blocks.update(
+            {n: "cpu" for n, m in model.named_modules() if not n.startswith(BLOCKS) and not list(m.children())}
+        )
         config = BaseQuantizeConfig(nbits=bits, group_size=group)
         AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=torch.float32, device=blocks)
         AutoHQQHFModel.save_quantized(model, str(out))
@@ -235,6 +239,8 @@ SETTINGS: list[tuple[str, str, Arm]] = [
     ("tightfit RTN g128, 4 bit", "tightfit", tightfit_arm(4, "rtn", 128)),
     ("tightfit GPTQ g128, 4 bit", "tightfit", tightfit_arm(4, "gptq", 128)),
     ("tightfit GPTQ g64, 4 bit", "tightfit", tightfit_arm(4, "gptq", 64)),
+    ("tightfit RTN g128 asymmetric, 4 bit", "tightfit", tightfit_arm(4, "rtn", 128, symmetric=False)),
+    ("tightfit GPTQ g128 asymmetric, 4 bit", "tightfit", tightfit_arm(4, "gptq", 128, symmetric=False)),
     ("tightfit RTN g128, 3 bit", "tightfit", tightfit_arm(3, "rtn", 128)),
     ("tightfit GPTQ g128, 3 bit", "tightfit", tightfit_arm(3, "gptq", 128)),
 ]
@@ -362,6 +368,61 @@ def search(out: Path, budget: int, method: str, peers_json: Path, samples: int) 
     print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
 
 
+def minmax_grid(weight: torch.Tensor, bits: int, group: int, integer_zero: bool) -> torch.Tensor:
+    """Asymmetric min-max round-to-nearest per group of ``group`` input weights: the zero point
+    rounded to an integer code (tightfit's, GPTQ's) or left a float (quanto's shift)."""
+    rows = weight.reshape(-1, group)
+    low, high = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    scale, top = (high - low) / (2**bits - 1), 2**bits - 1
+    if integer_zero:
+        zero = (-low / scale).round()
+        codes = ((rows / scale).round() + zero).clamp(0, top)
+        return ((codes - zero) * scale).reshape(weight.shape)
+    return (((rows - low) / scale).round().clamp(0, top) * scale + low).reshape(weight.shape)
+
+
+def zero_point_check(sequences: int = 64) -> None:
+    """Why quanto's round-to-nearest loses less than tightfit's: per-layer weight error of both,
+    and the loss on the first ``sequences`` test sequences of tightfit's asymmetric RTN g128 4 bit,
+    quanto's qint4, and the same min-max grid with an integer or a float zero point."""
+    from optimum.quanto import freeze, qint4, quantize
+
+    import tightfit
+    from benchmarks.tasks import load_task
+    from benchmarks.tasks.lm import lm_datasets, mean_loss
+
+    base = to_linear(load_task("tiny-lm").model().eval())
+    test = lm_datasets(0)[2]
+    test.blocks = test.blocks[:sequences]
+    ours = tightfit.compress_once(base, tightfit.Quantize(4, group_size=128, symmetric=False, layers=[BLOCKS + "*"]))
+    theirs = copy.deepcopy(base)
+    quantize(theirs, weights=qint4)
+    freeze(theirs)
+    names = [n for n, m in base.named_modules() if in_blocks(m, n)]
+    mods = {k: dict(v.named_modules()) for k, v in (("base", base), ("ours", ours.model), ("theirs", theirs))}
+    weights = {n: mods["base"][n].weight.detach() for n in names}
+    for n in names:
+        err_ours = float(((mods["ours"][n].weight.detach() - weights[n]) ** 2).mean())
+        err_theirs = float(((mods["theirs"][n].qweight.dequantize().detach() - weights[n]) ** 2).mean())
+        print(f"{n}: squared error tightfit {err_ours:.3e} quanto {err_theirs:.3e}")
+
+    def with_grid(integer_zero: bool) -> nn.Module:
+        model = copy.deepcopy(base)
+        for n, m in model.named_modules():
+            if n in weights:
+                m.weight.data = minmax_grid(weights[n], 4, 128, integer_zero)
+        return model
+
+    losses = {
+        "float32": mean_loss(base, test),
+        "tightfit RTN g128 asymmetric": mean_loss(ours.model, test),
+        "quanto qint4": mean_loss(theirs, test),
+        "min-max grid, integer zero point": mean_loss(with_grid(True), test),
+        "min-max grid, float zero point": mean_loss(with_grid(False), test),
+    }
+    print(json.dumps(losses, indent=1))
+
+
 def merge(out: Path, parts: list[Path]) -> None:
     """One record of several runs' JSON (``--only`` runs in parallel processes): the first part's
     float32 row and settings, every part's rows in SETTINGS order, the search row last."""
@@ -372,9 +433,13 @@ def merge(out: Path, parts: list[Path]) -> None:
 
         merged["other_params"] = other_params(to_linear(load_task("tiny-lm").model()))
     rows: dict[str, dict[str, Any]] = {}
-    for rec in records:  # a --sizes part adds its "storage" to the measured row of the same setting
-        for r in rec["rows"]:
-            rows[r["setting"]] = {**rows.get(r["setting"], {}), **r}
+    for rec in records:  # a later measured row replaces an earlier one (a rerun of a failed setting);
+        for r in rec["rows"]:  # a --sizes row only adds its "storage"
+            old = rows.get(r["setting"], {})
+            if "test" in r or "error" in r:
+                rows[r["setting"]] = {**({"storage": old["storage"]} if "storage" in old else {}), **r}
+            else:
+                rows[r["setting"]] = {**old, **r}
     order = ["float32"] + [label for label, _, _ in SETTINGS]
     merged["rows"] = [rows[k] for k in order if k in rows] + [r for k, r in rows.items() if k not in order]
     merged["parts"] = [{"file": p.name, "load_average": rec.get("load_average")} for p, rec in zip(parts, records)]
@@ -423,6 +488,7 @@ def main() -> None:  # noqa: D103
         "--search-calibration", type=int, default=CALIBRATION, help="the search's calibration sequences"
     )
     parser.add_argument("--sizes", action="store_true", help="with --only: only the files' make-up, into --out's rows")
+    parser.add_argument("--zero-point-check", action="store_true", help="only the RTN zero-point check (quanto)")
     parser.add_argument("--table", type=Path, help="only print the table of this JSON record")
     parser.add_argument("--merge", type=Path, nargs="+", help="only merge these JSON records into --out")
     args = parser.parse_args()
@@ -434,6 +500,9 @@ def main() -> None:  # noqa: D103
         print(markdown(json.loads(args.out.read_text())))
         return
     torch.set_num_threads(1)  # one thread: on the shared 2-core machine two spin-wait (docs/tasks.md)
+    if args.zero_point_check:
+        zero_point_check()
+        return
     if args.sizes:
         sizes(args.out, args.only or [])
         return
