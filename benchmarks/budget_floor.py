@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if result.plan
         else None,
         "accounting": result.accounting,
+        # completed trials and how many distinct plans they measured (a plan measured twice gives the
+        # same result: a repeat is a wasted trial)
+        "completed_trials": len(done := [t for t in result.trials if t.state == "COMPLETE" and t.plan]),
+        "distinct_plans": len({json.dumps(t.plan.layers, sort_keys=True) for t in done if t.plan}),
         "load": os.getloadavg(),
     }
 

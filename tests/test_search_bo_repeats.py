@@ -64,3 +64,47 @@ def test_bo_suggests_no_plan_twice(mlp, digits, tmp_path):
                 for k in t.params
             )
             assert not same, (t.number, earlier.number)
+
+
+def _bits_only(layers: int, bits: tuple[int, ...]):
+    """A bit-width-only space and an evaluator: objective = bits summed, feasible while the bits
+    lost (8 - b per layer) stay under 7, so the incumbent sits among few plans."""
+    from tightfit.operators.base import Hyperparameter
+    from tightfit.search import SearchSpace
+    from tightfit.search.context import SearchContext
+    from tightfit.search.loop import TrialOutcome
+    from tightfit.search.space import Dimension
+
+    names = [f"l{i}" for i in range(layers)]
+    dims = tuple(Dimension(n, "quantize", Hyperparameter("bits", choices=bits)) for n in names)
+    space = SearchSpace(Compose([Quantize(bits=bits)]), dims, {n: {"quantize": {}} for n in names})
+
+    def evaluate(plan, trial):
+        widths = [plan.layers[n]["quantize"]["bits"] for n in names]
+        return TrialOutcome(objective=float(sum(widths)), constraints=[sum(8 - b for b in widths) - 7.0])
+
+    return SearchContext(space=space, budget=0, seed=0), evaluate
+
+
+def _plans(study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]
+
+
+@pytest.mark.parametrize(("layers", "bits", "budget", "expected"), [(3, (2, 4, 6, 8), 24, 24), (2, (4, 8), 10, 4)])
+def test_bo_measures_no_plan_twice_when_its_trust_region_is_measured_out(layers, bits, budget, expected):
+    """3 layers x 4 bit widths: a trust region around the incumbent holds a handful of plans, fewer
+    than the budget (before this fix these 24 trials measured 8 distinct plans); 2 layers x 2 widths: all
+    4 plans are measured, then the search stops (before: 10 trials, 2 distinct plans)."""
+    import dataclasses
+
+    import optuna
+
+    from tightfit.search import run_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    context, evaluate = _bits_only(layers, bits)
+    context = dataclasses.replace(context, budget=budget)
+    study = optuna.create_study()
+    run_trials(study, context.space, evaluate, budget=budget, method="bo", seed=0, context=context)
+    plans = _plans(study)
+    assert len(plans) == expected and len(set(plans)) == len(plans)

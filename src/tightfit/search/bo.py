@@ -17,7 +17,10 @@
    sampler (one per trial, as the loop makes them) and a resumed run agree.
 
 A suggestion whose plan was measured already (or is pending) is replaced by the acquisition's best
-unmeasured plan among Sobol points of the trust region (``_best_unmeasured``).
+unmeasured plan among Sobol points of the trust region (``_best_unmeasured``), else of the whole
+cube (every plan, in a small discrete space); a warm-start knob whose plan was measured gives way
+to a BO step. Once every plan of a small discrete space is measured the search stops
+(``context.EXHAUSTED``).
 
 Each BO step warm-starts its two GP fits from the hyperparameters the previous step fitted, with
 fewer L-BFGS iterations (``gp.WARM_MAXITER``), except every ``COLD_EVERY`` completed trials. The
@@ -29,6 +32,7 @@ and a resumed run fit exactly what an uninterrupted run fits.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -39,9 +43,11 @@ import optuna
 from ..optuna_compat import set_trial_system_attr
 from ..run_dir import GP_ATTR
 from .base import INCUMBENT_ATTR, History, PlanSampler
-from .context import SearchContext
+from .context import EXHAUSTED, SearchContext
 from .levelset import bisect_segments, knob_of, knob_table, next_knob, segments, uniform_family
 from .sensitivity import largest_feasible_knob, probes_left, sensitivity_scan
+
+log = logging.getLogger("tightfit")
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
 
@@ -137,8 +143,22 @@ class BOSampler(PlanSampler):
         scanned = sensitivity_scan(self.context) is not None
         warm_end = end + (self.n_init if scanned else 0)
         if history.n < warm_end or history.n < 2:
-            return self._warm_start(history, end)
+            x = self._warm_start(history, end)
+            # the level-set rule sees only the warm start's own trials, and a wide segment of its
+            # family is one plan: on mnist1d it chose the bisection's uniform 4 bits 4 times
+            if history.n < 2 or not _already_measured(self._plan_of(x), self._seen(history)):
+                return x
         return self._bo_step(history, study, warm_end)
+
+    def _plan_of(self, u: np.ndarray) -> np.ndarray:
+        """The point of the plan ``u`` decodes to: a bit-width coordinate anywhere in its choice's
+        slice is the same plan."""
+        return self.encoding.encode(self.encoding.decode(u))
+
+    def _seen(self, history: History) -> np.ndarray:
+        """The plans measured or running, as points (``_plan_of``)."""
+        rows = np.vstack([history.x, history.pending]) if len(history.pending) else history.x
+        return np.array([self._plan_of(u) for u in rows]).reshape(len(rows), self.encoding.d)
 
     def _uniform_phase(self, history: History) -> tuple[int, float | None]:
         """The floor: the first trials bisect the uniform family (one setting for every layer,
@@ -190,16 +210,36 @@ class BOSampler(PlanSampler):
         length = trust_region_length(history, warm_end, self.encoding.d)
         lo, hi = _trust_region_box(center, length, obj_gp, self.encoding.d)
         acq = _acquisition(model, history, y_obj, best)
-        x = self._maximize(acq, lo, hi)
-        # compared as plans: a bit-width coordinate anywhere in its choice's slice is the same plan
-        plan_of = lambda u: self.encoding.encode(self.encoding.decode(u))  # noqa: E731
-        seen = np.array(
-            [plan_of(u) for u in (np.vstack([history.x, history.pending]) if len(history.pending) else history.x)]
-        )
+        return self._unmeasured(acq, self._maximize(acq, lo, hi), lo, hi, history)
+
+    def _unmeasured(self, acq: Any, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, history: History) -> np.ndarray:
+        """``x`` if its plan is new, else the acquisition's best new plan among Sobol points of the
+        trust region, else of the whole cube (every plan of the space when it has at most
+        ``ENUMERATE_PLANS``): a small trust region over bit widths holds few plans, and all of them
+        can be measured. Sets ``EXHAUSTED`` once the suggestion is the space's last new plan."""
+        plan_of, seen = self._plan_of, self._seen(history)
+        memo = self.context.memo
+        if "bo.plans" not in memo:  # fixed for the run, as the space is
+            memo["bo.plans"] = self.encoding.plans(ENUMERATE_PLANS)
+        every = memo["bo.plans"]
+        seed = self.context.seed + history.n
         if _already_measured(plan_of(x), seen):
-            x = _best_unmeasured(
-                acq, lo, hi, seen, n=self.raw_samples, seed=self.context.seed + history.n, fallback=x, plan_of=plan_of
-            )
+            best = _best_unmeasured(acq, lo, hi, seen, n=self.raw_samples, seed=seed, fallback=None, plan_of=plan_of)
+            if best is None:  # the trust region is measured out: widen it to the whole cube
+                best = (
+                    _best_of(acq, every, seen, plan_of)
+                    if every is not None
+                    else _best_unmeasured(acq, 0 * lo, 0 * hi + 1, seen, n=self.raw_samples, seed=seed, plan_of=plan_of)
+                )
+            if best is None and every is None:
+                return x  # no new plan among the Sobol points of a large space: a repeat
+            if best is None:  # every plan measured or running (a resumed run): one repeat, then stop
+                log.info("bo: all %d plans of the space are measured; the search stops", len(every))
+                memo[EXHAUSTED] = True
+                return x
+            x = best
+        if every is not None and sum(_already_measured(p, seen) for p in every) + 1 >= len(every):
+            memo[EXHAUSTED] = True  # x is the last new plan
         return x
 
     def _fit_gps(self, history: History, study: optuna.Study, y_obj: np.ndarray) -> tuple[Any, Any]:
@@ -291,6 +331,10 @@ def _acquisition(model: Any, history: History, y_obj: np.ndarray, best: int | No
 #: runs, in both evaluation modes, were such repeats before this guard (benchmarks/bo_repeats.py)
 SAME_PLAN = 1e-3
 
+#: a discrete space with at most this many plans is searched plan by plan once the trust region is
+#: measured out (and the loop stops once all are measured); a larger one by Sobol points
+ENUMERATE_PLANS = 4096
+
 
 def _already_measured(x: np.ndarray, seen: np.ndarray) -> bool:
     return bool(len(seen)) and bool((np.abs(seen - x).max(axis=1) < SAME_PLAN).any())
@@ -309,9 +353,9 @@ def _best_unmeasured(
     *,
     n: int,
     seed: int,
-    fallback: np.ndarray,
+    fallback: np.ndarray | None = None,
     plan_of: Callable[[np.ndarray], np.ndarray] = lambda u: u,
-) -> np.ndarray:
+) -> np.ndarray | None:
     """The acquisition's best point among ``n`` scrambled-Sobol points of the box ``[lo, hi]`` whose
     plan (``plan_of``: the point as the plan it decodes to) is not one measured already or pending
     (``seen``, as plans); ``fallback`` if every one is. Used when the optimizer's answer is a plan
@@ -322,12 +366,22 @@ def _best_unmeasured(
 
     points = SobolEngine(len(lo), scramble=True, seed=seed % (2**31)).draw(max(1, n), dtype=torch.float64)
     points = torch.as_tensor(lo) + (torch.as_tensor(hi) - torch.as_tensor(lo)) * points
-    fresh = [i for i, p in enumerate(points.numpy()) if not _already_measured(plan_of(p), seen)]
+    best = _best_of(acq, points.numpy(), seen, plan_of)
+    return fallback if best is None else best
+
+
+def _best_of(
+    acq: Any, points: np.ndarray, seen: np.ndarray, plan_of: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray | None:
+    """The acquisition's best of ``points`` whose plan is not in ``seen``; None if there is none."""
+    import torch
+
+    fresh = [p for p in points if not _already_measured(plan_of(p), seen)]
     if not fresh:
-        return fallback
+        return None
     with torch.no_grad():
-        values = acq(points[fresh].unsqueeze(-2))  # a batch of q = 1 points
-    return points[fresh][int(torch.argmax(values))].numpy()
+        values = acq(torch.as_tensor(np.array(fresh), dtype=torch.float64).unsqueeze(-2))  # q = 1 points
+    return fresh[int(torch.argmax(values))]
 
 
 @functools.cache

@@ -50,8 +50,13 @@ class SearchContext:
     #: beyond the scan's own (``sensitivity.MAX_SCAN_PROBES``). ``compress`` sets it from the budget
     #: when a probe costs what a trial does (``finetune=None``): ``sensitivity.probe_allowance``.
     max_probes: int | None = None
-    #: memo shared by the per-trial copies of one run (e.g. the sensitivity scan)
+    #: memo shared by the per-trial copies of one run (e.g. the sensitivity scan; ``EXHAUSTED``)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def reseeded(self, seed: int) -> SearchContext:
         return dataclasses.replace(self, seed=seed)
+
+
+#: memo key a sampler sets once every distinct plan of the space is measured or running: the loop
+#: then asks for no more trials (a plan measured again gives the same result)
+EXHAUSTED = "search.exhausted"

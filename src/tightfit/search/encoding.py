@@ -7,6 +7,7 @@ bits), so ``0`` means "leave the layer alone" and ``1`` "compress it as hard as 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -104,6 +105,22 @@ class UnitEncoding:
                 u = (value - low) / (high - low)
             x[i] = 1.0 - u if self._flip[i] else u
         return np.clip(x, 0.0, 1.0)
+
+    def plans(self, limit: int) -> np.ndarray | None:
+        """Every distinct plan of the space as points (one row each), or None when the space has a
+        continuous dimension or more than ``limit`` plans."""
+        values: list[list[Any]] = []
+        for i, dim in enumerate(self.dims):
+            choices = self._choices[i]
+            if choices is None and not dim.hyperparameter.integer:
+                return None
+            if choices is None:
+                low, high = numeric_range(dim.hyperparameter)
+                choices = list(range(int(low), int(high) + 1))
+            values.append(choices)
+        if math.prod(len(v) for v in values) > limit:
+            return None
+        return np.array([self.encode(dict(zip(self.keys, combo))) for combo in itertools.product(*values)])
 
     def is_continuous(self, i: int) -> bool:
         return self._choices[i] is None and not self.dims[i].hyperparameter.integer

@@ -23,7 +23,7 @@ from ..optuna_compat import cached_trials, live_trial, study_storage
 from ..records import TrialAttrs, TrialRecord
 from ..run_dir import ERROR_ATTR, INTERRUPTED_ATTR
 from ..scale.storage import RETRY_OF, fail_stale_trials, heartbeat_enabled, plan_drawn, trial_heartbeat
-from .context import SearchContext
+from .context import EXHAUSTED, SearchContext
 from .samplers import make_sampler
 from .space import SearchSpace
 
@@ -227,9 +227,10 @@ def run_trials(
         trials = study.get_trials(deepcopy=False)
         done = len(_counted(trials))
         running = sum(t.state == TrialState.RUNNING for t in trials)
-        if done >= budget and (running == 0 or not drain or not heartbeat_enabled(study_storage(study))):
+        exhausted = context is not None and bool(context.memo.get(EXHAUSTED))  # every plan measured
+        if (done >= budget or exhausted) and (running == 0 or not drain or not heartbeat_enabled(study_storage(study))):
             return evaluated
-        if done + running >= budget:
+        if done + running >= budget or exhausted:
             time.sleep(poll_s)  # the last trials are running elsewhere; wait for them or their retries
             continue
         trial, asked = _ask(study)
