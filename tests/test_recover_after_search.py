@@ -6,9 +6,11 @@ import io
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 import tightfit
 from tightfit import ConfigError, Prune
+from tightfit.cli.app import app
 from tightfit.evaluation import MaxBits, MaxDrop, MinMetric
 from tightfit.export.artifact import load_model
 
@@ -44,6 +46,10 @@ def test_one_recovery_after_a_search_without_training(mlp, digits, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["metric_before_recovery"] == result.metric_before_recovery and summary["metric"] == result.metric
     assert any("Recovery after the search" in n for n in result.notes)
+    shown = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert shown.exit_code == 0, shown.output
+    row = next(line for line in shown.output.splitlines() if "before recovery" in line)
+    assert f"{result.metric_before_recovery:.4f}" in row
 
 
 def test_recover_settings_are_checked_first(mlp):

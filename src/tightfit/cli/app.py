@@ -44,6 +44,7 @@ def _show_result(result: Result, extra_rows: list[tuple[str, str, str]] | None =
         console.print(left_alone_table([dataclasses.asdict(m) for m in result.left_alone]))
     rows = [
         ("validation metric", f"{result.baseline_metric:.4f}", f"{result.metric:.4f}"),
+        *before_recovery_row(result.metric_before_recovery),
         ("file bytes", f"{result.baseline_size_bytes:,}", f"{result.size_bytes:,}"),
         ("size ratio", "1.0x", f"{result.compression_ratio:.1f}x"),
         ("nonzero-weight ratio", "1.0x", f"{result.nonzero_ratio:.1f}x"),
@@ -317,6 +318,11 @@ def _show_trial_errors(trials: list[TrialRecord], limit: int = 3) -> None:
         console.print(f"failed trial {number}: {printable(error)}", markup=False, style="red")
 
 
+def before_recovery_row(metric: float | None) -> list[tuple[str, str, str]]:
+    """The answer's metric as searched, when ``recover=`` trained it once after the search."""
+    return [] if metric is None else [("validation metric before recovery", "-", f"{metric:.4f}")]
+
+
 def _show_summary(s: dict, view: RunView) -> None:
     from ..report import left_alone_table, summary_table
 
@@ -325,6 +331,7 @@ def _show_summary(s: dict, view: RunView) -> None:
     base = s["baseline"] or {}
     rows = [
         ("validation metric", f"{s['baseline_metric']:.4f}", f"{s['metric']:.4f}"),
+        *before_recovery_row(s.get("metric_before_recovery")),
         ("file bytes", f"{s['baseline_size_bytes']:,}", f"{s['size_bytes']:,}"),
         ("size ratio", "1.0x", f"{s['compression_ratio']:.1f}x"),
         ("nonzero-weight ratio", "1.0x", f"{s['nonzero_ratio']:.1f}x"),
