@@ -6,7 +6,7 @@ Arms (same task, strategy, constraint, budget, seed and search method; one proce
 - ``B``: ``finetune=None`` search, then ``recover=RECIPE`` (``recover_top=1``);
 - ``B3``: the same with ``recover_top=3``;
 - ``Blong``: ``finetune=None``, then ``recover=`` a recipe ``--long-steps`` long;
-- ``Bloose``: ``finetune=None`` searched under ``search_constraint=MaxDrop(--loose)``, then
+- ``Bloose`` (or ``Bloose:0.05``): ``finetune=None`` searched under ``search_constraint=MaxDrop(--loose)``, then
   ``recover=RECIPE`` over the best ``--top`` plans, each re-checked against the real constraint.
 
 Each arm reports the answer's file bytes and compression (against the Result's baseline file),
@@ -17,6 +17,7 @@ recorded before and after each arm). The JSON is rewritten after every arm.
 
     nice -n 10 env PYTHONPATH=src:. /work/venv/bin/python benchmarks/recover_after_search.py \\
         --task fmnist-mobilenet --arms A,B,B3 --out docs/results/recover_after_search_fmnist-mobilenet.json
+    PYTHONPATH=src:. /work/venv/bin/python benchmarks/recover_after_search.py --table docs/results/recover_after_search_*.json
 """
 
 from __future__ import annotations
@@ -51,13 +52,9 @@ def arm_kwargs(arm: str, task: Any, a: argparse.Namespace) -> dict[str, Any]:
         return {"finetune": None, "recover": short, "recover_top": 3}
     if arm == "Blong":
         return {"finetune": None, "recover": recipe(task, a.long_steps, a.lr)}
-    if arm == "Bloose":
-        return {
-            "finetune": None,
-            "recover": short,
-            "recover_top": a.top,
-            "search_constraint": MaxDrop(a.loose),
-        }
+    if arm.startswith("Bloose"):  # "Bloose" (--loose) or "Bloose:0.05"
+        loose = float(arm.split(":")[1]) if ":" in arm else a.loose
+        return {"finetune": None, "recover": short, "recover_top": a.top, "search_constraint": MaxDrop(loose)}
     raise SystemExit(f"--arms: unknown arm {arm!r} (A, B, B3, Blong, Bloose)")
 
 
@@ -109,7 +106,28 @@ def run_arm(arm: str, task: Any, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def table(paths: list[str]) -> str:
+    """A markdown table of one or more results files (the rows docs/calibration.md shows)."""
+    lines = [
+        "| task | arm | file bytes | compression | nonzeros | val (before recovery) | test | feasible | wall s | CPU s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for r in data["arms"]:
+            before = f" ({r['metric_before_recovery']:.4f})" if r["metric_before_recovery"] is not None else ""
+            lines.append(
+                f"| {data['task']} | {r['arm']} | {r['size_bytes']:,} | {r['compression']:.2f}x | {r['nonzeros']:,} | "
+                f"{r['val_metric']:.4f}{before} | {r['test_metric']:.4f} | {r['feasible']} | {r['wall_s']:.0f} | "
+                f"{r['cpu_s']:.0f} | {r['load_before'].split()[0]}-{r['load_after'].split()[0]} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--table":
+        print(table(sys.argv[2:]))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="fmnist-mobilenet")
     p.add_argument("--arms", default="A,B,B3")
@@ -133,6 +151,8 @@ def main() -> None:
         "strategy": "Compose([Prune(), Quantize(bits=(2, 8))])",
         "constraint": f"MaxDrop({a.max_drop})",
         "recipe": f"FineTune(train, epochs=1, max_steps={a.steps}, lr={a.lr}) (Adam, batch of the task's loader)",
+        # epochs=1 binds first when the training loader is shorter than --steps (mnist1d: 47 batches)
+        "recipe_steps": min(a.steps, len(task.train)),
         "torch_threads": 1,
         "arms": [],
     }
