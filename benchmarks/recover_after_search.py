@@ -109,15 +109,18 @@ def run_arm(arm: str, task: Any, a: argparse.Namespace) -> dict[str, Any]:
 def table(paths: list[str]) -> str:
     """A markdown table of one or more results files (the rows docs/calibration.md shows)."""
     lines = [
-        "| task | arm | file bytes | compression | nonzeros | val (before recovery) | test | feasible | wall s | CPU s | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | arm | seed | file bytes | compression | nonzeros | val (before recovery) | test | feasible | wall s "
+        "| CPU s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         data = json.loads(Path(path).read_text())
         for r in data["arms"]:
             before = f" ({r['metric_before_recovery']:.4f})" if r["metric_before_recovery"] is not None else ""
+            nonzeros = f"{r['nonzeros']:,}" if r["nonzeros"] is not None else "-"
             lines.append(
-                f"| {data['task']} | {r['arm']} | {r['size_bytes']:,} | {r['compression']:.2f}x | {r['nonzeros']:,} | "
+                f"| {data['task']} | {r['arm']} | {data['settings']['seed']} | {r['size_bytes']:,} | "
+                f"{r['compression']:.2f}x | {nonzeros} | "
                 f"{r['val_metric']:.4f}{before} | {r['test_metric']:.4f} | {r['feasible']} | {r['wall_s']:.0f} | "
                 f"{r['cpu_s']:.0f} | {r['load_before'].split()[0]}-{r['load_after'].split()[0]} |"
             )
