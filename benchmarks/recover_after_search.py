@@ -18,6 +18,7 @@ recorded before and after each arm). The JSON is rewritten after every arm.
     nice -n 10 env PYTHONPATH=src:. /work/venv/bin/python benchmarks/recover_after_search.py \\
         --task fmnist-mobilenet --arms A,B,B3 --out docs/results/recover_after_search_fmnist-mobilenet.json
     PYTHONPATH=src:. /work/venv/bin/python benchmarks/recover_after_search.py --table docs/results/recover_after_search_*.json
+    PYTHONPATH=src:. /work/venv/bin/python benchmarks/recover_after_search.py --probe fmnist-mobilenet 20
 """
 
 from __future__ import annotations
@@ -127,9 +128,26 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def probe(name: str, steps: int) -> None:
+    """The per-trial costs that bound the comparison: one validation pass and ``steps`` recipe
+    steps, in process CPU seconds (one thread)."""
+    torch.set_num_threads(1)
+    task = load_task(name)
+    model = task.model()
+    cpu = time.process_time()
+    value = task.metric(model)
+    print(f"{name}: validation pass {time.process_time() - cpu:.1f} s CPU (metric {value:.4f})", flush=True)
+    cpu = time.process_time()
+    tightfit.FineTune(task.train, epochs=1, max_steps=steps, loss=task.loss)(model)
+    print(f"{name}: {steps} recipe steps {time.process_time() - cpu:.1f} s CPU; load {load()}", flush=True)
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--table":
         print(table(sys.argv[2:]))
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":  # --probe TASK STEPS
+        probe(sys.argv[2], int(sys.argv[3]))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="fmnist-mobilenet")
