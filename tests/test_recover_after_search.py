@@ -6,10 +6,12 @@ import io
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 import tightfit
 from tightfit import ConfigError, Prune
-from tightfit.evaluation import MaxBits
+from tightfit.cli.app import app
+from tightfit.evaluation import MaxBits, MaxDrop, MinMetric
 from tightfit.export.artifact import load_model
 
 
@@ -44,6 +46,10 @@ def test_one_recovery_after_a_search_without_training(mlp, digits, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["metric_before_recovery"] == result.metric_before_recovery and summary["metric"] == result.metric
     assert any("Recovery after the search" in n for n in result.notes)
+    shown = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert shown.exit_code == 0, shown.output
+    row = next(line for line in shown.output.splitlines() if "before recovery" in line)
+    assert f"{result.metric_before_recovery:.4f}" in row
 
 
 def test_recover_settings_are_checked_first(mlp):
@@ -56,3 +62,53 @@ def test_recover_settings_are_checked_first(mlp):
         tightfit.compress(mlp, evaluate=evaluate, recover=lambda m: None, recover_top=0, budget=1)
     with pytest.raises(ConfigError, match="recover_top"):
         tightfit.compress(mlp, evaluate=evaluate, recover_top=3, budget=1)
+
+
+def looser_search(mlp, digits, recover, constraint, recover_top=2):
+    """Prune(0.5-0.99) searched untrained under MaxDrop(0.3); seed 0's eight random plans include
+    trials that lose 8-20 points untrained and one that loses under a point."""
+    return tightfit.compress(
+        mlp,
+        evaluate=tightfit.Accuracy(digits.loader("val")),
+        strategy=Prune(sparsity=(0.5, 0.99)),
+        constraint=constraint,
+        search_constraint=MaxDrop(0.3),
+        finetune=None,
+        recover=recover,
+        recover_top=recover_top,
+        budget=8,
+        search="random",
+    )
+
+
+def test_a_looser_search_constraint_lets_the_recovery_close_the_gap(mlp, digits):
+    recover = tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3)
+    result = looser_search(mlp, digits, recover, MaxDrop(0.01))
+    assert result.feasible and result.recovery["chosen"] == result.best_trial.number
+    # infeasible as searched (no training), within `constraint` after the one recovery
+    assert result.metric_before_recovery < result.baseline_metric - 0.01 <= result.metric
+    untrained_ok = [t for t in result.trials if t.measurement.metric >= result.baseline_metric - 0.01]
+    assert untrained_ok and result.size_bytes < min(t.measurement.size_bytes for t in untrained_ok)
+    assert result.best_trial.feasible  # judged by `constraint` after recovery, not by the search's
+
+
+def test_when_no_recovered_plan_meets_the_constraint_the_best_untrained_one_is_the_answer(mlp, digits):
+    result = looser_search(mlp, digits, lambda model: None, MaxDrop(0.01))  # a recovery that trains nothing
+    assert all(not row["feasible"] for row in result.recovery["trials"])
+    assert result.feasible and result.metric_before_recovery is None
+    assert result.recovery["unrecovered_answer"] == result.best_trial.number
+    assert result.metric >= result.baseline_metric - 0.01  # meets `constraint`, not only the search's
+    assert any("met it in the search without training" in n for n in result.notes)
+    nothing = looser_search(mlp, digits, lambda model: None, MinMetric(0.999), recover_top=1)
+    assert not nothing.feasible and nothing.plan is None  # not the search's looser answer
+    assert any("nothing is feasible" in n for n in nothing.notes)
+
+
+def test_search_constraint_is_checked_first(mlp):
+    def evaluate(_):
+        raise AssertionError("evaluated before the settings were checked")
+
+    with pytest.raises(ConfigError, match="search_constraint.*needs `recover=`"):
+        tightfit.compress(mlp, evaluate=evaluate, search_constraint=MaxDrop(0.05), budget=1)
+    with pytest.raises(ConfigError, match="`search_constraint` must be a tightfit constraint"):
+        tightfit.compress(mlp, evaluate=evaluate, recover=lambda m: None, search_constraint="loose", budget=1)

@@ -45,7 +45,8 @@ def compress(model: nn.Module, **settings: Any) -> Result:
     ``finetune=None``, ``budget=30``, ``search="auto"``, ``example_input=None``, ``seed=0``,
     ``run_dir=None``, ``storage=None``, ``study_name="tightfit"``, ``progress=False``,
     ``artifact_extra=None``, ``on_start=None``, ``latency=None``, ``evaluation=None``,
-    ``pick="posterior"``, ``calibration=None``, ``recover=None``, ``recover_top=1`` (docs/reference.md).
+    ``pick="posterior"``, ``calibration=None``, ``recover=None``, ``recover_top=1``,
+    ``search_constraint=None`` (docs/reference.md).
     """
     return Run(model, Settings.of(**settings)).compress()
 

@@ -112,9 +112,12 @@ class Finish:
     calibration: list[Any] | None = None
     #: the answer's file when it was recovered after the search (it is not the trial's kept file)
     recovered: bytes | None = None
+    #: with no ``best`` given, the best feasible trial is the answer (False: nothing is)
+    pick_if_none: bool = True
 
     def result(self, trials: list[TrialRecord], best: TrialRecord | None = None) -> Result:
-        best = best if best is not None else best_feasible(trials)
+        if best is None and self.pick_if_none:
+            best = best_feasible(trials)
         common = dict(
             baseline_metric=self.baseline.metric,
             baseline_size_bytes=self.baseline.size_bytes,

@@ -2,7 +2,9 @@
 ``k`` feasible plans of the search are each fine-tuned once, with the compression held and the run's
 seed (as a trial's fine-tune), re-measured and re-checked; the answer is the best of them after
 recovery. The search itself can then run without training (``finetune=None``): the workflow for
-models whose fine-tuning takes hours."""
+models whose fine-tuning takes hours. Such a search can be held to a looser ``search_constraint``
+than the answer's: the recovery is what closes the gap, each recovered plan re-checked against
+``constraint``; if none meets it, the answer is the best plan that met ``constraint`` untrained."""
 
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ class Recovered:
     seconds: float = 0.0
     chosen: TrialRecord | None = None
     data: bytes | None = None
+    #: with ``search_constraint``: the best plan that met ``constraint`` in the search (untrained),
+    #: the answer when no recovered plan meets it
+    fallback: TrialRecord | None = None
+    #: the search was held to other (looser) constraints than the answer
+    loosened: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +55,7 @@ class Recovered:
                 for n in self.before
             ],
             "chosen": self.chosen.number if self.chosen is not None else None,
+            "unrecovered_answer": self.fallback.number if self.fallback is not None else None,
             "seconds": self.seconds,
         }
 
@@ -119,6 +127,16 @@ class AfterSearch:
         out.seconds = time.perf_counter() - started
         return out
 
+    def rescored(self, trials: Sequence[TrialRecord]) -> list[TrialRecord]:
+        """The trials as this object's constraints judge their measurements (those of the search
+        were looser)."""
+        return [
+            dataclasses.replace(t, constraints=tuple(c.value(t.measurement, self.baseline) for c in self.constraints))
+            if t.measurement is not None
+            else t
+            for t in trials
+        ]
+
 
 def plan_key(trial: TrialRecord) -> Any:
     return trial.plan.to_dict() if trial.plan is not None else None
@@ -133,6 +151,19 @@ def recovery_note(recovered: Recovered, k: int) -> str:
         for n in recovered.before
     )
     head = f"Recovery after the search ({len(recovered.before)} of the best {k} plans, {recovered.seconds:.1f} s): "
-    if recovered.chosen is None:
+    if recovered.chosen is not None:
+        return head + parts + f"; trial {recovered.chosen.number} is the answer."
+    if not recovered.loosened:
         return head + parts + "; none met the constraints after recovery, so the searched answer is kept unrecovered."
-    return head + parts + f"; trial {recovered.chosen.number} is the answer."
+    if recovered.fallback is not None:
+        return (
+            head
+            + parts
+            + f"; none met `constraint` after recovery, so the answer is trial {recovered.fallback.number}, "
+            "the best plan that met it in the search without training. Raise `recover_top`, train longer, or "
+            "tighten `search_constraint`."
+        )
+    return (
+        head + parts + "; none met `constraint` after recovery and no plan met it without training, so nothing is "
+        "feasible. Raise `recover_top`, train longer, or tighten `search_constraint`."
+    )

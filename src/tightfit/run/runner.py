@@ -128,6 +128,11 @@ class Run:
             "space": space.keys,
             "objective": [c.objective, "metric"] if c.multi else c.objective,
             "constraints": [con.describe() for con in c.constraints],
+            **(
+                {"constraints_after_recovery": [con.describe() for con in c.final_constraints]}
+                if c.final_constraints
+                else {}
+            ),
             "search": s.search,
             "seed": s.seed,
         }
@@ -267,13 +272,17 @@ class Run:
             s.seed,
             p.evaluate,
             StaticMeasure(s.artifact_extra, p.layer_names, p.example_input, o.baseline),
-            c.constraints,
+            c.answer_constraints,
             o.baseline,
             c.objective,
             c.latency,
         )
         recovered = after.run(trials, s.recover_top, best)
-        return (recovered.chosen or best), recovered
+        if recovered.chosen is not None or c.final_constraints is None:
+            return (recovered.chosen or best), recovered
+        # held to a looser search_constraint: the searched answer may not meet `constraint`; the best that did
+        recovered.loosened, recovered.fallback = True, best_feasible(after.rescored(trials))
+        return recovered.fallback, recovered
 
     def finish(self, p: Prepared, o: Opened, started: float, run_started: float | None = None) -> Result:
         """Pick the answer, get its bytes, re-measure the saved model, add the notes, write the files
@@ -305,6 +314,8 @@ class Run:
             confirmed=p.session is not None,
             calibration=c.calibration,
             recovered=recovered.data if recovered is not None and recovered.chosen is not None else None,
+            # with search_constraint, no answer after the recovery is none (not the search's best)
+            pick_if_none=c.final_constraints is None,
         ).result(trials, best_trial)
         if pick_note and result.feasible:
             result.notes.insert(0, pick_note)

@@ -61,6 +61,7 @@ class Settings:
     calibration: Any = None
     recover: Callable[[nn.Module], None] | None = None
     recover_top: int = 1
+    search_constraint: Constraint | Sequence[Constraint] | None = None
 
     @classmethod
     def of(cls, **keywords: Any) -> Settings:
@@ -102,6 +103,13 @@ class Checked:
     latency: Latency | None
     #: the calibration batches, read once in order (None when no operator of the strategy needs them)
     calibration: list[Any] | None = None
+    #: what the answer must meet after ``recover=`` when the search is held to ``search_constraint``
+    #: (``constraints`` are then the search's); None: the same as ``constraints``
+    final_constraints: list[Constraint] | None = None
+
+    @property
+    def answer_constraints(self) -> list[Constraint]:
+        return self.final_constraints if self.final_constraints is not None else self.constraints
 
 
 def check(model: nn.Module, settings: Settings) -> Checked:
@@ -128,6 +136,10 @@ def check(model: nn.Module, settings: Settings) -> Checked:
     constraints = constraint_list(s.constraint)
     check_resource_budget(s, objective, multi, constraints)
     check_recover(s, multi)
+    final = None
+    if s.search_constraint is not None:  # the search's own (looser) constraints; recovery must meet `constraint`
+        final, constraints = constraints, constraint_list(s.search_constraint, "search_constraint")
+        check_resource_budget(s, objective, multi, constraints)
     check_requirements(s.search, strategy, s.latency)  # known method; optional packages installed
     latency = latency_for(s.latency, objective, constraints, s.example_input)
     if s.evaluation is not None and latency is not None:
@@ -135,13 +147,18 @@ def check(model: nn.Module, settings: Settings) -> Checked:
             "evaluation=Sequential(...) does not time candidates yet: drop the latency objective / MaxLatency / "
             "`latency`, or use evaluation=None."
         )
-    return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration)
+    return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration, final)
 
 
 def check_recover(s: Settings, multi: bool) -> None:
     if s.recover is None:
         if s.recover_top != 1:
             raise ConfigError("`recover_top` needs `recover=` (e.g. recover=tightfit.FineTune(train_loader)).")
+        if s.search_constraint is not None:
+            raise ConfigError(
+                "`search_constraint` is what a search without training is held to before `recover=` trains the "
+                "best plans to meet `constraint`: it needs `recover=` (e.g. recover=tightfit.FineTune(train_loader))."
+            )
         return
     if not callable(s.recover):
         raise ConfigError("`recover` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
@@ -254,7 +271,7 @@ def tuned_hyperparameters(finetune: Any) -> list:
     return list(finetune.hyperparameters())
 
 
-def constraint_list(constraint: Constraint | Sequence[Constraint] | None) -> list[Constraint]:
+def constraint_list(constraint: Constraint | Sequence[Constraint] | None, name: str = "constraint") -> list[Constraint]:
     if constraint is None:
         items = [MaxDrop(0.01)]
     elif isinstance(constraint, Constraint):
@@ -265,7 +282,7 @@ def constraint_list(constraint: Constraint | Sequence[Constraint] | None) -> lis
         items = [constraint]
     for c in items:
         if not isinstance(c, Constraint):
-            raise ConfigError(f"`constraint` must be a tightfit constraint such as MaxDrop(0.005), but got {c!r}.")
+            raise ConfigError(f"`{name}` must be a tightfit constraint such as MaxDrop(0.005), but got {c!r}.")
     return items
 
 
