@@ -46,6 +46,9 @@ class SearchContext:
     objective: str = "size"
     #: 2 for a Pareto search of (objective, metric); samplers that model one objective use the first
     n_objectives: int = 1
+    #: a plan probed on the calibration inputs instead (no validation data): ``metric`` is minus the
+    #: outputs' divergence from the original's (tightfit.evaluation.divergence); None without them
+    calibration_probe: Callable[[Plan], ProbeResult] | None = None
     #: memo shared by the per-trial copies of one run (e.g. the sensitivity scan)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
