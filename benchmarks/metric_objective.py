@@ -179,7 +179,15 @@ def main() -> None:  # noqa: D103
     parser.add_argument("--val-batches", type=int, help="validation batches the arms decide on (default: all)")
     parser.add_argument("--test-batches", type=int, help="test batches reported (default: all)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON records (one task)")
     args = parser.parse_args()
+    if args.table:
+        records = [json.loads(p.read_text()) for p in args.table]
+        merged = {**records[0], "arms": [a for r in records for a in r["arms"]]}
+        order = {"uniform": 0, "greedy": 1, "warm": 2, "tpe": 3}
+        merged["arms"].sort(key=lambda a: (order.get(a["arm"], 9), a.get("seed") or 0))
+        print(markdown(merged))
+        return
     torch.set_num_threads(1)  # one thread: on the shared 2-core machine two spin-wait (docs/tasks.md)
     torch.manual_seed(0)
     raw = load_task(args.task)
@@ -221,6 +229,31 @@ def main() -> None:  # noqa: D103
         record["arms"].append(row)
         out.write_text(json.dumps(record, indent=1))
         print(f"  {spec}: " + json.dumps({k: v for k, v in row.items() if k not in ("rows", "trial_vals")}), flush=True)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """One table per task: each arm's validation (the subset the arms decide on) and test metric,
+    file bytes against the limit, wall time and validation evaluations."""
+    lm = record["task"] == "tiny-lm"
+
+    def fmt(v: float) -> str:
+        return f"{-v:.4f}" if lm else f"{100 * v:.2f}%"
+
+    name = "loss (nats/byte)" if lm else "accuracy"
+    out = [
+        f"| arm | val {name} | test {name} | file bytes (limit {record['limit_bytes']:,}) | wall s | val evaluations |",
+        "|---|---|---|---|---|---|",
+        f"| float32 | {fmt(record['float32']['val'])} | {fmt(record['float32']['test'])} | "
+        f"{record['float32']['bytes']:,} | - | - |",
+    ]
+    for a in record["arms"]:
+        label = {"uniform": f"uniform ({a.get('setting')})", "greedy": "sensitivity-greedy"}.get(a["arm"], a["arm"])
+        if a["arm"] in ("warm", "tpe"):
+            label = f"{'metric search, warm start' if a['arm'] == 'warm' else 'metric search, plain TPE'} (seed {a['seed']})"
+        out.append(
+            f"| {label} | {fmt(a['val'])} | {fmt(a['test'])} | {a['bytes']:,} | {a['wall_s']:.0f} | {a['evaluations']} |"
+        )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
