@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -17,7 +18,8 @@ import optuna
 import torch
 from torch import nn
 
-from ..evaluation.constraints import Constraint, MaxBits, MaxFlops, MaxSize
+from ..evaluation.constraints import RESOURCE_CONSTRAINTS, Constraint, MaxBits, MaxFlops, MaxSize
+from ..evaluation.divergence import OutputDivergence
 from ..evaluation.metrics import evaluate_metric
 from ..export.artifact import to_bytes
 from ..measure.analysis import count_nonzeros, layer_kind, sparse_flops
@@ -172,14 +174,16 @@ def with_probe_cost(context: SearchContext, evaluate_plan: TrialEvaluator, count
     if context.probe is None:
         return context, evaluate_plan
     clock = {"s": 0.0}
-    probe = context.probe
 
-    def timed_probe(plan: Plan) -> ProbeResult:
-        started = time.perf_counter()
-        try:
-            return probe(plan)
-        finally:
-            clock["s"] += time.perf_counter() - started
+    def timing(probe: Callable[[Plan], ProbeResult]) -> Callable[[Plan], ProbeResult]:
+        def timed_probe(plan: Plan) -> ProbeResult:
+            started = time.perf_counter()
+            try:
+                return probe(plan)
+            finally:
+                clock["s"] += time.perf_counter() - started
+
+        return timed_probe
 
     def charged(plan: Plan, trial) -> TrialOutcome:
         passes, seconds = counter.take(), clock["s"]
@@ -188,7 +192,8 @@ def with_probe_cost(context: SearchContext, evaluate_plan: TrialEvaluator, count
         outcome.attrs = dataclasses.replace(outcome.attrs, probe_samples=passes, probe_s=seconds)
         return outcome
 
-    return dataclasses.replace(context, probe=timed_probe), charged
+    calibration_probe = timing(context.calibration_probe) if context.calibration_probe is not None else None
+    return dataclasses.replace(context, probe=timing(context.probe), calibration_probe=calibration_probe), charged
 
 
 def search_context(
@@ -198,6 +203,7 @@ def search_context(
     layer_names,
     example_input,
     n_objectives: int = 1,
+    probe_inputs: list[Any] | None = None,
 ) -> SearchContext:
     """What samplers may use besides the trials: a probe that measures a plan *without* fine-tuning
     (the sensitivity scan and warm starts use it) and the original weights."""
@@ -220,6 +226,28 @@ def search_context(
         )
         return ProbeResult(metric, tuple(s.constraint_values(measured)), s.goal(measured))
 
+    memo: dict[str, Any] = {}
+    divergence: list[OutputDivergence] = []  # built on first use: the reference outputs cost forward passes
+
+    def calibration_probe(plan: Plan) -> ProbeResult:
+        """The plan's outputs against the original's on the calibration inputs, and its resources."""
+        if not divergence:
+            assert probe_inputs is not None
+            divergence.append(OutputDivergence(s.original, probe_inputs))
+            memo["calibration_probe.samples"] = divergence[0].samples
+        candidate = s.candidate(plan)
+        nonzeros, _ = count_nonzeros(candidate, layer_names)
+        measured = Measurement(
+            metric=math.nan,
+            size_bytes=len(to_bytes(candidate, plan)) if needs_bytes else s.baseline.size_bytes,
+            nonzeros=nonzeros,
+            weight_params=s.baseline.weight_params,
+            flops=sparse_flops(candidate, example_input, layer_names) if needs_flops else None,
+            **timed(s.latency, candidate),
+        )
+        values = [c.value(measured, s.baseline) for c in s.constraints if isinstance(c, RESOURCE_CONSTRAINTS)]
+        return ProbeResult(-divergence[0](candidate), tuple(values), math.nan)
+
     modules = dict(s.original.named_modules())
     weights = {name: one_weight(modules[name]) for name in layer_names if layer_kind(modules[name]) is not None}
     return SearchContext(
@@ -232,4 +260,6 @@ def search_context(
         weights=weights,
         objective=s.objective,
         n_objectives=n_objectives,
+        calibration_probe=calibration_probe if probe_inputs is not None else None,
+        memo=memo,
     )

@@ -138,8 +138,8 @@ class Run:
         }
         if c.latency is not None:
             recorded["latency"] = c.latency.describe()
-        if c.calibration is not None:  # a resume with other calibration data would mix plans fitted on both
-            recorded["calibration"] = describe_calibration(c.calibration)
+        if c.probe_inputs is not None:  # a resume with other calibration data would mix plans fitted on both
+            recorded["calibration"] = describe_calibration(c.probe_inputs)
         evaluate = bind_reference(s.evaluate, original)  # Agreement / Fidelity compare with the original
         session = None
         if s.evaluation is not None:
@@ -218,6 +218,7 @@ class Run:
             p.layer_names,
             p.example_input,
             n_objectives=2 if c.multi else 1,
+            probe_inputs=c.probe_inputs,
         )
         context, evaluator = with_probe_cost(context, evaluator, p.counter)
         return evaluator, context

@@ -29,7 +29,7 @@ OBJECTIVES = ("size", "nonzeros", "flops", "latency", "metric")
 #: what ``objective="metric"`` may search with: the other methods model a positive objective that
 #: falls as plans compress (BO fits its logarithm; the level-set and pattern searches walk toward
 #: smaller plans), which the metric is not
-METRIC_SEARCHES = ("auto", "tpe", "random", "gp", "cmaes", "nsga2")
+METRIC_SEARCHES = ("auto", "tpe", "warm-tpe", "random", "gp", "cmaes", "nsga2")
 #: how compress chooses its answer among the feasible trials (see tightfit.run.finish.final_pick)
 PICKS = ("posterior", "observed")
 
@@ -106,6 +106,9 @@ class Checked:
     #: what the answer must meet after ``recover=`` when the search is held to ``search_constraint``
     #: (``constraints`` are then the search's); None: the same as ``constraints``
     final_constraints: list[Constraint] | None = None
+    #: calibration batches the search's probes may read (objective="metric"'s warm start): the
+    #: calibration, also when no operator needs it
+    probe_inputs: list[Any] | None = None
 
     @property
     def answer_constraints(self) -> list[Constraint]:
@@ -147,7 +150,13 @@ def check(model: nn.Module, settings: Settings) -> Checked:
             "evaluation=Sequential(...) does not time candidates yet: drop the latency objective / MaxLatency / "
             "`latency`, or use evaluation=None."
         )
-    return Checked(s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration, final)
+    probe_inputs = calibration
+    if probe_inputs is None and s.calibration is not None and objective == "metric":
+        probe_inputs = calibration_batches(s.calibration, strategy)
+    return Checked(
+        s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration, final,
+        probe_inputs=probe_inputs,
+    )
 
 
 def check_recover(s: Settings, multi: bool) -> None:

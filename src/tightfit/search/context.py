@@ -50,6 +50,9 @@ class SearchContext:
     #: beyond the scan's own (``sensitivity.MAX_SCAN_PROBES``). ``compress`` sets it from the budget
     #: when a probe costs what a trial does (``finetune=None``): ``sensitivity.probe_allowance``.
     max_probes: int | None = None
+    #: a plan probed on the calibration inputs instead (no validation data): ``metric`` is minus the
+    #: outputs' divergence from the original's (tightfit.evaluation.divergence); None without them
+    calibration_probe: Callable[[Plan], ProbeResult] | None = None
     #: memo shared by the per-trial copies of one run (e.g. the sensitivity scan; ``EXHAUSTED``)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

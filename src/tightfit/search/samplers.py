@@ -92,10 +92,17 @@ def auto_method(ctx: SearchContext) -> str:
     if ctx.n_objectives > 1:
         return "nsga2"
     if ctx.objective == "metric":  # BO and the level-set search model a positive size-like objective
-        return "tpe"
+        # with calibration data, TPE starts from the sensitivity allocation (search/warm_metric.py)
+        return "warm-tpe" if ctx.calibration_probe is not None else "tpe"
     if ctx.budget <= 10:
         return "levelset"
     return "bo"
+
+
+def _warm_tpe(ctx: SearchContext) -> optuna.samplers.BaseSampler:
+    from .warm_metric import warm_tpe
+
+    return warm_tpe(ctx)
 
 
 def _auto(ctx: SearchContext) -> optuna.samplers.BaseSampler:
@@ -110,6 +117,7 @@ SAMPLERS: dict[str, Factory] = {
     "olmp": _olmp,
     "cmaes": _cmaes,
     "tpe": _tpe,
+    "warm-tpe": _warm_tpe,
     "random": _random,
     "gp": _gp,
     "nsga2": _nsga2,
