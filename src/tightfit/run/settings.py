@@ -153,10 +153,8 @@ def check(model: nn.Module, settings: Settings) -> Checked:
     probe_inputs = calibration
     if probe_inputs is None and s.calibration is not None and objective == "metric":
         probe_inputs = calibration_batches(s.calibration, strategy)
-    return Checked(
-        s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration, final,
-        probe_inputs=probe_inputs,
-    )
+    args = (s, model, compiled is not None, objective, multi, strategy, constraints, latency, calibration)
+    return Checked(*args, final_constraints=final, probe_inputs=probe_inputs)
 
 
 def check_recover(s: Settings, multi: bool) -> None:
