@@ -191,6 +191,12 @@ class Operator(abc.ABC):
         """Constructor arguments, JSON-ready, so that a plan records how it was made."""
         return {"layers": self.layers}
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Operator:
+        """The operator a plan's recorded :meth:`config` stands for (an operator whose defaults
+        changed fills in what plans written before meant)."""
+        return cls(**config)
+
     def validate_settings(self, layer_name: str, settings: dict[str, Any]) -> dict[str, Any]:
         """Check settings from a plan against this operator; returns them completed with defaults."""
         merged = {**self.identity(), **settings}

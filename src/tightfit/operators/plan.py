@@ -67,7 +67,7 @@ class Plan:
                 raise ConfigError(
                     f"Plan uses operator {name!r}, which is not registered; known: {sorted(OPERATOR_REGISTRY)}."
                 )
-            ops.append(OPERATOR_REGISTRY[name](**config))
+            ops.append(OPERATOR_REGISTRY[name].from_config(config))
         return Compose(ops)
 
 
