@@ -100,6 +100,8 @@ class TrialAttrs:
     plan: Plan | None = _key(keys.PLAN_ATTR, Plan.to_dict, Plan.from_dict)
     measurement: Measurement | None = _key(keys.MEASUREMENT_ATTR, Measurement.to_dict, Measurement.from_dict)
     finetune_steps: int | None = _key(keys.FINETUNE_STEPS_ATTR)
+    #: seconds the trial's fine-tuning took (the run's time breakdown)
+    finetune_s: float | None = _key(keys.FINETUNE_S_ATTR)
     #: standard error of the metric estimate (the noise a GP model reads)
     metric_se: float | None = _key(keys.METRIC_SE_ATTR)
     #: the spread of predicted constraint values (screened / stopped trials; the final pick reads it)
@@ -174,6 +176,8 @@ class TrialRecord:
     #: validation samples and seconds the optimizer's probes (no fine-tune) used for this suggestion
     probe_samples: int | None = None
     probe_s: float | None = None
+    #: seconds the trial's fine-tuning took
+    finetune_s: float | None = None
 
     @property
     def feasible(self) -> bool:

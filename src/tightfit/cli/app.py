@@ -60,6 +60,12 @@ def _show_result(result: Result, extra_rows: list[tuple[str, str, str]] | None =
             f"{cost.get('finetune_steps', 0):,} fine-tuning steps, {cost.get('search_wall_s', 0.0):.1f} s searching",
             sep="",
         )
+        times = cost.get("time")
+        if times:  # how the run's wall time was spent (summary.json: accounting.time)
+            parts = ", ".join(
+                f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in times.items() if k != "total_s"
+            )
+            console.print(f"time: {times['total_s']:.1f} s in all: {parts}", markup=False)
     console.print(printable(result.message), markup=False)
     for note in result.notes:
         console.print("note: " + printable(note), markup=False, style="yellow")

@@ -131,6 +131,7 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
             "flops": "per forward pass of example_input, nonzero weights only",
             "latency_ms": "median wall time of one forward pass of the saved model (torch.utils.benchmark)",
             "speedup": "baseline latency / trial latency, measured (trials.csv)",
+            "accounting.time": "seconds of wall time of this process's run, by where they went (finish.time_breakdown)",
         },
     }
 

@@ -29,6 +29,7 @@ from ..records import UNSET, Measurement, TrialAttrs, TrialRecord, better
 from ..run_dir import RunDir
 from ..search.context import ProbeResult, SearchContext
 from ..search.loop import TrialOutcome
+from ..search.sensitivity import probe_allowance
 from ..search.space import SearchSpace
 from .measuring import ForwardPasses, StaticMeasure, full_metric, one_weight, timed
 
@@ -136,11 +137,12 @@ class FullEvaluator:
         s = self.setup
         s.counter.take()
         candidate = s.candidate(plan)
-        steps = None
+        steps = tune_s = None
         recover, tuned = s.recovery_for(trial)
         if recover is not None:
+            tune_started = time.perf_counter()
             recover_seeded(recover, candidate, s.seed)
-            steps = getattr(recover, "steps_taken", None)
+            steps, tune_s = getattr(recover, "steps_taken", None), time.perf_counter() - tune_started
         metric, metric_se = full_metric(self.evaluate, candidate)
         data, static = s.static(candidate, plan, trial.number)
         measured = dataclasses.replace(static, metric=metric, **timed(s.latency, candidate))
@@ -154,6 +156,7 @@ class FullEvaluator:
                 plan=plan,
                 measurement=measured,
                 finetune_steps=steps,
+                finetune_s=tune_s,
                 metric_se=metric_se,
                 val_samples=s.counter.take(),
                 fidelity="full",
@@ -224,6 +227,8 @@ def search_context(
         budget=budget,
         seed=s.seed,
         probe=probe,
+        # without fine-tuning a probe costs a trial's evaluation: bounded by the budget (issue 18)
+        max_probes=probe_allowance(budget) if s.finetune is None else None,
         weights=weights,
         objective=s.objective,
         n_objectives=n_objectives,

@@ -71,6 +71,28 @@ def accounting(trials: Sequence[TrialRecord], baseline_passes, final_passes, wal
     }
 
 
+def time_breakdown(trials: Sequence[TrialRecord], run_s: float, before_s: float, after_s: float) -> dict[str, float]:
+    """How the run's wall time (``run_s``, this process) was spent, in seconds: before the search
+    (copy, analysis, the original's measurement), the optimizer's probes and its own suggestion work,
+    fine-tuning, the trials' evaluation (apply the plan, metric, file bytes), after the search (pick,
+    re-measure, files), and the rest (storage, progress; negative on a resumed run, whose earlier
+    processes' trials are counted too). A trial whose evaluator does not time its fine-tuning
+    (cheap evaluation) counts it as evaluation."""
+    probes = sum(t.probe_s or 0.0 for t in trials)
+    suggest = sum(t.search_time_s or 0.0 for t in trials)
+    finetune = sum(t.finetune_s or 0.0 for t in trials)
+    evaluation = sum(t.duration_s or 0.0 for t in trials) - suggest - finetune
+    parts = {
+        "before_search_s": before_s,
+        "probes_s": probes,
+        "optimizer_s": suggest - probes,
+        "finetune_s": finetune,
+        "evaluation_s": evaluation,
+        "after_search_s": after_s,
+    }
+    return {"total_s": run_s, **parts, "other_s": run_s - sum(parts.values())}
+
+
 @dataclass
 class Finish:
     """What the end of a run needs: the original and how plans were applied and recovered, the

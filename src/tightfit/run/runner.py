@@ -28,7 +28,7 @@ from ..run_dir import RunDir
 from ..search.loop import counted_trials, recover_interrupted, run_trials, trial_record
 from ..search.space import SearchSpace, build_space
 from .evaluator import BestSoFar, FullEvaluator, TrialEvaluator, TrialSetup, search_context, with_probe_cost
-from .finish import Finish, accounting, final_pick
+from .finish import Finish, accounting, final_pick, time_breakdown
 from .measuring import ForwardPasses, StaticMeasure, original_flops
 from .notes import (
     COMPILED_NOTE,
@@ -89,11 +89,12 @@ class Run:
 
     def compress(self) -> Result:
         """The whole run: the result ``tightfit.compress`` returns."""
+        run_started = time.perf_counter()
         prepared = self.prepare()
         with ExitStack() as stack:
             opened = self.open(prepared, stack)
             started = self.search(prepared, opened, stack)
-            return self.finish(prepared, opened, started)
+            return self.finish(prepared, opened, started, run_started)
 
     def work(self) -> int:
         """A worker's run: trials of the shared study only; returns how many this process evaluated."""
@@ -274,9 +275,11 @@ class Run:
         recovered = after.run(trials, s.recover_top, best)
         return (recovered.chosen or best), recovered
 
-    def finish(self, p: Prepared, o: Opened, started: float) -> Result:
-        """Pick the answer, get its bytes, re-measure the saved model, add the notes, write the files."""
+    def finish(self, p: Prepared, o: Opened, started: float, run_started: float | None = None) -> Result:
+        """Pick the answer, get its bytes, re-measure the saved model, add the notes, write the files
+        (``started``: when the search began; ``run_started``: when the run did, for the time breakdown)."""
         s, c = self.settings, self.checked
+        finish_started = time.perf_counter()
         trials = [trial_record(t) for t in o.study.get_trials()]
         # objective="metric": the feasible trial with the best metric as measured (its constraints are resources)
         observed = c.multi or s.pick == "observed" or c.objective == "metric"
@@ -327,9 +330,21 @@ class Run:
             result.notes.append(weight_norm_note(p.weight_normed))
         if c.compiled:
             result.notes.append(COMPILED_NOTE)
+        # up to here: writing the run files (the summary holds the breakdown) is left out of it
+        result.accounting["time"] = self.times(trials, run_started, started, finish_started)
         if o.run is not None:
             report.write_run_files(result, o.run.path, p.recorded)
         return result
+
+    @staticmethod
+    def times(
+        trials: list[TrialRecord], run_started: float | None, started: float, finish_started: float
+    ) -> dict[str, float]:
+        """The run's time breakdown (``finish.time_breakdown``); without ``run_started`` (a caller
+        of ``finish`` alone) the run is counted from the search's start."""
+        now = time.perf_counter()
+        run_started = started if run_started is None else run_started
+        return time_breakdown(trials, now - run_started, started - run_started, now - finish_started)
 
 
 def note_recovery(result: Result, recovered: Recovered, k: int) -> None:

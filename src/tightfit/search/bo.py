@@ -1,9 +1,13 @@
 """``search="bo"``: constrained Bayesian optimization over the per-layer plan, on BoTorch.
 
-1. Warm start: the per-layer sensitivity scan (probes, no fine-tune) gives a one-knob family of
-   plans that compress insensitive layers first; the first ``n_init`` evaluations search that knob
-   with the level-set rule (``levelset.next_knob``).
-2. Then trust-region BO (as in TuRBO / SCBO): GPs of ``-log(objective)`` and of the constraint
+1. The floor: the first trials (at most ``UNIFORM_TRIALS``) bisect the uniform family (one setting
+   for every layer) over its distinct plans, so the best uniform plan they reach is a trial and the
+   answer is at least as small. No probe is made before the first trial.
+2. Warm start: the per-layer sensitivity scan (probes, no fine-tune; within the run's probe
+   allowance, ``SearchContext.max_probes``) gives a one-knob family of plans that compress
+   insensitive layers first; the next ``n_init`` evaluations search that knob with the level-set
+   rule (``levelset.next_knob``). Skipped when no scan fits the allowance.
+3. Then trust-region BO (as in TuRBO / SCBO): GPs of ``-log(objective)`` and of the constraint
    value (observed noise = ``metric_se``² when trials carry it), acquisition = log expected
    improvement x probability of feasibility (``LogConstrainedExpectedImprovement``), or
    ``qLogNoisyExpectedImprovement`` with the constraint when other workers' trials are running
@@ -36,9 +40,8 @@ from ..optuna_compat import set_trial_system_attr
 from ..run_dir import GP_ATTR
 from .base import INCUMBENT_ATTR, History, PlanSampler
 from .context import SearchContext
-from .encoding import UnitEncoding
-from .levelset import knob_of, knob_table, next_knob, uniform_family
-from .sensitivity import probe_violation, sensitivity_scan
+from .levelset import bisect_segments, knob_of, knob_table, next_knob, segments, uniform_family
+from .sensitivity import largest_feasible_knob, sensitivity_scan
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
 
@@ -64,6 +67,15 @@ def acquisition_effort(d: int) -> tuple[int, int, int]:
 
 def default_n_init(budget: int) -> int:
     return int(min(8, max(2, budget // 5)))
+
+
+#: trials the uniform bisection takes at most (``BOSampler._uniform_phase``): a family of bit widths
+#: is bisected in 2-3, a sparsity to 1/32 of its range in 5
+UNIFORM_TRIALS = 5
+
+
+def uniform_trials(budget: int) -> int:
+    return int(min(UNIFORM_TRIALS, max(3, budget // 6)))
 
 
 def trust_region_length(history: History, start: int, d: int) -> float:
@@ -119,25 +131,49 @@ class BOSampler(PlanSampler):
         return scan.family if scan is not None else uniform_family(self.encoding)
 
     def propose(self, history: History, study: optuna.Study) -> np.ndarray | None:
-        if history.n < self.n_init or history.n < 2:
-            return self._warm_start(history)
-        return self._bo_step(history, study)
+        end, knob = self._uniform_phase(history)
+        if knob is not None:
+            return uniform_family(self.encoding)(knob)
+        scanned = sensitivity_scan(self.context) is not None
+        warm_end = end + (self.n_init if scanned else 0)
+        if history.n < warm_end or history.n < 2:
+            return self._warm_start(history, end)
+        return self._bo_step(history, study, warm_end)
 
-    def _warm_start(self, history: History) -> np.ndarray:
+    def _uniform_phase(self, history: History) -> tuple[int, float | None]:
+        """The floor: the first trials bisect the uniform family (one setting for every layer,
+        ``levelset.uniform_family``) over its distinct plans, so the best uniform plan they reach is
+        among the trials and the answer is at least as small. Returns (trials the bisection took,
+        its next knob, or None once it is done: the edge found or ``uniform_trials`` spent)."""
+        family = uniform_family(self.encoding)
+        memo = self.context.memo
+        if "bo.uniform" not in memo:  # fixed for the run, as the space is
+            memo["bo.uniform"] = (knob_table(family), segments(self.encoding, family))
+        table, starts = memo["bo.uniform"]
+        cap = uniform_trials(self.context.budget)
+        knobs = knob_of(history.x, family, table=table) if history.n else np.zeros(0)
+        for k in range(min(history.n, cap) + 1):
+            knob = bisect_segments(knobs[:k], history.violation[:k], starts)
+            if knob is None or k == cap:
+                return k, None
+            if k == history.n:
+                return k, knob
+        return cap, None  # not reached: the loop returns at k == min(n, cap)
+
+    def _warm_start(self, history: History, first: int) -> np.ndarray:
+        """The sensitivity family's knob searched with the level-set rule, from trial ``first`` on."""
         family = self.family()
         table = self.context.memo.get("bo.knob_table")
         if table is None:  # the family is fixed for the run (the scan is memoized), so is its table
             table = self.context.memo["bo.knob_table"] = knob_table(family)
-        u = knob_of(history.x, family, table=table) if history.n else np.zeros(0)
+        own = history.x[first:]
+        u = knob_of(own, family, table=table) if len(own) else np.zeros(0)
         pending = knob_of(history.pending, family, table=table) if len(history.pending) else np.zeros(0)
-        start = self.context.memo.get("bo.start")
-        if start is None:
-            start = _probe_start(self.context, self.encoding, family)
-            self.context.memo["bo.start"] = start
-        se = history.se if history.n and not np.isnan(history.se).any() else None
-        return family(next_knob(u, history.violation, se, start=start, pending=pending))
+        start = largest_feasible_knob(self.context, family, "bo.start")
+        se = history.se[first:] if history.n and not np.isnan(history.se).any() else None
+        return family(next_knob(u, history.violation[first:], se, start=start, pending=pending))
 
-    def _bo_step(self, history: History, study: optuna.Study) -> np.ndarray:
+    def _bo_step(self, history: History, study: optuna.Study, warm_end: int) -> np.ndarray:
         from botorch.models import ModelListGP
 
         y_obj = -np.log(np.maximum(history.objective, 1e-12))
@@ -148,7 +184,7 @@ class BOSampler(PlanSampler):
         if best is not None and self._trial is not None:
             set_trial_system_attr(study, self._trial, INCUMBENT_ATTR, float(history.objective[best]))
         center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
-        length = trust_region_length(history, self.n_init, self.encoding.d)
+        length = trust_region_length(history, warm_end, self.encoding.d)
         lo, hi = _trust_region_box(center, length, obj_gp, self.encoding.d)
         acq = _acquisition(model, history, y_obj, best)
         x = self._maximize(acq, lo, hi)
@@ -354,16 +390,3 @@ def _robust_best(history: History, con_gp: Any) -> int | None:
     if ok.size == 0:
         return observed
     return int(ok[np.argmin(history.objective[ok])])
-
-
-def _probe_start(context: SearchContext, enc: UnitEncoding, family: Callable[[float], np.ndarray]) -> float:
-    """Largest knob at which the probe (no fine-tune) meets the constraint; 0.5 without a probe."""
-    if context.probe is None:
-        return 0.5
-    ok = 0.0
-    for u in np.linspace(0.05, 1.0, 20):
-        if probe_violation(context, context.space.plan(enc.decode(family(u)))) <= 0:
-            ok = float(u)
-        else:
-            break
-    return ok

@@ -46,6 +46,10 @@ class SearchContext:
     objective: str = "size"
     #: 2 for a Pareto search of (objective, metric); samplers that model one objective use the first
     n_objectives: int = 1
+    #: distinct plans the sensitivity scan and the warm starts may probe in the run; None: no bound
+    #: beyond the scan's own (``sensitivity.MAX_SCAN_PROBES``). ``compress`` sets it from the budget
+    #: when a probe costs what a trial does (``finetune=None``): ``sensitivity.probe_allowance``.
+    max_probes: int | None = None
     #: memo shared by the per-trial copies of one run (e.g. the sensitivity scan)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

@@ -19,7 +19,7 @@ from .base import History, PlanSampler
 from .context import SearchContext
 from .encoding import UnitEncoding
 from .gp import fit_gp, normal_cdf, posterior
-from .sensitivity import probe_violation, sensitivity_scan
+from .sensitivity import largest_feasible_knob, sensitivity_scan
 
 GRID = np.linspace(0.0, 1.0, 1001)
 #: evaluations made by bisection before the GP takes over
@@ -27,12 +27,44 @@ BISECT = 4
 
 
 def uniform_family(enc: UnitEncoding) -> Callable[[float], np.ndarray]:
+    """One setting for every layer: the knob moves every continuous dimension together (a sparsity),
+    the others stay gentle; with no continuous dimension (e.g. ``Quantize(bits=(2, 4, 8))`` alone),
+    every dimension moves, so the knob walks through the uniform bit widths."""
     cont = np.array([enc.is_continuous(i) for i in range(enc.d)], dtype=float)
+    moved = cont if cont.any() else np.ones(enc.d)
 
     def plan(u: float) -> np.ndarray:
-        return cont * u
+        return moved * u
 
     return plan
+
+
+def segments(enc: UnitEncoding, family: Callable[[float], np.ndarray], grid: np.ndarray = GRID) -> np.ndarray:
+    """The knobs of ``grid`` where the family's decoded plan changes (the first is 0): segment ``i``
+    spans ``[out[i], out[i + 1])``. A family of bit widths has a few segments, a sparsity ~1,000."""
+    starts, last = [], None
+    for u in grid:
+        plan = enc.decode(family(float(u)))
+        if plan != last:
+            starts.append(float(u))
+            last = plan
+    return np.array(starts)
+
+
+def bisect_segments(knobs: np.ndarray, violation: np.ndarray, starts: np.ndarray) -> float | None:
+    """The next knob of a bisection over the family's distinct plans (:func:`segments`): midway
+    between the most compressing segment measured feasible and the least compressing infeasible one
+    above it, at the middle of its segment; None once the two are neighbours (the edge is found)."""
+    idx = np.searchsorted(starts, knobs, side="right") - 1
+    feasible = violation <= 0
+    lo = int(idx[feasible].max()) if feasible.any() else -1
+    above = idx[(~feasible) & (idx > lo)]
+    hi = int(above.min()) if above.size else len(starts)
+    if hi - lo <= 1:
+        return None
+    mid = (lo + hi) // 2
+    end = starts[mid + 1] if mid + 1 < len(starts) else 1.0
+    return float((starts[mid] + end) / 2)
 
 
 def knob_table(family: Callable[[float], np.ndarray], grid: np.ndarray = GRID) -> np.ndarray:
@@ -93,18 +125,7 @@ class LevelSetSampler(PlanSampler):
     def start(self) -> float:
         """First knob: the largest at which the probe (no fine-tune) still meets the constraint,
         since fine-tuning only recovers; 0.5 without a probe."""
-        ctx = self.context
-        if ctx.probe is None:
-            return 0.5
-        if "levelset.start" not in ctx.memo:
-            ok = 0.0
-            for u in np.linspace(0.05, 1.0, 20):
-                if probe_violation(ctx, ctx.space.plan(self.encoding.decode(self.family(u)))) <= 0:
-                    ok = float(u)
-                else:
-                    break
-            ctx.memo["levelset.start"] = ok
-        return ctx.memo["levelset.start"]
+        return largest_feasible_knob(self.context, self.family, "levelset.start")
 
     def propose(self, history: History, study: optuna.Study) -> np.ndarray:
         table = knob_table(self.family)  # once for the three look-ups

@@ -364,4 +364,5 @@ def trial_record(t: optuna.trial.FrozenTrial) -> TrialRecord:
         search_time_s=attrs.search_time_s,
         probe_samples=attrs.probe_samples,
         probe_s=attrs.probe_s,
+        finetune_s=attrs.finetune_s,
     )

@@ -1,0 +1,161 @@
+"""Issue 18: the budget bounds the probes (a run without fine-tuning probes at most
+``probe_allowance(budget)`` distinct plans, the scan grouping neighbouring layers on a deep model),
+``bo``'s first trials bisect the uniform family so its answer is at least as small as the best
+uniform setting, and the run says how its wall time was spent."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import optuna
+import pytest
+
+import tightfit
+from tightfit import Quantize
+from tightfit.operators import Compose
+from tightfit.operators.base import Hyperparameter
+from tightfit.search import SearchSpace, run_trials
+from tightfit.search.context import ProbeResult, SearchContext
+from tightfit.search.encoding import UnitEncoding
+from tightfit.search.levelset import bisect_segments, segments, uniform_family
+from tightfit.search.loop import TrialOutcome, trial_constraints
+from tightfit.search.sensitivity import distinct_probes, probe_allowance, scan_design
+from tightfit.search.space import Dimension
+
+BITS = (2, 3, 4, 8)
+DEPTH = 16
+#: what rounding to each bit width costs a layer (the metric lost, before its sensitivity)
+ERROR = {8: 0.0, 4: 0.004, 3: 0.02, 2: 0.08}
+
+
+def deep_space() -> SearchSpace:
+    names = [f"l{i}" for i in range(DEPTH)]
+    dims = tuple(Dimension(n, "quantize", Hyperparameter("bits", choices=BITS)) for n in names)
+    return SearchSpace(Compose([Quantize(bits=BITS)]), dims, {n: {"quantize": {}} for n in names})
+
+
+def measure(plan) -> tuple[float, float]:
+    """(objective, constraint): bits summed over the layers; the deep layers are 4x as sensitive as
+    the shallow ones; feasible while the metric lost stays under 0.5: uniform 4 bits loses 0.4
+    (feasible), uniform 3 bits 2.0; a few shallow layers at 3 bits on top of 4 still fit."""
+    bits = [plan.layers[f"l{i}"]["quantize"]["bits"] for i in range(DEPTH)]
+    lost = sum(ERROR[b] * (1.0 if i < DEPTH // 2 else 4.0) for i, b in enumerate(bits))
+    return float(sum(bits)), lost - 0.5
+
+
+def counting_context(budget: int, max_probes: int | None) -> tuple[SearchContext, list[str]]:
+    calls: list[str] = []
+
+    def probe(plan) -> ProbeResult:
+        calls.append(json.dumps(plan.to_dict(), sort_keys=True))
+        objective, constraint = measure(plan)
+        return ProbeResult(-constraint, (constraint,), objective)
+
+    return SearchContext(space=deep_space(), budget=budget, probe=probe, max_probes=max_probes), calls
+
+
+def evaluate(plan, trial) -> TrialOutcome:
+    objective, constraint = measure(plan)
+    return TrialOutcome(objective=objective, constraints=[constraint])
+
+
+def run(method: str, budget: int, max_probes: int | None) -> tuple[optuna.Study, list[str]]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    context, calls = counting_context(budget, max_probes)
+    study = optuna.create_study()
+    run_trials(study, context.space, evaluate, budget=budget, method=method, seed=0, context=context)
+    return study, calls
+
+
+def best_uniform() -> float:
+    """The smallest objective of a feasible uniform setting, by trying each bit width."""
+    space = deep_space()
+    enc = UnitEncoding(space)
+    feasible = []
+    for b in BITS:
+        plan = space.plan({k: b for k in enc.keys})
+        objective, constraint = measure(plan)
+        if constraint <= 0:
+            feasible.append(objective)
+    return min(feasible)
+
+
+@pytest.mark.parametrize("budget", [12, 20])
+def test_probes_never_exceed_the_budgets_allowance(budget):
+    allowance = probe_allowance(budget)
+    study, calls = run("bo", budget, allowance)
+    assert len(calls) == len(set(calls)) and 0 < len(calls) <= allowance
+    # unbounded (fine-tuned runs), the same model gets its full per-layer scan: more than the bound
+    _, unbounded = run("bo", budget, None)
+    assert len(unbounded) > allowance
+
+
+def test_a_deep_scan_groups_neighbouring_layers_to_fit():
+    enc = UnitEncoding(deep_space())
+    groups, levels = scan_design(enc, 12)
+    assert 1 < len(groups) < DEPTH and distinct_probes(enc, groups, levels) <= 12
+    assert sorted(np.concatenate(groups).tolist()) == list(range(DEPTH))  # every layer scanned once
+    assert all(np.all(np.diff(g) == 1) for g in groups)  # runs of consecutive layers
+    singles, _ = scan_design(enc, None)
+    assert len(singles) == DEPTH
+    assert scan_design(enc, 1) is None  # not even one group at two levels fits
+
+
+def test_uniform_family_of_bit_widths_is_bisected_over_its_distinct_plans():
+    enc = UnitEncoding(deep_space())
+    family = uniform_family(enc)
+    starts = segments(enc, family)
+    assert len(starts) == len(BITS)  # 8, 4, 3, 2 bits for every layer
+    widths = [enc.decode(family(float(u)))["l0/quantize/bits"] for u in starts]
+    assert widths == [8, 4, 3, 2]
+    knobs, viol = [], []
+    while (knob := bisect_segments(np.array(knobs), np.array(viol), starts)) is not None:
+        knobs.append(knob)
+        viol.append(measure(deep_space().plan(enc.decode(family(knob))))[1])
+    assert len(knobs) <= 3
+
+
+def test_bos_answer_is_at_least_as_small_as_the_best_uniform_setting():
+    floor = best_uniform()
+    for budget in (12, 16):
+        study, _ = run("bo", budget, probe_allowance(budget))
+        feasible = [t.values[0] for t in study.trials if t.values and max(trial_constraints(t)) <= 0]
+        assert feasible and min(feasible) <= floor, (budget, min(feasible), floor)
+        level, _ = run("levelset", budget, probe_allowance(budget))
+        uniform = [t.values[0] for t in level.trials if t.values and max(trial_constraints(t)) <= 0]
+        assert min(feasible) <= min(uniform)
+
+
+def test_a_run_without_fine_tuning_costs_budget_plus_allowance_and_says_where_time_went(mlp, digits, tmp_path):
+    val = tightfit.Accuracy(digits.loader("val", 256))
+    calls = {"n": 0}
+
+    def evaluate_counted(model):
+        calls["n"] += 1
+        return val(model)
+
+    budget = 12
+    started = time.perf_counter()
+    result = tightfit.compress(
+        mlp,
+        evaluate=evaluate_counted,
+        strategy=Quantize(bits=(2, 3, 4, 8)),
+        constraint=tightfit.MaxDrop(0.02),
+        budget=budget,
+        search="bo",
+        seed=0,
+        run_dir=tmp_path / "run",
+    )
+    wall = time.perf_counter() - started
+    # the original, the trials, the probes, the answer re-measured
+    assert calls["n"] <= 1 + budget + probe_allowance(budget) + 1
+    times = result.accounting["time"]
+    parts = [v for k, v in times.items() if k != "total_s"]
+    assert sum(parts) == pytest.approx(times["total_s"])
+    assert all(times[k] >= 0 for k in times if k != "other_s")
+    assert times["total_s"] <= wall and times["total_s"] >= 0.8 * wall
+    assert times["evaluation_s"] > 0 and times["finetune_s"] == 0.0
+    stored = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stored["accounting"]["time"]["probes_s"] == pytest.approx(times["probes_s"])
