@@ -136,11 +136,41 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool) -> dict:
                 constraints=list(t.constraints),
                 val_samples=t.val_samples,
                 probe_samples=t.probe_samples,
+                **plan_summary(t.plan),
             )
             for t in result.trials
         ],
     )
     return row
+
+
+def plan_summary(plan: Plan | None) -> dict:
+    """How many layers a trial put at 2 bits and its mean layer sparsity (what broke a plan)."""
+    if plan is None:
+        return {}
+    layers = plan.to_dict()["layers"].values()
+    bits = [v.get("quantize", {}).get("bits") for v in layers]
+    spars = [v.get("prune", {}).get("sparsity", 0.0) for v in layers]
+    return dict(layers_2bit=sum(b == 2 for b in bits), mean_sparsity=sum(spars) / max(1, len(spars)))
+
+
+def diagnose(base: Base) -> dict:
+    """Each layer alone at 2 bits (the rest at 8 bits, nothing pruned), and all at 8 bits: the
+    validation drop in points, to tell which plans a random draw can hope to be feasible."""
+
+    def drop(bits: dict[str, int]) -> float:
+        plan = Plan.from_strategy(
+            strategy(), {n: {"prune": {"sparsity": 0.0}, "quantize": {"bits": b}} for n, b in bits.items()}
+        )
+        model = apply_plan_inplace(plan, copy.deepcopy(base.model), strategy())
+        return 100 * (base.val - float(base.task.metric(model)))
+
+    eight = {n: 8 for n in base.layers}
+    out = {"all_8bit": drop(eight)}
+    for name in base.layers:
+        out[f"{name}@2bit"] = drop({**eight, name: 2})
+        print(name, out[f"{name}@2bit"], flush=True)
+    return out
 
 
 def global_plan(base: Base, s: float) -> Plan:
@@ -224,10 +254,17 @@ def main() -> None:
     ap.add_argument("--label", default="", help="a name for the code variant (e.g. the branch), stored per run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--diagnose", action="store_true", help="each layer alone at 2 bits: its validation drop")
     args = ap.parse_args()
     out = Path(args.out or ROOT / "docs" / "results" / f"method_comparison_{args.task}.json")
     if args.report:
         report(read(out)["runs"])
+        return
+    if args.diagnose:
+        row = dict(task=args.task, arm="diagnose_2bit", seed=None, commit=commit(), label=args.label)
+        started = time.perf_counter()
+        row.update(drops_points=diagnose(Base(args.task)), wall_s=time.perf_counter() - started)
+        append(out, row)
         return
     here = commit()
     base = Base(args.task)
@@ -235,7 +272,11 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in args.arms.split(","):
             with locked(out):  # re-read: another process may have run it meanwhile
-                done = {(r["arm"], r["seed"], r["label"]) for r in read(out)["runs"] if "error" not in r}
+                done = {
+                    (r["arm"], r["seed"], r["label"])
+                    for r in read(out)["runs"]
+                    if "error" not in r and r["arm"] != "diagnose_2bit"
+                }
             if (arm, seed, args.label) in done:
                 continue
             load = os.getloadavg()[0]
@@ -259,7 +300,7 @@ def report(runs: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        if "error" not in r:
+        if "error" not in r and r["arm"] != "diagnose_2bit":
             groups.setdefault((r["arm"], f"{r['label']} {r['commit']}"), []).append(r)
     for (arm, sha), rows in groups.items():
         comp = [r["compression"] if r["feasible"] else 1.0 for r in rows]
