@@ -90,8 +90,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "task": args.task,
         "arm": args.arm,
         "search": args.search,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        "commit": args.commit
+        or subprocess.run(
+            ["git", "-C", os.path.dirname(tightfit.__file__), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
         ).stdout.strip(),
         "tightfit": os.path.dirname(tightfit.__file__),
         "bits": list(bits),

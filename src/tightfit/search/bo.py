@@ -41,7 +41,7 @@ from ..run_dir import GP_ATTR
 from .base import INCUMBENT_ATTR, History, PlanSampler
 from .context import SearchContext
 from .levelset import bisect_segments, knob_of, knob_table, next_knob, segments, uniform_family
-from .sensitivity import largest_feasible_knob, sensitivity_scan
+from .sensitivity import largest_feasible_knob, probes_left, sensitivity_scan
 
 LENGTH_INIT, LENGTH_MIN, LENGTH_MAX = 0.4, 0.025, 1.0
 
@@ -169,6 +169,9 @@ class BOSampler(PlanSampler):
         own = history.x[first:]
         u = knob_of(own, family, table=table) if len(own) else np.zeros(0)
         pending = knob_of(history.pending, family, table=table) if len(history.pending) else np.zeros(0)
+        scan = sensitivity_scan(self.context)
+        if scan is not None and probes_left(self.context) == 0 and "bo.start" not in self.context.memo:
+            self.context.memo["bo.start"] = scan.safe_knob()  # the allowance went to the scan
         start = largest_feasible_knob(self.context, family, "bo.start")
         se = history.se[first:] if history.n and not np.isnan(history.se).any() else None
         return family(next_knob(u, history.violation[first:], se, start=start, pending=pending))

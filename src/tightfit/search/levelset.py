@@ -1,7 +1,8 @@
 """``search="levelset"``: the one-knob search described for Condensa.
 
 One global knob ``u`` in [0, 1] sets the whole plan (by default the same sparsity for every layer;
-quantization and other dimensions stay at their gentle end). A 1-D GP models the constraint value
+quantization and other dimensions stay at their gentle end; with no continuous dimension, the same
+bit width, or other choice, for every layer: :func:`uniform_family`). A 1-D GP models the constraint value
 over ``u``; the next knob maximizes ``P(feasible at u) * (u - best feasible u)+``, i.e. constrained
 improvement of the knob, which walks to the edge of the level set ``{u : constraint(u) <= 0}``;
 when no improvement is plausible it samples where the boundary is most uncertain (the LSE
