@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,8 +30,7 @@ class History:
     """Completed trials of the study as arrays: ``x`` is ``n x d`` in the unit cube, ``objective``
     the value minimized, ``violation`` the largest constraint value (<= 0 feasible), ``se`` the
     metric's standard error or NaN. ``pending`` (``m x d``) are points running elsewhere; ``failed``
-    points whose evaluation raised; ``screened`` points cheap evaluation only screened (pruned
-    trials: told no constraint value, so no model learns from them)."""
+    points whose evaluation raised."""
 
     x: np.ndarray
     objective: np.ndarray
@@ -39,7 +38,6 @@ class History:
     se: np.ndarray
     pending: np.ndarray
     failed: np.ndarray
-    screened: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     @property
     def n(self) -> int:
@@ -70,7 +68,6 @@ def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) 
         t for t in trials if t.state == TrialState.RUNNING and t.number != trial.number and in_space(t, enc.keys)
     ]
     failed = [t for t in trials if t.state == TrialState.FAIL and in_space(t, enc.keys)]
-    screened = [t for t in trials if t.state == TrialState.PRUNED and in_space(t, enc.keys)]
 
     def rows(ts):
         return np.array([enc.encode(t.params) for t in ts]).reshape(len(ts), enc.d)
@@ -83,7 +80,6 @@ def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) 
         se=np.array([float(s) if s is not None else math.nan for s in se]),
         pending=rows(pending),
         failed=rows(failed),
-        screened=rows(screened),
     )
 
 

@@ -193,7 +193,9 @@ class BOSampler(PlanSampler):
         x = self._maximize(acq, lo, hi)
         # compared as plans: a bit-width coordinate anywhere in its choice's slice is the same plan
         plan_of = lambda u: self.encoding.encode(self.encoding.decode(u))  # noqa: E731
-        seen = measured_plans(history, plan_of)
+        seen = np.array(
+            [plan_of(u) for u in (np.vstack([history.x, history.pending]) if len(history.pending) else history.x)]
+        )
         if _already_measured(plan_of(x), seen):
             x = _best_unmeasured(
                 acq, lo, hi, seen, n=self.raw_samples, seed=self.context.seed + history.n, fallback=x, plan_of=plan_of
@@ -288,16 +290,6 @@ def _acquisition(model: Any, history: History, y_obj: np.ndarray, best: int | No
 #: plan measured again with the same seed gives the same result, yet 21 of 240 trials of 8 digits
 #: runs, in both evaluation modes, were such repeats before this guard (benchmarks/bo_repeats.py)
 SAME_PLAN = 1e-3
-
-
-def measured_plans(history: History, plan_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Every plan measured, running or screened, as ``plan_of`` gives it. Screened trials count:
-    they are told to no model, so without them bo proposed the plan it had just had screened again
-    (fmnist-resnet with Sequential(), no fine-tune: 24 of 30 trials one plan, docs/evidence.md)."""
-    points = [a for a in (history.x, history.pending, history.screened) if len(a)]
-    if not points:
-        return np.zeros((0, history.x.shape[1]))
-    return np.array([plan_of(u) for u in np.vstack(points)])
 
 
 def _already_measured(x: np.ndarray, seen: np.ndarray) -> bool:
