@@ -1,6 +1,7 @@
-"""Group-wise round-to-nearest groups a layer's INPUT weights whichever way round it stores them:
+"""Round-to-nearest treats a layer's rows as its OUTPUT channels whichever way round it stores them:
 a matrix layer stored input-major (Hugging Face GPT-2's Conv1D, ``x @ W + b`` with W ``in x out``)
-gets the same grid, and the same file, as the ``nn.Linear`` holding ``W.t()``."""
+gets the same grid (group-wise: groups of inputs; per channel: one scale per output), and the same
+file, as the ``nn.Linear`` holding ``W.t()``."""
 
 from __future__ import annotations
 
@@ -85,3 +86,43 @@ def test_files_saved_before_load_as_they_were_made():
     new_way = compress_once(as_input_major, Quantize(4, group_size=32))
     assert new_way.plan.operators["quantize"]["matrix_as_linear"] is True
     assert isinstance(new_way.model[0], nn.Linear)
+
+
+def test_per_channel_rtn_scales_outputs_of_an_input_major_layer():
+    """Per-channel round-to-nearest: one scale per OUTPUT channel whichever way the layer stores its
+    weight (before, an input-major layer got one per stored row: per input)."""
+    as_linear, as_input_major, fresh = _pair()
+    a = compress_once(as_linear, Quantize(4))
+    b = compress_once(as_input_major, Quantize(4))
+    assert isinstance(b.model[0], nn.Linear)
+    assert b.plan.operators["quantize"]["matrix_as_linear"] is True
+    assert torch.equal(_matrix(a.model), _matrix(b.model))
+    # each output row of the rounded weight spans at most 2*7+1 levels of its own scale
+    rows = _matrix(b.model)
+    steps = rows.abs().amax(dim=1, keepdim=True) / 7
+    assert torch.allclose(rows / steps, torch.round(rows / steps), atol=1e-4)
+    x = torch.randn(16, 64)
+    blob = to_bytes(b.model, b.plan)
+    assert abs(len(blob) - len(to_bytes(a.model, a.plan))) < 64
+    with torch.no_grad():
+        assert torch.equal(load_model(io.BytesIO(blob), model=fresh)(x), b.model(x))
+        assert torch.equal(load_model(io.BytesIO(blob))(x), b.model(x))
+
+
+def test_per_channel_files_saved_before_load_as_they_were_made():
+    """A per-channel plan from before records neither `group_size` nor `matrix_as_linear`: it replays
+    with the layer input-major and one scale per stored row, as it was made."""
+    _, as_input_major, fresh = _pair()
+    old_way = compress_once(as_input_major, Quantize(4, matrix_as_linear=False))
+    assert not isinstance(old_way.model[0], nn.Linear)
+    recorded = old_way.plan.to_dict()
+    assert recorded["operators"]["quantize"].pop("matrix_as_linear") is False
+    assert "group_size" not in recorded["operators"]["quantize"]
+    old_plan = Plan.from_dict(recorded)
+    assert not old_plan.strategy().operators[0].needs_linear({"bits": 4})
+    # the old grid differs from the new one (rows of very different size), so this checks the layout
+    assert not torch.equal(_matrix(old_way.model), _matrix(compress_once(as_input_major, Quantize(4)).model))
+    x = torch.randn(16, 64)
+    loaded = load_model(io.BytesIO(to_bytes(old_way.model, old_plan)), model=fresh)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old_way.model(x))

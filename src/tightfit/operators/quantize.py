@@ -184,9 +184,11 @@ class Quantize(Operator):
     back after. Both need calibration data (:func:`tightfit.compress_once`); layers they cannot
     read (embeddings, transposed convolutions) are rounded to nearest instead, with the reason.
 
-    A matrix layer stored input-major (GPT-2's ``Conv1D``) runs as its ``nn.Linear`` equivalent
-    under group-wise or calibrated settings, so groups run along its inputs (``matrix_as_linear``;
-    plans recorded without it replay the old layout, which grouped the stored last axis: outputs).
+    A matrix layer stored input-major (GPT-2's ``Conv1D``, weight ``in x out``) runs as its
+    ``nn.Linear`` equivalent below 16 bits, so that it too gets one scale per output channel and
+    its groups run along its inputs (``matrix_as_linear``). Plans recorded without that argument
+    replay the layout they were made with: the stored rows, i.e. one scale per input (per channel)
+    and groups along outputs, so files saved before load as they were.
     """
 
     name = "quantize"
@@ -253,9 +255,9 @@ class Quantize(Operator):
         # a matrix layer stored input-major (GPT-2's Conv1D) runs as a Linear, so that its grid's
         # rows are output channels and its groups run along inputs, as the Hessian's columns do.
         # Group-wise round-to-nearest too: on the stored (in, out) weight its groups ran along
-        # outputs (tiny-lm 4-bit g128: +0.0054 nats as Conv1D vs +0.0063 as Linear, benchmarks/peers.py)
-        grouped_rtn = self.grouped and self.matrix_as_linear
-        return (self.needs_calibration() or grouped_rtn) and int(settings["bits"]) < 16
+        # outputs (tiny-lm 4-bit g128: +0.0054 nats as Conv1D vs +0.0063 as Linear, benchmarks/peers.py);
+        # per channel, its scales were one per input row instead of one per output channel
+        return (self.needs_calibration() or self.matrix_as_linear) and int(settings["bits"]) < 16
 
     def _step(self, settings: dict[str, Any], **grid: Any) -> FakeQuantize:
         return FakeQuantize(int(settings["bits"]), int(settings.get("group_size", 0) or 0), self.symmetric, **grid)
@@ -290,10 +292,9 @@ class Quantize(Operator):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Operator:
-        # a group-wise plan recorded before `matrix_as_linear` grouped an input-major layer's stored
-        # last axis; replaying it that way keeps the files saved with it loading as they were
-        legacy = "group_size" in config and "matrix_as_linear" not in config
-        return cls(**config, **({"matrix_as_linear": False} if legacy else {}))
+        # a plan recorded before `matrix_as_linear` rounded an input-major layer's stored rows (inputs);
+        # replaying it that way keeps the files saved with it loading as they were
+        return cls(**config, **({} if "matrix_as_linear" in config else {"matrix_as_linear": False}))
 
     def config(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -301,9 +302,8 @@ class Quantize(Operator):
             extra.update(method=self.method, act_order=self.act_order, percdamp=self.percdamp)
         if self.grouped:
             extra["group_size"] = [g or None for g in self.group_sizes]
-            extra["matrix_as_linear"] = self.matrix_as_linear
         if not self.symmetric:
             extra["symmetric"] = False
         if self.awq:
             extra["awq"] = True
-        return {"bits": list(self.bits), **extra, **super().config()}
+        return {"bits": list(self.bits), **extra, "matrix_as_linear": self.matrix_as_linear, **super().config()}
