@@ -11,6 +11,7 @@ import time
 import numpy as np
 import optuna
 import pytest
+import torch
 
 import tightfit
 from tightfit import Quantize
@@ -159,3 +160,37 @@ def test_a_run_without_fine_tuning_costs_budget_plus_allowance_and_says_where_ti
     assert times["evaluation_s"] > 0 and times["finetune_s"] == 0.0
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert stored["accounting"]["time"]["probes_s"] == pytest.approx(times["probes_s"])
+
+
+def test_with_fine_tuning_the_probes_stay_within_twice_the_budget(digits, tmp_path):
+    """A 16-layer model (16 bit-width dimensions): its full scan is 1 + 16 x 3 distinct plans, more
+    than the allowance; with fine-tuning the scan and the warm start still fit 2 x budget probes."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(64, 32), torch.nn.ReLU()]
+    for _ in range(DEPTH - 2):
+        layers += [torch.nn.Linear(32, 32), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 10))
+    val = tightfit.Accuracy(digits.loader("val", 512))
+    calls = {"evaluate": 0}
+
+    def evaluate_counted(m):
+        calls["evaluate"] += 1
+        return val(m)
+
+    budget = 4
+    allowance = probe_allowance(budget, finetuned=True)
+    assert allowance == 8 and 1 + DEPTH * (len(BITS) - 1) > allowance
+    result = tightfit.compress(
+        model,
+        evaluate=evaluate_counted,
+        strategy=Quantize(bits=BITS),
+        constraint=tightfit.MaxDrop(0.02),
+        finetune=tightfit.FineTune(digits.loader("train", batch_size=256), epochs=1, max_steps=1),
+        budget=budget,
+        search="bo",
+        seed=0,
+        run_dir=tmp_path / "run",
+    )
+    probes = calls["evaluate"] - 1 - len(result.trials) - 1  # the original, the trials, the answer re-measured
+    assert 0 < probes <= allowance, (probes, allowance)
+    assert result.accounting["time"]["finetune_s"] > 0

@@ -255,8 +255,8 @@ def search_context(
         budget=budget,
         seed=s.seed,
         probe=probe,
-        # without fine-tuning a probe costs a trial's evaluation: bounded by the budget (issue 18)
-        max_probes=probe_allowance(budget) if s.finetune is None else None,
+        # a probe costs one evaluation, a trial one (plus a fine-tune): bounded by the budget (issue 18)
+        max_probes=probe_allowance(budget, finetuned=s.finetune is not None),
         weights=weights,
         objective=s.objective,
         n_objectives=n_objectives,

@@ -47,8 +47,8 @@ class SearchContext:
     #: 2 for a Pareto search of (objective, metric); samplers that model one objective use the first
     n_objectives: int = 1
     #: distinct plans the sensitivity scan and the warm starts may probe in the run; None: no bound
-    #: beyond the scan's own (``sensitivity.MAX_SCAN_PROBES``). ``compress`` sets it from the budget
-    #: when a probe costs what a trial does (``finetune=None``): ``sensitivity.probe_allowance``.
+    #: beyond the scan's own (``sensitivity.MAX_SCAN_PROBES``). ``compress`` sets it from the budget,
+    #: larger with fine-tuning (a trial then costs more than a probe): ``sensitivity.probe_allowance``.
     max_probes: int | None = None
     #: a plan probed on the calibration inputs instead (no validation data): ``metric`` is minus the
     #: outputs' divergence from the original's (tightfit.evaluation.divergence); None without them
