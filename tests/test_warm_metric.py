@@ -75,7 +75,7 @@ def test_divergence_is_zero_for_the_original_and_grows_with_rounding():
 
 def test_probed_levels_are_bounded_and_keep_the_hardest():
     assert probed_levels(4, 3) == [1, 2, 3]
-    few = probed_levels(6, 100)  # 160 probes over 100 dimensions: 2 levels each
+    few = probed_levels(6, 300)  # 400 probes over 300 numeric dimensions: 2 levels each
     assert len(few) == 2 and few[-1] == 5
 
 
