@@ -15,7 +15,8 @@ test split (what is reported):
   divergence of the outputs from the float model's on the calibration samples (scanning with the
   validation metric would cost a full evaluation per layer and level: 260 on fmnist-mobilenet);
 - ``warm``: ``compress(objective="metric", search="auto", budget=30, finetune=None, calibration=...)``,
-  which starts TPE from the sensitivity allocation (tightfit.search.warm_metric);
+  which starts from the sensitivity allocation, then searches locally around the best trial
+  (tightfit.search.warm_metric, tightfit.search.swap);
 - ``plain``: the same with ``search="tpe"`` (no warm start).
 
     nice -n 10 env PYTHONPATH=src:. /work/venv/bin/python benchmarks/metric_objective.py --task tiny-lm
