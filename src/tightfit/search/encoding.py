@@ -134,5 +134,19 @@ def _sort_key(v: Any) -> tuple[int, Any]:
     return (0, v) if _numeric(v) else (1, str(v))
 
 
+#: the levels a numeric dimension is set to when it is measured alone (0: gentle end, 1: as hard as
+#: allowed): the sensitivity-greedy baseline and the metric objective's warm start share them
+NUMERIC_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def unit_levels(enc: UnitEncoding, i: int) -> list[float]:
+    """Dimension ``i``'s levels in the unit cube, gentle first: each choice's slice, or NUMERIC_LEVELS."""
+    hp = enc.dims[i].hyperparameter
+    if hp.choices is not None:
+        n = len(hp.choices)
+        return [(k + 0.5) / n for k in range(n)]
+    return list(NUMERIC_LEVELS)
+
+
 def in_space(trial: optuna.trial.FrozenTrial, keys: list[str]) -> bool:
     return all(k in trial.params for k in keys)

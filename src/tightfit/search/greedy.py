@@ -30,11 +30,8 @@ from ..operators.calibrated import apply_plan_calibrated
 from ..operators.compose import Compose, as_strategy
 from ..operators.plan import Plan, apply_plan_inplace
 from ..records import Measurement
-from .encoding import UnitEncoding
+from .encoding import UnitEncoding, unit_levels
 from .space import SearchSpace, build_space
-
-#: the levels a numeric dimension is measured at (0: gentle end, 1: as hard as allowed)
-NUMERIC_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -88,15 +85,6 @@ class _Measurer:
         return measured, max(c.value(measured, measured) for c in self.constraints)
 
 
-def _levels(encoding: UnitEncoding, i: int) -> list[float]:
-    """The unit-cube levels of dimension ``i``, gentle first: each choice's slice, or a grid."""
-    hp = encoding.dims[i].hyperparameter
-    if hp.choices is not None:
-        n = len(hp.choices)
-        return [(k + 0.5) / n for k in range(n)]
-    return list(NUMERIC_LEVELS)
-
-
 def _check(constraints: Sequence[Any], example_input: Any) -> list[Any]:
     items = [constraints] if not isinstance(constraints, (list, tuple)) else list(constraints)
     if not items or not all(isinstance(c, (MaxSize, MaxBits, MaxFlops)) for c in items):
@@ -113,14 +101,14 @@ def _scan(
     measurer: _Measurer, space: SearchSpace, encoding: UnitEncoding, base_metric: float
 ) -> tuple[list[list[float]], list[list[float]], dict[str, list[tuple[Any, float, float]]]]:
     """Per dimension and level: metric lost and budget violation, that dimension alone moved."""
-    gentle = np.array([_levels(encoding, i)[0] for i in range(encoding.d)])
+    gentle = np.array([unit_levels(encoding, i)[0] for i in range(encoding.d)])
     loss: list[list[float]] = []
     violation: list[list[float]] = []
     table: dict[str, list[tuple[Any, float, float]]] = {}
     for i, dim in enumerate(encoding.dims):
         loss.append([])
         violation.append([])
-        for level in _levels(encoding, i):
+        for level in unit_levels(encoding, i):
             x = gentle.copy()
             x[i] = level
             params = encoding.decode(x)
@@ -192,7 +180,7 @@ def greedy_allocation(
     at = [0] * encoding.d
 
     def plan_at(levels: list[int]) -> Plan:
-        x = np.array([_levels(encoding, i)[levels[i]] for i in range(encoding.d)])
+        x = np.array([unit_levels(encoding, i)[levels[i]] for i in range(encoding.d)])
         return space.plan(encoding.decode(x))
 
     while True:

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from ..operators.plan import Plan
 from ..optuna_compat import cached_trials
 from .context import ProbeResult, SearchContext
-from .encoding import UnitEncoding, in_space
+from .encoding import UnitEncoding, in_space, unit_levels
 from .loop import trial_position
 from .swap import incumbent_of, propose
 
@@ -48,8 +48,6 @@ FILL_PROBES_PER_DIM = 1
 #: ctx.memo keys of the scan's table and of the local search's probes (levels -> divergence, constraints)
 TABLE_MEMO = "warm_metric.table"
 PROBED_MEMO = "warm_metric.probed"
-#: the numeric dimensions' levels in the unit cube (0: gentle end)
-NUMERIC_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: the run's study attribute holding the warm start's cost and plans
 WARM_ATTR = "warm_start"
 
@@ -67,15 +65,6 @@ class WarmStart:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def unit_levels(enc: UnitEncoding, i: int) -> list[float]:
-    """Dimension ``i``'s levels in the unit cube, gentle first: each choice's slice, or a grid."""
-    hp = enc.dims[i].hyperparameter
-    if hp.choices is not None:
-        n = len(hp.choices)
-        return [(k + 0.5) / n for k in range(n)]
-    return list(NUMERIC_LEVELS)
 
 
 def probed_levels(n_levels: int, d: int, choice: bool = False) -> list[int]:
