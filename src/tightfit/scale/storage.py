@@ -5,6 +5,12 @@ Every running trial's worker records a heartbeat every ``heartbeat_interval`` se
 worker (SIGKILL, lost machine): :func:`optuna.storages.fail_stale_trials`, which every worker calls
 before it asks for a trial, marks it FAIL and :class:`RetryStaleTrial` queues its parameters again,
 so another worker evaluates it and the budget does not count it.
+
+Failing a trial and queueing its retry are two transactions. A process that dies between them (a
+worker that had just declared a trial stale, killed with its `tightfit run`; a second Ctrl-C while
+an interrupted trial is re-queued) leaves a FAIL trial with no retry, which nothing would look at
+again: fresh trials took its place and its plan was lost. :func:`requeue_lost_trials` finds those
+and queues their retry; every worker runs it with the stale check.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError
 from ..optuna_compat import heartbeat_of, storage_backend, study_storage, trial_id
+from ..run_dir import DURATION_ATTR, ERROR_ATTR, INTERRUPTED_ATTR, SEARCH_TIME_ATTR, WORKER_ATTR
 from ..run_dir import RETRY_OF_ATTR as RETRY_OF
-from ..run_dir import SEARCH_TIME_ATTR, WORKER_ATTR
 
 log = logging.getLogger("tightfit")
 
@@ -56,22 +62,98 @@ class RetryStaleTrial:
     def __init__(self, max_retry: int | None = 3) -> None:
         self.max_retry = max_retry
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    def allows(self, trial: FrozenTrial) -> bool:
+        """Whether ``trial`` may be retried once more (``max_retry`` counts a trial's whole lineage)."""
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        if self.max_retry is not None and len(history) > self.max_retry:
-            log.warning("trial %d went stale %d times; not retrying it again", trial.number, len(history))
+        return self.max_retry is None or len(history) <= self.max_retry
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not self.allows(trial):
+            log.warning("trial %d went stale too often; not retrying it again", trial.number)
             return
         log.warning("trial %d lost its worker (no heartbeat); queued again", trial.number)
-        drawn = plan_drawn(trial)
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.WAITING,
-                params=trial.params if drawn else {},
-                distributions=trial.distributions if drawn else {},
-                user_attrs={RETRY_OF: trial.number},
-                system_attrs={"failed_trial": history[0], "retry_history": history},
-            )
+        queue_retry(study, trial)
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a WAITING retry of ``trial``: its parameters once its plan was drawn (:func:`plan_drawn`),
+    none otherwise; ``retry_of`` names it, ``retry_history`` lists the lineage."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    drawn = plan_drawn(trial)
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params if drawn else {},
+            distributions=trial.distributions if drawn else {},
+            user_attrs={RETRY_OF: trial.number},
+            system_attrs={"failed_trial": history[0], "retry_history": history},
         )
+    )
+
+
+def retry_parent(trial: FrozenTrial) -> int | None:
+    """The number of the trial ``trial`` retries (ours name it in ``retry_of``; Optuna's retry
+    callbacks put it last in ``retry_history``), or None for a trial of its own."""
+    parent = trial.user_attrs.get(RETRY_OF)
+    if parent is None:
+        history = trial.system_attrs.get("retry_history")
+        parent = history[-1] if history else None
+    return parent
+
+
+def duplicate_retries(trials: list[FrozenTrial]) -> set[int]:
+    """Retries of a trial that already had one (two workers repaired one lost trial at once): only
+    the first retry of each trial counts; the others are dropped when a worker draws them."""
+    first: dict[int, int] = {}
+    duplicates = set()
+    for t in sorted(trials, key=lambda t: t.number):
+        parent = retry_parent(t)
+        if parent is None:
+            continue
+        if parent in first:
+            duplicates.add(t.number)
+        else:
+            first[parent] = t.number
+    return duplicates
+
+
+def lost_trials(study: optuna.Study, trials: list[FrozenTrial], settle_s: float | None = None) -> list[FrozenTrial]:
+    """FAIL trials of ``study`` (``trials``, as just read) that should have a retry, have none, and
+    will get one from :func:`requeue_lost_trials`; only those failed over ``settle_s`` seconds ago
+    if given (the process that failed a trial gets that long to queue its retry itself).
+
+    Should have one: failed by another process (heartbeat-stale: no error and no ``duration_s``, which
+    the loop writes before it tells any trial it evaluated) or interrupted. Not an evaluation's own
+    failure (``error``; nor an objective Optuna refused, e.g. NaN, which has ``duration_s``), nor a
+    dropped duplicate retry. A stale trial gets one only if the storage's stale callback is a
+    :class:`RetryStaleTrial` that allows it (``max_retry``); an interrupted one always, as the loop does."""
+    heartbeat = heartbeat_of(study_storage(study))
+    callback = heartbeat.get_heartbeat_stale_trial_callback() if heartbeat is not None else None
+    failed_before = datetime.now() - timedelta(seconds=settle_s) if settle_s is not None else datetime.max
+    retried = {retry_parent(t) for t in trials} - {None}
+    duplicates = duplicate_retries(trials)
+    lost = []
+    for t in trials:
+        attrs = t.user_attrs
+        if t.state != TrialState.FAIL or t.number in retried or t.number in duplicates or ERROR_ATTR in attrs:
+            continue
+        if t.datetime_complete is None or t.datetime_complete > failed_before:
+            continue
+        stale = DURATION_ATTR not in attrs and isinstance(callback, RetryStaleTrial) and callback.allows(t)
+        if attrs.get(INTERRUPTED_ATTR) or stale:
+            lost.append(t)
+    return lost
+
+
+def requeue_lost_trials(study: optuna.Study, settle_s: float) -> int:
+    """Queue a retry for each lost trial (:func:`lost_trials`) failed over ``settle_s`` seconds ago;
+    returns how many."""
+    queued = 0
+    for t in lost_trials(study, study.get_trials(deepcopy=False), settle_s):
+        log.warning("trial %d failed without a retry (its process died in between); queued again", t.number)
+        queue_retry(study, t)
+        queued += 1
+    return queued
 
 
 def open_storage(
@@ -264,6 +346,15 @@ def fail_stale_trials(study: optuna.Study) -> None:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     _fail_trials_without_heartbeat(study)
+    # the grace period is also the time a live process gets to queue the retry of a trial it failed
+    requeue_lost_trials(study, settle_s=grace_period_s(storage))
+
+
+def grace_period_s(storage: BaseStorage) -> float:
+    """Seconds without a heartbeat after which a running trial is stale (Optuna's default: two beats)."""
+    heartbeat = heartbeat_of(storage)
+    interval = heartbeat.get_heartbeat_interval() if heartbeat is not None else None
+    return getattr(storage_backend(storage), "grace_period", None) or 2 * (interval or HEARTBEAT_INTERVAL_S)
 
 
 def _fail_trials_without_heartbeat(study: optuna.Study) -> None:
@@ -276,8 +367,7 @@ def _fail_trials_without_heartbeat(study: optuna.Study) -> None:
     interval = heartbeat.get_heartbeat_interval() if heartbeat is not None else None
     if heartbeat is None or interval is None:  # called only with heartbeats enabled (fail_stale_trials)
         return
-    grace = getattr(storage_backend(storage), "grace_period", None) or 2 * interval
-    cutoff = datetime.now() - timedelta(seconds=grace)
+    cutoff = datetime.now() - timedelta(seconds=grace_period_s(storage))
     callback = heartbeat.get_heartbeat_stale_trial_callback()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if WORKER_ATTR in t.user_attrs or t.datetime_start is None or t.datetime_start > cutoff:

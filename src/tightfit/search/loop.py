@@ -22,7 +22,16 @@ from ..operators.plan import Plan
 from ..optuna_compat import cached_trials, live_trial, study_storage
 from ..records import TrialAttrs, TrialRecord
 from ..run_dir import ERROR_ATTR, INTERRUPTED_ATTR
-from ..scale.storage import RETRY_OF, fail_stale_trials, heartbeat_enabled, plan_drawn, trial_heartbeat
+from ..scale.storage import (
+    RETRY_OF,
+    duplicate_retries,
+    fail_stale_trials,
+    heartbeat_enabled,
+    lost_trials,
+    plan_drawn,
+    requeue_lost_trials,
+    trial_heartbeat,
+)
 from .context import EXHAUSTED, SearchContext
 from .samplers import make_sampler
 from .space import SearchSpace
@@ -189,7 +198,8 @@ def recover_interrupted(study: optuna.Study) -> int:
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(retry_params(t), user_attrs=TrialAttrs(retry_of=t.number).to_user_attrs())
         recovered += 1
-    return recovered
+    # failed trials whose retry the dead process did not get to queue (nobody else works on the study)
+    return recovered + requeue_lost_trials(study, settle_s=0.0)
 
 
 def run_trials(
@@ -230,10 +240,12 @@ def run_trials(
         exhausted = context is not None and bool(context.memo.get(EXHAUSTED))  # every plan measured
         if (done >= budget or exhausted) and (running == 0 or not drain or not heartbeat_enabled(study_storage(study))):
             return evaluated
-        if done + running >= budget or exhausted:
+        if done + running >= budget or exhausted or _places_held(study, trials, budget - done - running):
             time.sleep(poll_s)  # the last trials are running elsewhere; wait for them or their retries
             continue
         trial, asked = _ask(study)
+        if _drop_duplicate_retry(study, trial):
+            continue
         evaluated += 1
         started = time.perf_counter()
         error: TrialAttrs | None
@@ -266,6 +278,16 @@ def run_trials(
             first_failures.failed(error.error or "")
 
 
+def _places_held(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], free: int) -> bool:
+    """Whether the budget's ``free`` places are held by failed trials whose retry is not queued yet
+    (:func:`~tightfit.scale.storage.lost_trials`: a worker declared one stale a moment ago, or died
+    before it queued the retry). A fresh trial must not take a lost plan's place: the stale check
+    queues the retry within the grace period, and a queued trial is always asked for."""
+    if not heartbeat_enabled(study_storage(study)) or any(t.state == TrialState.WAITING for t in trials):
+        return False
+    return len(lost_trials(study, trials)) >= free
+
+
 def _ask(study: optuna.Study) -> tuple[optuna.Trial, float]:
     """A new trial, and when it was asked for (the sampler's time counts from there)."""
     with warnings.catch_warnings():
@@ -273,6 +295,21 @@ def _ask(study: optuna.Study) -> tuple[optuna.Trial, float]:
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
         asked = time.perf_counter()
         return study.ask(), asked
+
+
+def _drop_duplicate_retry(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether ``trial`` is a second retry of one trial (two workers requeued a lost trial at once,
+    :func:`~tightfit.scale.storage.requeue_lost_trials`); if so it is failed unevaluated, so no plan
+    is evaluated twice. The first retry, by number, is the one evaluated."""
+    if trial.user_attrs.get(RETRY_OF) is None:
+        return False  # a trial of its own (every retry tightfit queues names its original): no query
+    if trial.number not in duplicate_retries(study.get_trials(deepcopy=False)):
+        return False
+    log.warning("trial %d repeats an earlier retry of trial %s; dropped", trial.number, trial.user_attrs[RETRY_OF])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        study.tell(trial, state=TrialState.FAIL)
+    return True
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
