@@ -346,3 +346,44 @@ def test_scales_below_float16_range_are_stored_as_float32_and_round_trip():
     x = torch.randn(8, 64)
     with torch.no_grad():
         assert torch.equal(load_model(io.BytesIO(blob))(x), result.model(x))
+
+
+class _Tokens(nn.Module):
+    """A toy token model called as Hugging Face models are, with ``input_ids`` and ``attention_mask``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 16)
+        self.proj = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(self.embed(input_ids))))
+
+
+def test_padding_tokens_are_left_out_of_the_calibration_statistics():
+    from tightfit.operators.calibration import LayerView, collect_stats
+
+    model = _Tokens().eval()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])  # the second sentence padded with token 0
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+
+    def stats(batches):
+        return collect_stats(model, LayerView(model.proj), batches, gram=True, stop_early=False)
+
+    padded = stats([{"input_ids": ids, "attention_mask": mask}])
+    real = stats([{"input_ids": ids[:1]}, {"input_ids": ids[1:, :2]}])  # each sentence alone, no padding
+    assert padded.count == real.count == 6
+    assert torch.allclose(padded.hessian, real.hessian) and torch.allclose(padded.mean, real.mean)
+    assert stats([{"input_ids": ids}]).count == 8  # no mask: every position is an input
+
+    # end to end: what the padding positions hold does not change GPTQ's weights
+    other = ids.masked_fill(mask == 0, 7)
+    a, b = (
+        compress_once(model, Quantize(3, method="gptq", group_size=8), [{"input_ids": x, "attention_mask": mask}]).model
+        for x in (ids, other)
+    )
+    assert torch.equal(a.proj.weight, b.proj.weight) and torch.equal(a.out.weight, b.out.weight)
+    unmasked = compress_once(model, Quantize(3, method="gptq", group_size=8), [{"input_ids": other}]).model
+    assert not torch.equal(unmasked.proj.weight, b.proj.weight)
