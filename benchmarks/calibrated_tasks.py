@@ -45,6 +45,27 @@ SETTINGS: list[tuple[str, Any]] = [
     ("RTN per channel, 4 bit", lambda layers: Quantize(4, layers=layers)),
     ("RTN g128, 4 bit", lambda layers: Quantize(4, group_size=128, layers=layers)),
     ("GPTQ g128, 4 bit", lambda layers: Quantize(4, method="gptq", group_size=128, layers=layers)),
+    (
+        "GPTQ g128 act order, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, act_order=True, layers=layers),
+    ),
+    (
+        "GPTQ g128 act order groups, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, act_order="groups", layers=layers),
+    ),
+    ("RTN g128 asymmetric, 4 bit", lambda layers: Quantize(4, group_size=128, symmetric=False, layers=layers)),
+    (
+        "GPTQ g128 asymmetric, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, symmetric=False, layers=layers),
+    ),
+    (
+        "GPTQ g128 asymmetric act order, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, symmetric=False, act_order=True, layers=layers),
+    ),
+    (
+        "GPTQ g128 asymmetric act order groups, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, symmetric=False, act_order="groups", layers=layers),
+    ),
     ("RTN g128, 3 bit", lambda layers: Quantize(3, group_size=128, layers=layers)),
     ("GPTQ g128, 3 bit", lambda layers: Quantize(3, method="gptq", group_size=128, layers=layers)),
     ("magnitude 50%", lambda layers: Prune(0.5, layers=layers)),

@@ -116,6 +116,7 @@ def test_group_wise_4_bit_file_is_codes_plus_scales():
     [
         Quantize(bits=4, method="gptq", group_size=32),
         Quantize(bits=3, method="gptq", group_size=32, symmetric=False, act_order=True),
+        Quantize(bits=3, method="gptq", group_size=48, symmetric=False, act_order="groups"),
         Quantize(bits=4, method="gptq", group_size=64, awq=True),
         Quantize(bits=4, group_size=64, awq=True),
         tightfit.Compose([Prune(0.5, method="sparsegpt"), Quantize(bits=4, method="gptq", group_size=32)]),
@@ -232,6 +233,8 @@ def test_bad_settings_are_refused():
         Quantize(4, group_size=1)
     with pytest.raises(ConfigError, match="percdamp"):
         Quantize(4, method="gptq", percdamp=0)
+    with pytest.raises(ConfigError, match="act_order"):
+        Quantize(4, method="gptq", act_order="weight")
     with pytest.raises(ConfigError, match="pattern"):
         Prune(pattern="4:2")
     with pytest.raises(ConfigError, match="pattern"):
@@ -346,3 +349,70 @@ def test_scales_below_float16_range_are_stored_as_float32_and_round_trip():
     x = torch.randn(8, 64)
     with torch.no_grad():
         assert torch.equal(load_model(io.BytesIO(blob))(x), result.model(x))
+
+
+class _Tokens(nn.Module):
+    """A toy token model called as Hugging Face models are, with ``input_ids`` and ``attention_mask``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 16)
+        self.proj = nn.Linear(16, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(self.embed(input_ids))))
+
+
+def test_padding_tokens_are_left_out_of_the_calibration_statistics():
+    from tightfit.operators.calibration import LayerView, collect_stats
+
+    model = _Tokens().eval()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])  # the second sentence padded with token 0
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+
+    def stats(batches):
+        return collect_stats(model, LayerView(model.proj), batches, gram=True, stop_early=False)
+
+    padded = stats([{"input_ids": ids, "attention_mask": mask}])
+    real = stats([{"input_ids": ids[:1]}, {"input_ids": ids[1:, :2]}])  # each sentence alone, no padding
+    assert padded.count == real.count == 6
+    assert torch.allclose(padded.hessian, real.hessian) and torch.allclose(padded.mean, real.mean)
+    assert stats([{"input_ids": ids}]).count == 8  # no mask: every position is an input
+
+    # end to end: what the padding positions hold does not change GPTQ's weights
+    other = ids.masked_fill(mask == 0, 7)
+    a, b = (
+        compress_once(model, Quantize(3, method="gptq", group_size=8), [{"input_ids": x, "attention_mask": mask}]).model
+        for x in (ids, other)
+    )
+    assert torch.equal(a.proj.weight, b.proj.weight) and torch.equal(a.out.weight, b.out.weight)
+    unmasked = compress_once(model, Quantize(3, method="gptq", group_size=8), [{"input_ids": other}]).model
+    assert not torch.equal(unmasked.proj.weight, b.proj.weight)
+
+
+def test_act_order_by_groups_keeps_groups_contiguous_and_helps_with_outlier_inputs():
+    from tightfit.operators.solvers import column_order, gptq, output_error
+
+    g = torch.Generator().manual_seed(1)
+    x = _correlated_inputs(700, 200, seed=1)
+    x[:, 150] *= 40 / x[:, 150].std()  # one outlier feature, as transformers' LayerNorm outputs have
+    hessian = (2 * x.T @ x / len(x))[None]
+    diag = torch.diagonal(hessian[0])
+    order = column_order(hessian, 64, "groups")[0]
+    groups = (order // 64).tolist()
+    # whole groups: the outlier's group first, the partial last group (192..199) last; within a group, largest first
+    assert groups[:64] == [2] * 64 and groups[-8:] == [3] * 8
+    assert sum(a != b for a, b in zip(groups, groups[1:])) == 3
+    assert int(order[0]) == 150 and torch.all(diag[order[:64]].diff() <= 0)
+
+    weight = torch.randn(1, 48, 200, generator=g)
+    errors = {}
+    for act_order in (False, "groups"):
+        q, scale, _ = gptq(weight, hessian, 3, group_size=64, act_order=act_order)
+        errors[act_order] = output_error(weight, q, hessian)
+        # the codes sit on the grid the file stores: contiguous groups, one scale each
+        codes = q[0] / scale[0].repeat_interleave(64, dim=1)[:, :200]
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 3
+    assert errors["groups"] < 0.9 * errors[False], errors

@@ -6,6 +6,8 @@ convolution's inputs unfolded into the patches its kernel sees, zero padding inc
 layer's statistics are held at a time: the Hessian ``H = 2 X^T X / n`` (``columns^2`` floats per
 group; a depthwise convolution's is ``k x k``), accumulated batch by batch on the model's device,
 and per-input sums (squares for Wanda, magnitudes for AWQ, plain sums for bias correction).
+A Linear's padding tokens (where a batch of keyword arguments carries an ``attention_mask``) are
+left out: they are not inputs the layer will really see.
 """
 
 from __future__ import annotations
@@ -131,18 +133,40 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def padding_mask(batch: Any) -> torch.Tensor | None:
+    """The ``(batch, tokens)`` attention mask of a batch given as keyword arguments (Hugging Face's
+    ``attention_mask``: 1 for a real token, 0 for padding), or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Linear's ``(batch, tokens, features)`` input without its padding tokens, as ``(n, features)``
+    rows; ``x`` unchanged where the mask does not line up with it (no mask, another layout). GPTQ's
+    Hessian, like every input statistic here, should describe the inputs the layer will really
+    see; a padding token's hidden state is not one of them (its output is masked out downstream)."""
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(device=x.device) != 0]
+
+
 def collect_stats(
     model: nn.Module, view: LayerView, batches: Sequence[Any], *, gram: bool, stop_early: bool
 ) -> LayerStats:
-    """Run ``batches`` through ``model`` (no gradient) and sum the inputs ``view``'s layer sees.
-    ``stop_early`` ends each pass at the layer (right when it runs once per forward)."""
+    """Run ``batches`` through ``model`` (no gradient) and sum the inputs ``view``'s layer sees,
+    a Linear's padding tokens left out where a batch carries an ``attention_mask``
+    (:func:`real_tokens`). ``stop_early`` ends each pass at the layer (right when it runs once per
+    forward)."""
     stats: LayerStats | None = None
+    mask: torch.Tensor | None = None
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         nonlocal stats
         x = _first_tensor(args, kwargs)
         if x is None:
             raise _Stop
+        if isinstance(module, nn.Linear):
+            x = real_tokens(x, mask)
         rows = view.rows(x)
         if stats is None:
             g, c = rows.shape[1], rows.shape[2]
@@ -165,7 +189,9 @@ def collect_stats(
 
     handle = view.module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        run(model, batches)
+        for batch in batches:
+            mask = padding_mask(batch)
+            run(model, [batch])
     finally:
         handle.remove()
     return stats

@@ -149,6 +149,8 @@ def dequantize_grid(grid: Grid) -> torch.Tensor:
 
 
 QUANTIZE_METHODS = ("rtn", "gptq")
+#: GPTQ's column orders (`Quantize(act_order=...)`; :func:`tightfit.operators.solvers.column_order`).
+ACT_ORDERS = (False, True, "groups")
 
 
 def _group_sizes(value: Any) -> tuple[int, ...]:
@@ -179,7 +181,10 @@ class Quantize(Operator):
 
     ``method="gptq"`` rounds column by column and compensates each rounding error on the columns
     still to come, with the layer's input Hessian from calibration data (``percdamp``: damping, as
-    a fraction of the Hessian's mean diagonal; ``act_order``: largest inputs first). ``awq=True``
+    a fraction of the Hessian's mean diagonal; ``act_order``: largest inputs first, ``True`` with
+    the group scales fixed before the pass from the original weights, ``"groups"`` taking whole
+    groups (the one with the largest input first) so each scale is set as its group starts, from
+    the weights updated so far; see :func:`tightfit.operators.solvers.column_order`). ``awq=True``
     scales each input column by ``mean|x|^alpha`` (alpha searched per layer) before rounding and
     back after. Both need calibration data (:func:`tightfit.compress_once`); layers they cannot
     read (embeddings, transposed convolutions) are rounded to nearest instead, with the reason.
@@ -201,7 +206,7 @@ class Quantize(Operator):
         method: str = "rtn",
         group_size: Any = None,
         symmetric: bool = True,
-        act_order: bool = False,
+        act_order: bool | str = False,
         percdamp: float = 0.01,
         awq: bool = False,
         matrix_as_linear: bool = True,
@@ -219,9 +224,12 @@ class Quantize(Operator):
             raise ConfigError(
                 f"Quantize: `percdamp` must lie in (0, 1] (0.01 is GPTQ's default), but got {percdamp!r}."
             )
+        if act_order not in ACT_ORDERS or not isinstance(act_order, (bool, str)):
+            raise ConfigError(
+                f"Quantize: `act_order` must be True, False or 'groups' (GPTQ's column order), but got {act_order!r}."
+            )
         flags = (
             ("symmetric", symmetric),
-            ("act_order", act_order),
             ("awq", awq),
             ("matrix_as_linear", matrix_as_linear),
         )
