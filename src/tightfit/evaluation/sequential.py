@@ -465,6 +465,13 @@ class SequentialSession:
         diff = at_stage - final
         return tuple(mean_estimate(diff[:, j], population=population).se for j in range(diff.shape[1]))
 
+    def searched(self, model: nn.Module) -> float:
+        """The metric of ``model`` from the whole search set (no early stop; the held-out samples
+        unread, so the certificate stays independent): the recovery after the search re-checks its
+        trained plans with it, whose metric the sequential test never saw."""
+        values = self.metric.per_sample(model, self.search_idx).to(torch.float64)
+        return self.paired_metric(values)
+
     def confirm(self, model: nn.Module) -> float:
         """The answer's metric on the full validation set; its per-sample values are kept, so the
         certificate needs no further forward pass."""

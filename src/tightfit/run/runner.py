@@ -271,7 +271,8 @@ class Run:
             c.calibration,
             s.recover,
             s.seed,
-            p.evaluate,
+            # cheap evaluation: the search set, so the held-out samples still certify the answer alone
+            p.session.searched if p.session is not None else p.evaluate,
             StaticMeasure(s.artifact_extra, p.layer_names, p.example_input, o.baseline),
             c.answer_constraints,
             o.baseline,
@@ -282,7 +283,7 @@ class Run:
         if recovered.chosen is not None or c.final_constraints is None:
             return (recovered.chosen or best), recovered
         # held to a looser search_constraint: the searched answer may not meet `constraint`; the best that did
-        recovered.loosened, recovered.fallback = True, best_feasible(after.rescored(trials))
+        recovered.loosened, recovered.fallback = True, after.fallback(trials, s.recover_top, p.session is not None)
         return recovered.fallback, recovered
 
     def finish(self, p: Prepared, o: Opened, started: float, run_started: float | None = None) -> Result:
