@@ -159,6 +159,8 @@ def test_a_recovery_after_a_cheap_search_rechecks_on_the_search_set_only(mlp, di
     assert result.feasible and result.recovery["chosen"] == result.best_trial.number
     assert result.metric_before_recovery < result.baseline_metric - 0.01  # the recovery closed the gap
     assert result.certificate is not None and len(held_out) == 1
+    # the certificate is of `constraint`, MaxDrop(0.01), not of the search's MaxDrop(0.3) (its bound would be < -0.2)
+    assert result.certificate.bounds[0] > -0.1
     # the whole validation set is read twice (the original's values, the answer's confirmation); the
     # recovered plans only on search samples, so the held-out ones decided nothing before the certificate
     assert sum(r is None for r in reads) == 2

@@ -279,6 +279,8 @@ class Run:
             c.objective,
             c.latency,
         )
+        if p.session is not None:  # the certificate is of `constraint`, not of a looser search_constraint
+            p.session.judge(c.answer_constraints)
         recovered = after.run(trials, s.recover_top, best)
         if recovered.chosen is not None or c.final_constraints is None:
             return (recovered.chosen or best), recovered
@@ -325,7 +327,7 @@ class Run:
             note_recovery(result, recovered, s.recover_top)
         if p.session is not None and result.feasible:
             result.certificate = p.session.certify(result.model)
-            note_certificate(result, c.constraints, o.baseline)
+            note_certificate(result, c.answer_constraints, o.baseline)
         result.accounting = accounting(trials, o.baseline_passes, p.counter.take(), time.perf_counter() - started)
         if c.multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
