@@ -7,7 +7,8 @@ Arms (same task, strategy, constraint, budget, seed and search method; one proce
 - ``B3``: the same with ``recover_top=3``;
 - ``Blong``: ``finetune=None``, then ``recover=`` a recipe ``--long-steps`` long;
 - ``Bloose`` (or ``Bloose:0.05``): ``finetune=None`` searched under ``search_constraint=MaxDrop(--loose)``, then
-  ``recover=RECIPE`` over the best ``--top`` plans, each re-checked against the real constraint.
+  ``recover=RECIPE`` over the best ``--top`` plans, each re-checked against the real constraint;
+- ``Bseq``, ``Bloose:0.03+seq`` (any arm with ``+seq``): the same arm with ``evaluation=tightfit.Sequential()``.
 
 Each arm reports the answer's file bytes and compression (against the Result's baseline file),
 nonzero weights, validation metric (what the search saw) and test metric (10,000 images, read only
@@ -44,6 +45,13 @@ def recipe(task: Any, steps: int, lr: float) -> tightfit.FineTune:
 
 
 def arm_kwargs(arm: str, task: Any, a: argparse.Namespace) -> dict[str, Any]:
+    # "+seq" (or "Bseq") adds cheap evaluation: without training in the loop, B's time is mostly
+    # validation passes (the probes' and the trials'), which Sequential() cuts.
+    if arm.endswith("+seq") or arm == "Bseq":
+        return {
+            **arm_kwargs(arm.removesuffix("+seq").removesuffix("seq"), task, a),
+            "evaluation": tightfit.Sequential(),
+        }
     short = recipe(task, a.steps, a.lr)
     if arm == "A":
         return {"finetune": short}
@@ -56,7 +64,7 @@ def arm_kwargs(arm: str, task: Any, a: argparse.Namespace) -> dict[str, Any]:
     if arm.startswith("Bloose"):  # "Bloose" (--loose) or "Bloose:0.05"
         loose = float(arm.split(":")[1]) if ":" in arm else a.loose
         return {"finetune": None, "recover": short, "recover_top": a.top, "search_constraint": MaxDrop(loose)}
-    raise SystemExit(f"--arms: unknown arm {arm!r} (A, B, B3, Blong, Bloose)")
+    raise SystemExit(f"--arms: unknown arm {arm!r} (A, B, B3, Blong, Bloose, Bseq; any of them with +seq)")
 
 
 def load() -> str:
@@ -76,6 +84,7 @@ def run_arm(arm: str, task: Any, a: argparse.Namespace) -> dict[str, Any]:
         search=a.search,
         seed=a.seed,
         example_input=task.example_input,
+        run_dir=str(Path(a.run_dir) / arm.replace(":", "_").replace("+", "_")) if a.run_dir else None,
         **arm_kwargs(arm, task, a),
     )
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -161,6 +170,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--loose", type=float, default=0.03, help="Bloose: the search's MaxDrop")
     p.add_argument("--top", type=int, default=3, help="Bloose: recover_top")
+    p.add_argument("--run-dir", default=None, help="keep each arm's run (per-trial timings) under DIR/ARM")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)  # one thread was 6.7x faster than two on this loaded 2-core machine

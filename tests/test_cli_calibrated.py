@@ -113,11 +113,6 @@ top = 2
             '[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 0.01\n[recover]\ndata = "my_models:nope"\n',
             "recover.data",
         ),
-        (
-            '[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 0.01\n'
-            '[recover]\ndata = "my_models:train_loader"\n[evaluation]\nmethod = "sequential"\n',
-            "recover",
-        ),
     ],
 )
 def test_bad_new_settings_are_refused_naming_the_field_before_any_work(project, body, field):

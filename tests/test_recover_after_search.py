@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import tightfit
@@ -112,3 +113,64 @@ def test_search_constraint_is_checked_first(mlp):
         tightfit.compress(mlp, evaluate=evaluate, search_constraint=MaxDrop(0.05), budget=1)
     with pytest.raises(ConfigError, match="`search_constraint` must be a tightfit constraint"):
         tightfit.compress(mlp, evaluate=evaluate, recover=lambda m: None, search_constraint="loose", budget=1)
+
+
+def cheap_looser_search(mlp, digits, recover, monkeypatch):
+    """looser_search under evaluation=Sequential(), recording which samples each metric call read
+    and the samples the certificate holds out."""
+    from tightfit.evaluation.sequential import SequentialSession
+
+    metric = tightfit.Accuracy(digits.loader("val"))
+    reads: list = []
+    per_sample = metric.per_sample
+
+    def spy(model, indices=None):
+        reads.append(None if indices is None else set(torch.as_tensor(indices).tolist()))
+        return per_sample(model, indices)
+
+    metric.per_sample = spy
+    held_out: list = []
+    certify = SequentialSession.certify
+
+    def certify_spy(self, model):
+        held_out.append(set(self.certify_idx.tolist()))
+        return certify(self, model)
+
+    monkeypatch.setattr(SequentialSession, "certify", certify_spy)
+    result = tightfit.compress(
+        mlp,
+        evaluate=metric,
+        strategy=Prune(sparsity=(0.5, 0.99)),
+        constraint=MaxDrop(0.01),
+        search_constraint=MaxDrop(0.3),
+        finetune=None,
+        recover=recover,
+        recover_top=2,
+        budget=8,
+        search="random",
+        evaluation=tightfit.Sequential(),
+    )
+    return result, reads, held_out
+
+
+def test_a_recovery_after_a_cheap_search_rechecks_on_the_search_set_only(mlp, digits, monkeypatch):
+    recover = tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3)
+    result, reads, held_out = cheap_looser_search(mlp, digits, recover, monkeypatch)
+    assert result.feasible and result.recovery["chosen"] == result.best_trial.number
+    assert result.metric_before_recovery < result.baseline_metric - 0.01  # the recovery closed the gap
+    assert result.certificate is not None and len(held_out) == 1
+    # the certificate is of `constraint`, MaxDrop(0.01), not of the search's MaxDrop(0.3) (its bound would be < -0.2)
+    assert result.certificate.bounds[0] > -0.1
+    # the whole validation set is read twice (the original's values, the answer's confirmation); the
+    # recovered plans only on search samples, so the held-out ones decided nothing before the certificate
+    assert sum(r is None for r in reads) == 2
+    assert all(not (r & held_out[0]) for r in reads if r is not None)
+
+
+def test_a_cheap_search_s_untrained_fallback_is_measured_again(mlp, digits, monkeypatch):
+    result, reads, held_out = cheap_looser_search(mlp, digits, lambda model: None, monkeypatch)
+    assert all(not row["feasible"] for row in result.recovery["trials"])
+    assert result.feasible and result.recovery["unrecovered_answer"] == result.best_trial.number
+    assert result.best_trial.measurement.metric >= result.baseline_metric - 0.01  # on the whole search set
+    assert sum(r is None for r in reads) == 2
+    assert all(not (r & held_out[0]) for r in reads if r is not None)

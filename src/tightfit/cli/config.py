@@ -420,8 +420,6 @@ def _cross_checks(config: RunConfig) -> list[str]:
             problems.append('evaluation.method: objective "metric" needs every plan measured in full; set "full"')
     if c is not None and c.max_flops is not None and config.example_input is None:
         problems.append("constraint.max_flops: FLOPs are counted on `example_input`; set it (module:function)")
-    if config.recover is not None and config.evaluation is not None and config.evaluation.method != "full":
-        problems.append('recover: the recovery after the search works with [evaluation] method = "full"')
     cal = config.calibration
     if cal is not None and cal.inputs is None and cal.loader is None and _training_data(config) is None:
         problems.append(

@@ -360,6 +360,15 @@ class SequentialSession:
             self._prior = [form.prior_variance(width) for form in self._forms]
         return float(self.baseline_values.mean())
 
+    def judge(self, constraints: Sequence[Constraint]) -> None:
+        """Decide and certify ``constraints`` from now on: the answer's, after a search held to a
+        looser ``search_constraint`` (its certificate must be of what the user asked for)."""
+        self.constraints = list(constraints)
+        self.linear, self.fixed, self.other = per_sample_constraints(self.constraints)
+        self._forms = [_Linear(self.constraints[i]) for i in self.linear]
+        if self.baseline_values is not None:
+            self._prior = [form.prior_variance(self._width) for form in self._forms]
+
     def _statistic(self, candidate: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         assert self.baseline_values is not None  # baseline() runs before any candidate
         base = self.baseline_values[index]
@@ -464,6 +473,13 @@ class SequentialSession:
         population = len(self.search_idx)
         diff = at_stage - final
         return tuple(mean_estimate(diff[:, j], population=population).se for j in range(diff.shape[1]))
+
+    def searched(self, model: nn.Module) -> float:
+        """The metric of ``model`` from the whole search set (no early stop; the held-out samples
+        unread, so the certificate stays independent): the recovery after the search re-checks its
+        trained plans with it, whose metric the sequential test never saw."""
+        values = self.metric.per_sample(model, self.search_idx).to(torch.float64)
+        return self.paired_metric(values)
 
     def confirm(self, model: nn.Module) -> float:
         """The answer's metric on the full validation set; its per-sample values are kept, so the

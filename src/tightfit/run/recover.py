@@ -4,7 +4,9 @@ seed (as a trial's fine-tune), re-measured and re-checked; the answer is the bes
 recovery. The search itself can then run without training (``finetune=None``): the workflow for
 models whose fine-tuning takes hours. Such a search can be held to a looser ``search_constraint``
 than the answer's: the recovery is what closes the gap, each recovered plan re-checked against
-``constraint``; if none meets it, the answer is the best plan that met ``constraint`` untrained."""
+``constraint``; if none meets it, the answer is the best plan that met ``constraint`` untrained.
+Under ``evaluation=Sequential(...)`` the recovered (and fallback) plans are measured on the whole
+search set, never on the samples the certificate holds out."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ..evaluation.constraints import Constraint
 from ..evaluation.metrics import evaluate_metric
 from ..measure.latency import Latency
 from ..operators.compose import Compose
-from ..records import Measurement, TrialRecord, better
+from ..records import Measurement, TrialRecord, best_feasible, better
 from .evaluator import apply_to_copy, recover_seeded
 from .measuring import StaticMeasure, timed
 
@@ -98,10 +100,11 @@ class AfterSearch:
             pool = [t for t in pool if t is not best and plan_key(t) != plan_key(best)]
         return ranked
 
-    def one(self, trial: TrialRecord) -> tuple[TrialRecord, bytes]:
+    def one(self, trial: TrialRecord, train: bool = True) -> tuple[TrialRecord, bytes]:
         assert trial.plan is not None  # top() takes measured trials only
         candidate = apply_to_copy(trial.plan, self.original, self.strategy, self.calibration)
-        recover_seeded(self.recover, candidate, self.seed)
+        if train:
+            recover_seeded(self.recover, candidate, self.seed)
         metric = evaluate_metric(self.evaluate, candidate)
         data, static = self.static(candidate, trial.plan, trial.number)
         latency = timed(self.latency, candidate)
@@ -126,6 +129,29 @@ class AfterSearch:
                 out.chosen, out.data = record, data
         out.seconds = time.perf_counter() - started
         return out
+
+    def fallback(self, trials: Sequence[TrialRecord], k: int, recheck: bool) -> TrialRecord | None:
+        """With ``search_constraint``, when no recovered plan meets ``constraint``: the best plan
+        that met it in the search, untrained. Under cheap evaluation (``recheck``) a trial's metric
+        is an estimate the sequential test may have stopped early, deciding only the looser
+        constraint; so the best ``k`` such plans are measured again (``evaluate``: the whole search
+        set) and the first that still meets ``constraint`` is the answer. Screened plans count too:
+        the search screens every plan larger than its best, which is where the plans that meet the
+        tighter constraint untrained are (digits: the only one of 8 was screened)."""
+        rescored = self.rescored(trials)
+        if not recheck:
+            return best_feasible(rescored)
+        pool = [dataclasses.replace(t, fidelity="full", state="COMPLETE") for t in rescored if t.fidelity == "screen"]
+        pool += [t for t in rescored if t.fidelity not in ("screen", "stopped")]
+        for _ in range(k):
+            best = best_feasible(pool)
+            if best is None:
+                return None
+            record, _data = self.one(best, train=False)
+            if record.feasible:
+                return record
+            pool = [t for t in pool if t is not best]
+        return None
 
     def rescored(self, trials: Sequence[TrialRecord]) -> list[TrialRecord]:
         """The trials as this object's constraints judge their measurements (those of the search

@@ -271,18 +271,21 @@ class Run:
             c.calibration,
             s.recover,
             s.seed,
-            p.evaluate,
+            # cheap evaluation: the search set, so the held-out samples still certify the answer alone
+            p.session.searched if p.session is not None else p.evaluate,
             StaticMeasure(s.artifact_extra, p.layer_names, p.example_input, o.baseline),
             c.answer_constraints,
             o.baseline,
             c.objective,
             c.latency,
         )
+        if p.session is not None:  # the certificate is of `constraint`, not of a looser search_constraint
+            p.session.judge(c.answer_constraints)
         recovered = after.run(trials, s.recover_top, best)
         if recovered.chosen is not None or c.final_constraints is None:
             return (recovered.chosen or best), recovered
         # held to a looser search_constraint: the searched answer may not meet `constraint`; the best that did
-        recovered.loosened, recovered.fallback = True, best_feasible(after.rescored(trials))
+        recovered.loosened, recovered.fallback = True, after.fallback(trials, s.recover_top, p.session is not None)
         return recovered.fallback, recovered
 
     def finish(self, p: Prepared, o: Opened, started: float, run_started: float | None = None) -> Result:
@@ -324,7 +327,7 @@ class Run:
             note_recovery(result, recovered, s.recover_top)
         if p.session is not None and result.feasible:
             result.certificate = p.session.certify(result.model)
-            note_certificate(result, c.constraints, o.baseline)
+            note_certificate(result, c.answer_constraints, o.baseline)
         result.accounting = accounting(trials, o.baseline_passes, p.counter.take(), time.perf_counter() - started)
         if c.multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])

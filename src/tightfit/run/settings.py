@@ -171,10 +171,10 @@ def check_recover(s: Settings, multi: bool) -> None:
         raise ConfigError("`recover` must be None, tightfit.FineTune(...), or a callable(model) -> None.")
     if not isinstance(s.recover_top, int) or isinstance(s.recover_top, bool) or s.recover_top < 1:
         raise ConfigError(f"`recover_top` must be a whole number of plans >= 1, but got {s.recover_top!r}.")
-    if multi or s.evaluation is not None:
+    if multi:
         raise ConfigError(
-            "`recover=` recovers the chosen plan(s) after the search; it works with one objective and "
-            "evaluation=None (not a Pareto objective or evaluation=Sequential(...))."
+            "`recover=` recovers the chosen plan(s) after the search; it works with one objective, not a Pareto "
+            "objective."
         )
 
 

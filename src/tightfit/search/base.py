@@ -67,6 +67,10 @@ def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) 
     pending = [
         t for t in trials if t.state == TrialState.RUNNING and t.number != trial.number and in_space(t, enc.keys)
     ]
+    # a plan cheap evaluation only screened (PRUNED: no constraint values) is not in `done`; without it
+    # here a sampler proposed the same screened plan again and again (fmnist-resnet, finetune=None,
+    # Sequential(): trials 6-29 all one 339 KB plan). As pending, it is a point not to propose again.
+    pending += [t for t in trials if t.state == TrialState.PRUNED and in_space(t, enc.keys)]
     failed = [t for t in trials if t.state == TrialState.FAIL and in_space(t, enc.keys)]
 
     def rows(ts):
