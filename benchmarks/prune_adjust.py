@@ -226,6 +226,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def every_row(rows: list[dict]) -> str:
+    """One line per measured model (files pooled, no means): compression, file bytes, validation
+    and test accuracy, epochs, wall / CPU seconds since the method started, and the 1-minute load."""
+    lines = [
+        "| method | seed | round / level | epochs | CR (nonzeros) | .tfz bytes | val acc % | test acc % | wall s | CPU s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        step = r.get("round") or r.get("level")
+        if "accepted" in r:
+            step = f"{step} ({'accepted' if r['accepted'] else 'undone'})"
+        test = "-" if r.get("test") is None else f"{100 * r['test']:.2f}"
+        size = "-" if r.get("size_bytes") is None else f"{r['size_bytes']:,}"
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {step} | {r['epochs']} | {r['cr']:.2f} | {size} | {100 * r['val']:.2f} | "
+            f"{test} | {r['wall_s']:.0f} | {r.get('cpu_s', float('nan')):.0f} | {r.get('load1', float('nan')):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def answers(rows: list[dict]) -> str:
     """Per seed, the model the prune-and-adjust loop returns: its last round that stayed within
     the validation bound (test is only reported), and the epochs the whole run spent."""
@@ -271,11 +291,15 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default="")
     p.add_argument("--task", default="digits", help="digits (LeNet-300-100) or a benchmarks.tasks accuracy task")
     p.add_argument("--file")
+    p.add_argument("--every-row", action="store_true", help="table: one line per measured model, no means")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.kind == "table":
         rows = [r for f in args.file.split(",") for r in json.loads(Path(f).read_text())["rows"]]  # files pooled
-        print(answers(rows) if any("accepted" in r for r in rows) else table(rows))
+        if args.every_row:
+            print(every_row(rows))
+        else:
+            print(answers(rows) if any("accepted" in r for r in rows) else table(rows))
         return
     if args.kind == "imp":
         rows = run_imp(args.seeds, args.round_epochs, args.rounds, args.lr, args.task)
