@@ -12,6 +12,7 @@ saved file's bytes, ``finetune=None``, budget 30. Arms:
   one ``compress`` call. ``levelset`` is tightfit's uniform bisection: one knob sets the same
   sparsity in every layer, every layer at 8 bits (the gentle end of the bit choices).
 - ``NAME+seq``: the same with ``evaluation=tightfit.Sequential()`` (cheap evaluation).
+- ``ARM@N`` (e.g. ``auto@100``, ``auto+seq@100``): the same at budget N instead of 30.
 - ``global_bisect``: bisection over one global magnitude threshold across all layers (each
   layer's sparsity is the share of its weights at or below the threshold, at most Prune()'s 0.99),
   every layer at 8 bits, 11 steps over global sparsity [0, 0.99] (interval below 0.001). Without
@@ -97,7 +98,7 @@ def describe(base: Base, model, data: bytes | None) -> dict:
     )
 
 
-def run_compress(base: Base, method: str, seed: int, sequential: bool) -> dict:
+def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: int = BUDGET) -> dict:
     started = time.perf_counter()
     result = compress(
         base.model,
@@ -105,7 +106,7 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool) -> dict:
         strategy=strategy(),
         constraint=tightfit.MaxDrop(MAX_DROP),
         finetune=None,
-        budget=BUDGET,
+        budget=budget,
         search=method,
         seed=seed,
         example_input=base.task.example_input,
@@ -242,8 +243,9 @@ def append(path: Path, row: dict) -> None:
 def run_one(base: Base, arm: str, seed: int) -> dict:
     if arm == "global_bisect":
         return run_global_bisect(base, seed)
-    method, _, mode = arm.partition("+")
-    return run_compress(base, method, seed, sequential=mode == "seq")
+    name, _, budget = arm.partition("@")
+    method, _, mode = name.partition("+")
+    return run_compress(base, method, seed, sequential=mode == "seq", budget=int(budget or BUDGET))
 
 
 def main() -> None:
@@ -280,7 +282,8 @@ def main() -> None:
             if (arm, seed, args.label) in done:
                 continue
             load = os.getloadavg()[0]
-            row = dict(task=args.task, arm=arm, seed=seed, budget=BUDGET, commit=here, label=args.label)
+            budget = int(arm.partition("@")[2] or BUDGET)
+            row = dict(task=args.task, arm=arm, seed=seed, budget=budget, commit=here, label=args.label)
             row.update(base_val_acc=base.val, base_test_acc=base.test, base_bytes=base.bytes, load_before=load)
             try:
                 row.update(run_one(base, arm, seed))
