@@ -54,6 +54,26 @@ def _wait_for(storage, study_name, condition, what, timeout_s=90.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _kill_mid_trial(storage, study_name, worker: subprocess.Popen) -> int:
+    """SIGKILL ``worker`` while it evaluates a trial (its params all drawn); that trial's number."""
+    killed = _wait_for(
+        storage,
+        study_name,
+        lambda ts: next(
+            (
+                t.number
+                for t in ts
+                if t.state == TrialState.RUNNING and _pid(t) == worker.pid and len(t.params) == N_PARAMS
+            ),
+            None,
+        ),
+        "the separate worker to evaluate a trial",
+    )
+    worker.kill()
+    worker.wait()
+    return killed
+
+
 def _gone(pid: int, timeout_s: float = 15.0) -> bool:
     """The process ended (or is a zombie nobody reaped yet)."""
     deadline = time.monotonic() + timeout_s
@@ -87,21 +107,7 @@ def test_workers_on_postgres_survive_sigkills(tmp_path):
     storage = optuna.storages.RDBStorage(with_installed_driver(URL))
 
     # 1. SIGKILL the separate worker in the middle of a trial: heartbeats stop, another retries it
-    killed = _wait_for(
-        storage,
-        study_name,
-        lambda ts: next(
-            (
-                t.number
-                for t in ts
-                if t.state == TrialState.RUNNING and _pid(t) == lone.pid and len(t.params) == N_PARAMS
-            ),
-            None,
-        ),
-        "the separate worker to evaluate a trial",
-    )
-    lone.kill()
-    lone.wait()
+    killed = _kill_mid_trial(storage, study_name, lone)
 
     # 2. the report reads the study while workers run
     shown = CliRunner().invoke(app, ["report", "--storage", URL, "--study", study_name])
@@ -192,21 +198,7 @@ def test_a_worker_killed_between_failing_a_stale_trial_and_queueing_its_retry_lo
     run = subprocess.Popen(run_command, env=hooked, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lone = subprocess.Popen([*python, "worker", str(config), *BEATS], env=env, stdout=subprocess.DEVNULL)
     storage = optuna.storages.RDBStorage(with_installed_driver(URL))
-    killed = _wait_for(
-        storage,
-        study_name,
-        lambda ts: next(
-            (
-                t.number
-                for t in ts
-                if t.state == TrialState.RUNNING and _pid(t) == lone.pid and len(t.params) == N_PARAMS
-            ),
-            None,
-        ),
-        "the separate worker to evaluate a trial",
-    )
-    lone.kill()
-    lone.wait()
+    killed = _kill_mid_trial(storage, study_name, lone)
     # the process of `tightfit run` that declares the trial stale dies before it queues the retry;
     # if that is the run itself, its worker dies with it, and the run is started again
     _wait_for(storage, study_name, lambda ts: marker.exists() and ts[killed].state == TrialState.FAIL, "the FAIL")
