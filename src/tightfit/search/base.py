@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,8 +29,9 @@ from .encoding import UnitEncoding, distributions, in_space
 class History:
     """Completed trials of the study as arrays: ``x`` is ``n x d`` in the unit cube, ``objective``
     the value minimized, ``violation`` the largest constraint value (<= 0 feasible), ``se`` the
-    metric's standard error or NaN. ``pending`` (``m x d``) are points running elsewhere; ``failed``
-    points whose evaluation raised."""
+    metric's standard error or NaN. ``pending`` (``m x d``) are points running elsewhere or screened;
+    ``screened`` those of them cheap evaluation only screened (PRUNED); ``failed`` points whose
+    evaluation raised."""
 
     x: np.ndarray
     objective: np.ndarray
@@ -38,6 +39,7 @@ class History:
     se: np.ndarray
     pending: np.ndarray
     failed: np.ndarray
+    screened: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     @property
     def n(self) -> int:
@@ -70,7 +72,8 @@ def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) 
     # a plan cheap evaluation only screened (PRUNED: no constraint values) is not in `done`; without it
     # here a sampler proposed the same screened plan again and again (fmnist-resnet, finetune=None,
     # Sequential(): trials 6-29 all one 339 KB plan). As pending, it is a point not to propose again.
-    pending += [t for t in trials if t.state == TrialState.PRUNED and in_space(t, enc.keys)]
+    screened = [t for t in trials if t.state == TrialState.PRUNED and in_space(t, enc.keys)]
+    pending += screened
     failed = [t for t in trials if t.state == TrialState.FAIL and in_space(t, enc.keys)]
 
     def rows(ts):
@@ -84,6 +87,7 @@ def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) 
         se=np.array([float(s) if s is not None else math.nan for s in se]),
         pending=rows(pending),
         failed=rows(failed),
+        screened=rows(screened),
     )
 
 

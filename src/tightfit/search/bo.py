@@ -157,7 +157,7 @@ class BOSampler(PlanSampler):
         end, knob = self._uniform_phase(history)
         if knob is not None:
             return uniform_family(self.encoding)(knob)
-        end, point = self._global_phase(history, study, end)
+        end, point = self._global_phase(history, end)
         if point is not None:
             return point
         scanned = sensitivity_scan(self.context) is not None
@@ -200,10 +200,10 @@ class BOSampler(PlanSampler):
                 return k, knob
         return cap, None  # not reached: the loop returns at k == min(n, cap)
 
-    def _global_phase(self, history: History, study: optuna.Study, first: int) -> tuple[int, np.ndarray | None]:
+    def _global_phase(self, history: History, first: int) -> tuple[int, np.ndarray | None]:
         """After the uniform floor (trials ``..first``), bisect the global magnitude family
         (``magnitude.global_magnitude_family``) over its distinct plans. Its trials are the rows
-        from ``first`` on that lie on the family, and its screened ones (never in ``history``).
+        from ``first`` on that lie on the family, and its screened ones (``history.screened``).
         Returns (where its trials in ``history`` end, the next plan or None: no family, the edge
         found or ``global_trials`` spent)."""
         memo = self.context.memo
@@ -216,7 +216,7 @@ class BOSampler(PlanSampler):
             return first, None
         family, table, starts = memo["bo.global"]
         own = _leading_on_family(history.x[first:], table)
-        screened = [p for p in _screened_points(study, self.encoding) if _leading_on_family(p[None, :], table)]
+        screened = [p for p in history.screened if _already_measured(p, table)]
         if own + len(screened) >= global_trials(self.context.budget):
             return first + own, None
         points = np.vstack([history.x[first : first + own], *[p[None, :] for p in screened]])
@@ -387,16 +387,6 @@ def _leading_on_family(points: np.ndarray, table: np.ndarray) -> int:
         if not _already_measured(p, table):
             return i
     return len(points)
-
-
-def _screened_points(study: optuna.Study, enc: Any) -> list[np.ndarray]:
-    """The plans cheap evaluation only screened (told as PRUNED, absent from ``History``), as points."""
-    from optuna.trial import TrialState
-
-    from .encoding import in_space
-
-    trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-    return [enc.encode(t.params) for t in trials if in_space(t, enc.keys)]
 
 
 def _already_measured(x: np.ndarray, seen: np.ndarray) -> bool:
