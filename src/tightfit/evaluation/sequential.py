@@ -330,8 +330,10 @@ class SequentialSession:
             )
         self.config = config
         self.metric = metric
-        self.constraints = list(constraints)
-        self.linear, self.fixed, self.other = per_sample_constraints(self.constraints)
+        self.baseline_values: torch.Tensor | None = None
+        self._prior: list[float] = []
+        self._width = 1.0
+        self.judge(constraints)
         n = int(metric.num_samples)
         n_cert = int(round(n * config.certify_fraction))
         if n - n_cert < 2:
@@ -343,10 +345,6 @@ class SequentialSession:
         self.search_idx = self.order[: n - n_cert]
         self.certify_idx = self.order[n - n_cert :]
         self.looks = look_schedule(len(self.search_idx), config.first_look, config.growth)
-        self.baseline_values: torch.Tensor | None = None
-        self._forms = [_Linear(self.constraints[i]) for i in self.linear]
-        self._prior: list[float] = []
-        self._width = 1.0
         self._confirmed: tuple[nn.Module, torch.Tensor] | None = None
 
     def baseline(self, original: nn.Module) -> float:
@@ -361,8 +359,9 @@ class SequentialSession:
         return float(self.baseline_values.mean())
 
     def judge(self, constraints: Sequence[Constraint]) -> None:
-        """Decide and certify ``constraints`` from now on: the answer's, after a search held to a
-        looser ``search_constraint`` (its certificate must be of what the user asked for)."""
+        """Decide and certify ``constraints`` from now on (set at construction; again for the answer's
+        after a search held to a looser ``search_constraint``: its certificate must be of what the
+        user asked for)."""
         self.constraints = list(constraints)
         self.linear, self.fixed, self.other = per_sample_constraints(self.constraints)
         self._forms = [_Linear(self.constraints[i]) for i in self.linear]
