@@ -83,16 +83,21 @@ def input_square_sums(
         sums.append(cols.sum(0))
         count[0] += cols.shape[0]
 
+    run_hooked(model, module, hook, batches)
+    sq = torch.stack(total).sum(0)
+    if centred:
+        sq = sq - torch.stack(sums).sum(0).pow(2) / count[0]
+    return sq.clamp(min=0).float()
+
+
+def run_hooked(model: nn.Module, module: nn.Module, hook, batches: list[torch.Tensor]) -> None:
+    """Run ``batches`` through ``model`` with ``hook`` on ``module``'s forward, removed afterwards."""
     handle = module.register_forward_hook(hook)
     try:
         for b in batches:
             model(b)
     finally:
         handle.remove()
-    sq = torch.stack(total).sum(0)
-    if centred:
-        sq = sq - torch.stack(sums).sum(0).pow(2) / count[0]
-    return sq.clamp(min=0).float()
 
 
 def mask(score: torch.Tensor, group: str, sparsity: float = 0.5) -> torch.Tensor:
@@ -123,12 +128,7 @@ def output_error(
         acc["y_sq"] += float(y.pow(2).sum())
         acc["n"] += dy.shape[0]
 
-    handle = module.register_forward_hook(hook)
-    try:
-        for b in batches:
-            model(b)
-    finally:
-        handle.remove()
+    run_hooked(model, module, hook, batches)
     mean_sq = float((acc["dy_sum"] / acc["n"]).pow(2).sum()) * acc["n"]
     return {"relative": (acc["dy_sq"] / acc["y_sq"]) ** 0.5, "mean_share": mean_sq / max(acc["dy_sq"], 1e-30)}
 
