@@ -5,8 +5,10 @@ recovery. The search itself can then run without training (``finetune=None``): t
 models whose fine-tuning takes hours. Such a search can be held to a looser ``search_constraint``
 than the answer's: the recovery is what closes the gap, each recovered plan re-checked against
 ``constraint``; if none meets it, the answer is the best plan that met ``constraint`` untrained.
-Under ``evaluation=Sequential(...)`` the recovered (and fallback) plans are measured on the whole
-search set, never on the samples the certificate holds out."""
+Under ``evaluation=Sequential(...)`` the recovered (and fallback) plans are measured on the full
+validation set, the certificate's held-out samples included: a plan reported feasible meets
+``constraint`` on the validation set, and the certificate, whose samples took part in that check,
+may be optimistic (the result says so)."""
 
 from __future__ import annotations
 

@@ -271,8 +271,9 @@ class Run:
             c.calibration,
             s.recover,
             s.seed,
-            # cheap evaluation: the search set, so the held-out samples still certify the answer alone
-            p.session.searched if p.session is not None else p.evaluate,
+            # cheap evaluation: the full validation set, so an answer reported feasible meets `constraint`
+            # there (a point estimate on the search set let one through that did not)
+            p.session.validation if p.session is not None else p.evaluate,
             StaticMeasure(s.artifact_extra, p.layer_names, p.example_input, o.baseline),
             c.answer_constraints,
             o.baseline,
@@ -328,6 +329,8 @@ class Run:
         if p.session is not None and result.feasible:
             result.certificate = p.session.certify(result.model)
             note_certificate(result, c.answer_constraints, o.baseline)
+            if recovered is not None:
+                result.notes.append(RECHECKED_NOTE)
         result.accounting = accounting(trials, o.baseline_passes, p.counter.take(), time.perf_counter() - started)
         if c.multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
@@ -360,6 +363,14 @@ class Run:
         now = time.perf_counter()
         run_started = started if run_started is None else run_started
         return time_breakdown(trials, now - run_started, started - run_started, now - finish_started)
+
+
+#: the recovered plans were re-checked on the full validation set (AfterSearch, session.validation)
+RECHECKED_NOTE = (
+    "The recovered plans were re-checked on the full validation set, the certificate's held-out samples included: "
+    "the answer meets the constraints there, and the certificate, whose samples took part in accepting it, may be "
+    "optimistic."
+)
 
 
 def note_recovery(result: Result, recovered: Recovered, k: int) -> None:
