@@ -167,6 +167,7 @@ def test_a_recovery_after_a_cheap_search_rechecks_on_the_full_validation_set(mlp
     assert sum(r is None for r in reads) == 2 + len(result.recovery["trials"])
     assert all(not (r & held_out[0]) for r in reads if r is not None)
     assert any("re-checked on the full validation set" in n for n in result.notes)
+    assert not any("chosen on a validation subsample" in n for n in result.notes)
 
 
 def test_a_cheap_search_s_untrained_fallback_is_measured_again(mlp, digits, monkeypatch):
