@@ -31,14 +31,12 @@ from benchmarks.calibrated_tasks import model_inputs  # noqa: E402
 from benchmarks.peers import BLOCKS, CALIBRATION, llmcompressor_arm, to_linear  # noqa: E402
 
 #: cProfile rows that make up a compression's time (cumulative seconds of these functions)
-PARTS = {
+PARTS: dict[str, tuple[str, str]] = {
     "calibration forward passes (block or model)": ("calibration.py", "collect_stats"),
     "statistics hook (Hessian einsum, sums)": ("calibration.py", "hook"),
-    "Hessian einsum": ("{built-in method torch.einsum}", None),
     "GPTQ solve (per layer)": ("solvers.py", "gptq"),
     "Cholesky / inverse": ("solvers.py", "inverse_hessian_factor"),
-    "execution order pass": ("calibration.py", "execution_order"),
-    "block check pass": ("blocks.py", "find_blocks"),
+    "order and block check pass (first batch)": ("blocks.py", "survey"),
     "block inputs: capture": ("blocks.py", "capture"),
     "block inputs: advance": ("blocks.py", "advance"),
     "apply_plan_calibrated (all)": ("calibrated.py", "apply_plan_calibrated"),
@@ -77,7 +75,7 @@ def profile_parts(arm, base: torch.nn.Module, calibration: list[Any]) -> dict[st
     for label, (where, function) in PARTS.items():
         total = 0.0
         for (path, _, name), (_, _, _, cumulative, _) in stats.items():
-            if (function is None and name == where) or (function == name and path.endswith(where)):
+            if function == name and path.endswith(where):
                 total += cumulative
         parts[label] = round(total, 2)
     return parts

@@ -9,13 +9,14 @@ from running its block alone on them, and once a block's layers are compressed i
 the next block's inputs (:class:`BlockCursor`): about 2 block runs per block.
 
 That gives exactly the inputs of the whole-model passes only where the model hands each block's
-output to the next block unchanged and passes the other arguments through. :func:`find_blocks`
-checks it on the first calibration batch, before any layer is compressed: block k+1 receives block
-k's output and the same other arguments, a block run again on its inputs gives the same output and
-leaves them unchanged, no argument is an object that may carry state between blocks (a key/value
-cache), each block runs once per forward, in order, and the calibrated layers inside a block run
-only within it. Where a check fails, every pass runs the whole model (the reason is reported).
-Memory: one block's inputs over the calibration batches.
+output to the next block unchanged and passes the other arguments through. :func:`survey` checks it
+on the first calibration batch, before any layer is compressed, in the pass that finds the layers'
+order: block k+1 receives block k's output and the same other arguments; a block leaves its inputs
+unchanged and (the first block of each class) gives the same output when run again on them; no
+argument is an object that may carry state between blocks (a key/value cache); each block runs
+once per forward, in order; the calibrated layers inside a block run only within it. Where a check
+fails, every pass runs the whole model (the reason is reported). Memory: one block's inputs over
+the calibration batches.
 """
 
 from __future__ import annotations
@@ -98,20 +99,34 @@ def next_inputs(output: Any, args: tuple, kwargs: dict[str, Any]) -> Inputs | No
     return (hidden, *args[1:]), kwargs
 
 
-class _Check:
-    """The hooks of :func:`check_blocks`: each finding a failure records why (the first one counts)."""
+class _Survey:
+    """The hooks of :func:`survey`: the layers' order and calls, and each failed block check's
+    reason (the first one counts)."""
 
-    def __init__(self, blocks: Blocks, layers: dict[str, nn.Module]) -> None:
-        self.blocks, self.layers = blocks, layers
+    def __init__(self, blocks: Blocks | None, layers: dict[str, nn.Module]) -> None:
+        self.blocks = blocks
+        self.order: list[str] = []
+        self.calls = dict.fromkeys(layers, 0)
         self.why: str | None = None
-        self.runs = [0] * len(blocks.modules)
+        self.runs = [0] * (len(blocks.modules) if blocks is not None else 0)
         self.active: int | None = None
         self.replaying = False
+        self.replayed: set[type] = set()
         self.saved: Inputs | None = None
         self.expected: Inputs | None = None
 
     def fail(self, why: str) -> None:
         self.why = self.why or why
+
+    def layer_runs(self, name: str) -> None:
+        if self.replaying:
+            return
+        if self.calls[name] == 0:
+            self.order.append(name)
+        self.calls[name] += 1
+        k = self.blocks.index(name) if self.blocks is not None else None
+        if k is not None and self.active != k:
+            self.fail(f"{name} runs outside its block")
 
     def before(self, k: int, args: tuple, kwargs: dict) -> None:
         if self.replaying:
@@ -135,72 +150,62 @@ class _Check:
         if not _same((args, kwargs), self.saved):
             self.fail(f"block {k} changes its inputs in place")
             return
-        self.replaying = True
-        try:
-            again = module(*_clone(self.saved[0]), **_clone(self.saved[1]))
-        finally:
-            self.replaying = False
-        if not _same(again, output, exact=False):
-            self.fail(f"block {k} gives another output when run again on the same inputs")
+        if type(module) not in self.replayed:  # once per class: what a block's output depends on is its code
+            self.replayed.add(type(module))
+            self.replaying = True
+            try:
+                again = module(*_clone(self.saved[0]), **_clone(self.saved[1]))
+            finally:
+                self.replaying = False
+            if not _same(again, output, exact=False):
+                self.fail(f"block {k} gives another output when run again on the same inputs")
         self.expected = next_inputs(output, args, kwargs)
         if self.expected is None:
             self.fail(f"block {k} takes no positional argument or returns no tensor first")
 
-    def layer_runs(self, name: str) -> None:
-        if not self.replaying and self.active != self.blocks.index(name):
-            self.fail(f"{name} runs outside its block")
+
+def choose_blocks(layers: Sequence[str], model: nn.Module) -> Blocks | None:
+    """The ``nn.ModuleList`` of ``model`` holding the most of ``layers`` (module names; the
+    outermost of equals), or None."""
+    best: tuple[int, Blocks] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            blocks = Blocks(name, list(module))
+            inside = sum(blocks.index(n) is not None for n in layers)
+            if inside and (best is None or inside > best[0]):
+                best = (inside, blocks)
+    return best[1] if best is not None else None
 
 
-def check_blocks(model: nn.Module, blocks: Blocks, layers: dict[str, nn.Module], batch: Any) -> str | None:
-    """Why cached inputs of ``blocks`` would not reproduce the whole-model passes on ``batch`` (see
-    the module docstring), or None. ``layers``: the calibrated layers inside the blocks."""
-    check = _Check(blocks, layers)
-    handles = []
-    for k, module in enumerate(blocks.modules):
-        handles.append(module.register_forward_pre_hook(lambda m, a, kw, k=k: check.before(k, a, kw), with_kwargs=True))
+def survey(
+    model: nn.Module, layers: dict[str, nn.Module], batch: Any, blocks: Blocks | None
+) -> tuple[list[str], dict[str, int], str | None]:
+    """One forward of ``batch`` (no gradient): the names of ``layers`` in the order they first run
+    (those that never run left out), how often each runs, and why cached inputs of ``blocks``
+    would not reproduce the whole-model passes (see the module docstring; None where they would)."""
+    seen = _Survey(blocks, layers)
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, n=name: seen.layer_runs(n)) for name, layer in layers.items()
+    ]
+    for k, module in enumerate(blocks.modules if blocks is not None else []):
+        handles.append(module.register_forward_pre_hook(lambda m, a, kw, k=k: seen.before(k, a, kw), with_kwargs=True))
         handles.append(
-            module.register_forward_hook(lambda m, a, kw, out, k=k: check.after(k, m, a, kw, out), with_kwargs=True)
+            module.register_forward_hook(lambda m, a, kw, out, k=k: seen.after(k, m, a, kw, out), with_kwargs=True)
         )
-    for name, layer in layers.items():
-        handles.append(layer.register_forward_pre_hook(lambda m, a, name=name: check.layer_runs(name)))
     try:
         with torch.no_grad():
             call_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    if check.why is None and check.runs != [1] * len(check.runs):
-        check.fail(f"blocks {[k for k, r in enumerate(check.runs) if r != 1]} do not run once per forward")
-    return check.why
-
-
-def find_blocks(
-    model: nn.Module, layers: dict[str, nn.Module], order: Sequence[str], batch: Any
-) -> tuple[Blocks | None, str]:
-    """The ``nn.ModuleList`` holding the most of the calibrated ``layers`` (``order``: those that run,
-    in the order they first run) whose blocks' inputs can be cached (:func:`check_blocks` on
-    ``batch``), or None and why none can."""
-    candidates = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            blocks = Blocks(name, list(module))
-            inside = [n for n in order if blocks.index(n) is not None]
-            if inside:
-                candidates.append((len(inside), blocks, inside))
-    if not candidates:
-        return None, "no nn.ModuleList holds a calibrated layer"
-    why = ""
-    for _, blocks, inside in sorted(candidates, key=lambda c: -c[0]):
-        positions = [order.index(n) for n in inside]
-        indices = [blocks.index(n) or 0 for n in inside]  # never None: `inside` holds the blocks' layers
-        if positions != list(range(positions[0], positions[0] + len(inside))) or indices != sorted(indices):
-            why = why or f"{blocks.name}: other calibrated layers run between its blocks' layers"
-            continue
-        failed = check_blocks(model, blocks, {n: layers[n] for n in inside}, batch)
-        if failed is None:
-            return blocks, ""
-        why = why or f"{blocks.name}: {failed}"
-    return None, why
+    if blocks is None:
+        return seen.order, seen.calls, None
+    if seen.runs != [1] * len(seen.runs):
+        seen.fail(f"blocks {[k for k, r in enumerate(seen.runs) if r != 1]} do not run once per forward")
+    inside = [i for i, n in enumerate(seen.order) if blocks.index(n) is not None]
+    if inside and inside != list(range(inside[0], inside[0] + len(inside))):
+        seen.fail("other calibrated layers run between its blocks' layers")
+    return seen.order, seen.calls, None if seen.why is None else f"{blocks.name}: {seen.why}"
 
 
 @contextlib.contextmanager

@@ -32,8 +32,8 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 from ..measure.analysis import layer_kind, tied_groups
 from .base import Operator
-from .blocks import BlockCursor, find_blocks, no_kv_cache
-from .calibration import LayerStats, LayerView, collect_stats, execution_order, run, why_not_calibrated
+from .blocks import BlockCursor, choose_blocks, no_kv_cache, survey
+from .calibration import LayerStats, LayerView, collect_stats, run, why_not_calibrated
 from .compose import Compose
 from .plan import Plan, apply_plan_inplace, share_tied_parametrizations
 from .prune import WeightMask
@@ -242,10 +242,11 @@ def _calibrate_layers(
     targets = _targets(model, sorted(calibrated))
     tied = {name for leader, followers in tied_groups(model).items() for name in (leader, *followers)}
     modules = {name: module for name, (_, module) in targets.items()}
-    order, calls = execution_order(model, modules, batches[0])
-    blocks, result.blocks_not_cached = (
-        find_blocks(model, modules, order, batches[0]) if block_cache else (None, "block_cache=False")
-    )
+    blocks = choose_blocks(list(modules), model) if block_cache else None
+    order, calls, why = survey(model, modules, batches[0], blocks)
+    if why is not None or blocks is None:
+        why = why or ("block_cache=False" if not block_cache else "no nn.ModuleList holds a calibrated layer")
+        blocks, result.blocks_not_cached = None, why
     result.blocks = blocks.name if blocks is not None else ""
     cursor = BlockCursor(model, blocks, batches)
     for name in [n for n in targets if n not in order]:

@@ -213,25 +213,3 @@ def run(model: nn.Module, batches: Iterable[Any]) -> None:
         for batch in batches:
             with contextlib.suppress(StopPass):  # a hook ended the pass once its layer had run
                 call_model(model, batch)
-
-
-def execution_order(model: nn.Module, modules: dict[str, nn.Module], batch: Any) -> tuple[list[str], dict[str, int]]:
-    """Names of ``modules`` in the order they first run on ``batch``, and how often each runs in
-    one forward (those that never run are left out of the order)."""
-    order: list[str] = []
-    calls: dict[str, int] = dict.fromkeys(modules, 0)
-    handles = []
-    for name, module in modules.items():
-
-        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
-            if calls[name] == 0:
-                order.append(name)
-            calls[name] += 1
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        run(model, [batch])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order, calls
