@@ -8,6 +8,7 @@ compression's time goes (cProfile, one run per tightfit arm after the timed roun
 
     nice -n 10 env PYTHONPATH=src:. /work/venv-peers/bin/python benchmarks/gptq_speed.py --rounds 3 \\
         --llmc --profile --out docs/results/gptq_speed_tiny-lm.json
+    nice -n 10 env PYTHONPATH=src:. /work/venv/bin/python benchmarks/gptq_speed.py --encode
 """
 
 from __future__ import annotations
@@ -81,12 +82,25 @@ def profile_parts(arm, base: torch.nn.Module, calibration: list[Any]) -> dict[st
     return parts
 
 
+def encode_time(base: torch.nn.Module, calibration: list[Any]) -> None:
+    """The encoding's share: ``tightfit.save`` of one compressed model, three times."""
+    import tightfit
+
+    model, _ = tightfit_arm(True)(copy.deepcopy(base), calibration)
+    path = Path(tempfile.mkdtemp(prefix="gptq-speed-")) / "model.tfz"
+    for _ in range(3):
+        t0 = time.perf_counter()
+        tightfit.save(model, path)
+        print(f"tightfit.save {time.perf_counter() - t0:.2f} s, {path.stat().st_size} B, load {os.getloadavg()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llmc", action="store_true", help="time llm-compressor's GPTQ W4A16 too (peers venv)")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--encode", action="store_true", help="only: one compression, then time tightfit.save 3x")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from benchmarks.tasks import load_task
@@ -94,6 +108,11 @@ def main() -> None:
     task = load_task("tiny-lm")
     base = to_linear(task.model().eval())
     calibration = model_inputs(task.calibration, CALIBRATION)
+    if args.encode:
+        encode_time(base, calibration)
+        return
+    if args.out is None:
+        parser.error("--out is required (except with --encode)")
     arms = {"tightfit, whole-model passes (block_cache=False)": tightfit_arm(False)}
     arms["tightfit, cached block inputs"] = tightfit_arm(True)
     if args.llmc:
