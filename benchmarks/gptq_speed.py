@@ -3,11 +3,15 @@ inputs (each layer's statistics from running its block alone; ``tightfit.operato
 against the whole-model passes it replaces (``block_cache=False``), and llm-compressor's GPTQ
 W4A16 where installed, interleaved in one process, one thread. The same model and calibration as
 benchmarks/peers.py (its 16 Linear layers, the first 256 calibration sequences). Also: whether
-the two tightfit arms give the same weights, each arm's test loss, and (``--profile``) where one
-compression's time goes (cProfile, one run per tightfit arm after the timed rounds).
+the two tightfit arms give the same weights, each arm's test metric (``test_metric``, the task's;
+tiny-lm's is minus the loss; the first JSON, gptq_speed_tiny-lm.json, recorded ``test_loss``), and
+(``--profile``) where one compression's time goes (cProfile, one run per tightfit arm after the
+timed rounds). ``--task minilm``: the two tightfit arms on the minilm encoder's 36 Linears.
 
     nice -n 10 env PYTHONPATH=src:. /work/venv-peers/bin/python benchmarks/gptq_speed.py --rounds 3 \\
         --llmc --profile --out docs/results/gptq_speed_tiny-lm.json
+    nice -n 10 env PYTHONPATH=src:. /work/venv/bin/python benchmarks/gptq_speed.py --task minilm --rounds 3 \\
+        --profile --out docs/results/gptq_speed_minilm.json
     nice -n 10 env PYTHONPATH=src:. /work/venv/bin/python benchmarks/gptq_speed.py --encode
 """
 
@@ -44,13 +48,17 @@ PARTS: dict[str, tuple[str, str]] = {
 }
 
 
-def tightfit_arm(block_cache: bool):
+#: task -> the layers compressed (as in benchmarks/calibrated_tasks.py and peers.py)
+LAYERS = {"tiny-lm": BLOCKS + "*", "minilm": "bert.encoder.*"}
+
+
+def tightfit_arm(block_cache: bool, layers: str = BLOCKS + "*"):
     def arm(model: torch.nn.Module, calibration: list[Any]) -> tuple[torch.nn.Module, dict]:
         import tightfit
         from tightfit.operators.calibrated import apply_plan_calibrated
         from tightfit.run.oneshot import one_shot_plan
 
-        strategy = tightfit.Quantize(4, method="gptq", group_size=128, layers=[BLOCKS + "*"])
+        strategy = tightfit.Quantize(4, method="gptq", group_size=128, layers=[layers])
         plan, _ = one_shot_plan(model, strategy)
         result = apply_plan_calibrated(plan, model, calibration, block_cache=block_cache)
         info = {"blocks": result.blocks, "block_passes": result.block_passes, "passes": result.calibration_passes}
@@ -96,6 +104,7 @@ def encode_time(base: torch.nn.Module, calibration: list[Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="tiny-lm", choices=sorted(LAYERS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llmc", action="store_true", help="time llm-compressor's GPTQ W4A16 too (peers venv)")
     parser.add_argument("--profile", action="store_true")
@@ -105,19 +114,21 @@ def main() -> None:
     torch.set_num_threads(1)
     from benchmarks.tasks import load_task
 
-    task = load_task("tiny-lm")
-    base = to_linear(task.model().eval())
+    task = load_task(args.task)
+    base = task.model().eval()
+    base = to_linear(base) if args.task == "tiny-lm" else base
     calibration = model_inputs(task.calibration, CALIBRATION)
     if args.encode:
         encode_time(base, calibration)
         return
     if args.out is None:
         parser.error("--out is required (except with --encode)")
-    arms = {"tightfit, whole-model passes (block_cache=False)": tightfit_arm(False)}
-    arms["tightfit, cached block inputs"] = tightfit_arm(True)
-    if args.llmc:
+    layers = LAYERS[args.task]
+    arms = {"tightfit, whole-model passes (block_cache=False)": tightfit_arm(False, layers)}
+    arms["tightfit, cached block inputs"] = tightfit_arm(True, layers)
+    if args.llmc and args.task == "tiny-lm":  # llm-compressor on minilm: benchmarks/peers_minilm.py
         arms["llm-compressor GPTQ W4A16 (g128)"] = llmc_arm
-    record: dict[str, Any] = {"task": "tiny-lm", "calibration_samples": CALIBRATION, "rounds": [], "arms": {}}
+    record: dict[str, Any] = {"task": args.task, "calibration_samples": CALIBRATION, "rounds": [], "arms": {}}
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for r in range(args.rounds):
         names = list(arms) if r % 2 == 0 else list(reversed(arms))
@@ -131,7 +142,7 @@ def main() -> None:
             print(record["rounds"][-1], flush=True)
             if r == 0:
                 with torch.no_grad():
-                    record["arms"][name] = {"test_loss": -float(task.test_metric(out.eval()))}
+                    record["arms"][name] = {"test_metric": float(task.test_metric(out.eval()))}
                 if name.startswith("tightfit"):
                     weights[name] = {k: v.detach().clone() for k, v in out.state_dict().items()}
             args.out.write_text(json.dumps(record, indent=1))
