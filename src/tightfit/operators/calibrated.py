@@ -6,6 +6,9 @@ batches go through the partly compressed model with a hook on that layer summing
 (:mod:`tightfit.operators.calibration`; a pass ends at the layer when it runs once per forward);
 then the layer's operators apply, and its statistics are dropped. Cost: one pass over the
 calibration data per such layer (measured in docs/calibration.md); memory: one layer's statistics.
+Where the layers sit in a list of blocks run in turn (a transformer's), each pass runs only the
+layer's block on its cached inputs (:mod:`tightfit.operators.blocks`; checked to give the same
+inputs first), plus one block's inputs in memory.
 
 Where the result lives: a calibrated quantizer writes its compensated weight (the exact values of
 its codes) under the layer's parametrizations and registers a :class:`FakeQuantize` whose grid
@@ -29,7 +32,8 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 from ..measure.analysis import layer_kind, tied_groups
 from .base import Operator
-from .calibration import LayerStats, LayerView, collect_stats, execution_order, run, why_not_calibrated
+from .blocks import BlockCursor, choose_blocks, no_kv_cache, survey
+from .calibration import LayerStats, LayerView, collect_stats, run, why_not_calibrated
 from .compose import Compose
 from .plan import Plan, apply_plan_inplace, share_tied_parametrizations
 from .prune import WeightMask
@@ -53,6 +57,9 @@ class Calibrated:
     repaired: dict[str, list[str]] = field(default_factory=dict)  # repair -> modules it changed
     not_repaired: dict[str, str] = field(default_factory=dict)  # layer -> why no bias correction
     calibration_passes: int = 0  # passes over the calibration batches (one per calibrated layer, + repairs)
+    block_passes: int = 0  # of those, passes that ran only the layer's block on its cached inputs (blocks.py)
+    blocks: str = ""  # the nn.ModuleList whose blocks' inputs were cached, or "" (every pass ran the whole model)
+    blocks_not_cached: str = ""  # why no block's inputs were cached
     seconds: float = 0.0
 
 
@@ -169,10 +176,13 @@ def apply_plan_calibrated(
     strategy: Compose | None = None,
     *,
     repair: Iterable[str] = ("batchnorm",),
+    block_cache: bool = True,
 ) -> Calibrated:
     """Apply ``plan`` to ``model`` itself, its calibrated operators fed with ``calibration`` (see
     the module docstring), then the ``repair`` steps (:data:`REPAIRS`). Bad input is refused before
-    any work. Returns what was done (:class:`Calibrated`)."""
+    any work. ``block_cache=False`` runs the whole model for every layer's statistics, even where
+    cached block inputs give the same (:mod:`tightfit.operators.blocks`). Returns what was done
+    (:class:`Calibrated`)."""
     start = time.perf_counter()
     strategy = strategy or plan.strategy()
     repair = check_repairs(repair)
@@ -196,7 +206,8 @@ def apply_plan_calibrated(
     was_training = model.training
     model.eval()
     try:
-        _calibrate_layers(model, per_layer, calibrated, batches, repair, result)
+        with no_kv_cache(model):
+            _calibrate_layers(model, per_layer, calibrated, batches, repair, result, block_cache)
         share_tied_parametrizations(model)
         if "batchnorm" in repair:
             result.repaired["batchnorm"] = reestimate_batchnorm(model, batches)
@@ -226,10 +237,18 @@ def _calibrate_layers(
     batches: list[Any],
     repair: tuple[str, ...],
     result: Calibrated,
+    block_cache: bool = True,
 ) -> None:
     targets = _targets(model, sorted(calibrated))
     tied = {name for leader, followers in tied_groups(model).items() for name in (leader, *followers)}
-    order, calls = execution_order(model, {name: module for name, (_, module) in targets.items()}, batches[0])
+    modules = {name: module for name, (_, module) in targets.items()}
+    blocks = choose_blocks(list(modules), model) if block_cache else None
+    order, calls, why = survey(model, modules, batches[0], blocks)
+    if why is not None or blocks is None:
+        why = why or ("block_cache=False" if not block_cache else "no nn.ModuleList holds a calibrated layer")
+        blocks, result.blocks_not_cached = None, why
+    result.blocks = blocks.name if blocks is not None else ""
+    cursor = BlockCursor(model, blocks, batches)
     for name in [n for n in targets if n not in order]:
         order.append(name)  # never runs on the calibration data: compressed without it, below
     for name in order:
@@ -249,18 +268,33 @@ def _calibrate_layers(
             needs_gram = any(
                 op.needs_calibration() and getattr(op, "method", "") != "wanda" for op, _ in per_layer[layer]
             )
-            stats = collect_stats(model, view, batches, gram=needs_gram, stop_early=calls[name] == 1)
+            runner = cursor.runner(name)
+            stats = collect_stats(model, view, batches, gram=needs_gram, stop_early=calls[name] == 1, runner=runner)
             result.calibration_passes += 1
-        before = module.weight.detach().clone() if view is not None and "bias" in repair else None
-        for op, settings in per_layer[layer]:
-            if not op.needs_calibration():
-                op.apply(module, settings)
-            elif view is None:
-                op.apply_uncalibrated(module, settings)
-            else:
-                op.apply_calibrated(module, settings, view, stats)
-        if before is not None:
-            _correct_bias(name, module, view, before, stats, result)
+            result.block_passes += runner is not None
+        _apply_layer(name, module, per_layer[layer], view, stats, repair, result)
+
+
+def _apply_layer(
+    name: str,
+    module: nn.Module,
+    ops: list[tuple[Operator, dict[str, Any]]],
+    view: LayerView | None,
+    stats: LayerStats | None,
+    repair: tuple[str, ...],
+    result: Calibrated,
+) -> None:
+    """The layer's operators, calibrated where ``view`` and ``stats`` are given, then its bias correction."""
+    before = module.weight.detach().clone() if view is not None and "bias" in repair else None
+    for op, settings in ops:
+        if not op.needs_calibration():
+            op.apply(module, settings)
+        elif view is None:
+            op.apply_uncalibrated(module, settings)
+        else:
+            op.apply_calibrated(module, settings, view, stats)
+    if before is not None:
+        _correct_bias(name, module, view, before, stats, result)
 
 
 def _correct_bias(

@@ -13,7 +13,7 @@ left out: they are not inputs the layer will really see.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from ..measure.analysis import call_model
 
 
-class _Stop(Exception):
+class StopPass(Exception):
     """Raised by a hook to end a forward pass once the layer it watches has seen its input."""
 
 
@@ -151,12 +151,19 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def collect_stats(
-    model: nn.Module, view: LayerView, batches: Sequence[Any], *, gram: bool, stop_early: bool
+    model: nn.Module,
+    view: LayerView,
+    batches: Sequence[Any],
+    *,
+    gram: bool,
+    stop_early: bool,
+    runner: Callable[[int], None] | None = None,
 ) -> LayerStats:
     """Run ``batches`` through ``model`` (no gradient) and sum the inputs ``view``'s layer sees,
     a Linear's padding tokens left out where a batch carries an ``attention_mask``
     (:func:`real_tokens`). ``stop_early`` ends each pass at the layer (right when it runs once per
-    forward)."""
+    forward). ``runner(i)``, where given, runs batch ``i`` instead (the block holding the layer on
+    that batch's cached inputs, :mod:`tightfit.operators.blocks`)."""
     stats: LayerStats | None = None
     mask: torch.Tensor | None = None
 
@@ -164,7 +171,7 @@ def collect_stats(
         nonlocal stats
         x = _first_tensor(args, kwargs)
         if x is None:
-            raise _Stop
+            raise StopPass
         if isinstance(module, nn.Linear):
             x = real_tokens(x, mask)
         rows = view.rows(x)
@@ -185,13 +192,16 @@ def collect_stats(
         if gram:
             stats.gram += torch.einsum("ngc,ngd->gcd", rows, rows)
         if stop_early:
-            raise _Stop
+            raise StopPass
 
     handle = view.module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             mask = padding_mask(batch)
-            run(model, [batch])
+            if runner is None:
+                run(model, [batch])
+            else:
+                runner(i)
     finally:
         handle.remove()
     return stats
@@ -201,27 +211,5 @@ def run(model: nn.Module, batches: Iterable[Any]) -> None:
     """Every batch through ``model`` without gradients (a hook may end a pass early)."""
     with torch.no_grad():
         for batch in batches:
-            with contextlib.suppress(_Stop):  # a hook ended the pass once its layer had run
+            with contextlib.suppress(StopPass):  # a hook ended the pass once its layer had run
                 call_model(model, batch)
-
-
-def execution_order(model: nn.Module, modules: dict[str, nn.Module], batch: Any) -> tuple[list[str], dict[str, int]]:
-    """Names of ``modules`` in the order they first run on ``batch``, and how often each runs in
-    one forward (those that never run are left out of the order)."""
-    order: list[str] = []
-    calls: dict[str, int] = dict.fromkeys(modules, 0)
-    handles = []
-    for name, module in modules.items():
-
-        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
-            if calls[name] == 0:
-                order.append(name)
-            calls[name] += 1
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        run(model, [batch])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order, calls
