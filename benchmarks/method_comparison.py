@@ -124,6 +124,7 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: i
         val_passes_probes=acc.get("val_samples_probes"),
         trials_by_fidelity=acc.get("trials_by_fidelity"),
         wall_s=wall,
+        time=acc.get("time"),  # the run's own breakdown (probes, optimizer, evaluation, before/after)
         best_trial=result.best_trial.number if result.best_trial else None,
         certificate=result.certificate.to_dict() if result.certificate else None,
         plan=plan,
@@ -137,6 +138,9 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: i
                 constraints=list(t.constraints),
                 val_samples=t.val_samples,
                 probe_samples=t.probe_samples,
+                duration_s=t.duration_s,
+                probe_s=t.probe_s,
+                search_time_s=t.search_time_s,
                 **plan_summary(t.plan),
             )
             for t in result.trials
