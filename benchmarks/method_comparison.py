@@ -124,6 +124,7 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: i
         val_passes_probes=acc.get("val_samples_probes"),
         trials_by_fidelity=acc.get("trials_by_fidelity"),
         wall_s=wall,
+        time=acc.get("time"),  # the run's own breakdown (probes, optimizer, evaluation, before/after)
         best_trial=result.best_trial.number if result.best_trial else None,
         certificate=result.certificate.to_dict() if result.certificate else None,
         plan=plan,
@@ -137,6 +138,9 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: i
                 constraints=list(t.constraints),
                 val_samples=t.val_samples,
                 probe_samples=t.probe_samples,
+                duration_s=t.duration_s,
+                probe_s=t.probe_s,
+                search_time_s=t.search_time_s,
                 **plan_summary(t.plan),
             )
             for t in result.trials
@@ -257,10 +261,19 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--diagnose", action="store_true", help="each layer alone at 2 bits: its validation drop")
+    ap.add_argument("--passes", default=None, help="ARM: where each run's validation images went (with --split)")
+    ap.add_argument("--split", type=int, default=13, help="--passes: trials before this number vs from it on")
+    ap.add_argument("--cost", default=None, help="ARM: wall time / (budget x one trial's evaluation time)")
     args = ap.parse_args()
     out = Path(args.out or ROOT / "docs" / "results" / f"method_comparison_{args.task}.json")
     if args.report:
         report(read(out)["runs"])
+        return
+    if args.passes:
+        passes(read(out)["runs"], args.passes, args.split)
+        return
+    if args.cost:
+        cost(read(out)["runs"], args.cost)
         return
     if args.diagnose:
         row = dict(task=args.task, arm="diagnose_2bit", seed=None, commit=commit(), label=args.label)
@@ -317,6 +330,50 @@ def report(runs: list[dict]) -> None:
             f"| {statistics.median(r['evaluations'] for r in rows):.0f} "
             f"| {statistics.median(passes) if passes else float('nan'):,.0f} "
             f"| {statistics.median(r['wall_s'] for r in rows):.0f} |"
+        )
+
+
+def passes(runs: list[dict], arm: str, split: int) -> None:
+    """Validation images per run of ``arm``: the probes, the trials before ``split`` (bo's floor
+    phases at budget 30: 5 uniform + 8 global trials), the trials from it on, and the rest (the
+    original's and the answer's full passes)."""
+    print(
+        f"| label | seed | total | probes | trials < {split} | trials >= {split} (screened) | rest "
+        f"| trials >= {split} measured in full: infeasible / all, median images |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        if r["arm"] != arm or "error" in r or not r.get("trials"):
+            continue
+        early = sum(t["val_samples"] or 0 for t in r["trials"] if t["number"] < split)
+        late = [t for t in r["trials"] if t["number"] >= split]
+        n_late = sum(t["val_samples"] or 0 for t in late)
+        screened = sum(t["fidelity"] == "screen" for t in late)
+        rest = r["val_forward_passes"] - (r["val_passes_probes"] or 0) - early - n_late
+        full = [t for t in late if t["fidelity"] != "screen"]
+        med = statistics.median(t["val_samples"] or 0 for t in full) if full else 0
+        print(
+            f"| {r['label']} | {r['seed']} | {r['val_forward_passes']:,} | {r['val_passes_probes'] or 0:,} "
+            f"| {early:,} | {n_late:,} ({screened} of {len(late)}) | {rest:,} "
+            f"| {sum(not t['feasible'] for t in full)} / {len(full)}, {med:,.0f} |"
+        )
+
+
+def cost(runs: list[dict], arm: str) -> None:
+    """Issue 18's budget-bounds-cost line: a run's wall time (as ``compress`` counts it, probes
+    included) over ``budget`` times one evaluation (a trial's median time less its optimizer's)."""
+    print("| label | seed | budget | wall s | probes s | one evaluation s (median) | wall / (N x evaluation) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        if r["arm"] != arm or "error" in r or not r.get("time"):
+            continue
+        each = statistics.median(
+            t["duration_s"] - (t["search_time_s"] or 0.0) for t in r["trials"] if t.get("duration_s") is not None
+        )
+        total = r["time"]["total_s"]
+        print(
+            f"| {r['label']} | {r['seed']} | {r['budget']} | {total:.0f} | {r['time']['probes_s']:.0f} "
+            f"| {each:.1f} | {total / (r['budget'] * each):.2f} |"
         )
 
 

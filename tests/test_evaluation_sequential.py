@@ -11,6 +11,7 @@ from torch import nn
 import tightfit
 from tightfit.errors import ConfigError
 from tightfit.evaluation import Agreement, Fidelity, PerSample, Sequential, mean_estimate, u_statistic2
+from tightfit.evaluation.certificate import PRIOR_WEIGHT
 from tightfit.evaluation.constraints import MaxDrop, MaxSize, MinMetric
 from tightfit.evaluation.sequential import (
     FEASIBLE,
@@ -471,3 +472,23 @@ def test_a_binary_model_with_one_score_needs_a_threshold_and_then_scores_right()
     assert Agreement([x], reference=single, threshold=0.0)(single) == 1.0
     with pytest.raises(ConfigError, match="threshold"):
         tightfit.Accuracy([(x, y)], threshold="0.5")
+
+
+def test_each_look_spends_its_error_share_on_one_tail():
+    # One interim look at confidence 0.9: the interval is one-sided at 0.1 (z 1.28), not two-sided
+    # (z 1.64), since a look can only err on the side the truth is not on. A first look whose mean
+    # is 1.45 standard errors above zero is decided there; one at 1.1 reads on.
+    signs = torch.tensor([1.0, -1.0]).repeat(50)
+
+    def first_look(shift: float):
+        z = torch.cat([signs + shift, torch.zeros(900)])
+        return sequential_test(lambda a, b: z[a:b], [100, 1000], confidence=0.9, prior_variances=[1.0])
+
+    def ratio(shift: float) -> float:
+        est = mean_estimate(signs + shift, population=1000, prior_variance=1.0, prior_weight=PRIOR_WEIGHT)
+        return est.mean / est.se
+
+    decided, undecided = first_look(0.138), first_look(0.105)
+    assert 1.4 < ratio(0.138) < 1.6 and 1.0 < ratio(0.105) < 1.2
+    assert decided.verdict == INFEASIBLE and decided.samples == 100
+    assert undecided.samples == 1000

@@ -266,7 +266,11 @@ def sequential_test(
     population = looks[-1]
     k = len(prior_variances)
     interim = max(1, len(looks) - 1)
-    z = z_value((1 - confidence) / (interim * max(1, k)))
+    # One-sided bounds: a look errs only on the side the truth is not on (a met constraint surely
+    # violated, or a violated one surely met), so each look and constraint may spend
+    # (1 - confidence) / (interim * k) on one tail. Two-sided quantiles spent half of the budget
+    # (z 2.69 instead of 2.45 with 7 interim looks at 0.95) and read more samples for nothing.
+    z = z_value(2 * (1 - confidence) / (interim * max(1, k)))
     seen: list[torch.Tensor] = []
     taken: list[Look] = []
     start = 0
