@@ -123,6 +123,7 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: i
         val_forward_passes=acc.get("val_samples"),
         val_passes_probes=acc.get("val_samples_probes"),
         trials_by_fidelity=acc.get("trials_by_fidelity"),
+        accounting=acc,  # the whole cost record: passes by kind, optimizer/probe seconds, time breakdown
         wall_s=wall,
         time=acc.get("time"),  # the run's own breakdown (probes, optimizer, evaluation, before/after)
         best_trial=result.best_trial.number if result.best_trial else None,
