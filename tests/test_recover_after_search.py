@@ -115,6 +115,24 @@ def test_search_constraint_is_checked_first(mlp):
         tightfit.compress(mlp, evaluate=evaluate, recover=lambda m: None, search_constraint="loose", budget=1)
 
 
+def cheap_search(mlp, metric, recover):
+    """A random search without training under MaxDrop(0.3), then the recovery of its best 2 plans
+    against MaxDrop(0.01), with evaluation=Sequential()."""
+    return tightfit.compress(
+        mlp,
+        evaluate=metric,
+        strategy=Prune(sparsity=(0.5, 0.99)),
+        constraint=MaxDrop(0.01),
+        search_constraint=MaxDrop(0.3),
+        finetune=None,
+        recover=recover,
+        recover_top=2,
+        budget=8,
+        search="random",
+        evaluation=tightfit.Sequential(),
+    )
+
+
 def cheap_looser_search(mlp, digits, recover, monkeypatch):
     """looser_search under evaluation=Sequential(), recording which samples each metric call read
     and the samples the certificate holds out."""
@@ -137,20 +155,7 @@ def cheap_looser_search(mlp, digits, recover, monkeypatch):
         return certify(self, model)
 
     monkeypatch.setattr(SequentialSession, "certify", certify_spy)
-    result = tightfit.compress(
-        mlp,
-        evaluate=metric,
-        strategy=Prune(sparsity=(0.5, 0.99)),
-        constraint=MaxDrop(0.01),
-        search_constraint=MaxDrop(0.3),
-        finetune=None,
-        recover=recover,
-        recover_top=2,
-        budget=8,
-        search="random",
-        evaluation=tightfit.Sequential(),
-    )
-    return result, reads, held_out
+    return cheap_search(mlp, metric, recover), reads, held_out
 
 
 def test_a_recovery_after_a_cheap_search_rechecks_on_the_full_validation_set(mlp, digits, monkeypatch):
@@ -210,19 +215,7 @@ def test_a_recovered_plan_that_breaks_the_constraint_on_the_held_out_samples_is_
         return torch.where(torch.isin(index, sessions[0].certify_idx), torch.zeros_like(values), values)
 
     metric.per_sample = disagreeing
-    result = tightfit.compress(
-        mlp,
-        evaluate=metric,
-        strategy=Prune(sparsity=(0.5, 0.99)),
-        constraint=MaxDrop(0.01),
-        search_constraint=MaxDrop(0.3),
-        finetune=None,
-        recover=tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3),
-        recover_top=2,
-        budget=8,
-        search="random",
-        evaluation=tightfit.Sequential(),
-    )
+    result = cheap_search(mlp, metric, tightfit.FineTune(digits.loader("train", shuffle=True), epochs=1, lr=1e-3))
     # what the result reports as feasible meets the constraint on the full validation set
     assert not result.feasible or result.metric >= result.baseline_metric - 0.01
     assert result.recovery["trials"] and not any(row["feasible"] for row in result.recovery["trials"])
