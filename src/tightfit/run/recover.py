@@ -47,6 +47,12 @@ class Recovered:
     #: the search was held to other (looser) constraints than the answer
     loosened: bool = False
 
+    @property
+    def answer(self) -> TrialRecord | None:
+        """The plan the recovery made the answer (recovered, or the re-checked fallback), measured on
+        the full validation set already; None when the run's own pick stands."""
+        return self.chosen if self.chosen is not None else self.fallback
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "trials": [

@@ -317,7 +317,7 @@ class Run:
             s.seed,
             p.layer_names,
             # a recovered (or re-checked fallback) answer was measured on the full validation set already
-            confirmed=p.session is not None and (recovered is None or (recovered.chosen or recovered.fallback) is None),
+            confirmed=p.session is not None and (recovered is None or recovered.answer is None),
             calibration=c.calibration,
             recovered=recovered.data if recovered is not None and recovered.chosen is not None else None,
             # with search_constraint, no answer after the recovery is none (not the search's best)
