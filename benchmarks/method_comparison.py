@@ -98,7 +98,9 @@ def describe(base: Base, model, data: bytes | None) -> dict:
     )
 
 
-def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: int = BUDGET) -> dict:
+def run_compress(
+    base: Base, method: str, seed: int, sequential: bool, budget: int = BUDGET, run_dir: Path | None = None
+) -> dict:
     started = time.perf_counter()
     result = compress(
         base.model,
@@ -111,6 +113,7 @@ def run_compress(base: Base, method: str, seed: int, sequential: bool, budget: i
         seed=seed,
         example_input=base.task.example_input,
         evaluation=tightfit.Sequential() if sequential else None,
+        run_dir=run_dir,
     )
     wall = time.perf_counter() - started
     acc = result.accounting
@@ -245,12 +248,13 @@ def append(path: Path, row: dict) -> None:
         os.replace(tmp, path)
 
 
-def run_one(base: Base, arm: str, seed: int) -> dict:
+def run_one(base: Base, arm: str, seed: int, keep: Path | None = None) -> dict:
     if arm == "global_bisect":
         return run_global_bisect(base, seed)
     name, _, budget = arm.partition("@")
     method, _, mode = name.partition("+")
-    return run_compress(base, method, seed, sequential=mode == "seq", budget=int(budget or BUDGET))
+    run_dir = keep / f"{arm}_s{seed}" if keep else None
+    return run_compress(base, method, seed, sequential=mode == "seq", budget=int(budget or BUDGET), run_dir=run_dir)
 
 
 def main() -> None:
@@ -265,6 +269,7 @@ def main() -> None:
     ap.add_argument("--passes", default=None, help="ARM: where each run's validation images went (with --split)")
     ap.add_argument("--split", type=int, default=13, help="--passes: trials before this number vs from it on")
     ap.add_argument("--cost", default=None, help="ARM: wall time / (budget x one trial's evaluation time)")
+    ap.add_argument("--keep", type=Path, default=None, help="keep each run's run_dir (study, trials) under this folder")
     args = ap.parse_args()
     out = Path(args.out or ROOT / "docs" / "results" / f"method_comparison_{args.task}.json")
     if args.report:
@@ -300,7 +305,7 @@ def main() -> None:
             row = dict(task=args.task, arm=arm, seed=seed, budget=budget, commit=here, label=args.label)
             row.update(base_val_acc=base.val, base_test_acc=base.test, base_bytes=base.bytes, load_before=load)
             try:
-                row.update(run_one(base, arm, seed))
+                row.update(run_one(base, arm, seed, args.keep))
             except Exception as exc:  # recorded; the other runs go on
                 row["error"] = f"{type(exc).__name__}: {exc}"
             row["load_after"] = os.getloadavg()[0]
