@@ -68,52 +68,77 @@ def _key(t: optuna.trial.FrozenTrial) -> tuple:
 
 def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int = MIN_TRIALS) -> Pick:
     """The answer of a single-objective study (see the module docstring)."""
-    enc = UnitEncoding(space)
-    completed = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and in_space(t, enc.keys)
-    ]
-    measured = [t for t in completed if t.user_attrs.get(FIDELITY_ATTR) not in NOT_MEASURED]
-    predicted = [
-        t
-        for t in completed
-        if t.user_attrs.get(FIDELITY_ATTR) in NOT_MEASURED and t.user_attrs.get(PREDICTION_SE_ATTR) is not None
-    ]
-    # predictions join the model only as noisy observations, and only when the measured points have a noise too
-    with_se = all(t.user_attrs.get(METRIC_SE_ATTR) is not None for t in measured)
-    done = measured + predicted if with_se else measured
-    feasible = [t for t in measured if _violation(t) <= 0]
+    data = ModelData.of(study, space)
+    feasible = [t for t in data.measured if _violation(t) <= 0]
     if not feasible:
         return Pick(None, None)
     observed = min(feasible, key=_key)
-    if len(done) < min_trials or enc.d == 0:
+    if len(data.done) < min_trials or data.x.shape[1] == 0:
         return Pick(observed.number, observed.number)
-    x = np.array([enc.encode(t.params) for t in done]).reshape(len(done), enc.d)
-    y = np.array([_violation(t) for t in done])
-    se_raw = [t.user_attrs.get(PREDICTION_SE_ATTR, t.user_attrs.get(METRIC_SE_ATTR)) for t in done]
-    known = [float(s) for s in se_raw if s is not None]
-    se = np.array(known) if len(known) == len(se_raw) else None
-    mean = posterior_mean(x, y, se)
-    if mean is None:
+    fitted = data.posterior()
+    if fitted is None:
         return Pick(observed.number, observed.number)
-    by_number = {t.number: float(m) for t, m in zip(done, mean)}
+    by_number = {t.number: float(m) for t, m in zip(data.done, fitted[0])}
     credible = [t for t in feasible if by_number[t.number] <= 0]
     # none credible: the feasible trial the model trusts most
     chosen = min(credible, key=_key) if credible else min(feasible, key=lambda t: (by_number[t.number], _key(t)))
     return Pick(chosen.number, observed.number, by_number[chosen.number], by_number[observed.number])
 
 
-def posterior_mean(x: np.ndarray, y: np.ndarray, se: np.ndarray | None) -> np.ndarray | None:
-    """Posterior mean of the constraint GP at the observed points (``n x d`` unit-cube inputs,
-    ``n`` constraint values, optional standard errors); None if the model cannot be fitted."""
+@dataclass(frozen=True)
+class ModelData:
+    """What the constraint model is fitted on: the measured trials, the predicted ones it may also
+    read (``done`` = those it reads), their unit-cube inputs, constraint values and standard errors
+    (None unless every trial read has one)."""
+
+    measured: list[optuna.trial.FrozenTrial]
+    done: list[optuna.trial.FrozenTrial]
+    x: np.ndarray
+    y: np.ndarray
+    se: np.ndarray | None
+
+    @classmethod
+    def of(cls, study: optuna.Study, space: SearchSpace) -> ModelData:
+        enc = UnitEncoding(space)
+        completed = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and in_space(t, enc.keys)
+        ]
+        measured = [t for t in completed if t.user_attrs.get(FIDELITY_ATTR) not in NOT_MEASURED]
+        predicted = [
+            t
+            for t in completed
+            if t.user_attrs.get(FIDELITY_ATTR) in NOT_MEASURED and t.user_attrs.get(PREDICTION_SE_ATTR) is not None
+        ]
+        # predictions join the model only as noisy observations, and only when the measured points have a noise too
+        with_se = all(t.user_attrs.get(METRIC_SE_ATTR) is not None for t in measured)
+        done = measured + predicted if with_se else measured
+        x = np.array([enc.encode(t.params) for t in done]).reshape(len(done), enc.d)
+        y = np.array([_violation(t) for t in done])
+        se_raw = [t.user_attrs.get(PREDICTION_SE_ATTR, t.user_attrs.get(METRIC_SE_ATTR)) for t in done]
+        known = [float(s) for s in se_raw if s is not None]
+        se = np.array(known) if len(known) == len(se_raw) else None
+        return cls(measured, done, x, y, se)
+
+    def posterior(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The constraint GP's posterior mean and standard deviation at ``done`` (None if it cannot be fitted)."""
+        return constraint_posterior(self.x, self.y, self.se)
+
+
+def constraint_posterior(x: np.ndarray, y: np.ndarray, se: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Posterior mean and standard deviation of the constraint GP at the observed points (``n x d``
+    unit-cube inputs, ``n`` constraint values, optional standard errors); None if the model cannot
+    be fitted."""
     from .gp import clip_violation, fit_gp, posterior
 
     y = clip_violation(y, se)
     try:
         model = fit_gp(x, y, se)
-        mean, _ = posterior(model, x)
+        mean, sd = posterior(model, x)
     except Exception:  # a degenerate data set (e.g. all values equal): keep the observed answer
         return None
-    return mean if np.isfinite(mean).all() else None
+    return (mean, sd) if np.isfinite(mean).all() and np.isfinite(sd).all() else None
 
 
 def pick_note(pick: Pick, records: Sequence) -> str | None:

@@ -1,0 +1,204 @@
+"""How much the final pick owes to the validation images it was made on (issue 18 item 5).
+
+A search that measures many plans near the constraint's edge on the same validation images and keeps
+the best-looking feasible one picks partly for luck: at budget 100 on fmnist-mobilenet ``auto``'s answer
+lost 0.36 validation points and 0.91 test points against a 0.5 allowance. This script re-measures
+every trial of a kept run (``method_comparison.py --keep DIR``) image by image on validation and test,
+then replays pick rules over the same study to see which answer each would give and what it loses on
+test (no search decision reads the test images; the pick does not change the search's trajectory, so
+replaying it over the finished study is exact).
+
+    PYTHONPATH=src:. python benchmarks/method_comparison.py --task fmnist-mobilenet --arms auto@100 --seeds 1 --keep K
+    PYTHONPATH=src:. python benchmarks/pick_selection.py measure --task fmnist-mobilenet --run K/auto@100_s1 --out F.json
+    PYTHONPATH=src:. python benchmarks/pick_selection.py rules F.json [F2.json ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optuna  # noqa: E402
+
+from benchmarks.method_comparison import MAX_DROP, strategy  # noqa: E402
+from benchmarks.tasks import load_task  # noqa: E402
+from tightfit.operators.plan import Plan, apply_plan_inplace  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@torch.no_grad()
+def correct(model, loader) -> np.ndarray:
+    """Per-image correctness (argmax == label) over ``loader``, in its order."""
+    model.eval()
+    out = []
+    for x, y in loader:
+        out.append((model(x).argmax(-1) == y).numpy())
+    return np.concatenate(out)
+
+
+def bits(a: np.ndarray) -> str:
+    return np.packbits(a.astype(np.uint8)).tobytes().hex()
+
+
+def unbits(s: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(s), dtype=np.uint8))[:n].astype(bool)
+
+
+def load_study(run: Path) -> optuna.Study:
+    return optuna.load_study(study_name="tightfit", storage=f"sqlite:///{run / 'study.db'}")
+
+
+def measure(task_name: str, run: Path, out: Path, window: float) -> None:
+    """Each measured trial whose constraint value is at most ``window`` (accuracy, not points),
+    rebuilt from its stored plan and read image by image on validation and test."""
+    task = load_task(task_name)
+    model = task.model()
+    study = load_study(run)
+    rows = [dict(number=-1, val=bits(correct(model, task.val)), test=bits(correct(model, task.test)))]
+    trials = [
+        t
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if t.constraints and max(float(v) for v in t.constraints.values()) <= window and "plan" in t.user_attrs
+    ]
+    # the feasible ones first (the only ones a pick may return), then the rest from the edge outwards
+    trials.sort(key=lambda t: max(0.0, max(float(v) for v in t.constraints.values())))
+    print(f"{len(trials)} trials within {window} of the constraint", flush=True)
+    for t in trials:
+        started = time.perf_counter()
+        m = apply_plan_inplace(Plan.from_dict(t.user_attrs["plan"]), copy.deepcopy(model), strategy())
+        v, s = correct(m, task.val), correct(m, task.test)
+        rows.append(dict(number=t.number, val=bits(v), test=bits(s)))
+        stored = (t.user_attrs.get("measurement") or {}).get("metric")
+        took = time.perf_counter() - started
+        print(f"trial {t.number}: val {v.mean():.4f} (run: {stored}) test {s.mean():.4f} ({took:.0f} s)", flush=True)
+        out.write_text(json.dumps(dict(task=task_name, run=str(run), n_val=len(v), n_test=len(s), rows=rows)) + "\n")
+
+
+def prefix_study(study: optuna.Study, n: int) -> optuna.Study:
+    """The study as it stood after its first ``n`` trials (what a run of budget ``n`` would pick from,
+    up to the search's budget-dependent phases)."""
+    sub = optuna.create_study(directions=study.directions)
+    sub.add_trials([t for t in study.get_trials() if t.number < n])
+    return sub
+
+
+def replay(data: dict) -> None:
+    """Each pick rule over the whole study and its prefixes: the answer, its validation and test drop."""
+    from tightfit.measure.analysis import analyze
+    from tightfit.pipeline import float32_file_bytes
+    from tightfit.search import pick as picks
+    from tightfit.search.space import build_space
+
+    task = load_task(data["task"])
+    space = build_space(strategy(), analyze(task.model()))
+    study = load_study(Path(data["run"]))
+    rows = {r["number"]: r for r in data["rows"]}
+    base_v, base_t = unbits(rows[-1]["val"], data["n_val"]), unbits(rows[-1]["test"], data["n_test"])
+    base_bytes = float32_file_bytes(task.model())
+    print(f"{data['task']} {data['run']}: {len(study.trials)} trials, {len(rows) - 1} re-measured")
+    model_at(study, space, rows, data)
+    for n in (30, 50, len(study.trials)):
+        sub = prefix_study(study, n)
+        for name, rule in RULES.items():
+            number = rule(sub, space, picks)
+            if number is None or number not in rows:
+                print(f"  n={n:3d} {name:12s} trial {number} (not re-measured)")
+                continue
+            v, s = unbits(rows[number]["val"], data["n_val"]), unbits(rows[number]["test"], data["n_test"])
+            obj = study.trials[number].values[0]
+            size = f"{base_bytes / obj:.2f}x"
+            vd, td = 100 * (base_v.mean() - v.mean()), 100 * (base_t.mean() - s.mean())
+            print(f"  n={n:3d} {name:12s} trial {number:3d} {size} val drop {vd:.2f} test drop {td:.2f}")
+
+
+def model_at(study: optuna.Study, space, rows: dict, data: dict) -> None:
+    """The constraint model of the whole study at each re-measured trial against its drops (points)."""
+    from tightfit.search.pick import ModelData
+
+    md = ModelData.of(study, space)
+    fitted = md.posterior()
+    if fitted is None:
+        print("  the constraint model could not be fitted")
+        return
+    base_v, base_t = unbits(rows[-1]["val"], data["n_val"]), unbits(rows[-1]["test"], data["n_test"])
+    limit = 100 * MAX_DROP
+    print("  trial  objective  model mean  model sd  val drop  test drop  paired se (val)")
+    gaps = []
+    for t, m, sd in sorted(zip(md.done, *fitted), key=lambda z: z[0].values[0]):
+        if t.number not in rows:
+            continue
+        v, s = unbits(rows[t.number]["val"], data["n_val"]), unbits(rows[t.number]["test"], data["n_test"])
+        diff = base_v.astype(float) - v
+        se = 100 * diff.std(ddof=1) / np.sqrt(len(diff))
+        vd, td = 100 * diff.mean(), 100 * (base_t.mean() - s.mean())
+        gaps.append(td - vd)
+        print(
+            f"  {t.number:5d} {t.values[0]:10,.0f} {limit + 100 * m:10.2f} {100 * sd:9.2f} {vd:9.2f} {td:10.2f} {se:8.2f}"
+        )
+    g = np.array(gaps)
+    print(f"  test drop - val drop over the {len(g)} re-measured trials: mean {g.mean():+.2f}, sd {g.std(ddof=1):.2f}")
+
+
+def credible(q: float):
+    """Smallest-objective observed-feasible trial whose model probability of feasibility is at least ``q``."""
+    from statistics import NormalDist
+
+    from tightfit.search.pick import ModelData
+
+    def rule(study, space, picks) -> int | None:
+        md = ModelData.of(study, space)
+        fitted = md.posterior()
+        if fitted is None:
+            return None
+        ok = [
+            t
+            for t, m, sd in zip(md.done, *fitted)
+            if t in md.measured
+            and max(float(v) for v in t.constraints.values()) <= 0
+            and NormalDist().cdf(-m / max(sd, 1e-12)) >= q
+        ]
+        return min(ok, key=lambda t: (t.values[0], t.number)).number if ok else None
+
+    return rule
+
+
+RULES = {
+    "observed": lambda st, sp, p: p.posterior_pick(st, sp, min_trials=10**9).number,
+    "posterior": lambda st, sp, p: p.posterior_pick(st, sp).number,
+    "p>=0.7": credible(0.7),
+    "p>=0.8": credible(0.8),
+    "p>=0.9": credible(0.9),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--task", required=True)
+    m.add_argument("--run", type=Path, required=True)
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--window", type=float, default=0.006)
+    r = sub.add_parser("rules")
+    r.add_argument("files", type=Path, nargs="+")
+    args = ap.parse_args()
+    if args.cmd == "measure":
+        measure(args.task, args.run, args.out, args.window)
+    else:
+        for f in args.files:
+            replay(json.loads(f.read_text()))
+
+
+if __name__ == "__main__":
+    main()
