@@ -253,7 +253,7 @@ def run_one(base: Base, arm: str, seed: int, keep: Path | None = None) -> dict:
         return run_global_bisect(base, seed)
     name, _, budget = arm.partition("@")
     method, _, mode = name.partition("+")
-    run_dir = keep / f"{arm}_s{seed}" if keep else None
+    run_dir = keep / f"{base.task.name}_{arm}_s{seed}" if keep else None
     return run_compress(base, method, seed, sequential=mode == "seq", budget=int(budget or BUDGET), run_dir=run_dir)
 
 

@@ -9,8 +9,11 @@ test (no search decision reads the test images; the pick does not change the sea
 replaying it over the finished study is exact).
 
     PYTHONPATH=src:. python benchmarks/method_comparison.py --task fmnist-mobilenet --arms auto@100 --seeds 1 --keep K
-    PYTHONPATH=src:. python benchmarks/pick_selection.py measure --task fmnist-mobilenet --run K/auto@100_s1 --out F.json
+    PYTHONPATH=src:. python benchmarks/pick_selection.py measure --task fmnist-mobilenet --run K/fmnist-mobilenet_auto@100_s1 --out F.json
     PYTHONPATH=src:. python benchmarks/pick_selection.py rules F.json [F2.json ...]
+
+``measure`` stores the study's trials in its output, so ``rules`` needs only that file
+(``add-trials`` adds them to a file written before it did, from the run directory).
 """
 
 from __future__ import annotations
@@ -59,6 +62,46 @@ def load_study(run: Path) -> optuna.Study:
     return optuna.load_study(study_name="tightfit", storage=f"sqlite:///{run / 'study.db'}")
 
 
+def export_trials(study: optuna.Study) -> dict:
+    """The study's trials as JSON, so the replay does not need the run directory: the distributions
+    once (every trial of a run shares them), per trial what the pick reads (not the stored plan,
+    which follows from the params, nor ``bo``'s cached GP hyperparameters)."""
+    from optuna.distributions import distribution_to_json
+
+    trials = study.get_trials()
+    dists = {k: distribution_to_json(d) for t in trials for k, d in t.distributions.items()}
+    rows = [
+        dict(
+            number=t.number,
+            state=t.state.name,
+            params=t.params,
+            values=t.values,
+            system_attrs={k: v for k, v in t.system_attrs.items() if k != "tightfit.bo.gp"},
+            user_attrs={k: v for k, v in t.user_attrs.items() if k != "plan"},
+        )
+        for t in trials
+    ]
+    return dict(distributions=dists, trials=rows)
+
+
+def import_trials(data: dict) -> optuna.Study:
+    from optuna.distributions import json_to_distribution
+
+    dists = {k: json_to_distribution(d) for k, d in data["distributions"].items()}
+    study = optuna.create_study()
+    for r in data["trials"]:
+        trial = optuna.trial.create_trial(
+            state=optuna.trial.TrialState[r["state"]],
+            params=r["params"],
+            distributions={k: dists[k] for k in r["params"]},
+            values=r["values"],
+            system_attrs=r["system_attrs"],
+            user_attrs=r["user_attrs"],
+        )
+        study.add_trial(trial)
+    return study
+
+
 def measure(task_name: str, run: Path, out: Path, window: float) -> None:
     """Each measured trial whose constraint value is at most ``window`` (accuracy, not points),
     rebuilt from its stored plan and read image by image on validation and test."""
@@ -82,7 +125,8 @@ def measure(task_name: str, run: Path, out: Path, window: float) -> None:
         stored = (t.user_attrs.get("measurement") or {}).get("metric")
         took = time.perf_counter() - started
         print(f"trial {t.number}: val {v.mean():.4f} (run: {stored}) test {s.mean():.4f} ({took:.0f} s)", flush=True)
-        out.write_text(json.dumps(dict(task=task_name, run=str(run), n_val=len(v), n_test=len(s), rows=rows)) + "\n")
+        data = dict(task=task_name, run=str(run), n_val=len(v), n_test=len(s), rows=rows, study=export_trials(study))
+        out.write_text(json.dumps(data) + "\n")
 
 
 def prefix_study(study: optuna.Study, n: int) -> optuna.Study:
@@ -102,7 +146,7 @@ def replay(data: dict) -> None:
 
     task = load_task(data["task"])
     space = build_space(strategy(), analyze(task.model()))
-    study = load_study(Path(data["run"]))
+    study = import_trials(data["study"]) if "study" in data else load_study(Path(data["run"]))
     rows = {r["number"]: r for r in data["rows"]}
     base_v, base_t = unbits(rows[-1]["val"], data["n_val"]), unbits(rows[-1]["test"], data["n_test"])
     base_bytes = float32_file_bytes(task.model())
@@ -113,7 +157,10 @@ def replay(data: dict) -> None:
         for name, rule in RULES.items():
             number = rule(sub, space, picks)
             if number is None or number not in rows:
-                print(f"  n={n:3d} {name:12s} trial {number} (not re-measured)")
+                print(
+                    f"  n={n:3d} {name:12s} "
+                    + ("no trial qualifies" if number is None else f"trial {number} (not re-measured)")
+                )
                 continue
             v, s = unbits(rows[number]["val"], data["n_val"]), unbits(rows[number]["test"], data["n_test"])
             obj = study.trials[number].values[0]
@@ -192,7 +239,15 @@ def main() -> None:
     m.add_argument("--window", type=float, default=0.006)
     r = sub.add_parser("rules")
     r.add_argument("files", type=Path, nargs="+")
+    a = sub.add_parser("add-trials")
+    a.add_argument("file", type=Path)
     args = ap.parse_args()
+    if args.cmd == "add-trials":
+        data = json.loads(args.file.read_text())
+        data.pop("trials", None)
+        data["study"] = export_trials(load_study(Path(data["run"])))
+        args.file.write_text(json.dumps(data) + "\n")
+        return
     if args.cmd == "measure":
         measure(args.task, args.run, args.out, args.window)
     else:
