@@ -12,8 +12,7 @@ replaying it over the finished study is exact).
     PYTHONPATH=src:. python benchmarks/pick_selection.py measure --task fmnist-mobilenet --run K/fmnist-mobilenet_auto@100_s1 --out F.json
     PYTHONPATH=src:. python benchmarks/pick_selection.py rules F.json [F2.json ...]
 
-``measure`` stores the study's trials in its output, so ``rules`` needs only that file
-(``add-trials`` adds them to a file written before it did, from the run directory).
+``measure`` stores the study's trials in its output, so ``rules`` needs only that file.
 """
 
 from __future__ import annotations
@@ -40,14 +39,13 @@ from tightfit.operators.plan import Plan, apply_plan_inplace  # noqa: E402
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@torch.no_grad()
-def correct(model, loader) -> np.ndarray:
-    """Per-image correctness (argmax == label) over ``loader``, in its order."""
-    model.eval()
-    out = []
-    for x, y in loader:
-        out.append((model(x).argmax(-1) == y).numpy())
-    return np.concatenate(out)
+def correct(metric, model) -> np.ndarray:
+    """Per-image correctness over the metric's loader, in its order (the task's ``Accuracy``)."""
+    return metric.per_sample(model).numpy().astype(bool)
+
+
+def violation(t: optuna.trial.FrozenTrial) -> float:
+    return max(float(v) for v in t.constraints.values())
 
 
 def bits(a: np.ndarray) -> str:
@@ -108,24 +106,25 @@ def measure(task_name: str, run: Path, out: Path, window: float) -> None:
     task = load_task(task_name)
     model = task.model()
     study = load_study(run)
-    rows = [dict(number=-1, val=bits(correct(model, task.val)), test=bits(correct(model, task.test)))]
+    exported = export_trials(study)
+    rows = [dict(number=-1, val=bits(correct(task.metric, model)), test=bits(correct(task.test_metric, model)))]
     trials = [
         t
         for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        if t.constraints and max(float(v) for v in t.constraints.values()) <= window and "plan" in t.user_attrs
+        if t.constraints and violation(t) <= window and "plan" in t.user_attrs
     ]
     # the feasible ones first (the only ones a pick may return), then the rest from the edge outwards
-    trials.sort(key=lambda t: max(0.0, max(float(v) for v in t.constraints.values())))
+    trials.sort(key=lambda t: max(0.0, violation(t)))
     print(f"{len(trials)} trials within {window} of the constraint", flush=True)
     for t in trials:
         started = time.perf_counter()
         m = apply_plan_inplace(Plan.from_dict(t.user_attrs["plan"]), copy.deepcopy(model), strategy())
-        v, s = correct(m, task.val), correct(m, task.test)
+        v, s = correct(task.metric, m), correct(task.test_metric, m)
         rows.append(dict(number=t.number, val=bits(v), test=bits(s)))
         stored = (t.user_attrs.get("measurement") or {}).get("metric")
         took = time.perf_counter() - started
         print(f"trial {t.number}: val {v.mean():.4f} (run: {stored}) test {s.mean():.4f} ({took:.0f} s)", flush=True)
-        data = dict(task=task_name, run=str(run), n_val=len(v), n_test=len(s), rows=rows, study=export_trials(study))
+        data = dict(task=task_name, run=str(run), n_val=len(v), n_test=len(s), rows=rows, study=exported)
         out.write_text(json.dumps(data) + "\n")
 
 
@@ -145,31 +144,37 @@ def replay(data: dict) -> None:
     from tightfit.search.space import build_space
 
     task = load_task(data["task"])
-    space = build_space(strategy(), analyze(task.model()))
-    study = import_trials(data["study"]) if "study" in data else load_study(Path(data["run"]))
-    rows = {r["number"]: r for r in data["rows"]}
-    base_v, base_t = unbits(rows[-1]["val"], data["n_val"]), unbits(rows[-1]["test"], data["n_test"])
-    base_bytes = float32_file_bytes(task.model())
-    print(f"{data['task']} {data['run']}: {len(study.trials)} trials, {len(rows) - 1} re-measured")
-    model_at(study, space, rows, data)
+    model = task.model()
+    space = build_space(strategy(), analyze(model))
+    base_bytes = float32_file_bytes(model)
+    study = import_trials(data["study"])
+    per_image = {
+        r["number"]: (unbits(r["val"], data["n_val"]), unbits(r["test"], data["n_test"])) for r in data["rows"]
+    }
+    base = per_image.pop(-1)
+    print(f"{data['task']} {data['run']}: {len(study.trials)} trials, {len(per_image)} re-measured")
+    model_at(study, space, per_image, base)
     for n in (30, 50, len(study.trials)):
         sub = prefix_study(study, n)
         for name, rule in RULES.items():
             number = rule(sub, space, picks)
-            if number is None or number not in rows:
+            if number is None or number not in per_image:
                 print(
                     f"  n={n:3d} {name:12s} "
                     + ("no trial qualifies" if number is None else f"trial {number} (not re-measured)")
                 )
                 continue
-            v, s = unbits(rows[number]["val"], data["n_val"]), unbits(rows[number]["test"], data["n_test"])
-            obj = study.trials[number].values[0]
-            size = f"{base_bytes / obj:.2f}x"
-            vd, td = 100 * (base_v.mean() - v.mean()), 100 * (base_t.mean() - s.mean())
+            vd, td = drops(base, per_image[number])
+            size = f"{base_bytes / study.trials[number].values[0]:.2f}x"
             print(f"  n={n:3d} {name:12s} trial {number:3d} {size} val drop {vd:.2f} test drop {td:.2f}")
 
 
-def model_at(study: optuna.Study, space, rows: dict, data: dict) -> None:
+def drops(base: tuple[np.ndarray, np.ndarray], trial: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """A trial's validation and test drop in points against the original's per-image correctness."""
+    return 100 * (base[0].mean() - trial[0].mean()), 100 * (base[1].mean() - trial[1].mean())
+
+
+def model_at(study: optuna.Study, space, per_image: dict, base: tuple[np.ndarray, np.ndarray]) -> None:
     """The constraint model of the whole study at each re-measured trial against its drops (points)."""
     from tightfit.search.pick import ModelData
 
@@ -178,17 +183,15 @@ def model_at(study: optuna.Study, space, rows: dict, data: dict) -> None:
     if fitted is None:
         print("  the constraint model could not be fitted")
         return
-    base_v, base_t = unbits(rows[-1]["val"], data["n_val"]), unbits(rows[-1]["test"], data["n_test"])
     limit = 100 * MAX_DROP
     print("  trial  objective  model mean  model sd  val drop  test drop  paired se (val)")
     gaps = []
     for t, m, sd in sorted(zip(md.done, *fitted), key=lambda z: z[0].values[0]):
-        if t.number not in rows:
+        if t.number not in per_image:
             continue
-        v, s = unbits(rows[t.number]["val"], data["n_val"]), unbits(rows[t.number]["test"], data["n_test"])
-        diff = base_v.astype(float) - v
+        vd, td = drops(base, per_image[t.number])
+        diff = base[0].astype(float) - per_image[t.number][0]
         se = 100 * diff.std(ddof=1) / np.sqrt(len(diff))
-        vd, td = 100 * diff.mean(), 100 * (base_t.mean() - s.mean())
         gaps.append(td - vd)
         print(
             f"  {t.number:5d} {t.values[0]:10,.0f} {limit + 100 * m:10.2f} {100 * sd:9.2f} {vd:9.2f} {td:10.2f} {se:8.2f}"
@@ -211,9 +214,7 @@ def credible(q: float):
         ok = [
             t
             for t, m, sd in zip(md.done, *fitted)
-            if t in md.measured
-            and max(float(v) for v in t.constraints.values()) <= 0
-            and NormalDist().cdf(-m / max(sd, 1e-12)) >= q
+            if t in md.measured and violation(t) <= 0 and NormalDist().cdf(-m / max(sd, 1e-12)) >= q
         ]
         return min(ok, key=lambda t: (t.values[0], t.number)).number if ok else None
 
@@ -227,21 +228,12 @@ def scaled_noise(factor: float):
     noisier than they are."""
 
     def rule(study, space, picks) -> int | None:
+        trials = study.get_trials()  # copies
+        for t in trials:
+            if t.user_attrs.get("metric_se") is not None:
+                t.user_attrs = {**t.user_attrs, "metric_se": factor * float(t.user_attrs["metric_se"])}
         scaled = optuna.create_study(directions=study.directions)
-        for t in study.get_trials():
-            attrs = dict(t.user_attrs)
-            if attrs.get("metric_se") is not None:
-                attrs["metric_se"] = factor * float(attrs["metric_se"])
-            scaled.add_trial(
-                optuna.trial.create_trial(
-                    state=t.state,
-                    params=t.params,
-                    distributions=t.distributions,
-                    values=t.values,
-                    system_attrs=t.system_attrs,
-                    user_attrs=attrs,
-                )
-            )
+        scaled.add_trials(trials)
         return picks.posterior_pick(scaled, space).number
 
     return rule
@@ -267,15 +259,7 @@ def main() -> None:
     m.add_argument("--window", type=float, default=0.006)
     r = sub.add_parser("rules")
     r.add_argument("files", type=Path, nargs="+")
-    a = sub.add_parser("add-trials")
-    a.add_argument("file", type=Path)
     args = ap.parse_args()
-    if args.cmd == "add-trials":
-        data = json.loads(args.file.read_text())
-        data.pop("trials", None)
-        data["study"] = export_trials(load_study(Path(data["run"])))
-        args.file.write_text(json.dumps(data) + "\n")
-        return
     if args.cmd == "measure":
         measure(args.task, args.run, args.out, args.window)
     else:
