@@ -33,7 +33,7 @@ from ..search.context import ProbeResult, SearchContext
 from ..search.loop import TrialOutcome
 from ..search.sensitivity import probe_allowance
 from ..search.space import SearchSpace
-from .measuring import ForwardPasses, StaticMeasure, full_metric, one_weight, timed
+from .measuring import ForwardPasses, OriginalValues, StaticMeasure, one_weight, timed
 
 
 class TrialEvaluator(Protocol):
@@ -130,10 +130,11 @@ def recover_seeded(
 class FullEvaluator:
     """Every candidate fine-tuned and measured on the full validation set."""
 
-    def __init__(self, setup: TrialSetup, evaluate: Any, multi: bool) -> None:
+    def __init__(self, setup: TrialSetup, evaluate: Any, multi: bool, original: OriginalValues | None = None) -> None:
         self.setup = setup
         self.evaluate = evaluate
         self.multi = multi
+        self.original = original if original is not None else OriginalValues(None)
 
     def __call__(self, plan: Plan, trial: optuna.Trial) -> TrialOutcome:
         s = self.setup
@@ -145,7 +146,7 @@ class FullEvaluator:
             tune_started = time.perf_counter()
             recover_seeded(recover, candidate, s.seed)
             steps, tune_s = getattr(recover, "steps_taken", None), time.perf_counter() - tune_started
-        metric, metric_se = full_metric(self.evaluate, candidate)
+        metric, metric_se = self.original.metric(self.evaluate, candidate)
         data, static = s.static(candidate, plan, trial.number)
         measured = dataclasses.replace(static, metric=metric, **timed(s.latency, candidate))
         values = s.constraint_values(measured)

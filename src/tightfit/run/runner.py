@@ -29,7 +29,7 @@ from ..search.loop import counted_trials, recover_interrupted, run_trials, trial
 from ..search.space import SearchSpace, build_space
 from .evaluator import BestSoFar, FullEvaluator, TrialEvaluator, TrialSetup, search_context, with_probe_cost
 from .finish import Finish, accounting, final_pick, time_breakdown
-from .measuring import ForwardPasses, StaticMeasure, original_flops
+from .measuring import ForwardPasses, OriginalValues, StaticMeasure, original_flops
 from .notes import (
     COMPILED_NOTE,
     direction_note,
@@ -75,6 +75,7 @@ class Opened:
     baseline: Measurement
     baseline_passes: int | None
     best: BestSoFar
+    original: OriginalValues  # its per-sample values, for full evaluation's paired standard errors
 
 
 class Run:
@@ -180,12 +181,15 @@ class Run:
         if p.session is not None:
             full_metric = p.session.baseline(p.original)  # per-sample values, computed once and kept
             baseline = stored_baseline(study, p.original, lambda _model: full_metric, p.layer_names, p.flops, c.latency)
+            original = OriginalValues(None)
         else:
-            baseline = stored_baseline(study, p.original, p.evaluate, p.layer_names, p.flops, c.latency)
+            original, metric = OriginalValues.read(p.evaluate, p.original, c.constraints)
+            evaluate = p.evaluate if metric is None else (lambda _model: metric)
+            baseline = stored_baseline(study, p.original, evaluate, p.layer_names, p.flops, c.latency)
         baseline_passes = p.counter.take()
         check_max_drop(c.constraints, p.evaluate, baseline.metric)  # warns of a drop no plan could break
         best = BestSoFar(best_feasible([trial_record(t) for t in study.get_trials()]), run, keep=not self.worker)
-        return Opened(run, study, url, baseline, baseline_passes, best)
+        return Opened(run, study, url, baseline, baseline_passes, best, original)
 
     def evaluator(self, p: Prepared, o: Opened) -> tuple[TrialEvaluator, Any]:
         """The trial evaluator (full, or sequential with ``evaluation=Sequential(...)``) and the
@@ -209,7 +213,7 @@ class Run:
         if p.session is not None:
             evaluator: TrialEvaluator = SequentialEvaluator(setup, p.session)
         else:
-            evaluator = FullEvaluator(setup, p.evaluate, c.multi)
+            evaluator = FullEvaluator(setup, p.evaluate, c.multi, o.original)
         context = search_context(
             # cheap evaluation: probes are sequential too, and never read the held-out samples
             setup,
