@@ -43,6 +43,25 @@ def test_levelset_finds_the_edge_of_a_noisy_level_set_in_ten_evaluations():
     assert abs(best - boundary) <= 0.02
 
 
+
+def test_levelset_never_walks_past_a_clear_failure():
+    # the shape of bo's warm start on fmnist-resnet: three feasible knobs just under a plan that
+    # lost 30 points; the GP's mean falls back to the prior beyond it and once sent the next knobs
+    # to the end of the range (plans that lost 80 points)
+    u = np.array([0.2, 0.3, 0.35, 0.6])
+    violation = np.array([-0.003, -0.002, -0.001, 0.30])
+    se = np.full(4, 0.002)
+    for _ in range(6):
+        knob = next_knob(u, violation, se, start=0.6)
+        assert 0.35 <= knob < 0.6
+        u, violation = np.append(u, knob), np.append(violation, (knob - 0.45) * 0.1)
+        se = np.append(se, 0.002)
+    # a failure within noise (here, 2 standard errors over the limit) does not close the range
+    from tightfit.search.levelset import clear_failure
+
+    assert clear_failure(np.array([0.3, 0.5]), np.array([-0.001, 0.004]), np.full(2, 0.002), best=0.3) == math.inf
+    assert clear_failure(np.array([0.3, 0.5]), np.array([-0.001, 0.3]), None, best=0.3) == math.inf  # noise unknown
+
 def test_sensitivity_family_compresses_insensitive_dimensions_first():
     space = prune_space(3)
     weight = {"l0": 0.01, "l1": 1.0, "l2": 0.2}  # l0 barely matters, l1 matters most
