@@ -99,4 +99,3 @@ def test_compress_stores_paired_noise_and_reads_the_original_once(mlp, digits, t
         accuracy = t.user_attrs["measurement"]["metric"]
         binomial = math.sqrt(accuracy * (1 - accuracy) / n)
         assert 0 < t.user_attrs["metric_se"] < binomial
-

@@ -93,3 +93,24 @@ def test_bo_trials_bisect_the_global_threshold_after_the_uniform_floor(mlp, digi
     glob = [p for p in plans[floor : floor + global_trials(BUDGET)] if one_threshold(mlp, p, names)]
     assert len(glob) >= 2 and all(max(p) - min(p) > 1e-3 for p in glob)
     assert len({tuple(p) for p in glob}) == len(glob)
+
+
+def test_bo_skips_the_sensitivity_warm_start_after_a_feasible_global_bisection(mlp, digits):
+    # on fmnist-resnet and fmnist-mobilenet the warm start found nothing the global bisection had
+    # not, and its scan cost a quarter of the run: its probes and trials go to BO instead
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args = dict(
+        evaluate=tightfit.Accuracy(digits.loader("val", 256)),
+        constraint=tightfit.MaxDrop(0.02),
+        finetune=None,
+        budget=BUDGET + 4,
+        search="bo",
+        seed=0,
+    )
+    pruned = tightfit.compress(mlp, strategy=Compose([Prune(), Quantize(bits=(2, 8))]), **args)
+    glob = slice(uniform_trials(BUDGET + 4), uniform_trials(BUDGET + 4) + global_trials(BUDGET + 4))
+    assert any(t.feasible for t in pruned.trials[glob])
+    assert pruned.accounting["val_samples_probes"] == 0  # no sensitivity scan
+    # without a global family (bit widths only) the warm start still runs, probes and all
+    quantized = tightfit.compress(mlp, strategy=Compose([Quantize(bits=(2, 4, 8))]), **args)
+    assert quantized.accounting["val_samples_probes"] > 0

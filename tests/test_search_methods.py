@@ -43,7 +43,6 @@ def test_levelset_finds_the_edge_of_a_noisy_level_set_in_ten_evaluations():
     assert abs(best - boundary) <= 0.02
 
 
-
 def test_levelset_never_walks_past_a_clear_failure():
     # the shape of bo's warm start on fmnist-resnet: three feasible knobs just under a plan that
     # lost 30 points; the GP's mean falls back to the prior beyond it and once sent the next knobs
@@ -61,6 +60,7 @@ def test_levelset_never_walks_past_a_clear_failure():
 
     assert clear_failure(np.array([0.3, 0.5]), np.array([-0.001, 0.004]), np.full(2, 0.002), best=0.3) == math.inf
     assert clear_failure(np.array([0.3, 0.5]), np.array([-0.001, 0.3]), None, best=0.3) == math.inf  # noise unknown
+
 
 def test_sensitivity_family_compresses_insensitive_dimensions_first():
     space = prune_space(3)

@@ -12,7 +12,9 @@
 2. Warm start: the per-layer sensitivity scan (probes, no fine-tune; within the run's probe
    allowance, ``SearchContext.max_probes``) gives a one-knob family of plans that compress
    insensitive layers first; the next ``n_init`` evaluations search that knob with the level-set
-   rule (``levelset.next_knob``). Skipped when no scan fits the allowance.
+   rule (``levelset.next_knob``). Skipped when no scan fits the allowance, and when the global
+   magnitude bisection found a feasible plan (``_global_met``): no scan is made then, and its
+   trials go to BO.
 3. Then trust-region BO (as in TuRBO / SCBO): GPs of ``-log(objective)`` and of the constraint
    value (observed noise = ``metric_se``² when trials carry it), acquisition = log expected
    improvement x probability of feasibility (``LogConstrainedExpectedImprovement``), or
@@ -232,8 +234,8 @@ class BOSampler(PlanSampler):
         the sensitivity warm start is skipped and its trials go to BO. After such a bisection the warm
         start found nothing better in any measured run: on fmnist-resnet (budget 30, seeds 0-2) its
         6 trials gave 4.6x feasible and 7.7-20x infeasible against the bisection's 5.41x, on
-        fmnist-mobilenet (budget 100) 3.9-4.2x feasible against 4.39x (docs/search.md, "The
-        warm start after a global bisection")."""
+        fmnist-mobilenet (budget 100) 3.9-4.2x feasible against 4.39x, and the scan cost a quarter of
+        the run's validation images (docs/search.md, "The warm start after a global bisection")."""
         if end <= first:
             return False
         screened = self.context.memo.get("bo.global") is not None and any(
