@@ -3,7 +3,6 @@ original, paired over the same validation samples (``run.measuring.OriginalValue
 
 import math
 
-import optuna
 import pytest
 import torch
 from torch import nn
@@ -78,24 +77,17 @@ def test_a_plain_callable_has_no_standard_error():
     assert values.metric(lambda m: 0.5, _tagged("candidate")) == (0.5, None)
 
 
-def test_compress_stores_paired_noise_and_reads_the_original_once(mlp, digits, tmp_path):
+def test_compress_stores_paired_noise_and_reads_the_original_once(mlp, digits):
     evaluate = tightfit.Accuracy(digits.loader("val", 512))
-    tightfit.compress(
-        mlp,
-        evaluate=evaluate,
-        strategy=Compose([Prune(sparsity=(0.0, 0.9)), Quantize(bits=(4, 8))]),
-        constraint=tightfit.MaxDrop(0.02),
-        budget=4,
-        search="random",
-        seed=0,
-        run_dir=tmp_path / "run",
-    )
+    strategy = Compose([Prune(sparsity=(0.0, 0.9)), Quantize(bits=(4, 8))])
+    limit = MaxDrop(0.02)
+    result = tightfit.compress(mlp, evaluate=evaluate, strategy=strategy, constraint=limit, budget=4, search="random")
     n = evaluate.num_samples
     # the original once (its values are kept), each of the four trials once, and the answer once
     # when the run finishes: reading the paired values costs no pass of its own
     assert evaluate.samples_evaluated == 6 * n
-    study = optuna.load_study(study_name="tightfit", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
-    for t in study.get_trials():
-        accuracy = t.user_attrs["measurement"]["metric"]
+    assert len(result.trials) == 4
+    for t in result.trials:
+        accuracy = t.measurement.metric
         binomial = math.sqrt(accuracy * (1 - accuracy) / n)
-        assert 0 < t.user_attrs["metric_se"] < binomial
+        assert 0 < t.metric_se < binomial

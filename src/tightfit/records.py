@@ -102,7 +102,7 @@ class TrialAttrs:
     finetune_steps: int | None = _key(keys.FINETUNE_STEPS_ATTR)
     #: seconds the trial's fine-tuning took (the run's time breakdown)
     finetune_s: float | None = _key(keys.FINETUNE_S_ATTR)
-    #: standard error of the metric estimate (the noise a GP model reads)
+    #: standard error of the metric's drop from the original, paired (the noise a GP model reads)
     metric_se: float | None = _key(keys.METRIC_SE_ATTR)
     #: the spread of predicted constraint values (screened / stopped trials; the final pick reads it)
     prediction_se: float | None = _key(keys.PREDICTION_SE_ATTR)
@@ -165,8 +165,9 @@ class TrialRecord:
     #: accounting: validation samples evaluated (forward passes), fine-tuning steps; None if unknown
     val_samples: int | None = None
     finetune_steps: int | None = None
-    #: standard error of ``measurement.metric`` (sampling noise of the validation estimate); for a
-    #: cheap evaluation's "stopped" trial, the spread of its predicted constraint values
+    #: standard error of ``measurement.metric``'s drop from the original, paired over the same
+    #: validation samples (the metric's own with a ``MinMetric``); for a cheap evaluation's
+    #: "stopped" trial, the spread of its predicted constraint values
     metric_se: float | None = None
     #: "full"; with cheap evaluation also "screen" (only screened) or "stopped" (fine-tune stopped
     #: at a stage); neither is ever the answer
