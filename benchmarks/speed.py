@@ -172,7 +172,13 @@ def int8(args) -> dict:
             f_onnx = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.onnx", latency=meter)
             q = export_model(mlp, x, Path(tmp) / f"mlp_b{b}.int8.onnx", int8="dynamic", rtol=0.05, latency=meter)
             bf16_file = export_model(
-                mlp, x, Path(tmp) / f"mlp_b{b}.bf16.pt", format="pt", dtype="bfloat16", rtol=0.02, latency=meter
+                mlp,
+                x,
+                Path(tmp) / f"mlp_b{b}.bf16.ts",
+                format="torchscript",
+                dtype="bfloat16",
+                rtol=0.02,
+                latency=meter,
             )
             bf16 = copy.deepcopy(mlp).to(torch.bfloat16)
             bf16_meter = Latency(x.to(torch.bfloat16), batch_size=b, threads=THREADS, min_run_time=args.min_run_time)
@@ -315,7 +321,7 @@ def search(args) -> dict:
         shipped = tightfit.load(run_dir / "model.tfz", model=model)  # a user class: loaded into an instance
         shipped_ms = Latency(x, batch_size=batch, threads=threads, min_run_time=args.min_run_time)(shipped).median_ms
         onnx = export_run(run_dir, format="onnx", batch_size=batch, threads=threads)
-        pt = export_run(run_dir, format="pt", batch_size=batch, threads=threads)
+        ts = export_run(run_dir, format="torchscript", batch_size=batch, threads=threads)
         remeasured = original_ms / shipped_ms
         return {
             "model": "tightfit.demo.LeNet5 on digits (trained 40 epochs, seed 0)",
@@ -333,11 +339,11 @@ def search(args) -> dict:
             "remeasured_ms": {
                 "original_pytorch": original_ms,
                 "model_tfz_pytorch": shipped_ms,
-                "export_pt": pt.latency_ms,
+                "export_torchscript": ts.latency_ms,
                 "export_onnx": onnx.latency_ms,
             },
             "remeasured_speedup_pytorch": remeasured,
-            "remeasured_speedup_export_pt": original_ms / pt.latency_ms,
+            "remeasured_speedup_export_torchscript": original_ms / ts.latency_ms,
             "relative_difference": abs(remeasured - reported) / reported if reported else None,
             "onnx_speedup_vs_original_pytorch": original_ms / onnx.latency_ms,
             "flops_reduction": result.baseline.flops / best.flops if best else None,

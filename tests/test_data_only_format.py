@@ -1,6 +1,6 @@
 """The .tfz format unpickles nothing: a model of torch.nn classes is rebuilt from its architecture
 stored as data; any other model loads into a given instance (``model=`` / ``factory=``); a format-1
-file's pickle is read only with ``trust_code=True``; float16 and bfloat16 models keep their dtype
+file's pickle is never read (it loads into a given model); float16 and bfloat16 models keep their dtype
 and store quantized weights as codes."""
 
 import importlib.util
@@ -218,16 +218,17 @@ def _as_format_1(data: bytes, model: nn.Module) -> bytes:
     return out.getvalue()
 
 
-def test_format_1_files_load_into_a_given_model_or_with_trust_code(tmp_path):
+def test_format_1_files_load_only_into_a_given_model(tmp_path):
     model, plan = _compressed(make_user_net())
     path = tmp_path / "old.tfz"
     path.write_bytes(_as_format_1(to_bytes(model, plan), model))
     x = torch.randn(4, 8)
-    with pytest.raises(ArtifactError, match=r"trust_code=True") as refused:
+    with pytest.raises(ArtifactError, match=r"never unpickles") as refused:
         tightfit.load(path)
     assert "model=" in str(refused.value)
     assert torch.equal(tightfit.load(path, model=make_user_net())(x), model(x))
-    assert torch.equal(tightfit.load(path, trust_code=True)(x), model(x))
+    with pytest.raises(TypeError, match="trust_code"):  # the option to unpickle is gone
+        tightfit.load(path, trust_code=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -343,12 +344,11 @@ def test_a_file_written_by_format_1_tightfit(tmp_path):
     path = ROOT / "tests" / "data" / "format1_sequential.tfz"
     expected = torch.tensor([[-0.07452454417943954, 0.0075545646250247955, 0.04099753499031067]])
     assert read_manifest(path)["version"] == 1
-    with pytest.raises(ArtifactError, match="trust_code=True"):
+    with pytest.raises(ArtifactError, match="never unpickles"):
         tightfit.load(path)
     fresh = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
     with torch.no_grad():
         assert torch.equal(tightfit.load(path, model=fresh)(torch.ones(1, 8)), expected)
-        assert torch.equal(tightfit.load(path, trust_code=True)(torch.ones(1, 8)), expected)
 
 
 def test_transformer_layers_load_without_the_model_after_heads_and_low_rank(tmp_path):

@@ -133,7 +133,7 @@ def test_a_crafted_pickle_in_every_place_runs_nothing(saved, tmp_path):
         "architecture.pt": evil,
     }
     cases = {
-        "format-1 architecture.pt": (_zip(format_1), "trust_code=True"),
+        "format-1 architecture.pt": (_zip(format_1), "never unpickles"),
         "manifest.json": (_zip({**members, "manifest.json": evil}), "manifest.json"),
         "payload.bin": (_zip({**members, "payload.bin": evil}), "payload.bin"),
         "architecture.json": (_zip({**members, "architecture.json": evil}), "architecture.json"),
@@ -166,7 +166,7 @@ def test_the_refusal_of_a_pickle_names_both_ways_out(saved):
     )
     with pytest.raises(ArtifactError) as refused:
         _load(old)
-    assert "trust_code=True" in str(refused.value) and "model=" in str(refused.value)
+    assert "never unpickles" in str(refused.value) and "model=" in str(refused.value)
 
 
 # --------------------------------------------------------------------------------- edited manifests

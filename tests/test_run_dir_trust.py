@@ -111,13 +111,13 @@ def test_a_poisoned_model_tfz_is_loaded_into_the_given_model_by_export(run, tmp_
     # A manifest that points at the pickled architecture is refused (it is not format 2's data), with or without model=.
     _set_architecture(run_dir / "model.tfz", True)
     with pytest.raises(ArtifactError, match="architecture"):
-        export_run(run_dir, format="pt")
+        export_run(run_dir, format="torchscript")
     with pytest.raises(ArtifactError, match="architecture"):
-        export_run(run_dir, model=_model(), format="pt")
+        export_run(run_dir, model=_model(), format="torchscript")
     # A pickle planted beside an intact manifest is never read: the data-only architecture.json is rebuilt.
     _set_architecture(run_dir / "model.tfz", "architecture.json")
-    plain = export_run(run_dir, format="pt", out=tmp_path / "plain.pt")
-    report = export_run(run_dir, model=_model(), format="pt", out=tmp_path / "m.pt")  # checks outputs
+    plain = export_run(run_dir, format="torchscript", out=tmp_path / "plain.ts")
+    report = export_run(run_dir, model=_model(), format="torchscript", out=tmp_path / "m.ts")  # checks outputs
     assert not marker.exists()
     assert report.max_abs_diff <= 1e-5 and plain.max_abs_diff <= 1e-5
 
@@ -140,7 +140,7 @@ def test_a_poisoned_example_input_is_refused_without_running(run, tmp_path):
     marker = tmp_path / "ran"
     (run_dir / "example_input.pt").write_bytes(_payload_bytes(marker))
     with pytest.raises(ConfigError, match="example_input.pt.*not an example input"):
-        export_run(run_dir, model=_model(), format="pt")
+        export_run(run_dir, model=_model(), format="torchscript")
     assert not marker.exists()
 
 
@@ -159,25 +159,38 @@ def test_export_on_the_command_line_builds_the_model_from_the_config(run, tmp_pa
         '[model]\nfactory = "trustmods:build"\n[evaluate]\nfunction = "trustmods:metric"\n'
         '[[strategy]]\noperator = "prune"\n[constraint]\nmax_drop = 1.0\n'
     )
-    shown = CliRunner().invoke(app, ["export", str(run_dir), "--format", "pt", "--out", str(tmp_path / "plain.pt")])
+    shown = CliRunner().invoke(
+        app, ["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "plain.ts")]
+    )
     assert shown.exit_code == 0 and not marker.exists(), shown.output  # rebuilt from architecture.json, pickle unread
     shown = CliRunner().invoke(
-        app, ["export", str(run_dir), "--config", "a.toml", "--factory", "m:f", "--format", "pt"]
+        app, ["export", str(run_dir), "--config", "a.toml", "--factory", "m:f", "--format", "torchscript"]
     )
     assert shown.exit_code == 2 and "not both" in shown.output
-    shown = CliRunner().invoke(app, ["export", str(run_dir), "--config", str(project / "run.toml"), "--format", "pt"])
+    shown = CliRunner().invoke(
+        app, ["export", str(run_dir), "--config", str(project / "run.toml"), "--format", "torchscript"]
+    )
     assert shown.exit_code == 0, shown.output
-    assert not marker.exists() and (run_dir / "export" / "model.pt").exists()
+    assert not marker.exists() and (run_dir / "export" / "model.ts").exists()
     # a run made from Python: --factory names the function, importable from the current directory
     (project / "trustfactory.py").write_text((project / "trustmods.py").read_text())
     monkeypatch.chdir(project)
     monkeypatch.setattr(sys, "path", list(sys.path))  # --factory makes the current directory importable
     shown = CliRunner().invoke(
         app,
-        ["export", str(run_dir), "--factory", "trustfactory:build", "--format", "pt", "--out", str(tmp_path / "f.pt")],
+        [
+            "export",
+            str(run_dir),
+            "--factory",
+            "trustfactory:build",
+            "--format",
+            "torchscript",
+            "--out",
+            str(tmp_path / "f.ts"),
+        ],
     )
     assert shown.exit_code == 0, shown.output
-    assert not marker.exists() and (tmp_path / "f.pt").exists()
+    assert not marker.exists() and (tmp_path / "f.ts").exists()
 
 
 def test_a_poisoned_adjusted_tfz_is_loaded_into_the_held_model_on_resume(tmp_path):

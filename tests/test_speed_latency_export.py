@@ -52,11 +52,15 @@ def test_latency_is_cached_per_architecture():
 def test_export_formats_reload_and_match(tmp_path):
     model = _mlp()
     latency = Latency(X, threads=1, min_run_time=0.01)
-    for fmt in ("onnx", "torchscript", "pt"):
+    for fmt in ("onnx", "torchscript"):
         report = export_model(model, X, tmp_path / f"m.{fmt}", format=fmt, latency=latency)
         assert report.size_bytes == (tmp_path / f"m.{fmt}").stat().st_size > 0
         assert report.max_abs_diff <= report.atol + report.rtol * report.reference_max_abs
         assert report.latency_ms > 0 and report.reference_latency_ms > 0
+    # a whole pickled module runs code when loaded: refused before anything is written
+    with pytest.raises(ConfigError, match="pickled module"):
+        export_model(model, X, tmp_path / "m.pt", format="pt")
+    assert not (tmp_path / "m.pt").exists()
 
 
 @pytest.mark.onnx
@@ -270,14 +274,13 @@ def test_int8_layers_are_found_in_a_dynamo_export_and_after_pre_processing(tmp_p
 def test_bfloat16_export_halves_the_file_and_keeps_a_float32_interface(tmp_path):
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
     x = torch.randn(4, 64)
-    for fmt in ("pt", "torchscript"):
-        f32 = export_model(model, x, tmp_path / f"f.{fmt}", format=fmt)
-        half = export_model(model, x, tmp_path / f"h.{fmt}", format=fmt, dtype="bfloat16", rtol=0.02)
-        assert half.dtype == "bfloat16" and half.size_bytes < 0.6 * f32.size_bytes
-    loaded = torch.load(tmp_path / "h.pt", weights_only=False)
+    f32 = export_model(model, x, tmp_path / "f.ts", format="torchscript")
+    half = export_model(model, x, tmp_path / "h.ts", format="torchscript", dtype="bfloat16", rtol=0.02)
+    assert half.dtype == "bfloat16" and half.size_bytes < 0.6 * f32.size_bytes
+    loaded = torch.jit.load(str(tmp_path / "h.ts"))
     assert loaded(x).dtype == torch.float32
     with pytest.raises(ExportCheckError):  # bfloat16 cannot meet a float32 tolerance
-        export_model(model, x, tmp_path / "strict.pt", format="pt", dtype="bfloat16", atol=0.0, rtol=1e-7)
+        export_model(model, x, tmp_path / "strict.ts", format="torchscript", dtype="bfloat16", atol=0.0, rtol=1e-7)
     with pytest.raises(ConfigError, match="dtype"):
         export_model(model, x, tmp_path / "h.onnx", format="onnx", dtype="bfloat16")
 
@@ -331,7 +334,7 @@ def test_a_model_whose_forward_takes_one_dict_exports_in_every_format(tmp_path):
     torch.manual_seed(0)
     model, x = TakesOneDict().eval(), _one_dict(4)
     latency = Latency(x, batch_size=6, threads=1, min_run_time=0.01)  # checked at another batch size than traced
-    for fmt in ("onnx", "torchscript", "pt"):
+    for fmt in ("onnx", "torchscript"):
         report = export_model(model, x, tmp_path / f"m.{fmt}", format=fmt, latency=latency)
         assert report.max_abs_diff <= report.atol + report.rtol * report.reference_max_abs and report.latency_ms > 0
     # each file is used the way the model is: ONNX fed by the dict's keys, the others called with the dict
@@ -351,10 +354,9 @@ def test_a_model_whose_forward_takes_one_dict_exports_in_every_format(tmp_path):
         export_model(model, x, tmp_path / "s.onnx", int8="static", calibration=[_one_dict(8), x], rtol=0.1).int8
         == "static"
     )
-    for fmt in ("pt", "torchscript"):
-        assert (
-            export_model(model, x, tmp_path / f"h.{fmt}", format=fmt, dtype="bfloat16", rtol=0.05).dtype == "bfloat16"
-        )
+    assert (
+        export_model(model, x, tmp_path / "h.ts", format="torchscript", dtype="bfloat16", rtol=0.05).dtype == "bfloat16"
+    )
     assert Latency(x, threads=1, min_run_time=0.01, runtime="onnxruntime")(model).median_ms > 0
 
 

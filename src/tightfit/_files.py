@@ -30,9 +30,7 @@ def save(obj: Result | nn.Module, path: str | os.PathLike, *, plan: Plan | None 
     raise ConfigError(f"tightfit.save takes a Result or an nn.Module, but got {type(obj).__name__}.")
 
 
-def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, factory: Factory | None = None, trust_code: bool = False
-) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, factory: Factory | None = None) -> nn.Module:
     """Read a ``.tfz`` file into a model in eval mode, unpickling nothing.
 
     - ``tightfit.load(path)``: a model made of ``torch.nn`` layers and containers (``Sequential``,
@@ -42,10 +40,10 @@ def load(
       instance of the original architecture (it is not changed: a copy is loaded), on which the
       plan's structural steps (structured pruning, low rank) are replayed. ``factory=`` instead: a
       zero-argument callable, or a ``"module:function"`` path, that builds one.
-    - ``trust_code=True``: also read a format-1 file's pickled architecture. Unpickling can run
-      any code: only for files you made yourself.
+    - A format-1 file (before tightfit stored its architecture as data) holds a pickled module,
+      which is never read: load it with ``model=`` or ``factory=``.
 
     A damaged or crafted file raises :class:`tightfit.errors.ArtifactError` naming the part at
     fault. See :func:`tightfit.export.load_model`.
     """
-    return load_model(path, model, factory=factory, trust_code=trust_code)
+    return load_model(path, model, factory=factory)

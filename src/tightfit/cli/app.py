@@ -475,7 +475,7 @@ def export(
             help="Instead of --config: import path of a function returning a fresh instance of the run's model, e.g. my_models:build (for runs made from Python)."
         ),
     ] = None,
-    format: Annotated[str, typer.Option("--format", help="onnx, torchscript or pt.")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default RUN_DIR/export/model.<ext>).")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance of the output check.")] = 1e-4,
     rtol: Annotated[

@@ -7,8 +7,8 @@ A zip archive (deflated, with fixed timestamps so the same model gives the same 
   module in it is a ``torch.nn`` layer or container; otherwise absent, with the reason in the
   manifest, and the file loads into a model the caller gives (``model=`` / ``factory=``).
 
-Nothing in a file is unpickled: format 1's ``architecture.pt`` (a pickled module) is read only with
-``trust_code=True``. The weights are tightfit's own codec rather than safetensors: a quantized or
+Nothing in a file is unpickled: format 1's ``architecture.pt`` (a pickled module) is never read;
+such a file loads into a model the caller gives. The weights are tightfit's own codec rather than safetensors: a quantized or
 pruned tensor is stored as k-bit codes and sparse indices (a 4-bit weight takes half a byte, a
 pruned one less), which safetensors' dense dtypes cannot hold; the codec's decoder checks every
 size against the manifest first (:func:`tightfit.export.codec.check_meta`).
@@ -222,9 +222,7 @@ def read_manifest(path: PathOrBuffer) -> dict[str, Any]:
 Factory = Callable[[], nn.Module] | str
 
 
-def load_model(
-    path: PathOrBuffer, model: nn.Module | None = None, *, factory: Factory | None = None, trust_code: bool = False
-) -> nn.Module:
+def load_model(path: PathOrBuffer, model: nn.Module | None = None, *, factory: Factory | None = None) -> nn.Module:
     """Read a ``.tfz`` file back into a model, in eval mode, its tensors in the dtypes they were saved in.
 
     Nothing is unpickled. Without ``model``/``factory`` the file's ``architecture.json`` is
@@ -232,8 +230,8 @@ def load_model(
     A model of your own classes needs ``model=`` (a fresh instance of the original architecture, not
     modified: a copy is loaded) or ``factory=`` (a zero-argument callable, or a ``"module:function"``
     path, that builds one); the plan's structural steps (structured pruning, low rank) are replayed
-    on it and the tensors read from the payload. ``trust_code=True`` lets a format-1 file's pickled
-    ``architecture.pt`` be unpickled (it can run any code: only for files you made yourself).
+    on it and the tensors read from the payload. A format-1 file's pickled ``architecture.pt`` is
+    never read: such a file needs ``model=`` or ``factory=``.
     A damaged or crafted file raises ArtifactError naming the part at fault, before the sizes it
     declares are allocated.
     """
@@ -245,7 +243,7 @@ def load_model(
         if given is not None:
             target = _prepare_given(given, manifest.get("plan"), path)
         else:
-            target = _stored_architecture(archive, manifest, version, path, trust_code, len(entries))
+            target = _stored_architecture(archive, manifest, version, path, len(entries))
         _check_fits(target, shapes, entries, exhaustive=given is None and version >= 2)
         payload = reading.read_member(archive, PAYLOAD, payload_len, exact=True)
     _fill(target, entries, payload)
@@ -297,34 +295,19 @@ def _prepare_given(model: nn.Module, plan: dict[str, Any] | None, path: PathOrBu
 
 
 def _stored_architecture(
-    archive: zipfile.ZipFile,
-    manifest: dict[str, Any],
-    version: int,
-    path: PathOrBuffer,
-    trust_code: bool,
-    tensor_count: int,
+    archive: zipfile.ZipFile, manifest: dict[str, Any], version: int, path: PathOrBuffer, tensor_count: int
 ) -> nn.Module:
-    """The module tree the file describes: format 2's architecture.json; format 1's pickle only
-    with ``trust_code``."""
+    """The module tree the file describes: format 2's architecture.json. Format 1's pickle is never
+    read (unpickling can run any code)."""
     names = set(archive.namelist())
     if version >= 2 and manifest.get("architecture") == ARCHITECTURE and ARCHITECTURE in names:
         return architecture.build(reading.read_json(archive, ARCHITECTURE), max_tensors=tensor_count)
     if version == 1 and PICKLED_ARCHITECTURE in names:
-        if not trust_code:
-            raise ArtifactError(
-                f"{path}: a format-1 tightfit file, whose architecture is a pickle ({PICKLED_ARCHITECTURE}) that can run "
-                "any code when loaded. Pass the model: tightfit.load(path, model=<a fresh instance of the original "
-                "architecture>), or, only for a file you made yourself, tightfit.load(path, trust_code=True)."
-            )
-        try:
-            data = reading.read_member(archive, PICKLED_ARCHITECTURE, reading.MAX_JSON_BYTES)
-            return torch.load(io.BytesIO(data), weights_only=False).to_empty(device="cpu")
-        except ArtifactError:
-            raise
-        except Exception as exc:
-            raise ArtifactError(
-                f"{path}: {PICKLED_ARCHITECTURE} could not be loaded ({type(exc).__name__}: {exc})."
-            ) from exc
+        raise ArtifactError(
+            f"{path}: a format-1 tightfit file, whose architecture is a pickle ({PICKLED_ARCHITECTURE}) that can run "
+            "any code when loaded; tightfit never unpickles it. Pass the model: tightfit.load(path, model=<a fresh "
+            "instance of the original architecture>) or factory=<a callable, or 'module:function', that builds one>."
+        )
     reason = manifest.get("architecture_error")
     reason = f" ({str(reason)[:300]})" if reason else ""
     raise ArtifactError(

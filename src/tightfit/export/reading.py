@@ -17,7 +17,7 @@ from . import codec
 
 FORMAT = "tightfit-artifact"
 #: 2: the architecture is data (architecture.json), never a pickle; gap layouts end with fillers.
-#: 1: the architecture was a pickled module (architecture.pt), read only with trust_code=True.
+#: 1: the architecture was a pickled module (architecture.pt), never read (load with model=).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PAYLOAD = "payload.bin"

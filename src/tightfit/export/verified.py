@@ -1,5 +1,4 @@
-"""Verified export: write a model as ONNX / TorchScript / a pickled module, load it back the way a
-user would (onnxruntime for ONNX), check its outputs against the PyTorch model, and time it.
+"""Verified export: write a model as ONNX or TorchScript, load it back the way a user would (onnxruntime for ONNX), check its outputs against the PyTorch model, and time it.
 
 A failed check raises :class:`ExportCheckError`; it is never a warning. The check is
 ``max|exported - reference| <= atol + rtol * max|reference|`` over every output element, on the
@@ -13,7 +12,6 @@ ONNX Runtime's quantization tools; the file written is the int8 model, so its si
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import tempfile
@@ -32,8 +30,8 @@ from ..measure.latency import Latency, with_batch_size
 from .artifact import bake
 from .onnx import export_onnx, flat_inputs, ort_feed, ort_session, quantize_onnx, tensor_interface
 
-FORMATS = ("onnx", "torchscript", "pt")
-SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "pt": ".pt"}
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 INT8_MODES = ("dynamic", "static")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -178,7 +176,7 @@ def _torchscript_runner(
     except Exception as exc:
         raise ArtifactError(
             f"TorchScript export failed: {type(exc).__name__}: {str(exc)[:500]} "
-            "Export with format='onnx' or 'pt' instead."
+            "Export with format='onnx' instead, or ship the compressed model as a .tfz (tightfit.save)."
         ) from exc
     torch.jit.save(traced, str(path))
     loaded = torch.jit.load(str(path)).eval()
@@ -192,27 +190,13 @@ def _torchscript_runner(
     return run
 
 
-def _pt_runner(model: nn.Module, path: Path, check_call: tuple[tuple, dict[str, Any]]) -> Any:
-    """Save ``model`` whole at ``path`` (torch.save), load it back; a runner of the loaded model."""
-    check_args, check_kwargs = check_call
-    buffer = io.BytesIO()
-    torch.save(copy.deepcopy(model), buffer)
-    path.write_bytes(buffer.getvalue())
-    # format="pt" is a pickled module by definition (the user asked for one). The check unpickles the
-    # bytes this call just made, from memory, never the file on disk, which another process could
-    # have replaced in between; nothing tightfit reads back from a file is unpickled.
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False).eval()
-
-    def run() -> Any:
-        with torch.inference_mode():
-            return output_tensors(loaded(*check_args, **check_kwargs))
-
-    return run
-
-
 def check_export_options(format: str, int8: str | None = None, dtype: str | None = None) -> None:
     """Refuse an unknown format, int8 mode or dtype (and int8 outside ONNX) before any work."""
+    if format == "pt":
+        raise ConfigError(
+            "format='pt' (a whole pickled module) is not written: loading it can run any code. Use "
+            "format='torchscript' for a file PyTorch loads, 'onnx', or tightfit.save for a .tfz."
+        )
     if format not in FORMATS:
         raise ConfigError(f"`format` must be one of {', '.join(FORMATS)}, but got {format!r}.")
     if int8 is not None and int8 not in INT8_MODES:
@@ -238,7 +222,7 @@ def export_model(
     int8_layers: Sequence[str] | None = None,
     dtype: str | None = None,
 ) -> ExportReport:
-    """Write ``model`` to ``path`` in ``format`` ("onnx", "torchscript" or "pt"), load it back,
+    """Write ``model`` to ``path`` in ``format`` ("onnx" or "torchscript"), load it back,
     check its outputs on ``example_input`` against ``model`` and time both with ``latency``.
 
     ``int8`` ("dynamic"/"static", ONNX only) quantizes with ONNX Runtime; ``keep_float`` lists
@@ -277,10 +261,8 @@ def export_model(
 
         def run() -> Any:
             return session.run(None, feed)
-    elif format == "torchscript":
-        run = _torchscript_runner(model, args, kwargs, path, check_input, (check_args, check_kwargs))
     else:
-        run = _pt_runner(model, path, (check_args, check_kwargs))
+        run = _torchscript_runner(model, args, kwargs, path, check_input, (check_args, check_kwargs))
 
     worst, ref_max = _checked(reference, run, atol, rtol, path)
     timed = latency.time(run) if latency is not None else None
