@@ -305,6 +305,21 @@ def sequential_test(
     raise AssertionError("unreachable: the last look is exact")
 
 
+def value_width(metric: object, values: torch.Tensor) -> float:
+    """The span one per-sample value can take: the metric's ``value_range``, else the span of
+    ``values`` (1 if they are all equal)."""
+    low_high = getattr(metric, "value_range", None)
+    width = (low_high[1] - low_high[0]) if low_high else float(values.max() - values.min())
+    return width if width > 0 else 1.0
+
+
+def paired_drop(baseline: torch.Tensor, values: torch.Tensor, width: float) -> Estimate:
+    """The mean of ``baseline - values`` over the same samples, with its standard error; the
+    variance is floored by ``PRIOR_WEIGHT`` pseudo-samples of the largest a difference can have (it
+    spans twice ``width``: (2w)^2 / 4), so a drop of exactly 0 on every sample does not claim s.e. 0."""
+    return mean_estimate(baseline - values, prior_variance=width**2, prior_weight=PRIOR_WEIGHT)
+
+
 # --- the session: state shared by every trial of one compress call -------------------------------
 
 
@@ -355,10 +370,7 @@ class SequentialSession:
         """The original's metric on the full validation set; its per-sample values are kept."""
         if self.baseline_values is None:
             self.baseline_values = self.metric.per_sample(original).to(torch.float64)
-            lo_hi = getattr(self.metric, "value_range", None)
-            width = (lo_hi[1] - lo_hi[0]) if lo_hi else float(self.baseline_values.max() - self.baseline_values.min())
-            width = width if width > 0 else 1.0
-            self._width = width
+            width = self._width = value_width(self.metric, self.baseline_values)
             self._prior = [form.prior_variance(width) for form in self._forms]
         return float(self.baseline_values.mean())
 
@@ -409,11 +421,9 @@ class SequentialSession:
         values = torch.cat(collected)
         n = decision.samples
         index = self.search_idx[:n]
-        diff = self.baseline_values[index] - values
         # difference estimator: the original's full-set value minus the paired drop on the seen samples
         baseline_full = float(self.baseline_values.mean())
-        # the paired difference spans at most twice the metric's range: prior variance (2w)^2 / 4
-        paired = mean_estimate(diff, prior_variance=self._width**2, prior_weight=PRIOR_WEIGHT)
+        paired = paired_drop(self.baseline_values[index], values, self._width)
         metric = baseline_full - paired.mean
         constraint_values = {pos: est.mean for pos, est in zip(self.linear, decision.estimates)}
         return Evaluation(metric, paired.se, constraint_values, decision, n, level, values)
@@ -525,6 +535,8 @@ __all__ = [
     "certify",
     "holds",
     "look_schedule",
+    "paired_drop",
     "per_sample_constraints",
     "sequential_test",
+    "value_width",
 ]

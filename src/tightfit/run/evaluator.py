@@ -130,11 +130,11 @@ def recover_seeded(
 class FullEvaluator:
     """Every candidate fine-tuned and measured on the full validation set."""
 
-    def __init__(self, setup: TrialSetup, evaluate: Any, multi: bool, original: OriginalValues | None = None) -> None:
+    def __init__(self, setup: TrialSetup, evaluate: Any, multi: bool, original: OriginalValues) -> None:
         self.setup = setup
         self.evaluate = evaluate
         self.multi = multi
-        self.original = original if original is not None else OriginalValues(None)
+        self.original = original  # the original's per-sample values: each trial's paired s.e.
 
     def __call__(self, plan: Plan, trial: optuna.Trial) -> TrialOutcome:
         s = self.setup

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..evaluation.certificate import PRIOR_WEIGHT
 from ..evaluation.constraints import MinMetric
 from ..evaluation.metrics import evaluate_metric, evaluate_original
-from ..evaluation.statistics import mean_estimate
+from ..evaluation.sequential import paired_drop, value_width
 from ..export.artifact import to_bytes
 from ..measure.analysis import count_nonzeros, layer_weights, sparse_flops
 from ..measure.latency import Latency
@@ -116,10 +115,7 @@ class OriginalValues:
             return float(holder[-1].mean())
 
         metric = evaluate_original(mean, copy.deepcopy(original))
-        values = holder[-1]
-        low_high = getattr(evaluate, "value_range", None)
-        width = (low_high[1] - low_high[0]) if low_high else float(values.max() - values.min())
-        return cls(values, width if width > 0 else 1.0), metric
+        return cls(holder[-1], value_width(evaluate, holder[-1])), metric
 
     def metric(self, evaluate, model: nn.Module) -> tuple[float, float | None]:
         """The metric on the full validation set and, for a per-sample metric, its standard error
@@ -132,9 +128,7 @@ class OriginalValues:
             return metric, None
         if self.values is None or self.values.shape != values.shape:
             return metric, float(values.std(unbiased=True) / values.numel() ** 0.5)
-        # floored like Sequential's estimates (a drop of exactly 0 on every sample would claim s.e. 0)
-        drop = mean_estimate(self.values - values, prior_variance=self.width**2, prior_weight=PRIOR_WEIGHT)
-        return metric, drop.se
+        return metric, paired_drop(self.values, values, self.width).se  # as Sequential's estimates
 
 
 def _per_sample(evaluate) -> bool:

@@ -220,7 +220,7 @@ class BOSampler(PlanSampler):
             return first, None
         family, table, starts = memo["bo.global"]
         own = _leading_on_family(history.x[first:], table)
-        screened = [p for p in history.screened if _already_measured(p, table)]
+        screened = self._global_screened(history)
         if own + len(screened) >= global_trials(self.context.budget):
             return first + own, None
         points = np.vstack([history.x[first : first + own], *[p[None, :] for p in screened]])
@@ -238,10 +238,12 @@ class BOSampler(PlanSampler):
         the run's validation images (docs/search.md, "The warm start after a global bisection")."""
         if end <= first:
             return False
-        screened = self.context.memo.get("bo.global") is not None and any(
-            _already_measured(p, self.context.memo["bo.global"][1]) for p in history.screened
-        )
-        return bool((history.violation[first:end] <= 0).any()) or screened
+        return bool((history.violation[first:end] <= 0).any()) or bool(self._global_screened(history))
+
+    def _global_screened(self, history: History) -> list[np.ndarray]:
+        """The global family's plans that cheap evaluation only screened (none without the family)."""
+        memo = self.context.memo.get("bo.global")
+        return [] if memo is None else [p for p in history.screened if _already_measured(p, memo[1])]
 
     def _warm_start(self, history: History, first: int) -> np.ndarray:
         """The sensitivity family's knob searched with the level-set rule, from trial ``first`` on."""

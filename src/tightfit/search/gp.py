@@ -128,9 +128,16 @@ def clip_violation(y: np.ndarray, se: np.ndarray | None) -> np.ndarray:
     errors above the limit are clipped there. How badly a plan fails says nothing about where the
     edge is, and one catastrophic plan (accuracy at chance) would otherwise set the model's scale
     and smooth the edge away. Without standard errors the values are left as they are."""
+    level = clip_level(se)
+    return y if level is None else np.minimum(y, level)
+
+
+def clip_level(se: np.ndarray | None) -> float | None:
+    """``CLIP_SE`` standard errors (the median of ``se``): how far over the limit a constraint value
+    is beyond noise; None without standard errors."""
     if se is None or not len(se) or np.isnan(se).any():
-        return y
-    return np.minimum(y, CLIP_SE * float(np.median(np.maximum(se, 1e-6))))
+        return None
+    return CLIP_SE * float(np.median(np.maximum(se, 1e-6)))
 
 
 def posterior(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import optuna
 from .base import History, PlanSampler
 from .context import SearchContext
 from .encoding import UnitEncoding
-from .gp import CLIP_SE, clip_violation, fit_gp, normal_cdf, posterior
+from .gp import clip_level, clip_violation, fit_gp, normal_cdf, posterior
 from .sensitivity import largest_feasible_knob, sensitivity_scan
 
 GRID = np.linspace(0.0, 1.0, 1001)
@@ -126,7 +126,7 @@ def next_knob(
 
 def clear_failure(u: np.ndarray, violation: np.ndarray, se: np.ndarray | None, best: float) -> float:
     """The smallest knob above ``best`` (the largest feasible one) whose plan broke the constraint
-    by more than ``CLIP_SE`` standard errors, i.e. beyond noise; infinity if none, or if the noise
+    by more than ``gp.clip_level(se)`` (3 standard errors), i.e. beyond noise; infinity if none, or if the noise
     is unknown.
 
     A family compresses every layer more as its knob grows, so a knob above a clear failure is not
@@ -136,10 +136,10 @@ def clear_failure(u: np.ndarray, violation: np.ndarray, se: np.ndarray | None, b
     fmnist-resnet, after a plan 14.3x smaller lost 31 points, the rule's next four knobs gave plans
     30-74x smaller that lost 77-83 points (4 of the 8 warm-start trials); on fmnist-mobilenet, after
     14.8x had lost 82 points, it tried 28.9x (lost 82)."""
-    if se is None or not len(se) or np.isnan(se).any():
+    level = clip_level(se)
+    if level is None:
         return math.inf
-    clear = violation > CLIP_SE * float(np.median(np.maximum(se, 1e-6)))
-    above = u[clear & (u > best)]
+    above = u[(violation > level) & (u > best)]
     return float(above.min()) if above.size else math.inf
 
 
