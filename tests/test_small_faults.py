@@ -115,7 +115,7 @@ def test_export_with_an_unknown_format_is_a_clear_error(tmp_path):
 
     out = CliRunner().invoke(app, ["export", str(tmp_path), "--format", "xyz"])
     assert out.exit_code == 2 and "Traceback" not in out.output  # before: a KeyError traceback, exit code 1
-    assert "`format` must be one of onnx, torchscript, pt, but got 'xyz'" in out.output
+    assert "`format` must be one of onnx, torchscript, but got 'xyz'" in out.output
 
 
 _PROJECT = {

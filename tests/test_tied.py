@@ -136,7 +136,7 @@ def _payload_bytes(path) -> int:
         return archive.getinfo("payload.bin").file_size
 
 
-@pytest.mark.parametrize("fmt", [pytest.param("onnx", marks=pytest.mark.onnx), "pt"])
+@pytest.mark.parametrize("fmt", [pytest.param("onnx", marks=pytest.mark.onnx), "torchscript"])
 def test_export_runs_the_compressed_tied_weight(tmp_path, fmt):
     _, model = _compressed()
     report = tightfit.export_model(model, TOKENS, tmp_path / f"m.{fmt}", format=fmt)  # checks outputs agree
