@@ -157,6 +157,56 @@ def test_grouped_convolutions_are_calibrated_per_group():
         assert torch.equal(loaded(x), result.model(x))
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(6, 8, 3, padding="same"),
+        lambda: nn.Conv2d(6, 8, 4, padding="same", dilation=2),  # uneven total: the extra row after
+        lambda: nn.Conv2d(6, 8, 3, padding="valid", stride=2),
+        lambda: nn.Conv2d(6, 8, 3, padding=(1, 2), padding_mode="reflect"),
+        lambda: nn.Conv2d(6, 6, 3, padding=1, padding_mode="circular", groups=3),
+        lambda: nn.Conv2d(6, 8, 5, padding=2, padding_mode="replicate", stride=2),
+        lambda: nn.Conv1d(6, 8, 4, padding="same"),
+        lambda: nn.Conv1d(6, 8, 3, padding=1, padding_mode="reflect"),
+    ],
+)
+def test_convolution_patches_are_padded_as_the_layer_pads_its_input(conv):
+    """The unfolded rows times the weight give the layer's own output (bias aside), for every
+    padding and padding mode; EfficientNet-style padding='same' layers were left uncalibrated."""
+    from tightfit.operators.calibration import LayerView, why_not_calibrated
+
+    torch.manual_seed(0)
+    layer = conv().eval()
+    x = torch.randn(2, 6, *(9, 10)[: layer.weight.dim() - 2])
+    view = LayerView(layer)
+    rows = view.rows(x)  # (n, G, columns)
+    out = torch.einsum("ngc,grc->ngr", rows, view.matrix()).reshape(rows.shape[0], -1)
+    with torch.no_grad():
+        expected = layer(x) - layer.bias.reshape(1, -1, *[1] * (x.dim() - 2))
+    assert why_not_calibrated(layer) is None
+    assert torch.allclose(out, expected.movedim(1, -1).reshape(-1, out.shape[1]), atol=1e-5)
+    result = compress_once(nn.Sequential(layer), Quantize(bits=4, method="gptq"), calibration=[x])
+    assert not result.uncalibrated
+
+
+def test_a_layer_whose_inputs_vanish_is_still_compressed_and_the_run_goes_on():
+    """Inputs below float32's smallest normal number (a randomly initialised MobileViT's
+    transformer blocks read ~1e-23) made every Hessian entry denormal, and GPTQ / SparseGPT
+    stopped the whole run; such inputs count as dead (rounded on their own), and a Hessian no
+    damping can factor sends its layer to round-to-nearest / magnitude, named with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8)).eval()
+    tiny = [torch.randn(32, 16) * 1e-23]
+    for strategy in (Quantize(bits=4, method="gptq"), Prune(0.5, method="sparsegpt")):
+        result = compress_once(model, strategy, calibration=tiny, repair=())
+        assert not result.uncalibrated
+    nan = [torch.full((32, 16), float("nan"))]
+    result = compress_once(model, Quantize(bits=4, method="gptq"), calibration=nan, repair=())
+    assert set(result.uncalibrated) == {"0", "1"}
+    assert "positive definite" in result.uncalibrated["0"] and "rounded to nearest" in result.uncalibrated["0"]
+    assert result.model[0].parametrizations.weight[0].bits == 4
+
+
 def test_bias_correction_removes_the_mean_output_shift():
     model = _layer(bias=True)
     cal = _correlated_inputs(512, 128) + 1.0  # inputs with a mean: rounding shifts the outputs

@@ -1,6 +1,7 @@
 """Cheap, certified evaluation: per-sample metrics, the sequential test, paired subsampling, the
 noise handed to the search, fidelity levels and the accounting."""
 
+import copy
 import math
 
 import optuna
@@ -414,6 +415,38 @@ def test_label_free_metrics_keep_the_labels_a_forward_takes():
     batches = [{"input_ids": torch.randint(0, 10, (4, 6)), "labels": torch.randint(0, 10, (4, 5))}]
     assert Fidelity(batches, reference=model)(model) == pytest.approx(1.0)
     assert Fidelity(batches, reference=model, kind="kl")(model) == pytest.approx(0.0, abs=1e-9)
+
+
+class _Encoder(torch.nn.Module):
+    """Like a Hugging Face base model (BertModel, Wav2Vec2Model, BartModel): hidden states, no logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.mix = torch.nn.Linear(4, 4)
+
+    def forward(self, input_ids):
+        hidden = self.mix(self.embed(input_ids))
+        return {"last_hidden_state": hidden, "pooler_output": hidden.mean(1)}
+
+
+def test_cosine_fidelity_compares_a_base_models_hidden_states():
+    # Wav2Vec2Model and BartModel outputs stopped every metric with "Cannot read class scores"
+    from tightfit.errors import EvaluationError
+
+    torch.manual_seed(0)
+    model = _Encoder()
+    ids = [torch.randint(0, 10, (8, 6))]
+    assert Fidelity(ids, reference=model)(model) == pytest.approx(1.0)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.mix.weight.mul_(-1.0)
+        changed.mix.bias.zero_()
+    assert Fidelity(ids, reference=model)(changed) < 0.5  # the hidden states are what it compares
+    with pytest.raises(EvaluationError, match="class scores"):  # class scores are still what these read
+        Fidelity(ids, reference=model, kind="kl")(model)
+    with pytest.raises(EvaluationError, match="class scores"):
+        Agreement(ids, reference=model)(model)
 
 
 def test_fidelity_kl_is_per_position_over_the_class_axis():

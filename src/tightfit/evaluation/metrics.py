@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._device import checked_device
-from ..calling import call_model, forward_takes, inputs_only, logits, split_batch, to_device
+from ..calling import call_model, compared_output, forward_takes, inputs_only, logits, split_batch, to_device
 from ..errors import ConfigError, EvaluationError
 
 if TYPE_CHECKING:
@@ -346,7 +346,7 @@ class _ReferenceMetric(PerSampleMetric):
                 with torch.no_grad():
                     for batch, idx in self.samples.batches():
                         inputs = _reference_inputs(self.reference, batch)
-                        outs.append(logits(call_model(self.reference, to_device(inputs, self.device))).detach().cpu())
+                        outs.append(self.read(call_model(self.reference, to_device(inputs, self.device))).detach().cpu())
                         self.samples_evaluated += int(idx.numel())
             finally:
                 self.reference.train(was_training)
@@ -354,7 +354,11 @@ class _ReferenceMetric(PerSampleMetric):
         return self._reference_outputs[indices]
 
     def _outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return logits(call_model(model, to_device(_reference_inputs(model, batch), self.device))).cpu()
+        return self.read(call_model(model, to_device(_reference_inputs(model, batch), self.device))).cpu()
+
+    def read(self, output: Any) -> torch.Tensor:
+        """The tensor of a model's output this metric compares: its class scores."""
+        return logits(output)
 
 
 class Agreement(_ReferenceMetric):
@@ -423,6 +427,10 @@ class Fidelity(_ReferenceMetric):
         self.temperature = float(temperature)
         self.class_dim = class_dim
         self.value_range = (-1.0, 1.0) if kind == "cosine" else None
+
+    def read(self, output: Any) -> torch.Tensor:
+        """Cosine also compares a base model's hidden states (no logits); KL needs class scores."""
+        return compared_output(output) if self.kind == "cosine" else logits(output)
 
     def score(self, model: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         out = self._outputs(model, batch).to(torch.float64)

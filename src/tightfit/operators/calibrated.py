@@ -38,7 +38,7 @@ from .compose import Compose
 from .plan import Plan, apply_plan_inplace, share_tied_parametrizations
 from .prune import WeightMask
 from .quantize import FakeQuantize
-from .solvers import awq_column_scale, gptq, sparsegpt, wanda_mask
+from .solvers import SingularHessian, awq_column_scale, gptq, sparsegpt, wanda_mask
 
 #: Repairs :func:`apply_plan_calibrated` knows: BatchNorm statistics re-estimated on the calibration
 #: data, and bias correction (the mean output shift each compressed layer causes, added to its bias).
@@ -292,7 +292,12 @@ def _apply_layer(
         elif view is None:
             op.apply_uncalibrated(module, settings)
         else:
-            op.apply_calibrated(module, settings, view, stats)
+            try:  # the solvers raise before the layer is changed
+                op.apply_calibrated(module, settings, view, stats)
+            except SingularHessian as error:
+                fallback = "rounded to nearest" if op.name == "quantize" else "pruned by magnitude"
+                result.uncalibrated[name] = f"{error}, so it is {fallback}"
+                op.apply_uncalibrated(module, settings)
     if before is not None:
         _correct_bias(name, module, view, before, stats, result)
 

@@ -2,7 +2,8 @@
 
 A layer is read as G independent matrix problems (G = a convolution's ``groups``; 1 otherwise):
 its effective weight as ``(G, rows, columns)`` and its inputs as rows of ``(G, columns)`` (a
-convolution's inputs unfolded into the patches its kernel sees, zero padding included). Only one
+convolution's inputs unfolded into the patches its kernel sees, padded as the layer pads them:
+zeros, reflection, replication or circular, ``"same"`` and ``"valid"``). Only one
 layer's statistics are held at a time: the Hessian ``H = 2 X^T X / n`` (``columns^2`` floats per
 group; a depthwise convolution's is ``k x k``), accumulated batch by batch on the model's device,
 and per-input sums (squares for Wanda, magnitudes for AWQ, plain sums for bias correction).
@@ -76,17 +77,12 @@ class LayerView:
         module = self.module
         x = x.detach().to(torch.float32)
         if isinstance(module, nn.Conv2d):
-            patches = F.unfold(
-                x if x.dim() == 4 else x[None], module.kernel_size, module.dilation, module.padding, module.stride
-            )
+            x = padded(module, x if x.dim() == 4 else x[None])
+            patches = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
         elif isinstance(module, nn.Conv1d):
-            x = x if x.dim() == 3 else x[None]
+            x = padded(module, x if x.dim() == 3 else x[None])
             patches = F.unfold(
-                x[:, :, None, :],
-                (1, module.kernel_size[0]),
-                (1, module.dilation[0]),
-                (0, module.padding[0]),
-                (1, module.stride[0]),
+                x[:, :, None, :], (1, module.kernel_size[0]), (1, module.dilation[0]), 0, (1, module.stride[0])
             )
         else:
             return x.reshape(-1, 1, x.shape[-1])
@@ -103,6 +99,28 @@ class LayerView:
                 self.module.weight.copy_(value)
 
 
+def padding_sides(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
+    """(before, after) padding of each spatial dimension, as the convolution pads its input:
+    ``"same"`` puts the odd element of an uneven total after, as PyTorch does."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as the convolution pads it before its kernel slides (any ``padding`` and
+    ``padding_mode``), so the patches unfold with no padding of their own."""
+    sides = padding_sides(module)
+    if not any(before or after for before, after in sides):
+        return x
+    flat = [v for before, after in reversed(sides) for v in (before, after)]  # F.pad: last dimension first
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, flat, mode=mode)
+
+
 def why_not_calibrated(module: nn.Module) -> str | None:
     """Why the calibrated methods cannot read ``module`` (it is then rounded / pruned by magnitude
     instead), or None when they can."""
@@ -114,8 +132,6 @@ def why_not_calibrated(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.conv._ConvNd):
         if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
             return f"{kind}: only 1-D and 2-D convolutions are unfolded here, so it is rounded to nearest"
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return f"{kind} with padding {module.padding!r}/{module.padding_mode!r}: only explicit zero padding is unfolded"
     elif not isinstance(module, nn.Linear):
         return f"{kind}: the calibrated methods read Linear and convolution layers"
     if parametrize.is_parametrized(module, "weight"):

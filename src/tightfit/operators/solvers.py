@@ -28,14 +28,23 @@ from .grid import code_range, dequantize, group_scales, per_column, round_codes
 BLOCK = 128
 
 
+class SingularHessian(ConfigError):
+    """No damping made a layer's input Hessian positive definite (non-finite inputs, say): the
+    layer is compressed without calibration instead (``operators.calibrated``)."""
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of ``(H + damp I)^-1`` per problem, and which columns are dead (never
     nonzero in the calibration inputs). GPTQ's reference zeroes such weights; here they are kept
     (rounded on their own, no error spread from them): an input that is always zero in a few
-    hundred samples (a border pixel) may still be nonzero later."""
+    hundred samples (a border pixel) may still be nonzero later. A diagonal entry below float32's
+    smallest normal number counts as dead too: such an input carries no usable precision (a
+    randomly initialised MobileViT's blocks read inputs of ~1e-23, whose Hessian no damping
+    relative to its own mean could factor)."""
     h = hessian.clone()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
-    dead = diag == 0
+    dead = diag < torch.finfo(torch.float32).tiny
+    h.masked_fill_(dead[..., :, None] | dead[..., None, :], 0.0)
     diag[dead] = 1.0
     damp = percdamp * diag.mean(dim=-1, keepdim=True)
     for attempt in range(6):  # a nearly singular H (few samples, collinear inputs): damp harder
@@ -45,9 +54,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
             return torch.linalg.cholesky(inverse, upper=True), dead
         except torch.linalg.LinAlgError:
             continue
-    raise ConfigError(
-        "The layer's input Hessian is not positive definite even with 1e5 x `percdamp` damping; "
-        "give more calibration samples or a larger `percdamp`."
+    raise SingularHessian(
+        "its input Hessian is not positive definite even with 1e5 x `percdamp` damping "
+        "(non-finite or degenerate calibration inputs)"
     )
 
 
