@@ -380,6 +380,41 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_compressed_layers_before
     assert torch.allclose(last.hessian[0], 2 * compressed_inputs.T @ compressed_inputs / len(cal), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibrated_pruning_reads_each_layer_with_the_batchnorm_statistics_it_will_have(method, monkeypatch):
+    """Before a layer's statistics are gathered, the BatchNorms are re-estimated on the model as
+    compressed so far, as the final repair will leave them; quantization alone skips the passes."""
+    import tightfit.operators.calibrated as calibrated
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+    ).eval()
+    with torch.no_grad():  # stored statistics unlike the data's, as after training on other inputs
+        model[1].running_mean.fill_(3.0)
+        model[4].running_var.fill_(9.0)
+    x = torch.randn(32, 3, 8, 8)
+    seen = {}
+    original = calibrated.collect_stats
+
+    def recording(model_, view, batches, **kwargs):
+        seen[id(view.module)] = model_[1].running_mean.clone()
+        return original(model_, view, batches, **kwargs)
+
+    monkeypatch.setattr(calibrated, "collect_stats", recording)
+    result = compress_once(model, Prune(0.5, method=method), calibration=[x])
+    first = result.model[0]
+    with torch.no_grad():  # the first layer's compressed outputs: what its BatchNorm should describe
+        expected = first(x).mean((0, 2, 3))
+    assert torch.allclose(seen[id(result.model[3])], expected, atol=1e-5)
+    assert torch.allclose(seen[id(first)], torch.full((8,), 3.0))  # nothing compressed yet: as stored
+    assert result.calibration_passes == 2 + 1 + 1  # two layers, one re-estimation between, the repair
+    assert result.blocks_not_cached.startswith("BatchNorm statistics are re-estimated")
+
+    quantized = compress_once(model, Quantize(bits=4, method="gptq"), calibration=[x])
+    assert quantized.calibration_passes == 2 + 1
+
+
 def test_layers_no_operator_takes_are_left_alone_with_the_reason():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 30), nn.ReLU(), nn.Linear(30, 8)).eval()  # 30 inputs: no 4-groups

@@ -128,7 +128,7 @@ def _check_export_arguments(
     check_export_options(format, int8, dtype)
     if dtype is not None and format == "onnx":
         raise ConfigError(
-            "`dtype` applies to torchscript and pt exports; for ONNX use int8 (ONNX Runtime's CPU "
+            "`dtype` applies to torchscript exports; for ONNX use int8 (ONNX Runtime's CPU "
             "kernels are not faster in 16-bit floats)."
         )
     if example_input is None:
@@ -229,7 +229,7 @@ def export_model(
     layer-name patterns left in float; ``int8_layers`` (exact names) limits int8 to those layers,
     as an ``Int8`` plan chose; ``calibration`` (static) is an iterable of inputs. The
     tolerance then has to allow for quantization error (e.g. ``rtol=0.05``): the reference is the
-    float model. ``dtype`` ("bfloat16"/"float16", torchscript and pt only) stores and runs the
+    float model. ``dtype`` ("bfloat16"/"float16", torchscript only) stores and runs the
     model in that type behind a float32 interface (bfloat16 pays on CPUs with AMX; check the
     tolerance accordingly). Raises :class:`ExportCheckError` when the outputs differ beyond the
     tolerance.
