@@ -346,7 +346,9 @@ class _ReferenceMetric(PerSampleMetric):
                 with torch.no_grad():
                     for batch, idx in self.samples.batches():
                         inputs = _reference_inputs(self.reference, batch)
-                        outs.append(self.read(call_model(self.reference, to_device(inputs, self.device))).detach().cpu())
+                        outs.append(
+                            self.read(call_model(self.reference, to_device(inputs, self.device))).detach().cpu()
+                        )
                         self.samples_evaluated += int(idx.numel())
             finally:
                 self.reference.train(was_training)
