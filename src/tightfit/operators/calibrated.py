@@ -258,7 +258,7 @@ def _calibrate_layers(
     cursor = BlockCursor(model, blocks, batches)
     for name in [n for n in targets if n not in order]:
         order.append(name)  # never runs on the calibration data: compressed without it, below
-    stale = renorm and any(name not in calibrated for name in per_layer)  # data-free layers went first
+    stale = renorm  # the repaired model's statistics are the calibration data's, from the first layer on
     for name in order:
         layer, module = targets[name]
         why = why_not_calibrated(module)
