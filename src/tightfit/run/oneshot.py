@@ -55,7 +55,8 @@ def compress_once(
     fixed setting (e.g. ``Quantize(bits=4, method="gptq", group_size=128)``), calibrated operators
     learn from ``calibration`` (an iterable of model inputs; a labelled loader: ``[x for x, _ in
     loader]``), then ``repair`` runs (:data:`REPAIRS`; default: BatchNorm re-estimation when
-    calibration is given, nothing otherwise). ``model`` is not changed; the result holds a
+    calibration is given, nothing otherwise; with Wanda or SparseGPT it also runs before each
+    calibrated layer is read, docs/calibration.md). ``model`` is not changed; the result holds a
     compressed copy (``result.model``, saved with ``tightfit.save(result.model, path, plan=result.plan)``)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
