@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..measure.analysis import layer_kind, tied_groups
 from .base import Operator
 from .blocks import BlockCursor, choose_blocks, no_kv_cache, survey
-from .calibration import LayerStats, LayerView, collect_stats, run, why_not_calibrated
+from .calibration import LayerStats, LayerView, StopPass, collect_stats, run, why_not_calibrated
 from .compose import Compose
 from .plan import Plan, apply_plan_inplace, share_tied_parametrizations
 from .prune import WeightMask
@@ -276,8 +276,8 @@ def _calibrate_layers(
             needs_gram = any(
                 op.needs_calibration() and getattr(op, "method", "") != "wanda" for op, _ in per_layer[layer]
             )
-            if stale:
-                reestimate_batchnorm(model, batches)
+            if stale:  # passes end at the layer where it runs once: the BatchNorms after it wait
+                reestimate_batchnorm(model, batches, until=module if calls[name] == 1 else None)
                 result.calibration_passes += 1
             runner = cursor.runner(name)
             stats = collect_stats(model, view, batches, gram=needs_gram, stop_early=calls[name] == 1, runner=runner)
@@ -352,11 +352,13 @@ def _correct_bias(
     result.repaired.setdefault("bias", []).append(name)
 
 
-def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> list[str]:
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], until: nn.Module | None = None) -> list[str]:
     """Re-estimate every BatchNorm's running statistics on ``batches``: reset, cumulative average
     (momentum None), the model in eval mode except the BatchNorms, no gradients. Returns their
     names. Compression shifts the activations the stored statistics describe; this re-centres them
-    without training."""
+    without training. ``until``: each pass ends where that module (run once per forward) is about
+    to run, so only the BatchNorms before it are estimated; those after it are left reset (the
+    layer-by-layer pass re-estimates them before it reads a layer behind them, and at the end)."""
     norms = {
         name: m
         for name, m in model.named_modules()
@@ -371,14 +373,21 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> list[str]:
         m.reset_running_stats()
         m.momentum = None
         m.train()
+    handle = until.register_forward_pre_hook(_stop_pass) if until is not None else None
     try:
         run(model, batches)
     finally:
+        if handle is not None:
+            handle.remove()
         for name, m in norms.items():
             m.train(modes[name][0])
             m.momentum = modes[name][1]
         model.train(was_training)
     return sorted(norms)
+
+
+def _stop_pass(module: nn.Module, args: tuple) -> None:
+    raise StopPass
 
 
 def refuse_uncalibrated(strategy: Compose) -> None:
