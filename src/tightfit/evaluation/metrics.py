@@ -347,7 +347,7 @@ class _ReferenceMetric(PerSampleMetric):
                     for batch, idx in self.samples.batches():
                         inputs = _reference_inputs(self.reference, batch)
                         outs.append(
-                            self.read(call_model(self.reference, to_device(inputs, self.device))).detach().cpu()
+                            self._read(call_model(self.reference, to_device(inputs, self.device))).detach().cpu()
                         )
                         self.samples_evaluated += int(idx.numel())
             finally:
@@ -356,9 +356,9 @@ class _ReferenceMetric(PerSampleMetric):
         return self._reference_outputs[indices]
 
     def _outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return self.read(call_model(model, to_device(_reference_inputs(model, batch), self.device))).cpu()
+        return self._read(call_model(model, to_device(_reference_inputs(model, batch), self.device))).cpu()
 
-    def read(self, output: Any) -> torch.Tensor:
+    def _read(self, output: Any) -> torch.Tensor:
         """The tensor of a model's output this metric compares: its class scores."""
         return logits(output)
 
@@ -430,7 +430,7 @@ class Fidelity(_ReferenceMetric):
         self.class_dim = class_dim
         self.value_range = (-1.0, 1.0) if kind == "cosine" else None
 
-    def read(self, output: Any) -> torch.Tensor:
+    def _read(self, output: Any) -> torch.Tensor:
         """Cosine also compares a base model's hidden states (no logits); KL needs class scores."""
         return compared_output(output) if self.kind == "cosine" else logits(output)
 
