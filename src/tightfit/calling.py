@@ -132,12 +132,14 @@ def compared_output(output: Any) -> torch.Tensor:
     output has them (:func:`logits`), else a Hugging Face base model's ``last_hidden_state`` (an
     encoder's, a speech model's, a sequence-to-sequence model's decoder states): such models
     return no logits, and their hidden states are what users embed or feed a head with."""
-    hidden = output.get("last_hidden_state") if isinstance(output, dict) else getattr(output, "last_hidden_state", None)
-    if not isinstance(output, torch.Tensor) and not hasattr(output, "logits") and isinstance(hidden, torch.Tensor):
-        return hidden
     try:
         return logits(output)
     except EvaluationError:
+        hidden = (
+            output.get("last_hidden_state") if isinstance(output, dict) else getattr(output, "last_hidden_state", None)
+        )
+        if isinstance(hidden, torch.Tensor):
+            return hidden
         raise EvaluationError(
             f"Cannot read an output to compare from a model output of type {type(output).__name__}: return a "
             "tensor, a tuple starting with one, or a dict with a `logits` or `last_hidden_state` tensor; or pass "
