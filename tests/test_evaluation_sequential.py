@@ -447,6 +447,10 @@ def test_cosine_fidelity_compares_a_base_models_hidden_states():
         Fidelity(ids, reference=model, kind="kl")(model)
     with pytest.raises(EvaluationError, match="class scores"):
         Agreement(ids, reference=model)(model)
+    from tightfit.calling import compared_output
+
+    both = {"last_hidden_state": torch.zeros(2, 4, 5), "logits": torch.ones(2, 3)}
+    assert compared_output(both) is both["logits"]  # class scores first, wherever they are
 
 
 def test_fidelity_kl_is_per_position_over_the_class_axis():
