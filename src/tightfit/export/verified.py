@@ -395,7 +395,7 @@ def _read_example_input(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - weights_only refuses all but tensors and containers, in many ways
-        # torch's own message advises weights_only=False; quote only what it refused
+        # torch's own message advises turning weights_only off; quote only what it refused
         lines = [ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower() or "error:" in ln.lower()]
         reason = lines[0][:200] if lines else type(exc).__name__
         raise ConfigError(
