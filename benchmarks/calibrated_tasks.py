@@ -74,6 +74,22 @@ SETTINGS: list[tuple[str, Any]] = [
     ("magnitude 2:4", lambda layers: Prune(pattern="2:4", layers=layers)),
     ("Wanda 2:4", lambda layers: Prune(pattern="2:4", method="wanda", layers=layers)),
     ("SparseGPT 2:4", lambda layers: Prune(pattern="2:4", method="sparsegpt", layers=layers)),
+    # target="original": each layer first fit to the original model's outputs (docs/calibration.md)
+    ("Wanda 50% to original", lambda layers: Prune(0.5, method="wanda", target="original", layers=layers)),
+    ("SparseGPT 50% to original", lambda layers: Prune(0.5, method="sparsegpt", target="original", layers=layers)),
+    ("Wanda 2:4 to original", lambda layers: Prune(pattern="2:4", method="wanda", target="original", layers=layers)),
+    (
+        "SparseGPT 2:4 to original",
+        lambda layers: Prune(pattern="2:4", method="sparsegpt", target="original", layers=layers),
+    ),
+    (
+        "GPTQ g128 to original, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, target="original", layers=layers),
+    ),
+    (
+        "GPTQ g128 to original, 3 bit",
+        lambda layers: Quantize(3, method="gptq", group_size=128, target="original", layers=layers),
+    ),
 ]
 LAYERS = {"tiny-lm": ["transformer.h.*"], "minilm": ["bert.encoder.*"]}  # other tasks: every layer an operator takes
 

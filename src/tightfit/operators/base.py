@@ -57,6 +57,26 @@ class Hyperparameter:
         return self.choices[0] if self.choices is not None else self.low
 
 
+#: What a calibrated layer's weights are fit to (``Quantize`` / ``Prune`` ``target=``): ``"layer"``
+#: (GPTQ's and SparseGPT's) its own outputs on the inputs the compressed layers before it give it;
+#: ``"original"`` the original model's outputs at that layer on the original model's inputs, so
+#: that the errors of the layers before it are compensated too
+#: (:func:`tightfit.operators.solvers.original_target`).
+TARGETS = ("layer", "original")
+
+
+def check_target(owner: str, target: Any, calibrated: bool, calibrated_how: str) -> str:
+    """``target`` validated (see :data:`TARGETS`); ``"original"`` needs a calibrated method."""
+    if target not in TARGETS:
+        raise ConfigError(f"{owner}: `target` must be one of {TARGETS}, but got {target!r}.")
+    if target == "original" and not calibrated:
+        raise ConfigError(
+            f"{owner}: target='original' fits the weights to the original model's outputs on calibration "
+            f"data; it needs {calibrated_how}."
+        )
+    return str(target)
+
+
 def parse_range(owner: str, name: str, value: Any, inside: Callable[[float], bool], bounds: str) -> tuple[float, float]:
     """A searchable setting given as one number (fixed) or a ``(low, high)`` pair, checked once:
     each end must satisfy ``inside`` (described by ``bounds``, e.g. "[0, 1)") and low <= high."""

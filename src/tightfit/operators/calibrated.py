@@ -20,6 +20,7 @@ likewise writes its updated weights under a fixed mask.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
-from ..measure.analysis import layer_kind, tied_groups
+from ..measure.analysis import MATRIX_KIND, layer_kind, tied_groups
 from .base import Operator
 from .blocks import BlockCursor, choose_blocks, no_kv_cache, survey
 from .calibration import LayerStats, LayerView, StopPass, collect_stats, run, why_not_calibrated
@@ -38,7 +39,7 @@ from .compose import Compose
 from .plan import Plan, apply_plan_inplace, share_tied_parametrizations
 from .prune import WeightMask
 from .quantize import FakeQuantize
-from .solvers import SingularHessian, awq_column_scale, gptq, sparsegpt, wanda_mask
+from .solvers import SingularHessian, awq_column_scale, gptq, original_target, sparsegpt, wanda_mask
 
 #: Repairs :func:`apply_plan_calibrated` knows: BatchNorm statistics re-estimated on the calibration
 #: data, and bias correction (the mean output shift each compressed layer causes, added to its bias).
@@ -56,6 +57,7 @@ class Calibrated:
     left_alone: dict[str, str] = field(default_factory=dict)  # module -> why no operator compresses it
     repaired: dict[str, list[str]] = field(default_factory=dict)  # repair -> modules it changed
     not_repaired: dict[str, str] = field(default_factory=dict)  # layer -> why no bias correction
+    not_fitted: dict[str, str] = field(default_factory=dict)  # layer -> why target="original" did not fit it
     calibration_passes: int = 0  # passes over the calibration batches (one per calibrated layer, + repairs)
     block_passes: int = 0  # of those, passes that ran only the layer's block on its cached inputs (blocks.py)
     blocks: str = ""  # the nn.ModuleList whose blocks' inputs were cached, or "" (every pass ran the whole model)
@@ -177,12 +179,14 @@ def apply_plan_calibrated(
     *,
     repair: Iterable[str] = ("batchnorm",),
     block_cache: bool = True,
+    original: nn.Module | None = None,
 ) -> Calibrated:
     """Apply ``plan`` to ``model`` itself, its calibrated operators fed with ``calibration`` (see
     the module docstring), then the ``repair`` steps (:data:`REPAIRS`). Bad input is refused before
     any work. ``block_cache=False`` runs the whole model for every layer's statistics, even where
-    cached block inputs give the same (:mod:`tightfit.operators.blocks`). Returns what was done
-    (:class:`Calibrated`)."""
+    cached block inputs give the same (:mod:`tightfit.operators.blocks`). ``original``: the
+    uncompressed model that layers with ``target="original"`` fit to (run in eval mode, not
+    changed; default: a copy of ``model`` as given). Returns what was done (:class:`Calibrated`)."""
     start = time.perf_counter()
     strategy = strategy or plan.strategy()
     repair = check_repairs(repair)
@@ -191,29 +195,36 @@ def apply_plan_calibrated(
     if parameter is not None and parameter.device.type == "meta":
         raise ConfigError("The model's weights are on the 'meta' device (not loaded); calibration needs real weights.")
     batches = _device_batches(batches, parameter.device if parameter is not None else torch.device("cpu"))
-    apply_plan_inplace(plan, model, strategy, structure_only=True)
-    result = Calibrated(model, plan)
     per_layer = _entries(plan, strategy)
     calibrated = {
         name
         for name, ops in per_layer.items()
         if any((op.needs_calibration() or "bias" in repair) and s != op.identity() for op, s in ops)
     }
+    reference = None
+    if any(_fits_original(per_layer[name]) for name in calibrated):  # layers fit to its outputs
+        reference = original if original is not None else copy.deepcopy(model)
+    apply_plan_inplace(plan, model, strategy, structure_only=True)
+    result = Calibrated(model, plan)
     for name, ops in per_layer.items():  # data-free layers first: they need no pass
         if name not in calibrated:
             for op, settings in ops:
                 op.apply_to_model(model, {name: settings})
-    was_training = model.training
+    was_training = model.training, reference.training if reference is not None else False
     model.eval()
     try:
-        with no_kv_cache(model):
-            _calibrate_layers(model, per_layer, calibrated, batches, repair, result, block_cache)
+        with no_kv_cache(model), no_kv_cache(reference if reference is not None else nn.Identity()):
+            if reference is not None:
+                reference.eval()
+            _calibrate_layers(model, per_layer, calibrated, batches, repair, result, block_cache, reference)
         share_tied_parametrizations(model)
         if "batchnorm" in repair:
             result.repaired["batchnorm"] = reestimate_batchnorm(model, batches)
             result.calibration_passes += bool(result.repaired["batchnorm"])
     finally:
-        model.train(was_training)
+        model.train(was_training[0])
+        if reference is not None:
+            reference.train(was_training[1])
     result.seconds = time.perf_counter() - start
     return result
 
@@ -238,6 +249,7 @@ def _calibrate_layers(
     repair: tuple[str, ...],
     result: Calibrated,
     block_cache: bool = True,
+    reference: nn.Module | None = None,
 ) -> None:
     targets = _targets(model, sorted(calibrated))
     tied = {name for leader, followers in tied_groups(model).items() for name in (leader, *followers)}
@@ -256,6 +268,7 @@ def _calibrate_layers(
         blocks, result.blocks_not_cached = None, why
     result.blocks = blocks.name if blocks is not None else ""
     cursor = BlockCursor(model, blocks, batches)
+    original = _ReferenceRunner(reference, blocks, batches) if reference is not None else None
     for name in [n for n in targets if n not in order]:
         order.append(name)  # never runs on the calibration data: compressed without it, below
     stale = renorm  # the repaired model's statistics are the calibration data's, from the first layer on
@@ -273,18 +286,73 @@ def _calibrate_layers(
         view = LayerView(module) if why is None else None
         stats = None
         if view is not None:
-            needs_gram = any(
+            fit = original is not None and _fits_original(per_layer[layer])
+            needs_gram = fit or any(
                 op.needs_calibration() and getattr(op, "method", "") != "wanda" for op, _ in per_layer[layer]
             )
             if stale:  # passes end at the layer where it runs once: the BatchNorms after it wait
                 reestimate_batchnorm(model, batches, until=module if calls[name] == 1 else None)
                 result.calibration_passes += 1
             runner = cursor.runner(name)
-            stats = collect_stats(model, view, batches, gram=needs_gram, stop_early=calls[name] == 1, runner=runner)
+            at = original.at(name, module) if fit and original is not None else None
+            if fit and at is None:
+                result.not_fitted[name] = (
+                    "the original model has no layer of its kind and shape there (a structural operator changed it)"
+                )
+            stats = collect_stats(
+                model,
+                view,
+                batches,
+                gram=needs_gram,
+                stop_early=calls[name] == 1,
+                runner=runner,
+                reference=at,
+            )
             result.calibration_passes += 1
             result.block_passes += runner is not None
         _apply_layer(name, module, per_layer[layer], view, stats, repair, result)
         stale = renorm
+
+
+def _fits_original(ops: list[tuple[Operator, dict[str, Any]]]) -> bool:
+    return any(getattr(op, "target", "layer") == "original" and s != op.identity() for op, s in ops)
+
+
+def _same_inputs(original: nn.Module, module: nn.Module) -> bool:
+    """Whether ``original`` sees the inputs ``module`` sees, as the same rows: the same layer, or a
+    matrix layer stored input-major (GPT-2's ``Conv1D``) that ``module`` runs as an ``nn.Linear``."""
+    weight = getattr(original, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    if type(original) is type(module):
+        return weight.shape == module.weight.shape
+    matrix = isinstance(module, nn.Linear) and layer_kind(original) == MATRIX_KIND
+    return matrix and weight.numel() == module.weight.numel()
+
+
+class _ReferenceRunner:
+    """Runs the calibration batches through the original model (``target="original"``), up to the
+    module at a layer's place: whole, or its block on cached inputs where the compressed model's
+    passes use the block cache, so both advance block by block together."""
+
+    def __init__(self, reference: nn.Module, blocks: Any, batches: list[Any]) -> None:
+        self.reference, self.batches = reference, batches
+        own = None
+        if blocks is not None:
+            own = type(blocks)(blocks.name, list(reference.get_submodule(blocks.name)))
+        self.cursor = BlockCursor(reference, own, batches)
+
+    def at(self, name: str, module: nn.Module) -> tuple[Any, nn.Module] | None:
+        """(runner of batch i, the original module at ``name``), or None where the original has no
+        module of the same kind and shape there (a structural operator changed it)."""
+        try:
+            original = self.reference.get_submodule(name)
+        except AttributeError:
+            return None
+        if not _same_inputs(original, module):
+            return None
+        runner = self.cursor.runner(name)
+        return (runner if runner is not None else lambda i: run(self.reference, [self.batches[i]])), original
 
 
 def _renormalizes_between_layers(
@@ -315,7 +383,11 @@ def _apply_layer(
     repair: tuple[str, ...],
     result: Calibrated,
 ) -> None:
-    """The layer's operators, calibrated where ``view`` and ``stats`` are given, then its bias correction."""
+    """The layer's operators, calibrated where ``view`` and ``stats`` are given (after fitting the
+    weights to the original model's outputs where ``stats`` hold the cross term), then its bias
+    correction."""
+    if stats is not None and stats.cross is not None and view is not None:
+        view.write(original_target(view.matrix(), stats.gram, stats.cross))
     before = module.weight.detach().clone() if view is not None and "bias" in repair else None
     for op, settings in ops:
         if not op.needs_calibration():

@@ -40,6 +40,7 @@ class LayerStats:
     square_total: torch.Tensor
     abs_total: torch.Tensor
     gram: torch.Tensor | None
+    cross: torch.Tensor | None = None  # sum of x_original^T x_compressed, (G, C, C), where a reference model ran
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -174,14 +175,26 @@ def collect_stats(
     gram: bool,
     stop_early: bool,
     runner: Callable[[int], None] | None = None,
+    reference: tuple[Callable[[int], None], nn.Module] | None = None,
 ) -> LayerStats:
     """Run ``batches`` through ``model`` (no gradient) and sum the inputs ``view``'s layer sees,
-    a Linear's padding tokens left out where a batch carries an ``attention_mask``
-    (:func:`real_tokens`). ``stop_early`` ends each pass at the layer (right when it runs once per
-    forward). ``runner(i)``, where given, runs batch ``i`` instead (the block holding the layer on
-    that batch's cached inputs, :mod:`tightfit.operators.blocks`)."""
+        a Linear's padding tokens left out where a batch carries an ``attention_mask``
+        (:func:`real_tokens`). ``stop_early`` ends each pass at the layer (right when it runs once per
+        forward). ``runner(i)``, where given, runs batch ``i`` instead (the block holding the layer on
+        that batch's cached inputs, :mod:`tightfit.operators.blocks`). ``reference``: (what runs batch ``i``
+    through the original model, the original's module at this layer's place), run on each batch
+    first, so that ``cross`` sums the original inputs against the compressed ones, call by call."""
     stats: LayerStats | None = None
     mask: torch.Tensor | None = None
+    originals: list[torch.Tensor] = []
+
+    def reference_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _first_tensor(args, kwargs)
+        if x is None:
+            raise StopPass
+        originals.append(view.rows(real_tokens(x, mask) if isinstance(module, nn.Linear) else x))
+        if stop_early:
+            raise StopPass
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         nonlocal stats
@@ -200,6 +213,7 @@ def collect_stats(
                 zeros.clone(),
                 zeros.clone(),
                 torch.zeros(g, c, c, device=rows.device) if gram else None,
+                torch.zeros(g, c, c, device=rows.device) if reference is not None else None,
             )
         stats.count += rows.shape[0]
         stats.total += rows.sum(0)
@@ -207,19 +221,27 @@ def collect_stats(
         stats.abs_total += rows.abs().sum(0)
         if gram:
             stats.gram += torch.einsum("ngc,ngd->gcd", rows, rows)
+        if stats.cross is not None:
+            stats.cross += torch.einsum("ngc,ngd->gcd", originals.pop(0), rows)
         if stop_early:
             raise StopPass
 
     handle = view.module.register_forward_pre_hook(hook, with_kwargs=True)
+    reference_handle = reference[1].register_forward_pre_hook(reference_hook, with_kwargs=True) if reference else None
     try:
         for i, batch in enumerate(batches):
             mask = padding_mask(batch)
+            if reference is not None:
+                originals.clear()
+                reference[0](i)
             if runner is None:
                 run(model, [batch])
             else:
                 runner(i)
     finally:
         handle.remove()
+        if reference_handle is not None:
+            reference_handle.remove()
     return stats
 
 

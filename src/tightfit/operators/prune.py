@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..measure.analysis import ELEMENTWISE_KINDS, LayerInfo, weight_names
-from .base import Hyperparameter, Operator, Projection, parse_range
+from .base import Hyperparameter, Operator, Projection, check_target, parse_range
 from .grid import as_rows
 from .recurrent import parametrize_weights
 from .solvers import nm_mask
@@ -108,6 +108,8 @@ class Prune(Operator):
     by ``|w| * ||x_j||_2`` within its output row; ``"sparsegpt"`` removes weights by their
     Hessian-weighted saliency and updates the remaining ones to compensate (``percdamp`` as in
     :class:`Quantize`). Layers those cannot read (embeddings) are pruned by magnitude instead.
+    ``target="original"`` first fits each such layer's weights to the original model's outputs
+    (see :class:`Quantize`).
     """
 
     name = "prune"
@@ -120,6 +122,7 @@ class Prune(Operator):
         method: str = "magnitude",
         pattern: str | None = None,
         percdamp: float = 0.01,
+        target: str = "layer",
         layers: list[str] | None = None,
     ) -> None:
         super().__init__(layers=layers)
@@ -127,6 +130,7 @@ class Prune(Operator):
             raise ConfigError(f"Prune: `method` must be one of {PRUNE_METHODS}, but got {method!r}.")
         if not isinstance(percdamp, (int, float)) or not 0 < percdamp <= 1:
             raise ConfigError(f"Prune: `percdamp` must lie in (0, 1], but got {percdamp!r}.")
+        self.target = check_target("Prune", target, method != "magnitude", "method='wanda' or 'sparsegpt'")
         self.method, self.percdamp, self.pattern = method, float(percdamp), parse_pattern(pattern)
         if self.pattern is not None:
             fixed = 1.0 - self.pattern[0] / self.pattern[1]
@@ -213,6 +217,8 @@ class Prune(Operator):
         extra: dict[str, Any] = {}
         if self.method != "magnitude":
             extra.update(method=self.method, percdamp=self.percdamp)
+        if self.target != "layer":
+            extra["target"] = self.target
         if self.pattern is not None:
             extra["pattern"] = f"{self.pattern[0]}:{self.pattern[1]}"
         return {"sparsity": list(self.sparsity), **extra, **super().config()}

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..measure.analysis import ELEMENTWISE_KINDS, LayerInfo
-from .base import Hyperparameter, Operator, Projection
+from .base import Hyperparameter, Operator, Projection, check_target
 from .grid import Grid, as_rows, dequantize, group_scales, per_column, round_codes
 from .recurrent import parametrize_weights
 
@@ -188,6 +188,11 @@ class Quantize(Operator):
     scales each input column by ``mean|x|^alpha`` (alpha searched per layer) before rounding and
     back after. Both need calibration data (:func:`tightfit.compress_once`); layers they cannot
     read (embeddings, transposed convolutions) are rounded to nearest instead, with the reason.
+    ``target="original"`` first fits each such layer's weights (least squares, damped towards the
+    weights themselves) to the original model's outputs at that layer on the original model's
+    inputs, so that the errors of the layers compressed before it are compensated as well as its
+    own (GPTAQ's "asymmetric calibration"); ``"layer"`` (GPTQ's) keeps the layer's own outputs on
+    the inputs it now sees. It costs a copy of the model and a pass of the original per layer.
 
     A matrix layer stored input-major (GPT-2's ``Conv1D``, weight ``in x out``) runs as its
     ``nn.Linear`` equivalent below 16 bits, so that it too gets one scale per output channel and
@@ -209,6 +214,7 @@ class Quantize(Operator):
         act_order: bool | str = False,
         percdamp: float = 0.01,
         awq: bool = False,
+        target: str = "layer",
         matrix_as_linear: bool = True,
         layers: list[str] | None = None,
     ) -> None:
@@ -238,6 +244,7 @@ class Quantize(Operator):
                 raise ConfigError(f"Quantize: `{flag}` must be True or False, but got {value!r}.")
         self.method, self.group_sizes, self.symmetric = method, _group_sizes(group_size), symmetric
         self.act_order, self.percdamp, self.awq = act_order, float(percdamp), awq
+        self.target = check_target("Quantize", target, self.needs_calibration(), "method='gptq' or awq=True")
         self.matrix_as_linear = matrix_as_linear
 
     @property
@@ -314,4 +321,6 @@ class Quantize(Operator):
             extra["symmetric"] = False
         if self.awq:
             extra["awq"] = True
+        if self.target != "layer":
+            extra["target"] = self.target
         return {"bits": list(self.bits), **extra, "matrix_as_linear": self.matrix_as_linear, **super().config()}

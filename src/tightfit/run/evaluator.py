@@ -110,7 +110,8 @@ def apply_to_copy(plan: Plan, original: nn.Module, strategy: Compose, calibratio
     at the end of a run or on a worker gives the same weights."""
     if calibration is None:
         return apply_plan_inplace(plan, copy.deepcopy(original), strategy)
-    return apply_plan_calibrated(plan, copy.deepcopy(original), calibration, strategy, repair=("batchnorm",)).model
+    work = copy.deepcopy(original)
+    return apply_plan_calibrated(plan, work, calibration, strategy, repair=("batchnorm",), original=original).model
 
 
 def recover_seeded(

@@ -70,6 +70,6 @@ def compress_once(
     if calibration is None:
         apply_plan_inplace(plan, compressed, strategy)
         return Calibrated(compressed, plan, left_alone=left_alone)
-    result = apply_plan_calibrated(plan, compressed, calibration, strategy, repair=repair)
+    result = apply_plan_calibrated(plan, compressed, calibration, strategy, repair=repair, original=model)
     result.left_alone = left_alone
     return result

@@ -67,7 +67,8 @@ class _Measurer:
     def candidate(self, plan: Plan) -> nn.Module:
         if self.calibration is None:
             return apply_plan_inplace(plan, copy.deepcopy(self.model), self.strategy)
-        return apply_plan_calibrated(plan, copy.deepcopy(self.model), self.calibration, self.strategy).model
+        work = copy.deepcopy(self.model)
+        return apply_plan_calibrated(plan, work, self.calibration, self.strategy, original=self.model).model
 
     def measure(self, plan: Plan, with_metric: bool) -> tuple[Measurement, float]:
         """The plan's measurement (metric NaN unless asked) and its budget violation (<= 0: met)."""
