@@ -387,7 +387,8 @@ def _apply_layer(
     weights to the original model's outputs where ``stats`` hold the cross term), then its bias
     correction."""
     if stats is not None and stats.cross is not None and view is not None:
-        view.write(original_target(view.matrix(), stats.gram, stats.cross))
+        damp = min(getattr(op, "fit_damp", 0.01) for op, _ in ops)  # pruning's when a layer is also pruned
+        view.write(original_target(view.matrix(), stats.gram, stats.cross, damp))
     before = module.weight.detach().clone() if view is not None and "bias" in repair else None
     for op, settings in ops:
         if not op.needs_calibration():

@@ -209,17 +209,7 @@ def sparsegpt(
     return w, keep
 
 
-#: The ridge of :func:`original_target`, as a fraction of the mean diagonal of ``X_c^T X_c``. Chosen on
-#: fmnist-mobilenet's validation split (with BatchNorm re-estimation; docs/calibration.md): GPTQ 4-bit
-#: g128 lost 0.52 / 0.18 / 0.34 points at 0.01 / 0.1 / 1.0, SparseGPT 2:4 1.64 / 1.70 / 1.54 (flat);
-#: a weak ridge lets a late layer with about as many inputs as calibration rows fit the calibration
-#: set's noise, which quantization's small errors cannot outweigh.
-FIT_DAMP = 0.1
-
-
-def original_target(
-    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float = FIT_DAMP
-) -> torch.Tensor:
+def original_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
     """The dense weights ``(G, rows, columns)`` whose outputs on the compressed model's inputs
     ``X_c`` come closest to the original layer's outputs on the original model's inputs ``X_o``:
     ``argmin ||W' X_c - W X_o||^2 + lam ||W' - W||^2 = W (A + lam I) (X_c^T X_c + lam I)^-1`` with
