@@ -91,3 +91,34 @@ def test_calibrated_replay_is_deterministic():
     b = apply_to_copy(plan, model, strategy, batches)
     for (_, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_a_search_fits_layers_to_the_original_and_its_answer_replays(tmp_path):
+    """``target="original"`` inside the search: every trial fits to the caller's model (left
+    unchanged), and the answer's file loads to the weights a fresh calibrated pass gives."""
+    import copy
+
+    from tightfit.operators.calibrated import apply_plan_calibrated
+
+    model, train, val = _task()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = loader_inputs(train, max_samples=128)
+    strategy = tightfit.Prune((0.3, 0.7), method="sparsegpt", target="original")
+    result = tightfit.compress(
+        model,
+        evaluate=tightfit.Accuracy(val),
+        strategy=strategy,
+        constraint=tightfit.MaxDrop(0.2),
+        budget=3,
+        calibration=calibration,
+        run_dir=tmp_path / "run",
+        search="random",
+    )
+    assert result.feasible and result.plan is not None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [op.target for op in result.plan.strategy()] == ["original"]  # kept in the run's plan
+    replay = apply_plan_calibrated(result.plan, copy.deepcopy(model), calibration).model  # strategy from the plan
+    loaded = load_model(io.BytesIO(result.artifact), model)
+    x = next(iter(val))[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), replay(x), atol=1e-5)
