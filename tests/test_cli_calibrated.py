@@ -246,6 +246,7 @@ def test_compress_once_writes_a_model_whose_metric_and_bytes_it_reports(project)
         (lambda t: t.replace('repair = ["bias"]', 'repair = ["bn"]'), "compress_once.repair"),
         (lambda t: t.replace("max_bits = 6", "max_latency_ms = 1"), "constraint.max_latency_ms"),
         (lambda t: t[: t.index("[calibration]")] + '[compress_once]\nrepair = ["bias"]\n', "calibration"),
+        (lambda t: t.replace('method = "gptq"', 'method = "gptq"\ntarget = "model"'), "`target`"),
     ],
 )
 def test_compress_once_refuses_bad_settings_naming_them(project, edit, field):
@@ -270,12 +271,14 @@ def test_report_of_a_compress_once_directory_shows_stored_text_as_data(tmp_path)
         "constraints": [["MaxBits([red]5)", 0.1, False]],
         "calibration": "[bold]x\x1b[31m",
         "uncalibrated": {},
+        "not_fitted": {"[red]a.0": "a structural operator changed it"},
     }
     (run_dir / ONCE_FILE).write_text(json.dumps(once))
     shown = runner.invoke(app, ["report", str(run_dir)])
     assert shown.exit_code == 0, shown.output
     assert "[bold]x" in shown.output and "\x1b" not in shown.output  # no markup, no terminal control
     assert "MaxBits([red]5): not met" in shown.output and "constraints not met" in shown.output
+    assert "not fitted to the original [red]a.0: a structural operator changed it" in shown.output
     (run_dir / ONCE_FILE).write_text('{"metric": "high"}')
     broken = runner.invoke(app, ["report", str(run_dir)])
     assert broken.exit_code == 2 and ONCE_FILE in broken.output, broken.output

@@ -288,6 +288,8 @@ def _show_once(r: dict) -> None:
         )
     for layer, why in (r.get("uncalibrated") or {}).items():
         console.print(f"uncalibrated {printable(layer)}: {printable(why)}", markup=False, style="yellow")
+    for layer, why in (r.get("not_fitted") or {}).items():
+        console.print(f"not fitted to the original {printable(layer)}: {printable(why)}", markup=False, style="yellow")
     if r.get("run_dir"):
         console.print(f"run directory: {printable(r['run_dir'])} (model.tfz, once.json)", markup=False)
 

@@ -37,6 +37,7 @@ class OnceReport:
     calibration: str | None = None  # the calibration batches' digest
     repaired: dict[str, list[str]] = field(default_factory=dict)
     uncalibrated: dict[str, str] = field(default_factory=dict)
+    not_fitted: dict[str, str] = field(default_factory=dict)  # target="original" layers that could not be fit
     left_alone: dict[str, str] = field(default_factory=dict)
     calibration_passes: int = 0
     seconds: float = 0.0
@@ -97,6 +98,7 @@ def _measure(model: Any, done: Any, size: int, evaluate: Any, a: dict[str, Any])
         baseline_flops=base_flops,
         repaired=done.repaired,
         uncalibrated=done.uncalibrated,
+        not_fitted=done.not_fitted,
         left_alone=done.left_alone,
         calibration_passes=done.calibration_passes,
         seconds=done.seconds,
