@@ -87,6 +87,10 @@ SETTINGS: list[tuple[str, Any]] = [
         lambda layers: Quantize(4, method="gptq", group_size=128, target="original", layers=layers),
     ),
     (
+        "GPTQ g128 asymmetric to original, 4 bit",
+        lambda layers: Quantize(4, method="gptq", group_size=128, symmetric=False, target="original", layers=layers),
+    ),
+    (
         "GPTQ g128 to original, 3 bit",
         lambda layers: Quantize(3, method="gptq", group_size=128, target="original", layers=layers),
     ),
