@@ -98,20 +98,24 @@ SETTINGS: list[tuple[str, Any]] = [
 LAYERS = {"tiny-lm": ["transformer.h.*"], "minilm": ["bert.encoder.*"]}  # other tasks: every layer an operator takes
 
 
-def model_inputs(loader: Any, samples: int) -> list[Any]:
-    """The first ``samples`` inputs of a labelled loader, as model inputs: an image batch is
-    ``[x, y]``, a language-model batch ``{"input_ids", "labels"}`` (labels would make the forward
-    compute a loss the hooks do not need; other keys, e.g. an attention mask, stay)."""
-    out, seen = [], 0
+def model_inputs(loader: Any, samples: int, skip: int = 0) -> list[Any]:
+    """``samples`` inputs of a labelled loader after its first ``skip``, as model inputs: an image
+    batch is ``[x, y]``, a language-model batch ``{"input_ids", "labels"}`` (labels would make the
+    forward compute a loss the hooks do not need; other keys, e.g. an attention mask, stay)."""
+    out, seen, passed = [], 0, 0
     for batch in loader:
         x = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, dict) else batch[0]
         n = len(x["input_ids"] if isinstance(x, dict) else x)
-        take = min(n, samples - seen)
-        out.append({k: v[:take] for k, v in x.items()} if isinstance(x, dict) else x[:take])
-        seen += take
+        start = min(n, max(0, skip - passed))
+        passed += start
+        take = min(n - start, samples - seen)
+        if take > 0:
+            end = start + take
+            out.append({k: v[start:end] for k, v in x.items()} if isinstance(x, dict) else x[start:end])
+        seen += max(0, take)
         if seen >= samples:
             return out
-    raise SystemExit(f"--calibration {samples}: the task's calibration loader has only {seen} samples")
+    raise SystemExit(f"--calibration {samples} --skip {skip}: the task's calibration loader has too few samples")
 
 
 def narrow_layers(model: torch.nn.Module, layers: list[str] | None) -> dict[str, int]:
@@ -142,12 +146,14 @@ def score(task: Any, model: torch.nn.Module, val: bool = True) -> dict[str, floa
     return {"test": test, "val": float(task.metric(model)) if val else None, "test_eval_s": round(t1 - t0, 1)}
 
 
-def run(task_name: str, samples: int, only: list[str] | None, repair: tuple[str, ...], val: bool) -> dict[str, Any]:
+def run(
+    task_name: str, samples: int, only: list[str] | None, repair: tuple[str, ...], val: bool, skip: int = 0
+) -> dict[str, Any]:
     torch.manual_seed(0)
     task = load_task(task_name)
     model = task.model().eval()
     layers = LAYERS.get(task_name)
-    calibration = model_inputs(task.calibration, samples)
+    calibration = model_inputs(task.calibration, samples, skip)
     rows = [{"setting": "float32", **score(task, model, val), "bytes": len(to_bytes(model))}]
     print(f"{task_name}: float32 {rows[0]}", flush=True)
     for label, make in SETTINGS:
@@ -179,6 +185,7 @@ def run(task_name: str, samples: int, only: list[str] | None, repair: tuple[str,
         "task": task_name,
         "metric": task.metric_name,
         "calibration_samples": samples,
+        **({"calibration_skipped": skip} if skip else {}),
         "repair": list(repair),
         "layers": layers,
         "narrow_layers": narrow_layers(model, layers),
@@ -242,6 +249,9 @@ def main() -> None:  # noqa: D103
     parser.add_argument("--task", default="tiny-lm", help="tiny-lm, fmnist-mobilenet, fmnist-resnet, minilm")
     parser.add_argument("--out", type=Path, help="JSON record (default docs/results/calibrated_<task>.json)")
     parser.add_argument("--calibration", type=int, default=256, help="calibration samples (of the task's 512)")
+    parser.add_argument(
+        "--skip", type=int, default=0, help="calibration samples passed over first (another draw: --skip 256)"
+    )
     parser.add_argument("--only", nargs="+", help="run only these settings (labels as in SETTINGS)")
     parser.add_argument(
         "--repair", nargs="*", default=[], help="repairs after compression, e.g. batchnorm (default: none)"
@@ -261,7 +271,7 @@ def main() -> None:  # noqa: D103
         print(markdown(record))
         return
     torch.set_num_threads(1)  # one thread: on the shared 2-core machine two spin-wait (docs/tasks.md)
-    record = run(args.task, args.calibration, args.only, tuple(args.repair), not args.no_val)
+    record = run(args.task, args.calibration, args.only, tuple(args.repair), not args.no_val, args.skip)
     out = args.out or Path(f"docs/results/calibrated_{args.task}.json")
     out.write_text(json.dumps(record, indent=1))
     print(markdown(record))
