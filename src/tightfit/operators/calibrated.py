@@ -253,24 +253,13 @@ def _calibrate_layers(
 ) -> None:
     targets = _targets(model, sorted(calibrated))
     tied = {name for leader, followers in tied_groups(model).items() for name in (leader, *followers)}
-    modules = {name: module for name, (_, module) in targets.items()}
     renorm = _renormalizes_between_layers(model, per_layer, calibrated, repair)
-    blocks = choose_blocks(list(modules), model) if block_cache and not renorm else None
-    order, calls, why = survey(model, modules, batches[0], blocks)
-    if why is not None or blocks is None:
-        why = why or (
-            "block_cache=False"
-            if not block_cache
-            else "BatchNorm statistics are re-estimated between layers (whole-model passes)"
-            if renorm
-            else "no nn.ModuleList holds a calibrated layer"
-        )
-        blocks, result.blocks_not_cached = None, why
-    result.blocks = blocks.name if blocks is not None else ""
-    cursor = BlockCursor(model, blocks, batches)
-    original = _ReferenceRunner(reference, blocks, batches) if reference is not None else None
-    for name in [n for n in targets if n not in order]:
-        order.append(name)  # never runs on the calibration data: compressed without it, below
+    order, calls, blocks = _layer_order(
+        model, {n: m for n, (_, m) in targets.items()}, batches, block_cache, renorm, result
+    )
+    passes = _Passes(model, batches, calls, BlockCursor(model, blocks, batches), result)
+    if reference is not None:
+        passes.original = _ReferenceRunner(reference, blocks, batches)
     stale = renorm  # the repaired model's statistics are the calibration data's, from the first layer on
     for name in order:
         layer, module = targets[name]
@@ -284,34 +273,68 @@ def _calibrate_layers(
         elif why is not None:
             result.not_repaired[name] = why
         view = LayerView(module) if why is None else None
-        stats = None
-        if view is not None:
-            fit = original is not None and _fits_original(per_layer[layer])
-            needs_gram = fit or any(
-                op.needs_calibration() and getattr(op, "method", "") != "wanda" for op, _ in per_layer[layer]
-            )
-            if stale:  # passes end at the layer where it runs once: the BatchNorms after it wait
-                reestimate_batchnorm(model, batches, until=module if calls[name] == 1 else None)
-                result.calibration_passes += 1
-            runner = cursor.runner(name)
-            at = original.at(name, module) if fit and original is not None else None
-            if fit and at is None:
-                result.not_fitted[name] = (
-                    "the original model has no layer of its kind and shape there (a structural operator changed it)"
-                )
-            stats = collect_stats(
-                model,
-                view,
-                batches,
-                gram=needs_gram,
-                stop_early=calls[name] == 1,
-                runner=runner,
-                reference=at,
-            )
-            result.calibration_passes += 1
-            result.block_passes += runner is not None
+        stats = passes.read(name, view, per_layer[layer], stale) if view is not None else None
         _apply_layer(name, module, per_layer[layer], view, stats, repair, result)
         stale = renorm
+
+
+def _layer_order(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: list[Any],
+    block_cache: bool,
+    renorm: bool,
+    result: Calibrated,
+) -> tuple[list[str], dict[str, int], Any]:
+    """The layers in the order they run (those that never run last), how often each runs per
+    forward, and the blocks whose inputs are cached (None: whole-model passes; why in ``result``)."""
+    blocks = choose_blocks(list(modules), model) if block_cache and not renorm else None
+    order, calls, why = survey(model, modules, batches[0], blocks)
+    if why is not None or blocks is None:
+        why = why or (
+            "block_cache=False"
+            if not block_cache
+            else "BatchNorm statistics are re-estimated between layers (whole-model passes)"
+            if renorm
+            else "no nn.ModuleList holds a calibrated layer"
+        )
+        blocks, result.blocks_not_cached = None, why
+    result.blocks = blocks.name if blocks is not None else ""
+    order += [name for name in modules if name not in order]  # never runs on the calibration data
+    return order, calls, blocks
+
+
+@dataclass
+class _Passes:
+    """What reads a layer's statistics: the partly compressed model and its block cursor, how often
+    each layer runs per forward, and the original model's runner where layers fit to it."""
+
+    model: nn.Module
+    batches: list[Any]
+    calls: dict[str, int]
+    cursor: BlockCursor
+    result: Calibrated
+    original: _ReferenceRunner | None = None
+
+    def read(self, name: str, view: LayerView, ops: list[tuple[Operator, dict[str, Any]]], stale: bool) -> LayerStats:
+        """One pass of the calibration data for ``name``'s statistics (after re-estimating the
+        BatchNorms before it where ``stale``), counted in the result."""
+        module, once = view.module, self.calls[name] == 1
+        if stale:  # passes end at the layer where it runs once: the BatchNorms after it wait
+            reestimate_batchnorm(self.model, self.batches, until=module if once else None)
+            self.result.calibration_passes += 1
+        fit = self.original is not None and _fits_original(ops)
+        at = self.original.at(name, module) if fit and self.original is not None else None
+        if fit and at is None:
+            self.result.not_fitted[name] = (
+                "the original model has no layer of its kind and shape there (a structural operator changed it)"
+            )
+        gram = fit or any(op.needs_calibration() and getattr(op, "method", "") != "wanda" for op, _ in ops)
+        runner = self.cursor.runner(name)
+        stats = collect_stats(self.model, view, self.batches, gram=gram, stop_early=once, runner=runner, reference=at)
+        self.result.calibration_passes += 1
+        self.result.block_passes += runner is not None
+        return stats
 
 
 def _fits_original(ops: list[tuple[Operator, dict[str, Any]]]) -> bool:

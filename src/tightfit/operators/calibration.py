@@ -42,6 +42,31 @@ class LayerStats:
     gram: torch.Tensor | None
     cross: torch.Tensor | None = None  # sum of x_original^T x_compressed, (G, C, C), where a reference model ran
 
+    @classmethod
+    def empty(cls, groups: int, columns: int, device: torch.device, gram: bool, cross: bool) -> LayerStats:
+        vector = torch.zeros(groups, columns, device=device)
+        square = torch.zeros(groups, columns, columns, device=device) if gram or cross else None
+        return cls(
+            0,
+            vector.clone(),
+            vector.clone(),
+            vector.clone(),
+            square.clone() if gram and square is not None else None,
+            square.clone() if cross and square is not None else None,
+        )
+
+    def add(self, rows: torch.Tensor, original_rows: torch.Tensor | None = None) -> None:
+        """Sum a batch of ``(n, G, C)`` input rows (and, for ``cross``, the original model's rows
+        of the same samples)."""
+        self.count += rows.shape[0]
+        self.total += rows.sum(0)
+        self.square_total += (rows**2).sum(0)
+        self.abs_total += rows.abs().sum(0)
+        if self.gram is not None:
+            self.gram += torch.einsum("ngc,ngd->gcd", rows, rows)
+        if self.cross is not None and original_rows is not None:
+            self.cross += torch.einsum("ngc,ngd->gcd", original_rows, rows)
+
     @property
     def hessian(self) -> torch.Tensor:
         """``2 X^T X / n`` per group."""
@@ -178,56 +203,33 @@ def collect_stats(
     reference: tuple[Callable[[int], None], nn.Module] | None = None,
 ) -> LayerStats:
     """Run ``batches`` through ``model`` (no gradient) and sum the inputs ``view``'s layer sees,
-        a Linear's padding tokens left out where a batch carries an ``attention_mask``
-        (:func:`real_tokens`). ``stop_early`` ends each pass at the layer (right when it runs once per
-        forward). ``runner(i)``, where given, runs batch ``i`` instead (the block holding the layer on
-        that batch's cached inputs, :mod:`tightfit.operators.blocks`). ``reference``: (what runs batch ``i``
-    through the original model, the original's module at this layer's place), run on each batch
-    first, so that ``cross`` sums the original inputs against the compressed ones, call by call."""
+    a Linear's padding tokens left out where a batch carries an ``attention_mask``
+    (:func:`real_tokens`). ``stop_early`` ends each pass at the layer (right when it runs once per
+    forward). ``runner(i)``, where given, runs batch ``i`` instead (the block holding the layer on
+    that batch's cached inputs, :mod:`tightfit.operators.blocks`). ``reference``: (what runs batch
+    ``i`` through the original model, the original's module at this layer's place), run on each
+    batch first, so that ``cross`` sums the original inputs against the compressed ones, call by call."""
     stats: LayerStats | None = None
     mask: torch.Tensor | None = None
     originals: list[torch.Tensor] = []
 
     def reference_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = _first_tensor(args, kwargs)
-        if x is None:
-            raise StopPass
-        originals.append(view.rows(real_tokens(x, mask) if isinstance(module, nn.Linear) else x))
+        originals.append(_input_rows(view, module, args, kwargs, mask))
         if stop_early:
             raise StopPass
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         nonlocal stats
-        x = _first_tensor(args, kwargs)
-        if x is None:
-            raise StopPass
-        if isinstance(module, nn.Linear):
-            x = real_tokens(x, mask)
-        rows = view.rows(x)
+        rows = _input_rows(view, module, args, kwargs, mask)
         if stats is None:
-            g, c = rows.shape[1], rows.shape[2]
-            zeros = torch.zeros(g, c, device=rows.device)
-            stats = LayerStats(
-                0,
-                zeros.clone(),
-                zeros.clone(),
-                zeros.clone(),
-                torch.zeros(g, c, c, device=rows.device) if gram else None,
-                torch.zeros(g, c, c, device=rows.device) if reference is not None else None,
-            )
-        stats.count += rows.shape[0]
-        stats.total += rows.sum(0)
-        stats.square_total += (rows**2).sum(0)
-        stats.abs_total += rows.abs().sum(0)
-        if gram:
-            stats.gram += torch.einsum("ngc,ngd->gcd", rows, rows)
-        if stats.cross is not None:
-            stats.cross += torch.einsum("ngc,ngd->gcd", originals.pop(0), rows)
+            stats = LayerStats.empty(rows.shape[1], rows.shape[2], rows.device, gram, reference is not None)
+        stats.add(rows, originals.pop(0) if stats.cross is not None else None)
         if stop_early:
             raise StopPass
 
-    handle = view.module.register_forward_pre_hook(hook, with_kwargs=True)
-    reference_handle = reference[1].register_forward_pre_hook(reference_hook, with_kwargs=True) if reference else None
+    handles = [view.module.register_forward_pre_hook(hook, with_kwargs=True)]
+    if reference is not None:
+        handles.append(reference[1].register_forward_pre_hook(reference_hook, with_kwargs=True))
     try:
         for i, batch in enumerate(batches):
             mask = padding_mask(batch)
@@ -239,10 +241,20 @@ def collect_stats(
             else:
                 runner(i)
     finally:
-        handle.remove()
-        if reference_handle is not None:
-            reference_handle.remove()
+        for handle in handles:
+            handle.remove()
     return stats
+
+
+def _input_rows(
+    view: LayerView, module: nn.Module, args: tuple, kwargs: dict, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The layer input a forward pre-hook sees, as ``(n, G, columns)`` rows (a Linear's padding
+    tokens left out); no tensor input ends the pass."""
+    x = _first_tensor(args, kwargs)
+    if x is None:
+        raise StopPass
+    return view.rows(real_tokens(x, mask) if isinstance(module, nn.Linear) else x)
 
 
 def run(model: nn.Module, batches: Iterable[Any]) -> None:
