@@ -20,6 +20,7 @@ likewise writes its updated weights under a fixed mask.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Iterable
@@ -210,10 +211,10 @@ def apply_plan_calibrated(
         if name not in calibrated:
             for op, settings in ops:
                 op.apply_to_model(model, {name: settings})
-    was_training = model.training, reference.training if reference is not None else False
+    was_training, reference_was_training = model.training, reference is not None and reference.training
     model.eval()
     try:
-        with no_kv_cache(model), no_kv_cache(reference if reference is not None else nn.Identity()):
+        with no_kv_cache(model), no_kv_cache(reference) if reference is not None else contextlib.nullcontext():
             if reference is not None:
                 reference.eval()
             _calibrate_layers(model, per_layer, calibrated, batches, repair, result, block_cache, reference)
@@ -222,9 +223,9 @@ def apply_plan_calibrated(
             result.repaired["batchnorm"] = reestimate_batchnorm(model, batches)
             result.calibration_passes += bool(result.repaired["batchnorm"])
     finally:
-        model.train(was_training[0])
+        model.train(was_training)
         if reference is not None:
-            reference.train(was_training[1])
+            reference.train(reference_was_training)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -44,15 +44,14 @@ class LayerStats:
 
     @classmethod
     def empty(cls, groups: int, columns: int, device: torch.device, gram: bool, cross: bool) -> LayerStats:
-        vector = torch.zeros(groups, columns, device=device)
-        square = torch.zeros(groups, columns, columns, device=device) if gram or cross else None
+        vector, square = (groups, columns), (groups, columns, columns)
         return cls(
             0,
-            vector.clone(),
-            vector.clone(),
-            vector.clone(),
-            square.clone() if gram and square is not None else None,
-            square.clone() if cross and square is not None else None,
+            torch.zeros(vector, device=device),
+            torch.zeros(vector, device=device),
+            torch.zeros(vector, device=device),
+            torch.zeros(square, device=device) if gram else None,
+            torch.zeros(square, device=device) if cross else None,
         )
 
     def add(self, rows: torch.Tensor, original_rows: torch.Tensor | None = None) -> None:
