@@ -30,6 +30,20 @@ def _task(seed: int = 0):
     return model.eval(), train, val
 
 
+def _search(model, strategy, evaluate, calibration, run_dir):
+    """Three random trials under MaxDrop(0.2): every one compressed from ``calibration``."""
+    return tightfit.compress(
+        model,
+        evaluate=evaluate,
+        strategy=strategy,
+        constraint=tightfit.MaxDrop(0.2),
+        budget=3,
+        calibration=calibration,
+        run_dir=run_dir,
+        search="random",
+    )
+
+
 def test_gptq_inside_compress_round_trips(tmp_path):
     model, train, val = _task()
     calls = []
@@ -46,16 +60,7 @@ def test_gptq_inside_compress_round_trips(tmp_path):
 
     calibration = loader_inputs(train, max_samples=128)
     assert sum(b.shape[0] for b in calibration) == 128 and all(b.shape[1] == 32 for b in calibration)
-    result = tightfit.compress(
-        model,
-        evaluate=evaluate,
-        strategy=strategy,
-        constraint=tightfit.MaxDrop(0.2),
-        budget=3,
-        calibration=calibration,
-        run_dir=tmp_path / "run",
-        search="random",
-    )
+    result = _search(model, strategy, evaluate, calibration, tmp_path / "run")
     assert result.feasible and result.plan is not None
     loaded = load_model(io.BytesIO(result.artifact), model)
     assert metric(loaded) == result.metric
@@ -104,16 +109,7 @@ def test_a_search_fits_layers_to_the_original_and_its_answer_replays(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = loader_inputs(train, max_samples=128)
     strategy = tightfit.Prune((0.3, 0.7), method="sparsegpt", target="original")
-    result = tightfit.compress(
-        model,
-        evaluate=tightfit.Accuracy(val),
-        strategy=strategy,
-        constraint=tightfit.MaxDrop(0.2),
-        budget=3,
-        calibration=calibration,
-        run_dir=tmp_path / "run",
-        search="random",
-    )
+    result = _search(model, strategy, tightfit.Accuracy(val), calibration, tmp_path / "run")
     assert result.feasible and result.plan is not None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [op.target for op in result.plan.strategy()] == ["original"]  # kept in the run's plan
