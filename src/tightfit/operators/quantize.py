@@ -192,7 +192,7 @@ class Quantize(Operator):
     weights themselves) to the original model's outputs at that layer on the original model's
     inputs, so that the errors of the layers compressed before it are compensated as well as its
     own (GPTAQ's "asymmetric calibration"); ``"layer"`` (GPTQ's) keeps the layer's own outputs on
-    the inputs it now sees. It costs a copy of the model and a pass of the original per layer.
+    the inputs it now sees. It costs a pass of the original model (the caller's, not a copy) per layer.
 
     A matrix layer stored input-major (GPT-2's ``Conv1D``, weight ``in x out``) runs as its
     ``nn.Linear`` equivalent below 16 bits, so that it too gets one scale per output channel and

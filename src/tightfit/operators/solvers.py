@@ -33,6 +33,18 @@ class SingularHessian(ConfigError):
     layer is compressed without calibration instead (``operators.calibrated``)."""
 
 
+def _dead_inputs(gram: torch.Tensor) -> torch.Tensor:
+    """``(G, columns)``: the inputs whose diagonal entry is below float32's smallest normal number
+    (never nonzero in the calibration inputs, or too small to carry precision); see
+    :func:`inverse_hessian_factor`."""
+    return torch.diagonal(gram, dim1=-2, dim2=-1) < torch.finfo(torch.float32).tiny
+
+
+def _cut_dead(matrix: torch.Tensor, dead: torch.Tensor) -> None:
+    """Zero, in place, the rows and columns of ``(G, C, C)`` ``matrix`` that belong to dead inputs."""
+    matrix.masked_fill_(dead[..., :, None] | dead[..., None, :], 0.0)
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of ``(H + damp I)^-1`` per problem, and which columns are dead (never
     nonzero in the calibration inputs). GPTQ's reference zeroes such weights; here they are kept
@@ -42,9 +54,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
     randomly initialised MobileViT's blocks read inputs of ~1e-23, whose Hessian no damping
     relative to its own mean could factor)."""
     h = hessian.clone()
+    dead = _dead_inputs(h)
+    _cut_dead(h, dead)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
-    dead = diag < torch.finfo(torch.float32).tiny
-    h.masked_fill_(dead[..., :, None] | dead[..., None, :], 0.0)
     diag[dead] = 1.0
     damp = percdamp * diag.mean(dim=-1, keepdim=True)
     for attempt in range(6):  # a nearly singular H (few samples, collinear inputs): damp harder
@@ -220,12 +232,10 @@ def original_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     (GPTAQ, Li et al. 2025, "asymmetric calibration")."""
     w = weight.to(torch.float32)
     gram, cross = gram.to(torch.float32).clone(), cross.to(torch.float32).clone()
-    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
-    dead = diag < torch.finfo(torch.float32).tiny  # as in inverse_hessian_factor: no usable input, W kept
-    for matrix in (gram, cross):
-        matrix.masked_fill_(dead[..., :, None] | dead[..., None, :], 0.0)
-    live = torch.where(dead, torch.zeros_like(diag), diag)
-    lam = damp * live.sum(-1) / (~dead).sum(-1).clamp(min=1)
+    dead = _dead_inputs(gram)  # no usable input: its column of W is kept
+    _cut_dead(gram, dead)
+    _cut_dead(cross, dead)
+    lam = damp * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / (~dead).sum(-1).clamp(min=1)
     lam = torch.where(lam > 0, lam, torch.ones_like(lam))[:, None, None]
     eye = torch.eye(gram.shape[-1], device=gram.device, dtype=torch.float32)
     try:
