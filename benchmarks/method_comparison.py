@@ -12,6 +12,7 @@ saved file's bytes, ``finetune=None``, budget 30. Arms:
   one ``compress`` call. ``levelset`` is tightfit's uniform bisection: one knob sets the same
   sparsity in every layer, every layer at 8 bits (the gentle end of the bit choices).
 - ``NAME+seq``: the same with ``evaluation=tightfit.Sequential()`` (cheap evaluation).
+- ``NAME+seqfP`` (e.g. ``auto+seqf0.1``): the same with ``Sequential(futility=P)``.
 - ``ARM@N`` (e.g. ``auto@100``, ``auto+seq@100``): the same at budget N instead of 30.
 - ``global_bisect``: bisection over one global magnitude threshold across all layers (each
   layer's sparsity is the share of its weights at or below the threshold, at most Prune()'s 0.99),
@@ -99,7 +100,12 @@ def describe(base: Base, model, data: bytes | None) -> dict:
 
 
 def run_compress(
-    base: Base, method: str, seed: int, sequential: bool, budget: int = BUDGET, run_dir: Path | None = None
+    base: Base,
+    method: str,
+    seed: int,
+    sequential: tightfit.Sequential | None,
+    budget: int = BUDGET,
+    run_dir: Path | None = None,
 ) -> dict:
     started = time.perf_counter()
     result = compress(
@@ -112,7 +118,7 @@ def run_compress(
         search=method,
         seed=seed,
         example_input=base.task.example_input,
-        evaluation=tightfit.Sequential() if sequential else None,
+        evaluation=sequential,
         run_dir=run_dir,
     )
     wall = time.perf_counter() - started
@@ -254,7 +260,14 @@ def run_one(base: Base, arm: str, seed: int, keep: Path | None = None) -> dict:
     name, _, budget = arm.partition("@")
     method, _, mode = name.partition("+")
     run_dir = keep / f"{base.task.name}_{arm}_s{seed}" if keep else None
-    return run_compress(base, method, seed, sequential=mode == "seq", budget=int(budget or BUDGET), run_dir=run_dir)
+    sequential = None
+    if mode.startswith("seqf"):
+        sequential = tightfit.Sequential(futility=float(mode[4:]))
+    elif mode == "seq":
+        sequential = tightfit.Sequential()
+    elif mode:
+        raise SystemExit(f"unknown arm mode {mode!r} in {arm!r}: seq or seqfP")
+    return run_compress(base, method, seed, sequential=sequential, budget=int(budget or BUDGET), run_dir=run_dir)
 
 
 def main() -> None:

@@ -62,10 +62,10 @@ def _population(mean_drop: float, n: int, seed: int) -> torch.Tensor:
     return (u < p_worse).double() - ((u >= p_worse) & (u < p_worse + p_better)).double()
 
 
-def _run(diffs: torch.Tensor, max_drop: float, confidence: float = 0.95):
+def _run(diffs: torch.Tensor, max_drop: float, confidence: float = 0.95, **futility):
     z = diffs - max_drop
     looks = look_schedule(len(z), 32, 2.0)
-    return sequential_test(lambda a, b: z[a:b], looks, confidence=confidence, prior_variances=[1.0])
+    return sequential_test(lambda a, b: z[a:b], looks, confidence=confidence, prior_variances=[1.0], **futility)
 
 
 def test_clearly_infeasible_is_rejected_at_the_first_look():
@@ -102,6 +102,38 @@ def test_early_decisions_are_wrong_less_often_than_allowed(true_drop, max_drop):
         decision = _run(population[order], max_drop, confidence=0.9)
         wrong += (decision.verdict == FEASIBLE) != truth_met
     assert wrong / 300 <= 0.10
+
+
+def _orders(population: torch.Tensor, runs: int):
+    for seed in range(runs):
+        yield population[torch.randperm(len(population), generator=torch.Generator().manual_seed(seed))]
+
+
+def test_futility_rejects_near_edge_plans_earlier_and_never_accepts():
+    # 0.029 over the limit: the Bonferroni test reads 912 samples on the mean over these orders to
+    # reject it, the futility boundary (probability of meeting it below 0.1) 515
+    over = _population(0.05, 4000, 3)
+    plain = [_run(d, 0.03) for d in _orders(over, 40)]
+    futile = [_run(d, 0.03, futility=0.1, futility_samples=256) for d in _orders(over, 40)]
+    assert all(d.verdict == INFEASIBLE for d in plain + futile)
+    assert sum(d.samples for d in futile) < 0.7 * sum(d.samples for d in plain)
+    assert any(d.futile for d in futile) and not any(d.futile for d in plain)
+    assert all(d.samples >= 256 for d in futile if d.futile)
+    # a feasible plan's acceptance is the test's own: same look, same verdict, or a futility stop
+    under = _population(0.0, 4000, 4)
+    for d in _orders(under, 40):
+        with_f, without = _run(d, 0.03, futility=0.1, futility_samples=256), _run(d, 0.03)
+        assert with_f == without or (with_f.futile and with_f.samples <= without.samples)
+
+
+def test_futility_rejects_a_feasible_plan_seldom():
+    # at the edge's feasible side (0.005 under the limit), the stops that err stay near the level
+    # per look (three looks from 512 on; 6.3% of these 300 orders, 0.7% without the boundary)
+    population = _population(0.025, 4000, 5)
+    assert float(population.mean()) <= 0.03
+    orders = list(_orders(population, 300))
+    rejected = sum(_run(d, 0.03, futility=0.1, futility_samples=512).verdict == INFEASIBLE for d in orders)
+    assert rejected / 300 <= 0.12
 
 
 def test_certificate_on_known_data():
@@ -205,6 +237,10 @@ def test_sequential_needs_a_per_sample_metric_and_valid_settings():
         Sequential(confidence=1.5)
     with pytest.raises(ConfigError, match="certify_fraction"):
         Sequential(certify_fraction=0.95)
+    with pytest.raises(ConfigError, match="futility"):
+        Sequential(futility=0.5)
+    with pytest.raises(ConfigError, match="futility_samples"):
+        Sequential(futility_samples=1)
 
 
 def test_min_metric_and_size_constraints_split():
@@ -326,8 +362,9 @@ def test_progress_shows_the_cost_live():
 def test_config_section_maps_onto_sequential():
     from tightfit.cli.config import EvaluationSection, _evaluation
 
-    made = _evaluation(EvaluationSection(confidence=0.9, first_look=16))
+    made = _evaluation(EvaluationSection(confidence=0.9, first_look=16, futility=0.1))
     assert isinstance(made, Sequential) and made.confidence == 0.9 and made.first_look == 16
+    assert made.futility == 0.1 and made.futility_samples == 512
     assert _evaluation(EvaluationSection(method="full")) is None and _evaluation(None) is None
     with pytest.raises(ConfigError, match=r"\[evaluation\].*confidence"):
         _evaluation(EvaluationSection(confidence=2.0))

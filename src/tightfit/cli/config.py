@@ -292,6 +292,10 @@ class EvaluationSection(_Strict):
         description="fine-tune on past a stage only while this likely to meet the constraints (0: stop only hopeless ones)",
     )
     probe_samples: int | None = Field(default=64, description="most validation samples a search probe reads")
+    futility: float = Field(
+        default=0.0, description="reject a candidate at a look once it is less likely than this to meet the constraints"
+    )
+    futility_samples: int = Field(default=512, description="the smallest look the futility rule applies at")
 
 
 class LatencySection(_Strict):
@@ -831,6 +835,8 @@ def _evaluation(section: EvaluationSection | None) -> Sequential | None:
             stop_slack=section.stop_slack,
             promote_probability=section.promote_probability,
             probe_samples=section.probe_samples,
+            futility=section.futility,
+            futility_samples=section.futility_samples,
         )
     except ConfigError as exc:
         raise ConfigError(f"[evaluation]: {exc}") from None

@@ -337,6 +337,7 @@ class SequentialEvaluator:
 def _decision_attrs(decision: Any, session: SequentialSession) -> dict[str, Any]:
     return {
         "verdict": decision.verdict,
+        "futile": decision.futile,
         "looks": [
             {
                 "samples": look.samples,
