@@ -274,7 +274,7 @@ class BOSampler(PlanSampler):
         center = history.x[best] if best is not None else history.x[int(np.argmin(history.violation))]
         length = trust_region_length(history, warm_end, self.encoding.d)
         lo, hi = _trust_region_box(center, length, obj_gp, self.encoding.d)
-        acq = _acquisition(model, history, y_obj, best)
+        acq = _acquisition(model, history, y_obj, best, seed=self.context.seed + history.n)
         return self._unmeasured(acq, self._maximize(acq, lo, hi), lo, hi, history)
 
     def _unmeasured(self, acq: Any, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, history: History) -> np.ndarray:
@@ -371,22 +371,28 @@ def _trust_region_box(center: np.ndarray, length: float, obj_gp: Any, d: int) ->
     return np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
 
 
-def _acquisition(model: Any, history: History, y_obj: np.ndarray, best: int | None) -> Any:
+def _acquisition(model: Any, history: History, y_obj: np.ndarray, best: int | None, seed: int) -> Any:
     """Noisy EI with the constraint and the running trials as ``X_pending`` when other workers'
-    trials are running, else log constrained EI over the best feasible value (module doc)."""
+    trials are running or cheap evaluation screened some, else log constrained EI over the best
+    feasible value (module doc)."""
     import torch
     from botorch.acquisition.logei import qLogNoisyExpectedImprovement
     from botorch.acquisition.objective import GenericMCObjective
 
     if len(history.pending):
-        return qLogNoisyExpectedImprovement(
-            model,
-            X_baseline=torch.as_tensor(history.x, dtype=torch.float64),
-            objective=GenericMCObjective(_first_output),
-            constraints=[lambda Z: Z[..., 1]],
-            X_pending=torch.as_tensor(history.pending, dtype=torch.float64),
-            prune_baseline=True,
-        )
+        # Built under a seed: its quasi-MC sampler and the pruning of the baseline draw from torch's
+        # global generator, so the same history gave another plan from run to run (fmnist-resnet
+        # with Sequential(), seed 0: three runs, three different trials 13-29)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed % (2**31))
+            return qLogNoisyExpectedImprovement(
+                model,
+                X_baseline=torch.as_tensor(history.x, dtype=torch.float64),
+                objective=GenericMCObjective(_first_output),
+                constraints=[lambda Z: Z[..., 1]],
+                X_pending=torch.as_tensor(history.pending, dtype=torch.float64),
+                prune_baseline=True,
+            )
     best_f = float(y_obj[best]) if best is not None else float(y_obj.min())
     return _independent_log_cei()(model, best_f=best_f, objective_index=0, constraints={1: (None, 0.0)})
 
