@@ -384,9 +384,10 @@ def test_progress_shows_the_cost_live():
 def test_config_section_maps_onto_sequential():
     from tightfit.cli.config import EvaluationSection, _evaluation
 
-    made = _evaluation(EvaluationSection(confidence=0.9, first_look=16, futility=0.1))
+    made = _evaluation(EvaluationSection(confidence=0.9, first_look=16, futility=0.2))
     assert isinstance(made, Sequential) and made.confidence == 0.9 and made.first_look == 16
-    assert made.futility == 0.1 and made.futility_samples == 512
+    assert made.futility == 0.2 and made.futility_samples == 512
+    assert EvaluationSection().futility == Sequential().futility  # one default
     assert _evaluation(EvaluationSection(method="full")) is None and _evaluation(None) is None
     with pytest.raises(ConfigError, match=r"\[evaluation\].*confidence"):
         _evaluation(EvaluationSection(confidence=2.0))

@@ -293,7 +293,7 @@ class EvaluationSection(_Strict):
     )
     probe_samples: int | None = Field(default=64, description="most validation samples a search probe reads")
     futility: float = Field(
-        default=0.0, description="reject a candidate at a look once it is less likely than this to meet the constraints"
+        default=0.1, description="reject a candidate at a look once it is less likely than this to meet the constraints"
     )
     futility_samples: int = Field(default=512, description="the smallest look the futility rule applies at")
 
