@@ -12,7 +12,8 @@ saved file's bytes, ``finetune=None``, budget 30. Arms:
   one ``compress`` call. ``levelset`` is tightfit's uniform bisection: one knob sets the same
   sparsity in every layer, every layer at 8 bits (the gentle end of the bit choices).
 - ``NAME+seq``: the same with ``evaluation=tightfit.Sequential()`` (cheap evaluation).
-- ``NAME+seqfP`` (e.g. ``auto+seqf0.1``): the same with ``Sequential(futility=P)``.
+- ``NAME+seqfP`` (e.g. ``auto+seqf0.25``): the same with ``Sequential(futility=P)`` (``Sequential()``
+  has ``futility=0.1`` since 10ef58d; ``+seqf0`` is the test without futility stops).
 - ``ARM@N`` (e.g. ``auto@100``, ``auto+seq@100``): the same at budget N instead of 30.
 - ``global_bisect``: bisection over one global magnitude threshold across all layers (each
   layer's sparsity is the share of its weights at or below the threshold, at most Prune()'s 0.99),
