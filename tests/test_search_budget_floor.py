@@ -156,7 +156,9 @@ def test_a_run_without_fine_tuning_costs_budget_plus_allowance_and_says_where_ti
     parts = [v for k, v in times.items() if k != "total_s"]
     assert sum(parts) == pytest.approx(times["total_s"])
     assert all(times[k] >= 0 for k in times if k != "other_s")
-    assert times["total_s"] <= wall and times["total_s"] >= 0.8 * wall
+    # the run files are written after the breakdown ends: 0.15-0.2 s here, 0.7 s of a 3.3 s run on a
+    # loaded machine (a CI run beside a benchmark), hence the second of slack
+    assert times["total_s"] <= wall and times["total_s"] >= 0.8 * wall - 1.0
     assert times["evaluation_s"] > 0 and times["finetune_s"] == 0.0
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert stored["accounting"]["time"]["probes_s"] == pytest.approx(times["probes_s"])
