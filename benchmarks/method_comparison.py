@@ -284,6 +284,12 @@ def main() -> None:
     ap.add_argument("--split", type=int, default=13, help="--passes: trials before this number vs from it on")
     ap.add_argument("--cost", default=None, help="ARM: wall time / (budget x one trial's evaluation time)")
     ap.add_argument("--keep", type=Path, default=None, help="keep each run's run_dir (study, trials) under this folder")
+    ap.add_argument(
+        "--versus-full",
+        default=None,
+        metavar="LABEL:FULL_LABELS",
+        help="table of LABEL's +seq arms against full evaluation's auto rows of FULL_LABELS (comma-separated)",
+    )
     args = ap.parse_args()
     out = Path(args.out or ROOT / "docs" / "results" / f"method_comparison_{args.task}.json")
     if args.report:
@@ -294,6 +300,10 @@ def main() -> None:
         return
     if args.cost:
         cost(read(out)["runs"], args.cost)
+        return
+    if args.versus_full:
+        label, _, full_labels = args.versus_full.partition(":")
+        versus_full(read(out)["runs"], full_labels.split(","), label)
         return
     if args.diagnose:
         row = dict(task=args.task, arm="diagnose_2bit", seed=None, commit=commit(), label=args.label)
@@ -350,6 +360,38 @@ def report(runs: list[dict]) -> None:
             f"| {statistics.median(r['evaluations'] for r in rows):.0f} "
             f"| {statistics.median(passes) if passes else float('nan'):,.0f} "
             f"| {statistics.median(r['wall_s'] for r in rows):.0f} |"
+        )
+
+
+def versus_full(runs: list[dict], full_labels: list[str], label: str) -> None:
+    """Cheap-evaluation arms of ``label`` against full evaluation (``auto`` rows of ``full_labels``):
+    compression, test drop, and validation images and wall time as shares of full evaluation's."""
+    ok = [r for r in runs if "error" not in r]
+    full = [r for r in ok if r["arm"] == "auto" and r["label"] in full_labels]
+    if not full:
+        raise SystemExit(f"no `auto` rows with labels {full_labels}")
+    full_images = statistics.median(r["val_forward_passes"] for r in full)
+    full_wall = statistics.median(r["wall_s"] for r in full)
+    print(
+        "| arm | seeds | compression median (mean ± sd; per seed) | test drop, points: mean (max) | "
+        "val images median (of full) | wall s median (of full) |"
+    )
+    print("|---|---|---|---|---|---|")
+    arms = sorted({r["arm"] for r in ok if r["label"] == label and "+seq" in r["arm"]})
+    for arm, rows in [("auto (full evaluation)", full)] + [
+        (a, [r for r in ok if r["arm"] == a and r["label"] == label]) for a in arms
+    ]:
+        rows = sorted(rows, key=lambda r: r["seed"])
+        comp = [r["compression"] if r["feasible"] else 1.0 for r in rows]
+        drops = [r["test_drop_points"] for r in rows if r["feasible"]]
+        images = statistics.median(r["val_forward_passes"] for r in rows)
+        wall = statistics.median(r["wall_s"] for r in rows)
+        sd = statistics.stdev(comp) if len(comp) > 1 else 0.0
+        print(
+            f"| {arm} | {','.join(str(r['seed']) for r in rows)} | {statistics.median(comp):.2f}x "
+            f"({statistics.mean(comp):.2f} ± {sd:.2f}; {', '.join(f'{c:.2f}' for c in comp)}) | "
+            f"{statistics.mean(drops):.2f} (max {max(drops):.2f}) | {images:,.0f} ({100 * images / full_images:.0f}%) | "
+            f"{wall:.0f} ({100 * wall / full_wall:.0f}%) |"
         )
 
 
