@@ -85,12 +85,13 @@ class Sequential:
       samples once the probability that it meets some metric constraint (normal, at that look's
       estimate and standard error) is below this. A search that has found its region proposes
       plans at the constraint's edge, which the test above must read almost whole to reject
-      (fmnist-resnet: 14-16 of the 17 model-driven trials, a median 3,750 of 3,750 samples each;
+      (fmnist-resnet: 14-16 of the 17 model-driven trials infeasible, most read whole;
       docs/evidence.md). It only rejects: what it gets wrong is a feasible plan the search does not
       see, never an infeasible one taken. 0 disables it. 0.1 read 10% fewer validation images on
-      fmnist-resnet and 21% fewer on fmnist-mobilenet (budget 30, 5 seeds), at no smaller median
-      answer; 0.25 read 37% fewer on fmnist-mobilenet but answered 5.11x on one fmnist-resnet seed
-      where 0.1 answered 6.64x (docs/evidence.md, "Futility stops"). ``futility_samples``: the
+      fmnist-resnet and 21% fewer on fmnist-mobilenet (budget 30, 5 seeds), with median answers no
+      smaller than full evaluation's; 0.25 read 37% fewer on fmnist-mobilenet but wrongly rejects
+      three times as many feasible plans at the edge (20% against 6.3% for a plan 0.005 under the
+      limit; docs/evidence.md, "Futility stops"). ``futility_samples``: the
       smallest look it applies at (below a few hundred samples the normal approximation of a 0/1
       difference is poor).
     """
