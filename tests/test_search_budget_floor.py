@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tightfit
-from tightfit import Quantize
+from tightfit import Quantize, report
 from tightfit.operators import Compose
 from tightfit.operators.base import Hyperparameter
 from tightfit.search import SearchSpace, run_trials
@@ -129,9 +129,24 @@ def test_bos_answer_is_at_least_as_small_as_the_best_uniform_setting():
         assert min(feasible) <= min(uniform)
 
 
-def test_a_run_without_fine_tuning_costs_budget_plus_allowance_and_says_where_time_went(mlp, digits, tmp_path):
+def test_a_run_without_fine_tuning_costs_budget_plus_allowance_and_says_where_time_went(
+    mlp, digits, tmp_path, monkeypatch
+):
     val = tightfit.Accuracy(digits.loader("val", 256))
     calls = {"n": 0}
+    # the run files are written after the breakdown ends (0.15-0.2 s here, 0.7 s of a 3.3 s run on a
+    # loaded machine): timed, and left out of the wall time the breakdown must cover
+    writing = {"s": 0.0}
+    write_run_files = report.write_run_files
+
+    def timed_write(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return write_run_files(*args, **kwargs)
+        finally:
+            writing["s"] += time.perf_counter() - started
+
+    monkeypatch.setattr(report, "write_run_files", timed_write)
 
     def evaluate_counted(model):
         calls["n"] += 1
@@ -149,16 +164,15 @@ def test_a_run_without_fine_tuning_costs_budget_plus_allowance_and_says_where_ti
         seed=0,
         run_dir=tmp_path / "run",
     )
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - started - writing["s"]
     # the original, the trials, the probes, the answer re-measured
     assert calls["n"] <= 1 + budget + probe_allowance(budget) + 1
     times = result.accounting["time"]
     parts = [v for k, v in times.items() if k != "total_s"]
     assert sum(parts) == pytest.approx(times["total_s"])
     assert all(times[k] >= 0 for k in times if k != "other_s")
-    # the run files are written after the breakdown ends: 0.15-0.2 s here, 0.7 s of a 3.3 s run on a
-    # loaded machine (a CI run beside a benchmark), hence the second of slack
-    assert times["total_s"] <= wall and times["total_s"] >= 0.8 * wall - 1.0
+    assert writing["s"] > 0  # the wrapper ran: the files were written and timed
+    assert times["total_s"] <= wall and times["total_s"] >= 0.8 * wall
     assert times["evaluation_s"] > 0 and times["finetune_s"] == 0.0
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert stored["accounting"]["time"]["probes_s"] == pytest.approx(times["probes_s"])
