@@ -338,6 +338,14 @@ def main() -> None:
             print(json.dumps({k: row.get(k) for k in keys}), flush=True)
 
 
+def _outcomes(rows: list[dict]) -> tuple[list[float], list[float], float]:
+    """Per run: the compression (1.0 where no feasible plan was found), the test drops of the
+    feasible answers, and the compression's standard deviation."""
+    comp = [r["compression"] if r["feasible"] else 1.0 for r in rows]
+    drops = [r["test_drop_points"] for r in rows if r["feasible"]]
+    return comp, drops, statistics.stdev(comp) if len(comp) > 1 else 0.0
+
+
 def report(runs: list[dict]) -> None:
     print(
         "| arm | commit | seeds | feasible | compression median (mean ± sd) | test drop, points (mean) | "
@@ -349,9 +357,7 @@ def report(runs: list[dict]) -> None:
         if "error" not in r and r["arm"] != "diagnose_2bit":
             groups.setdefault((r["arm"], f"{r['label']} {r['commit']}"), []).append(r)
     for (arm, sha), rows in groups.items():
-        comp = [r["compression"] if r["feasible"] else 1.0 for r in rows]
-        drops = [r["test_drop_points"] for r in rows if r["feasible"]]
-        sd = statistics.stdev(comp) if len(comp) > 1 else 0.0
+        comp, drops, sd = _outcomes(rows)
         passes = [r["val_forward_passes"] for r in rows if r.get("val_forward_passes") is not None]
         drop = f"{statistics.mean(drops):.2f}" if drops else "–"
         print(
@@ -382,11 +388,9 @@ def versus_full(runs: list[dict], full_labels: list[str], label: str) -> None:
         (a, [r for r in ok if r["arm"] == a and r["label"] == label]) for a in arms
     ]:
         rows = sorted(rows, key=lambda r: r["seed"])
-        comp = [r["compression"] if r["feasible"] else 1.0 for r in rows]
-        drops = [r["test_drop_points"] for r in rows if r["feasible"]]
+        comp, drops, sd = _outcomes(rows)
         images = statistics.median(r["val_forward_passes"] for r in rows)
         wall = statistics.median(r["wall_s"] for r in rows)
-        sd = statistics.stdev(comp) if len(comp) > 1 else 0.0
         print(
             f"| {arm} | {','.join(str(r['seed']) for r in rows)} | {statistics.median(comp):.2f}x "
             f"({statistics.mean(comp):.2f} ± {sd:.2f}; {', '.join(f'{c:.2f}' for c in comp)}) | "
