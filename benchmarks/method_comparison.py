@@ -14,6 +14,9 @@ saved file's bytes, ``finetune=None``, budget 30. Arms:
 - ``NAME+seq``: the same with ``evaluation=tightfit.Sequential()`` (cheap evaluation).
 - ``NAME+seqfP`` (e.g. ``auto+seqf0.25``): the same with ``Sequential(futility=P)`` (``Sequential()``
   has ``futility=0.1`` since 10ef58d; ``+seqf0`` is the test without futility stops).
+- ``NAME+seqcN`` (e.g. ``auto+seqc1024``): the same with ``Sequential(trial_samples=N)`` (each
+  trial reads at most N validation images; the credible capped ones are verified after the search);
+  ``+seqcnone`` reads every trial to a decision.
 - ``ARM@N`` (e.g. ``auto@100``, ``auto+seq@100``): the same at budget N instead of 30.
 - ``global_bisect``: bisection over one global magnitude threshold across all layers (each
   layer's sparsity is the share of its weights at or below the threshold, at most Prune()'s 0.99),
@@ -264,10 +267,13 @@ def run_one(base: Base, arm: str, seed: int, keep: Path | None = None) -> dict:
     sequential = None
     if mode.startswith("seqf"):
         sequential = tightfit.Sequential(futility=float(mode[4:]))
+    elif mode.startswith("seqc"):
+        cap = mode[4:]
+        sequential = tightfit.Sequential(trial_samples=int(cap) if cap != "none" else None)
     elif mode == "seq":
         sequential = tightfit.Sequential()
     elif mode:
-        raise SystemExit(f"unknown arm mode {mode!r} in {arm!r}: seq or seqfP")
+        raise SystemExit(f"unknown arm mode {mode!r} in {arm!r}: seq, seqfP or seqcN")
     return run_compress(base, method, seed, sequential=sequential, budget=int(budget or BUDGET), run_dir=run_dir)
 
 

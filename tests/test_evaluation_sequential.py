@@ -17,6 +17,7 @@ from tightfit.evaluation.constraints import MaxDrop, MaxSize, MinMetric
 from tightfit.evaluation.sequential import (
     FEASIBLE,
     INFEASIBLE,
+    UNDECIDED,
     SequentialSession,
     certify,
     look_schedule,
@@ -384,10 +385,12 @@ def test_progress_shows_the_cost_live():
 def test_config_section_maps_onto_sequential():
     from tightfit.cli.config import EvaluationSection, _evaluation
 
-    made = _evaluation(EvaluationSection(confidence=0.9, first_look=16, futility=0.2))
+    made = _evaluation(EvaluationSection(confidence=0.9, first_look=16, futility=0.2, trial_samples=1024))
     assert isinstance(made, Sequential) and made.confidence == 0.9 and made.first_look == 16
     assert made.futility == 0.2 and made.futility_samples == 512
+    assert made.trial_samples == 1024 and made.verify_top == 3
     assert EvaluationSection().futility == Sequential().futility  # one default
+    assert EvaluationSection().trial_samples == Sequential().trial_samples
     assert _evaluation(EvaluationSection(method="full")) is None and _evaluation(None) is None
     with pytest.raises(ConfigError, match=r"\[evaluation\].*confidence"):
         _evaluation(EvaluationSection(confidence=2.0))
@@ -603,3 +606,159 @@ def test_bo_with_screened_trials_is_reproducible(mlp, digits):
     first, second = run(1), run(2)
     assert any(t.fidelity == "screen" for t in first.trials)  # the pending path ran
     assert [t.plan for t in first.trials] == [t.plan for t in second.trials]
+
+
+# --- capped trials (Sequential.trial_samples) and their verification after the search -------------
+
+
+def _edge_session(trial_samples):
+    # an original right 90% of the time, and a candidate that loses 0.9 points against MaxDrop(0.01):
+    # at the edge, so no look before the whole search set decides it
+    n = 4000
+    values = (torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.9).double()
+    original, edge = _Fixed("original", values), _Fixed("edge", values.clone())
+    edge.values[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:36]] = 0.0
+    metric = _Table(n)
+    config = Sequential(trial_samples=trial_samples, futility=0.0, certify_fraction=0.25)
+    session = SequentialSession(config, metric, [MaxDrop(0.01)], 0)
+    session.baseline(original)
+    return session, metric, edge
+
+
+def test_a_trial_stops_at_trial_samples_and_its_verification_reads_only_the_rest():
+    session, metric, edge = _edge_session(256)
+    capped = session.evaluate(edge, level="full")
+    assert capped.capped and capped.samples == 256 and capped.decision.verdict == UNDECIDED
+    assert len(capped.values) == 256
+    before = len(metric.requests)
+    verified = session.evaluate(edge, level="verify", seen=capped.values)
+    read = metric.requests[before:]
+    # the verification continues where the trial stopped: no sample is read twice
+    assert read[0][1][0] == session.search_idx[256] and sum(len(idx) for _, idx in read) == verified.samples
+    assert verified.samples == len(session.search_idx) - 256 and not verified.capped
+    # and decides as a full read does: the exact value on the whole search set
+    whole, _, _ = _edge_session(None)
+    uncapped = whole.evaluate(edge, level="full")
+    assert not uncapped.capped and uncapped.samples == len(whole.search_idx)
+    assert verified.decision.verdict == uncapped.decision.verdict
+    assert verified.constraint_values[0] == pytest.approx(uncapped.constraint_values[0])
+    # without the values seen, a verification reads from the start
+    again = session.evaluate(edge, level="verify")
+    assert again.samples == len(session.search_idx)
+
+
+def test_trial_samples_and_verify_top_are_checked():
+    with pytest.raises(ConfigError, match="trial_samples"):
+        Sequential(trial_samples=1)
+    with pytest.raises(ConfigError, match="verify_top"):
+        Sequential(verify_top=0)
+
+
+def test_a_capped_trial_is_the_answer_only_once_verified(mlp, digits, tmp_path):
+    from tightfit.report.view import run_counts
+
+    # digits' 270 search samples, read at most 48 per trial: most trials end capped; the answer is a
+    # trial decided during the search or a capped one the verification accepted, so it meets the
+    # constraint on the whole search set as a full read would decide it
+    config = Sequential(first_look=24, trial_samples=48)
+    result, evaluate = _compress(
+        mlp, digits, search="bo", budget=12, finetune=None, evaluation=config, constraint=tightfit.MaxDrop(0.03)
+    )
+    capped = [t for t in result.trials if t.fidelity == "capped"]
+    assert capped and not any(t.feasible for t in capped)
+    assert f"{len(capped)} capped undecided" in run_counts(result.trials)
+    assert all(t.val_samples <= 48 for t in capped)
+    assert result.feasible and result.best_trial.fidelity == "full"
+    read = result.accounting.get("verified", [])
+    verified = {r["trial"] for r in read}
+    assert result.best_trial.number in verified or all(r["verdict"] != FEASIBLE for r in read)
+    assert len(read) <= config.verify_top
+    session = SequentialSession(config, evaluate, [tightfit.MaxDrop(0.03)], 0)
+    session.baseline(mlp)
+    search = session.search_idx
+    drop = float((session.baseline_values[search] - evaluate.per_sample(result.model, search).double()).mean())
+    assert drop <= 0.03 + 1e-9
+    if read:
+        assert any("verified on the whole search set" in n for n in result.notes)
+
+
+def test_without_a_decided_answer_the_surest_capped_trial_is_verified_first():
+    # three capped trials: A the smallest but over the limit, C smaller than B and within it, B the
+    # one the model is surest of. Without a decided answer B is read first (an answer at all), then
+    # the smaller ones, smallest first, up to verify_top
+    from types import SimpleNamespace
+
+    from tightfit.records import Measurement, TrialRecord
+    from tightfit.run.sequential import verify_capped
+    from tightfit.search.pick import Capped
+
+    n = 4000
+    values = (torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.9).double()
+    lost = {"A": 60, "B": 0, "C": 20}  # wrong answers added: 1.5, 0 and 0.5 points, against a 1-point limit
+    models = {}
+    for name, k in lost.items():
+        models[name] = _Fixed(name, values.clone())
+        right = torch.nonzero(values).flatten()
+        models[name].values[right[torch.randperm(len(right), generator=torch.Generator().manual_seed(2))[:k]]] = 0.0
+    sizes = {"A": 100, "B": 150, "C": 120}
+    trials = [
+        TrialRecord(
+            i, "COMPLETE", name, Measurement(0.9, sizes[name], 1, 1), float(sizes[name]), (-0.001,), fidelity="capped"
+        )
+        for i, name in enumerate(lost)
+    ]
+    setup = SimpleNamespace(
+        candidate=lambda plan: models[plan],
+        recovery_for=lambda trial: (None, {}),
+        static=lambda model, plan, number, reuse: (b"x" * sizes[plan], reuse),
+        goal=lambda measured: float(measured.size_bytes),
+        baseline=Measurement(0.9, 1000, 1, 1),
+        constraints=[MaxDrop(0.01)],
+        seed=0,
+    )
+    study = SimpleNamespace(get_trials=lambda deepcopy=False: [SimpleNamespace(number=t.number) for t in trials])
+    candidates = [Capped(0, 100.0, -0.001), Capped(2, 120.0, -0.002), Capped(1, 150.0, -0.01)]
+    for top, read, answer in ((3, [1, 0, 2], 2), (1, [1, 0], 1)):
+        session = SequentialSession(Sequential(verify_top=top, futility=0.0), _Table(n), [MaxDrop(0.01)], 0)
+        session.baseline(_Fixed("original", values))
+        verified = verify_capped(setup, session, study, trials, candidates, None)
+        assert [r["trial"] for r in verified.read] == read
+        assert verified.chosen is not None and verified.chosen.number == answer
+        assert verified.chosen.fidelity == "full" and verified.chosen.feasible
+    # the model expecting none to be feasible: without a decided answer they are read all the same,
+    # surest first; only credible ones are read to improve on an answer
+    doubtful = [Capped(0, 100.0, 0.002), Capped(2, 120.0, 0.003), Capped(1, 150.0, 0.001)]
+    session = SequentialSession(Sequential(futility=0.0), _Table(n), [MaxDrop(0.01)], 0)
+    session.baseline(_Fixed("original", values))
+    verified = verify_capped(setup, session, study, trials, doubtful, None)
+    assert [r["trial"] for r in verified.read] == [1] and verified.chosen.number == 1
+    # with a decided answer of 130 bytes, only the smaller ones are read
+    decided = TrialRecord(9, "COMPLETE", "B", Measurement(0.9, 130, 1, 1), 130.0, (-0.01,), fidelity="full")
+    session = SequentialSession(Sequential(futility=0.0), _Table(n), [MaxDrop(0.01)], 0)
+    session.baseline(_Fixed("original", values))
+    verified = verify_capped(setup, session, study, trials, candidates, decided)
+    assert [r["trial"] for r in verified.read] == [0, 2] and verified.chosen.number == 2
+
+
+def test_a_capped_estimate_counts_as_feasible_only_a_standard_error_inside_the_limit():
+    # the bisections' yes/no decisions read History.judged: a capped trial (estimate on a
+    # subsample) must clear its own standard error; the models still read the estimate itself
+    import numpy as np
+
+    from tightfit.search.base import History
+
+    def history(margin):
+        return History(
+            x=np.zeros((3, 1)),
+            objective=np.array([3.0, 1.0, 2.0]),
+            violation=np.array([-0.01, -0.002, -0.002]),
+            se=np.array([0.001, 0.005, 0.001]),
+            pending=np.zeros((0, 1)),
+            failed=np.zeros((0, 1)),
+            margin=margin,
+        )
+
+    capped = history(np.array([0.0, 0.005, 0.001]))  # trials 1 and 2 capped, 1 within its noise
+    assert capped.feasible.tolist() == [True, False, True] and capped.best_feasible() == 2
+    assert capped.violation.tolist() == [-0.01, -0.002, -0.002]
+    assert history(None).feasible.all() and history(None).best_feasible() == 1

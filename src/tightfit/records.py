@@ -169,8 +169,9 @@ class TrialRecord:
     #: validation samples (the metric's own with a ``MinMetric``); for a cheap evaluation's
     #: "stopped" trial, the spread of its predicted constraint values
     metric_se: float | None = None
-    #: "full"; with cheap evaluation also "screen" (only screened) or "stopped" (fine-tune stopped
-    #: at a stage); neither is ever the answer
+    #: "full"; with cheap evaluation also "screen" (only screened), "stopped" (fine-tune stopped
+    #: at a stage) or "capped" (read up to ``Sequential.trial_samples`` undecided); none of them is
+    #: the answer (``NOT_ANSWERS``) unless a verification after the search makes it "full"
     fidelity: str | None = None
     #: the optimizer's own time to make this trial's suggestion (seconds; includes its probes)
     search_time_s: float | None = None
@@ -182,8 +183,13 @@ class TrialRecord:
 
     @property
     def feasible(self) -> bool:
-        # a screened candidate's constraint values may be predictions (cheap evaluation): not measured
-        return self.state == "COMPLETE" and self.fidelity != "screen" and all(c <= 0 for c in self.constraints)
+        # a screened candidate's constraint values may be predictions, a capped one's are estimates
+        # on a subsample (cheap evaluation): neither is decided
+        return (
+            self.state == "COMPLETE"
+            and self.fidelity not in ("screen", "capped")
+            and all(c <= 0 for c in self.constraints)
+        )
 
 
 def better(a: TrialRecord, b: TrialRecord | None) -> bool:
@@ -203,11 +209,15 @@ def better(a: TrialRecord, b: TrialRecord | None) -> bool:
     return a.number < b.number
 
 
+#: cheap evaluation's fidelities that are never the answer: only screened, stopped mid-fine-tune, or
+#: capped undecided (see ``TrialRecord.fidelity``)
+NOT_ANSWERS = ("screen", "stopped", "capped")
+
+
 def best_feasible(trials: Sequence[TrialRecord]) -> TrialRecord | None:
     best = None
     for t in trials:
-        # a candidate cheap evaluation only screened or stopped mid-fine-tune is never the answer
-        if t.feasible and t.measurement is not None and t.fidelity not in ("screen", "stopped") and better(t, best):
+        if t.feasible and t.measurement is not None and t.fidelity not in NOT_ANSWERS and better(t, best):
             best = t
     return best
 

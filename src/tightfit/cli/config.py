@@ -296,6 +296,11 @@ class EvaluationSection(_Strict):
         default=0.1, description="reject a candidate at a look once it is less likely than this to meet the constraints"
     )
     futility_samples: int = Field(default=512, description="the smallest look the futility rule applies at")
+    trial_samples: int | None = Field(
+        default=None,
+        description="most validation samples a trial reads; undecided ones are verified after the search (none: no cap)",
+    )
+    verify_top: int = Field(default=3, description="capped candidates read to the end after the search, at most")
 
 
 class LatencySection(_Strict):
@@ -837,6 +842,8 @@ def _evaluation(section: EvaluationSection | None) -> Sequential | None:
             probe_samples=section.probe_samples,
             futility=section.futility,
             futility_samples=section.futility_samples,
+            trial_samples=section.trial_samples,
+            verify_top=section.verify_top,
         )
     except ConfigError as exc:
         raise ConfigError(f"[evaluation]: {exc}") from None

@@ -116,6 +116,7 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
             "failed": sum(t.state == "FAIL" for t in result.trials),
             "screened": sum(t.fidelity == "screen" or t.state == "PRUNED" for t in result.trials),
             "stopped": sum(t.fidelity == "stopped" for t in result.trials),
+            "capped": sum(t.fidelity == "capped" for t in result.trials),
         },
         "pareto": [t.number for t in result.pareto],
         "left_alone": [
@@ -132,6 +133,8 @@ def summary_dict(result: Result, settings: dict[str, Any]) -> dict[str, Any]:
             "latency_ms": "median wall time of one forward pass of the saved model (torch.utils.benchmark)",
             "speedup": "baseline latency / trial latency, measured (trials.csv)",
             "accounting.time": "seconds of wall time of this process's run, by where they went (finish.time_breakdown)",
+            "accounting.verified": "capped trials read to the end of the search set after the search: verdict, "
+            "validation samples read, seconds (Sequential.trial_samples)",
         },
     }
 

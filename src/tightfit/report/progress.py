@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from ..records import Measurement, TrialAttrs
+from ..records import NOT_ANSWERS, Measurement, TrialAttrs
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -59,7 +59,7 @@ class _Progress:
         attrs = TrialAttrs.from_trial(trial)
         measured = attrs.measurement
         feasible = all(c <= 0 for c in trial.constraints.values())
-        screened = attrs.fidelity in ("screen", "stopped")  # never the answer
+        screened = attrs.fidelity in NOT_ANSWERS
         complete = trial.state == optuna.trial.TrialState.COMPLETE
         if (
             measured

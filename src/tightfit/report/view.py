@@ -195,5 +195,7 @@ def run_counts(trials: list[TrialRecord]) -> str:
     screened = sum(t.fidelity == "screen" or t.state == "PRUNED" for t in trials)
     stopped = sum(t.fidelity == "stopped" for t in trials)
     screened_text = f", {screened} screened (cheap evaluation)" if screened else ""
+    capped = sum(t.fidelity == "capped" for t in trials)
     screened_text += f", {stopped} stopped mid-fine-tune" if stopped else ""
+    screened_text += f", {capped} capped undecided (estimates)" if capped else ""
     return f"{len(trials)} trials: {complete} complete ({feasible} feasible){screened_text}, {failed} failed, {running} running"

@@ -15,7 +15,7 @@ from ..evaluation.metrics import evaluate_metric
 from ..export.artifact import load_model, to_bytes
 from ..measure.analysis import count_nonzeros
 from ..operators.compose import Compose
-from ..records import Measurement, Result, TrialRecord, best_feasible, pareto_front
+from ..records import NOT_ANSWERS, Measurement, Result, TrialRecord, best_feasible, pareto_front
 from ..run_dir import RunDir
 from ..search.pick import pick_note, posterior_pick
 from .evaluator import BestSoFar, apply_to_copy, recover_seeded
@@ -33,7 +33,7 @@ def final_pick(study, space, trials, observed_only: bool) -> tuple[TrialRecord |
     pick = posterior_pick(study, space)
     by_number = {t.number: t for t in trials}
     chosen = by_number.get(pick.number)
-    if chosen is None or not chosen.feasible or chosen.measurement is None or chosen.fidelity in ("screen", "stopped"):
+    if chosen is None or not chosen.feasible or chosen.measurement is None or chosen.fidelity in NOT_ANSWERS:
         return observed, None
     return chosen, pick_note(pick, trials)
 

@@ -24,7 +24,7 @@ from ..evaluation.constraints import Constraint
 from ..evaluation.metrics import evaluate_metric
 from ..measure.latency import Latency
 from ..operators.compose import Compose
-from ..records import Measurement, TrialRecord, best_feasible, better
+from ..records import NOT_ANSWERS, Measurement, TrialRecord, best_feasible, better
 from .evaluator import apply_to_copy, recover_seeded
 from .measuring import StaticMeasure, timed
 
@@ -95,7 +95,7 @@ class AfterSearch:
             for t in trials
             if t.feasible
             and t.measurement is not None
-            and t.fidelity not in ("screen", "stopped")
+            and t.fidelity not in NOT_ANSWERS
             and t.plan is not None
             and plan_key(t) != plan_key(first)
         ]
@@ -149,8 +149,10 @@ class AfterSearch:
         rescored = self.rescored(trials)
         if not recheck:
             return best_feasible(rescored)
-        pool = [dataclasses.replace(t, fidelity="full", state="COMPLETE") for t in rescored if t.fidelity == "screen"]
-        pool += [t for t in rescored if t.fidelity not in ("screen", "stopped")]
+        # a capped plan's values are estimates too: measured again like a screened one
+        again = ("screen", "capped")
+        pool = [dataclasses.replace(t, fidelity="full", state="COMPLETE") for t in rescored if t.fidelity in again]
+        pool += [t for t in rescored if t.fidelity not in NOT_ANSWERS]
         for _ in range(k):
             best = best_feasible(pool)
             if best is None:

@@ -26,6 +26,7 @@ from ..records import Measurement, Result, TrialAttrs, TrialRecord, best_feasibl
 from ..recovery import recovery_notes
 from ..run_dir import RunDir
 from ..search.loop import counted_trials, recover_interrupted, run_trials, trial_record
+from ..search.pick import capped_candidates
 from ..search.space import SearchSpace, build_space
 from .evaluator import BestSoFar, FullEvaluator, TrialEvaluator, TrialSetup, search_context, with_probe_cost
 from .finish import Finish, accounting, final_pick, time_breakdown
@@ -40,7 +41,7 @@ from .notes import (
     weight_norm_note,
 )
 from .recover import AfterSearch, Recovered, recovery_note
-from .sequential import SequentialEvaluator
+from .sequential import SequentialEvaluator, Verified, verified_note, verify_capped
 from .settings import Checked, Settings, check, describe_calibration, tuned_hyperparameters
 from .study import open_study, optuna_quiet, stored_baseline
 
@@ -191,11 +192,10 @@ class Run:
         best = BestSoFar(best_feasible([trial_record(t) for t in study.get_trials()]), run, keep=not self.worker)
         return Opened(run, study, url, baseline, baseline_passes, best, original)
 
-    def evaluator(self, p: Prepared, o: Opened) -> tuple[TrialEvaluator, Any]:
-        """The trial evaluator (full, or sequential with ``evaluation=Sequential(...)``) and the
-        samplers' context, each trial charged with its probes' cost."""
+    def trial_setup(self, p: Prepared, o: Opened) -> TrialSetup:
+        """How a plan becomes a measured candidate: shared by the evaluators and the verification."""
         s, c = self.settings, self.checked
-        setup = TrialSetup(
+        return TrialSetup(
             original=p.original,
             strategy=c.strategy,
             space=p.space,
@@ -210,6 +210,12 @@ class Run:
             latency=c.latency,
             calibration=c.calibration,
         )
+
+    def evaluator(self, p: Prepared, o: Opened) -> tuple[TrialEvaluator, Any]:
+        """The trial evaluator (full, or sequential with ``evaluation=Sequential(...)``) and the
+        samplers' context, each trial charged with its probes' cost."""
+        s, c = self.settings, self.checked
+        setup = self.trial_setup(p, o)
         if p.session is not None:
             evaluator: TrialEvaluator = SequentialEvaluator(setup, p.session)
         else:
@@ -261,6 +267,18 @@ class Run:
         )
         return started
 
+    def verify(self, p: Prepared, o: Opened, trials: list[TrialRecord], best: TrialRecord | None) -> Verified | None:
+        """Cheap evaluation with capped trials: the credible ones read to the end of the search set
+        until one smaller than ``best`` is accepted (``Sequential.trial_samples``,
+        ``verify_capped``); None when there is nothing to read."""
+        if p.session is None:
+            return None
+        capped = [t.number for t in trials if t.fidelity == "capped" and t.plan is not None]
+        candidates = capped_candidates(o.study, p.space, capped)
+        if not candidates:
+            return None
+        return verify_capped(self.trial_setup(p, o), p.session, o.study, trials, candidates, best)
+
     def recover_after_search(
         self, p: Prepared, o: Opened, trials: list[TrialRecord], best: TrialRecord | None
     ) -> tuple[TrialRecord | None, Recovered | None]:
@@ -308,6 +326,12 @@ class Run:
             tuned = TrialAttrs.from_trial(frozen).recovery
             finetune = finetune.with_settings(**(tuned or {}))
         p.counter.take()
+        verified = self.verify(p, o, trials, best_trial) if not observed else None
+        if verified is not None and verified.chosen is not None:
+            chosen = verified.chosen
+            trials = [chosen if t.number == chosen.number else t for t in trials]
+            best_trial, pick_note = chosen, None
+            o.best.offer(chosen, verified.data or b"")
         best_trial, recovered = self.recover_after_search(p, o, trials, best_trial)
         result = Finish(
             p.original,
@@ -337,6 +361,11 @@ class Run:
             if recovered is not None:
                 result.notes.append(RECHECKED_NOTE)
         result.accounting = accounting(trials, o.baseline_passes, p.counter.take(), time.perf_counter() - started)
+        if verified is not None:
+            result.accounting["verified"] = verified.read
+            note = verified_note(verified)
+            if note is not None:
+                result.notes.append(note)
         if c.multi:  # the front the user asked for: feasible plans only
             result.pareto = pareto_front([t for t in trials if t.feasible])
         result.left_alone = left_alone(p.analysis, p.space)

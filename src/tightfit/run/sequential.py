@@ -30,6 +30,7 @@ candidates. Optuna's pruner interface is not used: its intermediate values are r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..evaluation.sequential import SequentialSession
+from ..evaluation.sequential import FEASIBLE, SequentialSession
 from ..evaluation.stages import (
     Curve,
     EarlyStop,
@@ -55,6 +56,7 @@ from ..optuna_compat import trial_system_attrs
 from ..records import UNSET, Measurement, TrialAttrs, TrialRecord
 from ..run_dir import INCUMBENT_ATTR
 from ..search.loop import TrialOutcome
+from ..search.pick import Capped
 from .evaluator import TrialSetup, recover_seeded
 
 
@@ -260,7 +262,10 @@ class SequentialEvaluator:
         ]
         values, predicted, prediction_se = self._screen_prediction(t, ev, values)
         curve, extra = self._curve(t, ev)  # extra: samples read besides the sequential test's
-        record = TrialRecord(t.trial.number, "COMPLETE", t.plan, measured, t.goal, tuple(values), fidelity=t.level)
+        fidelity = "capped" if ev.capped else t.level
+        if ev.capped:
+            session.capped[t.trial.number] = ev.values
+        record = TrialRecord(t.trial.number, "COMPLETE", t.plan, measured, t.goal, tuple(values), fidelity=fidelity)
         if t.level == "full":
             s.best.offer(record, t.data)
         passes = s.counter.take()
@@ -289,7 +294,7 @@ class SequentialEvaluator:
                 metric_se=ev.metric_se,
                 prediction_se=prediction_se if prediction_se is not None else UNSET,
                 val_samples=passes if passes is not None else sum(e.get("val_samples", 0) for e in t.evaluations),
-                fidelity=t.level,
+                fidelity=fidelity,
                 stage_reached=1.0 if t.level == "full" else 0.0,
                 sequential=_decision_attrs(ev.decision, session),
                 evaluations=t.evaluations,
@@ -332,6 +337,113 @@ class SequentialEvaluator:
                 recovery=t.tuned or UNSET,
             ),
         )
+
+
+@dataclass
+class Verified:
+    """The verification after a search with capped candidates: each one read (trial, verdict,
+    samples read, seconds) and the first accepted, re-measured on the whole search set, with its
+    file."""
+
+    chosen: TrialRecord | None = None
+    data: bytes | None = None
+    read: list[dict[str, Any]] = field(default_factory=list)
+
+
+def verify_capped(
+    setup: TrialSetup,
+    session: SequentialSession,
+    study: Any,
+    trials: list[TrialRecord],
+    candidates: list[Capped],
+    best: TrialRecord | None,
+) -> Verified:
+    """Read capped trials to the end of the search set with the same sequential test, until one
+    smaller than ``best`` (the best trial decided during the search) is accepted: at most
+    ``verify_top`` of those the constraint model expects to be feasible, smallest first
+    (``candidates``: every capped trial, smallest first, ``capped_candidates``).
+
+    Without a decided answer, first every capped trial in the order the model is surest of, until
+    one is accepted: a run whose every plan near the edge ended capped would otherwise end without
+    an answer (fmnist-mobilenet at ``trial_samples=1024``: the three smallest credible ones failed;
+    at 2048 the model expected none to be feasible, docs/evidence.md, "Capped trials")."""
+    out = Verified()
+    if best is None:
+        for c in sorted(candidates, key=lambda c: (c.expected, c.objective)):
+            if _read(setup, session, study, trials, c.number, out):
+                break
+    below = out.chosen.objective if out.chosen is not None else best.objective if best is not None else None
+    read = {r["trial"] for r in out.read}
+    smaller = [
+        c for c in candidates if c.expected <= 0 and c.number not in read and (below is None or c.objective < below)
+    ]
+    for c in smaller[: session.config.verify_top]:
+        if _read(setup, session, study, trials, c.number, out):
+            break
+    return out
+
+
+def _read(
+    setup: TrialSetup, session: SequentialSession, study: Any, trials: list[TrialRecord], number: int, out: Verified
+) -> bool:
+    """Verify capped trial ``number``: rebuilt from its plan (fine-tuned again with the run's seed
+    and its own settings, as in its trial), read on the rest of the search set (the values it read
+    in this process are not read again). True (and ``out.chosen`` set) when accepted."""
+    started = time.perf_counter()
+    record = next(t for t in trials if t.number == number)
+    assert record.plan is not None and record.measurement is not None  # capped trials are measured
+    candidate = setup.candidate(record.plan)
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    recover, _tuned = setup.recovery_for(frozen)
+    if recover is not None:
+        recover_seeded(recover, candidate, setup.seed)
+    ev = session.evaluate(candidate, level="verify", seen=session.capped.get(number))
+    verdict = ev.decision.verdict
+    out.read.append(
+        {
+            "trial": number,
+            "verdict": verdict,
+            "futile": ev.decision.futile,
+            "val_samples": ev.samples,
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    if verdict != FEASIBLE:
+        return False
+    data, _static = setup.static(candidate, record.plan, number, record.measurement)
+    measured = dataclasses.replace(record.measurement, metric=ev.metric, size_bytes=len(data))
+    values = tuple(
+        ev.constraint_values[i] if i in ev.constraint_values else c.value(measured, setup.baseline)
+        for i, c in enumerate(setup.constraints)
+    )
+    chosen = dataclasses.replace(
+        record,
+        measurement=measured,
+        objective=setup.goal(measured),
+        constraints=values,
+        fidelity="full",
+        metric_se=ev.metric_se,
+    )
+    if not chosen.feasible:  # a size constraint the re-encoded file broke
+        return False
+    out.chosen, out.data = chosen, data
+    return True
+
+
+def verified_note(verified: Verified) -> str | None:
+    """A sentence for ``Result.notes`` on what the verification read and chose."""
+    if not verified.read:
+        return None
+    read = ", ".join(f"{r['trial']} ({r['verdict']}, {r['val_samples']:,} more samples)" for r in verified.read)
+    if verified.chosen is not None:
+        return (
+            f"Capped trials (read on a subsample, `Sequential.trial_samples`) verified on the whole search set: {read}; "
+            f"trial {verified.chosen.number} is the answer."
+        )
+    return (
+        f"Capped trials (read on a subsample, `Sequential.trial_samples`) verified on the whole search set: {read}; "
+        "none was accepted, so the answer is the best trial decided during the search."
+    )
 
 
 def _decision_attrs(decision: Any, session: SequentialSession) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import optuna
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from ..run_dir import INCUMBENT_ATTR, METRIC_SE_ATTR  # noqa: F401 (INCUMBENT_ATTR: named here for samplers)
+from ..run_dir import FIDELITY_ATTR, INCUMBENT_ATTR, METRIC_SE_ATTR  # noqa: F401 (INCUMBENT_ATTR: for samplers)
 from .context import SearchContext
 from .encoding import UnitEncoding, distributions, in_space
 
@@ -31,7 +31,9 @@ class History:
     the value minimized, ``violation`` the largest constraint value (<= 0 feasible), ``se`` the
     metric's standard error or NaN. ``pending`` (``m x d``) are points running elsewhere or screened;
     ``screened`` those of them cheap evaluation only screened (PRUNED); ``failed`` points whose
-    evaluation raised."""
+    evaluation raised. ``margin``: what a trial's violation must clear to count as feasible in a
+    yes/no decision (``judged``): its standard error for cheap evaluation's capped trials (estimates
+    on a subsample), 0 for the others; models read the violation itself, with its noise."""
 
     x: np.ndarray
     objective: np.ndarray
@@ -40,14 +42,24 @@ class History:
     pending: np.ndarray
     failed: np.ndarray
     screened: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    margin: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return len(self.objective)
 
     @property
+    def judged(self) -> np.ndarray:
+        """The violation a yes/no decision reads: a capped trial's estimate must be one standard
+        error inside the limit. Its estimate at the edge is the luckiest of its neighbours': read by
+        its sign, the bisections stepped past the edge on a few lucky estimates (fmnist-resnet,
+        ``trial_samples=1024``: plans 6.5x smaller estimated feasible where the edge is 5.4x,
+        docs/evidence.md, "Capped trials")."""
+        return self.violation if self.margin is None else self.violation + self.margin
+
+    @property
     def feasible(self) -> np.ndarray:
-        return self.violation <= 0
+        return self.judged <= 0
 
     def best_feasible(self) -> int | None:
         if not self.feasible.any():
@@ -80,6 +92,8 @@ def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) 
         return np.array([enc.encode(t.params) for t in ts]).reshape(len(ts), enc.d)
 
     se = [t.user_attrs.get(METRIC_SE_ATTR) for t in done]
+    capped = [t.user_attrs.get(FIDELITY_ATTR) == "capped" for t in done]
+    margin = np.array([float(s or 0.0) if c else 0.0 for s, c in zip(se, capped)]) if any(capped) else None
     return History(
         x=rows(done),
         objective=np.array([float(t.values[0]) for t in done]),
@@ -88,6 +102,7 @@ def collect_history(study: optuna.Study, trial: FrozenTrial, enc: UnitEncoding) 
         pending=rows(pending),
         failed=rows(failed),
         screened=rows(screened),
+        margin=margin,
     )
 
 

@@ -92,11 +92,13 @@ def next_knob(
     start: float,
     pending: np.ndarray | None = None,
     failed: np.ndarray | None = None,
+    judged: np.ndarray | None = None,
 ) -> float:
-    """The level-set acquisition over the knob (larger knob = more compression)."""
+    """The level-set acquisition over the knob (larger knob = more compression); ``judged``: the
+    violations its yes/no decisions read (``History.judged``), if not ``violation``."""
     if len(u) == 0:
         return start
-    feasible = violation <= 0
+    feasible = (violation if judged is None else judged) <= 0
     if len(u) < BISECT:
         # too few points for a GP: bisect between the largest feasible knob and the smallest
         # infeasible one above it (the first step from a feasible start goes halfway to the end)
@@ -159,7 +161,9 @@ class LevelSetSampler(PlanSampler):
         pending = knob_of(history.pending, self.family, table=table) if len(history.pending) else np.zeros(0)
         failed = knob_of(history.failed, self.family, table=table) if len(history.failed) else np.zeros(0)
         se = history.se if history.n and not np.isnan(history.se).any() else None
-        knob = next_knob(u, history.violation, se, start=self.start(), pending=pending, failed=failed)
+        knob = next_knob(
+            u, history.violation, se, start=self.start(), pending=pending, failed=failed, judged=history.judged
+        )
         return self.family(knob)
 
 

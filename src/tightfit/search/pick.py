@@ -28,6 +28,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from ..records import NOT_ANSWERS
 from ..run_dir import FIDELITY_ATTR, MEASUREMENT_ATTR, PREDICTION_SE_ATTR
 from .base import METRIC_SE_ATTR
 from .encoding import UnitEncoding, in_space
@@ -69,7 +70,8 @@ def _key(t: optuna.trial.FrozenTrial) -> tuple:
 def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int = MIN_TRIALS) -> Pick:
     """The answer of a single-objective study (see the module docstring)."""
     data = ModelData.of(study, space)
-    feasible = [t for t in data.measured if _violation(t) <= 0]
+    # a capped trial's values are estimates: it informs the model but is not the answer as it stands
+    feasible = [t for t in data.measured if _violation(t) <= 0 and t.user_attrs.get(FIDELITY_ATTR) not in NOT_ANSWERS]
     if not feasible:
         return Pick(None, None)
     observed = min(feasible, key=_key)
@@ -83,6 +85,32 @@ def posterior_pick(study: optuna.Study, space: SearchSpace, *, min_trials: int =
     # none credible: the feasible trial the model trusts most
     chosen = min(credible, key=_key) if credible else min(feasible, key=lambda t: (by_number[t.number], _key(t)))
     return Pick(chosen.number, observed.number, by_number[chosen.number], by_number[observed.number])
+
+
+@dataclass(frozen=True)
+class Capped:
+    """A capped trial (cheap evaluation's estimate on a subsample) as the verification sees it: its
+    objective, and its constraint value as the model of all trials expects it (its own estimate
+    when there are too few trials for a model)."""
+
+    number: int
+    objective: float
+    expected: float
+
+
+def capped_candidates(study: optuna.Study, space: SearchSpace, numbers: Sequence[int]) -> list[Capped]:
+    """The capped trials ``numbers``, smallest objective first, each with the constraint value the
+    model of all trials expects at it (posterior mean). Read on the model rather than on their own
+    estimate, because the best of many noisy estimates at the edge is the luckiest one (the
+    winner's curse, module docstring)."""
+    data = ModelData.of(study, space)
+    wanted = set(numbers)
+    pool = [t for t in data.measured if t.number in wanted]
+    if not pool:
+        return []
+    fitted = data.posterior() if len(data.done) >= MIN_TRIALS and data.x.shape[1] else None
+    mean_of = {t.number: float(m) for t, m in zip(data.done, fitted[0])} if fitted is not None else {}
+    return [Capped(t.number, float(t.values[0]), mean_of.get(t.number, _violation(t))) for t in sorted(pool, key=_key)]
 
 
 @dataclass(frozen=True)
