@@ -397,10 +397,11 @@ def versus_full(runs: list[dict], full_labels: list[str], label: str) -> None:
         comp, drops, sd = _outcomes(rows)
         images = statistics.median(r["val_forward_passes"] for r in rows)
         wall = statistics.median(r["wall_s"] for r in rows)
+        drop = f"{statistics.mean(drops):.2f} (max {max(drops):.2f})" if drops else "no answer"
         print(
             f"| {arm} | {','.join(str(r['seed']) for r in rows)} | {statistics.median(comp):.2f}x "
             f"({statistics.mean(comp):.2f} ± {sd:.2f}; {', '.join(f'{c:.2f}' for c in comp)}) | "
-            f"{statistics.mean(drops):.2f} (max {max(drops):.2f}) | {images:,.0f} ({100 * images / full_images:.0f}%) | "
+            f"{drop} | {images:,.0f} ({100 * images / full_images:.0f}%) | "
             f"{wall:.0f} ({100 * wall / full_wall:.0f}%) |"
         )
 

@@ -297,7 +297,7 @@ class EvaluationSection(_Strict):
     )
     futility_samples: int = Field(default=512, description="the smallest look the futility rule applies at")
     trial_samples: int | None = Field(
-        default=None,
+        default=2048,
         description="most validation samples a trial reads; undecided ones are verified after the search (none: no cap)",
     )
     verify_top: int = Field(default=3, description="capped candidates read to the end after the search, at most")
