@@ -435,14 +435,14 @@ def verified_note(verified: Verified) -> str | None:
     if not verified.read:
         return None
     read = ", ".join(f"{r['trial']} ({r['verdict']}, {r['val_samples']:,} more samples)" for r in verified.read)
-    if verified.chosen is not None:
-        return (
-            f"Capped trials (read on a subsample, `Sequential.trial_samples`) verified on the whole search set: {read}; "
-            f"trial {verified.chosen.number} is the answer."
-        )
+    outcome = (
+        f"trial {verified.chosen.number} is the answer."
+        if verified.chosen is not None
+        else "none was accepted, so the answer is the best trial decided during the search."
+    )
     return (
-        f"Capped trials (read on a subsample, `Sequential.trial_samples`) verified on the whole search set: {read}; "
-        "none was accepted, so the answer is the best trial decided during the search."
+        "Capped trials (read on a subsample, `Sequential.trial_samples`) verified on the whole search set: "
+        f"{read}; {outcome}"
     )
 
 
