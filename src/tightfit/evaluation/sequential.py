@@ -482,8 +482,9 @@ class SequentialSession:
         # a metric constraint of unknown form cannot be decided early: read the whole search set
         looks = self.looks if not self.other or level == "screen" else [len(self.search_idx)]
         stop_after = 1 if level == "screen" else None
-        cap = {"probe": self.config.probe_samples}.get(level, self.config.trial_samples)
-        if cap is not None and cap < looks[-1] and level != "screen":
+        trial_cap = self.config.trial_samples
+        cap = {"probe": self.config.probe_samples, "full": trial_cap, "verify": trial_cap}.get(level)  # screen: none
+        if cap is not None and cap < looks[-1]:
             # a trial's later looks stay in the schedule, so the error budget is split as for an
             # uncapped test and its verification takes the same looks; a probe's last look stays the
             # population
